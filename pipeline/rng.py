@@ -1,0 +1,62 @@
+"""Counter-based random numbers (SplitMix64) whose values depend on nothing
+but their key and index: not on the torch version, the ISA, the thread count
+or the device. Used for the train/test split, the epoch order, dropout masks
+and exact-mode initialisation; specified in docs/exact-spec.md, section 1.
+
+NumPy's uint64 arithmetic wraps modulo 2^64 and its ``>>`` on unsigned
+integers is logical, which is exactly SplitMix64's arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SPLIT", "SHUFFLE", "INIT", "DROPOUT", "key", "outputs", "u24", "permutation"]
+
+SPLIT, SHUFFLE, INIT, DROPOUT = 1, 2, 3, 4
+
+_G = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK = (1 << 64) - 1
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def _mix_int(z: int) -> int:
+    z &= _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def key(seed: int, *words: int) -> int:
+    """Stream key ``absorb(...absorb(absorb(0, seed), w1)..., wn)``."""
+    h = 0
+    for w in (seed, *words):
+        if not 0 <= w < 1 << 64:
+            raise ValueError(f"key word {w} is outside [0, 2^64)")
+        h = _mix_int(((h ^ w) + 0x9E3779B97F4A7C15) & _MASK)
+    return h
+
+
+def outputs(k: int, start: int, count: int) -> np.ndarray:
+    """``out(k, i)`` for ``i`` in ``[start, start + count)`` as uint64."""
+    i = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix(np.uint64(k) + i * _G)
+
+
+def u24(k: int, start: int, count: int) -> np.ndarray:
+    """Top 24 bits of each output: integers in [0, 2^24) as int64."""
+    return (outputs(k, start, count) >> np.uint64(40)).astype(np.int64)
+
+
+def permutation(k: int, n: int) -> np.ndarray:
+    """The stable ascending argsort of ``out(k, 0..n-1)``: a permutation of range(n)."""
+    return np.argsort(outputs(k, 0, n), kind="stable")
