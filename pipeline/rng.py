@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SPLIT", "SHUFFLE", "INIT", "DROPOUT", "key", "outputs", "u24", "permutation"]
+__all__ = ["SPLIT", "SHUFFLE", "INIT", "DROPOUT", "key", "outputs", "u24", "permutation",
+           "DropoutStream"]
 
 SPLIT, SHUFFLE, INIT, DROPOUT = 1, 2, 3, 4
 
@@ -60,3 +61,24 @@ def u24(k: int, start: int, count: int) -> np.ndarray:
 def permutation(k: int, n: int) -> np.ndarray:
     """The stable ascending argsort of ``out(k, 0..n-1)``: a permutation of range(n)."""
     return np.argsort(outputs(k, 0, n), kind="stable")
+
+
+class DropoutStream:
+    """The dropout random numbers of a run (docs/exact-spec.md, section 6).
+
+    A counter-based stream ``key(seed, DROPOUT)``; each call draws the mask of
+    the whole global batch ``(B, F)`` and advances the counter by ``B * F``,
+    so every rank of any world size sees the same masks. Its whole state is
+    ``counter``, saved in checkpoints.
+    """
+
+    def __init__(self, seed: int, counter: int = 0) -> None:
+        self.key = key(seed, DROPOUT)
+        self.counter = counter
+
+    def keep_mask(self, rate: float, rows: int, cols: int) -> np.ndarray:
+        """Bool (rows, cols): True where the unit is kept."""
+        threshold = int(np.floor(rate * 2.0**24 + 0.5))
+        u = u24(self.key, self.counter, rows * cols).reshape(rows, cols)
+        self.counter += rows * cols
+        return u >= threshold
