@@ -1,0 +1,273 @@
+"""``pipeline train|verify|diff|data|env|runs|golden``.
+
+Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden); 2 usage or config
+error; 3 data integrity error; 4 this machine cannot run the numeric
+profile; 5 bad checkpoint, weights or run file; 6 distributed failure.
+torch is imported only after the numeric profile is in place (re-exec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import Config, config_from_dict, load_config
+from .errors import MismatchError, PipelineError, UsageError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a config (memoised by run key)")
+    t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                   help="a TOML config (default configs/digits.toml) and overrides")
+    t.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    t.add_argument("--rebuild", action="store_true",
+                   help="retrain in a temporary directory and compare bit for bit")
+    t.add_argument("--json", action="store_true", help="print run.json instead of a summary")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes (torch.distributed; a power of two dividing train.shards)")
+    v = sub.add_parser("verify", help="retrain a run and compare its weights bit for bit")
+    v.add_argument("run_dir", type=Path)
+    v.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("diff", help="which inputs differ, and where the trails diverge")
+    d.add_argument("run_a", type=Path)
+    d.add_argument("run_b", type=Path)
+    dv = sub.add_parser("data", help="data commands").add_subparsers(dest="data_cmd",
+                                                                     required=True)
+    ver = dv.add_parser("verify", help="check every file against data-manifest.json")
+    ver.add_argument("--manifest", type=Path, default=None)
+    ver.add_argument("--full", action="store_true", help="ignore the stat cache")
+    sub.add_parser("env", help="print the toolchain fingerprint and numeric profile")
+    r = sub.add_parser("runs", help="list runs")
+    r.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    g = sub.add_parser("golden", help="golden weight hashes (tests/golden/weights.json)")
+    gs = g.add_subparsers(dest="golden_cmd", required=True)
+    for name in ("add", "check"):
+        c = gs.add_parser(name)
+        c.add_argument("run_dir", type=Path)
+        c.add_argument("--file", type=Path, default=None)
+        if name == "add":
+            c.add_argument("--force", action="store_true")
+            c.add_argument("--note", default="")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args, argv)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    cmd = args.command
+    if cmd == "train":
+        return _train(args, argv)
+    if cmd == "verify":
+        return _verify(args, argv)
+    if cmd == "diff":
+        return _diff(args)
+    if cmd == "data":
+        return _data_verify(args)
+    if cmd == "env":
+        return _env()
+    if cmd == "runs":
+        return _runs(args)
+    return _golden(args)
+
+
+def _split_args(items: list[str]) -> tuple[Path, list[str]]:
+    from .environment import project_root
+
+    config = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
+    if len(config) > 1:
+        raise UsageError(f"expected at most one CONFIG before KEY=VALUE overrides, found "
+                         f"{config}")
+    path = Path(config[0]) if config else project_root() / "configs" / "digits.toml"
+    if not path.exists() and not path.is_absolute() and (project_root() / path).exists():
+        path = project_root() / path
+    return path, overrides
+
+
+def _pin(cfg: Config, argv: list[str]) -> dict[str, Any]:
+    """Pinned mode: re-exec with the profile's environment (or refuse this
+    CPU). Returns the profile record for the run key. Exact mode pins nothing."""
+    from . import environment as env
+
+    if cfg.mode == "pinned" and not env.pinning_disabled():
+        profile = env.load_profile()
+        env.check_host(profile)
+        if env.needs_reexec(profile):
+            env.reexec(profile, argv)  # does not return
+        env.apply_in_process(profile)
+        return env.profile_record(profile)
+    return env.profile_record(None)
+
+
+def _manifest() -> Path:
+    from .environment import project_root
+    return project_root() / "data-manifest.json"
+
+
+def _prepare(cfg: Config, argv: list[str]) -> tuple[Any, Any]:
+    """Pin, verify every data file (before anything else is written), load."""
+    from . import data, runs
+
+    profile = _pin(cfg, argv)
+    hashes = data.verify(_manifest())
+    ds = data.load_dataset(_manifest(), cfg.data.dataset, data.default_cache_dir())
+    return runs.run_inputs(cfg, {cfg.data.dataset: hashes[cfg.data.dataset]}, profile), ds
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import runs
+
+    path, overrides = _split_args(args.args)
+    cfg = load_config(path, overrides)
+    if args.nproc != 1:
+        from .launch import launch
+        return launch(args, argv, cfg)
+    inputs, ds = _prepare(cfg, argv)
+    device_extra = {"device": args.device, "world_size": 1}
+    record, reused = runs.trained_run(inputs, ds, args.runs_dir, device=args.device,
+                                      quiet=args.quiet, extra=device_extra)
+    if args.rebuild:
+        return _rebuild(inputs, ds, record, args)
+    _report(record, args.json, reused, args.runs_dir)
+    return 0
+
+
+def _rebuild(inputs: Any, ds: Any, record: dict[str, Any], args: argparse.Namespace) -> int:
+    from . import runs
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-rebuild-") as tmp:
+        again, _ = runs.trained_run(inputs, ds, Path(tmp), device=args.device, quiet=args.quiet)
+    if again["weights_sha256"] != record["weights_sha256"]:
+        raise MismatchError(f"rebuild differs: recorded sha256:{record['weights_sha256']}, "
+                            f"rebuilt sha256:{again['weights_sha256']}")
+    print(f"rebuild identical: run {record['run_key']}")
+    _report(record, args.json, True, args.runs_dir)
+    return 0
+
+
+def _report(record: dict[str, Any], as_json: bool, reused: bool, runs_dir: Path) -> None:
+    if as_json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+        return
+    acc = record["metrics"]["test_accuracy"]
+    state = "reused (memoised)" if reused else "trained"
+    print(f"run {record['run_key']} {state}: {runs_dir / record['run_key']}")
+    print(f"mode {record['mode']}, profile {record['profile']['name']}, "
+          f"test accuracy {acc:.4f}")
+    print(f"weights sha256:{record['weights_sha256']}")
+
+
+def _verify(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import runs
+
+    record = runs.read_run(args.run_dir)
+    try:
+        cfg = config_from_dict(record["config"], f"{args.run_dir}/run.json")
+    except KeyError:
+        raise UsageError(f"{args.run_dir}/run.json: expected a config, found none") from None
+    inputs, ds = _prepare(cfg, argv)
+    if inputs.key != record["run_key"]:
+        print(f"note: this environment's run key {inputs.key} differs from the record's:",
+              file=sys.stderr)
+        here = {**record, **{"config": inputs.keyed()["config"], "data": inputs.data,
+                             "code_sha256": inputs.code, "toolchain": inputs.toolchain,
+                             "profile": inputs.profile}}
+        for line in runs.diff_runs(record, here, b"", b"")[:-1]:
+            print(f"  {line}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="pipeline-verify-") as tmp:
+        again, _ = runs.trained_run(inputs, ds, Path(tmp), quiet=args.quiet)
+    if again["weights_sha256"] != record["weights_sha256"]:
+        raise MismatchError(f"verify failed: recorded sha256:{record['weights_sha256']}, "
+                            f"retrained sha256:{again['weights_sha256']}")
+    print(f"verified: weights sha256:{record['weights_sha256']}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from . import runs
+
+    a, b = runs.read_run(args.run_a), runs.read_run(args.run_b)
+    ta = (args.run_a / "trail.bin").read_bytes()
+    tb = (args.run_b / "trail.bin").read_bytes()
+    lines = runs.diff_runs(a, b, ta, tb)
+    for line in lines:
+        print(line)
+    same = a["weights_sha256"] == b["weights_sha256"]
+    print(f"weights: {'identical' if same else 'differ'} "
+          f"(sha256:{a['weights_sha256'][:16]}... vs sha256:{b['weights_sha256'][:16]}...)")
+    return 0 if same else 1
+
+
+def _data_verify(args: argparse.Namespace) -> int:
+    from . import data
+
+    manifest = args.manifest or _manifest()
+    hashes = data.verify(manifest, full=args.full,
+                         stat_cache_dir=None if args.full else data.default_cache_dir())
+    for name, sha in hashes.items():
+        print(f"ok {name} sha256:{sha}")
+    return 0
+
+
+def _env() -> int:
+    from . import environment as env
+
+    prof = env.load_profile()
+    out = {"toolchain": env.toolchain_fingerprint(), "profile": prof.__dict__,
+           "host_isa": env.host_isa_levels(), "code_sha256": env.code_sha256(),
+           "pinned_now": not env.needs_reexec(prof)}
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from . import runs
+
+    if not args.runs_dir.is_dir():
+        return 0
+    for d in sorted(args.runs_dir.iterdir()):
+        if not d.name.startswith(".") and runs.is_complete(d):
+            rec = json.loads((d / "run.json").read_text(encoding="utf-8"))
+            print(f"{d.name}  {rec['mode']:6}  acc {rec['metrics']['test_accuracy']:.4f}  "
+                  f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
+    return 0
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from . import golden, runs
+
+    record = runs.read_run(args.run_dir)
+    path = args.file or golden.default_path()
+    if args.golden_cmd == "add":
+        print(f"{golden.add(record, path, force=args.force, note=args.note)}: {path}")
+        return 0
+    ok, msg = golden.check(record, path)
+    print(msg)
+    return 1 if ok is False else 0
+
+
+
+

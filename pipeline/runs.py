@@ -1,0 +1,226 @@
+"""Run records: the run key, the run directory, memoisation, bitwise rebuild,
+verify and diff.
+
+runs/<run_key>/ is built in a temporary sibling and renamed into place, so a
+directory with that name is always complete. The key is the sha256 of the
+canonical JSON of the run's inputs: config, data hashes, code hash, and (in
+pinned mode) the toolchain fingerprint and numeric profile. Exact mode's bits
+depend on neither, so its key leaves them out (they are still recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from . import atomic
+from .config import Config, canonical_json, config_sha256, config_to_dict
+from .errors import CheckpointError, MismatchError
+
+__all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "trained_run",
+           "diff_runs", "RUN_FILES"]
+
+RUN_FILES = ("weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin")
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Everything that decides the weights, and the key derived from it."""
+    config: Config
+    data: dict[str, str]
+    code: str
+    toolchain: dict[str, Any]
+    profile: dict[str, Any]
+
+    def keyed(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"config": config_to_dict(self.config), "data": self.data,
+                             "code": self.code}
+        if self.config.mode == "pinned":
+            d["toolchain"], d["profile"] = self.toolchain, self.profile
+        return d
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(canonical_json(self.keyed())).hexdigest()
+
+
+def run_inputs(cfg: Config, data: dict[str, str], profile: dict[str, Any]) -> RunInputs:
+    from .environment import code_sha256, toolchain_fingerprint
+    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile)
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / "run.json").is_file() and (run_dir / "weights.safetensors").is_file()
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """run.json of a run directory, checked against its weights file."""
+    from .checkpoint import read_safetensors
+    from .hashing import weights_sha256
+
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        recorded = record["weights_sha256"]
+    except FileNotFoundError:
+        raise CheckpointError(str(path), "a run record", "no such file",
+                              "is this a runs/<key> directory?") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(str(path), "a JSON run record with weights_sha256",
+                              f"malformed ({e})") from None
+    tensors, _ = read_safetensors(Path(run_dir) / "weights.safetensors")
+    actual = weights_sha256(tensors)
+    if actual != recorded:
+        raise MismatchError(f"{run_dir}/weights.safetensors: recorded weights sha256:{recorded}, "
+                            f"file holds sha256:{actual}")
+    return record
+
+
+def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """Write every file into a temporary sibling, then rename it to ``final``."""
+    from safetensors.torch import save
+
+    from .hashing import weights_sha256
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name[:16]}-"))
+    try:
+        weights = save(result.params)
+        atomic.write_bytes(tmp / "weights.safetensors", weights)
+        atomic.write_bytes(tmp / "trail.bin", result.trail)
+        atomic.write_text(tmp / "metrics.jsonl",
+                          "".join(json.dumps(m, sort_keys=True) + "\n" for m in result.metrics))
+        _plot(tmp / "curves.png", result.metrics)
+        last = result.metrics[-1] if result.metrics else {}
+        record = {
+            "run_key": inputs.key,
+            "weights_sha256": weights_sha256(result.params),
+            "mode": inputs.config.mode,
+            "config": config_to_dict(inputs.config),
+            "config_sha256": config_sha256(inputs.config),
+            "data": inputs.data,
+            "code_sha256": inputs.code,
+            "toolchain": inputs.toolchain,
+            "profile": inputs.profile,
+            "key_inputs": sorted(inputs.keyed()),
+            "metrics": {"test_accuracy": last.get("test_accuracy"),
+                        "train_loss": last.get("train_loss"), "steps": result.steps},
+            "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names},
+            "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
+            "resumed_from_step": result.resumed_from,
+            # Kept out of the key: when and how long, not what.
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "duration_s": round(time.time() - started, 3),
+            **extra,
+        }
+        atomic.write_text(tmp / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)
+        if final.exists():  # --rebuild into an existing key never reaches here
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        atomic.fsync_dir(final.parent)
+        return record
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plot(path: Path, metrics: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    epochs = [m["epoch"] for m in metrics]
+    ax1.plot(epochs, [m["train_loss"] for m in metrics], color="tab:blue", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [m["test_accuracy"] for m in metrics], color="tab:red",
+             label="test accuracy")
+    ax2.set_ylabel("test accuracy", color="tab:red")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
+                device: str = "cpu", quiet: bool = False,
+                extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+    """The run for ``inputs``: reused if complete (memoised), else trained,
+    resuming from its checkpoints. Returns (run.json, reused). Concurrent
+    callers on one key serialise on a file lock; the OS drops the lock of a
+    killed holder, so a stale lock never blocks."""
+    from .train import train
+
+    key = inputs.key
+    final = runs_dir / key
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(runs_dir / f".{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting: another process is training run {key[:16]}", file=sys.stderr)
+        lock.acquire()
+    try:
+        if is_complete(final):
+            return read_run(final), True
+        started = time.time()
+        ckpt_dir = runs_dir / f".ckpt-{key}"
+        result = train(inputs.config, ds, run_key=key, ckpt_dir=ckpt_dir, comm=comm,
+                       device=device, quiet=quiet)
+        record = write_run(final, inputs, result, started, extra or {})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return record, False
+    finally:
+        lock.release()
+
+
+def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
+    """Lines naming the differing inputs, then where the trails diverge."""
+    lines = []
+    for field, label in (("config", "config"), ("data", "data"), ("code_sha256", "code"),
+                         ("toolchain", "toolchain"), ("profile", "profile")):
+        for path, va, vb in _differences(a.get(field), b.get(field), label):
+            lines.append(f"{path}: {json.dumps(va)} != {json.dumps(vb)}")
+    names = a["trail"]["tensors"]
+    width = len(names) * a["trail"]["digest_bytes"]
+    steps = min(len(trail_a), len(trail_b)) // width
+    for s in range(steps):
+        ra, rb = trail_a[s * width:(s + 1) * width], trail_b[s * width:(s + 1) * width]
+        if ra != rb:
+            d = a["trail"]["digest_bytes"]
+            t = next(i for i in range(len(names)) if ra[i * d:(i + 1) * d] != rb[i * d:(i + 1) * d])
+            lines.append(f"trails diverge at step {s + 1} (of {steps}), first tensor {names[t]}")
+            break
+    else:
+        if len(trail_a) != len(trail_b):
+            lines.append(f"trails agree for {steps} steps, then one run stops")
+        else:
+            lines.append(f"trails identical for all {steps} steps")
+    return lines
+
+
+def _differences(va: Any, vb: Any, path: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(va, dict) and isinstance(vb, dict):
+        out = []
+        for k in sorted(set(va) | set(vb)):
+            out += _differences(va.get(k), vb.get(k), f"{path}.{k}")
+        return out
+    return [] if va == vb else [(path, va, vb)]
