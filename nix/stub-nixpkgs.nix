@@ -1,0 +1,68 @@
+# Not used by the flake. tools/check_nix.py evaluates the flake's outputs
+# against this stand-in for nixpkgs (Nix 2.8 can evaluate it; nothing is
+# built or fetched) and returns what the checker compares: output names,
+# wrapper and shell environments, check scripts, image config.
+{ flake, pythonAttrs, source ? "/nix/store/00000000000000000000000000000000-source" }:
+let
+  upper = lib.stringToCharacters "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+  lower = lib.stringToCharacters "abcdefghijklmnopqrstuvwxyz";
+  lib = rec {
+    genAttrs = names: f: builtins.listToAttrs (map (name: { inherit name; value = f name; }) names);
+    mapAttrs = builtins.mapAttrs;
+    mapAttrsToList = f: a: map (n: f n a.${n}) (builtins.attrNames a);
+    concatLists = builtins.concatLists;
+    concatStrings = builtins.concatStringsSep "";
+    replaceStrings = builtins.replaceStrings;
+    stringToCharacters = s: builtins.genList (i: builtins.substring i 1 s) (builtins.stringLength s);
+    toLower = builtins.replaceStrings upper lower;
+    # As nixpkgs' lib: safe strings stay bare, others are single-quoted.
+    escapeShellArg = s: if builtins.match "[[:alnum:],._+:@%/-]+" s != null then s
+      else "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
+    optionalAttrs = cond: a: if cond then a else { };
+    getExe = d: "${d}/bin/${d.meta.mainProgram}";
+  };
+  drv = name: attrs: attrs // { inherit name; outPath = "/stub/${name}"; };
+  mkPkgs = system:
+    let
+      pyPkgs = lib.genAttrs pythonAttrs (a: drv "py-${a}" { pname = a; }) // {
+        buildPythonApplication = args: drv args.pname args;
+      };
+    in
+    {
+      stdenv.hostPlatform = {
+        parsed.cpu.name = builtins.head (builtins.split "-" system);
+        isLinux = builtins.match ".*-linux" system != null;
+      };
+      python3 = {
+        pkgs = pyPkgs;
+        withPackages = f: drv "python-env" { packages = map (p: p.pname) (f pyPkgs); };
+      };
+      runCommand = name: attrs: script: drv name (attrs // { inherit script; });
+      # The script's text rides in its path so that apps.*.program shows it.
+      writeShellScript = name: text: drv name { } // { outPath = "/stub/${name}#${text}"; };
+      mkShell = drv "shell";
+      dockerTools.streamLayeredImage = args: drv args.name args;
+    };
+  systems = [ "x86_64-linux" "aarch64-linux" "x86_64-darwin" "aarch64-darwin" ];
+  lock = builtins.fromJSON (builtins.readFile (dirOf flake + "/flake.lock"));
+  outs = (import flake).outputs {
+    self = { outPath = source; };
+    nixpkgs = lock.nodes.nixpkgs.locked // { inherit lib; legacyPackages = lib.genAttrs systems mkPkgs; };
+  };
+  names = builtins.mapAttrs (_: builtins.mapAttrs (_: builtins.attrNames)) outs;
+in
+{
+  inherit names source;
+  systems = builtins.mapAttrs (system: packages: {
+    wrapper = packages.default.makeWrapperArgs;
+    dependencies = map (d: d.pname) packages.default.dependencies;
+    buildSystem = map (d: d.pname) packages.default.build-system;
+    model = packages.model.script;
+    image = if packages ? image then builtins.removeAttrs packages.image [ "outPath" ] else null;
+    apps = builtins.mapAttrs (_: a: { inherit (a) type program; description = a.meta.description or ""; })
+      outs.apps.${system};
+    checks = builtins.mapAttrs (_: c: c.script) outs.checks.${system};
+    shellHook = outs.devShells.${system}.default.shellHook;
+    shellPackages = map (p: p.packages) outs.devShells.${system}.default.packages;
+  }) outs.packages;
+}

@@ -1,0 +1,235 @@
+"""The Nix side, checked without nixpkgs: tools/check_nix.py and its controls.
+
+The parse and outputs checks need `nix-instantiate` (Debian: nix-bin); they
+are skipped, with the reason in the summary, only where it is not on PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NIX = shutil.which("nix-instantiate")
+needs_nix = pytest.mark.skipif(
+    NIX is None, reason="nix-instantiate is not on PATH (apt-get install nix-bin); CI installs it")
+
+
+def _load_checker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("check_nix", REPO / "tools" / "check_nix.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_nix = _load_checker()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A copy of the files the checker reads, to break one at a time."""
+    for rel in ("flake.nix", "flake.lock", "pyproject.toml", "pipeline/profile.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, tmp_path / rel)
+    shutil.copytree(REPO / "nix", tmp_path / "nix")
+    return tmp_path
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"control is stale: {old!r} not in {path.name}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def _edit_lock(root: Path, change: Callable[[dict], None]) -> None:
+    lock = json.loads((root / "flake.lock").read_text(encoding="utf-8"))
+    change(lock)
+    (root / "flake.lock").write_text(json.dumps(lock, indent=2), encoding="utf-8")
+
+
+def _lock_problems(root: Path) -> list[str]:
+    return list(check_nix.check_lock(root, check_nix.flake_inputs(root, NIX)))
+
+
+# --- the checks on the real tree -------------------------------------------------------------
+
+@needs_nix
+def test_nix_files_parse() -> None:
+    """nix-instantiate --parse accepts flake.nix and nix/*.nix."""
+    assert check_nix.check_parse(REPO, NIX) == []
+
+
+def test_lock_matches_inputs() -> None:
+    """flake.lock is version 7 and pins every flake input with a well-formed locked node."""
+    assert _lock_problems(REPO) == []
+
+
+def test_profile_single_source() -> None:
+    """flake.nix reads pipeline/profile.json and spells none of its variable names."""
+    assert check_nix.check_profile(REPO) == []
+
+
+def test_python_deps_mapped() -> None:
+    """Every pyproject.toml dependency, test extra and build requirement maps to a nixpkgs
+    attribute the flake uses."""
+    assert check_nix.check_deps(REPO) == []
+
+
+@needs_nix
+def test_outputs_against_stub_nixpkgs() -> None:
+    """Evaluated against the stand-in nixpkgs, every system has the outputs the project
+    promises, with the wrapper and shell environment of its CPU's profile."""
+    assert check_nix.check_outputs(REPO, NIX) == []
+
+
+@needs_nix
+def test_input_reader_agrees_with_nix() -> None:
+    """The text reader used without Nix finds the inputs Nix evaluates."""
+    text = (REPO / "flake.nix").read_text(encoding="utf-8")
+    assert check_nix._inputs_from_text(text) == check_nix.flake_inputs(REPO, NIX)
+
+
+def test_cli_passes() -> None:
+    """`python tools/check_nix.py` exits 0 on this tree."""
+    args = [] if NIX else ["--allow-missing-nix"]
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "check_nix.py"), *args],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "FAIL" not in out.stdout
+
+
+def test_cli_without_nix(tmp_path: Path) -> None:
+    """Without nix-instantiate the checker refuses (exit 2) unless --allow-missing-nix, and then
+    says which checks it skipped."""
+    env = dict(os.environ, PATH=str(tmp_path))
+    cmd = [sys.executable, str(REPO / "tools" / "check_nix.py")]
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "--allow-missing-nix" in refused.stderr
+    allowed = subprocess.run([*cmd, "--allow-missing-nix"], env=env, capture_output=True,
+                             text=True, check=False)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "skip parse" in allowed.stdout and "skip outputs" in allowed.stdout
+
+
+def test_parse_flake_url() -> None:
+    """github: URLs become the `original` node Nix writes, ref and rev told apart."""
+    rev = "3ceaaa8bc963ced4d830e06ea2d0863b6490ff03"
+    assert check_nix.parse_flake_url("github:NixOS/nixpkgs/nixos-25.11") == {
+        "type": "github", "owner": "NixOS", "repo": "nixpkgs", "ref": "nixos-25.11"}
+    assert check_nix.parse_flake_url(f"github:NixOS/nixpkgs/{rev}")["rev"] == rev
+    with pytest.raises(ValueError):
+        check_nix.parse_flake_url("nixpkgs")
+
+
+# --- negative controls: each must make the checker fail ------------------------------------
+
+LOCK_CONTROLS: list[tuple[str, Callable[[dict], None], str]] = [
+    ("wrong original URL",
+     lambda lock: lock["nodes"]["nixpkgs"]["original"].update(ref="nixos-25.05"), ".original"),
+    ("original without ref",
+     lambda lock: lock["nodes"]["nixpkgs"]["original"].pop("ref"), ".original"),
+    ("narHash not SRI",
+     lambda lock: lock["nodes"]["nixpkgs"]["locked"].update(
+         narHash="sha256:" + "0" * 52), ".narHash"),
+    ("narHash truncated",
+     lambda lock: lock["nodes"]["nixpkgs"]["locked"].update(
+         narHash=lock["nodes"]["nixpkgs"]["locked"]["narHash"][:-2] + "="), ".narHash"),
+    ("short rev",
+     lambda lock: lock["nodes"]["nixpkgs"]["locked"].update(rev="3ceaaa8"), ".rev"),
+    ("no lastModified",
+     lambda lock: lock["nodes"]["nixpkgs"]["locked"].pop("lastModified"), ".lastModified"),
+    ("lock version 6", lambda lock: lock.update(version=6), "version"),
+    ("root node missing", lambda lock: lock["nodes"].pop("root"), "root node"),
+    ("input not locked", lambda lock: lock["nodes"]["root"].update(inputs={}), "no lock node"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "expect"), LOCK_CONTROLS,
+                         ids=[c[0] for c in LOCK_CONTROLS])
+def test_lock_controls(tree: Path, name: str, change: Callable[[dict], None],
+                       expect: str) -> None:
+    """A broken flake.lock fails the lock check, naming what is wrong."""
+    _edit_lock(tree, change)
+    problems = _lock_problems(tree)
+    assert any(expect in p for p in problems), problems
+
+
+def test_input_moved_without_relock(tree: Path) -> None:
+    """Changing the input URL without re-locking fails: `original` no longer matches."""
+    _edit(tree / "flake.nix", "nixpkgs/nixos-25.11", "nixpkgs/nixos-unstable")
+    assert any(".original" in p for p in _lock_problems(tree))
+
+
+FLAKE_CONTROLS: list[tuple[str, str, str, str]] = [
+    ("hard-coded ATEN_CPU_CAPABILITY", "makeWrapperArgs = ",
+     'makeWrapperArgs = [ "--set" "ATEN_CPU_CAPABILITY" "avx2" ] ++ ',
+     "spells ATEN_CPU_CAPABILITY"),
+    ("hard-coded profile in a comment", "# One source of truth",
+     "# PYTHONHASHSEED=0. One source of truth", "spells PYTHONHASHSEED"),
+    ("profile not read from profile.json",
+     "builtins.fromJSON (builtins.readFile ./pipeline/profile.json)",
+     "builtins.fromJSON (builtins.readFile ./profile.json)", "does not read the profile"),
+    ("wrapper sets PIPELINE_CACHE_DIR", "PIPELINE_LOCK_ID = lockId;",
+     'PIPELINE_LOCK_ID = lockId; PIPELINE_CACHE_DIR = "/tmp";', "spells PIPELINE_CACHE_DIR"),
+    ("system without a profile", '"aarch64-darwin" ]', '"aarch64-darwin" "riscv64-linux" ]',
+     "riscv64-linux has no profile"),
+]
+
+
+@pytest.mark.parametrize(("name", "old", "new", "expect"), FLAKE_CONTROLS,
+                         ids=[c[0] for c in FLAKE_CONTROLS])
+def test_profile_controls(tree: Path, name: str, old: str, new: str, expect: str) -> None:
+    """A flake.nix that bypasses pipeline/profile.json fails the profile check."""
+    _edit(tree / "flake.nix", old, new)
+    problems = check_nix.check_profile(tree)
+    assert any(expect in p for p in problems), problems
+
+
+def test_unmapped_dependency(tree: Path) -> None:
+    """A dependency whose nixpkgs name nobody has verified fails the deps check."""
+    _edit(tree / "pyproject.toml", '"tqdm==4.70.1",', '"tqdm==4.70.1",\n    "opencv-python==4.12",')
+    problems = check_nix.check_deps(tree)
+    assert any("opencv-python" in p for p in problems), problems
+
+
+def test_build_system_not_in_flake(tree: Path) -> None:
+    """The build backend must be in the flake's build-system."""
+    _edit(tree / "flake.nix", "build-system = [ ps.setuptools ];", "build-system = [ ];")
+    problems = check_nix.check_deps(tree)
+    assert any("does not use setuptools" in p for p in problems), problems
+
+
+@needs_nix
+def test_parse_control(tree: Path) -> None:
+    """A syntax error in flake.nix fails the parse check."""
+    _edit(tree / "flake.nix", "outputs = { self, nixpkgs }:", "outputs = { self, nixpkgs ")
+    assert any("flake.nix" in p for p in check_nix.check_parse(tree, NIX))
+
+
+@needs_nix
+def test_outputs_wrong_profile(tree: Path) -> None:
+    """A flake that gives every system the x86_64 profile fails the outputs check on aarch64."""
+    _edit(tree / "flake.nix", "profiles.${pkgs.stdenv.hostPlatform.parsed.cpu.name}.env",
+          "profiles.x86_64.env")
+    problems = check_nix.check_outputs(tree, NIX)
+    assert any(p.startswith("aarch64-linux: wrapper") for p in problems), problems
+    assert not any(p.startswith("x86_64-linux") for p in problems), problems
+
+
+@needs_nix
+def test_outputs_missing_app(tree: Path) -> None:
+    """Dropping apps.train fails the outputs check."""
+    _edit(tree / "flake.nix", "apps = { inherit train; default = train; };",
+          "apps = { default = train; };")
+    problems = check_nix.check_outputs(tree, NIX)
+    assert any("apps: expected" in p for p in problems), problems
