@@ -41,8 +41,8 @@ __all__ = ["DECODER_VERSION", "DECODE_LOG_ENV", "ManifestEntry", "Dataset", "loa
 # Bump whenever decoding changes: it is part of every cache key.
 DECODER_VERSION = 1
 MANIFEST_VERSION = 1
-# Test-only switch (docs/architecture-notes.md): when set, every decode appends "<pid> <cache key>" to this file
-# (tests count decodes across processes with it).
+# Test-only switch (docs/architecture-notes.md): when set, every decode appends
+# "<pid> <cache key>" to this file (tests count decodes across processes with it).
 DECODE_LOG_ENV = "PIPELINE_TEST_DECODE_LOG"
 STAT_CACHE_NAME = "verify-stat-cache.json"
 _CHUNK = 1 << 20
