@@ -1,0 +1,89 @@
+"""Strict config loading: every problem reported together, by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, config_sha256, load_config, parse_overrides
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_loads_with_expected_values() -> None:
+    """configs/digits.toml is the documented default run."""
+    cfg = load_config(ROOT / "configs" / "digits.toml")
+    assert cfg.mode == "pinned" and cfg.model.hidden == (128,) and cfg.train.batch_size == 64
+
+
+def test_every_shipped_config_opens_with_its_command_and_loads() -> None:
+    """Each example config starts with the command that runs it, and is valid."""
+    configs = sorted((ROOT / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("# pipeline train configs/"), path
+        load_config(path)
+
+
+def test_unknown_wrong_type_and_range_are_reported_together(tmp_path: Path) -> None:
+    """One error lists the unknown key, the mistyped key and the out-of-range key."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('seed = "zero"\ncolour = 1\n[optim]\nlr = -1.0\n[train]\nepochs = 1.5\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    for key in ("seed:", "colour:", "optim.lr:", "train.epochs:"):
+        assert key in msg, msg
+    assert len(e.value.problems) == 4
+    assert str(bad) in msg
+
+
+def test_bool_is_not_a_number_and_tables_are_tables(tmp_path: Path) -> None:
+    """TOML booleans are not integers; a scalar in place of a table is an error."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = true\ntrain = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "seed: expected an integer" in str(e.value)
+    assert "train: expected a table" in str(e.value)
+
+
+def test_overrides_parse_toml_values_and_bare_words() -> None:
+    """key=value overrides: TOML values, dotted keys, bare words as strings."""
+    assert parse_overrides(["train.epochs=3", "mode=exact", "model.hidden=[64, 32]"]) == {
+        "train": {"epochs": 3}, "mode": "exact", "model": {"hidden": [64, 32]}}
+    cfg = load_config(None, ["train.epochs=3", "model.hidden=[64,32]"])
+    assert cfg.train.epochs == 3 and cfg.model.hidden == (64, 32)
+
+
+def test_override_errors_name_the_key() -> None:
+    """A bad override is reported like a bad file key."""
+    with pytest.raises(ConfigError, match="train.shards: expected a power of two"):
+        load_config(None, ["train.shards=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["=3"])
+
+
+def test_batch_must_divide_into_shards() -> None:
+    """Shards cut the batch evenly or the config is refused."""
+    with pytest.raises(ConfigError, match="train.batch_size: expected a multiple of"):
+        load_config(None, ["train.shards=4", "train.batch_size=66"])
+
+
+def test_missing_and_malformed_files_are_config_errors(tmp_path: Path) -> None:
+    """A missing file and a file that is not TOML both name the file."""
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "x.toml").write_text("seed = = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "x.toml")
+
+
+def test_config_hash_is_stable_and_sensitive() -> None:
+    """Equal configs hash equal; any changed value changes the hash."""
+    a, b = Config(), load_config(None, [])
+    assert config_sha256(a) == config_sha256(b)
+    assert config_sha256(a) != config_sha256(load_config(None, ["optim.lr=0.05"]))
