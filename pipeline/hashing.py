@@ -44,11 +44,14 @@ def weights_sha256(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> str:
 
 
 def tensor_digests(tensors: Mapping[str, torch.Tensor], size: int = 8) -> bytes:
-    """Compact per-tensor digests for the per-step trail: ``size`` bytes of
-    blake2b per tensor, concatenated in sorted name order."""
+    """Compact per-tensor digests for the per-step trail: the first ``size``
+    bytes of sha256 over each tensor's raw little-endian bytes, concatenated
+    in sorted name order. Names, dtypes and shapes are fixed for a run (they
+    are in run.json), so the trail hashes data only: it runs after every step
+    and must stay cheap (hashlib's sha256 uses the CPU's SHA instructions)."""
     out = bytearray()
     for name in sorted(tensors):
-        h = hashlib.blake2b(digest_size=size)
-        _update(h, name, _le_array(tensors[name]))
-        out += h.digest()
+        t = tensors[name].detach()
+        a = t.numpy() if t.device.type == "cpu" and t.is_contiguous() else _le_array(t)
+        out += hashlib.sha256(memoryview(a).cast("B")).digest()[:size]
     return bytes(out)

@@ -96,7 +96,8 @@ class PinnedNet:
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
                     keep: list[torch.Tensor] | None) -> tuple[torch.Tensor,
                                                               dict[str, torch.Tensor]]:
-        self.module.train()
+        if not self.module.training:
+            self.module.train()  # recursive: only on a switch from predict()
         logits = self.module(x, keep)
         loss = F.cross_entropy(logits, y, reduction="sum")
         grads = torch.autograd.grad(loss / n_global, list(self.params.values()))

@@ -23,10 +23,16 @@ _MASK = (1 << 64) - 1
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, in place on a uint64 array (it runs on every
+    dropout mask, so no temporaries beyond one shift buffer)."""
+    t = np.empty_like(z)
     with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
+        z ^= np.right_shift(z, np.uint64(30), out=t)
+        z *= _M1
+        z ^= np.right_shift(z, np.uint64(27), out=t)
+        z *= _M2
+        z ^= np.right_shift(z, np.uint64(31), out=t)
+    return z
 
 
 def _mix_int(z: int) -> int:
@@ -48,9 +54,11 @@ def key(seed: int, *words: int) -> int:
 
 def outputs(k: int, start: int, count: int) -> np.ndarray:
     """``out(k, i)`` for ``i`` in ``[start, start + count)`` as uint64."""
-    i = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    z = np.arange(start + 1, start + count + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        return _mix(np.uint64(k) + i * _G)
+        z *= _G
+        z += np.uint64(k)
+    return _mix(z)
 
 
 def u24(k: int, start: int, count: int) -> np.ndarray:
@@ -78,7 +86,7 @@ class DropoutStream:
 
     def keep_mask(self, rate: float, rows: int, cols: int) -> np.ndarray:
         """Bool (rows, cols): True where the unit is kept."""
-        threshold = int(np.floor(rate * 2.0**24 + 0.5))
-        u = u24(self.key, self.counter, rows * cols).reshape(rows, cols)
+        threshold = np.uint64(int(np.floor(rate * 2.0**24 + 0.5)))
+        z = outputs(self.key, self.counter, rows * cols)
         self.counter += rows * cols
-        return u >= threshold
+        return (np.right_shift(z, np.uint64(40), out=z) >= threshold).reshape(rows, cols)
