@@ -21,9 +21,9 @@ from . import rng
 from .config import ModelConfig, OptimConfig
 from .errors import CheckpointError
 from .exact_layers import (col2im, im2col, mm_quantised, quantise, relu_dropout, relu_dropout_grad,
-                           softmax_xent, tree_sum, tree_sum_list, xexp, xlog, xmm)
+                           softmax_xent, sqrt32, tree_sum, tree_sum_list, xexp, xlog, xmm)
 
-__all__ = ["xmm", "tree_sum", "tree_sum_list", "xexp", "xlog", "softmax_xent", "ExactNet",
+__all__ = ["xmm", "tree_sum", "tree_sum_list", "xexp", "xlog", "sqrt32", "softmax_xent", "ExactNet",
            "ExactSGD", "ExactAdam", "make_exact_optimizer"]
 
 _F32 = torch.float32
@@ -109,6 +109,10 @@ class ExactNet:
     def dropout_shapes(self, rows: int) -> list[int]:
         """Width ``F`` of each dropout site in forward order (the masks are
         ``(rows, F)``); empty without dropout or for the CNN."""
+        return self.dropout_widths()
+
+    def dropout_widths(self) -> list[int]:
+        """``dropout_shapes`` without the row count (pipeline.model's Net protocol)."""
         if self.rate == 0.0:
             return []
         return [layer.shape[0] for layer in self.layers[:-1]]
@@ -308,7 +312,7 @@ class ExactAdam(_Optimizer):
             m.mul_(self.b1).add_(g * self.c1)
             v.mul_(self.b2).add_((g * g).mul_(self.c2))
             bc2 = torch.full((), rn32(1.0 - self.b2p), dtype=_F32, device=v.device)
-            den = (v / bc2).sqrt_().add_(self.eps)  # tensor divisor: see exact_layers
+            den = sqrt32(v / bc2).add_(self.eps)  # tensor divisor: see exact_layers
             theta.sub_((m / den).mul_(step))
 
     def state_scalars(self) -> dict[str, int | float]:

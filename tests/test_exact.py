@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.exact import (ExactAdam, ExactNet, ExactSGD, softmax_xent, tree_sum, tree_sum_list,
-                            xexp, xlog, xmm)
+from pipeline.exact import (ExactAdam, ExactNet, ExactSGD, softmax_xent, sqrt32, tree_sum,
+                            tree_sum_list, xexp, xlog, xmm)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +172,20 @@ def test_xlog_within_one_ulp() -> None:
     assert _ulps(got, _ref(math.log, xs)).max() <= 1
     sp = xlog(torch.tensor([0.0, -0.0, math.inf, -1.0, -math.inf, math.nan])).tolist()
     assert sp[:3] == [-math.inf, -math.inf, math.inf] and all(math.isnan(v) for v in sp[3:])
+
+
+def test_sqrt32_is_correctly_rounded() -> None:
+    """sqrt32 equals NumPy's IEEE f32 sqrt bit for bit on random f32 bit
+    patterns and at 0, -0, +inf, NaN, negatives (torch.sqrt on CPU is not
+    correctly rounded: MKL's high-accuracy mode)."""
+    g = np.random.default_rng(27)
+    xs = g.integers(0, 0x7F800001, 200000).astype(np.int32).view(np.float32)
+    xs = np.concatenate([xs, np.float32([0.0, -0.0, np.inf, np.nan, -1.0, 1e-45, 4.0, 2.0])])
+    got = sqrt32(torch.from_numpy(xs)).numpy()
+    with np.errstate(invalid="ignore"):
+        want = np.sqrt(xs)
+    same = (got.view(np.int32) == want.view(np.int32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all()
 
 
 # ------------------------------------------------------------------ trees
