@@ -68,6 +68,32 @@ def _init_tensor(seed: int, layer: int, which: int, shape: tuple[int, ...],
     return torch.from_numpy((unit * bound).reshape(shape))
 
 
+def _flat_views(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Copies of ``tensors`` as contiguous views laid end to end in one new
+    buffer on ``device`` (see ``_flat_of``)."""
+    flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=_F32, device=device)
+    out, off = {}, 0
+    for name, t in tensors.items():
+        out[name] = flat[off:off + t.numel()].view(t.shape)
+        out[name].copy_(t)
+        off += t.numel()
+    return out
+
+
+def _flat_of(ts: list[Tensor]) -> Tensor | None:
+    """One 1-D view over ``ts`` when they are contiguous f32 tensors laid end
+    to end in one storage (in list order), else None. Elementwise formulas
+    give the same bits on the view as on each tensor."""
+    first = ts[0]
+    base, off = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in ts:
+        if (t.dtype != _F32 or not t.is_contiguous() or t.storage_offset() != off
+                or t.untyped_storage().data_ptr() != base):
+            return None
+        off += t.numel()
+    return first.as_strided((off - first.storage_offset(),), (1,), first.storage_offset())
+
+
 @dataclass
 class _Cache:
     """What backward needs: each layer's input (a matrix) and its im2col, the
@@ -97,13 +123,15 @@ class ExactNet:
         self.layers = _layers(model_cfg, in_features)
         self.rate = model_cfg.dropout if model_cfg.arch == "mlp" else 0.0
         self.scale = rn32(1.0 / (1.0 - self.rate))
-        self.params: dict[str, Tensor] = {}
+        init: dict[str, Tensor] = {}
         for li, layer in enumerate(self.layers):
             fan_in = math.prod(layer.shape[1:])
             bound = np.float32(1.0 / math.sqrt(fan_in))
             for which, suffix, shape in ((0, "weight", layer.shape), (1, "bias", layer.shape[:1])):
-                t = _init_tensor(seed, li, which, shape, bound)
-                self.params[f"{layer.name}.{suffix}"] = t.to(self.device)
+                init[f"{layer.name}.{suffix}"] = _init_tensor(seed, li, which, shape, bound)
+        # Views of one flat buffer, end to end in this order: the optimisers
+        # then update every parameter with one op per formula step.
+        self.params = _flat_views(init, self.device)
         self._qcache: dict[tuple[str, int], tuple[Tensor, int, int, Tensor]] = {}
 
     def dropout_shapes(self, rows: int) -> list[int]:
@@ -227,13 +255,40 @@ def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor],
 
 
 class _Optimizer:
-    """Shared state handling: named f32 state tensors and JSON-able scalars."""
+    """Shared machinery: named f32 state tensors (``<slot>.<param name>``,
+    views of one flat buffer per slot), JSON-able scalars, and the choice
+    between one flat update and one update per parameter (same bits)."""
 
     def __init__(self, params: dict[str, Tensor], slots: tuple[str, ...]) -> None:
         self.params = params
         self.t = 0
-        self.state = {f"{slot}.{name}": torch.zeros_like(p)
-                      for slot in slots for name, p in params.items()}
+        self.slots = slots
+        self.state: dict[str, Tensor] = {}
+        for slot in slots:
+            zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+            device = next(iter(params.values())).device
+            views = _flat_views(zeros, device)
+            self.state.update({f"{slot}.{name}": v for name, v in views.items()})
+
+    def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _apply(self, grads: dict[str, Tensor]) -> None:
+        """``_update`` once on flat views when the parameters (still) form one
+        flat buffer, else once per parameter."""
+        names = list(self.params)
+        theta = _flat_of([self.params[n] for n in names])
+        if theta is not None:
+            gs = [grads[n] for n in names]
+            g = _flat_of(gs)
+            if g is None:
+                g = torch.cat([t.reshape(-1) for t in gs])
+            states = [_flat_of([self.state[f"{s}.{n}"] for n in names]) for s in self.slots]
+            if all(st is not None for st in states):
+                self._update(theta, g, states)  # type: ignore[arg-type]
+                return
+        for n in names:
+            self._update(self.params[n], grads[n], [self.state[f"{s}.{n}"] for s in self.slots])
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Every state tensor by name (``<slot>.<param name>``)."""
@@ -247,10 +302,11 @@ class _Optimizer:
 
     def load_state(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
         """Restore exactly what ``state_tensors``/``state_scalars`` returned;
-        raise CheckpointError (a ValueError) naming any wrong key."""
+        raise CheckpointError (a ValueError) naming any wrong key. Copies into
+        the existing buffers (which stay flat)."""
         _check_state(self.state, tensors, scalars, self._scalar_types())
         for key, t in tensors.items():
-            self.state[key] = t.detach().to(self.state[key].device).clone()
+            self.state[key].copy_(t.detach())
         self._load_scalars(scalars)
 
     def _load_scalars(self, scalars: dict[str, Any]) -> None:
@@ -265,24 +321,25 @@ class ExactSGD(_Optimizer):
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, ("momentum",) if momentum != 0 else ())
         self.lr, self.mu, self.wd = rn32(lr), rn32(momentum), rn32(weight_decay)
-        self.use_wd, self.use_mu = weight_decay != 0, momentum != 0
+        self.use_wd = weight_decay != 0
 
     def step(self, grads: dict[str, Tensor]) -> None:
         """``theta = theta - buf * lr`` with ``buf = buf * mu + g`` (``g`` on
         the first step), ``g = g + wd * theta`` first when ``wd != 0``."""
-        for name, theta in self.params.items():
-            g = grads[name]
-            if self.use_wd:
-                g = g + theta * self.wd
-            buf = g
-            if self.use_mu:
-                buf = self.state[f"momentum.{name}"]
-                if self.t == 0:
-                    buf.copy_(g)
-                else:
-                    buf.mul_(self.mu).add_(g)
-            theta.sub_(buf * self.lr)
+        self._apply(grads)
         self.t += 1
+
+    def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
+        if self.use_wd:
+            g = g + theta * self.wd
+        buf = g
+        if state:  # momentum
+            buf = state[0]
+            if self.t == 0:
+                buf.copy_(g)
+            else:
+                buf.mul_(self.mu).add_(g)
+        theta.sub_(buf * self.lr)
 
 
 class ExactAdam(_Optimizer):
@@ -297,23 +354,26 @@ class ExactAdam(_Optimizer):
         self.c1, self.c2 = rn32(1.0 - beta1), rn32(1.0 - beta2)
         self.eps, self.wd, self.use_wd = rn32(eps), rn32(weight_decay), weight_decay != 0
         self.b1p = self.b2p = 1.0
+        self._step, self._bc2 = 0.0, 1.0
 
     def step(self, grads: dict[str, Tensor]) -> None:
         """One Adam step; every tensor op is a single IEEE f32 op."""
         self.t += 1
         self.b1p *= self.beta1
         self.b2p *= self.beta2
-        step = rn32(self.lr / (1.0 - self.b1p))
-        for name, theta in self.params.items():
-            g = grads[name]
-            if self.use_wd:
-                g = g + theta * self.wd
-            m, v = self.state[f"m.{name}"], self.state[f"v.{name}"]
-            m.mul_(self.b1).add_(g * self.c1)
-            v.mul_(self.b2).add_((g * g).mul_(self.c2))
-            bc2 = torch.full((), rn32(1.0 - self.b2p), dtype=_F32, device=v.device)
-            den = sqrt32(v / bc2).add_(self.eps)  # tensor divisor: see exact_layers
-            theta.sub_((m / den).mul_(step))
+        self._step = rn32(self.lr / (1.0 - self.b1p))
+        self._bc2 = rn32(1.0 - self.b2p)
+        self._apply(grads)
+
+    def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
+        if self.use_wd:
+            g = g + theta * self.wd
+        m, v = state
+        m.mul_(self.b1).add_(g * self.c1)
+        v.mul_(self.b2).add_((g * g).mul_(self.c2))
+        bc2 = torch.full((), self._bc2, dtype=_F32, device=v.device)  # a tensor divisor: see exact_layers
+        den = sqrt32(v / bc2).add_(self.eps)
+        theta.sub_((m / den).mul_(self._step))
 
     def state_scalars(self) -> dict[str, int | float]:
         return {"step": self.t, "b1p": self.b1p, "b2p": self.b2p}
