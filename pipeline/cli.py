@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes (torch.distributed; a power of two dividing train.shards)")
+    # Multi-node, passed through to torchrun (README, "Distributed training"):
+    t.add_argument("--nnodes", type=int, default=1, help="machines (world size nnodes*nproc)")
+    t.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    t.add_argument("--master-addr", default=None, help="rank 0's machine (static rendezvous)")
+    t.add_argument("--master-port", type=int, default=None, help="its free port")
+    t.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT of a c10d rendezvous (instead of --master-addr/-port)")
     v = sub.add_parser("verify", help="retrain a run and compare its weights bit for bit")
     v.add_argument("run_dir", type=Path)
     v.add_argument("--quiet", action="store_true")
@@ -142,7 +149,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
     path, overrides = _split_args(args.args)
     cfg = load_config(path, overrides)
-    if args.nproc != 1:
+    if args.nproc != 1 or args.nnodes != 1:
         from .launch import launch
         return launch(args, argv, cfg)
     inputs, ds = _prepare(cfg, argv)

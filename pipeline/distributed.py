@@ -7,16 +7,34 @@ tree of docs/exact-spec.md section 5: with W processes (a power of two
 dividing the shard count) rank r holds the contiguous, aligned shards
 [r*S/W, (r+1)*S/W) -- a subtree -- so summing its shards locally, gathering
 the W partial sums and finishing the same tree gives the bits of W = 1.
+
+``TorchComm`` does that over torch.distributed: one all_gather of each rank's
+flattened partial, then the tree over ranks in rank order, on every rank, so
+every rank ends with the same bits. (An all_reduce would leave the order of
+the additions to the backend's algorithm: ring or halving-doubling, chunked.)
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 
-__all__ = ["tree_reduce", "add_grads", "LocalComm", "Comm"]
+from .errors import DistributedError
+
+__all__ = ["tree_reduce", "add_grads", "LocalComm", "TorchComm", "Comm", "PLAIN_ALLREDUCE_ENV",
+           "KILL_ENV", "kill_for_test"]
+
+# Test-only switches (README, "Test-only switches"):
+PLAIN_ALLREDUCE_ENV = "PIPELINE_TEST_PLAIN_ALLREDUCE"  # =1: dist.all_reduce(SUM), the control
+KILL_ENV = "PIPELINE_TEST_KILL_RANK_AT_STEP"            # =RANK:STEP: SIGKILL that rank there
+
+Grads = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 T = TypeVar("T")
 
@@ -52,6 +70,95 @@ class LocalComm:
 
     def barrier(self) -> None:
         pass
+
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank."""
+        return flag
+
+
+class TorchComm:
+    """World size W over an initialised torch.distributed process group.
+
+    ``combine`` gathers the W partial (loss, grads) and finishes the tree on
+    every rank; a peer that died or stopped answering within the process
+    group's timeout is a DistributedError (exit 6).
+    """
+
+    def __init__(self, device: torch.device, plain: bool | None = None) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.plain = os.environ.get(PLAIN_ALLREDUCE_ENV) == "1" if plain is None else plain
+
+    def combine(self, partial: Grads) -> Grads:
+        import torch.distributed as dist
+
+        loss, grads = partial
+        flat = _flatten(partial)                            # (1 + sum of numels,)
+        try:
+            if self.plain:  # the control: the backend's own summation order
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                return _unflatten(flat, loss, grads)
+            gathered = flat.new_empty(self.size * flat.numel())
+            dist.all_gather_single(gathered, flat)          # W x (1 + sum of numels,)
+        except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
+            raise self.failed("exchanging step gradients", e) from None
+        # The add of add_grads, elementwise on the flat buffers: an IEEE f32
+        # add of two elements does not depend on how the tensor is laid out.
+        return _unflatten(tree_reduce(gathered.view(self.size, -1).unbind(0), torch.add),
+                         loss, grads)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise self.failed("at a barrier", e) from None
+
+    def decide(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        try:
+            dist.broadcast(t, src=0)
+        except RuntimeError as e:
+            raise self.failed("agreeing with rank 0", e) from None
+        return bool(t.item())
+
+    def failed(self, what: str, e: BaseException) -> DistributedError:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return DistributedError(
+            f"rank {self.rank} of {self.size}: {what} failed ({first}): a peer process died, "
+            f"or did not answer within the process group's timeout. Rerun the same command, "
+            f"at any world size, to resume from the last checkpoint")
+
+
+def _flatten(partial: Grads) -> torch.Tensor:
+    loss, grads = partial
+    parts = [loss.reshape(1), *(g.reshape(-1) for g in grads.values())]
+    # One dtype, or torch.cat would promote and change the bits of the sum.
+    assert len({t.dtype for t in parts}) == 1, "loss and grads must share one dtype"
+    return torch.cat(parts)
+
+
+def _unflatten(flat: torch.Tensor, loss: torch.Tensor, grads: dict[str, torch.Tensor]) -> Grads:
+    out, at = {}, 1
+    for k, g in grads.items():
+        out[k] = flat[at:at + g.numel()].view(g.shape)
+        at += g.numel()
+    return flat[0].reshape(loss.shape), out
+
+
+def kill_for_test(rank: int, step: int) -> None:
+    """Test-only: SIGKILL this process when $PIPELINE_TEST_KILL_RANK_AT_STEP
+    is ``rank:step`` (before computing step ``step + 1``)."""
+    spec = os.environ.get(KILL_ENV)
+    if spec and spec == f"{rank}:{step}":
+        print(f"test: SIGKILL rank {rank} at step {step} (time {time.time():.3f})",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 Comm = LocalComm

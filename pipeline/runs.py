@@ -10,6 +10,7 @@ depend on neither, so its key leaves them out (they are still recorded).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from .config import Config, canonical_json, config_sha256, config_to_dict
 from .errors import CheckpointError, MismatchError
 
 __all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "trained_run",
-           "diff_runs", "RUN_FILES"]
+           "run_lock", "diff_runs", "RUN_FILES"]
 
 RUN_FILES = ("weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin")
 
@@ -160,17 +162,11 @@ def _plot(path: Path, metrics: list[dict[str, Any]]) -> None:
     atomic.write_bytes(path, buf.getvalue())
 
 
-def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
-                device: str = "cpu", quiet: bool = False,
-                extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
-    """The run for ``inputs``: reused if complete (memoised), else trained,
-    resuming from its checkpoints. Returns (run.json, reused). Concurrent
-    callers on one key serialise on a file lock; the OS drops the lock of a
-    killed holder, so a stale lock never blocks."""
-    from .train import train
-
-    key = inputs.key
-    final = runs_dir / key
+@contextlib.contextmanager
+def run_lock(runs_dir: Path, key: str) -> Iterator[None]:
+    """Hold the file lock of run ``key``: concurrent trainers of one key
+    serialise on it; the OS drops the lock of a killed holder, so a stale
+    lock never blocks."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(runs_dir / f".{key}.lock"))
     try:
@@ -179,17 +175,41 @@ def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
         print(f"waiting: another process is training run {key[:16]}", file=sys.stderr)
         lock.acquire()
     try:
-        if is_complete(final):
-            return read_run(final), True
+        yield
+    finally:
+        lock.release()
+
+
+def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
+                device: str = "cpu", quiet: bool = False,
+                extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+    """The run for ``inputs``: reused if complete (memoised), else trained,
+    resuming from its checkpoints. Returns (run.json, reused).
+
+    With several ranks (``comm.size > 1``) the launcher holds the run lock
+    (pipeline.launch), rank 0's view of runs/ decides for all, and only rank
+    0 writes; another rank returns just the run key and its weights' hash."""
+    from .hashing import weights_sha256
+    from .train import train
+
+    key = inputs.key
+    final = runs_dir / key
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    with run_lock(runs_dir, key) if size == 1 else contextlib.nullcontext():
+        complete = is_complete(final) if rank == 0 else False
+        if size > 1:
+            complete = comm.decide(complete)
+        if complete:
+            return (read_run(final) if rank == 0 else {"run_key": key}), True
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
         result = train(inputs.config, ds, run_key=key, ckpt_dir=ckpt_dir, comm=comm,
                        device=device, quiet=quiet)
+        if rank != 0:
+            return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
         record = write_run(final, inputs, result, started, extra or {})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return record, False
-    finally:
-        lock.release()
 
 
 def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:

@@ -16,7 +16,7 @@ from . import checkpoint
 from .config import Config, config_to_dict
 from .data import Dataset, batches, epoch_order, split
 from .determinism import capture_rng, restore_rng, seed_everything, strict_torch
-from .distributed import LocalComm, add_grads, tree_reduce
+from .distributed import LocalComm, add_grads, kill_for_test, tree_reduce
 from .errors import CheckpointError
 from .hashing import tensor_digests
 from .model import Net, Optimizer, make_net, make_optimizer
@@ -81,6 +81,7 @@ def train(cfg: Config, ds: Dataset, *, run_key: str, ckpt_dir: Path | None,
         if order is None or b == 0:
             order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
         idx = torch.from_numpy(order[b]).to(dev)
+        kill_for_test(comm.rank, st.step)  # test-only: $PIPELINE_TEST_KILL_RANK_AT_STEP
         masks = [dropout.keep_mask(cfg.model.dropout, bsz, w) for w in net.dropout_widths()]
         loss, grads = _step_grads(net, x_all[idx], y_all[idx], masks, cfg, comm, dev)
         opt.step(grads)
