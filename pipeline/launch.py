@@ -122,8 +122,8 @@ def _finish(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> int
     hashes = {r: res["record"].get("weights_sha256") for r, res in sorted(results.items())}
     if len({h for h in hashes.values() if h}) > 1:
         raise DistributedError(f"ranks ended with different weights: {hashes}")
-    if 0 not in results:  # another node's launcher: rank 0 reports on node 0
-        print(f"node {args.node_rank}: ranks {sorted(results)} finished; "
+    if 0 not in results:  # rank 0 runs on another node; it writes and reports the run
+        print(f"ranks {sorted(results)} finished here; rank 0 (another node) writes the run; "
               f"weights sha256:{next((h for h in hashes.values() if h), '(memoised)')}")
         return 0
     cli._report(results[0]["record"], args.json, results[0]["reused"], args.runs_dir)
