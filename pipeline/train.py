@@ -3,8 +3,12 @@ top to bottom; helpers below carry detail out of it, never control flow."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,10 @@ from .rng import DropoutStream
 __all__ = ["train", "TrainResult"]
 
 TRAIL_DIGEST = 8  # bytes per tensor per step in the trail
+# Test-only (docs/architecture-notes.md, "Test-only switches"): SIGKILL this
+# process right after step N and its checkpoint, so the resume tests can kill
+# a run at a chosen step. Unset in every real run.
+KILL_AT_STEP_ENV = "PIPELINE_TEST_KILL_AT_STEP"
 
 
 @dataclass
@@ -100,6 +108,8 @@ def train(cfg: Config, ds: Dataset, *, run_key: str, ckpt_dir: Path | None,
         if ckpt_dir is not None and comm.rank == 0 and st.step < total and (
                 at_interval or st.step % steps_per_epoch == 0):
             _save(ckpt_dir, run_key, cfg, net, opt, dropout, st)
+        _kill_for_test(st.step)  # test-only: $PIPELINE_TEST_KILL_AT_STEP
+    checkpoint.wait_for_writes()
     bar.close()
 
     params = {k: v.detach().cpu().contiguous() for k, v in net.params.items()}
@@ -142,20 +152,28 @@ def _save(ckpt_dir: Path, run_key: str, cfg: Config, net: Net, opt: Optimizer,
             "loss_sum": st.loss_sum, "metrics": st.metrics, "rng": rng_meta,
             "optim_scalars": opt.state_scalars()}
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    checkpoint.save_checkpoint(checkpoint.checkpoint_path(ckpt_dir, st.step), tensors, meta)
-    _prune(Path(ckpt_dir), keep=2)
+    # Written in the background (the fsyncs cost steps); train() waits for it at the end.
+    checkpoint.save_checkpoint(checkpoint.checkpoint_path(ckpt_dir, st.step), tensors, meta,
+                               background=True, then=partial(_prune, Path(ckpt_dir), st.step, 2))
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints: a corrupt newest one falls back."""
-    old = sorted(ckpt_dir.glob("ckpt-*.safetensors"))[:-keep]
-    for p in old:
+def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (so a corrupt newest
+    one falls back), and drop what a killed writer left: its temp files, and
+    checkpoints past ``step``, which resume found invalid (one writer per run:
+    the run lock)."""
+    named = {int(m.group(1)): p for p in ckpt_dir.iterdir()
+             if (m := re.fullmatch(r"ckpt-(\d{9})\.safetensors", p.name))}
+    kept = sorted(n for n in named if n <= step)[-keep:]
+    stale = [p for n, p in named.items() if n not in kept]
+    for p in stale + list(ckpt_dir.glob(".ckpt-*.tmp")):
         p.unlink(missing_ok=True)
 
 
 def _resume(ckpt_dir: Path | None, run_key: str, cfg: Config, net: Net, opt: Optimizer,
             dropout: DropoutStream, st: _State) -> int:
     """Restore everything from the newest valid checkpoint, or raise."""
+    checkpoint.wait_for_writes()  # one still in flight from an earlier train() lands first
     found = checkpoint.latest_valid(ckpt_dir) if ckpt_dir is not None else None
     if found is None:
         return 0
@@ -166,38 +184,72 @@ def _resume(ckpt_dir: Path | None, run_key: str, cfg: Config, net: Net, opt: Opt
                               "the checkpoint belongs to another run")
     if meta.get("config") != config_to_dict(cfg):
         raise CheckpointError(where, "the config of this run", "a different config snapshot")
-    params = {k[6:]: v for k, v in tensors.items() if k.startswith("param.")}
-    _check_params(where, params, net.params)
-    optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
-    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    known = {f"param.{k}" for k in params} | {f"optim.{k}" for k in optim} | set(rng) | {"trail"}
-    if set(tensors) != known or "trail" not in tensors or "rng.torch_cpu" not in rng:
-        raise CheckpointError(where, "param.*, optim.*, rng.*, trail",
-                              f"keys {sorted(set(tensors) - known)} / missing trail or rng")
-    trail = tensors["trail"]
-    n_expected = meta["step"] * len(net.params) * TRAIL_DIGEST
-    if trail.dtype != torch.uint8 or trail.numel() != n_expected:
-        raise CheckpointError(where, f"a uint8 trail of {n_expected} bytes",
-                              f"{trail.dtype} of {trail.numel()}")
+    part = {pre: {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            for pre in ("param.", "optim.", "rng.")}
+    _check_params(where, part["param."], part["optim."], net.params)
+    _check_layout(where, tensors, meta, len(net.params))
     with torch.no_grad():
-        for k, v in params.items():
+        for k, v in part["param."].items():
             net.params[k].copy_(v)
     try:
-        opt.load_state(optim, meta["optim_scalars"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(where, "optimiser state for this config", str(e)) from None
-    dropout.counter = restore_rng(rng, meta["rng"])
+        opt.load_state(part["optim."], meta["optim_scalars"])
+        dropout.counter = restore_rng(tensors, meta["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        # A well-formed file (its hash holds) whose state does not fit this run.
+        raise CheckpointError(where, "optimiser and RNG state for this config",
+                              f"{type(e).__name__}: {e}") from None
     st.step, st.loss_sum, st.metrics = meta["step"], meta["loss_sum"], meta["metrics"]
-    st.trail = bytearray(trail.numpy().tobytes())
+    st.trail = bytearray(tensors["trail"].numpy().tobytes())
     print(f"resuming from {path.name} (step {st.step})", file=sys.stderr)
     return st.step
 
 
-def _check_params(where: str, got: dict[str, torch.Tensor],
+def _check_layout(where: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  n_params: int) -> None:
+    """Exactly the named keys, the trail ``step`` steps long, JSON of the right
+    types: a checkpoint that passes its hash may still not be ours."""
+    extra = sorted(k for k in tensors if not re.fullmatch(
+        r"param\..+|optim\..+|rng\.torch_cpu|rng\.cuda\.\d+|trail", k))
+    missing = sorted({"trail", "rng.torch_cpu"} - set(tensors))
+    if extra or missing:
+        raise CheckpointError(where, "tensors param.*, optim.*, rng.torch_cpu, rng.cuda.*, trail",
+                              f"unexpected {extra}, missing {missing}")
+    types = {"step": int, "loss_sum": float, "metrics": list, "rng": dict, "optim_scalars": dict}
+    bad = sorted(k for k, tp in types.items()
+                 if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), tp))
+    if bad or meta["step"] < 0 or not isinstance(meta["rng"].get("dropout_counter"), int):
+        raise CheckpointError(where, f"metadata {types} and an int rng.dropout_counter",
+                              f"wrong or missing {bad or 'step/dropout_counter'}")
+    trail = tensors["trail"]
+    n_expected = meta["step"] * n_params * TRAIL_DIGEST
+    if trail.dtype != torch.uint8 or trail.shape != (n_expected,):
+        raise CheckpointError(where, f"a uint8 trail of {n_expected} bytes",
+                              f"{trail.dtype} {tuple(trail.shape)}")
+
+
+def _check_params(where: str, got: dict[str, torch.Tensor], optim: dict[str, torch.Tensor],
                   want: dict[str, torch.Tensor]) -> None:
+    """Parameters: exactly this net's names, shapes and dtypes. Optimiser
+    state ``<slot>.<param>``: that parameter's shape and dtype (torch's Adam
+    ``step`` is a scalar); its key set is the optimiser's own check."""
     if set(got) != set(want):
         raise CheckpointError(where, f"parameters {sorted(want)}", f"{sorted(got)}")
     for k, v in want.items():
         if got[k].shape != v.shape or got[k].dtype != v.dtype:
-            raise CheckpointError(where, f"{k} {v.dtype} {tuple(v.shape)}",
+            raise CheckpointError(where, f"param.{k} {v.dtype} {tuple(v.shape)}",
                                   f"{got[k].dtype} {tuple(got[k].shape)}")
+    for k, t in optim.items():
+        slot, _, name = k.partition(".")
+        if name in want and slot != "step" and (t.shape != want[name].shape
+                                                or t.dtype != want[name].dtype):
+            raise CheckpointError(where, f"optim.{k} {want[name].dtype} "
+                                  f"{tuple(want[name].shape)}", f"{t.dtype} {tuple(t.shape)}")
+        if slot == "step" and t.shape != ():
+            raise CheckpointError(where, f"optim.{k} a scalar", f"shape {tuple(t.shape)}")
+
+
+def _kill_for_test(step: int) -> None:
+    """Test-only: SIGKILL this process after step $PIPELINE_TEST_KILL_AT_STEP."""
+    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
+        checkpoint.wait_for_writes()  # this step's checkpoint first: a deterministic test
+        os.kill(os.getpid(), signal.SIGKILL)

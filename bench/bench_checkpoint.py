@@ -1,0 +1,176 @@
+"""Benchmark: checkpoint cost as a share of training time at the default interval.
+
+    .venv/bin/python bench/bench_checkpoint.py [--runs 5] [--dir DIR]
+
+Not a test: prints a table. configs/digits.toml as shipped (pinned, 30 epochs,
+checkpoint_every=100 plus every epoch end), trained in this process under the
+pinned profile (the script re-executes itself with the profile's environment,
+like ``pipeline train``). The same run is timed with checkpoints (into a fresh
+directory under DIR, default the system temp dir) and with ``ckpt_dir=None``,
+alternating run by run; after one warm-up run of each, ``--runs`` pairs.
+"share" is (median with - median without) / median without; the target is
+at most 5%. A second table splits one synchronous checkpoint write into its
+parts, to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import environment  # noqa: E402  (after the path insert, to run from a checkout)
+
+
+def _pin() -> str:
+    """Re-exec under the pinned profile (threads, ISA) as ``pipeline train`` does;
+    environment variables read at load time must precede the interpreter."""
+    if environment.pinning_disabled():
+        return "unpinned"
+    profile = environment.load_profile()
+    environment.check_host(profile)
+    if environment.needs_reexec(profile):
+        env = {**os.environ, **profile.env, "PIPELINE_PINNED_PROFILE": profile.name}
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    environment.apply_in_process(profile)
+    return profile.name
+
+
+def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None) -> tuple[float, float, int]:
+    """(wall seconds of train(), seconds the loop spent inside _save, saves)."""
+    from pipeline import train as train_mod
+
+    real_save = train_mod._save
+    spent: list[float] = []
+
+    def timed(*args: Any) -> None:
+        t = time.perf_counter()
+        real_save(*args)
+        spent.append(time.perf_counter() - t)
+
+    train_mod._save = timed  # type: ignore[assignment]
+    try:
+        t0 = time.perf_counter()
+        train_mod.train(cfg, ds, run_key="bench", ckpt_dir=ckpt_dir, quiet=True)
+        wall = time.perf_counter() - t0
+    finally:
+        train_mod._save = real_save  # type: ignore[assignment]
+    return wall, sum(spent), len(spent)
+
+
+def _parts(cfg: Any, ds: Any, where: Path) -> list[tuple[str, float]]:
+    """One checkpoint's state (from a short run), written synchronously part by
+    part: median seconds of each part over 20 writes."""
+    import torch
+    from safetensors.torch import save
+
+    from pipeline import atomic, checkpoint
+    from pipeline.hashing import weights_sha256
+
+    d = where / "parts"
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
+    from pipeline import train as train_mod
+    train_mod.train(short, ds, run_key="bench", ckpt_dir=d, quiet=True)
+    if hasattr(checkpoint, "wait_for_writes"):
+        checkpoint.wait_for_writes()
+    _, src = max((int(p.name[5:14]), p) for p in d.glob("ckpt-*.safetensors"))
+    tensors, meta = checkpoint.load_checkpoint(src)
+    # The default run's last checkpoint carries a trail 30x this one's.
+    tensors["trail"] = torch.zeros(660 * 4 * 8, dtype=torch.uint8)
+    out = d / "ckpt-000000999.safetensors"
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("snapshot (clone tensors)", lambda: {k: v.clone() for k, v in tensors.items()}),
+        ("metadata JSON", lambda: json.dumps(meta, sort_keys=True)),
+        ("content hash", lambda: weights_sha256(tensors)),
+        ("serialise (safetensors)", lambda: save(tensors, metadata={"meta": "x"})),
+    ]
+    blob = save(tensors, metadata={"meta": json.dumps(meta)})
+    steps += [
+        ("write + fsync file + rename", lambda: _write_no_dirsync(out, blob)),
+        ("fsync directory", lambda: atomic.fsync_dir(d)),
+        ("prune (list + unlink)", lambda: train_mod._prune(d, 999, keep=2)),
+    ]
+    rows = []
+    for name, fn in steps:
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        rows.append((name, statistics.median(times)))
+    return rows
+
+
+def _write_no_dirsync(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.bench.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed pairs (>= 5)")
+    ap.add_argument("--dir", type=Path, default=None, help="where checkpoints are written")
+    args = ap.parse_args()
+    profile = _pin()
+
+    from pipeline import data
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "configs" / "digits.toml")
+    ds = data.load_dataset(REPO / "data-manifest.json", cfg.data.dataset,
+                           data.default_cache_dir())
+    base = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
+    try:
+        with_ck: list[tuple[float, float, int]] = []
+        without: list[float] = []
+        for i in range(args.runs + 1):  # run 0 of each is the warm-up
+            ck = base / f"ckpt-{i}"
+            a = _timed_train(cfg, ds, ck)
+            b = _timed_train(cfg, ds, None)
+            shutil.rmtree(ck, ignore_errors=True)
+            if i:
+                with_ck.append(a)
+                without.append(b[0])
+        m_with = statistics.median(w for w, _, _ in with_ck)
+        m_without = statistics.median(without)
+        m_in_save = statistics.median(s for _, s, _ in with_ck)
+        n_saves = with_ck[0][2]
+        share = (m_with - m_without) / m_without
+        print(f"config configs/digits.toml ({cfg.mode}, profile {profile}), "
+              f"{cfg.train.epochs} epochs, checkpoint_every={cfg.train.checkpoint_every} "
+              f"+ epoch ends: {n_saves} checkpoints per run; median of {args.runs} pairs")
+        print(f"{'':34}{'seconds':>10}")
+        print(f"{'train, ckpt_dir=None':34}{m_without:10.3f}")
+        print(f"{'train, with checkpoints':34}{m_with:10.3f}")
+        print(f"{'  of which inside _save (loop)':34}{m_in_save:10.3f}"
+              f"   ({m_in_save / n_saves * 1e3:.2f} ms per checkpoint)")
+        print(f"{'share (with - without) / without':34}{share * 100:9.1f}%"
+              f"   target <= 5%: {'met' if share <= 0.05 else 'NOT met'}")
+        print(f"{'share inside _save / without':34}{m_in_save / m_without * 100:9.1f}%")
+        print()
+        print(f"{'one synchronous checkpoint write':34}{'ms':>10}")
+        for name, sec in _parts(cfg, ds, base):
+            print(f"{'  ' + name:34}{sec * 1e3:10.2f}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
