@@ -264,29 +264,34 @@ class _Optimizer:
         self.t = 0
         self.slots = slots
         self.state: dict[str, Tensor] = {}
+        self._flat_state: list[Tensor] = []
         for slot in slots:
             zeros = {name: torch.zeros_like(p) for name, p in params.items()}
             device = next(iter(params.values())).device
             views = _flat_views(zeros, device)
             self.state.update({f"{slot}.{name}": v for name, v in views.items()})
+            flat = _flat_of(list(views.values()))
+            assert flat is not None
+            self._flat_state.append(flat)
+        # The flat view over the parameters, valid while the dict holds these
+        # very tensors on the same memory (checked each step: cheap).
+        self._flat_theta = _flat_of(list(params.values()))
+        self._layout = [(p, p.data_ptr()) for p in params.values()]
 
     def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
         raise NotImplementedError
 
     def _apply(self, grads: dict[str, Tensor]) -> None:
-        """``_update`` once on flat views when the parameters (still) form one
-        flat buffer, else once per parameter."""
+        """``_update`` once on flat views when the parameters still form one
+        flat buffer (the gradients concatenated), else once per parameter."""
         names = list(self.params)
-        theta = _flat_of([self.params[n] for n in names])
-        if theta is not None:
-            gs = [grads[n] for n in names]
-            g = _flat_of(gs)
-            if g is None:
-                g = torch.cat([t.reshape(-1) for t in gs])
-            states = [_flat_of([self.state[f"{s}.{n}"] for n in names]) for s in self.slots]
-            if all(st is not None for st in states):
-                self._update(theta, g, states)  # type: ignore[arg-type]
-                return
+        theta = self._flat_theta
+        if theta is not None and len(names) == len(self._layout) and all(
+                self.params[n] is p and p.data_ptr() == ptr
+                for n, (p, ptr) in zip(names, self._layout)):
+            g = torch.cat([grads[n].reshape(-1) for n in names])
+            self._update(theta, g, self._flat_state)
+            return
         for n in names:
             self._update(self.params[n], grads[n], [self.state[f"{s}.{n}"] for s in self.slots])
 
