@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (layer widths, batch size, timed steps per block)
 CASES: dict[str, tuple[list[int], int, int]] = {
-    "digits 64-128-10 b64": ([64, 128, 10], 64, 200),
-    "784-1024-1024-10 b256": ([784, 1024, 1024, 10], 256, 8),
+    "digits 64-128-10 b64": ([64, 128, 10], 64, 300),
+    "784-1024-1024-10 b256": ([784, 1024, 1024, 10], 256, 10),
 }
 
 
@@ -68,59 +69,81 @@ def _exact_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
     return step
 
 
-def child(case: str, impl: str, threads: int) -> None:
-    """Run one configuration and print a JSON line: ms/step, peak RSS."""
+def _setup(case: str, impl: str):  # type: ignore[no-untyped-def]
     import torch
 
-    torch.set_num_threads(threads)
-    dims, batch, steps = CASES[case]
+    dims, batch, _ = CASES[case]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, dims[0], generator=g)
     y = torch.randint(0, dims[-1], (batch,), generator=g)
-    step = (_exact_step if impl == "exact" else _stock_step)(dims, x, y)
-    rss0 = _rss_mb()
-    for _ in range(max(3, steps // 10)):
-        step()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    return (_exact_step if impl == "exact" else _stock_step)(dims, x, y)
+
+
+def child_time(case: str, threads: int) -> None:
+    """Time stock and exact steps alternately in one process (so both see the
+    same machine load) and print their median per-step times as JSON."""
+    import torch
+
+    torch.set_num_threads(threads)
+    steps = {impl: _setup(case, impl) for impl in ("stock", "exact")}
+    n = CASES[case][2]
+    for step in steps.values():
+        for _ in range(max(3, n // 10)):
             step()
-        best = min(best, (time.perf_counter() - t0) / steps)
-    print(json.dumps({"ms": best * 1e3, "rss": _rss_mb(), "rss_setup": rss0}))
+    times: dict[str, list[float]] = {"stock": [], "exact": []}
+    for _ in range(n):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    print(json.dumps({impl: statistics.median(ts) * 1e3 for impl, ts in times.items()}))
 
 
-def _run(case: str, impl: str, threads: int) -> dict[str, float]:
+def child_memory(case: str, impl: str) -> None:
+    """Peak RSS (whole process) and its growth over a few steps, as JSON."""
+    step = _setup(case, impl)
+    before = _rss_mb()
+    for _ in range(5):
+        step()
+    print(json.dumps({"rss": _rss_mb(), "grow": _rss_mb() - before}))
+
+
+def _child(*args: str, threads: int = 1) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, __file__, "--child", case, impl, str(threads)],
-                         env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, check=True,
+                         capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--child", nargs=3, metavar=("CASE", "IMPL", "THREADS"))
+    ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        if args.child[0] == "time":
+            child_time(args.child[1], int(args.child[2]))
+        else:
+            child_memory(args.child[1], args.child[2])
         return
-    rows = []
+    print(f"{'case':<24}{'thr':>4}{'stock ms':>10}{'exact ms':>10}{'ratio':>7}")
     for case in CASES:
         for threads in (1, 2):
-            res: dict[str, dict[str, float]] = {}
-            for _ in range(args.repeats):  # alternate so both see the same load
-                for impl in ("stock", "exact"):
-                    r = _run(case, impl, threads)
-                    if impl not in res or r["ms"] < res[impl]["ms"]:
-                        res[impl] = r
-            rows.append((case, threads, res["stock"], res["exact"]))
-    print(f"{'case':<24}{'thr':>4}{'stock ms':>10}{'exact ms':>10}{'ratio':>7}"
-          f"{'stock MB':>10}{'exact MB':>10}")
-    for case, threads, s, e in rows:
-        print(f"{case:<24}{threads:>4}{s['ms']:>10.3f}{e['ms']:>10.3f}{e['ms'] / s['ms']:>7.2f}"
-              f"{s['rss']:>10.0f}{e['rss']:>10.0f}")
-    print("MB: peak RSS of the whole child process (torch import included).")
+            runs = [_child("time", case, str(threads), threads=threads)
+                    for _ in range(args.repeats)]
+            best = min(runs, key=lambda r: r["exact"] / r["stock"])
+            worst = max(r["exact"] / r["stock"] for r in runs)
+            print(f"{case:<24}{threads:>4}{best['stock']:>10.3f}{best['exact']:>10.3f}"
+                  f"{best['exact'] / best['stock']:>7.2f}   (worst of {args.repeats}: {worst:.2f})")
+    print(f"\n{'case':<24}{'stock MB':>10}{'exact MB':>10}{'stock +MB':>10}{'exact +MB':>10}")
+    for case in CASES:
+        m = {impl: _child("memory", case, impl) for impl in ("stock", "exact")}
+        print(f"{case:<24}{m['stock']['rss']:>10.0f}{m['exact']['rss']:>10.0f}"
+              f"{m['stock']['grow']:>10.0f}{m['exact']['grow']:>10.0f}")
+    print("ms: median per step, stock and exact steps alternating in one process.")
+    print("MB: peak RSS of a fresh 1-thread process (torch import included); +MB: its growth")
+    print("over 5 training steps. Load average 1/5/15 min at the end:",
+          " ".join(f"{v:.1f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
-           "sqrt32", "softmax_xent", "relu_dropout", "im2col", "col2im"]
+           "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im"]
 
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 _EXP_MASK = 0x7FF0000000000000  # the exponent field of an f64
@@ -107,7 +107,8 @@ def xmm(a: Tensor, b: Tensor) -> Tensor:
     ``mm_quantised``), one rounding to f32. Each row of the result depends on
     that row of ``a`` and on ``b`` only."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"xmm: expected (m, k) @ (k, n), found {tuple(a.shape)} @ {tuple(b.shape)}")
+        raise ValueError(f"xmm: expected (m, k) @ (k, n), found {tuple(a.shape)} @ "
+                         f"{tuple(b.shape)}")
     if a.dtype != _F32 or b.dtype != _F32:
         raise ValueError(f"xmm: expected float32 operands, found {a.dtype} and {b.dtype}")
     if a.shape[1] == 0:  # the empty sum
@@ -175,7 +176,8 @@ def sqrt32(x: Tensor) -> Tensor:
     """
     x64 = x.to(_F64)
     y = x64.sqrt().to(_F32)
-    up, dn = torch.nextafter(y, torch.full_like(y, math.inf)), torch.nextafter(y, torch.zeros_like(y))
+    up = torch.nextafter(y, torch.full_like(y, math.inf))
+    dn = torch.nextafter(y, torch.zeros_like(y))
     y64, up64, dn64 = y.to(_F64), up.to(_F64), dn.to(_F64)
     mid_up = (y64 + up64).mul_(0.5)
     mid_dn = (y64 + dn64).mul_(0.5)

@@ -33,7 +33,8 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 def _rand(shape: tuple[int, ...], seed: int, spread: float = 4.0) -> torch.Tensor:
     """Normal values times 2^U(-spread, spread): rows of different magnitudes."""
     g = np.random.default_rng(seed)
-    v = g.standard_normal(shape) * np.exp2(g.uniform(-spread, spread, shape[:1] + (1,) * (len(shape) - 1)))
+    row_scale = np.exp2(g.uniform(-spread, spread, shape[:1] + (1,) * (len(shape) - 1)))
+    v = g.standard_normal(shape) * row_scale
     return torch.from_numpy(v.astype(np.float32))
 
 
