@@ -7,7 +7,9 @@ checkpoint_every=100 plus every epoch end), trained in this process under the
 pinned profile (the script re-executes itself with the profile's environment,
 like ``pipeline train``). The same run is timed with checkpoints (into a fresh
 directory under DIR, default the system temp dir) and with ``ckpt_dir=None``,
-alternating run by run; after one warm-up run of each, ``--runs`` pairs.
+alternating run by run (and, for comparison, with every write in the loop's
+thread, as before the background writer); after one warm-up run of each,
+``--runs`` rounds.
 "share" is (median with - median without) / median without; the target is
 at most 5%. A second table splits one synchronous checkpoint write into its
 parts, to show where the time goes.
@@ -49,11 +51,14 @@ def _pin() -> str:
     return profile.name
 
 
-def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None) -> tuple[float, float, int]:
-    """(wall seconds of train(), seconds the loop spent inside _save, saves)."""
+def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None,
+                 sync: bool = False) -> tuple[float, float, int]:
+    """(wall seconds of train(), seconds the loop spent inside _save, saves);
+    ``sync``: every write in the loop's thread, as before the background writer."""
+    from pipeline import checkpoint
     from pipeline import train as train_mod
 
-    real_save = train_mod._save
+    real_save, real_write = train_mod._save, checkpoint.save_checkpoint
     spent: list[float] = []
 
     def timed(*args: Any) -> None:
@@ -61,13 +66,18 @@ def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None) -> tuple[float, float
         real_save(*args)
         spent.append(time.perf_counter() - t)
 
+    def in_loop(*args: Any, **kw: Any) -> None:
+        real_write(*args, **{**kw, "background": False})
+
     train_mod._save = timed  # type: ignore[assignment]
+    if sync:
+        checkpoint.save_checkpoint = in_loop  # type: ignore[assignment]
     try:
         t0 = time.perf_counter()
         train_mod.train(cfg, ds, run_key="bench", ckpt_dir=ckpt_dir, quiet=True)
         wall = time.perf_counter() - t0
     finally:
-        train_mod._save = real_save  # type: ignore[assignment]
+        train_mod._save, checkpoint.save_checkpoint = real_save, real_write  # type: ignore
     return wall, sum(spent), len(spent)
 
 
@@ -139,15 +149,18 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
         with_ck: list[tuple[float, float, int]] = []
+        in_loop: list[tuple[float, float, int]] = []
         without: list[float] = []
         for i in range(args.runs + 1):  # run 0 of each is the warm-up
-            ck = base / f"ckpt-{i}"
-            a = _timed_train(cfg, ds, ck)
+            a = _timed_train(cfg, ds, base / f"ckpt-{i}")
             b = _timed_train(cfg, ds, None)
-            shutil.rmtree(ck, ignore_errors=True)
+            c = _timed_train(cfg, ds, base / f"sync-{i}", sync=True)
+            shutil.rmtree(base / f"ckpt-{i}", ignore_errors=True)
+            shutil.rmtree(base / f"sync-{i}", ignore_errors=True)
             if i:
                 with_ck.append(a)
                 without.append(b[0])
+                in_loop.append(c)
         m_with = statistics.median(w for w, _, _ in with_ck)
         m_without = statistics.median(without)
         m_in_save = statistics.median(s for _, s, _ in with_ck)
@@ -164,6 +177,13 @@ def main() -> None:
         print(f"{'share (with - without) / without':34}{share * 100:9.1f}%"
               f"   target <= 5%: {'met' if share <= 0.05 else 'NOT met'}")
         print(f"{'share inside _save / without':34}{m_in_save / m_without * 100:9.1f}%")
+        m_sync = statistics.median(w for w, _, _ in in_loop)
+        m_sync_save = statistics.median(s for _, s, _ in in_loop)
+        print(f"{'writes in the loop (no writer)':34}{m_sync:10.3f}"
+              f"   share {(m_sync - m_without) / m_without * 100:.1f}%, inside _save "
+              f"{m_sync_save / n_saves * 1e3:.2f} ms per checkpoint")
+        print(f"{'minimum: without / with':34}{min(without):10.3f} / "
+              f"{min(w for w, _, _ in with_ck):.3f}")
         print()
         print(f"{'one synchronous checkpoint write':34}{'ms':>10}")
         for name, sec in _parts(cfg, ds, base):
