@@ -68,7 +68,7 @@ def add(record: dict[str, Any], path: Path, *, force: bool = False, note: str = 
         raise MismatchError(f"{path}: the entry for this key holds sha256:{old['weights_sha256']}"
                             f", this run gives sha256:{record['weights_sha256']}; "
                             f"use --force to replace it")
-    entries = [e for e in entries if e is not old]
+    entries = [e for e in entries if e != old]  # old is a copy (lookup reloads the file)
     entries.append({**key, "weights_sha256": record["weights_sha256"],
                     "toolchain_summary": f"{record['toolchain'].get('torch')} "
                                          f"{record['toolchain'].get('platform')} "
