@@ -80,7 +80,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(str(path), "a JSON run record with weights_sha256",
                               f"malformed ({e})") from None
-    tensors, _ = read_safetensors(Path(run_dir) / "weights.safetensors")
+    weights = Path(run_dir) / "weights.safetensors"
+    tensors, _ = read_safetensors(weights)
+    layout = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+              for k, v in tensors.items()}
+    if layout != record.get("weights_layout"):
+        raise CheckpointError(str(weights), f"the tensors run.json lists "
+                              f"{record.get('weights_layout')}", f"{layout}",
+                              "the weights file was replaced or tampered with")
     actual = weights_sha256(tensors)
     if actual != recorded:
         raise MismatchError(f"{run_dir}/weights.safetensors: recorded weights sha256:{recorded}, "
@@ -108,6 +115,8 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
         record = {
             "run_key": inputs.key,
             "weights_sha256": weights_sha256(result.params),
+            "weights_layout": {k: {"dtype": str(v.dtype).removeprefix("torch."),
+                                   "shape": list(v.shape)} for k, v in result.params.items()},
             "mode": inputs.config.mode,
             "config": config_to_dict(inputs.config),
             "config_sha256": config_sha256(inputs.config),
@@ -199,6 +208,8 @@ def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
         complete = is_complete(final) if rank == 0 else False
         if size > 1:
             complete = comm.decide(complete)
+        if rank == 0:
+            _clean_leftovers(runs_dir, key, complete)
         if complete:
             return (read_run(final) if rank == 0 else {"run_key": key}), True
         started = time.time()
@@ -210,6 +221,16 @@ def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
         record = write_run(final, inputs, result, started, extra or {})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return record, False
+
+
+def _clean_leftovers(runs_dir: Path, key: str, complete: bool) -> None:
+    """Remove what a writer killed by SIGKILL left: half-built run directories
+    of this key, and its checkpoints once the run is complete. Only called
+    under the run's lock, so no live writer owns them."""
+    for tmp in runs_dir.glob(f".tmp-{key[:16]}-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if complete:
+        shutil.rmtree(runs_dir / f".ckpt-{key}", ignore_errors=True)
 
 
 def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:

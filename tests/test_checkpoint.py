@@ -359,9 +359,6 @@ def test_tampered_weights_are_refused(command: str, how: str, run_dir: Path, tmp
         assert code == 5
 
 
-@pytest.mark.xfail(strict=True, reason="runs.read_run raises MismatchError (exit 1) when "
-                   "weights.safetensors disagrees with run.json; a bad weights file is "
-                   "exit 5 (CheckpointError). Owner of runs.py: raise CheckpointError there.")
 def test_tampered_weights_exit_5(run_dir: Path, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A readable weights file that is not the recorded one (wrong shape) is a
