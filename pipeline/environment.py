@@ -145,9 +145,15 @@ def apply_in_process(profile: Profile) -> None:
     except RuntimeError:
         pass  # already set in this process: only allowed once, before parallel work
     got = torch.backends.cpu.get_cpu_capability().lower()
-    if profile.requires_isa != "default" and got != profile.requires_isa:
-        raise ProfileError(f"torch runs {got.upper()} kernels, profile {profile.name} needs "
-                           f"{profile.requires_isa.upper()}: this CPU lacks it")
+    if profile.requires_isa == "default" or got == profile.requires_isa:
+        return
+    if got in _ISA_ORDER and _ISA_ORDER.index(got) > _ISA_ORDER.index(profile.requires_isa):
+        why = (f"the environment does not cap the ISA (ATEN_CPU_CAPABILITY="
+               f"{os.environ.get('ATEN_CPU_CAPABILITY')!r}); check {PROFILE_FILE}")
+    else:
+        why = "this CPU lacks it"
+    raise ProfileError(f"torch runs {got.upper()} kernels, profile {profile.name} needs "
+                       f"{profile.requires_isa.upper()}: {why}")
 
 
 def profile_record(profile: Profile | None) -> dict[str, Any]:

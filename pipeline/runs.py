@@ -84,7 +84,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     tensors, _ = read_safetensors(weights)
     layout = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
               for k, v in tensors.items()}
-    if layout != record.get("weights_layout"):
+    if "weights_layout" not in record:
+        raise CheckpointError(str(path), "a weights_layout entry", "none",
+                              "the record predates weights_layout; retrain the run")
+    if layout != record["weights_layout"]:
         raise CheckpointError(str(weights), f"the tensors run.json lists "
                               f"{record.get('weights_layout')}", f"{layout}",
                               "the weights file was replaced or tampered with")
