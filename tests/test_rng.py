@@ -46,3 +46,18 @@ def test_dropout_stream_rate_and_counter() -> None:
     again = rng.DropoutStream(seed=5, counter=64 * 128).keep_mask(0.25, 4, 8)
     assert np.array_equal(nxt, again)
     assert not np.array_equal(nxt, rng.DropoutStream(seed=5).keep_mask(0.25, 4, 8))
+
+
+def test_dropout_masks_equal_the_stream_definition_across_cache_blocks() -> None:
+    """The prefetched block is a cache: mask after mask (several widths, past
+    many block boundaries) equals u24(K_d, counter + i) >= T drawn directly."""
+    s = rng.DropoutStream(seed=3)
+    counter = 0
+    for i in range(300):
+        width = [128, 64, 7][i % 3]
+        threshold = int(0.1 * 2**24 + 0.5)
+        want = rng.u24(s.key, counter, 16 * width).reshape(16, width) >= threshold
+        counter += 16 * width
+        assert np.array_equal(s.keep_mask(0.1, 16, width), want), i
+    resumed = rng.DropoutStream(seed=3, counter=counter)
+    assert np.array_equal(resumed.keep_mask(0.1, 4, 4), s.keep_mask(0.1, 4, 4))
