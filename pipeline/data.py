@@ -18,11 +18,9 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO
@@ -32,7 +30,7 @@ from filelock import FileLock
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from . import rng
+from . import atomic, rng
 from .errors import DataIntegrityError
 
 __all__ = ["DECODER_VERSION", "DECODE_LOG_ENV", "ManifestEntry", "Dataset", "load_manifest",
@@ -214,26 +212,6 @@ def _cached_sha256(rec: object, st: os.stat_result) -> str | None:
     return digest if max(st.st_mtime_ns, st.st_ctime_ns) + _RACY_NS < at else None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _update_stat_cache(cache_dir: Path, records: dict[str, dict[str, Any]]) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / STAT_CACHE_NAME
@@ -241,7 +219,7 @@ def _update_stat_cache(cache_dir: Path, records: dict[str, dict[str, Any]]) -> N
         entries = _read_stat_cache(path)
         entries.update(records)
         blob = json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True)
-        _atomic_write(path, blob.encode())
+        atomic.write_bytes(path, blob.encode())
 
 
 def _open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
@@ -450,7 +428,7 @@ def load_dataset(manifest_path: Path, name: str, cache_dir: Path) -> Dataset:
                           "discarding and decoding again", file=sys.stderr)
                     path.unlink(missing_ok=True)
                 got = _decode(manifest_path.parent.resolve(), entry, key)
-                _atomic_write(path, _encode_entry(got, meta))
+                atomic.write_bytes(path, _encode_entry(got, meta))
     return Dataset(name=name, sha256=sha, x=got["x"], y=got["y"])
 
 

@@ -26,11 +26,10 @@ from typing import Any
 
 import pytest
 
+from .helpers import copy_source
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_JSON = ROOT / "pipeline" / "profile.json"
-# What a copied checkout needs to train: code, configs, data and the lock.
-CHECKOUT_PARTS = ["pipeline", "configs", "data", "data-manifest.json", "requirements.lock",
-                  "pyproject.toml"]
 # Compiled on the fly into a private LOCPATH (glibc honours it), so that the
 # locale machines run in their locale even where it is not installed.
 LOCALES = ["de_DE.UTF-8", "tr_TR.UTF-8"]
@@ -231,14 +230,7 @@ def start(machine: Machine, argv: list[str], base: Mapping[str, str], places: Pl
 
 def copy_checkout(dest: Path) -> Path:
     """A copy of the code, configs and data at ``dest`` (no runs, no caches)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for part in CHECKOUT_PARTS:
-        src = ROOT / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / part)
-    return dest
+    return copy_source(dest)
 
 
 def compile_locales(dest: Path) -> list[str]:
