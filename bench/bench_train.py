@@ -1,7 +1,10 @@
 """Pinned-mode training time vs a plain PyTorch loop: same model, data,
 threads and steps. Prints a table; the target is a ratio of at most 1.05.
 
-    .venv/bin/python bench/bench_train.py [--repeats 5] [--epochs 30]
+    .venv/bin/python bench/bench_train.py [--repeats 5] [--epochs 30] [KEY=VALUE ...]
+
+(overrides such as model.hidden=[512,512] show how the fixed per-step cost of
+the pipeline's bookkeeping shrinks as the model grows)
 
 The script re-executes itself under the pinned numeric profile (one thread,
 AVX2 kernels), so both loops run with the same kernels. Runs alternate
@@ -31,8 +34,13 @@ def _plain(ds, cfg, train_ids, test_ids) -> float:  # type: ignore[no-untyped-de
     torch.manual_seed(cfg.seed)
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
     tr, te = torch.from_numpy(train_ids), torch.from_numpy(test_ids)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(cfg.model.dropout),
-                          nn.Linear(128, 10))
+    sizes = [64, *cfg.model.hidden, 10]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers += [nn.ReLU(), nn.Dropout(cfg.model.dropout)]
+    model = nn.Sequential(*layers)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           foreach=False)
     bsz = cfg.train.batch_size
@@ -65,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("overrides", nargs="*", help="config overrides, KEY=VALUE")
     args = ap.parse_args()
     profile = environment.load_profile()
     if environment.needs_reexec(profile):
@@ -76,7 +85,8 @@ def main() -> None:
     from pipeline.config import load_config
 
     root = environment.project_root()
-    cfg = load_config(root / "configs" / "digits.toml", [f"train.epochs={args.epochs}"])
+    cfg = load_config(root / "configs" / "digits.toml", [f"train.epochs={args.epochs}",
+                                                              *args.overrides])
     with tempfile.TemporaryDirectory() as cache:
         ds = data.load_dataset(root / "data-manifest.json", "digits", Path(cache))
     train_ids, test_ids = data.split(ds, cfg.seed, cfg.data.test_fraction)
@@ -90,7 +100,8 @@ def main() -> None:
         times["pipeline (checkpoints)"].append(_pipeline(ds, cfg, True))
     base = statistics.median(times["plain loop"])
     steps = (len(train_ids) // cfg.train.batch_size) * cfg.train.epochs
-    print(f"digits MLP 64-128-10, {steps} steps, profile {profile.name}, "
+    arch = "-".join(str(n) for n in (64, *cfg.model.hidden, 10))
+    print(f"digits MLP {arch}, {steps} steps, profile {profile.name}, "
           f"median of {args.repeats} alternating runs")
     print(f"{'loop':28} {'median s':>9} {'ms/step':>8} {'ratio':>6}")
     for name, ts in times.items():

@@ -99,6 +99,10 @@ class PinnedNet:
         if not self.module.training:
             self.module.train()  # recursive: only on a switch from predict()
         logits = self.module(x, keep)
+        if len(y) == n_global:  # one shard, one process: the stock mean, one op fewer
+            mean = F.cross_entropy(logits, y)
+            grads = torch.autograd.grad(mean, list(self.params.values()))
+            return mean.detach() * n_global, dict(zip(self.params, grads))
         loss = F.cross_entropy(logits, y, reduction="sum")
         grads = torch.autograd.grad(loss / n_global, list(self.params.values()))
         return loss.detach(), dict(zip(self.params, grads))
