@@ -139,8 +139,10 @@ def _prepare(cfg: Config, argv: list[str]) -> tuple[Any, Any]:
     from . import data, runs
 
     profile = _pin(cfg, argv)
-    hashes = data.verify(_manifest())
-    ds = data.load_dataset(_manifest(), cfg.data.dataset, data.default_cache_dir())
+    cache = data.default_cache_dir()
+    # Every file, hashed; the stat cache it fills spares load_dataset a second hash.
+    hashes = data.verify(_manifest(), stat_cache_dir=cache)
+    ds = data.load_dataset(_manifest(), cfg.data.dataset, cache)
     return runs.run_inputs(cfg, {cfg.data.dataset: hashes[cfg.data.dataset]}, profile), ds
 
 
@@ -199,10 +201,10 @@ def _verify(args: argparse.Namespace, argv: list[str]) -> int:
     if inputs.key != record["run_key"]:
         print(f"note: this environment's run key {inputs.key} differs from the record's:",
               file=sys.stderr)
-        here = {**record, **{"config": inputs.keyed()["config"], "data": inputs.data,
-                             "code_sha256": inputs.code, "toolchain": inputs.toolchain,
-                             "profile": inputs.profile}}
-        for line in runs.diff_runs(record, here, b"", b"")[:-1]:
+        here = {"config": inputs.keyed()["config"], "data": inputs.data,
+                "code_sha256": inputs.code, "toolchain": inputs.toolchain,
+                "profile": inputs.profile}
+        for line in runs.input_differences(record, here):
             print(f"  {line}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="pipeline-verify-") as tmp:
         again, _ = runs.trained_run(inputs, ds, Path(tmp), quiet=args.quiet)

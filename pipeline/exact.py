@@ -235,23 +235,25 @@ def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor],
                  scalars: dict[str, Any], scalar_keys: dict[str, type]) -> None:
     """Raise CheckpointError (a ValueError) naming the first key that is
     missing, unexpected, or of the wrong shape, dtype or type."""
-    for key in sorted(set(expected) | set(tensors)):
-        if key not in tensors:
-            raise CheckpointError(key, "an optimiser state tensor", "nothing (missing)")
-        if key not in expected:
-            raise CheckpointError(key, "no such optimiser state", "an extra tensor")
-        want, got = expected[key], tensors[key]
+    _check_keys(expected, tensors, "optimiser state tensor")
+    for key, want in expected.items():
+        got = tensors[key]
         if not isinstance(got, Tensor) or got.shape != want.shape or got.dtype != want.dtype:
             found = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, Tensor) else type(got)
             raise CheckpointError(key, f"{tuple(want.shape)} {want.dtype}", str(found))
-    for key in sorted(set(scalar_keys) | set(scalars)):
-        if key not in scalars:
-            raise CheckpointError(key, "an optimiser state scalar", "nothing (missing)")
-        if key not in scalar_keys:
-            raise CheckpointError(key, "no such optimiser scalar", "an extra scalar")
-        tp, v = scalar_keys[key], scalars[key]
+    _check_keys(scalar_keys, scalars, "optimiser state scalar")
+    for key, tp in scalar_keys.items():
+        v = scalars[key]
         if isinstance(v, bool) or not isinstance(v, tp):
             raise CheckpointError(key, f"a {tp.__name__}", repr(v))
+
+
+def _check_keys(expected: dict[str, Any], got: dict[str, Any], what: str) -> None:
+    for key in sorted(set(expected) | set(got)):
+        if key not in got:
+            raise CheckpointError(key, f"an {what}", "nothing (missing)")
+        if key not in expected:
+            raise CheckpointError(key, f"no such {what}", "an extra one")
 
 
 class _Optimizer:

@@ -30,7 +30,7 @@ from .config import Config, canonical_json, config_sha256, config_to_dict
 from .errors import CheckpointError, MismatchError
 
 __all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "trained_run",
-           "run_lock", "diff_runs", "RUN_FILES"]
+           "run_lock", "diff_runs", "input_differences", "RUN_FILES"]
 
 RUN_FILES = ("weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin")
 
@@ -82,8 +82,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
                               f"malformed ({e})") from None
     weights = Path(run_dir) / "weights.safetensors"
     tensors, _ = read_safetensors(weights)
-    layout = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-              for k, v in tensors.items()}
+    layout = _layout(tensors)
     if "weights_layout" not in record:
         raise CheckpointError(str(path), "a weights_layout entry", "none",
                               "the record predates weights_layout; retrain the run")
@@ -96,6 +95,12 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         raise MismatchError(f"{run_dir}/weights.safetensors: recorded weights sha256:{recorded}, "
                             f"file holds sha256:{actual}")
     return record
+
+
+def _layout(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name -> dtype and shape: what run.json promises about weights.safetensors."""
+    return {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+            for k, v in tensors.items()}
 
 
 def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
@@ -118,8 +123,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
         record = {
             "run_key": inputs.key,
             "weights_sha256": weights_sha256(result.params),
-            "weights_layout": {k: {"dtype": str(v.dtype).removeprefix("torch."),
-                                   "shape": list(v.shape)} for k, v in result.params.items()},
+            "weights_layout": _layout(result.params),
             "mode": inputs.config.mode,
             "config": config_to_dict(inputs.config),
             "config_sha256": config_sha256(inputs.config),
@@ -236,13 +240,20 @@ def _clean_leftovers(runs_dir: Path, key: str, complete: bool) -> None:
         shutil.rmtree(runs_dir / f".ckpt-{key}", ignore_errors=True)
 
 
-def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
-    """Lines naming the differing inputs, then where the trails diverge."""
+def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """One line per differing input of two run records (config, data, code,
+    toolchain, profile), naming the dotted key and both values."""
     lines = []
     for field, label in (("config", "config"), ("data", "data"), ("code_sha256", "code"),
                          ("toolchain", "toolchain"), ("profile", "profile")):
         for path, va, vb in _differences(a.get(field), b.get(field), label):
             lines.append(f"{path}: {json.dumps(va)} != {json.dumps(vb)}")
+    return lines
+
+
+def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
+    """Lines naming the differing inputs, then where the trails diverge."""
+    lines = input_differences(a, b)
     names = a["trail"]["tensors"]
     width = len(names) * a["trail"]["digest_bytes"]
     steps = min(len(trail_a), len(trail_b)) // width
