@@ -53,31 +53,29 @@ def _pin() -> str:
 
 def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None,
                  sync: bool = False) -> tuple[float, float, int]:
-    """(wall seconds of train(), seconds the loop spent inside _save, saves);
-    ``sync``: every write in the loop's thread, as before the background writer."""
+    """(wall seconds of train(), seconds the loop spent inside Writer.save,
+    saves); ``sync``: every write in the loop's thread (save, then wait), as
+    before the background writer."""
     from pipeline import checkpoint
     from pipeline import train as train_mod
 
-    real_save, real_write = train_mod._save, checkpoint.save_checkpoint
+    real_save = checkpoint.Writer.save
     spent: list[float] = []
 
-    def timed(*args: Any) -> None:
+    def timed(self: Any, *args: Any) -> None:
         t = time.perf_counter()
-        real_save(*args)
+        real_save(self, *args)
+        if sync:
+            self.wait()
         spent.append(time.perf_counter() - t)
 
-    def in_loop(*args: Any, **kw: Any) -> None:
-        real_write(*args, **{**kw, "background": False})
-
-    train_mod._save = timed  # type: ignore[assignment]
-    if sync:
-        checkpoint.save_checkpoint = in_loop  # type: ignore[assignment]
+    checkpoint.Writer.save = timed  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         train_mod.train(cfg, ds, run_key="bench", ckpt_dir=ckpt_dir, quiet=True)
         wall = time.perf_counter() - t0
     finally:
-        train_mod._save, checkpoint.save_checkpoint = real_save, real_write  # type: ignore
+        checkpoint.Writer.save = real_save  # type: ignore[method-assign]
     return wall, sum(spent), len(spent)
 
 
@@ -93,9 +91,7 @@ def _parts(cfg: Any, ds: Any, where: Path) -> list[tuple[str, float]]:
     d = where / "parts"
     short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
     from pipeline import train as train_mod
-    train_mod.train(short, ds, run_key="bench", ckpt_dir=d, quiet=True)
-    if hasattr(checkpoint, "wait_for_writes"):
-        checkpoint.wait_for_writes()
+    train_mod.train(short, ds, run_key="bench", ckpt_dir=d, quiet=True)  # writes all
     _, src = max((int(p.name[5:14]), p) for p in d.glob("ckpt-*.safetensors"))
     tensors, meta = checkpoint.load_checkpoint(src)
     # The default run's last checkpoint carries a trail 30x this one's.
@@ -111,7 +107,7 @@ def _parts(cfg: Any, ds: Any, where: Path) -> list[tuple[str, float]]:
     steps += [
         ("write + fsync file + rename", lambda: _write_no_dirsync(out, blob)),
         ("fsync directory", lambda: atomic.fsync_dir(d)),
-        ("prune (list + unlink)", lambda: train_mod._prune(d, 999, keep=2)),
+        ("prune (list + unlink)", lambda: checkpoint.prune(d, 999, keep=2)),
     ]
     rows = []
     for name, fn in steps:
@@ -140,12 +136,13 @@ def main() -> None:
     args = ap.parse_args()
     profile = _pin()
 
-    from pipeline import data
+    from pipeline import dataset, manifest
     from pipeline.config import load_config
 
     cfg = load_config(REPO / "configs" / "digits.toml")
-    ds = data.load_dataset(REPO / "data-manifest.json", cfg.data.dataset,
-                           data.default_cache_dir())
+    cache = manifest.default_cache_dir()
+    verified = manifest.verify(REPO / "data-manifest.json", stat_cache_dir=cache)
+    ds = dataset.load(verified, cfg.data.dataset, cache)
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
         with_ck: list[tuple[float, float, int]] = []

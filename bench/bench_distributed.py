@@ -32,9 +32,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from pipeline import modes  # noqa: E402
 from pipeline.config import Config, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.distributed import TorchComm, add_grads, tree_reduce  # noqa: E402
-from pipeline.model import make_net, make_optimizer  # noqa: E402
 
 BLOCK = 10  # steps per block; the two reductions alternate block by block
 
@@ -45,6 +45,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _net(cfg: Config, dev: torch.device) -> modes.Net:
+    """The config's net for digits-shaped inputs (64 features, 10 classes)."""
+    from types import SimpleNamespace
+
+    shapes = SimpleNamespace(input_shape=(64,), n_classes=10)
+    return modes.of(cfg.mode).make_net(cfg, shapes, dev)  # type: ignore[arg-type]
+
+
 def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int, steps: int,
           out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -53,8 +61,8 @@ def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int
     cfg = Config(model=ModelConfig(hidden=hidden, dropout=0.0),
                  train=TrainConfig(batch_size=64, shards=shards))
     dev = torch.device("cpu")
-    net, gen = make_net(cfg, dev), torch.Generator().manual_seed(0)
-    opt = make_optimizer(cfg, net)
+    net, gen = _net(cfg, dev), torch.Generator().manual_seed(0)
+    opt = modes.of(cfg.mode).make_optimizer(cfg, net)
     x, y = torch.rand(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     comms = {"invariant": TorchComm(dev, plain=False), "plain": TorchComm(dev, plain=True)}
     rows, per = 64 // shards, shards // world

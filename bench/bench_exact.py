@@ -60,7 +60,8 @@ def _exact_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
     from pipeline.config import ModelConfig
     from pipeline.exact import ExactNet, ExactSGD
 
-    net = ExactNet(ModelConfig("mlp", tuple(dims[1:-1]), 0.0), seed=0, in_features=dims[0])
+    net = ExactNet(ModelConfig("mlp", tuple(dims[1:-1]), 0.0), seed=0, input_shape=(dims[0],),
+                   n_classes=dims[-1])
     opt = ExactSGD(net.params, lr=0.01, momentum=0.9)
 
     def step() -> None:

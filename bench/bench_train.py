@@ -81,15 +81,16 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     environment.apply_in_process(profile)
 
-    from pipeline import data
+    from pipeline import dataset, manifest, sampling
     from pipeline.config import load_config
 
     root = environment.project_root()
     cfg = load_config(root / "configs" / "digits.toml", [f"train.epochs={args.epochs}",
                                                               *args.overrides])
     with tempfile.TemporaryDirectory() as cache:
-        ds = data.load_dataset(root / "data-manifest.json", "digits", Path(cache))
-    train_ids, test_ids = data.split(ds, cfg.seed, cfg.data.test_fraction)
+        verified = manifest.verify(root / "data-manifest.json", stat_cache_dir=Path(cache))
+        ds = dataset.load(verified, "digits", Path(cache))
+    train_ids, test_ids = sampling.split(ds, cfg.seed, cfg.data.test_fraction)
     times: dict[str, list[float]] = {"pipeline (no checkpoints)": [],
                                      "pipeline (checkpoints)": [], "plain loop": []}
     _plain(ds, cfg, train_ids, test_ids)  # warm-up both paths once

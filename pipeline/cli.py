@@ -1,4 +1,5 @@
-"""``pipeline train|verify|diff|data|env|runs|golden``.
+"""``pipeline train|verify|diff|data|env|runs|golden``: argument parsing and
+printing; the work is pipeline.recipe's (and runs, golden, manifest).
 
 Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden); 2 usage or config
 error; 3 data integrity error; 4 this machine cannot run the numeric
@@ -10,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-
-
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import Config, config_from_dict, load_config
-from .errors import MismatchError, PipelineError, UsageError
+from .config import load_config
+from .errors import PipelineError, UsageError
 
 __all__ = ["main"]
 
@@ -100,7 +98,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     return _golden(args)
 
 
-def _split_args(items: list[str]) -> tuple[Path, list[str]]:
+def _config_args(items: list[str]) -> tuple[Path, list[str]]:
+    """(CONFIG, overrides) from ``train``'s positional arguments; CONFIG
+    defaults to configs/digits.toml and is looked up in the project root too."""
     from .environment import project_root
 
     config = [a for a in items if "=" not in a]
@@ -114,66 +114,40 @@ def _split_args(items: list[str]) -> tuple[Path, list[str]]:
     return path, overrides
 
 
-def _pin(cfg: Config, argv: list[str]) -> dict[str, Any]:
-    """Pinned mode: re-exec with the profile's environment (or refuse this
-    CPU). Returns the profile record for the run key. Exact mode pins nothing."""
-    from . import environment as env
-
-    if cfg.mode == "pinned" and not env.pinning_disabled():
-        profile = env.load_profile()
-        env.check_host(profile)
-        if env.needs_reexec(profile):
-            env.reexec(profile, argv)  # does not return
-        env.apply_in_process(profile)
-        return env.profile_record(profile)
-    return env.profile_record(None)
-
-
-def _manifest() -> Path:
-    from .environment import project_root
-    return project_root() / "data-manifest.json"
-
-
-def _prepare(cfg: Config, argv: list[str]) -> tuple[Any, Any]:
-    """Pin, verify every data file (before anything else is written), load."""
-    from . import data, runs
-
-    profile = _pin(cfg, argv)
-    cache = data.default_cache_dir()
-    # Every file, hashed; the stat cache it fills spares load_dataset a second hash.
-    hashes = data.verify(_manifest(), stat_cache_dir=cache)
-    ds = data.load_dataset(_manifest(), cfg.data.dataset, cache)
-    return runs.run_inputs(cfg, {cfg.data.dataset: hashes[cfg.data.dataset]}, profile), ds
-
-
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import runs
+    from . import recipe
 
-    path, overrides = _split_args(args.args)
+    path, overrides = _config_args(args.args)
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
-        from .launch import launch
-        return launch(args, argv, cfg)
-    inputs, ds = _prepare(cfg, argv)
-    device_extra = {"device": args.device, "world_size": 1}
-    record, reused = runs.trained_run(inputs, ds, args.runs_dir, device=args.device,
-                                      quiet=args.quiet, extra=device_extra)
+        return _launch(args, argv, cfg, path, overrides)
+    prep = recipe.prepare(cfg, argv)
+    record, reused = recipe.get_or_train(prep, args.runs_dir, device=args.device,
+                                         quiet=args.quiet,
+                                         extra={"device": args.device, "world_size": 1})
     if args.rebuild:
-        return _rebuild(inputs, ds, record, args)
+        recipe.rebuild(prep, record, device=args.device, quiet=args.quiet)
+        print(f"rebuild identical: run {record['run_key']}")
+        reused = True
     _report(record, args.json, reused, args.runs_dir)
     return 0
 
 
-def _rebuild(inputs: Any, ds: Any, record: dict[str, Any], args: argparse.Namespace) -> int:
-    from . import runs
+def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
+            overrides: list[str]) -> int:
+    from .launch import Spec, launch
 
-    with tempfile.TemporaryDirectory(prefix="pipeline-rebuild-") as tmp:
-        again, _ = runs.trained_run(inputs, ds, Path(tmp), device=args.device, quiet=args.quiet)
-    if again["weights_sha256"] != record["weights_sha256"]:
-        raise MismatchError(f"rebuild differs: recorded sha256:{record['weights_sha256']}, "
-                            f"rebuilt sha256:{again['weights_sha256']}")
-    print(f"rebuild identical: run {record['run_key']}")
-    _report(record, args.json, True, args.runs_dir)
+    if args.rebuild:
+        raise UsageError("--rebuild trains in one process: drop --nproc/--nnodes (the bits "
+                         "are the same at every world size)")
+    spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
+                args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
+                args.master_port, args.rdzv_endpoint)
+    out = launch(spec, argv, cfg)
+    if out.record is None:
+        print(out.note)
+    else:
+        _report(out.record, args.json, out.reused, args.runs_dir)
     return 0
 
 
@@ -190,27 +164,13 @@ def _report(record: dict[str, Any], as_json: bool, reused: bool, runs_dir: Path)
 
 
 def _verify(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import runs
+    from . import recipe
 
-    record = runs.read_run(args.run_dir)
-    try:
-        cfg = config_from_dict(record["config"], f"{args.run_dir}/run.json")
-    except KeyError:
-        raise UsageError(f"{args.run_dir}/run.json: expected a config, found none") from None
-    inputs, ds = _prepare(cfg, argv)
-    if inputs.key != record["run_key"]:
-        print(f"note: this environment's run key {inputs.key} differs from the record's:",
-              file=sys.stderr)
-        here = {"config": inputs.keyed()["config"], "data": inputs.data,
-                "code_sha256": inputs.code, "toolchain": inputs.toolchain,
-                "profile": inputs.profile}
-        for line in runs.input_differences(record, here):
+    record, differences = recipe.verify_run(args.run_dir, argv, quiet=args.quiet)
+    if differences:
+        print("note: this environment's inputs differ from the record's:", file=sys.stderr)
+        for line in differences:
             print(f"  {line}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="pipeline-verify-") as tmp:
-        again, _ = runs.trained_run(inputs, ds, Path(tmp), quiet=args.quiet)
-    if again["weights_sha256"] != record["weights_sha256"]:
-        raise MismatchError(f"verify failed: recorded sha256:{record['weights_sha256']}, "
-                            f"retrained sha256:{again['weights_sha256']}")
     print(f"verified: weights sha256:{record['weights_sha256']}")
     return 0
 
@@ -231,12 +191,12 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _data_verify(args: argparse.Namespace) -> int:
-    from . import data
+    from . import manifest, recipe
 
-    manifest = args.manifest or _manifest()
-    hashes = data.verify(manifest, full=args.full,
-                         stat_cache_dir=None if args.full else data.default_cache_dir())
-    for name, sha in hashes.items():
+    path = args.manifest or recipe.manifest_path()
+    verified = manifest.verify(path, full=args.full,
+                               stat_cache_dir=None if args.full else manifest.default_cache_dir())
+    for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
     return 0
 
@@ -276,7 +236,3 @@ def _golden(args: argparse.Namespace) -> int:
     ok, msg = golden.check(record, path)
     print(msg)
     return 1 if ok is False else 0
-
-
-
-

@@ -3,18 +3,14 @@ RNG state a checkpoint must carry."""
 
 from __future__ import annotations
 
-import os
 import random
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "strict_torch", "capture_rng", "restore_rng", "SKIP_RNG_ENV"]
-
-# Test-only: a comma-separated list of RNG names that restore_rng skips, so
-# the resume test can show that a skipped restore changes the weights.
-SKIP_RNG_ENV = "PIPELINE_TEST_SKIP_RNG_RESTORE"
+__all__ = ["seed_everything", "strict_torch", "capture_rng", "restore_rng"]
 
 
 def seed_everything(seed: int) -> int:
@@ -61,9 +57,10 @@ def capture_rng(dropout_counter: int) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
-    """Restore what capture_rng saved; return the dropout counter."""
-    skip = set(filter(None, os.environ.get(SKIP_RNG_ENV, "").split(",")))
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                skip: Collection[str] = ()) -> int:
+    """Restore what capture_rng saved; return the dropout counter. ``skip``
+    names states left alone (the resume test's control, pipeline._testing)."""
     if "python" not in skip:
         py = meta["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss"]))

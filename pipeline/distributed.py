@@ -16,10 +16,6 @@ the additions to the backend's algorithm: ring or halving-doubling, chunked.)
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -27,12 +23,7 @@ import torch
 
 from .errors import DistributedError
 
-__all__ = ["tree_reduce", "add_grads", "LocalComm", "TorchComm", "Comm", "PLAIN_ALLREDUCE_ENV",
-           "KILL_ENV", "kill_for_test"]
-
-# Test-only switches (README, "Test-only switches"):
-PLAIN_ALLREDUCE_ENV = "PIPELINE_TEST_PLAIN_ALLREDUCE"  # =1: dist.all_reduce(SUM), the control
-KILL_ENV = "PIPELINE_TEST_KILL_RANK_AT_STEP"            # =RANK:STEP: SIGKILL that rank there
+__all__ = ["tree_reduce", "add_grads", "LocalComm", "TorchComm"]
 
 Grads = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -68,9 +59,6 @@ class LocalComm:
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return partial
 
-    def barrier(self) -> None:
-        pass
-
     def decide(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank."""
         return flag
@@ -81,15 +69,16 @@ class TorchComm:
 
     ``combine`` gathers the W partial (loss, grads) and finishes the tree on
     every rank; a peer that died or stopped answering within the process
-    group's timeout is a DistributedError (exit 6).
+    group's timeout is a DistributedError (exit 6). ``plain``: the world-size
+    control, ``dist.all_reduce(SUM)`` in the backend's own order.
     """
 
-    def __init__(self, device: torch.device, plain: bool | None = None) -> None:
+    def __init__(self, device: torch.device, plain: bool = False) -> None:
         import torch.distributed as dist
 
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.device = device
-        self.plain = os.environ.get(PLAIN_ALLREDUCE_ENV) == "1" if plain is None else plain
+        self.plain = plain
 
     def combine(self, partial: Grads) -> Grads:
         import torch.distributed as dist
@@ -108,14 +97,6 @@ class TorchComm:
         # add of two elements does not depend on how the tensor is laid out.
         return _unflatten(tree_reduce(gathered.view(self.size, -1).unbind(0), torch.add),
                          loss, grads)
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        try:
-            dist.barrier()
-        except RuntimeError as e:
-            raise self.failed("at a barrier", e) from None
 
     def decide(self, flag: bool) -> bool:
         import torch.distributed as dist
@@ -149,16 +130,3 @@ def _unflatten(flat: torch.Tensor, loss: torch.Tensor, grads: dict[str, torch.Te
         out[k] = flat[at:at + g.numel()].view(g.shape)
         at += g.numel()
     return flat[0].reshape(loss.shape), out
-
-
-def kill_for_test(rank: int, step: int) -> None:
-    """Test-only: SIGKILL this process when $PIPELINE_TEST_KILL_RANK_AT_STEP
-    is ``rank:step`` (before computing step ``step + 1``)."""
-    spec = os.environ.get(KILL_ENV)
-    if spec and spec == f"{rank}:{step}":
-        print(f"test: SIGKILL rank {rank} at step {step} (time {time.time():.3f})",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-Comm = LocalComm

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _testing
 from .errors import ProfileError
 
 __all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_host",
@@ -29,9 +30,6 @@ __all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_
 
 PROFILE_FILE = Path(__file__).with_name("profile.json")
 _ISA_ORDER = ["default", "avx2", "avx512"]
-# Test-only switches (README, "Test-only switches"):
-_NO_PIN = "PIPELINE_TEST_NO_PIN"        # disable pinning: the suite's control
-_SIM_ISA = "PIPELINE_SIM_CPU_ISA"        # simulate a CPU whose best ISA is this
 _PINNED_MARK = "PIPELINE_PINNED_PROFILE"  # set by the launcher; stops re-exec loops
 
 
@@ -73,13 +71,14 @@ def project_root() -> Path:
 def host_isa_levels() -> list[str]:
     """ATen ISA levels this CPU can run, lowest first.
 
-    $PIPELINE_SIM_CPU_ISA (test-only) simulates a CPU whose best level is the
-    given one, the way a machine without AVX2 or AVX-512 would be.
+    The test-only switch PIPELINE_SIM_CPU_ISA (pipeline._testing) simulates a
+    CPU whose best level is the given one, as a machine without AVX2 would be.
     """
-    sim = os.environ.get(_SIM_ISA)
+    sim = _testing.SWITCHES.sim_isa
     if sim:
         if sim not in _ISA_ORDER:
-            raise ProfileError(f"{_SIM_ISA}: expected one of {_ISA_ORDER}, found {sim!r}")
+            raise ProfileError(f"PIPELINE_SIM_CPU_ISA: expected one of {_ISA_ORDER}, "
+                               f"found {sim!r}")
         return _ISA_ORDER[: _ISA_ORDER.index(sim) + 1]
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ["default"]
@@ -112,7 +111,8 @@ def check_host(profile: Profile) -> None:
 
 
 def pinning_disabled() -> bool:
-    return os.environ.get(_NO_PIN) == "1"
+    """The suite's no-pinning control is on (a test-only switch, pipeline._testing)."""
+    return _testing.SWITCHES.no_pin
 
 
 def needs_reexec(profile: Profile, environ: dict[str, str] | None = None) -> bool:

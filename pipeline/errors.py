@@ -75,3 +75,11 @@ class DistributedError(PipelineError, RuntimeError):
     """A peer process failed or the world size cannot reproduce the run."""
 
     exit_code = 6
+
+
+class WorkerError(PipelineError):
+    """A launched worker's own error, passed on with the worker's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

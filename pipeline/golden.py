@@ -11,13 +11,11 @@ differing one).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .config import canonical_json
+from . import atomic, modes
 from .errors import MismatchError, UsageError
 
 __all__ = ["golden_key", "lookup", "add", "check", "default_path"]
@@ -29,14 +27,8 @@ def default_path() -> Path:
 
 
 def golden_key(record: dict[str, Any]) -> dict[str, str]:
-    """The key of a run record's golden entry."""
-    if record["mode"] == "exact":
-        return {"mode": "exact", "config_sha256": record["config_sha256"],
-                "toolchain": "any", "profile": "any"}
-    return {"mode": record["mode"], "config_sha256": record["config_sha256"],
-            "toolchain": hashlib.sha256(canonical_json(record["toolchain"])).hexdigest(),
-            "profile": record["profile"]["name"] + ":" +
-            hashlib.sha256(canonical_json(record["profile"])).hexdigest()[:16]}
+    """The key of a run record's golden entry (its mode decides: pipeline.modes)."""
+    return modes.of(record["mode"]).golden_key(record)
 
 
 def _load(path: Path) -> list[dict[str, Any]]:

@@ -1,110 +1,132 @@
 """``pipeline train --nproc N``: N worker processes through torch's own launcher.
 
-The launcher (this process, started by the CLI) checks the world size, pins
-the numeric profile (pinned mode re-executes it, cli._pin) so that the
-workers inherit the pinned environment before their interpreters start
+The launcher (this process, started by the CLI) checks the world size,
+prepares the process through the recipe (pinned mode re-executes it) so that
+the workers inherit the pinned environment before their interpreters start
 (pytorch issue 15359), verifies the data, takes the run's file lock (node 0),
 and runs torchrun in-process (``torch.distributed.run``) on
-``-m pipeline.launch``: each worker runs the normal train path
-(runs.trained_run) with a TorchComm. Only rank 0 writes runs/<key>. Workers
-report through rank-<r>.json files in a private temporary directory, and the
-launcher prints rank 0's result, or the first worker's error and its exit
-code; a worker that died is a DistributedError (exit 6).
+``-m pipeline.launch``: each worker reads the launch's ``Spec`` and runs the
+recipe (recipe.get_or_train) with a TorchComm. Only rank 0 writes
+runs/<key>. Workers report through rank-<r>.json files in a private
+temporary directory; the launcher returns rank 0's result for the CLI to
+print, or the first worker's error and its exit code; a worker that died is
+a DistributedError (exit 6).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import DistributedError, PipelineError, ProfileError, UsageError
+from . import _testing, atomic, modes, recipe, runs
+from .config import Config, load_config
+from .errors import DistributedError, PipelineError, UsageError, WorkerError
 
-__all__ = ["launch", "world_size", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Spec", "Outcome", "launch", "world_size", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT_S"  # process-group timeout: a silent peer is an error
 DEFAULT_TIMEOUT_S = 60.0
-_RESULTS_ENV = "PIPELINE_LAUNCH_DIR"     # where workers leave rank-<r>.json (launcher-set)
+_RESULTS_ENV = "PIPELINE_LAUNCH_DIR"     # spec.json in, rank-<r>.json out (launcher-set)
 _RDZV_ID = "pipeline"
 
 
-def world_size(args: argparse.Namespace, cfg: Config) -> int:
+@dataclass(frozen=True)
+class Spec:
+    """One ``pipeline train --nproc N`` as the workers need it."""
+
+    config: str              # the config file, resolved
+    overrides: list[str]
+    runs_dir: str            # absolute
+    device: str = "cpu"
+    quiet: bool = False
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Rank 0's record and whether it was reused; or, on a node without rank
+    0, ``record`` None and a ``note`` to print."""
+
+    record: dict[str, Any] | None
+    reused: bool = False
+    note: str = ""
+
+
+def world_size(spec: Spec, cfg: Config) -> int:
     """nnodes * nproc, or UsageError unless it is a power of two dividing
     train.shards: then each rank's shards are an aligned subtree of the fixed
     reduction tree (docs/exact-spec.md sections 5 and 8)."""
-    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+    if spec.nproc < 1 or spec.nnodes < 1 or not 0 <= spec.node_rank < spec.nnodes:
         raise UsageError(f"expected --nproc >= 1, --nnodes >= 1 and 0 <= --node-rank < "
-                         f"--nnodes, found --nproc {args.nproc} --nnodes {args.nnodes} "
-                         f"--node-rank {args.node_rank}")
-    w, shards = args.nproc * args.nnodes, cfg.train.shards
+                         f"--nnodes, found --nproc {spec.nproc} --nnodes {spec.nnodes} "
+                         f"--node-rank {spec.node_rank}")
+    w, shards = spec.nproc * spec.nnodes, cfg.train.shards
     if w & (w - 1) or shards % w:
         fits = [n for n in range(1, shards + 1) if shards % n == 0 and not n & (n - 1)]
-        raise UsageError(f"world size {w} (--nproc {args.nproc} x --nnodes {args.nnodes}): "
+        raise UsageError(f"world size {w} (--nproc {spec.nproc} x --nnodes {spec.nnodes}): "
                          f"expected a power of two dividing train.shards={shards}, i.e. one "
                          f"of {fits}; change --nproc, or raise train.shards (which changes "
                          f"the run)")
     return w
 
 
-def launch(args: argparse.Namespace, argv: list[str], cfg: Config) -> int:
-    """Run ``pipeline train`` on nnodes * nproc workers; print rank 0's result."""
-    from . import cli, runs
-    from .environment import pinning_disabled
-
-    world_size(args, cfg)
-    if args.rebuild:
-        raise UsageError("--rebuild trains in one process: drop --nproc/--nnodes (the bits "
-                         "are the same at every world size)")
-    if args.nnodes > 1 and not (args.rdzv_endpoint or args.master_addr):
+def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
+    """Run the recipe on nnodes * nproc workers; return rank 0's result."""
+    world_size(spec, cfg)
+    if spec.nnodes > 1 and not (spec.rdzv_endpoint or spec.master_addr):
         raise UsageError("--nnodes > 1 needs --master-addr and --master-port, or "
                          "--rdzv-endpoint HOST:PORT")
-    if cfg.mode != "pinned" or pinning_disabled():
+    if not modes.of(cfg.mode).pins_threads():
         # No profile pins the threads here: one per worker, so that W workers
         # do not oversubscribe the cores (the pinned profile already says 1).
         os.environ["OMP_NUM_THREADS"] = "1"
-    inputs, _ = cli._prepare(cfg, argv)  # pinned mode: re-exec with the profile first
-    runs_dir = args.runs_dir.resolve()
-    key = inputs.key
+    prep = recipe.prepare(cfg, argv)  # pinned mode: re-exec with the profile first
+    runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # Node 0 holds the run lock for the whole launch, so the workers need none.
-    lock = runs.run_lock(runs_dir, key) if args.node_rank == 0 else contextlib.nullcontext()
+    lock = runs.run_lock(runs_dir, key) if spec.node_rank == 0 else contextlib.nullcontext()
     with lock, tempfile.TemporaryDirectory(prefix="pipeline-launch-") as tmp:
-        if args.nnodes == 1 and runs.is_complete(runs_dir / key):
-            cli._report(runs.read_run(runs_dir / key), args.json, True, args.runs_dir)
-            return 0
-        failures = _torchrun(args, runs_dir, Path(tmp))
+        if spec.nnodes == 1 and runs.is_complete(runs_dir / key):
+            return Outcome(runs.read_run(runs_dir / key), reused=True)
+        atomic.write_text(Path(tmp) / "spec.json", json.dumps(dataclasses.asdict(spec)))
+        failures = _torchrun(spec, Path(tmp))
         results = {int(p.stem[5:]): json.loads(p.read_text(encoding="utf-8"))
                    for p in Path(tmp).glob("rank-*.json")}
     if failures or any(r["exit_code"] for r in results.values()):
         return _failed(failures, results, runs_dir, key)
-    return _finish(args, results)
+    return _finish(results)
 
 
-def _torchrun(args: argparse.Namespace, runs_dir: Path, results: Path) -> dict[int, Any]:
+def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
     """torchrun in this process; {global rank: ProcessFailure} of failed workers."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    targs = ["--nproc-per-node", str(args.nproc), "--nnodes", str(args.nnodes),
-             "--node-rank", str(args.node_rank), "--max-restarts", "0",
+    targs = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes),
+             "--node-rank", str(spec.node_rank), "--max-restarts", "0",
              "--monitor-interval", "0.1"]
-    if args.rdzv_endpoint:
-        targs += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
+    if spec.rdzv_endpoint:
+        targs += ["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
                   "--rdzv-id", _RDZV_ID]
-    elif args.master_addr or args.master_port is not None:
-        targs += ["--master-addr", args.master_addr or "127.0.0.1",
-                  "--master-port", str(29500 if args.master_port is None else args.master_port)]
+    elif spec.master_addr or spec.master_port is not None:
+        port = 29500 if spec.master_port is None else spec.master_port
+        targs += ["--master-addr", spec.master_addr or "127.0.0.1", "--master-port", str(port)]
     else:
         targs += ["--standalone"]  # c10d rendezvous on a free localhost port
-    wargs = [*args.args, "--runs-dir", str(runs_dir), "--device", args.device]
-    targs += ["-m", "pipeline.launch", *wargs, *(["--quiet"] if args.quiet else [])]
+    targs += ["-m", "pipeline.launch"]
     os.environ[_RESULTS_ENV] = str(results)
     try:
         run(get_args_parser().parse_args(targs))
@@ -116,28 +138,24 @@ def _torchrun(args: argparse.Namespace, runs_dir: Path, results: Path) -> dict[i
     return {}
 
 
-def _finish(args: argparse.Namespace, results: dict[int, dict[str, Any]]) -> int:
-    from . import cli
-
+def _finish(results: dict[int, dict[str, Any]]) -> Outcome:
     hashes = {r: res["record"].get("weights_sha256") for r, res in sorted(results.items())}
     if len({h for h in hashes.values() if h}) > 1:
         raise DistributedError(f"ranks ended with different weights: {hashes}")
     if 0 not in results:  # rank 0 runs on another node; it writes and reports the run
-        print(f"ranks {sorted(results)} finished here; rank 0 (another node) writes the run; "
-              f"weights sha256:{next((h for h in hashes.values() if h), '(memoised)')}")
-        return 0
-    cli._report(results[0]["record"], args.json, results[0]["reused"], args.runs_dir)
-    return 0
+        return Outcome(None, note=f"ranks {sorted(results)} finished here; rank 0 (another "
+                       f"node) writes the run; weights sha256:"
+                       f"{next((h for h in hashes.values() if h), '(memoised)')}")
+    return Outcome(results[0]["record"], reused=results[0]["reused"])
 
 
 def _failed(failures: dict[int, Any], results: dict[int, dict[str, Any]], runs_dir: Path,
-            key: str) -> int:
-    """The first worker's own error (its exit code), else a DistributedError."""
+            key: str) -> Outcome:
+    """Raise the first worker's own error (with its exit code), else a DistributedError."""
     errors = sorted((r, res) for r, res in results.items() if res["exit_code"])
     for r, res in errors:
         if res["exit_code"] != DistributedError.exit_code:
-            print(f"error: rank {r}: {res['error']}", file=sys.stderr)
-            return int(res["exit_code"])
+            raise WorkerError(f"rank {r}: {res['error']}", int(res["exit_code"]))
     died = [f"rank {r} ({_how(f)})" for r, f in sorted(failures.items()) if r not in results]
     said = [f"rank {r}: {res['error']}" for r, res in errors]
     raise DistributedError(
@@ -152,53 +170,38 @@ def _how(failure: Any) -> str:
     return f"exit code {failure.exitcode}"
 
 
-# --- the worker: `python -m pipeline.launch TRAIN-ARGS`, started by torchrun ----------
+# --- the worker: `python -m pipeline.launch`, started by torchrun ---------------------
 
-def _worker_main(argv: list[str]) -> int:
+def _worker_main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(os.environ[_RESULTS_ENV])
     try:
-        result: dict[str, Any] = {"exit_code": 0, **_work(argv, rank)}
+        spec = Spec(**json.loads((out / "spec.json").read_text(encoding="utf-8")))
+        result: dict[str, Any] = {"exit_code": 0, **_work(spec, rank)}
     except PipelineError as e:
         print(f"error: rank {rank}: {e}", file=sys.stderr)
         result = {"exit_code": e.exit_code, "error": str(e)}
-    from . import atomic
     atomic.write_text(out / f"rank-{rank}.json", json.dumps(result, sort_keys=True))
     return int(result["exit_code"])
 
 
-def _work(argv: list[str], rank: int) -> dict[str, Any]:
-    """The normal train path with a TorchComm; returns what the launcher reports."""
+def _work(spec: Spec, rank: int) -> dict[str, Any]:
+    """The recipe with a TorchComm; returns what the launcher reports."""
     import torch.distributed as dist
 
-    from . import cli, runs
-    from .config import load_config
-
-    args = cli._parser().parse_args(["train", *argv])
-    cfg = load_config(*cli._split_args(args.args))
-    _require_inherited_pin(cfg)
-    inputs, ds = cli._prepare(cfg, ["train", *argv])  # pinned already: no re-exec
-    comm = _init_comm(args.device)
-    _agree(comm, inputs.key, args.runs_dir)
-    extra: dict[str, Any] = {"device": args.device, "world_size": comm.size}
+    cfg = load_config(spec.config, spec.overrides)
+    modes.of(cfg.mode).require_prepared()
+    prep = recipe.prepare(cfg, [])  # prepared by the launcher: never re-executes here
+    comm = _init_comm(spec.device)
+    runs_dir = Path(spec.runs_dir)
+    _agree(comm, prep.inputs.key, runs_dir)
+    extra: dict[str, Any] = {"device": spec.device, "world_size": comm.size}
     if comm.plain:
         extra["reduction"] = "plain all_reduce (test-only control)"
-    record, reused = runs.trained_run(inputs, ds, args.runs_dir, comm=comm,
-                                      device=str(comm.device), quiet=args.quiet or rank != 0,
-                                      extra=extra)
+    record, reused = recipe.get_or_train(prep, runs_dir, comm=comm, device=str(comm.device),
+                                         quiet=spec.quiet or rank != 0, extra=extra)
     dist.destroy_process_group()
     return {"record": record, "reused": reused}
-
-
-def _require_inherited_pin(cfg: Config) -> None:
-    from . import environment as env
-
-    if cfg.mode == "pinned" and not env.pinning_disabled():
-        profile = env.load_profile()
-        if env.needs_reexec(profile):
-            raise ProfileError(f"worker started without numeric profile {profile.name}'s "
-                               f"environment; start workers with `pipeline train --nproc N`, "
-                               f"which pins before torchrun starts them")
 
 
 def _init_comm(device: str) -> Any:
@@ -219,7 +222,7 @@ def _init_comm(device: str) -> Any:
         dist.init_process_group(backend, timeout=timeout)
     except RuntimeError as e:
         raise DistributedError(f"joining the {backend} process group failed: {e}") from None
-    return TorchComm(dev)
+    return TorchComm(dev, plain=_testing.SWITCHES.plain_allreduce)
 
 
 def _agree(comm: Any, key: str, runs_dir: Path) -> None:
@@ -228,7 +231,7 @@ def _agree(comm: Any, key: str, runs_dir: Path) -> None:
 
     from .checkpoint import latest_valid
 
-    found = latest_valid(runs_dir / f".ckpt-{key}")  # runs.trained_run's checkpoint dir
+    found = latest_valid(runs_dir / f".ckpt-{key}")  # recipe.get_or_train's checkpoint dir
     mine = (key, found[2]["step"] if found else 0)
     views: list[Any] = [None] * comm.size
     try:
@@ -245,4 +248,4 @@ def _agree(comm: Any, key: str, runs_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    sys.exit(_worker_main())

@@ -1,11 +1,12 @@
-"""Run records: the run key, the run directory, memoisation, bitwise rebuild,
-verify and diff.
+"""Run records: the run key, the run directory (read, write), the run lock,
+and the differences between two records.
 
 runs/<run_key>/ is built in a temporary sibling and renamed into place, so a
 directory with that name is always complete. The key is the sha256 of the
 canonical JSON of the run's inputs: config, data hashes, code hash, and (in
-pinned mode) the toolchain fingerprint and numeric profile. Exact mode's bits
-depend on neither, so its key leaves them out (they are still recorded).
+pinned mode) the toolchain fingerprint and numeric profile: the mode decides
+(pipeline.modes, ``key_fields``). Exact mode's bits depend on neither, so its
+key leaves them out (they are still recorded).
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from . import atomic
+from . import atomic, modes
 from .config import Config, canonical_json, config_sha256, config_to_dict
 from .errors import CheckpointError, MismatchError
 
-__all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "trained_run",
-           "run_lock", "diff_runs", "input_differences", "RUN_FILES"]
-
-RUN_FILES = ("weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin")
+__all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "run_lock",
+           "clean_leftovers", "diff_runs", "input_differences"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +44,10 @@ class RunInputs:
     profile: dict[str, Any]
 
     def keyed(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"config": config_to_dict(self.config), "data": self.data,
-                             "code": self.code}
-        if self.config.mode == "pinned":
-            d["toolchain"], d["profile"] = self.toolchain, self.profile
-        return d
+        """The inputs the run key covers: those its mode's bits depend on."""
+        every = {"config": config_to_dict(self.config), "data": self.data, "code": self.code,
+                 "toolchain": self.toolchain, "profile": self.profile}
+        return {f: every[f] for f in modes.of(self.config.mode).key_fields}
 
     @property
     def key(self) -> str:
@@ -196,41 +194,7 @@ def run_lock(runs_dir: Path, key: str) -> Iterator[None]:
         lock.release()
 
 
-def trained_run(inputs: RunInputs, ds: Any, runs_dir: Path, *, comm: Any = None,
-                device: str = "cpu", quiet: bool = False,
-                extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
-    """The run for ``inputs``: reused if complete (memoised), else trained,
-    resuming from its checkpoints. Returns (run.json, reused).
-
-    With several ranks (``comm.size > 1``) the launcher holds the run lock
-    (pipeline.launch), rank 0's view of runs/ decides for all, and only rank
-    0 writes; another rank returns just the run key and its weights' hash."""
-    from .hashing import weights_sha256
-    from .train import train
-
-    key = inputs.key
-    final = runs_dir / key
-    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
-    with run_lock(runs_dir, key) if size == 1 else contextlib.nullcontext():
-        complete = is_complete(final) if rank == 0 else False
-        if size > 1:
-            complete = comm.decide(complete)
-        if rank == 0:
-            _clean_leftovers(runs_dir, key, complete)
-        if complete:
-            return (read_run(final) if rank == 0 else {"run_key": key}), True
-        started = time.time()
-        ckpt_dir = runs_dir / f".ckpt-{key}"
-        result = train(inputs.config, ds, run_key=key, ckpt_dir=ckpt_dir, comm=comm,
-                       device=device, quiet=quiet)
-        if rank != 0:
-            return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
-        record = write_run(final, inputs, result, started, extra or {})
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return record, False
-
-
-def _clean_leftovers(runs_dir: Path, key: str, complete: bool) -> None:
+def clean_leftovers(runs_dir: Path, key: str, complete: bool) -> None:
     """Remove what a writer killed by SIGKILL left: half-built run directories
     of this key, and its checkpoints once the run is complete. Only called
     under the run's lock, so no live writer owns them."""

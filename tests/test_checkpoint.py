@@ -1,6 +1,6 @@
-"""Tests for pipeline/checkpoint.py and the checkpoint half of pipeline/train.py
-(_save, _prune, _resume): what a checkpoint holds, that resuming from one is
-bitwise, and that a corrupt, foreign or untrusted one is refused.
+"""Tests for pipeline/checkpoint.py (Writer, prune, restore): what a checkpoint
+holds, that resuming from one is bitwise, and that a corrupt, foreign or
+untrusted one is refused.
 
 These train in this process, unpinned, with one torch thread: each test
 compares runs made in the same process, so the profile does not matter.
@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from pipeline import atomic, checkpoint, cli, data, runs
+from pipeline import _testing, atomic, checkpoint, cli, dataset, manifest, runs
 from pipeline import train as train_mod
 from pipeline.config import Config, load_config
 from pipeline.errors import CheckpointError, PipelineError
@@ -46,18 +46,17 @@ class _Marker:
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> data.Dataset:
-    return data.load_dataset(ROOT / "data-manifest.json", "digits",
-                             tmp_path_factory.mktemp("cache"))
+def ds(tmp_path_factory: pytest.TempPathFactory) -> dataset.Dataset:
+    cache = tmp_path_factory.mktemp("cache")
+    verified = manifest.verify(ROOT / "data-manifest.json", stat_cache_dir=cache)
+    return dataset.load(verified, "digits", cache)
 
 
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """One torch thread while a test trains (two xdist workers share two cores);
     no test-only switch leaks in from the caller's environment."""
-    for name in ("PIPELINE_TEST_SKIP_RNG_RESTORE", "PIPELINE_TEST_KILL_AT_STEP",
-                 "PIPELINE_TEST_KILL_IN_CHECKPOINT"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -68,7 +67,7 @@ def _cfg(overrides: list[str]) -> Config:
     return load_config(CONFIG, overrides)
 
 
-def _train(cfg: Config, ds: data.Dataset, ckpt: Path | None,
+def _train(cfg: Config, ds: dataset.Dataset, ckpt: Path | None,
            key: str = "k") -> train_mod.TrainResult:
     return train_mod.train(cfg, ds, run_key=key, ckpt_dir=ckpt, quiet=True)
 
@@ -83,7 +82,7 @@ def _same(a: train_mod.TrainResult, b: train_mod.TrainResult) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pinned_run(ds: data.Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def pinned_run(ds: dataset.Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The short pinned config uninterrupted, and the checkpoint dir of a
     second full run (it keeps its last two checkpoints, at steps 35 and 40)."""
     before = torch.get_num_threads()
@@ -174,7 +173,7 @@ def test_prune_keeps_two_and_drops_leftovers(tmp_path: Path) -> None:
     for s in (10, 20, 30, 40):
         checkpoint.checkpoint_path(tmp_path, s).write_bytes(b"x")
     (tmp_path / ".ckpt-000000040.safetensors.abc123.tmp").write_bytes(b"half")
-    train_mod._prune(tmp_path, 30, keep=2)
+    checkpoint.prune(tmp_path, 30, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt-000000020.safetensors", "ckpt-000000030.safetensors"]
 
@@ -182,7 +181,7 @@ def test_prune_keeps_two_and_drops_leftovers(tmp_path: Path) -> None:
 # --- resume --------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", MODES)
-def test_resume_is_bitwise(overrides: list[str], ds: data.Dataset, tmp_path: Path,
+def test_resume_is_bitwise(overrides: list[str], ds: dataset.Dataset, tmp_path: Path,
                            capfd: pytest.CaptureFixture[str]) -> None:
     """Resuming from the newest checkpoint, and from an older one, gives the
     uninterrupted run's weights, trail and metrics, bit for bit."""
@@ -209,7 +208,8 @@ def test_rng_restore_control(skip: str, pinned_run: dict[str, Any], tmp_path: Pa
     restores changes nothing: they are saved for library code only."""
     ckpt = _copy(pinned_run["ckpt"], tmp_path / "ckpt")
     checkpoint.checkpoint_path(ckpt, 40).unlink()  # resume mid-epoch 2, at step 35
-    monkeypatch.setenv("PIPELINE_TEST_SKIP_RNG_RESTORE", skip)
+    monkeypatch.setattr(_testing, "SWITCHES",
+                        _testing.Switches(skip_rng_restore=frozenset(skip.split(","))))
     resumed = _train(pinned_run["cfg"], pinned_run["ds"], ckpt)
     assert resumed.resumed_from == 35
     same = weights_sha256(resumed.params) == weights_sha256(pinned_run["ref"].params)
@@ -333,7 +333,7 @@ def _tampered(run_dir: Path, tmp: Path, how: str, marker: Path) -> Path:
 
 def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     # No re-exec of the test process, should a tampered run ever get past read_run.
-    monkeypatch.setenv("PIPELINE_TEST_NO_PIN", "1")
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
     return cli.main(argv)
 
 

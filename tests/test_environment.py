@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import _testing
 from pipeline import environment as env
 from pipeline.errors import ProfileError
 
 from .helpers import ROOT, pipeline_env
 
-# Every knob the design names as changing which kernel runs (DESIGN.md, issue 2).
+# Every knob the README names as changing which kernel runs (README.md, "What a
+# run is", the numeric profile; pipeline/profile.json holds them).
 REQUIRED_X86 = ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "PYTHONHASHSEED",
                 "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS"]
 
@@ -39,7 +41,7 @@ def test_unknown_architecture_is_refused() -> None:
 def test_simulated_isa_levels_decide_refusal(monkeypatch: pytest.MonkeyPatch,
                                              level: str, ok: bool) -> None:
     """A CPU below AVX2 is refused with the missing capability named."""
-    monkeypatch.setenv("PIPELINE_SIM_CPU_ISA", level)
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(sim_isa=level))
     profile = env.load_profile("x86_64")
     if ok:
         env.check_host(profile)

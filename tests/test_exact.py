@@ -1,4 +1,4 @@
-"""Exact mode (pipeline/exact.py, docs/exact-spec.md sections 3-9): the
+"""Exact mode (pipeline/exact/, docs/exact-spec.md sections 3-9): the
 operations against independent references, gradients against autograd, the
 optimisers against float64 formulas, and bit-identical training across
 thread counts and CPU instruction sets."""
@@ -265,7 +265,7 @@ def test_gradients_match_float64_autograd(arch: str) -> None:
     net = ExactNet(cfg, seed=7)
     x, y = _data(12, 17)
     g = np.random.default_rng(18)
-    keep = [torch.from_numpy(g.random((12, f)) >= 0.25) for f in net.dropout_shapes(12)]
+    keep = [torch.from_numpy(g.random((12, f)) >= 0.25) for f in net.dropout_widths()]
     loss, grads = net.shard_grads(x, y, 12, keep)
     p = {k: v.double().requires_grad_() for k, v in net.params.items()}
     ref = _reference_loss(net, p, x, y, keep)
@@ -431,7 +431,7 @@ for arch, opt_cls, steps in (("mlp", ExactSGD, 30), ("cnn", ExactAdam, 6)):
     for t in range(steps):
         rows = [(t * 32 + i) % 96 for i in range(32)]
         x, y = X[rows], Y[rows]
-        keep = [torch.from_numpy(drop.keep_mask(0.1, 32, f)) for f in net.dropout_shapes(32)]
+        keep = [torch.from_numpy(drop.keep_mask(0.1, 32, f)) for f in net.dropout_widths()]
         parts = [net.shard_grads(x[s:s + 16], y[s:s + 16], 32, [k[s:s + 16] for k in keep])
                  for s in (0, 16)]
         opt.step({k: tree_sum_list([p[1][k] for p in parts]) for k in net.params})

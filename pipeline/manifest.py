@@ -1,47 +1,34 @@
-"""Data files: the manifest, verification, the decoded-array cache, split and order.
+"""The data manifest: its schema, verification of every file, the stat cache.
 
 ``data-manifest.json`` names each data file with its sha256, size, source and
 licence; paths are relative to the directory holding the manifest (the data
-root). ``verify`` checks files against it (a stat cache makes a repeated check
-cheap); ``load_dataset`` decodes a verified file through a content-addressed
-cache that concurrent processes share under a file lock; ``split`` and
-``epoch_order`` are normative in docs/exact-spec.md, section 2.
+root). ``verify`` parses the manifest once and checks every file against it
+(a stat cache makes a repeated check cheap); its result, a ``Verified``, is
+what the rest of a run uses: nothing parses or hashes the manifest again.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import math
 import os
 import re
 import stat
-import sys
 import time
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO
 
-import numpy as np
 from filelock import FileLock
-from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
 
-from . import atomic, rng
+from . import atomic
 from .errors import DataIntegrityError
 
-__all__ = ["DECODER_VERSION", "DECODE_LOG_ENV", "ManifestEntry", "Dataset", "load_manifest",
-           "verify", "load_dataset", "split", "epoch_order", "batches", "default_cache_dir"]
+__all__ = ["ManifestEntry", "Verified", "load_manifest", "verify", "open_in_root",
+           "default_cache_dir", "FORMATS"]
 
-# Bump whenever decoding changes: it is part of every cache key.
-DECODER_VERSION = 1
 MANIFEST_VERSION = 1
-# Test-only switch (docs/architecture-notes.md): when set, every decode appends
-# "<pid> <cache key>" to this file (tests count decodes across processes with it).
-DECODE_LOG_ENV = "PIPELINE_TEST_DECODE_LOG"
 STAT_CACHE_NAME = "verify-stat-cache.json"
 _CHUNK = 1 << 20
 # A file rewritten within one timestamp tick after it was hashed keeps its
@@ -53,8 +40,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
                             "licence": str, "format": str, "columns": str, "rows": int,
                             "description": str}
-_FORMATS = ("csv.gz",)
-_PIXELS, _LABELS = 64, 10
+FORMATS = ("csv.gz",)  # how an entry decodes (pipeline.dataset)
 
 
 @dataclass(frozen=True)
@@ -74,14 +60,15 @@ class ManifestEntry:
 
 
 # eq=False: arrays have no truth value, so field-wise == and hash() would fail.
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """A decoded dataset: ``x`` (n, 64) float32 in [0, 1], ``y`` (n,) int64 in 0..9."""
 
-    name: str
-    sha256: str
-    x: np.ndarray
-    y: np.ndarray
+@dataclass(frozen=True)
+class Verified:
+    """The manifest as parsed and each checked file's sha256: one per run."""
+
+    path: Path                        # the manifest file
+    root: Path                        # the data root (the manifest's directory, resolved)
+    entries: dict[str, ManifestEntry]
+    hashes: dict[str, str]            # name -> sha256, for each file checked
 
 
 # --- manifest ---------------------------------------------------------------
@@ -131,8 +118,8 @@ def _entry_problems(name: str, raw: object) -> list[tuple[str, str, str]]:
     if raw["size"] < 0 or raw["rows"] < 0:
         probs.append((f"{where}.size/rows", "non-negative integers",
                       f"{raw['size']}, {raw['rows']}"))
-    if raw["format"] not in _FORMATS:
-        probs.append((f"{where}.format", f"one of {_FORMATS}", repr(raw["format"])))
+    if raw["format"] not in FORMATS:
+        probs.append((f"{where}.format", f"one of {FORMATS}", repr(raw["format"])))
     return probs
 
 
@@ -222,7 +209,7 @@ def _update_stat_cache(cache_dir: Path, records: dict[str, dict[str, Any]]) -> N
         atomic.write_bytes(path, blob.encode())
 
 
-def _open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
+def open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
     """Open the entry's file read-only, refusing anything that resolves outside ``root``."""
     target = root / entry.path
     promise = f"{entry.size} bytes with sha256 {entry.sha256}"
@@ -248,7 +235,7 @@ def _open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
 
 def _verify_one(entry: ManifestEntry, root: Path, cache: dict[str, Any] | None,
                 records: dict[str, dict[str, Any]]) -> str:
-    f, resolved = _open_in_root(entry, root)
+    f, resolved = open_in_root(entry, root)
     with f:
         st = os.fstat(f.fileno())
         if st.st_size != entry.size:
@@ -281,8 +268,8 @@ def _select(manifest: dict[str, ManifestEntry], names: Iterable[str] | None,
 
 
 def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = False,
-           stat_cache_dir: Path | None = None) -> dict[str, str]:
-    """Check every (or each named) file's location, size and sha256; return name -> sha256.
+           stat_cache_dir: Path | None = None) -> Verified:
+    """Check every (or each named) file's location, size and sha256.
 
     Raises DataIntegrityError at the first file that is missing, resolves
     outside the data root, or has the wrong size or hash. With
@@ -301,167 +288,7 @@ def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = 
              for e in _select(manifest, names, manifest_path)}
     if stat_cache_dir is not None and records:
         _update_stat_cache(Path(stat_cache_dir), records)
-    return found
-
-
-# --- decoding and the content-addressed cache --------------------------------
-
-def _bad_row(where: str, fields: list[str]) -> DataIntegrityError:
-    """The error for the first bad field of a row (called only for bad rows)."""
-    if len(fields) != _PIXELS + 1:
-        return DataIntegrityError(where, f"{_PIXELS + 1} comma-separated integers",
-                                  f"{len(fields)} fields")
-    for col, s in enumerate(fields):
-        what, hi = ("label", _LABELS - 1) if col == _PIXELS else (f"pixel {col}", 16)
-        if not re.fullmatch(r"[+-]?[0-9]+", s):
-            return DataIntegrityError(where, f"an integer {what}", repr(s))
-        if not 0 <= int(s) <= hi:
-            return DataIntegrityError(where, f"{what} in 0..{hi}", s)
-    raise AssertionError("_bad_row called on a good row")
-
-
-def _decode_csv_gz(blob: bytes, path: Path, expected_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parse and validate gzip'd CSV bytes: (pixels (n, 64) uint8, labels (n,) int64)."""
-    try:
-        text = gzip.decompress(blob).decode("ascii")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise DataIntegrityError(str(path), "gzip'd ASCII CSV", f"{type(e).__name__}: {e}") from e
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last row
-    # Fast path: up to 3 digits per field; _bad_row diagnoses the rest.
-    good = re.compile(r"[0-9]{1,3}(?:,[0-9]{1,3}){%d}" % _PIXELS)
-    for i, line in enumerate(lines):
-        if not good.fullmatch(line):
-            raise _bad_row(f"{path}:{i + 1}", line.split(","))
-    if len(lines) != expected_rows or not lines:
-        raise DataIntegrityError(str(path), f"{expected_rows} rows (manifest)", f"{len(lines)}")
-    rows = np.array([int(v) for v in ",".join(lines).split(",")], dtype=np.int64)
-    rows = rows.reshape(len(lines), _PIXELS + 1)  # (n, 65)
-    bad = (rows[:, :_PIXELS] > 16).any(axis=1) | (rows[:, _PIXELS] >= _LABELS)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise _bad_row(f"{path}:{i + 1}", lines[i].split(","))
-    return rows[:, :_PIXELS].astype(np.uint8), rows[:, _PIXELS].copy()
-
-
-def _decode(root: Path, entry: ManifestEntry, key: str) -> dict[str, np.ndarray]:
-    """Decode the entry's file from bytes hashed here, so what is decoded is what was
-    verified even if the file is swapped after ``verify`` (the cache key depends on it)."""
-    if log := os.environ.get(DECODE_LOG_ENV):
-        with open(log, "a", encoding="utf-8") as f:  # O_APPEND: one short write per line
-            f.write(f"{os.getpid()} {key}\n")
-    f, resolved = _open_in_root(entry, root)
-    with f:
-        blob = f.read()
-    if (found := hashlib.sha256(blob).hexdigest()) != entry.sha256:
-        raise DataIntegrityError(str(resolved), f"sha256 {entry.sha256}", f"sha256 {found}",
-                                 "the file changed while being loaded; run again")
-    pixels, labels = _decode_csv_gz(blob, resolved, entry.rows)
-    # X = f32(pixels) / 16: dividing by a power of two is exact (spec section 2).
-    return {"x": pixels.astype(np.float32) / np.float32(16), "y": labels}
-
-
-def _st_data(blob: bytes) -> tuple[dict[str, str], bytes]:
-    """(metadata, tensor data section) of a safetensors byte string."""
-    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
-    if not 0 <= n <= len(blob) - 8:
-        raise ValueError("truncated safetensors header")
-    meta = json.loads(blob[8:8 + n]).get("__metadata__") or {}
-    return meta, blob[8 + n:]
-
-
-def _encode_entry(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
-    """safetensors bytes whose metadata records the sha256 of its tensor data section.
-
-    The data section does not depend on the header, so hash it from a first
-    serialisation, then serialise again with the digest in the metadata.
-    """
-    digest = hashlib.sha256(_st_data(_st_save(arrays, meta))[1]).hexdigest()
-    return _st_save(arrays, {**meta, "data_sha256": digest})
-
-
-def _read_entry(path: Path, meta_want: dict[str, str], rows: int) -> dict[str, np.ndarray] | str:
-    """The cached arrays, or why the entry is unusable ("missing" or a corruption)."""
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        return "missing"
-    try:
-        meta, data = _st_data(blob)
-        found = hashlib.sha256(data).hexdigest()
-        if meta.get("data_sha256") != found:
-            return f"data sha256 {found}, recorded {meta.get('data_sha256')}"
-        if any(meta.get(k) != v for k, v in meta_want.items()):
-            return f"metadata {meta}, expected {meta_want}"
-        arrays = _st_load(blob)  # never unpickles: safetensors holds raw tensors only
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt entry
-        return f"unreadable ({type(e).__name__}: {e})"
-    x, y = arrays.get("x"), arrays.get("y")
-    if (x is None or y is None or x.dtype != np.float32 or x.shape != (rows, _PIXELS)
-            or y.dtype != np.int64 or y.shape != (rows,)):
-        return "wrong tensors, dtypes or shapes"
-    return {"x": x, "y": y}
-
-
-def load_dataset(manifest_path: Path, name: str, cache_dir: Path) -> Dataset:
-    """Verify ``name``'s file, then return it decoded, through the cache in ``cache_dir``.
-
-    The cache key is ``<file sha256>-v<DECODER_VERSION>``; the entry is one
-    safetensors file written atomically, checked on every read; a corrupt
-    entry is reported on stderr and rebuilt. A ``FileLock`` per key makes
-    concurrent processes decode once.
-    """
-    manifest_path, cache_dir = Path(manifest_path), Path(cache_dir)
-    sha = verify(manifest_path, names=[name], stat_cache_dir=cache_dir)[name]
-    entry = load_manifest(manifest_path)[name]
-    key = f"{sha}-v{DECODER_VERSION}"
-    path = cache_dir / f"{key}.safetensors"
-    meta = {"source_sha256": sha, "decoder_version": str(DECODER_VERSION)}
-    got = _read_entry(path, meta, entry.rows)  # lock-free: entries are replaced atomically
-    if isinstance(got, str):
-        with FileLock(cache_dir / (key + ".lock")):
-            got = _read_entry(path, meta, entry.rows)  # another process may have written it
-            if isinstance(got, str):
-                if got != "missing":
-                    print(f"warning: data cache entry {path} is corrupt ({got}); "
-                          "discarding and decoding again", file=sys.stderr)
-                    path.unlink(missing_ok=True)
-                got = _decode(manifest_path.parent.resolve(), entry, key)
-                atomic.write_bytes(path, _encode_entry(got, meta))
-    return Dataset(name=name, sha256=sha, x=got["x"], y=got["y"])
-
-
-# --- split and order (docs/exact-spec.md, section 2) --------------------------
-
-def _check_seed(seed: int) -> None:
-    if type(seed) is not int or not 0 <= seed < 1 << 63:
-        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-
-
-def split(ds: Dataset, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train_ids, test_ids), both in ``perm`` order, keyed by seed and the data's sha256."""
-    _check_seed(seed)
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
-    n = len(ds.y)
-    perm = rng.permutation(rng.key(seed, rng.SPLIT, int(ds.sha256[:16], 16)), n)
-    n_test = math.floor(n * float(test_fraction))  # f64 product, as specified
-    return perm[n_test:].astype(np.int64), perm[:n_test].astype(np.int64)
-
-
-def epoch_order(train_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """``train_ids`` permuted for 0-based ``epoch`` by ``key(seed, SHUFFLE, epoch)``."""
-    _check_seed(seed)
-    return np.asarray(train_ids)[rng.permutation(rng.key(seed, rng.SHUFFLE, epoch),
-                                                 len(train_ids))]
-
-
-def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Consecutive ``batch_size`` slices of ``order``; a last partial batch is dropped."""
-    if type(batch_size) is not int or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return Verified(manifest_path, root, manifest, found)
 
 
 def default_cache_dir() -> Path:

@@ -1,73 +1,46 @@
-"""Models built from the config, for both numeric modes, behind one small
-interface the training loop uses:
-
-- ``net.params``: name -> tensor (names fc0.weight, conv0.bias, ...);
-- ``net.dropout_widths()``: the feature width of each dropout site;
-- ``net.shard_grads(x, y, n_global, keep)``: (the shard's summed loss, the
-  gradients by name of that sum divided by n_global, the global batch size);
-- ``net.predict(x)``: logits, no dropout;
-- ``make_optimizer(cfg, net)``: ``step(grads)``, ``state_tensors()``,
-  ``state_scalars()``, ``load_state(tensors, scalars)``.
-
-Pinned mode is stock torch (nn modules, autograd, torch.optim); exact mode is
-pipeline.exact (docs/exact-spec.md).
-"""
+"""Pinned mode's network and optimiser: stock torch (nn modules, autograd,
+torch.optim), reproducible under the pinned numeric profile
+(pipeline.environment). They implement the Net and Optimizer protocols of
+pipeline.modes."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, ModelConfig, OptimConfig
+from .config import ModelConfig, OptimConfig
 
-__all__ = ["Net", "Optimizer", "PinnedNet", "make_net", "make_optimizer", "N_FEATURES",
-           "N_CLASSES"]
-
-N_FEATURES, N_CLASSES = 64, 10
-
-
-class Net(Protocol):
-    params: dict[str, torch.Tensor]
-
-    def dropout_widths(self) -> list[int]: ...
-    def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
-                    keep: list[torch.Tensor] | None) -> tuple[torch.Tensor,
-                                                              dict[str, torch.Tensor]]: ...
-    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-class Optimizer(Protocol):
-    def step(self, grads: dict[str, torch.Tensor]) -> None: ...
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
-    def state_scalars(self) -> dict[str, Any]: ...
-    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None: ...
+__all__ = ["PinnedNet", "TorchOptimizer"]
 
 
 class _Module(nn.Module):
     """The stock-torch network: MLP (fc0..fcL) or CNN (conv0, conv1, fc0)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.input_shape = input_shape
         if cfg.arch == "mlp":
-            sizes = [N_FEATURES, *cfg.hidden, N_CLASSES]
+            sizes = [math.prod(input_shape), *cfg.hidden, n_classes]
             for i in range(len(sizes) - 1):
                 self.add_module(f"fc{i}", nn.Linear(sizes[i], sizes[i + 1]))
             self.n_fc = len(sizes) - 1
         else:
-            self.conv0 = nn.Conv2d(1, 8, 3, stride=1, padding=1)
+            c, h, w = input_shape
+            self.conv0 = nn.Conv2d(c, 8, 3, stride=1, padding=1)
             self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)  # 8x8 -> 4x4
-            self.fc0 = nn.Linear(16 * 4 * 4, N_CLASSES)
+            self.fc0 = nn.Linear(16 * ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1), n_classes)
             self.n_fc = 1
 
     def forward(self, x: torch.Tensor, keep: list[torch.Tensor] | None) -> torch.Tensor:
         if self.cfg.arch == "cnn":
-            x = x.reshape(-1, 1, 8, 8)                    # (N, 64) -> (N, 1, 8, 8)
+            x = x.reshape(-1, *self.input_shape)           # (N, 64) -> (N, 1, 8, 8)
             x = F.relu(self.conv1(F.relu(self.conv0(x))))  # -> (N, 16, 4, 4)
-            return self.fc0(x.flatten(1))                  # -> (N, 10)
+            return self.fc0(x.flatten(1))                  # -> (N, classes)
         scale = 1.0 / (1.0 - self.cfg.dropout)
         for i in range(self.n_fc - 1):
             x = F.relu(getattr(self, f"fc{i}")(x))
@@ -79,12 +52,14 @@ class _Module(nn.Module):
 class PinnedNet:
     """Stock torch kernels; reproducible under the pinned numeric profile."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int, device: torch.device, *,
+                 input_shape: tuple[int, ...], n_classes: int) -> None:
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)  # explicit: init draws only from it
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.set_state(gen.get_state())
-            self.module = _Module(cfg)  # nn's default init draws from the default generator
+            # nn's default init draws from the default generator
+            self.module = _Module(cfg, tuple(input_shape), n_classes)
         self.module.to(device)
         self.params = dict(self.module.named_parameters())
 
@@ -113,7 +88,7 @@ class PinnedNet:
         return self.module(x, None)
 
 
-class _TorchOptimizer:
+class TorchOptimizer:
     """torch.optim behind the Optimizer interface; state keyed by param name."""
 
     _STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step")}
@@ -160,17 +135,3 @@ class _TorchOptimizer:
             if tensors:
                 self.opt.state[p] = {k: tensors[f"{k}.{name}"].clone().to(p.device)
                                      for k in self._STATE[self.cfg.name]}
-
-
-def make_net(cfg: Config, device: torch.device) -> Net:
-    if cfg.mode == "exact":
-        from .exact import ExactNet
-        return ExactNet(cfg.model, cfg.seed, device)  # type: ignore[return-value]
-    return PinnedNet(cfg.model, cfg.seed, device)
-
-
-def make_optimizer(cfg: Config, net: Net) -> Optimizer:
-    if cfg.mode == "exact":
-        from .exact import make_exact_optimizer
-        return make_exact_optimizer(cfg.optim, net.params)  # type: ignore[return-value]
-    return _TorchOptimizer(cfg.optim, net.params)

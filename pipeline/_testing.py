@@ -1,0 +1,101 @@
+"""Test-only switches, read once from the environment when the package starts,
+and the one fault hook through which the training loop and the checkpoint
+writer honour them. No other module reads a ``PIPELINE_TEST_*`` variable.
+
+Never set these for real runs (README, "Test-only switches"):
+
+- ``PIPELINE_TEST_NO_PIN=1``: no re-exec, no profile (the suite's control);
+- ``PIPELINE_SIM_CPU_ISA=default|avx2|avx512``: treat the CPU as offering
+  only up to that ISA level;
+- ``PIPELINE_TEST_SKIP_RNG_RESTORE=python,numpy,torch_cpu,cuda,dropout``:
+  resume without restoring those RNG states (the resume control);
+- ``PIPELINE_TEST_DECODE_LOG=FILE``: append ``<pid> <cache key>`` per decode;
+- ``PIPELINE_TEST_KILL_AT_STEP=N``: SIGKILL after step N and its checkpoint;
+- ``PIPELINE_TEST_KILL_IN_CHECKPOINT=N``: SIGKILL while checkpoint N is half
+  written (temp file synced, not yet renamed);
+- ``PIPELINE_TEST_KILL_RANK_AT_STEP=R:S``: SIGKILL rank R after step S;
+- ``PIPELINE_TEST_PLAIN_ALLREDUCE=1``: ``dist.all_reduce(SUM)`` instead of
+  the fixed tree (the world-size control).
+
+In-process tests replace ``SWITCHES`` (``monkeypatch.setattr``); tests that
+start processes set the variables, which the new process reads here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["Switches", "SWITCHES", "read", "fault", "note_decode"]
+
+
+@dataclass(frozen=True)
+class Switches:
+    no_pin: bool = False
+    sim_isa: str | None = None
+    skip_rng_restore: frozenset[str] = frozenset()
+    decode_log: str | None = None
+    kill_at_step: int | None = None
+    kill_in_checkpoint: int | None = None
+    kill_rank_at_step: tuple[int, int] | None = None
+    plain_allreduce: bool = False
+
+
+def _int(environ: Mapping[str, str], name: str) -> int | None:
+    v = environ.get(name)
+    return int(v) if v else None
+
+
+def read(environ: Mapping[str, str]) -> Switches:
+    """The switches an environment sets (unset or empty: off)."""
+    rank_step = environ.get("PIPELINE_TEST_KILL_RANK_AT_STEP")
+    r, _, s = (rank_step or "").partition(":")
+    return Switches(
+        no_pin=environ.get("PIPELINE_TEST_NO_PIN") == "1",
+        sim_isa=environ.get("PIPELINE_SIM_CPU_ISA") or None,
+        skip_rng_restore=frozenset(
+            filter(None, environ.get("PIPELINE_TEST_SKIP_RNG_RESTORE", "").split(","))),
+        decode_log=environ.get("PIPELINE_TEST_DECODE_LOG") or None,
+        kill_at_step=_int(environ, "PIPELINE_TEST_KILL_AT_STEP"),
+        kill_in_checkpoint=_int(environ, "PIPELINE_TEST_KILL_IN_CHECKPOINT"),
+        kill_rank_at_step=(int(r), int(s)) if rank_step else None,
+        plain_allreduce=environ.get("PIPELINE_TEST_PLAIN_ALLREDUCE") == "1",
+    )
+
+
+SWITCHES = read(os.environ)
+
+
+def _kill(why: str) -> None:
+    print(f"test: SIGKILL {why} (time {time.time():.3f})", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault(point: str, step: int, rank: int = 0,
+          flush: Callable[[], None] | None = None) -> None:
+    """The fault hook. ``point`` is "step" (after step ``step`` of this
+    rank, its checkpoint queued; ``flush`` waits for that write so a kill
+    after step N leaves checkpoint N on disk) or "checkpoint" (checkpoint
+    ``step``'s temp file is synced, not yet renamed)."""
+    sw = SWITCHES
+    if point == "checkpoint":
+        if sw.kill_in_checkpoint == step:
+            _kill(f"in checkpoint {step}")
+        return
+    if sw.kill_rank_at_step == (rank, step):
+        _kill(f"rank {rank} at step {step}")
+    if sw.kill_at_step == step:
+        if flush is not None:
+            flush()
+        _kill(f"after step {step}")
+
+
+def note_decode(key: str) -> None:
+    """Append ``<pid> <key>`` to the decode log (tests count decodes)."""
+    if SWITCHES.decode_log:
+        with open(SWITCHES.decode_log, "a", encoding="utf-8") as f:  # O_APPEND: one write
+            f.write(f"{os.getpid()} {key}\n")

@@ -1,0 +1,33 @@
+"""Exact mode: operations, a network and optimisers whose every result bit is
+fixed by docs/exact-spec.md and IEEE-754, not by the torch version, ISA,
+thread count or device.
+
+- ``ops``: the exact matrix product, fixed summation trees, exp/log, sqrt,
+  softmax cross-entropy, ReLU/dropout, im2col/col2im (spec sections 4-7);
+- ``net``: ``ExactNet``, the spec's MLP or CNN with explicit backward;
+- ``optim``: ``ExactSGD``, ``ExactAdam`` (spec section 9).
+"""
+
+from __future__ import annotations
+
+from .net import ExactNet
+from .ops import (
+                  col2im,
+                  im2col,
+                  mm_quantised,
+                  quantise,
+                  relu_dropout,
+                  relu_dropout_grad,
+                  softmax_xent,
+                  sqrt32,
+                  tree_sum,
+                  tree_sum_list,
+                  xexp,
+                  xlog,
+                  xmm,
+)
+from .optim import ExactAdam, ExactSGD, make_exact_optimizer
+
+__all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
+           "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im",
+           "ExactNet", "ExactSGD", "ExactAdam", "make_exact_optimizer"]

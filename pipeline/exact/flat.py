@@ -1,0 +1,45 @@
+"""Shared by the exact net and optimisers: f32 rounding of Python scalars,
+and parameter/state tensors laid end to end in one flat buffer (so that an
+elementwise formula runs as one op over every tensor: the same bits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["rn32", "flat_views", "flat_of", "F32"]
+
+F32 = torch.float32
+
+
+def rn32(x: float) -> float:
+    """``RN32(x)`` of an f64 as a Python float (exactly an f32 value), so that
+    torch's own cast of the scalar to f32 is exact."""
+    return float(np.float32(x))
+
+
+def flat_views(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Copies of ``tensors`` as contiguous views laid end to end in one new
+    buffer on ``device`` (see ``flat_of``)."""
+    flat = torch.empty(sum(t.numel() for t in tensors.values()), dtype=F32, device=device)
+    out, off = {}, 0
+    for name, t in tensors.items():
+        out[name] = flat[off:off + t.numel()].view(t.shape)
+        out[name].copy_(t)
+        off += t.numel()
+    return out
+
+
+def flat_of(ts: list[Tensor]) -> Tensor | None:
+    """One 1-D view over ``ts`` when they are contiguous f32 tensors laid end
+    to end in one storage (in list order), else None. Elementwise formulas
+    give the same bits on the view as on each tensor."""
+    first = ts[0]
+    base, off = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in ts:
+        if (t.dtype != F32 or not t.is_contiguous() or t.storage_offset() != off
+                or t.untyped_storage().data_ptr() != base):
+            return None
+        off += t.numel()
+    return first.as_strided((off - first.storage_offset(),), (1,), first.storage_offset())

@@ -1,0 +1,162 @@
+"""The two numeric modes as objects: everything that differs between them.
+
+A ``Mode`` prepares the process (pinned: the numeric profile, re-executing
+the interpreter if needed; exact: nothing), names the inputs its run key
+covers, builds the network and the optimiser, and keys golden entries.
+``of(name)`` is the one place a config's ``mode`` string becomes a Mode;
+nothing else in the package branches on the string.
+
+The training loop talks to nets and optimisers through two small protocols:
+
+- ``net.params``: name -> tensor (fc0.weight, conv0.bias, ...);
+- ``net.dropout_widths()``: the feature width of each dropout site;
+- ``net.shard_grads(x, y, n_global, keep)``: (the shard's summed loss, the
+  gradients by name of that sum divided by n_global, the global batch size);
+- ``net.predict(x)``: logits, no dropout;
+- ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
+  ``load_state(tensors, scalars)``.
+
+torch is imported only inside methods: this module is loaded before the
+pinned profile is in place (pipeline.environment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import environment as env
+from .config import Config, canonical_json
+from .errors import ProfileError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .dataset import Dataset
+
+__all__ = ["Mode", "Net", "Optimizer", "of", "PINNED", "EXACT"]
+
+
+class Net(Protocol):
+    params: dict[str, torch.Tensor]
+
+    def dropout_widths(self) -> list[int]: ...
+    def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
+                    keep: list[torch.Tensor] | None) -> tuple[torch.Tensor,
+                                                              dict[str, torch.Tensor]]: ...
+    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Optimizer(Protocol):
+    def step(self, grads: dict[str, torch.Tensor]) -> None: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+    def state_scalars(self) -> dict[str, Any]: ...
+    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None: ...
+
+
+class Mode:
+    """What a numeric mode decides. ``key_fields``: the inputs its run key
+    (and golden key) covers, of config, data, code, toolchain, profile."""
+
+    name: str
+    key_fields: tuple[str, ...]
+
+    def prepare(self, argv: list[str]) -> dict[str, Any]:
+        """Make this process fit to train; return its profile record."""
+        raise NotImplementedError
+
+    def require_prepared(self) -> None:
+        """Raise unless this process (a launched worker) inherited ``prepare``'s work."""
+
+    def pins_threads(self) -> bool:
+        """Whether ``prepare`` fixes the thread count (else a launcher does)."""
+        return False
+
+    def make_net(self, cfg: Config, ds: Dataset, device: torch.device) -> Net:
+        raise NotImplementedError
+
+    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+        raise NotImplementedError
+
+    def golden_key(self, record: dict[str, Any]) -> dict[str, str]:
+        """The key of a run record's golden entry: the config, and the
+        toolchain and profile only where the mode's bits depend on them."""
+        def digest(field: str) -> str:
+            return hashlib.sha256(canonical_json(record[field])).hexdigest()
+        key = {"mode": self.name, "config_sha256": record["config_sha256"],
+               "toolchain": "any", "profile": "any"}
+        if "toolchain" in self.key_fields:
+            key["toolchain"] = digest("toolchain")
+        if "profile" in self.key_fields:
+            key["profile"] = record["profile"]["name"] + ":" + digest("profile")[:16]
+        return key
+
+
+class _Pinned(Mode):
+    """Stock torch kernels under the pinned numeric profile."""
+
+    name = "pinned"
+    key_fields = ("config", "data", "code", "toolchain", "profile")
+
+    def prepare(self, argv: list[str]) -> dict[str, Any]:
+        """Re-execute with the profile's environment (or refuse this CPU)."""
+        if env.pinning_disabled():
+            return env.profile_record(None)
+        profile = env.load_profile()
+        env.check_host(profile)
+        if env.needs_reexec(profile):
+            env.reexec(profile, argv)  # does not return
+        env.apply_in_process(profile)
+        return env.profile_record(profile)
+
+    def require_prepared(self) -> None:
+        if env.pinning_disabled():
+            return
+        profile = env.load_profile()
+        if env.needs_reexec(profile):
+            raise ProfileError(f"worker started without numeric profile {profile.name}'s "
+                               f"environment; start workers with `pipeline train --nproc N`, "
+                               f"which pins before torchrun starts them")
+
+    def pins_threads(self) -> bool:
+        return not env.pinning_disabled()
+
+    def make_net(self, cfg: Config, ds: Dataset, device: torch.device) -> Net:
+        from .pinned import PinnedNet
+        return PinnedNet(cfg.model, cfg.seed, device, input_shape=ds.input_shape,
+                         n_classes=ds.n_classes)
+
+    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+        from .pinned import TorchOptimizer
+        return TorchOptimizer(cfg.optim, net.params)
+
+
+class _Exact(Mode):
+    """IEEE-754-determined arithmetic (pipeline.exact): nothing to pin."""
+
+    name = "exact"
+    key_fields = ("config", "data", "code")
+
+    def prepare(self, argv: list[str]) -> dict[str, Any]:
+        return env.profile_record(None)
+
+    def make_net(self, cfg: Config, ds: Dataset, device: torch.device) -> Net:
+        from .exact import ExactNet
+        return ExactNet(cfg.model, cfg.seed, device, input_shape=ds.input_shape,
+                        n_classes=ds.n_classes)
+
+    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+        from .exact import make_exact_optimizer
+        return make_exact_optimizer(cfg.optim, net.params)
+
+
+PINNED, EXACT = _Pinned(), _Exact()
+_MODES = {m.name: m for m in (PINNED, EXACT)}
+
+
+def of(name: str) -> Mode:
+    """The Mode a config or run record names."""
+    try:
+        return _MODES[name]
+    except KeyError:
+        raise UsageError(f"mode: expected one of {sorted(_MODES)}, found {name!r}") from None

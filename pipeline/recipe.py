@@ -1,0 +1,134 @@
+"""The recipe of a run: pin -> verify -> get-or-train -> record.
+
+Every command that trains goes through here: ``pipeline train`` (one process),
+the ``--nproc`` launcher and its workers (pipeline.launch), ``--rebuild`` and
+``pipeline verify``. ``prepare`` makes the process fit to train (the mode's
+profile, re-executing if needed), verifies every data file once and decodes
+the dataset; ``get_or_train`` reuses the run's complete directory or trains
+it (resuming from its checkpoints) and writes the record; ``rebuild`` and
+``verify_run`` retrain in a temporary directory and compare bit for bit.
+
+Heavy modules (numpy, torch) are imported only after ``prepare`` pinned the
+process: the numeric profile must be in place before torch loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import manifest, modes, runs
+from .config import Config, config_from_dict
+from .environment import project_root
+from .errors import MismatchError, UsageError
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
+
+__all__ = ["Prepared", "prepare", "get_or_train", "rebuild", "verify_run", "manifest_path"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A process fit to train ``inputs``: pinned, data verified and decoded."""
+
+    inputs: runs.RunInputs
+    ds: Dataset
+
+
+def manifest_path() -> Path:
+    return project_root() / "data-manifest.json"
+
+
+def prepare(cfg: Config, argv: list[str]) -> Prepared:
+    """Pin (the mode's way; pinned mode may re-execute with ``argv``), verify
+    every data file before anything is written, decode the config's dataset."""
+    from . import dataset
+
+    profile = modes.of(cfg.mode).prepare(argv)
+    cache = manifest.default_cache_dir()
+    # Every file, hashed once; the stat cache spares a repeated run the hashing.
+    verified = manifest.verify(manifest_path(), stat_cache_dir=cache)
+    ds = dataset.load(verified, cfg.data.dataset, cache)
+    name = cfg.data.dataset
+    return Prepared(runs.run_inputs(cfg, {name: verified.hashes[name]}, profile), ds)
+
+
+def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
+                 quiet: bool = False, extra: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], bool]:
+    """The run for ``prep.inputs``: reused if complete (memoised), else trained,
+    resuming from its checkpoints. Returns (run.json, reused).
+
+    With several ranks (``comm.size > 1``) the launcher holds the run lock
+    (pipeline.launch), rank 0's view of runs/ decides for all, and only rank
+    0 writes; another rank returns just the run key and its weights' hash."""
+    from .hashing import weights_sha256
+    from .train import train
+
+    key = prep.inputs.key
+    final = runs_dir / key
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    with runs.run_lock(runs_dir, key) if size == 1 else contextlib.nullcontext():
+        complete = runs.is_complete(final) if rank == 0 else False
+        if size > 1:
+            complete = comm.decide(complete)
+        if rank == 0:
+            runs.clean_leftovers(runs_dir, key, complete)
+        if complete:
+            return (runs.read_run(final) if rank == 0 else {"run_key": key}), True
+        started = time.time()
+        ckpt_dir = runs_dir / f".ckpt-{key}"
+        result = train(prep.inputs.config, prep.ds, run_key=key, ckpt_dir=ckpt_dir, comm=comm,
+                       device=device, quiet=quiet)
+        if rank != 0:
+            return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
+        record = runs.write_run(final, prep.inputs, result, started, extra or {})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return record, False
+
+
+def _retrain(prep: Prepared, *, device: str, quiet: bool, what: str) -> dict[str, Any]:
+    """Train ``prep`` from scratch in a temporary runs directory."""
+    with tempfile.TemporaryDirectory(prefix=f"pipeline-{what}-") as tmp:
+        again, _ = get_or_train(prep, Path(tmp), device=device, quiet=quiet)
+    return again
+
+
+def rebuild(prep: Prepared, record: dict[str, Any], *, device: str = "cpu",
+            quiet: bool = False) -> None:
+    """Retrain and compare with ``record`` bit for bit (MismatchError if not)."""
+    again = _retrain(prep, device=device, quiet=quiet, what="rebuild")
+    if again["weights_sha256"] != record["weights_sha256"]:
+        raise MismatchError(f"rebuild differs: recorded sha256:{record['weights_sha256']}, "
+                            f"rebuilt sha256:{again['weights_sha256']}")
+
+
+def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
+               ) -> tuple[dict[str, Any], list[str]]:
+    """Retrain the run in ``run_dir`` from its recorded config and compare its
+    weights bit for bit. Returns (its record, the inputs that differ here)."""
+    record = runs.read_run(run_dir)
+    try:
+        cfg = config_from_dict(record["config"], f"{run_dir}/run.json")
+    except (KeyError, TypeError):
+        raise UsageError(f"{run_dir}/run.json: expected a config, found none") from None
+    prep = prepare(cfg, argv)
+    differences = []
+    if prep.inputs.key != record["run_key"]:
+        i = prep.inputs
+        here = {"config": i.keyed()["config"], "data": i.data, "code_sha256": i.code,
+                "toolchain": i.toolchain, "profile": i.profile}
+        differences = runs.input_differences(record, here)
+    again = _retrain(prep, device="cpu", quiet=quiet, what="verify")
+    if again["weights_sha256"] != record["weights_sha256"]:
+        why = "".join(f"\n  {line}" for line in differences)
+        raise MismatchError(f"verify failed: recorded sha256:{record['weights_sha256']}, "
+                            f"retrained sha256:{again['weights_sha256']}"
+                            + (f"; inputs that differ here:{why}" if why else ""))
+    return record, differences

@@ -1,0 +1,35 @@
+"""Shared by the data tests: a private copy of the shipped manifest and data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHA = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+
+
+def make_manifest(tmp_path: Path) -> Path:
+    """A private copy of the shipped manifest and data under tmp_path/root."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    shutil.copy(REPO / "data-manifest.json", root / "data-manifest.json")
+    shutil.copy(REPO / "data" / "digits.csv.gz", root / "data" / "digits.csv.gz")
+    return root / "data-manifest.json"
+
+
+def edit_manifest(manifest: Path, **fields: Any) -> None:
+    raw = json.loads(manifest.read_text())
+    raw["files"]["digits"].update(fields)
+    manifest.write_text(json.dumps(raw))
+
+
+def register(manifest: Path, payload: bytes, rows: int) -> None:
+    """Replace the digits file by ``payload`` and make the manifest promise it."""
+    (manifest.parent / "data" / "digits.csv.gz").write_bytes(payload)
+    edit_manifest(manifest, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload),
+                   rows=rows)
+

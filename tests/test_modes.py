@@ -1,0 +1,71 @@
+"""Tests for pipeline/modes.py: the one map from the mode string to a Mode,
+and what each mode decides (key fields, golden key, nets from the dataset's
+shapes, process preparation)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline import _testing, modes
+from pipeline.config import load_config
+from pipeline.errors import UsageError
+
+
+def test_of_maps_each_mode_and_refuses_others() -> None:
+    """`of` returns the one Mode per name and names the choices otherwise."""
+    assert modes.of("pinned") is modes.PINNED and modes.of("exact") is modes.EXACT
+    with pytest.raises(UsageError, match=r"\['exact', 'pinned'\].*'fast'"):
+        modes.of("fast")
+
+
+def test_key_fields_pinned_covers_the_machine_exact_does_not() -> None:
+    """Pinned bits depend on the toolchain and profile; exact bits do not."""
+    assert set(modes.PINNED.key_fields) == {"config", "data", "code", "toolchain", "profile"}
+    assert set(modes.EXACT.key_fields) == {"config", "data", "code"}
+
+
+def _record(mode: str, torch_version: str) -> dict[str, object]:
+    return {"mode": mode, "config_sha256": "c" * 64, "toolchain": {"torch": torch_version},
+            "profile": {"name": "p", "threads": 1}}
+
+
+def test_golden_key_exact_is_toolchain_free_pinned_is_not() -> None:
+    """Two toolchains share one exact golden key and have two pinned ones."""
+    a, b = _record("exact", "2.13.0"), _record("exact", "2.14.1")
+    assert modes.EXACT.golden_key(a) == modes.EXACT.golden_key(b)
+    assert modes.EXACT.golden_key(a)["toolchain"] == "any"
+    pa, pb = _record("pinned", "2.13.0"), _record("pinned", "2.14.1")
+    assert modes.PINNED.golden_key(pa) != modes.PINNED.golden_key(pb)
+    assert modes.PINNED.golden_key(pa)["profile"].startswith("p:")
+
+
+@pytest.mark.parametrize("mode", ["pinned", "exact"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_nets_take_their_shapes_from_the_dataset(mode: str, arch: str) -> None:
+    """A dataset of 2x6x6 inputs and 3 classes gives a net with those shapes
+    and (N, 3) logits: no model reads a digits constant."""
+    overrides = [f"mode={mode}", f"model.arch={arch}"]
+    overrides += ["model.dropout=0.0", "model.hidden=[]"] if arch == "cnn" else []
+    cfg = load_config(None, overrides)
+    shapes = SimpleNamespace(input_shape=(2, 6, 6), n_classes=3)
+    net = modes.of(mode).make_net(cfg, shapes, torch.device("cpu"))  # type: ignore[arg-type]
+    first = "conv0.weight" if arch == "cnn" else "fc0.weight"
+    assert net.params[first].shape[1] == (2 if arch == "cnn" else 72)
+    assert net.predict(torch.rand(5, 72)).shape == (5, 3)
+    opt = modes.of(mode).make_optimizer(cfg, net)
+    assert opt.state_scalars() is not None
+
+
+def test_prepare_exact_pins_nothing_and_pinned_control_is_unpinned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact mode never re-executes; pinned mode with the no-pin control
+    records an unpinned profile and does not fix the thread count."""
+    assert modes.EXACT.prepare(["train"])["name"] == "unpinned"
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
+    assert modes.PINNED.prepare(["train"])["name"] == "unpinned"
+    assert not modes.PINNED.pins_threads()
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
+    assert modes.PINNED.pins_threads() and not modes.EXACT.pins_threads()

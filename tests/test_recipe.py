@@ -1,0 +1,67 @@
+"""Tests for pipeline/recipe.py: prepare verifies once, get-or-train reuses a
+complete run, rebuild and verify compare bit for bit (and fail when the bits
+differ). In this process, with the no-pinning control: the recipe's logic,
+not the profile, is under test here (the profile: tests/test_determinism.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import _testing, manifest, recipe
+from pipeline.config import load_config
+from pipeline.errors import MismatchError
+
+SHORT = ["train.epochs=1", "model.hidden=[16]"]
+
+
+@pytest.fixture(autouse=True)
+def unpinned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_prepare_verifies_every_file_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One manifest parse and one verification per prepared run."""
+    calls: list[Any] = []
+    real = manifest.verify
+    monkeypatch.setattr(manifest, "verify", lambda *a, **k: calls.append(a) or real(*a, **k))
+    parses: list[Any] = []
+    real_load = manifest.load_manifest
+    monkeypatch.setattr(manifest, "load_manifest",
+                        lambda p: parses.append(p) or real_load(p))
+    prep = recipe.prepare(load_config(None, SHORT), ["train"])
+    assert len(calls) == 1 and len(parses) == 1
+    assert prep.ds.input_shape == (1, 8, 8) and prep.ds.n_classes == 10
+    assert prep.inputs.data == {"digits": prep.ds.sha256}
+
+
+def test_second_call_reuses_and_rebuild_agrees(tmp_path: Path) -> None:
+    """A complete run is reused as is; rebuild retrains to the same bits."""
+    prep = recipe.prepare(load_config(None, SHORT), ["train"])
+    first, reused = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
+    assert not reused
+    again, reused = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
+    assert reused and again == first
+    recipe.rebuild(prep, first, quiet=True)
+
+
+def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
+    """Control: a record whose weight hash is not what training gives is a
+    mismatch for rebuild; verify of a record edited that way fails too."""
+    prep = recipe.prepare(load_config(None, SHORT), ["train"])
+    record, _ = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
+    with pytest.raises(MismatchError, match="rebuild differs"):
+        recipe.rebuild(prep, {**record, "weights_sha256": "0" * 64}, quiet=True)
+    record_after, differences = recipe.verify_run(tmp_path / "runs" / record["run_key"],
+                                                  ["verify"], quiet=True)
+    assert record_after["weights_sha256"] == record["weights_sha256"] and differences == []
+    run_json = tmp_path / "runs" / record["run_key"] / "run.json"
+    rec = json.loads(run_json.read_text())
+    rec["config"]["seed"] = 1  # the record now claims another seed than its weights'
+    run_json.write_text(json.dumps(rec))
+    with pytest.raises(MismatchError, match="verify failed"):
+        recipe.verify_run(run_json.parent, ["verify"], quiet=True)
