@@ -51,7 +51,7 @@ STUB = REPO / "nix" / "stub-nixpkgs.nix"
 # A new dependency fails the deps check until its nixpkgs name is verified here.
 NIXPKGS_PYTHON_ATTRS = (
     "torch", "numpy", "filelock", "safetensors", "tqdm", "matplotlib",
-    "pytest", "pytest-xdist", "setuptools",
+    "pytest", "pytest-xdist", "hypothesis", "setuptools",
 )
 
 PROFILE_READ = re.compile(
