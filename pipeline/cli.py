@@ -3,7 +3,9 @@ printing; the work is pipeline.recipe's (and runs, golden, manifest).
 
 Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden); 2 usage or config
 error; 3 data integrity error; 4 this machine cannot run the numeric
-profile; 5 bad checkpoint, weights or run file; 6 distributed failure.
+profile; 5 bad checkpoint, weights or run file; 6 distributed failure;
+70 internal error; 74 file-system error; 130 interrupted. One line on
+stderr; --debug (anywhere) adds the traceback.
 torch is imported only after the numeric profile is in place (re-exec).
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .errors import PipelineError, UsageError
+from .errors import UsageError, exit_status
 
 __all__ = ["main"]
 
@@ -70,15 +72,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every exception ends in its documented exit code and
+    one line on stderr (errors.exit_status), a traceback only with --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    # --debug anywhere on the line (kept in argv: a pinned re-exec passes it on).
+    debug = "--debug" in argv
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return _dispatch(args, argv)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except Exception as e:  # noqa: BLE001 - the one top-level handler
+        return _fail(e, debug)
+    except KeyboardInterrupt as e:
+        return _fail(e, debug)
+
+
+def _fail(e: BaseException, debug: bool) -> int:
+    import traceback
+
+    code, line = exit_status(e)
+    if debug:
+        traceback.print_exception(e)
+    print(line, file=sys.stderr)
+    return code
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -194,8 +209,8 @@ def _data_verify(args: argparse.Namespace) -> int:
     from . import manifest, recipe
 
     path = args.manifest or recipe.manifest_path()
-    verified = manifest.verify(path, full=args.full,
-                               stat_cache_dir=None if args.full else manifest.default_cache_dir())
+    # --full hashes every file and rewrites the stat cache's records.
+    verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
     return 0

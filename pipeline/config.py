@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .safeio import MIB, read_regular
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig",
            "load_config", "parse_overrides", "config_sha256", "config_to_dict"]
@@ -66,6 +67,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+MAX_CONFIG_BYTES = MIB   # a config file larger than this is refused unparsed
+MAX_LIST = 64            # entries in any array (model.hidden: layers)
+_INT_BOUND = 1 << 63     # every integer is a signed 64-bit one
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -76,7 +82,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("mode", lambda v: v in ("pinned", "exact"), 'one of "pinned", "exact"'),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     ("model.arch", lambda v: v in ("mlp", "cnn"), 'one of "mlp", "cnn"'),
-    ("model.hidden", lambda v: all(1 <= h <= 65536 for h in v), "sizes in [1, 65536]"),
+    ("model.hidden", lambda v: len(v) <= MAX_LIST and all(1 <= h <= 65536 for h in v),
+     f"at most {MAX_LIST} sizes in [1, 65536]"),
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("train.epochs", lambda v: 1 <= v <= 100000, "an integer in [1, 100000]"),
     ("train.batch_size", lambda v: 1 <= v <= 1 << 20, "an integer in [1, 2^20]"),
@@ -94,24 +101,34 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
-        return f"an array of {typing.get_args(tp)[0].__name__}"
-    return {int: "an integer", float: "a number", str: "a string"}[tp]
+        return f"an array of at most {MAX_LIST} {typing.get_args(tp)[0].__name__}"
+    return {int: "an integer (64-bit)", float: "a number", str: "a string"}[tp]
 
 
 def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` as ``tp`` or raise TypeError. bool is never a number."""
     if typing.get_origin(tp) is tuple:
         inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_LIST:
+            raise TypeError  # bounded before any element is looked at
         return tuple(_coerce(v, inner) for v in value)
     if isinstance(value, bool):
         raise TypeError
+    if isinstance(value, int) and not -_INT_BOUND <= value < _INT_BOUND:
+        raise TypeError  # beyond 64 bits: no array, file or RNG key could hold it
     if tp is float and isinstance(value, int):
         return float(value)
     if not isinstance(value, tp):
         raise TypeError
     return value
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to 80 characters (a value may be megabytes long)."""
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"[{', '.join(map(repr, value[:4]))}, ... ({len(value)} entries)]"
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
@@ -134,7 +151,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
         try:
             kwargs[name] = _coerce(value, tp)
         except TypeError:
-            problems.append(f"{key}: expected {_type_name(tp)}, found {value!r} "
+            problems.append(f"{key}: expected {_type_name(tp)}, found {_short(value)} "
                             f"({type(value).__name__})")
     return cls(**kwargs)
 
@@ -153,7 +170,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
             continue  # already reported; its value here is the default
         value = _get(cfg, key)
         if not ok(value):
-            problems.append(f"{key}: expected {expected}, found {value!r}")
+            problems.append(f"{key}: expected {expected}, found {_short(value)}")
     t = cfg.train
     if _is_pow2(t.shards) and t.batch_size % t.shards:
         problems.append(f"train.batch_size: expected a multiple of train.shards={t.shards}, "
@@ -174,6 +191,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = tomllib.loads(f"v = {v}")["v"]
         except tomllib.TOMLDecodeError:
             value = v  # a bare word is taken as a string: mode=exact
+        except RecursionError:
+            raise ConfigError("<overrides>", [f"{k}: value nested too deeply"]) from None
         node = nested
         parts = k.strip().split(".")
         for p in parts[:-1]:
@@ -206,13 +225,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
     raw: dict[str, Any] = {}
     source = "<defaults>" if path is None else str(path)
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(source, ["file not found"]) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(source, [f"not valid TOML: {e}"]) from None
+        raw = _read_toml(Path(path), source)
     return config_from_dict(_merge(raw, parse_overrides(list(overrides))), source)
+
+
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
+    """The TOML file at ``path``: a regular file of at most MAX_CONFIG_BYTES
+    (checked before parsing), nested at most as deep as Python's parser copes."""
+    try:
+        text = read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except OSError as e:  # a directory, FIFO, device, too large, unreadable
+        raise ConfigError(source, [f"cannot read the config: {e.strerror or e}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(source, [f"not valid TOML: {e}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["not valid TOML: nested too deeply"]) from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -83,3 +83,45 @@ class WorkerError(PipelineError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Exit codes beyond the PipelineError types' own (README, "Commands and exit
+# codes"); 70 and 74 are sysexits.h's EX_SOFTWARE and EX_IOERR.
+EXIT_INTERNAL = 70
+EXIT_IO = 74
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training, at ``step``: a KeyboardInterrupt, so
+    nothing that catches Exception swallows it."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+def exit_status(e: BaseException) -> tuple[int, str]:
+    """(exit code, the one line to print) for an exception that reached a
+    command's top level. Deliberate errors carry their own code; an
+    interrupt is 130; a file-system error 74, naming the path and the
+    operation; anything else (RecursionError, OverflowError, MemoryError,
+    a bug) is an internal error, 70, never the "mismatch" code 1."""
+    import traceback
+
+    if isinstance(e, PipelineError):
+        return e.exit_code, f"error: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        at = f" at step {e.step}" if isinstance(e, Interrupted) else ""
+        return EXIT_INTERRUPTED, f"interrupted{at}; rerun the same command to resume"
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" in {frames[-1].name}()" if frames else ""
+    if isinstance(e, OSError):
+        path = e.filename if e.filename is not None else "(no path)"
+        extra = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return EXIT_IO, (f"error: file system error{where}: {path}{extra}: "
+                         f"{e.strerror or type(e).__name__}")
+    text = str(e).splitlines()[0][:300] if str(e) else ""
+    return EXIT_INTERNAL, (f"internal error{where}: {type(e).__name__}"
+                           f"{': ' + text if text else ''} (rerun with --debug for the "
+                           f"traceback)")

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from filelock import FileLock
 
 from . import atomic
 from .errors import DataIntegrityError
+from .safeio import MIB, NotRegularFile, open_regular, read_regular
 
 __all__ = ["ManifestEntry", "Verified", "load_manifest", "verify", "open_in_root",
            "default_cache_dir", "FORMATS"]
@@ -36,6 +36,7 @@ _CHUNK = 1 << 20
 # a cache record is trusted only if the file last changed this long before
 # hashing began; 2 s covers FAT's mtime resolution, NFS and coarse clocks.
 _RACY_NS = 2_000_000_000
+MAX_MANIFEST_BYTES = 16 * MIB  # the manifest and the stat cache
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
                             "licence": str, "format": str, "columns": str, "rows": int,
@@ -144,12 +145,15 @@ def load_manifest(path: Path) -> dict[str, ManifestEntry]:
     """Parse ``path`` strictly: every problem raises DataIntegrityError naming
     the manifest and the key (the first problem; the rest go in the hint)."""
     try:
-        raw = json.loads(Path(path).read_bytes(), object_pairs_hook=_reject_duplicates)
-    except OSError as e:
-        raise DataIntegrityError(str(path), "a readable data manifest",
+        blob = read_regular(path, MAX_MANIFEST_BYTES)
+        raw = json.loads(blob, object_pairs_hook=_reject_duplicates)
+    except OSError as e:  # missing, a FIFO or device, too large, unreadable
+        raise DataIntegrityError(str(path), "a readable data manifest (a regular file of at "
+                                 f"most {MAX_MANIFEST_BYTES} bytes)",
                                  f"{type(e).__name__}: {e.strerror}") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicates
-        raise DataIntegrityError(str(path), "a valid JSON data manifest", f"invalid JSON: {e}",
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, dups
+        raise DataIntegrityError(str(path), "a valid JSON data manifest",
+                                 f"invalid JSON: {e or 'nested too deeply'}",
                                  "restore it from version control") from e
     probs = _manifest_problems(raw)
     if probs:
@@ -162,13 +166,16 @@ def load_manifest(path: Path) -> dict[str, ManifestEntry]:
 
 # --- verification -----------------------------------------------------------
 
-def _sha256_file(f: BinaryIO) -> str:
-    """sha256 of an open file from its current position, read in 1 MiB chunks."""
+def _sha256_file(f: BinaryIO, limit: int) -> str:
+    """sha256 of an open file from its current position, read in 1 MiB chunks,
+    at most ``limit + 1`` bytes (a file growing while hashed then mismatches)."""
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    while n := f.readinto(buf):  # type: ignore[attr-defined]
+    left = limit + 1
+    while left > 0 and (n := f.readinto(view[:min(_CHUNK, left)])):  # type: ignore[attr-defined]
         h.update(view[:n])
+        left -= n
     return h.hexdigest()
 
 
@@ -180,8 +187,8 @@ def _stat_key(st: os.stat_result) -> dict[str, int]:
 def _read_stat_cache(path: Path) -> dict[str, dict[str, Any]]:
     """The stat cache's records; an unreadable or foreign cache counts as empty."""
     try:
-        raw = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        raw = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, RecursionError):  # missing, special, too large, garbage
         return {}
     if not isinstance(raw, dict) or raw.get("version") != 1:
         return {}
@@ -223,13 +230,11 @@ def open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
                                  f"a path resolving to {resolved}",
                                  "replace the link by the file itself")
     try:  # O_NOFOLLOW: the resolved path has no links unless one was swapped in since
-        fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        f = open_regular(resolved, follow=False)  # O_NONBLOCK + fstat: no FIFO hangs
+    except NotRegularFile as e:
+        raise DataIntegrityError(str(target), "a regular file", e.strerror) from None
     except OSError as e:
         raise DataIntegrityError(str(target), promise, f"unreadable ({e})") from e
-    f = os.fdopen(fd, "rb", buffering=0)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise DataIntegrityError(str(target), "a regular file", "not a regular file")
     return f, resolved
 
 
@@ -243,9 +248,11 @@ def _verify_one(entry: ManifestEntry, root: Path, cache: dict[str, Any] | None,
                                      f"{st.st_size} bytes", "the file is truncated or "
                                      "replaced; restore it (see data/README.md)")
         digest = _cached_sha256(cache.get(str(resolved)), st) if cache is not None else None
-        if digest is None:
+        if digest != entry.sha256:
+            # No record, or one that disagrees: only a full hash may blame the file
+            # (a corrupt stat-cache record must not stop a run with an intact file).
             started = time.time_ns()
-            digest = _sha256_file(f)
+            digest = _sha256_file(f, entry.size)
             if _stat_key(os.fstat(f.fileno())) == _stat_key(st):  # unchanged while hashing
                 records[str(resolved)] = {**_stat_key(st), "sha256": digest,
                                           "hashed_at_ns": started}
@@ -280,7 +287,7 @@ def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = 
     manifest_path = Path(manifest_path)
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent.resolve()
-    cache = None
+    cache = None  # full: hash every file, and rewrite the stat cache's records
     if stat_cache_dir is not None and not full:
         cache = _read_stat_cache(Path(stat_cache_dir) / STAT_CACHE_NAME)
     records: dict[str, dict[str, Any]] = {}

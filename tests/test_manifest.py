@@ -35,9 +35,9 @@ def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = data._sha256_file
 
-    def counting(f: Any) -> str:
+    def counting(f: Any, limit: int) -> str:
         calls.append(1)
-        return real(f)
+        return real(f, limit)
 
     monkeypatch.setattr(data, "_sha256_file", counting)
     return calls
@@ -245,3 +245,47 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert data.default_cache_dir() == tmp_path / "xdg" / "pipeline"
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "own"))
     assert data.default_cache_dir() == tmp_path / "own"
+
+
+def test_corrupt_stat_cache_record_is_rehashed_not_blamed_on_the_file(
+        manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13, case 5: a stat-cache record whose stat matches but whose sha256
+    is wrong makes verify hash the file again (no data error for an intact
+    file) and rewrite the record; `full` rewrites every record too."""
+    monkeypatch.setattr(data, "_RACY_NS", 0)
+    cache = tmp_path / "cache"
+    _age(manifest.parent / "data" / "digits.csv.gz")
+    data.verify(manifest, stat_cache_dir=cache)
+    path = cache / data.STAT_CACHE_NAME
+    raw = json.loads(path.read_text())
+    (rec,) = raw["entries"].values()
+    rec["sha256"] = "0" * 64
+    path.write_text(json.dumps(raw))
+    assert data.verify(manifest, stat_cache_dir=cache).hashes == {"digits": SHA}
+    assert [r["sha256"] for r in json.loads(path.read_text())["entries"].values()] == [SHA]
+    rec["sha256"] = "1" * 64
+    path.write_text(json.dumps(raw))
+    data.verify(manifest, stat_cache_dir=cache, full=True)
+    assert [r["sha256"] for r in json.loads(path.read_text())["entries"].values()] == [SHA]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dev_zero_link"])
+def test_special_data_file_is_refused_without_blocking(manifest: Path, tmp_path: Path,
+                                                        kind: str) -> None:
+    """Issue 13, case 4: a FIFO, a directory, or a link to /dev/zero where a data
+    file (or the manifest) should be is a data error at once: no hang, no traceback."""
+    f = manifest.parent / "data" / "digits.csv.gz"
+    f.unlink()
+    if kind == "fifo":
+        os.mkfifo(f)
+    elif kind == "directory":
+        f.mkdir()
+    else:
+        os.symlink("/dev/zero", f)
+    with pytest.raises(DataIntegrityError):
+        data.verify(manifest, stat_cache_dir=tmp_path / "cache")
+    if kind != "directory":
+        manifest.unlink()
+        os.mkfifo(manifest) if kind == "fifo" else os.symlink("/dev/zero", manifest)
+        with pytest.raises(DataIntegrityError, match="regular file"):
+            data.load_manifest(manifest)
