@@ -9,7 +9,25 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_text", "fsync_dir"]
+from .errors import DistributedError
+
+__all__ = ["write_bytes", "write_text", "fsync_dir", "set_owner_check", "check_owner"]
+
+# Set by a launched worker (pipeline.launch): returns why this process may no
+# longer write (its launcher, which holds the run lock, is gone), or None.
+_owner_check: Callable[[], str | None] | None = None
+
+
+def set_owner_check(check: Callable[[], str | None] | None) -> None:
+    global _owner_check
+    _owner_check = check
+
+
+def check_owner() -> None:
+    """Raise unless this process may still write (it, or its launcher, holds
+    the run lock): called before every rename that publishes a file."""
+    if _owner_check is not None and (why := _owner_check()) is not None:
+        raise DistributedError(f"not writing: {why}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,6 +52,7 @@ def write_bytes(path: Path, data: bytes,
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; runs are meant to be shared
         if before_replace is not None:
             before_replace()
+        check_owner()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import save as save_numpy
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save
 
 from . import _testing, atomic
@@ -35,6 +36,7 @@ from .config import Config, config_to_dict
 from .determinism import capture_rng, restore_rng
 from .errors import CheckpointError
 from .hashing import weights_sha256
+from .safeio import GIB, read_regular
 
 if TYPE_CHECKING:
     from .modes import Net, Optimizer
@@ -45,6 +47,7 @@ __all__ = ["FORMAT", "TRAIL_DIGEST", "Progress", "Writer", "restore", "save_chec
 
 FORMAT = "pipeline-checkpoint-v2"  # v2: the content hash covers the stored meta JSON
 TRAIL_DIGEST = 8  # bytes per tensor per step in the trail
+MAX_TENSOR_FILE = 16 * GIB  # weights and checkpoint files larger than this are refused
 _NAME = re.compile(r"^ckpt-(\d{9})\.safetensors$")
 
 
@@ -237,12 +240,21 @@ def _check_params(where: str, got: dict[str, torch.Tensor], optim: dict[str, tor
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file, or CheckpointError."""
+    """Tensors and header metadata of a safetensors file, or CheckpointError.
+
+    Read as bytes through safeio (a regular file of at most MAX_TENSOR_FILE
+    bytes: never a FIFO or a device), then parsed from memory."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            return tensors, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
+        blob = read_regular(path, MAX_TENSOR_FILE)
+        n = int.from_bytes(blob[:8], "little")
+        if len(blob) < 8 or n > len(blob) - 8:
+            raise ValueError("truncated safetensors header")
+        header = json.loads(blob[8:8 + n])
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError("__metadata__ is not an object")
+        return safetensors_load(blob), dict(meta or {})
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:
         raise CheckpointError(str(path), "a safetensors file", f"unreadable data ({e})",
                               "pickled or truncated files are refused") from None
 
@@ -253,7 +265,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         meta = json.loads(header["meta"])
         recorded = header["content_sha256"]
-    except (KeyError, json.JSONDecodeError) as e:
+    except (KeyError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(str(path), "pipeline metadata in the header",
                               f"none usable ({e!r})") from None
     found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__

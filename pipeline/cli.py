@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .errors import UsageError, exit_status
+from .errors import DataIntegrityError, UsageError, exit_status
 
 __all__ = ["main"]
 
@@ -32,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="a TOML config (default configs/digits.toml) and overrides")
     t.add_argument("--runs-dir", type=Path, default=Path("runs"))
     t.add_argument("--rebuild", action="store_true",
-                   help="retrain in a temporary directory and compare bit for bit")
+                   help="retrain in a temporary directory and compare bit for bit (decoding "
+                        "from the data file, trusting no cache); implies --force")
+    t.add_argument("--force", action="store_true",
+                   help="replace what runs/<key> holds if it fails its checks (exit 5 "
+                        "otherwise)")
     t.add_argument("--json", action="store_true", help="print run.json instead of a summary")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -136,9 +140,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
-    prep = recipe.prepare(cfg, argv)
+    prep = recipe.prepare(cfg, argv, trust_cache=not args.rebuild)
+    recipe.check_device(args.device)
     record, reused = recipe.get_or_train(prep, args.runs_dir, device=args.device,
-                                         quiet=args.quiet,
+                                         quiet=args.quiet, force=args.force or args.rebuild,
                                          extra={"device": args.device, "world_size": 1})
     if args.rebuild:
         recipe.rebuild(prep, record, device=args.device, quiet=args.quiet)
@@ -157,7 +162,7 @@ def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
                          "are the same at every world size)")
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
-                args.master_port, args.rdzv_endpoint)
+                args.master_port, args.rdzv_endpoint, force=args.force)
     out = launch(spec, argv, cfg)
     if out.record is None:
         print(out.note)
@@ -194,8 +199,7 @@ def _diff(args: argparse.Namespace) -> int:
     from . import runs
 
     a, b = runs.read_run(args.run_a), runs.read_run(args.run_b)
-    ta = (args.run_a / "trail.bin").read_bytes()
-    tb = (args.run_b / "trail.bin").read_bytes()
+    ta, tb = runs.read_trail(args.run_a, a), runs.read_trail(args.run_b, b)
     lines = runs.diff_runs(a, b, ta, tb)
     for line in lines:
         print(line)
@@ -213,7 +217,22 @@ def _data_verify(args: argparse.Namespace) -> int:
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
+    # The decode cache is never trusted here: each entry is compared with a fresh decode.
+    problems = [p for name in verified.hashes
+                if (p := dataset_check(verified, name)) is not None]
+    if problems:
+        raise DataIntegrityError(problems[0], "a decode-cache entry equal to a fresh decode",
+                                 "a differing entry (removed)", "; ".join(problems[1:]))
     return 0
+
+
+def dataset_check(verified: Any, name: str) -> str | None:
+    """What is wrong with ``name``'s decode-cache entry (pipeline.dataset), or None."""
+    from . import dataset, manifest
+
+    if verified.entries[name].format not in dataset.FORMATS_DECODED:
+        return None
+    return dataset.check_cache(verified, name, manifest.default_cache_dir())
 
 
 def _env() -> int:
@@ -232,11 +251,13 @@ def _runs(args: argparse.Namespace) -> int:
 
     if not args.runs_dir.is_dir():
         return 0
-    for d in sorted(args.runs_dir.iterdir()):
-        if not d.name.startswith(".") and runs.is_complete(d):
-            rec = json.loads((d / "run.json").read_text(encoding="utf-8"))
-            print(f"{d.name}  {rec['mode']:6}  acc {rec['metrics']['test_accuracy']:.4f}  "
-                  f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
+    for name, rec, why in runs.list_runs(args.runs_dir):
+        if rec is None:
+            print(f"BAD {name}: {why}")
+            continue
+        acc = rec.get("metrics", {}).get("test_accuracy")
+        print(f"{name}  {rec.get('mode')!s:6}  acc {acc if acc is None else f'{acc:.4f}'}  "
+              f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
     return 0
 
 

@@ -27,11 +27,13 @@ from safetensors.numpy import save as _st_save
 from . import _testing, atomic
 from .errors import DataIntegrityError
 from .manifest import ManifestEntry, Verified, open_in_root
+from .safeio import read_regular
 
-__all__ = ["DECODER_VERSION", "Dataset", "load"]
+__all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "FORMATS_DECODED"]
 
 # Bump whenever decoding changes: it is part of every cache key.
 DECODER_VERSION = 1
+_MAX_HEADER = 1 << 16  # a cache entry's safetensors header
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class _Layout:
 
 # The one CSV layout so far (data-manifest.json, "columns"): an 8x8 image, 0..16.
 _LAYOUTS = {"csv.gz": _Layout(features=64, input_shape=(1, 8, 8), classes=10, max_value=16)}
+FORMATS_DECODED = tuple(_LAYOUTS)  # the manifest formats this module decodes
 
 
 # eq=False: arrays have no truth value, so field-wise == and hash() would fail.
@@ -66,6 +69,12 @@ class Dataset:
     @property
     def n_features(self) -> int:
         return math.prod(self.input_shape)
+
+    def decoded_sha256(self) -> str:
+        """The canonical hash (pipeline.hashing) of the decoded arrays {x, y}:
+        recorded in run.json, so that ``verify`` can compare a fresh decode."""
+        from .hashing import weights_sha256
+        return weights_sha256({"x": self.x, "y": self.y})
 
 
 def _bad_row(where: str, fields: list[str], lay: _Layout) -> DataIntegrityError:
@@ -116,7 +125,7 @@ def _decode(root: Path, entry: ManifestEntry, key: str) -> dict[str, np.ndarray]
     _testing.note_decode(key)
     f, resolved = open_in_root(entry, root)
     with f:
-        blob = f.read()
+        blob = f.read(entry.size + 1)  # bounded: verify checked the size
     if (found := hashlib.sha256(blob).hexdigest()) != entry.sha256:
         raise DataIntegrityError(str(resolved), f"sha256 {entry.sha256}", f"sha256 {found}",
                                  "the file changed while being loaded; run again")
@@ -148,10 +157,13 @@ def _encode_entry(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
 def _read_entry(path: Path, meta_want: dict[str, str], rows: int,
                 features: int) -> dict[str, np.ndarray] | str:
     """The cached arrays, or why the entry is unusable ("missing" or a corruption)."""
+    limit = rows * (features * 4 + 8) + _MAX_HEADER  # x float32, y int64, the header
     try:
-        blob = path.read_bytes()
+        blob = read_regular(path, limit)
     except FileNotFoundError:
         return "missing"
+    except OSError as e:  # a FIFO, device or directory planted there; too large
+        return f"unreadable ({e.strerror})"
     try:
         meta, data = _st_data(blob)
         found = hashlib.sha256(data).hexdigest()
@@ -169,24 +181,35 @@ def _read_entry(path: Path, meta_want: dict[str, str], rows: int,
     return {"x": x, "y": y}
 
 
-def load(verified: Verified, name: str, cache_dir: Path) -> Dataset:
+def _cache_path(cache_dir: Path, sha: str) -> tuple[str, Path, dict[str, str]]:
+    key = f"{sha}-v{DECODER_VERSION}"
+    meta = {"source_sha256": sha, "decoder_version": str(DECODER_VERSION)}
+    return key, Path(cache_dir) / f"{key}.safetensors", meta
+
+
+def load(verified: Verified, name: str, cache_dir: Path, *, trust_cache: bool = True
+         ) -> Dataset:
     """Entry ``name`` of ``verified`` decoded, through the cache in ``cache_dir``.
 
     The cache key is ``<file sha256>-v<DECODER_VERSION>``; the entry is one
     safetensors file written atomically, checked on every read; a corrupt
     entry is reported on stderr and rebuilt. A ``FileLock`` per key makes
     concurrent processes decode once. A cache miss decodes from bytes hashed
-    again as they are read (``_decode``).
+    again as they are read (``_decode``). ``trust_cache=False`` (``verify``,
+    ``--rebuild``) decodes from the file and reads no cache entry for the
+    arrays; an entry that differs is reported and removed (``check_cache``).
     """
     if name not in verified.hashes:
         raise DataIntegrityError(str(verified.path), f"a verified entry {name!r}",
                                  f"entries {sorted(verified.hashes)}")
-    cache_dir = Path(cache_dir)
     entry, sha = verified.entries[name], verified.hashes[name]
     lay = _LAYOUTS[entry.format]
-    key = f"{sha}-v{DECODER_VERSION}"
-    path = cache_dir / f"{key}.safetensors"
-    meta = {"source_sha256": sha, "decoder_version": str(DECODER_VERSION)}
+    if not trust_cache:
+        got = _fresh(verified, name, cache_dir)
+        return Dataset(name=name, sha256=sha, x=got["x"], y=got["y"],
+                       input_shape=lay.input_shape, n_classes=lay.classes)
+    cache_dir = Path(cache_dir)
+    key, path, meta = _cache_path(cache_dir, sha)
     got = _read_entry(path, meta, entry.rows, lay.features)  # lock-free: atomic replaces
     if isinstance(got, str):
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -201,3 +224,37 @@ def load(verified: Verified, name: str, cache_dir: Path) -> Dataset:
                 atomic.write_bytes(path, _encode_entry(got, meta))
     return Dataset(name=name, sha256=sha, x=got["x"], y=got["y"], input_shape=lay.input_shape,
                    n_classes=lay.classes)
+
+
+def _fresh(verified: Verified, name: str, cache_dir: Path) -> dict[str, np.ndarray]:
+    """Entry ``name`` decoded from its file; a cache entry that differs is
+    reported on stderr and removed."""
+    got, problem = _decode_and_compare(verified, name, cache_dir)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+    return got
+
+
+def check_cache(verified: Verified, name: str, cache_dir: Path) -> str | None:
+    """Decode ``name`` from its file and compare the cache entry (if any) with
+    it: None if they agree (or there is none), else what differs; a differing
+    entry is removed. A forged entry is self-consistent (its own data_sha256
+    recomputed), so only a fresh decode can catch it (README, "Threat model")."""
+    return _decode_and_compare(verified, name, cache_dir)[1]
+
+
+def _decode_and_compare(verified: Verified, name: str, cache_dir: Path
+                        ) -> tuple[dict[str, np.ndarray], str | None]:
+    entry, sha = verified.entries[name], verified.hashes[name]
+    lay = _LAYOUTS[entry.format]
+    key, path, meta = _cache_path(cache_dir, sha)
+    got = _decode(verified.root, entry, key)
+    cached = _read_entry(path, meta, entry.rows, lay.features)
+    if cached == "missing":
+        return got, None
+    if isinstance(cached, str) or not all(np.array_equal(cached[k], got[k]) for k in got):
+        why = cached if isinstance(cached, str) else "arrays differ from a fresh decode"
+        path.unlink(missing_ok=True)
+        return got, (f"data cache entry {path} does not match {entry.path} decoded again "
+                     f"({why}); removed")
+    return got, None

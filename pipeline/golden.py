@@ -17,6 +17,7 @@ from typing import Any
 
 from . import atomic, modes
 from .errors import MismatchError, UsageError
+from .safeio import MIB, read_regular
 
 __all__ = ["golden_key", "lookup", "add", "check", "default_path"]
 
@@ -32,14 +33,17 @@ def golden_key(record: dict[str, Any]) -> dict[str, str]:
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path, 16 * MIB))
         entries = data["entries"]
-        assert isinstance(entries, list)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TypeError("entries is not a list of objects")
         return entries
-    except (json.JSONDecodeError, KeyError, AssertionError) as e:
+    except OSError as e:  # a FIFO, a device, too large
+        raise UsageError(f"{path}: expected a golden file, found {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise UsageError(f"{path}: expected {{\"version\": 1, \"entries\": [...]}}, found "
                          f"malformed JSON ({e})") from None
 

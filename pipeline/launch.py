@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from typing import Any
 
 from . import _testing, atomic, modes, recipe, runs
 from .config import Config, load_config
-from .errors import DistributedError, PipelineError, UsageError, WorkerError
+from .errors import DistributedError, UsageError, WorkerError, exit_status
 
 __all__ = ["Spec", "Outcome", "launch", "world_size", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT_S"  # process-group timeout: a silent peer is an error
 DEFAULT_TIMEOUT_S = 60.0
 _RESULTS_ENV = "PIPELINE_LAUNCH_DIR"     # spec.json in, rank-<r>.json out (launcher-set)
+_LAUNCHER_ENV = "PIPELINE_LAUNCHER_PID"  # the launcher's pid: workers die with it
 _RDZV_ID = "pipeline"
 
 
@@ -53,6 +55,7 @@ class Spec:
     master_addr: str | None = None
     master_port: int | None = None
     rdzv_endpoint: str | None = None
+    force: bool = False      # replace a runs/<key> that fails its checks
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,16 @@ def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
         # do not oversubscribe the cores (the pinned profile already says 1).
         os.environ["OMP_NUM_THREADS"] = "1"
     prep = recipe.prepare(cfg, argv)  # pinned mode: re-exec with the profile first
+    recipe.check_device(spec.device)
     runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # Node 0 holds the run lock for the whole launch, so the workers need none.
     lock = runs.run_lock(runs_dir, key) if spec.node_rank == 0 else contextlib.nullcontext()
     with lock, tempfile.TemporaryDirectory(prefix="pipeline-launch-") as tmp:
-        if spec.nnodes == 1 and runs.is_complete(runs_dir / key):
-            return Outcome(runs.read_run(runs_dir / key), reused=True)
+        # The recipe's checks of runs/<key> (re-derived reuse; a foreign file
+        # refused) run here, before any worker starts.
+        if spec.node_rank == 0 and recipe.check_existing(runs_dir / key, prep.inputs,
+                                                         spec.force):
+            return Outcome(runs.reusable(runs_dir / key, prep.inputs), reused=True)
         atomic.write_text(Path(tmp) / "spec.json", json.dumps(dataclasses.asdict(spec)))
         failures = _torchrun(spec, Path(tmp))
         results = {int(p.stem[5:]): json.loads(p.read_text(encoding="utf-8"))
@@ -128,11 +135,14 @@ def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
         targs += ["--standalone"]  # c10d rendezvous on a free localhost port
     targs += ["-m", "pipeline.launch"]
     os.environ[_RESULTS_ENV] = str(results)
+    os.environ[_LAUNCHER_ENV] = str(os.getpid())  # the workers' parent, the lock holder
     try:
         run(get_args_parser().parse_args(targs))
     except ChildFailedError as e:
         return dict(e.failures)
     except SignalException as e:
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # the CLI's one line: rerun to resume
         raise DistributedError(f"launcher stopped by {e.sigval.name}; the workers were "
                                f"stopped too. Rerun the same command to resume") from None
     return {}
@@ -175,14 +185,39 @@ def _how(failure: Any) -> str:
 def _worker_main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(os.environ[_RESULTS_ENV])
+    _die_with_launcher(int(os.environ.get(_LAUNCHER_ENV, "0")))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Stopped by the launcher (Ctrl-C, or a peer failed): quietly, no
+        # traceback per rank; every file is written atomically, so nothing is torn.
+        signal.signal(sig, lambda signum, _frame: os._exit(128 + signum))
     try:
         spec = Spec(**json.loads((out / "spec.json").read_text(encoding="utf-8")))
         result: dict[str, Any] = {"exit_code": 0, **_work(spec, rank)}
-    except PipelineError as e:
-        print(f"error: rank {rank}: {e}", file=sys.stderr)
-        result = {"exit_code": e.exit_code, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - reported by the launcher, one line
+        code, line = exit_status(e)
+        print(f"rank {rank}: {line}", file=sys.stderr)
+        result = {"exit_code": code, "error": line.removeprefix("error: ")}
     atomic.write_text(out / f"rank-{rank}.json", json.dumps(result, sort_keys=True))
     return int(result["exit_code"])
+
+
+def _die_with_launcher(launcher: int) -> None:
+    """Die with the launcher, and never write once it is gone: it holds the
+    run lock. PR_SET_PDEATHSIG (Linux) has the kernel SIGKILL this worker
+    when its parent dies; before each published write, atomic.check_owner
+    checks that the parent is still the launcher (it covers the moment
+    before prctl, and systems without it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if not launcher:
+        return
+    if os.getppid() != launcher:  # it died before prctl took effect
+        os._exit(DistributedError.exit_code)
+    atomic.set_owner_check(lambda: None if os.getppid() == launcher else
+                           f"the launcher (pid {launcher}, holder of the run lock) is gone")
 
 
 def _work(spec: Spec, rank: int) -> dict[str, Any]:

@@ -15,7 +15,9 @@ process: the numeric profile must be in place before torch loads.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 from . import manifest, modes, runs
 from .config import Config, config_from_dict
 from .environment import project_root
-from .errors import MismatchError, UsageError
+from .errors import CheckpointError, ConfigError, DataIntegrityError, MismatchError, UsageError
 
 if TYPE_CHECKING:
     from .dataset import Dataset
 
-__all__ = ["Prepared", "prepare", "get_or_train", "rebuild", "verify_run", "manifest_path"]
+__all__ = ["Prepared", "prepare", "check_fits", "check_device", "check_existing", "get_or_train", "rebuild",
+           "verify_run", "manifest_path"]
 
 
 @dataclass(frozen=True)
@@ -39,31 +42,76 @@ class Prepared:
 
     inputs: runs.RunInputs
     ds: Dataset
+    verified: manifest.Verified
 
 
 def manifest_path() -> Path:
     return project_root() / "data-manifest.json"
 
 
-def prepare(cfg: Config, argv: list[str]) -> Prepared:
+def prepare(cfg: Config, argv: list[str], *, trust_cache: bool = True) -> Prepared:
     """Pin (the mode's way; pinned mode may re-execute with ``argv``), verify
-    every data file before anything is written, decode the config's dataset."""
+    every data file before anything is written, decode the config's dataset
+    (``trust_cache=False``: from the file, reading no decode-cache entry),
+    and check that the config fits it."""
     from . import dataset
 
     profile = modes.of(cfg.mode).prepare(argv)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
     verified = manifest.verify(manifest_path(), stat_cache_dir=cache)
-    ds = dataset.load(verified, cfg.data.dataset, cache)
+    ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
+    check_fits(cfg, len(ds.y))
     name = cfg.data.dataset
-    return Prepared(runs.run_inputs(cfg, {name: verified.hashes[name]}, profile), ds)
+    inputs = runs.run_inputs(cfg, {name: verified.hashes[name]}, profile,
+                             {name: ds.decoded_sha256()})
+    return Prepared(inputs, ds, verified)
+
+
+def check_fits(cfg: Config, rows: int) -> None:
+    """ConfigError unless the split leaves test rows and a whole batch of
+    training rows (sampling.split's arithmetic): caught before training,
+    not as a crash after it."""
+    import math
+
+    n_test = math.floor(rows * float(cfg.data.test_fraction))
+    problems = []
+    if n_test == 0:
+        problems.append(f"data.test_fraction: expected a fraction of the {rows} rows that "
+                        f"leaves at least one test row, found {cfg.data.test_fraction}")
+    if rows - n_test < cfg.train.batch_size:
+        problems.append(f"train.batch_size: expected at most the {rows - n_test} training "
+                        f"rows, found {cfg.train.batch_size}")
+    if problems:
+        raise ConfigError(f"dataset {cfg.data.dataset}", problems)
+
+
+def check_device(device: str) -> None:
+    """UsageError unless ``device`` names a torch device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device: expected cpu or cuda[:N], found {device!r} ({e})") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UsageError(f"--device: expected cpu or cuda[:N], found {device!r}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0 or (dev.index or 0) >= n:
+        raise UsageError(f"--device {device}: this machine has {n} CUDA device(s); use "
+                         f"--device cpu (exact mode gives the same bits)")
 
 
 def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
-                 quiet: bool = False, extra: dict[str, Any] | None = None
-                 ) -> tuple[dict[str, Any], bool]:
-    """The run for ``prep.inputs``: reused if complete (memoised), else trained,
-    resuming from its checkpoints. Returns (run.json, reused).
+                 quiet: bool = False, extra: dict[str, Any] | None = None,
+                 force: bool = False) -> tuple[dict[str, Any], bool]:
+    """The run for ``prep.inputs``: reused if complete and re-derived
+    (runs.reusable: its recorded inputs are the ones computed now, its weights
+    its record's), else trained, resuming from its checkpoints. Returns
+    (run.json, reused). What sits at runs/<key> and fails those checks is a
+    CheckpointError (exit 5), or with ``force`` replaced.
 
     With several ranks (``comm.size > 1``) the launcher holds the run lock
     (pipeline.launch), rank 0's view of runs/ decides for all, and only rank
@@ -74,14 +122,19 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
     key = prep.inputs.key
     final = runs_dir / key
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    if size == 1 and not force and runs.is_complete(final) and not os.access(runs_dir,
+                                                                              os.W_OK):
+        # A read-only runs directory: reading a complete run needs no lock
+        # (runs/<key> appears by one rename, complete).
+        return runs.reusable(final, prep.inputs), True
     with runs.run_lock(runs_dir, key) if size == 1 else contextlib.nullcontext():
-        complete = runs.is_complete(final) if rank == 0 else False
+        complete = check_existing(final, prep.inputs, force) if rank == 0 else False
         if size > 1:
             complete = comm.decide(complete)
         if rank == 0:
             runs.clean_leftovers(runs_dir, key, complete)
         if complete:
-            return (runs.read_run(final) if rank == 0 else {"run_key": key}), True
+            return (runs.reusable(final, prep.inputs) if rank == 0 else {"run_key": key}), True
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
         result = train(prep.inputs.config, prep.ds, run_key=key, ckpt_dir=ckpt_dir, comm=comm,
@@ -93,6 +146,23 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
         return record, False
 
 
+def check_existing(final: Path, inputs: runs.RunInputs, force: bool) -> bool:
+    """Whether runs/<key> holds this run, re-derived; what fails the checks
+    raises, or with ``force`` is removed (under the run lock)."""
+    try:
+        if runs.is_complete(final):
+            runs.reusable(final, inputs)
+            return True
+        runs.check_slot(final)
+        return False
+    except CheckpointError as e:
+        if not force:
+            raise
+        print(f"replacing (--force): {e}", file=sys.stderr)
+        runs.remove_slot(final)
+        return False
+
+
 def _retrain(prep: Prepared, *, device: str, quiet: bool, what: str) -> dict[str, Any]:
     """Train ``prep`` from scratch in a temporary runs directory."""
     with tempfile.TemporaryDirectory(prefix=f"pipeline-{what}-") as tmp:
@@ -102,7 +172,9 @@ def _retrain(prep: Prepared, *, device: str, quiet: bool, what: str) -> dict[str
 
 def rebuild(prep: Prepared, record: dict[str, Any], *, device: str = "cpu",
             quiet: bool = False) -> None:
-    """Retrain and compare with ``record`` bit for bit (MismatchError if not)."""
+    """Retrain and compare with ``record`` bit for bit (MismatchError if not);
+    the arrays ``prep`` decoded must be the ones the record was trained on."""
+    _check_decoded(prep, record)
     again = _retrain(prep, device=device, quiet=quiet, what="rebuild")
     if again["weights_sha256"] != record["weights_sha256"]:
         raise MismatchError(f"rebuild differs: recorded sha256:{record['weights_sha256']}, "
@@ -118,7 +190,8 @@ def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
         cfg = config_from_dict(record["config"], f"{run_dir}/run.json")
     except (KeyError, TypeError):
         raise UsageError(f"{run_dir}/run.json: expected a config, found none") from None
-    prep = prepare(cfg, argv)
+    prep = prepare(cfg, argv, trust_cache=False)  # verify trusts no cache
+    _check_decoded(prep, record)
     differences = []
     if prep.inputs.key != record["run_key"]:
         i = prep.inputs
@@ -131,4 +204,22 @@ def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
         raise MismatchError(f"verify failed: recorded sha256:{record['weights_sha256']}, "
                             f"retrained sha256:{again['weights_sha256']}"
                             + (f"; inputs that differ here:{why}" if why else ""))
+    if again["metrics"] != record["metrics"]:  # outputs of the same weights: re-derived too
+        raise MismatchError(f"verify failed: {run_dir}/run.json [metrics] records "
+                            f"{record['metrics']}, the retrained run gives {again['metrics']}")
     return record, differences
+
+
+def _check_decoded(prep: Prepared, record: dict[str, Any]) -> None:
+    """The record's decoded-array hash equals this decode's (prepared from the
+    file, not the cache, by verify and --rebuild), else DataIntegrityError:
+    the run was trained on other arrays (a forged or corrupt decode cache)."""
+    name = prep.ds.name
+    want = record.get("data_decoded", {}).get(name) if isinstance(
+        record.get("data_decoded"), dict) else None
+    found = prep.inputs.decoded[name]
+    if want != found:
+        raise DataIntegrityError(f"run.json [data_decoded.{name}]",
+                                 f"the hash of {name} decoded from its file, {found}",
+                                 str(want), "the run was trained on other arrays (a forged or "
+                                 "corrupt decode cache?); retrain it with --force")

@@ -15,23 +15,28 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
-from . import atomic, modes
+from . import atomic, locks, modes, trail
+from .plots import plot_curves
+from .trail import read_trail
 from .config import Config, canonical_json, config_sha256, config_to_dict
-from .errors import CheckpointError, MismatchError
+from .errors import CheckpointError
+from .safeio import MIB, read_regular
 
-__all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "run_lock",
-           "clean_leftovers", "diff_runs", "input_differences"]
+__all__ = ["RunInputs", "run_inputs", "is_complete", "check_slot", "read_run", "reusable",
+           "write_run", "run_lock", "remove_slot", "list_runs", "read_trail", "clean_leftovers", "diff_runs",
+           "input_differences"]
+
+MAX_RECORD_BYTES = 64 * MIB  # run.json
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class RunInputs:
     code: str
     toolchain: dict[str, Any]
     profile: dict[str, Any]
+    # Not keyed (it follows from data and code): the canonical hash of the
+    # decoded arrays trained on, recorded so that verify can re-decode and compare.
+    decoded: dict[str, str] = field(default_factory=dict)
 
     def keyed(self) -> dict[str, Any]:
         """The inputs the run key covers: those its mode's bits depend on."""
@@ -54,44 +62,106 @@ class RunInputs:
         return hashlib.sha256(canonical_json(self.keyed())).hexdigest()
 
 
-def run_inputs(cfg: Config, data: dict[str, str], profile: dict[str, Any]) -> RunInputs:
+def run_inputs(cfg: Config, data: dict[str, str], profile: dict[str, Any],
+               decoded: dict[str, str] | None = None) -> RunInputs:
     from .environment import code_sha256, toolchain_fingerprint
-    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile)
+    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile, decoded or {})
 
 
 def is_complete(run_dir: Path) -> bool:
-    return (run_dir / "run.json").is_file() and (run_dir / "weights.safetensors").is_file()
+    """A real directory (not a link) holding run.json and the weights."""
+    return (not run_dir.is_symlink() and run_dir.is_dir() and (run_dir / "run.json").is_file()
+            and (run_dir / "weights.safetensors").is_file())
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """run.json of a run directory, checked against its weights file."""
-    from .checkpoint import read_safetensors
-    from .hashing import weights_sha256
+def check_slot(final: Path) -> None:
+    """Refuse what sits at runs/<key> unless it is nothing or a complete run
+    directory: a file, a symbolic link, or a directory missing its files was
+    not made by write_run (which renames a complete directory into place)."""
+    if not (final.is_symlink() or final.exists()) or is_complete(final):
+        return
+    what = ("a symbolic link" if final.is_symlink() else "a directory without run.json and "
+            "weights.safetensors" if final.is_dir() else "not a directory")
+    raise CheckpointError(str(final), "a complete run directory (or nothing)", what,
+                          "remove it, or rerun with --force to replace it")
 
-    path = Path(run_dir) / "run.json"
+
+def record_digest(record: dict[str, Any]) -> str:
+    """sha256 over the record's canonical JSON without its own digest field."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _load_record(path: Path) -> dict[str, Any]:
+    """run.json parsed, its own digest checked (an edited field is caught)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(read_regular(path, MAX_RECORD_BYTES))
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}")
         recorded = record["weights_sha256"]
     except FileNotFoundError:
         raise CheckpointError(str(path), "a run record", "no such file",
                               "is this a runs/<key> directory?") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except OSError as e:  # a FIFO, device or directory; too large
+        raise CheckpointError(str(path), "a run record (a regular file)",
+                              e.strerror or str(e)) from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(str(path), "a JSON run record with weights_sha256",
-                              f"malformed ({e})") from None
-    weights = Path(run_dir) / "weights.safetensors"
+                              f"malformed ({e!r})") from None
+    if not isinstance(recorded, str) or record.get("record_sha256") != record_digest(record):
+        raise CheckpointError(f"{path} [record_sha256]", "the digest of the record's content",
+                              f"{str(record.get('record_sha256'))[:64]}",
+                              "run.json was edited (or predates record digests); "
+                              "rerun with --force to replace the run")
+    return record
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """run.json of a run directory, checked against itself (record_sha256),
+    its directory name (the run key) and its weights file."""
+    from .checkpoint import read_safetensors
+    from .hashing import weights_sha256
+
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    record = _load_record(path)
+    if _KEY.fullmatch(run_dir.name) and record.get("run_key") != run_dir.name:
+        raise CheckpointError(f"{path} [run_key]", f"the directory's key {run_dir.name}",
+                              str(record.get("run_key")), "a run copied under another key")
+    weights = run_dir / "weights.safetensors"
     tensors, _ = read_safetensors(weights)
     layout = _layout(tensors)
-    if "weights_layout" not in record:
-        raise CheckpointError(str(path), "a weights_layout entry", "none",
-                              "the record predates weights_layout; retrain the run")
-    if layout != record["weights_layout"]:
+    if layout != record.get("weights_layout"):
         raise CheckpointError(str(weights), f"the tensors run.json lists "
                               f"{record.get('weights_layout')}", f"{layout}",
                               "the weights file was replaced or tampered with")
     actual = weights_sha256(tensors)
-    if actual != recorded:
-        raise MismatchError(f"{run_dir}/weights.safetensors: recorded weights sha256:{recorded}, "
-                            f"file holds sha256:{actual}")
+    if actual != record["weights_sha256"]:
+        raise CheckpointError(str(weights), f"weights sha256:{record['weights_sha256']} "
+                              f"(run.json)", f"sha256:{actual}",
+                              "the weights file was replaced or tampered with")
+    return record
+
+
+def reusable(run_dir: Path, inputs: RunInputs) -> dict[str, Any]:
+    """The record of complete run ``run_dir`` if it is the run of ``inputs``:
+    read_run's checks, then every keyed input it records equal to the one
+    computed now (not trusted from its key). Else CheckpointError naming
+    run.json and the field."""
+    record = read_run(run_dir)
+    now = {"run_key": inputs.key, "config": config_to_dict(inputs.config),
+           "data": inputs.data, "code_sha256": inputs.code, "toolchain": inputs.toolchain,
+           "profile": inputs.profile, "key_inputs": sorted(inputs.keyed())}
+    field_of = {"config": "config", "data": "data", "code": "code_sha256",
+                "toolchain": "toolchain", "profile": "profile"}
+    for field in ["run_key", "key_inputs", *(field_of[f] for f in sorted(inputs.keyed()))]:
+        if record.get(field) != now[field]:
+            diff = _differences(record.get(field), now[field], field)[:1]
+            found = f"{diff[0][0]} = {json.dumps(diff[0][1])[:120]}" if diff else "?"
+            raise CheckpointError(f"{run_dir / 'run.json'} [{field}]",
+                                  f"the {field} computed now", found,
+                                  "not this run's record; rerun with --force to replace it")
     return record
 
 
@@ -116,7 +186,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
         atomic.write_bytes(tmp / "trail.bin", result.trail)
         atomic.write_text(tmp / "metrics.jsonl",
                           "".join(json.dumps(m, sort_keys=True) + "\n" for m in result.metrics))
-        _plot(tmp / "curves.png", result.metrics)
+        plot_curves(tmp / "curves.png", result.metrics)
         last = result.metrics[-1] if result.metrics else {}
         record = {
             "run_key": inputs.key,
@@ -126,6 +196,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "config": config_to_dict(inputs.config),
             "config_sha256": config_sha256(inputs.config),
             "data": inputs.data,
+            "data_decoded": inputs.decoded,
             "code_sha256": inputs.code,
             "toolchain": inputs.toolchain,
             "profile": inputs.profile,
@@ -140,10 +211,11 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "duration_s": round(time.time() - started, 3),
             **extra,
         }
+        record["record_sha256"] = record_digest(record)
         atomic.write_text(tmp / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
-        if final.exists():  # --rebuild into an existing key never reaches here
-            shutil.rmtree(final)
+        remove_slot(final)  # checked (or --force) before training
+        atomic.check_owner()
         os.rename(tmp, final)
         atomic.fsync_dir(final.parent)
         return record
@@ -152,46 +224,35 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
         raise
 
 
-def _plot(path: Path, metrics: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, ax1 = plt.subplots(figsize=(6, 4))
-    epochs = [m["epoch"] for m in metrics]
-    ax1.plot(epochs, [m["train_loss"] for m in metrics], color="tab:blue", label="train loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("train loss", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.plot(epochs, [m["test_accuracy"] for m in metrics], color="tab:red",
-             label="test accuracy")
-    ax2.set_ylabel("test accuracy", color="tab:red")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
-
-
-@contextlib.contextmanager
-def run_lock(runs_dir: Path, key: str) -> Iterator[None]:
+def run_lock(runs_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:
     """Hold the file lock of run ``key``: concurrent trainers of one key
     serialise on it; the OS drops the lock of a killed holder, so a stale
-    lock never blocks."""
+    lock never blocks, and the holder removes the file (pipeline.locks)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(runs_dir / f".{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"waiting: another process is training run {key[:16]}", file=sys.stderr)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    return locks.exclusive(runs_dir / f".{key}.lock",
+                           f"waiting: another process is training run {key[:16]}")
+
+
+def remove_slot(final: Path) -> None:
+    """Remove whatever is at ``final`` (a directory, a file or a link)."""
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.exists():
+        shutil.rmtree(final)
+
+
+def list_runs(runs_dir: Path) -> Iterator[tuple[str, dict[str, Any] | None, str]]:
+    """(name, record, "") for each run directory that passes read_run's
+    checks, (name, None, why) for each that does not; hidden entries skipped."""
+    for d in sorted(runs_dir.iterdir()):
+        if d.name.startswith("."):
+            continue
+        try:
+            if not is_complete(d):
+                check_slot(d)
+            yield d.name, read_run(d), ""
+        except CheckpointError as e:
+            yield d.name, None, str(e)
 
 
 def clean_leftovers(runs_dir: Path, key: str, complete: bool) -> None:
@@ -217,23 +278,7 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
     """Lines naming the differing inputs, then where the trails diverge."""
-    lines = input_differences(a, b)
-    names = a["trail"]["tensors"]
-    width = len(names) * a["trail"]["digest_bytes"]
-    steps = min(len(trail_a), len(trail_b)) // width
-    for s in range(steps):
-        ra, rb = trail_a[s * width:(s + 1) * width], trail_b[s * width:(s + 1) * width]
-        if ra != rb:
-            d = a["trail"]["digest_bytes"]
-            t = next(i for i in range(len(names)) if ra[i * d:(i + 1) * d] != rb[i * d:(i + 1) * d])
-            lines.append(f"trails diverge at step {s + 1} (of {steps}), first tensor {names[t]}")
-            break
-    else:
-        if len(trail_a) != len(trail_b):
-            lines.append(f"trails agree for {steps} steps, then one run stops")
-        else:
-            lines.append(f"trails identical for all {steps} steps")
-    return lines
+    return input_differences(a, b) + trail.divergence(a, trail_a, trail_b)
 
 
 def _differences(va: Any, vb: Any, path: str) -> list[tuple[str, Any, Any]]:

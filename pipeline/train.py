@@ -18,6 +18,7 @@ from .config import Config
 from .dataset import Dataset
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, add_grads, tree_reduce
+from .errors import Interrupted
 from .hashing import tensor_digests
 from .modes import Net
 from .rng import DropoutStream
@@ -92,6 +93,8 @@ def train(cfg: Config, ds: Dataset, *, run_key: str, ckpt_dir: Path | None,
                     (every and st.step % every == 0) or st.step % steps_per_epoch == 0):
                 writer.save(net, opt, dropout, st)
             _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
+    except KeyboardInterrupt:
+        raise Interrupted(st.step) from None  # the CLI prints one line: rerun to resume
     finally:
         if writer:
             writer.close()  # every checkpoint on disk (or its error raised) before returning

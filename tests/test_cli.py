@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runs import record_digest
+
 from .helpers import ROOT, copy_source, pipeline_env, run_pipeline, train_json
 
 SHORT = ["train.epochs=2"]
@@ -89,6 +91,7 @@ def test_verify_fails_with_exit_1_when_the_record_disagrees(tmp_path: Path) -> N
     (da / "weights.safetensors").write_bytes((db / "weights.safetensors").read_bytes())
     rec = json.loads((da / "run.json").read_text())
     rec["weights_sha256"] = b["weights_sha256"]
+    rec["record_sha256"] = record_digest(rec)  # a forger who recomputes the digest
     (da / "run.json").write_text(json.dumps(rec))
     p = run_pipeline(["verify", str(da), "--quiet"], env)
     assert p.returncode == 1
@@ -96,7 +99,8 @@ def test_verify_fails_with_exit_1_when_the_record_disagrees(tmp_path: Path) -> N
 
 
 def test_tampered_weights_file_is_refused(tmp_path: Path) -> None:
-    """A weights file that no longer matches its recorded hash: exit 1, both hashes named."""
+    """A weights file that no longer matches its recorded hash: a bad weights
+    file (exit 5), both hashes named."""
     env, runs = pipeline_env(tmp_path), tmp_path / "runs"
     rec = train_json(SHORT, runs, env)
     w = runs / rec["run_key"] / "weights.safetensors"
@@ -104,7 +108,7 @@ def test_tampered_weights_file_is_refused(tmp_path: Path) -> None:
     data[-1] ^= 0x40
     w.write_bytes(bytes(data))
     p = run_pipeline(["train", *SHORT, "--runs-dir", str(runs)], env)
-    assert p.returncode == 1 and rec["weights_sha256"] in p.stderr
+    assert p.returncode == 5 and rec["weights_sha256"] in p.stderr
 
 
 def _bad_tree(tmp_path: Path, mutate: str) -> Path:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import _testing, manifest, recipe
+from pipeline import _testing, manifest, recipe, runs
 from pipeline.config import load_config
-from pipeline.errors import MismatchError
+from pipeline.errors import CheckpointError, MismatchError
 
 SHORT = ["train.epochs=1", "model.hidden=[16]"]
 
@@ -62,6 +62,10 @@ def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
     run_json = tmp_path / "runs" / record["run_key"] / "run.json"
     rec = json.loads(run_json.read_text())
     rec["config"]["seed"] = 1  # the record now claims another seed than its weights'
+    run_json.write_text(json.dumps(rec))
+    with pytest.raises(CheckpointError, match=r"\[record_sha256\]"):  # an edit is caught
+        recipe.verify_run(run_json.parent, ["verify"], quiet=True)
+    rec["record_sha256"] = runs.record_digest(rec)  # a forger recomputes the digest
     run_json.write_text(json.dumps(rec))
     with pytest.raises(MismatchError, match="verify failed"):
         recipe.verify_run(run_json.parent, ["verify"], quiet=True)
