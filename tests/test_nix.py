@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from pipeline.environment import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 NIX = shutil.which("nix-instantiate")
@@ -233,3 +237,63 @@ def test_outputs_missing_app(tree: Path) -> None:
           "apps = { default = train; };")
     problems = check_nix.check_outputs(tree, NIX)
     assert any("apps: expected" in p for p in problems), problems
+
+
+# --- what a real nixpkgs does with the flake's outputs (issue 14), run here -----------------
+
+SHORT_TRAIN = ["train.epochs=2"]
+
+
+def _train(cmd: list[str], runs: Path, env: dict[str, str], cwd: Path,
+           extra: list[str] | None = None) -> dict:
+    p = subprocess.run([*cmd, "train", "configs/digits.toml", *(extra or SHORT_TRAIN),
+                        "--runs-dir", str(runs), "--json", "--quiet"], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, f"{cmd[-1]} train: exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
+    return dict(json.loads(p.stdout))
+
+
+def _base_env(tmp: Path) -> dict[str, str]:
+    """This environment with a private data cache, and no PIPELINE_* switch or
+    PYTHONPATH: what a user's shell holds."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PIPELINE_") and k != "PYTHONPATH"}
+    env["PIPELINE_CACHE_DIR"] = str(tmp / "cache")
+    return env
+
+
+def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) -> None:
+    """With SOURCE_DATE_EPOCH set (nixpkgs' stdenv sets it in packages.model's sandbox),
+    two trainings of one run write byte-identical files, every file the model derivation
+    copies to $out included: run.json takes created_utc from it and leaves duration_s out.
+    This is what `nix build .#model --rebuild` compares."""
+    env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="315532800")
+    records = [_train([sys.executable, "-m", "pipeline"], tmp_path / f"runs{i}", env, REPO)
+               for i in range(2)]
+    assert records[0]["created_utc"] == "1980-01-01T00:00:00Z", records[0]["created_utc"]
+    assert "duration_s" not in records[0], "duration_s is wall-clock time: two builds differ"
+    dirs = [tmp_path / f"runs{i}" / r["run_key"] for i, r in enumerate(records)]
+    for name in MODEL_FILES:
+        a, b = ((d / name).read_bytes() for d in dirs)
+        assert a == b, f"{name}: differs between two trainings with SOURCE_DATE_EPOCH set"
+
+
+def test_source_date_epoch_must_be_an_integer(tmp_path: Path) -> None:
+    """A malformed SOURCE_DATE_EPOCH is a usage error (exit 2) naming the variable."""
+    env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="yesterday")
+    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
+                        "mode=exact", "train.epochs=1", "--runs-dir", str(tmp_path / "runs"),
+                        "--quiet"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert p.returncode == 2 and "SOURCE_DATE_EPOCH" in p.stderr, (p.returncode, p.stderr)
+
+
+def _model_files() -> list[str]:
+    """The files flake.nix's packages.model copies to $out (its `cp` line)."""
+    text = (REPO / "flake.nix").read_text(encoding="utf-8")
+    match = re.search(r'cp "\$TMPDIR"/runs/\*/\{([^}]*)\} \$out/', text)
+    assert match, "flake.nix: packages.model's `cp .../runs/*/{...} $out/` line not found"
+    return match.group(1).split(",")
+
+
+MODEL_FILES = _model_files()
