@@ -92,6 +92,8 @@ def _torchrun(args: argparse.Namespace, runs_dir: Path, results: Path) -> dict[i
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from .environment import child_pythonpath
+
     targs = ["--nproc-per-node", str(args.nproc), "--nnodes", str(args.nnodes),
              "--node-rank", str(args.node_rank), "--max-restarts", "0",
              "--monitor-interval", "0.1"]
@@ -106,6 +108,10 @@ def _torchrun(args: argparse.Namespace, runs_dir: Path, results: Path) -> dict[i
     wargs = [*args.args, "--runs-dir", str(runs_dir), "--device", args.device]
     targs += ["-m", "pipeline.launch", *wargs, *(["--quiet"] if args.quiet else [])]
     os.environ[_RESULTS_ENV] = str(results)
+    # Workers are `sys.executable -m pipeline.launch`: under a wrapper that puts the
+    # dependencies on sys.path only (nixpkgs' wrap-python) they need this process's path.
+    if child_pythonpath():
+        os.environ["PYTHONPATH"] = child_pythonpath()
     try:
         run(get_args_parser().parse_args(targs))
     except ChildFailedError as e:

@@ -297,3 +297,64 @@ def _model_files() -> list[str]:
 
 
 MODEL_FILES = _model_files()
+
+
+def _wrap_python(tmp: Path, env_set: dict[str, str]) -> Path:
+    """`bin/pipeline` as nixpkgs' wrap-python writes it (pkgs/development/interpreters/python/
+    wrap-python.nix and wrap.sh): a makeWrapper shell script that sets PYTHONNOUSERSITE (and
+    the makeWrapperArgs --set variables) and execs `.pipeline-wrapped`, whose shebang is the
+    bare interpreter and whose first line puts the dependencies on sys.path with
+    site.addsitedir. The interpreter itself (a virtualenv without site packages here, the
+    python3 store path there) knows none of them."""
+    bare = tmp / "bare-python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True,
+                   timeout=120)
+    python = bare / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True,
+                           cwd=tmp, check=False)
+    assert probe.returncode != 0, "the bare interpreter imports torch: the test could not fail"
+    sites = [str(REPO), *(p for p in sys.path if p.endswith("site-packages"))]
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    wrapped = bin_dir / ".pipeline-wrapped"
+    wrapped.write_text(
+        f"#!{python}\n"
+        f"import sys;import site;import functools;sys.argv[0] = '{bin_dir / 'pipeline'}';"
+        f"functools.reduce(lambda k, p: site.addsitedir(p, k), {sites!r}, "
+        f"site._init_pathinfo())\n"
+        "import sys\nfrom pipeline.cli import main\nif __name__ == '__main__':\n"
+        "    sys.exit(main())\n", encoding="utf-8")
+    sets = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env_set.items())
+    wrapper = bin_dir / "pipeline"
+    wrapper.write_text(f"#!{shutil.which('bash')} -e\nexport PYTHONNOUSERSITE='true'\n{sets}"
+                       f'exec -a "$0" "{wrapped}" "$@"\n', encoding="utf-8")
+    for f in (wrapped, wrapper):
+        f.chmod(0o755)
+    return wrapper
+
+
+def test_wrapped_like_wrap_python_train_reexecs_into_the_profile(tmp_path: Path) -> None:
+    """Under a wrap-python wrapper without the profile, `pipeline train` re-executes itself
+    (sys.executable -m pipeline) into the pinned profile: the child gets the dependencies'
+    paths and trains the same weights as the virtualenv's pipeline."""
+    env = _base_env(tmp_path)
+    wrapper = _wrap_python(tmp_path, {})
+    work = tmp_path / "work"  # not the checkout: the working directory imports nothing
+    work.mkdir()
+    wrapped = _train([str(wrapper)], work / "runs", env, work)
+    assert wrapped["profile"]["name"] == load_profile().name, wrapped["profile"]
+    plain = _train([sys.executable, "-m", "pipeline"], tmp_path / "plain", env, REPO)
+    assert wrapped["weights_sha256"] == plain["weights_sha256"]
+
+
+def test_wrapped_like_wrap_python_nproc_2_workers_import_the_package(tmp_path: Path) -> None:
+    """Under a wrap-python wrapper that sets the profile (as flake.nix's makeWrapperArgs do,
+    so nothing re-executes), `pipeline train --nproc 2` starts torchrun's workers
+    (sys.executable -m pipeline.launch), and they import torch and the pipeline."""
+    env = _base_env(tmp_path)
+    wrapper = _wrap_python(tmp_path, load_profile().env)
+    work = tmp_path / "work"
+    work.mkdir()
+    record = _train([str(wrapper)], work / "runs", env, work,
+                    [*SHORT_TRAIN, "train.shards=2", "--nproc", "2"])
+    assert record["world_size"] == 2, record.get("world_size")
