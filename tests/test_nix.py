@@ -358,3 +358,32 @@ def test_wrapped_like_wrap_python_nproc_2_workers_import_the_package(tmp_path: P
     record = _train([str(wrapper)], work / "runs", env, work,
                     [*SHORT_TRAIN, "train.shards=2", "--nproc", "2"])
     assert record["world_size"] == 2, record.get("world_size")
+
+
+def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
+    """`golden check` passes with "no golden entry" (exit 0); with --require (what
+    checks.golden runs) no entry is exit 1; a matching entry is exit 0 and a differing one
+    exit 1 either way."""
+    env = _base_env(tmp_path)
+    record = _train([sys.executable, "-m", "pipeline"], tmp_path / "runs", env, REPO,
+                    ["mode=exact", "train.epochs=1"])
+    run_dir = str(tmp_path / "runs" / record["run_key"])
+    golden = tmp_path / "weights.json"
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", "golden", "check", *flags,
+                               run_dir, "--file", str(golden)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    lax, strict = check(), check("--require")
+    assert lax.returncode == 0 and lax.stdout.startswith("no golden entry"), lax
+    assert strict.returncode == 1 and "--require" in strict.stderr, strict
+    subprocess.run([sys.executable, "-m", "pipeline", "golden", "add", run_dir, "--file",
+                    str(golden)], cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=300)
+    match = check("--require")
+    assert match.returncode == 0 and match.stdout.startswith("golden match"), match
+    data = json.loads(golden.read_text(encoding="utf-8"))
+    data["entries"][0]["weights_sha256"] = "0" * 64
+    golden.write_text(json.dumps(data), encoding="utf-8")
+    assert check().returncode == 1 and check("--require").returncode == 1
