@@ -387,3 +387,15 @@ def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
     data["entries"][0]["weights_sha256"] = "0" * 64
     golden.write_text(json.dumps(data), encoding="utf-8")
     assert check().returncode == 1 and check("--require").returncode == 1
+
+
+def test_clean_env_keeps_the_lock_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The determinism suite's reference environment keeps PIPELINE_LOCK_ID (set by the Nix
+    check and dev shell: it names the toolchain) and drops the test-only switches."""
+    from tests.machines import clean_env
+
+    monkeypatch.setenv("PIPELINE_LOCK_ID", "nix:sha256-test")
+    monkeypatch.setenv("PIPELINE_TEST_NO_PIN", "1")
+    env = clean_env(tmp_path)
+    assert env.get("PIPELINE_LOCK_ID") == "nix:sha256-test", sorted(env)
+    assert "PIPELINE_TEST_NO_PIN" not in env
