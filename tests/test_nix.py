@@ -239,6 +239,58 @@ def test_outputs_missing_app(tree: Path) -> None:
     assert any("apps: expected" in p for p in problems), problems
 
 
+BUILDER_ARG_CONTROLS: list[tuple[str, str, str, str]] = [
+    ("misspelt pythonImportsCheck", "pythonImportsCheck = ", "pythonImportCheck = ",
+     "buildPythonApplication argument 'pythonImportCheck'"),
+    ("misspelt nativeBuildInputs in runCommand",
+     'runCommand "pipeline-model" { nativeBuildInputs', 'runCommand "pipeline-model" { nativeBuildInput',
+     "runCommand argument 'nativeBuildInput'"),
+    ("unknown streamLayeredImage argument", 'created = "1970-01-01T00:00:01Z";',
+     'created = "1970-01-01T00:00:01Z"; mtime = "1970-01-01T00:00:01Z";',
+     "dockerTools.streamLayeredImage argument 'mtime'"),
+    ("misspelt mkShell packages", "packages = [ devPython ];", "package = [ devPython ];",
+     "mkShell argument 'package'"),
+]
+
+
+@needs_nix
+@pytest.mark.parametrize(("name", "old", "new", "expect"), BUILDER_ARG_CONTROLS,
+                         ids=[c[0] for c in BUILDER_ARG_CONTROLS])
+def test_builder_argument_controls(tree: Path, name: str, old: str, new: str,
+                                   expect: str) -> None:
+    """An argument name the nixpkgs builder does not accept fails the outputs check, on
+    every system, naming the builder and the argument (nixpkgs itself would pass most of
+    them on as inert environment variables)."""
+    _edit(tree / "flake.nix", old, new)
+    problems = check_nix.check_outputs(tree, NIX)
+    assert any(expect in p for p in problems), problems
+
+
+SANDBOX_CONTROLS: list[tuple[str, str, str, str]] = [
+    ("golden check without --require", "golden check --require", "golden check",
+     "checks.golden: must train"),
+    ("golden check of the pinned model only",
+     'pipeline train configs/digits-exact.toml --runs-dir "$TMPDIR/exact" --quiet', "true",
+     "checks.golden: must train"),
+    ("determinism check without util-linux", "(lib.getBin pkgs.util-linux) ", "",
+     "util-linux-bin"),
+    ("determinism check without localedef", " (lib.getBin pkgs.glibc)", "", "glibc-bin"),
+    ("model copies only the weights", "{weights.safetensors,run.json,metrics.jsonl,curves.png,"
+     "trail.bin}", "{weights.safetensors,run.json}", "packages.model: expected"),
+]
+
+
+@needs_nix
+@pytest.mark.parametrize(("name", "old", "new", "expect"), SANDBOX_CONTROLS,
+                         ids=[c[0] for c in SANDBOX_CONTROLS])
+def test_sandbox_script_controls(tree: Path, name: str, old: str, new: str,
+                                 expect: str) -> None:
+    """The checks issue 14 asks of the sandbox scripts fail when one is undone."""
+    _edit(tree / "flake.nix", old, new)
+    problems = check_nix.check_outputs(tree, NIX)
+    assert any(expect in p for p in problems), problems
+
+
 # --- what a real nixpkgs does with the flake's outputs (issue 14), run here -----------------
 
 SHORT_TRAIN = ["train.epochs=2"]
