@@ -243,7 +243,8 @@ BUILDER_ARG_CONTROLS: list[tuple[str, str, str, str]] = [
     ("misspelt pythonImportsCheck", "pythonImportsCheck = ", "pythonImportCheck = ",
      "buildPythonApplication argument 'pythonImportCheck'"),
     ("misspelt nativeBuildInputs in runCommand",
-     'runCommand "pipeline-model" { nativeBuildInputs', 'runCommand "pipeline-model" { nativeBuildInput',
+     'runCommand "pipeline-model" { nativeBuildInputs',
+     'runCommand "pipeline-model" { nativeBuildInput',
      "runCommand argument 'nativeBuildInput'"),
     ("unknown streamLayeredImage argument", 'created = "1970-01-01T00:00:01Z";',
      'created = "1970-01-01T00:00:01Z"; mtime = "1970-01-01T00:00:01Z";',
@@ -301,7 +302,8 @@ def _train(cmd: list[str], runs: Path, env: dict[str, str], cwd: Path,
     p = subprocess.run([*cmd, "train", "configs/digits.toml", *(extra or SHORT_TRAIN),
                         "--runs-dir", str(runs), "--json", "--quiet"], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600, check=False)
-    assert p.returncode == 0, f"{cmd[-1]} train: exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
+    assert p.returncode == 0, \
+        f"{cmd[-1]} train: exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
     return dict(json.loads(p.stdout))
 
 
