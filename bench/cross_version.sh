@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Exact mode across torch versions (opt-in; needs the package registry and
-# several GB of disk for the second torch). Trains the exact-mode digits config
-# with the locked torch (.venv) and with another torch in a separate
-# virtualenv, and compares the weight hashes. Exit 0 if they are equal.
-#   bash bench/cross_version.sh [TORCH_VERSION=2.14.1] [CONFIG=configs/digits-exact.toml]
+# several GB of disk for the second torch: PyPI's Linux x86-64 torch is the
+# CUDA build, which also runs on the CPU). Trains the exact-mode config with
+# the locked torch (.venv) and with TORCH_VERSION in a separate virtualenv,
+# compares the two weight hashes, and checks each against the golden entry
+# (`golden check --require`). Exit 0 only if all agree.
+#   bash bench/cross_version.sh TORCH_VERSION [CONFIG=configs/digits-exact.toml]
+#   CROSS_VENV=DIR reuses (or creates) the second virtualenv at DIR.
+# Proven so far: README, "Measured here".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-other=${1:-2.14.1}
+if [ $# -lt 1 ] || [ -z "$1" ]; then
+  echo "usage: bash bench/cross_version.sh TORCH_VERSION [CONFIG]   (e.g. 2.9.1, nixpkgs 25.11's torch)" >&2
+  exit 2
+fi
+other=$1
 config=${2:-configs/digits-exact.toml}
 work=$(mktemp -d)
 venv=${CROSS_VENV:-$work/venv-torch-$other}
@@ -16,16 +24,25 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q "torch==$other" numpy==2.4.6 safetensors==0.8.0 filelock==4.3.1 \
     tqdm==4.70.1 matplotlib==3.11.2
 fi
-run() {  # $1 = python
-  PIPELINE_CACHE_DIR="$work/cache" "$1" -m pipeline train "$config" --runs-dir "$work/runs-$2" \
-    --json --quiet | "$1" -c 'import json,sys; r=json.load(sys.stdin); print(r["toolchain"]["torch"], r["weights_sha256"], r["metrics"]["test_accuracy"])'
+got=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+case "$got" in "$other"|"$other"+*) ;; *) echo "error: $venv has torch $got, expected $other" >&2; exit 2;; esac
+run() {  # $1 = python, $2 = label: prints "torch sha256 accuracy golden-verdict"
+  local runs="$work/runs-$2" rec
+  rec=$(PIPELINE_CACHE_DIR="$work/cache" "$1" -m pipeline train "$config" --runs-dir "$runs" --json --quiet)
+  local dir="$runs/$(echo "$rec" | "$1" -c 'import json,sys; print(json.load(sys.stdin)["run_key"])')"
+  local verdict
+  if verdict=$("$1" -m pipeline golden check --require "$dir" 2>/dev/null); then :; fi
+  echo "$rec" | "$1" -c 'import json,sys; r=json.load(sys.stdin); print(r["toolchain"]["torch"], r["weights_sha256"], r["metrics"]["test_accuracy"], end=" ")'
+  echo "${verdict%% sha256*}"
 }
 a=$(run .venv/bin/python locked)
 b=$(run "$venv/bin/python" other)
-printf '%-28s %-64s %s\n' "torch" "exact-mode weights sha256" "test accuracy"
-printf '%s\n%s\n' "$a" "$b" | awk '{printf "%-28s %-64s %s\n", $1, $2, $3}'
-if [ "$(echo "$a" | cut -d' ' -f2)" = "$(echo "$b" | cut -d' ' -f2)" ]; then
-  echo "same exact-mode hash with torch $(echo "$a" | cut -d' ' -f1) and $(echo "$b" | cut -d' ' -f1)"
+echo "config $config, exact mode, on $(uname -m)"
+printf '%-22s %-64s %-9s %s\n' "torch" "exact-mode weights sha256" "accuracy" "golden check --require"
+printf '%s\n%s\n' "$a" "$b" | awk '{v=$4; for (i=5; i<=NF; i++) v=v" "$i; printf "%-22s %-64s %-9s %s\n", $1, $2, $3, v}'
+ha=$(echo "$a" | cut -d' ' -f2); hb=$(echo "$b" | cut -d' ' -f2)
+if [ "$ha" = "$hb" ] && echo "$a" | grep -q "golden match" && echo "$b" | grep -q "golden match"; then
+  echo "same exact-mode hash with torch $(echo "$a" | cut -d' ' -f1) and $(echo "$b" | cut -d' ' -f1), equal to the golden entry"
 else
-  echo "DIFFERENT hashes"; exit 1
+  echo "DIFFERENT: hashes or golden verdicts disagree"; exit 1
 fi

@@ -20,12 +20,16 @@ let
       else "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
     optionalAttrs = cond: a: if cond then a else { };
     getExe = d: "${d}/bin/${d.meta.mainProgram}";
+    getBin = d: d.bin or d;
   };
   drv = name: attrs: attrs // { inherit name; outPath = "/stub/${name}"; };
+  # A builder's result also records the argument names it was called with, which
+  # tools/check_nix.py compares with nixpkgs' own signatures.
+  called = name: args: drv name args // { argNames = builtins.attrNames args; };
   mkPkgs = system:
     let
       pyPkgs = lib.genAttrs pythonAttrs (a: drv "py-${a}" { pname = a; }) // {
-        buildPythonApplication = args: drv args.pname args;
+        buildPythonApplication = args: called args.pname args;
       };
     in
     {
@@ -37,11 +41,15 @@ let
         pkgs = pyPkgs;
         withPackages = f: drv "python-env" { packages = map (p: p.pname) (f pyPkgs); };
       };
-      runCommand = name: attrs: script: drv name (attrs // { inherit script; });
+      runCommand = name: attrs: script: called name attrs // { inherit script; };
       # The script's text rides in its path so that apps.*.program shows it.
       writeShellScript = name: text: drv name { } // { outPath = "/stub/${name}#${text}"; };
-      mkShell = drv "shell";
-      dockerTools.streamLayeredImage = args: drv args.name args;
+      mkShell = called "shell";
+      dockerTools.streamLayeredImage = args: called args.name args;
+      # Multiple-output packages as in nixpkgs: taskset/unshare and localedef live in `bin`.
+      util-linux = drv "util-linux" { bin = drv "util-linux-bin" { }; };
+      glibc = drv "glibc" { bin = drv "glibc-bin" { }; };
+      glibcLocales = drv "glibc-locales" { };
     };
   systems = [ "x86_64-linux" "aarch64-linux" "x86_64-darwin" "aarch64-darwin" ];
   lock = builtins.fromJSON (builtins.readFile (dirOf flake + "/flake.lock"));
@@ -62,7 +70,15 @@ in
     apps = builtins.mapAttrs (_: a: { inherit (a) type program; description = a.meta.description or ""; })
       outs.apps.${system};
     checks = builtins.mapAttrs (_: c: c.script) outs.checks.${system};
+    checkInputs = builtins.mapAttrs (_: c: map (d: d.name) (c.nativeBuildInputs or [ ])) outs.checks.${system};
+    checkEnv = builtins.mapAttrs (_: c: builtins.removeAttrs c [ "nativeBuildInputs" "script" "outPath" "name" "argNames" ]) outs.checks.${system};
+    # Argument names per builder call, for the signature check.
+    calls = {
+      buildPythonApplication = packages.default.argNames;
+      mkShell = outs.devShells.${system}.default.argNames;
+      runCommand = map (d: d.argNames) ([ packages.model ] ++ builtins.attrValues outs.checks.${system});
+    } // (if packages ? image then { "dockerTools.streamLayeredImage" = packages.image.argNames; } else { });
     shellHook = outs.devShells.${system}.default.shellHook;
-    shellPackages = map (p: p.packages) outs.devShells.${system}.default.packages;
+    shellPackages = map (p: p.packages) (outs.devShells.${system}.default.packages or [ ]);
   }) outs.packages;
 }

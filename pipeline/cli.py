@@ -1,11 +1,11 @@
 """``pipeline train|verify|diff|data|env|runs|golden``: argument parsing and
 printing; the work is pipeline.recipe's (and runs, golden, manifest).
 
-Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden); 2 usage or config
-error; 3 data integrity error; 4 this machine cannot run the numeric
-profile; 5 bad checkpoint, weights or run file; 6 distributed failure;
-70 internal error; 74 file-system error; 130 interrupted. One line on
-stderr; --debug (anywhere) adds the traceback.
+Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden, and `golden check
+--require` with no entry); 2 usage or config error; 3 data integrity error;
+4 this machine cannot run the numeric profile; 5 bad checkpoint, weights or
+run file; 6 distributed failure; 70 internal error; 74 file-system error;
+130 interrupted. One line on stderr; --debug (anywhere) adds the traceback.
 torch is imported only after the numeric profile is in place (re-exec).
 """
 
@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "add":
             c.add_argument("--force", action="store_true")
             c.add_argument("--note", default="")
+        else:
+            c.add_argument("--require", action="store_true",
+                           help="no entry for this run's key is a failure (exit 1), not a pass")
     return p
 
 
@@ -271,4 +274,9 @@ def _golden(args: argparse.Namespace) -> int:
         return 0
     ok, msg = golden.check(record, path)
     print(msg)
+    if ok is None and args.require:
+        print(f"error: --require: {path} has no entry for this run, so nothing was checked; "
+              f"record one with `pipeline golden add {args.run_dir}` on a trusted machine",
+              file=sys.stderr)
+        return 1
     return 1 if ok is False else 0

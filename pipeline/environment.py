@@ -25,7 +25,7 @@ from . import _testing
 from .errors import ProfileError
 
 __all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_host",
-           "pinning_disabled", "needs_reexec", "reexec", "apply_in_process",
+           "pinning_disabled", "needs_reexec", "reexec", "child_pythonpath", "apply_in_process",
            "profile_record", "toolchain_fingerprint", "code_sha256", "PROFILE_FILE"]
 
 PROFILE_FILE = Path(__file__).with_name("profile.json")
@@ -129,9 +129,34 @@ def reexec(profile: Profile, argv: list[str]) -> None:
     env = dict(os.environ)
     env.update(profile.env)
     env[_PINNED_MARK] = profile.name
+    if child_pythonpath():
+        env["PYTHONPATH"] = child_pythonpath()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "pipeline", *argv], env)
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for a child ``sys.executable`` (the re-exec, torchrun's workers): this
+    process's sys.path entries that the bare interpreter would not have by itself.
+
+    nixpkgs' wrap-python (pkgs/development/interpreters/python/wrap-python.nix) puts the
+    dependencies on sys.path with site.addsitedir inside the wrapped script only; the
+    interpreter it runs knows none of them, so a child started as ``sys.executable -m ...``
+    could not import torch or this package. Entries under the interpreter's own prefixes
+    (stdlib, a virtualenv's site-packages) come back by themselves and are left out; entries
+    already on PYTHONPATH are kept, in sys.path order."""
+    prefixes = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    given = set(filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    keep: list[str] = []
+    for entry in sys.path:
+        if not entry or entry in keep:
+            continue
+        path = str(Path(entry).resolve())
+        own = any(path == p or path.startswith(p + os.sep) for p in prefixes)
+        if entry in given or not own:
+            keep.append(entry)
+    return os.pathsep.join(keep)
 
 
 def apply_in_process(profile: Profile) -> None:

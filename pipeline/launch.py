@@ -122,6 +122,8 @@ def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from .environment import child_pythonpath
+
     targs = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes),
              "--node-rank", str(spec.node_rank), "--max-restarts", "0",
              "--monitor-interval", "0.1"]
@@ -136,6 +138,10 @@ def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
     targs += ["-m", "pipeline.launch"]
     os.environ[_RESULTS_ENV] = str(results)
     os.environ[_LAUNCHER_ENV] = str(os.getpid())  # the workers' parent, the lock holder
+    # Workers are `sys.executable -m pipeline.launch`: under a wrapper that puts the
+    # dependencies on sys.path only (nixpkgs' wrap-python) they need this process's path.
+    if child_pythonpath():
+        os.environ["PYTHONPATH"] = child_pythonpath()
     try:
         run(get_args_parser().parse_args(targs))
     except ChildFailedError as e:

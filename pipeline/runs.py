@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic, locks, modes, trail
-from .plots import plot_curves
-from .trail import read_trail
 from .config import Config, canonical_json, config_sha256, config_to_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
+from .plots import plot_curves
 from .safeio import MIB, read_regular
+from .trail import read_trail
 
 __all__ = ["RunInputs", "run_inputs", "is_complete", "check_slot", "read_run", "reusable",
-           "write_run", "run_lock", "remove_slot", "list_runs", "read_trail", "clean_leftovers", "diff_runs",
-           "input_differences"]
+           "write_run", "run_lock", "remove_slot", "list_runs", "read_trail", "clean_leftovers",
+           "diff_runs", "input_differences"]
 
 MAX_RECORD_BYTES = 64 * MIB  # run.json
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -206,9 +206,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names},
             "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
             "resumed_from_step": result.resumed_from,
-            # Kept out of the key: when and how long, not what.
-            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "duration_s": round(time.time() - started, 3),
+            **_when(started),  # kept out of the key: when and how long, not what
             **extra,
         }
         record["record_sha256"] = record_digest(record)
@@ -222,6 +220,21 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _when(started: float) -> dict[str, Any]:
+    """run.json's created_utc and duration_s. With SOURCE_DATE_EPOCH set (the
+    reproducible-builds convention, https://reproducible-builds.org/specs/source-date-epoch/;
+    nixpkgs' stdenv sets it in every derivation) created_utc is that time and duration_s is
+    left out, so that two builds of one run write the same bytes (`nix build --rebuild`)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return {"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "duration_s": round(time.time() - started, 3)}
+    if not epoch.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH: expected a non-negative integer (seconds since "
+                         f"1970), found {epoch!r}")
+    return {"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))}
 
 
 def run_lock(runs_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:

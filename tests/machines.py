@@ -170,11 +170,18 @@ def profile_variables() -> list[str]:
     return sorted({k for p in data["profiles"].values() for k in p["env"]})
 
 
+# Not a switch but the toolchain's name: the Nix check and dev shell set it, and
+# runs there must record the Nix lock, not requirements.lock's hash.
+KEEP = ("PIPELINE_LOCK_ID",)
+
+
 def clean_env(cache: Path) -> dict[str, str]:
     """The reference machine's environment: this process's, without any
-    PIPELINE_* switch or profile variable, with the shared data cache."""
+    PIPELINE_* switch (PIPELINE_LOCK_ID stays) or profile variable, with the
+    shared data cache."""
     drop = set(profile_variables())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_") and k not in drop}
+    env = {k: v for k, v in os.environ.items()
+           if (k in KEEP or not k.startswith("PIPELINE_")) and k not in drop}
     env["PIPELINE_CACHE_DIR"] = str(cache)
     return env
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from pipeline.environment import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 NIX = shutil.which("nix-instantiate")
@@ -233,3 +237,219 @@ def test_outputs_missing_app(tree: Path) -> None:
           "apps = { default = train; };")
     problems = check_nix.check_outputs(tree, NIX)
     assert any("apps: expected" in p for p in problems), problems
+
+
+BUILDER_ARG_CONTROLS: list[tuple[str, str, str, str]] = [
+    ("misspelt pythonImportsCheck", "pythonImportsCheck = ", "pythonImportCheck = ",
+     "buildPythonApplication argument 'pythonImportCheck'"),
+    ("misspelt nativeBuildInputs in runCommand",
+     'runCommand "pipeline-model" { nativeBuildInputs',
+     'runCommand "pipeline-model" { nativeBuildInput',
+     "runCommand argument 'nativeBuildInput'"),
+    ("unknown streamLayeredImage argument", 'created = "1970-01-01T00:00:01Z";',
+     'created = "1970-01-01T00:00:01Z"; mtime = "1970-01-01T00:00:01Z";',
+     "dockerTools.streamLayeredImage argument 'mtime'"),
+    ("misspelt mkShell packages", "packages = [ devPython ];", "package = [ devPython ];",
+     "mkShell argument 'package'"),
+]
+
+
+@needs_nix
+@pytest.mark.parametrize(("name", "old", "new", "expect"), BUILDER_ARG_CONTROLS,
+                         ids=[c[0] for c in BUILDER_ARG_CONTROLS])
+def test_builder_argument_controls(tree: Path, name: str, old: str, new: str,
+                                   expect: str) -> None:
+    """An argument name the nixpkgs builder does not accept fails the outputs check, on
+    every system, naming the builder and the argument (nixpkgs itself would pass most of
+    them on as inert environment variables)."""
+    _edit(tree / "flake.nix", old, new)
+    problems = check_nix.check_outputs(tree, NIX)
+    assert any(expect in p for p in problems), problems
+
+
+SANDBOX_CONTROLS: list[tuple[str, str, str, str]] = [
+    ("golden check without --require", "golden check --require", "golden check",
+     "checks.golden: must train"),
+    ("golden check of the pinned model only",
+     'pipeline train configs/digits-exact.toml --runs-dir "$TMPDIR/exact" --quiet', "true",
+     "checks.golden: must train"),
+    ("determinism check without util-linux", "(lib.getBin pkgs.util-linux) ", "",
+     "util-linux-bin"),
+    ("determinism check without localedef", " (lib.getBin pkgs.glibc)", "", "glibc-bin"),
+    ("model copies only the weights", "{weights.safetensors,run.json,metrics.jsonl,curves.png,"
+     "trail.bin}", "{weights.safetensors,run.json}", "packages.model: expected"),
+]
+
+
+@needs_nix
+@pytest.mark.parametrize(("name", "old", "new", "expect"), SANDBOX_CONTROLS,
+                         ids=[c[0] for c in SANDBOX_CONTROLS])
+def test_sandbox_script_controls(tree: Path, name: str, old: str, new: str,
+                                 expect: str) -> None:
+    """The checks issue 14 asks of the sandbox scripts fail when one is undone."""
+    _edit(tree / "flake.nix", old, new)
+    problems = check_nix.check_outputs(tree, NIX)
+    assert any(expect in p for p in problems), problems
+
+
+# --- what a real nixpkgs does with the flake's outputs (issue 14), run here -----------------
+
+SHORT_TRAIN = ["train.epochs=2"]
+
+
+def _train(cmd: list[str], runs: Path, env: dict[str, str], cwd: Path,
+           extra: list[str] | None = None) -> dict:
+    p = subprocess.run([*cmd, "train", "configs/digits.toml", *(extra or SHORT_TRAIN),
+                        "--runs-dir", str(runs), "--json", "--quiet"], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, \
+        f"{cmd[-1]} train: exit {p.returncode}\n{p.stdout}\n{p.stderr[-4000:]}"
+    return dict(json.loads(p.stdout))
+
+
+def _base_env(tmp: Path) -> dict[str, str]:
+    """This environment with a private data cache, and no PIPELINE_* switch or
+    PYTHONPATH: what a user's shell holds."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PIPELINE_") and k != "PYTHONPATH"}
+    env["PIPELINE_CACHE_DIR"] = str(tmp / "cache")
+    return env
+
+
+def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) -> None:
+    """With SOURCE_DATE_EPOCH set (nixpkgs' stdenv sets it in packages.model's sandbox),
+    two trainings of one run write byte-identical files, every file the model derivation
+    copies to $out included: run.json takes created_utc from it and leaves duration_s out.
+    This is what `nix build .#model --rebuild` compares."""
+    env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="315532800")
+    records = [_train([sys.executable, "-m", "pipeline"], tmp_path / f"runs{i}", env, REPO)
+               for i in range(2)]
+    assert records[0]["created_utc"] == "1980-01-01T00:00:00Z", records[0]["created_utc"]
+    assert "duration_s" not in records[0], "duration_s is wall-clock time: two builds differ"
+    dirs = [tmp_path / f"runs{i}" / r["run_key"] for i, r in enumerate(records)]
+    for name in MODEL_FILES:
+        a, b = ((d / name).read_bytes() for d in dirs)
+        assert a == b, f"{name}: differs between two trainings with SOURCE_DATE_EPOCH set"
+
+
+def test_source_date_epoch_must_be_an_integer(tmp_path: Path) -> None:
+    """A malformed SOURCE_DATE_EPOCH is a usage error (exit 2) naming the variable."""
+    env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="yesterday")
+    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
+                        "mode=exact", "train.epochs=1", "--runs-dir", str(tmp_path / "runs"),
+                        "--quiet"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert p.returncode == 2 and "SOURCE_DATE_EPOCH" in p.stderr, (p.returncode, p.stderr)
+
+
+def _model_files() -> list[str]:
+    """The files flake.nix's packages.model copies to $out (its `cp` line)."""
+    text = (REPO / "flake.nix").read_text(encoding="utf-8")
+    match = re.search(r'cp "\$TMPDIR"/runs/\*/\{([^}]*)\} \$out/', text)
+    assert match, "flake.nix: packages.model's `cp .../runs/*/{...} $out/` line not found"
+    return match.group(1).split(",")
+
+
+MODEL_FILES = _model_files()
+
+
+def _wrap_python(tmp: Path, env_set: dict[str, str]) -> Path:
+    """`bin/pipeline` as nixpkgs' wrap-python writes it (pkgs/development/interpreters/python/
+    wrap-python.nix and wrap.sh): a makeWrapper shell script that sets PYTHONNOUSERSITE (and
+    the makeWrapperArgs --set variables) and execs `.pipeline-wrapped`, whose shebang is the
+    bare interpreter and whose first line puts the dependencies on sys.path with
+    site.addsitedir. The interpreter itself (a virtualenv without site packages here, the
+    python3 store path there) knows none of them."""
+    bare = tmp / "bare-python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True,
+                   timeout=120)
+    python = bare / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True,
+                           cwd=tmp, check=False)
+    assert probe.returncode != 0, "the bare interpreter imports torch: the test could not fail"
+    sites = [str(REPO), *(p for p in sys.path if p.endswith("site-packages"))]
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    wrapped = bin_dir / ".pipeline-wrapped"
+    wrapped.write_text(
+        f"#!{python}\n"
+        f"import sys;import site;import functools;sys.argv[0] = '{bin_dir / 'pipeline'}';"
+        f"functools.reduce(lambda k, p: site.addsitedir(p, k), {sites!r}, "
+        f"site._init_pathinfo())\n"
+        "import sys\nfrom pipeline.cli import main\nif __name__ == '__main__':\n"
+        "    sys.exit(main())\n", encoding="utf-8")
+    sets = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env_set.items())
+    wrapper = bin_dir / "pipeline"
+    wrapper.write_text(f"#!{shutil.which('bash')} -e\nexport PYTHONNOUSERSITE='true'\n{sets}"
+                       f'exec -a "$0" "{wrapped}" "$@"\n', encoding="utf-8")
+    for f in (wrapped, wrapper):
+        f.chmod(0o755)
+    return wrapper
+
+
+def test_wrapped_like_wrap_python_train_reexecs_into_the_profile(tmp_path: Path) -> None:
+    """Under a wrap-python wrapper without the profile, `pipeline train` re-executes itself
+    (sys.executable -m pipeline) into the pinned profile: the child gets the dependencies'
+    paths and trains the same weights as the virtualenv's pipeline."""
+    env = _base_env(tmp_path)
+    wrapper = _wrap_python(tmp_path, {})
+    work = tmp_path / "work"  # not the checkout: the working directory imports nothing
+    work.mkdir()
+    wrapped = _train([str(wrapper)], work / "runs", env, work)
+    assert wrapped["profile"]["name"] == load_profile().name, wrapped["profile"]
+    plain = _train([sys.executable, "-m", "pipeline"], tmp_path / "plain", env, REPO)
+    assert wrapped["weights_sha256"] == plain["weights_sha256"]
+
+
+def test_wrapped_like_wrap_python_nproc_2_workers_import_the_package(tmp_path: Path) -> None:
+    """Under a wrap-python wrapper that sets the profile (as flake.nix's makeWrapperArgs do,
+    so nothing re-executes), `pipeline train --nproc 2` starts torchrun's workers
+    (sys.executable -m pipeline.launch), and they import torch and the pipeline."""
+    env = _base_env(tmp_path)
+    wrapper = _wrap_python(tmp_path, load_profile().env)
+    work = tmp_path / "work"
+    work.mkdir()
+    record = _train([str(wrapper)], work / "runs", env, work,
+                    [*SHORT_TRAIN, "train.shards=2", "--nproc", "2"])
+    assert record["world_size"] == 2, record.get("world_size")
+
+
+def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
+    """`golden check` passes with "no golden entry" (exit 0); with --require (what
+    checks.golden runs) no entry is exit 1; a matching entry is exit 0 and a differing one
+    exit 1 either way."""
+    env = _base_env(tmp_path)
+    record = _train([sys.executable, "-m", "pipeline"], tmp_path / "runs", env, REPO,
+                    ["mode=exact", "train.epochs=1"])
+    run_dir = str(tmp_path / "runs" / record["run_key"])
+    golden = tmp_path / "weights.json"
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", "golden", "check", *flags,
+                               run_dir, "--file", str(golden)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    lax, strict = check(), check("--require")
+    assert lax.returncode == 0 and lax.stdout.startswith("no golden entry"), lax
+    assert strict.returncode == 1 and "--require" in strict.stderr, strict
+    subprocess.run([sys.executable, "-m", "pipeline", "golden", "add", run_dir, "--file",
+                    str(golden)], cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=300)
+    match = check("--require")
+    assert match.returncode == 0 and match.stdout.startswith("golden match"), match
+    data = json.loads(golden.read_text(encoding="utf-8"))
+    data["entries"][0]["weights_sha256"] = "0" * 64
+    golden.write_text(json.dumps(data), encoding="utf-8")
+    assert check().returncode == 1 and check("--require").returncode == 1
+
+
+def test_clean_env_keeps_the_lock_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The determinism suite's reference environment keeps PIPELINE_LOCK_ID (set by the Nix
+    check and dev shell: it names the toolchain) and drops the test-only switches."""
+    from tests.machines import clean_env
+
+    monkeypatch.setenv("PIPELINE_LOCK_ID", "nix:sha256-test")
+    monkeypatch.setenv("PIPELINE_TEST_NO_PIN", "1")
+    env = clean_env(tmp_path)
+    assert env.get("PIPELINE_LOCK_ID") == "nix:sha256-test", sorted(env)
+    assert "PIPELINE_TEST_NO_PIN" not in env

@@ -22,7 +22,11 @@ deps     every name in pyproject.toml's [project].dependencies, the ``test``
 outputs  (needs nix-instantiate) the flake's outputs, evaluated against the
          stand-in nixpkgs in nix/stub-nixpkgs.nix: the outputs each system
          must have; wrapper and dev-shell environments equal to the profile
-         for that system's CPU; dependencies equal to pyproject.toml's.
+         for that system's CPU; dependencies equal to pyproject.toml's; the
+         sandbox scripts (exact-mode golden check with --require, the
+         determinism check's util-linux and localedef, the model's files);
+         every argument name passed to a nixpkgs builder is one that builder
+         accepts (NIXPKGS_BUILDER_ARGS, read from the nixpkgs sources).
 
 Nothing here builds or evaluates real nixpkgs. Exit status: 0 all pass,
 1 a check failed, 2 nix-instantiate is missing (and --allow-missing-nix was
@@ -53,6 +57,52 @@ NIXPKGS_PYTHON_ATTRS = (
     "torch", "numpy", "filelock", "safetensors", "tqdm", "matplotlib",
     "pytest", "pytest-xdist", "hypothesis", "setuptools",
 )
+
+# The argument names each nixpkgs builder the flake calls accepts, read from the nixpkgs
+# sources (github:NixOS/nixpkgs, files named below; the flake locks nixos-25.11 at rev
+# 3ceaaa8bc963ced4d830e06ea2d0863b6490ff03). The versions read were those the project's
+# source search stores, not checked out at that rev: mk-python-derivation.nix with the
+# PEP 621 names (dependencies, build-system: 24.05 and later), streamLayeredImage from an
+# older release, so its list may lack names 25.11 added (a missing name fails here, which
+# errs on the safe side). Most of these builders hand unknown names to
+# stdenv.mkDerivation as environment variables, so a misspelt argument
+# (`pythonImportCheck`) evaluates, builds and silently does nothing: this table is what
+# catches it. An "ENV" entry: any ALL_CAPS environment variable name is accepted too.
+NIXPKGS_BUILDER_ARGS: dict[str, tuple[str, ...]] = {
+    # pkgs/development/interpreters/python/mk-python-derivation.nix: the named arguments
+    # of the function (buildPythonApplication is it with namePrefix = ""), the attrs it
+    # reads with `attrs ? ...` (pythonRelaxDeps, pythonRemoveDeps, disabledTests,
+    # pytestFlags, checkPhase, postFixup, passthru); pythonImportsCheck is read by
+    # hooks/python-imports-check-hook.sh, pypaBuildFlags by hooks/pypa-build-hook.sh;
+    # pname, version, src, postPatch and preBuild are stdenv.mkDerivation's
+    # (pkgs/stdenv/generic/make-derivation.nix).
+    "buildPythonApplication": (
+        "nativeBuildInputs", "buildInputs", "checkInputs", "nativeCheckInputs",
+        "propagatedBuildInputs", "dependencies", "optional-dependencies", "build-system",
+        "pythonPath", "strictDeps", "outputs", "disabled", "catchConflicts",
+        "makeWrapperArgs", "dontWrapPythonPrograms", "dontUsePipInstall", "permitUserSite",
+        "removeBinBytecode", "pyproject", "format", "meta", "doCheck", "disabledTestPaths",
+        "stdenv", "pythonRelaxDeps", "pythonRemoveDeps", "disabledTests", "pytestFlags",
+        "pytestFlagsArray", "checkPhase", "postFixup", "passthru", "pythonImportsCheck",
+        "pypaBuildFlags", "pname", "version", "src", "name", "postPatch", "preBuild"),
+    # pkgs/build-support/trivial-builders/default.nix: runCommand = name: env: buildCommand;
+    # env goes to stdenv.mkDerivation (pkgs/stdenv/generic/make-derivation.nix).
+    "runCommand": ("ENV", "nativeBuildInputs", "buildInputs", "passthru", "meta",
+                   "preferLocalBuild", "allowSubstitutes"),
+    # pkgs/build-support/mkshell/default.nix: its named arguments, and shellHook, which it
+    # merges with the inputsFrom hooks.
+    "mkShell": ("ENV", "name", "packages", "inputsFrom", "buildInputs", "nativeBuildInputs",
+                "propagatedBuildInputs", "propagatedNativeBuildInputs", "shellHook"),
+    # pkgs/build-support/docker/default.nix: streamLayeredImage's named arguments. It has no
+    # `...`: an unknown name is an evaluation error there too.
+    "dockerTools.streamLayeredImage": (
+        "name", "tag", "fromImage", "contents", "config", "created", "extraCommands",
+        "fakeRootCommands", "enableFakechroot", "maxLayers", "includeStorePaths", "passthru"),
+    # writeShellScript = name: text (trivial-builders) and python.withPackages = f
+    # (pkgs/development/interpreters/python/with-packages.nix) take positional arguments:
+    # nothing to check by name.
+}
+ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 PROFILE_READ = re.compile(
     r"builtins\.fromJSON\s*\(\s*builtins\.readFile\s+\./pipeline/profile\.json\s*\)")
@@ -312,6 +362,8 @@ def _check_system(system: str, got: dict[str, Any], names: dict[str, Any],
                  f"found {got['dependencies']} / {got['shellPackages']}")
     if got["buildSystem"] != want["build"]:
         p.append(f"build-system: expected {want['build']}, found {got['buildSystem']}")
+    p += _check_sandbox_scripts(got)
+    p += _check_builder_args(got["calls"])
     image = got["image"]
     if image is not None and (image.get("created") in (None, "now")
                               or image["config"].get("WorkingDir") != "/work"
@@ -319,6 +371,47 @@ def _check_system(system: str, got: dict[str, Any], names: dict[str, Any],
         p.append(f"image: expected a fixed `created`, WorkingDir /work and an entrypoint "
                  f"that trains, found {image}")
     return [f"{system}: {x}" for x in p]
+
+
+def _check_sandbox_scripts(got: dict[str, Any]) -> Problems:
+    """What issue 14 found a real nixpkgs would need from the derivations' scripts."""
+    p = []
+    golden = got["checks"].get("golden", "")
+    if not re.search(r"pipeline train configs/digits-exact\.toml\b", golden) or \
+            "golden check --require" not in golden:
+        p.append("checks.golden: must train configs/digits-exact.toml in the sandbox and run "
+                 "`pipeline golden check --require` on it (no entry must fail), found "
+                 f"{golden!r}")
+    inputs = got["checkInputs"].get("determinism", [])
+    for tool, pkg in (("taskset, unshare", "util-linux-bin"), ("localedef", "glibc-bin")):
+        if pkg not in inputs:
+            p.append(f"checks.determinism: nativeBuildInputs must include {pkg} ({tool}; "
+                     f"machine simulations skip without it), found {inputs}")
+    if "LOCALE_ARCHIVE" not in got["checkEnv"].get("determinism", {}):
+        p.append("checks.determinism: expected LOCALE_ARCHIVE (glibcLocales), found none")
+    copied = re.search(r"/runs/\*/\{([^}]*)\} \$out/", got["model"])
+    want = ["weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin"]
+    if copied is None or sorted(copied.group(1).split(",")) != sorted(want):
+        p.append(f"packages.model: expected `cp .../runs/*/{{{','.join(want)}}} $out/` "
+                 f"(the files tests/test_nix.py proves identical across trainings), found "
+                 f"{got['model']!r}")
+    return p
+
+
+def _check_builder_args(calls: dict[str, Any]) -> Problems:
+    """Every argument name the flake passes is one nixpkgs' builder accepts."""
+    p = []
+    for builder, found in sorted(calls.items()):
+        known = NIXPKGS_BUILDER_ARGS[builder]
+        lists = found if found and isinstance(found[0], list) else [found]
+        for names in lists:
+            for name in names:
+                if name in known or ("ENV" in known and ENV_NAME.fullmatch(name)):
+                    continue
+                p.append(f"flake.nix: {builder} argument {name!r} is not one nixpkgs accepts "
+                         f"(expected one of {sorted(set(known) - {'ENV'})}; see "
+                         f"NIXPKGS_BUILDER_ARGS in tools/check_nix.py for the sources)")
+    return p
 
 
 def check_outputs(root: Path, nix: str) -> Problems:
