@@ -28,14 +28,14 @@ from . import atomic, locks, modes, trail
 from .config import Config, canonical_json, config_sha256, config_to_dict
 from .errors import CheckpointError, UsageError
 from .plots import plot_curves
-from .safeio import MIB, read_regular
+from .records import load_record, record_digest
 from .trail import read_trail
 
 __all__ = ["RunInputs", "run_inputs", "is_complete", "check_slot", "read_run", "reusable",
+           "record_digest",
            "write_run", "run_lock", "remove_slot", "list_runs", "read_trail", "clean_leftovers",
            "diff_runs", "input_differences"]
 
-MAX_RECORD_BYTES = 64 * MIB  # run.json
 _KEY = re.compile(r"[0-9a-f]{64}")
 
 
@@ -86,37 +86,6 @@ def check_slot(final: Path) -> None:
                           "remove it, or rerun with --force to replace it")
 
 
-def record_digest(record: dict[str, Any]) -> str:
-    """sha256 over the record's canonical JSON without its own digest field."""
-    body = {k: v for k, v in record.items() if k != "record_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
-                          .encode()).hexdigest()
-
-
-def _load_record(path: Path) -> dict[str, Any]:
-    """run.json parsed, its own digest checked (an edited field is caught)."""
-    try:
-        record = json.loads(read_regular(path, MAX_RECORD_BYTES))
-        if not isinstance(record, dict):
-            raise TypeError(f"a JSON {type(record).__name__}")
-        recorded = record["weights_sha256"]
-    except FileNotFoundError:
-        raise CheckpointError(str(path), "a run record", "no such file",
-                              "is this a runs/<key> directory?") from None
-    except OSError as e:  # a FIFO, device or directory; too large
-        raise CheckpointError(str(path), "a run record (a regular file)",
-                              e.strerror or str(e)) from None
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise CheckpointError(str(path), "a JSON run record with weights_sha256",
-                              f"malformed ({e!r})") from None
-    if not isinstance(recorded, str) or record.get("record_sha256") != record_digest(record):
-        raise CheckpointError(f"{path} [record_sha256]", "the digest of the record's content",
-                              f"{str(record.get('record_sha256'))[:64]}",
-                              "run.json was edited (or predates record digests); "
-                              "rerun with --force to replace the run")
-    return record
-
-
 def read_run(run_dir: Path) -> dict[str, Any]:
     """run.json of a run directory, checked against itself (record_sha256),
     its directory name (the run key) and its weights file."""
@@ -125,7 +94,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     path = run_dir / "run.json"
-    record = _load_record(path)
+    record = load_record(path)
     if _KEY.fullmatch(run_dir.name) and record.get("run_key") != run_dir.name:
         raise CheckpointError(f"{path} [run_key]", f"the directory's key {run_dir.name}",
                               str(record.get("run_key")), "a run copied under another key")
@@ -152,10 +121,12 @@ def reusable(run_dir: Path, inputs: RunInputs) -> dict[str, Any]:
     record = read_run(run_dir)
     now = {"run_key": inputs.key, "config": config_to_dict(inputs.config),
            "data": inputs.data, "code_sha256": inputs.code, "toolchain": inputs.toolchain,
-           "profile": inputs.profile, "key_inputs": sorted(inputs.keyed())}
+           "profile": inputs.profile, "key_inputs": sorted(inputs.keyed()),
+           "data_decoded": inputs.decoded}
     field_of = {"config": "config", "data": "data", "code": "code_sha256",
                 "toolchain": "toolchain", "profile": "profile"}
-    for field in ["run_key", "key_inputs", *(field_of[f] for f in sorted(inputs.keyed()))]:
+    fields = ["run_key", "key_inputs", *(field_of[f] for f in sorted(inputs.keyed()))]
+    for field in fields + (["data_decoded"] if inputs.decoded else []):
         if record.get(field) != now[field]:
             diff = _differences(record.get(field), now[field], field)[:1]
             found = f"{diff[0][0]} = {json.dumps(diff[0][1])[:120]}" if diff else "?"

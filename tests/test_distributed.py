@@ -7,6 +7,7 @@ while the suite runs cannot change the run key between two runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -225,4 +226,58 @@ def test_killed_rank_stops_the_run_which_resumes_at_another_world_size(
     step = int(ckpts[-1][5:14])
     assert f"resuming from {ckpts[-1]} (step {step})" in resumed.stderr
     assert (rec["resumed_from_step"], rec["world_size"]) == (step, 1)
+    assert rec["weights_sha256"] == ref["weights_sha256"]
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
+        frozen: dict[str, Any], tmp_path: Path) -> None:
+    """Issue 13, case 6: SIGKILL of the `--nproc 2` launcher (the run lock's
+    holder) mid-run: no worker survives it by more than a few seconds (they
+    die with their parent, PR_SET_PDEATHSIG), so none trains or writes
+    without the lock; the same command then resumes from the last checkpoint
+    and ends with the uninterrupted run's hash."""
+    runs = tmp_path / "runs"
+    longer = ["train.epochs=30", "train.shards=4", "train.checkpoint_every=5"]
+    cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", *longer,
+           "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
+    p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + TIMEOUT_S
+    while not list(runs.glob(".ckpt-*/ckpt-*")) and time.time() < deadline:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.01)
+    workers = _children(p.pid)
+    assert len(workers) == 2, workers
+    p.kill()
+    p.communicate()
+    gone = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < gone:
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), "workers outlived their launcher"
+    assert not [d for d in runs.iterdir() if not d.name.startswith(".")]
+    resumed = subprocess.run(cmd[:-2] + ["--json"], cwd=frozen["src"], env=_env(tmp_path),
+                             capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    rec = _record(resumed)
+    assert "resuming from" in resumed.stderr and rec["resumed_from_step"] > 0
+    ref = _record(subprocess.run(cmd[:-2] + ["--json", "--runs-dir", str(tmp_path / "ref")],
+                                 cwd=frozen["src"], env=_env(tmp_path), capture_output=True,
+                                 text=True, timeout=TIMEOUT_S, check=False))
     assert rec["weights_sha256"] == ref["weights_sha256"]
