@@ -167,7 +167,7 @@ def _deep_toml(tmp_path: Path) -> str:
     (lambda t: ["/dev/zero"], 2, "a character device"),
     (lambda t: [_deep_toml(t)], 2, "nested too deeply"),
     (lambda t: ["optim.lr=1" + "0" * 400], 2, "optim.lr"),
-    (lambda t: ["seed=" + "9" * 30], 2, "seed"),
+    (lambda t: ["train.checkpoint_every=" + "9" * 30], 2, "train.checkpoint_every"),
     (lambda t: ["model.hidden=[" + ",".join(["1"] * 100) + "]"], 2, "model.hidden"),
     (lambda t: ["data.test_fraction=0.0001"], 2, "data.test_fraction"),
     (lambda t: ["train.batch_size=4096"], 2, "train.batch_size"),
