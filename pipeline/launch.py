@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -138,6 +139,11 @@ def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
     targs += ["-m", "pipeline.launch"]
     os.environ[_RESULTS_ENV] = str(results)
     os.environ[_LAUNCHER_ENV] = str(os.getpid())  # the workers' parent, the lock holder
+    # torchrun's agent logs a WARNING per worker when it stops them (Ctrl-C): the
+    # CLI's one line says it; its errors (ERROR) still show.
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # Workers are `sys.executable -m pipeline.launch`: under a wrapper that puts the
     # dependencies on sys.path only (nixpkgs' wrap-python) they need this process's path.
     if child_pythonpath():

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -281,3 +282,24 @@ def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
                                  cwd=frozen["src"], env=_env(tmp_path), capture_output=True,
                                  text=True, timeout=TIMEOUT_S, check=False))
     assert rec["weights_sha256"] == ref["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_multi_process_run_prints_one_line(
+        frozen: dict[str, Any], tmp_path: Path) -> None:
+    """Issue 13, interrupts: Ctrl-C (SIGINT to the foreground process group) of
+    `--nproc 2` mid-run: exit 130 and one line, no per-rank tracebacks and no
+    torchrun warnings."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", "train.epochs=30",
+           "train.shards=4", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
+    p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + TIMEOUT_S
+    while not list(runs.glob(".ckpt-*/ckpt-*")) and time.time() < deadline:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=TIMEOUT_S)
+    assert p.returncode == 130, err
+    assert err == "interrupted; rerun the same command to resume\n", err
