@@ -32,8 +32,8 @@ from .errors import CheckpointError, ConfigError, DataIntegrityError, MismatchEr
 if TYPE_CHECKING:
     from .dataset import Dataset
 
-__all__ = ["Prepared", "prepare", "check_fits", "check_device", "check_existing", "get_or_train", "rebuild",
-           "verify_run", "manifest_path"]
+__all__ = ["Prepared", "prepare", "check_fits", "check_device", "check_existing",
+           "get_or_train", "rebuild", "verify_run", "manifest_path"]
 
 
 @dataclass(frozen=True)
