@@ -1,4 +1,4 @@
-"""``pipeline train|verify|diff|data|env|runs|golden``: argument parsing and
+"""``pipeline train|verify|diff|data|new|env|runs|golden``: argument parsing and
 printing; the work is pipeline.recipe's (and runs, golden, manifest).
 
 Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden, and `golden check
@@ -55,6 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     ver = dv.add_parser("verify", help="check every file against data-manifest.json")
     ver.add_argument("--manifest", type=Path, default=None)
     ver.add_argument("--full", action="store_true", help="ignore the stat cache")
+    add = dv.add_parser("add", help="add a file (and a dataset part) to data-manifest.json")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", required=True, help="the file entry's name")
+    add.add_argument("--manifest", type=Path, default=None,
+                     help="default: ./data-manifest.json if present, else the project's")
+    add.add_argument("--format", dest="fmt", default=None,
+                     help="csv, npy, npz, idx or text: also make it a dataset part")
+    add.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
+                     help="a decode option (pipeline/formats.py), value parsed as TOML")
+    add.add_argument("--dataset", default=None, help="the dataset (default: --name)")
+    add.add_argument("--part", choices=("train", "test"), default="train")
+    add.add_argument("--task", choices=("classification", "lm"), default=None)
+    add.add_argument("--source", default="", help="where the file comes from (a URL)")
+    add.add_argument("--licence", default="", help="its licence")
+    add.add_argument("--description", default="")
+    add.add_argument("--force", action="store_true", help="replace a differing entry")
+    new = sub.add_parser("new", help="write a new project (model.py, config, data) into DIR")
+    new.add_argument("dir", type=Path)
     sub.add_parser("env", help="print the toolchain fingerprint and numeric profile")
     r = sub.add_parser("runs", help="list runs")
     r.add_argument("--runs-dir", type=Path, default=Path("runs"))
@@ -75,7 +93,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options: `train --quiet train.epochs=3`.
+    if args.command == "train" and extra and all("=" in a and not a.startswith("-")
+                                                 for a in extra):
+        args.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, argv)
     except PipelineError as e:
@@ -94,7 +119,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if cmd == "diff":
         return _diff(args)
     if cmd == "data":
-        return _data_verify(args)
+        return _data_verify(args) if args.data_cmd == "verify" else _data_add(args)
+    if cmd == "new":
+        return _new(args)
     if cmd == "env":
         return _env()
     if cmd == "runs":
@@ -125,7 +152,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
-    prep = recipe.prepare(cfg, argv)
+    prep = recipe.prepare(cfg, argv, path.resolve().parent)
     record, reused = recipe.get_or_train(prep, args.runs_dir, device=args.device,
                                          quiet=args.quiet,
                                          extra={"device": args.device, "world_size": 1})
@@ -159,12 +186,18 @@ def _report(record: dict[str, Any], as_json: bool, reused: bool, runs_dir: Path)
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True))
         return
-    acc = record["metrics"]["test_accuracy"]
     state = "reused (memoised)" if reused else "trained"
     print(f"run {record['run_key']} {state}: {runs_dir / record['run_key']}")
-    print(f"mode {record['mode']}, profile {record['profile']['name']}, "
-          f"test accuracy {acc:.4f}")
+    print(f"mode {record['mode']}, profile {record['profile']['name']}, {_metric(record)}")
     print(f"weights sha256:{record['weights_sha256']}")
+
+
+def _metric(record: dict[str, Any]) -> str:
+    """The record's test metric: accuracy (classification) or loss (language model)."""
+    m = record.get("metrics", {})
+    if m.get("test_accuracy") is not None:
+        return f"test accuracy {m['test_accuracy']:.4f}"
+    return f"validation loss {m['test_loss']:.4f}" if "test_loss" in m else "no test metric"
 
 
 def _verify(args: argparse.Namespace, argv: list[str]) -> int:
@@ -205,6 +238,30 @@ def _data_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_add(args: argparse.Namespace) -> int:
+    from . import manifest_edit, recipe
+
+    path = args.manifest or recipe.manifest_path(Path.cwd())
+    lines = manifest_edit.add(path, args.file, name=args.name, source=args.source,
+                              licence=args.licence, description=args.description,
+                              fmt=args.fmt, dataset=args.dataset, part=args.part,
+                              task=args.task, options=manifest_edit.parse_options(args.decode),
+                              force=args.force)
+    for line in lines:
+        print(line)
+    print(f"wrote {path}")
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    from .scaffold import new_project
+
+    for f in new_project(args.dir):
+        print(f"wrote {f}")
+    print(f"train it: pipeline train {args.dir / 'config.toml'}")
+    return 0
+
+
 def _env() -> int:
     from . import environment as env
 
@@ -224,7 +281,7 @@ def _runs(args: argparse.Namespace) -> int:
     for d in sorted(args.runs_dir.iterdir()):
         if not d.name.startswith(".") and runs.is_complete(d):
             rec = json.loads((d / "run.json").read_text(encoding="utf-8"))
-            print(f"{d.name}  {rec['mode']:6}  acc {rec['metrics']['test_accuracy']:.4f}  "
+            print(f"{d.name}  {rec['mode']:6}  {_metric(rec)}  "
                   f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
     return 0
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,16 @@ __all__ = ["RunInputs", "run_inputs", "is_complete", "read_run", "write_run", "r
 class RunInputs:
     """Everything that decides the weights, and the key derived from it."""
     config: Config
-    data: dict[str, str]
+    data: dict[str, Any]
     code: str
     toolchain: dict[str, Any]
     profile: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)  # factory/loss names, source hashes
 
     def keyed(self) -> dict[str, Any]:
         """The inputs the run key covers: those its mode's bits depend on."""
         every = {"config": config_to_dict(self.config), "data": self.data, "code": self.code,
-                 "toolchain": self.toolchain, "profile": self.profile}
+                 "model": self.model, "toolchain": self.toolchain, "profile": self.profile}
         return {f: every[f] for f in modes.of(self.config.mode).key_fields}
 
     @property
@@ -54,9 +55,10 @@ class RunInputs:
         return hashlib.sha256(canonical_json(self.keyed())).hexdigest()
 
 
-def run_inputs(cfg: Config, data: dict[str, str], profile: dict[str, Any]) -> RunInputs:
+def run_inputs(cfg: Config, data: dict[str, Any], profile: dict[str, Any],
+               model: dict[str, Any]) -> RunInputs:
     from .environment import code_sha256, toolchain_fingerprint
-    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile)
+    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile, model)
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -127,10 +129,11 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "config_sha256": config_sha256(inputs.config),
             "data": inputs.data,
             "code_sha256": inputs.code,
+            "model": inputs.model,
             "toolchain": inputs.toolchain,
             "profile": inputs.profile,
             "key_inputs": sorted(inputs.keyed()),
-            "metrics": {"test_accuracy": last.get("test_accuracy"),
+            "metrics": {**{k: v for k, v in last.items() if k.startswith("test_")},
                         "train_loss": last.get("train_loss"), "steps": result.steps},
             "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names},
             "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
@@ -174,14 +177,14 @@ def _plot(path: Path, metrics: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax1 = plt.subplots(figsize=(6, 4))
-    epochs = [m["epoch"] for m in metrics]
-    ax1.plot(epochs, [m["train_loss"] for m in metrics], color="tab:blue", label="train loss")
-    ax1.set_xlabel("epoch")
+    steps = [m["step"] for m in metrics]
+    ax1.plot(steps, [m["train_loss"] for m in metrics], color="tab:blue", label="train loss")
+    ax1.set_xlabel("step")
     ax1.set_ylabel("train loss", color="tab:blue")
+    test = "test_accuracy" if metrics and "test_accuracy" in metrics[0] else "test_loss"
     ax2 = ax1.twinx()
-    ax2.plot(epochs, [m["test_accuracy"] for m in metrics], color="tab:red",
-             label="test accuracy")
-    ax2.set_ylabel("test accuracy", color="tab:red")
+    ax2.plot(steps, [m.get(test) for m in metrics], color="tab:red", label=test)
+    ax2.set_ylabel(test.replace("_", " "), color="tab:red")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
@@ -221,9 +224,9 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """One line per differing input of two run records (config, data, code,
     toolchain, profile), naming the dotted key and both values."""
     lines = []
-    for field, label in (("config", "config"), ("data", "data"), ("code_sha256", "code"),
-                         ("toolchain", "toolchain"), ("profile", "profile")):
-        for path, va, vb in _differences(a.get(field), b.get(field), label):
+    for name, label in (("config", "config"), ("data", "data"), ("code_sha256", "code"),
+                        ("model", "model"), ("toolchain", "toolchain"), ("profile", "profile")):
+        for path, va, vb in _differences(a.get(name), b.get(name), label):
             lines.append(f"{path}: {json.dumps(va)} != {json.dumps(vb)}")
     return lines
 
