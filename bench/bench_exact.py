@@ -57,10 +57,10 @@ def _stock_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
 
 def _exact_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
     """A closure running one exact-mode training step (one shard)."""
-    from pipeline.config import ModelConfig
+    from pipeline.exact import Arch
     from pipeline.exact import ExactNet, ExactSGD
 
-    net = ExactNet(ModelConfig("mlp", tuple(dims[1:-1]), 0.0), seed=0, input_shape=(dims[0],),
+    net = ExactNet(Arch("mlp", tuple(dims[1:-1]), 0.0), seed=0, input_shape=(dims[0],),
                    n_classes=dims[-1])
     opt = ExactSGD(net.params, lr=0.01, momentum=0.9)
 

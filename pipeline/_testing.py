@@ -15,7 +15,10 @@ Never set these for real runs (README, "Test-only switches"):
   written (temp file synced, not yet renamed);
 - ``PIPELINE_TEST_KILL_RANK_AT_STEP=R:S``: SIGKILL rank R after step S;
 - ``PIPELINE_TEST_PLAIN_ALLREDUCE=1``: ``dist.all_reduce(SUM)`` instead of
-  the fixed tree (the world-size control).
+  the fixed tree (the world-size control);
+- ``PIPELINE_TEST_NO_SHARD_STREAMS=1``: pinned modules draw from torch's
+  global generator instead of a stream per (seed, step, shard) (the control
+  for randomness inside a module).
 
 In-process tests replace ``SWITCHES`` (``monkeypatch.setattr``); tests that
 start processes set the variables, which the new process reads here.
@@ -43,6 +46,7 @@ class Switches:
     kill_in_checkpoint: int | None = None
     kill_rank_at_step: tuple[int, int] | None = None
     plain_allreduce: bool = False
+    no_shard_streams: bool = False
 
 
 def _int(environ: Mapping[str, str], name: str) -> int | None:
@@ -64,6 +68,7 @@ def read(environ: Mapping[str, str]) -> Switches:
         kill_in_checkpoint=_int(environ, "PIPELINE_TEST_KILL_IN_CHECKPOINT"),
         kill_rank_at_step=(int(r), int(s)) if rank_step else None,
         plain_allreduce=environ.get("PIPELINE_TEST_PLAIN_ALLREDUCE") == "1",
+        no_shard_streams=environ.get("PIPELINE_TEST_NO_SHARD_STREAMS") == "1",
     )
 
 

@@ -120,6 +120,7 @@ class Writer:
             self._pending.pop(0).result()  # raises a failed write's error here
         rng_tensors, rng_meta = capture_rng(dropout.counter)
         tensors = {f"param.{k}": v for k, v in net.params.items()}
+        tensors.update({f"buffer.{k}": v for k, v in net.buffers.items()})
         tensors.update({f"optim.{k}": v for k, v in opt.state_tensors().items()})
         tensors.update(rng_tensors)
         tensors["trail"] = torch.frombuffer(bytearray(pr.trail), dtype=torch.uint8) \
@@ -176,12 +177,15 @@ def restore(ckpt_dir: Path | None, run_key: str, cfg: Config, net: Net, opt: Opt
     if meta.get("config") != config_to_dict(cfg):
         raise CheckpointError(where, "the config of this run", "a different config snapshot")
     part = {pre: {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-            for pre in ("param.", "optim.", "rng.")}
+            for pre in ("param.", "buffer.", "optim.", "rng.")}
     _check_params(where, part["param."], part["optim."], net.params)
+    _check_params(where, part["buffer."], {}, net.buffers)
     _check_layout(where, tensors, meta, len(net.params))
     with torch.no_grad():
         for k, v in part["param."].items():
             net.params[k].copy_(v)
+        for k, v in part["buffer."].items():
+            net.buffers[k].copy_(v)
     try:
         opt.load_state(part["optim."], meta["optim_scalars"])
         dropout.counter = restore_rng(tensors, meta["rng"], _testing.SWITCHES.skip_rng_restore)
@@ -200,10 +204,11 @@ def _check_layout(where: str, tensors: dict[str, torch.Tensor], meta: dict[str, 
     """Exactly the named keys, the trail ``step`` steps long, JSON of the right
     types: a checkpoint that passes its hash may still not be ours."""
     extra = sorted(k for k in tensors if not re.fullmatch(
-        r"param\..+|optim\..+|rng\.torch_cpu|rng\.cuda\.\d+|trail", k))
+        r"param\..+|buffer\..+|optim\..+|rng\.torch_cpu|rng\.cuda\.\d+|trail", k))
     missing = sorted({"trail", "rng.torch_cpu"} - set(tensors))
     if extra or missing:
-        raise CheckpointError(where, "tensors param.*, optim.*, rng.torch_cpu, rng.cuda.*, trail",
+        raise CheckpointError(where, "tensors param.*, buffer.*, optim.*, rng.torch_cpu, "
+                              "rng.cuda.*, trail",
                               f"unexpected {extra}, missing {missing}")
     types = {"step": int, "loss_sum": float, "metrics": list, "rng": dict, "optim_scalars": dict}
     bad = sorted(k for k, tp in types.items()

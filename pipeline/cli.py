@@ -1,4 +1,4 @@
-"""``pipeline train|verify|diff|data|env|runs|golden``: argument parsing and
+"""``pipeline train|verify|diff|data|new|env|runs|golden``: argument parsing and
 printing; the work is pipeline.recipe's (and runs, golden, manifest).
 
 Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden, and `golden check
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
-from .errors import DataIntegrityError, UsageError, exit_status
+from .errors import UsageError, report
 
 __all__ = ["main"]
 
@@ -32,11 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a TOML config (default configs/digits.toml) and overrides")
     t.add_argument("--runs-dir", type=Path, default=Path("runs"))
     t.add_argument("--rebuild", action="store_true",
-                   help="retrain in a temporary directory and compare bit for bit (decoding "
-                        "from the data file, trusting no cache); implies --force")
-    t.add_argument("--force", action="store_true",
-                   help="replace what runs/<key> holds if it fails its checks (exit 5 "
-                        "otherwise)")
+                   help="retrain from the data files (no cache) and compare; implies --force")
+    t.add_argument("--force", action="store_true", help="replace a runs/<key> that fails checks")
     t.add_argument("--json", action="store_true", help="print run.json instead of a summary")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -60,6 +57,24 @@ def _parser() -> argparse.ArgumentParser:
     ver = dv.add_parser("verify", help="check every file against data-manifest.json")
     ver.add_argument("--manifest", type=Path, default=None)
     ver.add_argument("--full", action="store_true", help="ignore the stat cache")
+    add = dv.add_parser("add", help="add a file (and a dataset part) to data-manifest.json")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", required=True, help="the file entry's name")
+    add.add_argument("--manifest", type=Path, default=None,
+                     help="default: ./data-manifest.json if present, else the project's")
+    add.add_argument("--format", dest="fmt", default=None,
+                     help="csv, npy, npz, idx or text: also make it a dataset part")
+    add.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
+                     help="a decode option (pipeline/formats.py), value parsed as TOML")
+    add.add_argument("--dataset", default=None, help="the dataset (default: --name)")
+    add.add_argument("--part", choices=("train", "test"), default="train")
+    add.add_argument("--task", choices=("classification", "lm"), default=None)
+    add.add_argument("--source", default="", help="where the file comes from (a URL)")
+    add.add_argument("--licence", default="", help="its licence")
+    add.add_argument("--description", default="")
+    add.add_argument("--force", action="store_true", help="replace a differing entry")
+    new = sub.add_parser("new", help="write a new project (model.py, config, data) into DIR")
+    new.add_argument("dir", type=Path)
     sub.add_parser("env", help="print the toolchain fingerprint and numeric profile")
     r = sub.add_parser("runs", help="list runs")
     r.add_argument("--runs-dir", type=Path, default=Path("runs"))
@@ -79,28 +94,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; every exception ends in its documented exit code and
-    one line on stderr (errors.exit_status), a traceback only with --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug anywhere on the line (kept in argv: a pinned re-exec passes it on).
     debug = "--debug" in argv
-    args = _parser().parse_args([a for a in argv if a != "--debug"])
+    parser = _parser()
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    # KEY=VALUE overrides may follow options: `train --quiet train.epochs=3`.
+    if args.command == "train" and extra and all("=" in a and not a.startswith("-")
+                                                 for a in extra):
+        args.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args, argv)
-    except Exception as e:  # noqa: BLE001 - the one top-level handler
-        return _fail(e, debug)
-    except KeyboardInterrupt as e:
-        return _fail(e, debug)
-
-
-def _fail(e: BaseException, debug: bool) -> int:
-    import traceback
-
-    code, line = exit_status(e)
-    if debug:
-        traceback.print_exception(e)
-    print(line, file=sys.stderr)
-    return code
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one handler: errors.report
+        return report(e, debug)
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -112,7 +120,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if cmd == "diff":
         return _diff(args)
     if cmd == "data":
-        return _data_verify(args)
+        return _data_verify(args) if args.data_cmd == "verify" else _data_add(args)
+    if cmd == "new":
+        return _new(args)
     if cmd == "env":
         return _env()
     if cmd == "runs":
@@ -143,7 +153,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
-    prep = recipe.prepare(cfg, argv, trust_cache=not args.rebuild)
+    prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild)
     recipe.check_device(args.device)
     record, reused = recipe.get_or_train(prep, args.runs_dir, device=args.device,
                                          quiet=args.quiet, force=args.force or args.rebuild,
@@ -178,12 +188,18 @@ def _report(record: dict[str, Any], as_json: bool, reused: bool, runs_dir: Path)
     if as_json:
         print(json.dumps(record, indent=2, sort_keys=True))
         return
-    acc = record["metrics"]["test_accuracy"]
     state = "reused (memoised)" if reused else "trained"
     print(f"run {record['run_key']} {state}: {runs_dir / record['run_key']}")
-    print(f"mode {record['mode']}, profile {record['profile']['name']}, "
-          f"test accuracy {acc:.4f}")
+    print(f"mode {record['mode']}, profile {record['profile']['name']}, {_metric(record)}")
     print(f"weights sha256:{record['weights_sha256']}")
+
+
+def _metric(record: dict[str, Any]) -> str:
+    """The record's test metric: accuracy (classification) or loss (language model)."""
+    m = record.get("metrics", {})
+    if m.get("test_accuracy") is not None:
+        return f"test accuracy {m['test_accuracy']:.4f}"
+    return f"validation loss {m['test_loss']:.4f}" if "test_loss" in m else "no test metric"
 
 
 def _verify(args: argparse.Namespace, argv: list[str]) -> int:
@@ -220,22 +236,33 @@ def _data_verify(args: argparse.Namespace) -> int:
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
-    # The decode cache is never trusted here: each entry is compared with a fresh decode.
-    problems = [p for name in verified.hashes
-                if (p := dataset_check(verified, name)) is not None]
-    if problems:
-        raise DataIntegrityError(problems[0], "a decode-cache entry equal to a fresh decode",
-                                 "a differing entry (removed)", "; ".join(problems[1:]))
+    from .dataset import check_caches  # never trusted here: compared with a fresh decode
+    check_caches(verified, manifest.default_cache_dir())
     return 0
 
 
-def dataset_check(verified: Any, name: str) -> str | None:
-    """What is wrong with ``name``'s decode-cache entry (pipeline.dataset), or None."""
-    from . import dataset, manifest
+def _data_add(args: argparse.Namespace) -> int:
+    from . import manifest_edit, recipe
 
-    if verified.entries[name].format not in dataset.FORMATS_DECODED:
-        return None
-    return dataset.check_cache(verified, name, manifest.default_cache_dir())
+    path = args.manifest or recipe.manifest_path(Path.cwd())
+    lines = manifest_edit.add(path, args.file, name=args.name, source=args.source,
+                              licence=args.licence, description=args.description,
+                              fmt=args.fmt, dataset=args.dataset, part=args.part,
+                              task=args.task, options=manifest_edit.parse_options(args.decode),
+                              force=args.force)
+    for line in lines:
+        print(line)
+    print(f"wrote {path}")
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    from .scaffold import new_project
+
+    for f in new_project(args.dir):
+        print(f"wrote {f}")
+    print(f"train it: pipeline train {args.dir / 'config.toml'}")
+    return 0
 
 
 def _env() -> int:
@@ -258,8 +285,7 @@ def _runs(args: argparse.Namespace) -> int:
         if rec is None:
             print(f"BAD {name}: {why}")
             continue
-        acc = rec.get("metrics", {}).get("test_accuracy")
-        print(f"{name}  {rec.get('mode')!s:6}  acc {acc if acc is None else f'{acc:.4f}'}  "
+        print(f"{name}  {rec['mode']:6}  {_metric(rec)}  "
               f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
     return 0
 

@@ -3,8 +3,12 @@
 Unknown keys, wrong types and out-of-range values are all collected and
 reported together in one ``ConfigError`` naming each key. Overrides are
 ``section.key=value`` strings whose value is parsed as a TOML value
-(``train.epochs=3``, ``model.hidden=[64,32]``, ``mode="exact"`` or
+(``train.epochs=3``, ``model.args.hidden=[64,32]``, ``mode="exact"`` or
 ``mode=exact``).
+
+``model.factory`` names the function that builds the network
+(``package.module:function``, pipeline.models) and ``[model.args]`` its
+keyword arguments: a free table, checked by the factory itself.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,22 +34,25 @@ __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig",
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2   # used when the dataset has no test part of its own
+    context: int = 0             # language modelling: tokens per example (0: classification)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mlp"
-    hidden: tuple[int, ...] = (128,)
-    dropout: float = 0.1
+    factory: str = "pipeline.models:mlp"
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
+    max_steps: int = 0           # > 0: stop after this many steps (a shorter run)
     batch_size: int = 64
-    shards: int = 1
+    # 8 shards: world sizes 1, 2, 4 and 8 all give the same bits (pipeline.distributed).
+    shards: int = 8
     checkpoint_every: int = 100
+    loss: str = "cross_entropy"  # or "module:function" (pipeline.models)
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,12 @@ class Config:
 
 
 MAX_CONFIG_BYTES = MIB   # a config file larger than this is refused unparsed
-MAX_LIST = 64            # entries in any array (model.hidden: layers)
+MAX_LIST = 1024          # entries in any array (model.args.hidden: layers)
+MAX_DEPTH = 16           # nesting of arrays and tables in model.args
 _INT_BOUND = 1 << 63     # every integer is a signed 64-bit one
+# "package.module:function": dotted identifiers, one colon.
+_FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+LOSSES = ("cross_entropy",)
 
 
 def _is_pow2(n: int) -> bool:
@@ -81,14 +94,16 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
     ("mode", lambda v: v in ("pinned", "exact"), 'one of "pinned", "exact"'),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
-    ("model.arch", lambda v: v in ("mlp", "cnn"), 'one of "mlp", "cnn"'),
-    ("model.hidden", lambda v: len(v) <= MAX_LIST and all(1 <= h <= 65536 for h in v),
-     f"at most {MAX_LIST} sizes in [1, 65536]"),
-    ("model.dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("data.context", lambda v: 0 <= v <= 1 << 20, "an integer in [0, 2^20]"),
+    ("model.factory", lambda v: _FACTORY.fullmatch(v) is not None,
+     '"package.module:function" (dotted Python names)'),
     ("train.epochs", lambda v: 1 <= v <= 100000, "an integer in [1, 100000]"),
+    ("train.max_steps", lambda v: 0 <= v < 1 << 40, "an integer in [0, 2^40) (0: no limit)"),
     ("train.batch_size", lambda v: 1 <= v <= 1 << 20, "an integer in [1, 2^20]"),
     ("train.shards", _is_pow2, "a power of two (1, 2, 4, ...)"),
     ("train.checkpoint_every", lambda v: v >= 0, "an integer >= 0 (0: epoch ends only)"),
+    ("train.loss", lambda v: _FACTORY.fullmatch(v) is not None or v in LOSSES,
+     f'one of {LOSSES} or "module:function"'),
     ("optim.name", lambda v: v in ("sgd", "adam"), 'one of "sgd", "adam"'),
     ("optim.lr", lambda v: 0.0 < v < 100.0, "a number in (0, 100)"),
     ("optim.momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -102,11 +117,36 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
         return f"an array of at most {MAX_LIST} {typing.get_args(tp)[0].__name__}"
+    if typing.get_origin(tp) is dict:
+        return (f"a table of JSON-like values (strings, numbers, booleans, arrays of at most "
+                f"{MAX_LIST} entries, tables; nested at most {MAX_DEPTH} deep; 64-bit integers)")
     return {int: "an integer (64-bit)", float: "a number", str: "a string"}[tp]
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """A value canonical JSON can hold exactly (no dates, no NaN or infinity),
+    within bounds: arrays and tables of at most MAX_LIST entries, nested at
+    most MAX_DEPTH deep, integers of 64 bits (checked before anything is built)."""
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return len(value) <= MAX_LIST and all(isinstance(k, str) and _plain(v, depth + 1)
+                                              for k, v in value.items())
+    if isinstance(value, list):
+        return len(value) <= MAX_LIST and all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -_INT_BOUND <= value < _INT_BOUND
+    return isinstance(value, (str, bool))
 
 
 def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` as ``tp`` or raise TypeError. bool is never a number."""
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict) or not _plain(value):
+            raise TypeError
+        return value
     if typing.get_origin(tp) is tuple:
         inner = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)) or len(value) > MAX_LIST:
@@ -142,7 +182,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
         if name not in raw:
             continue
         key, value = prefix + name, raw[name]
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if not isinstance(value, dict):
                 problems.append(f"{key}: expected a table, found {type(value).__name__}")
             else:
@@ -175,9 +215,6 @@ def _check(cfg: Config, problems: list[str]) -> None:
     if _is_pow2(t.shards) and t.batch_size % t.shards:
         problems.append(f"train.batch_size: expected a multiple of train.shards={t.shards}, "
                         f"found {t.batch_size}")
-    if cfg.model.arch == "cnn" and cfg.model.dropout != 0.0:
-        problems.append(f"model.dropout: the cnn has no dropout sites, expected 0.0, "
-                        f"found {cfg.model.dropout}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -246,9 +283,7 @@ def _read_toml(path: Path, source: str) -> dict[str, Any]:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    d["model"]["hidden"] = list(d["model"]["hidden"])
-    return d
+    return json.loads(canonical_json(dataclasses.asdict(cfg)))
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -1,138 +1,149 @@
-"""Decoding verified data files into arrays, through a content-addressed cache.
+"""Datasets decoded from verified files, through a content-addressed cache.
 
-``load`` decodes a file that ``pipeline.manifest.verify`` checked, through a
-cache shared by concurrent processes under a file lock: the key is the file's
-sha256 and ``DECODER_VERSION``; an entry is one safetensors file written
-atomically and checked on every read. A ``Dataset`` carries its own shapes
-(the input shape, the number of classes), so no model reads a constant.
+``load`` decodes a manifest dataset (pipeline.schema) whose files
+``pipeline.manifest.verify`` checked: each part (train, and test if the
+manifest gives one) through pipeline.formats. The result goes to a cache
+shared by concurrent processes under a file lock: the key covers the files'
+sha256, the decode specs and ``DECODER_VERSION``; an entry is one safetensors
+file written atomically and checked on every read. A ``Dataset`` carries its
+own shapes, so no model reads a constant.
+
+Examples: a classification dataset's rows; a language-modelling dataset's
+non-overlapping windows of ``context`` tokens (inputs) and the same windows
+shifted by one (targets), taken from the train tokens and, if there is a
+test part, from the test tokens after them.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import math
-import re
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from filelock import FileLock
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from . import _testing, atomic
+from . import _testing, atomic, formats
+from .config import canonical_json
 from .errors import DataIntegrityError
-from .manifest import ManifestEntry, Verified, open_in_root
+from .manifest import Verified, open_in_root
 from .safeio import read_regular
 
-__all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "FORMATS_DECODED"]
+__all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "check_caches",
+           "MAX_CACHE_ENTRY"]
 
 # Bump whenever decoding changes: it is part of every cache key.
-DECODER_VERSION = 1
-_MAX_HEADER = 1 << 16  # a cache entry's safetensors header
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """What a format's rows hold: ``features`` integer columns in 0..``max_value``
-    (an image of ``input_shape``, row-major), then a label in 0..``classes``-1."""
-
-    features: int
-    input_shape: tuple[int, ...]
-    classes: int
-    max_value: int
-
-
-# The one CSV layout so far (data-manifest.json, "columns"): an 8x8 image, 0..16.
-_LAYOUTS = {"csv.gz": _Layout(features=64, input_shape=(1, 8, 8), classes=10, max_value=16)}
-FORMATS_DECODED = tuple(_LAYOUTS)  # the manifest formats this module decodes
+DECODER_VERSION = 2
+MAX_CACHE_ENTRY = 16 << 30  # bytes: a decode-cache entry larger than this is refused
 
 
 # eq=False: arrays have no truth value, so field-wise == and hash() would fail.
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A decoded dataset: ``x`` (n, features) float32 in [0, 1], ``y`` (n,) int64
-    class labels; ``input_shape`` is one example's shape (``x`` rows reshaped),
-    ``n_classes`` the number of classes."""
+    """A decoded dataset. Classification: ``x`` (n, *input_shape) float32 and
+    ``y`` (n,) int64 in [0, n_classes). Language modelling (``task`` "lm"):
+    ``x`` tokens (T,) int64 in [0, n_classes), ``y`` None. The first
+    ``n_train`` rows (tokens) are the train part; the rest, if any, the
+    manifest's test part. ``sha256``: the train inputs' file (it keys the split)."""
 
     name: str
     sha256: str
+    task: str
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     input_shape: tuple[int, ...]
     n_classes: int
-
-    @property
-    def n_features(self) -> int:
-        return math.prod(self.input_shape)
+    n_train: int
+    vocabulary: tuple[str, ...] | None = None
 
     def decoded_sha256(self) -> str:
         """The canonical hash (pipeline.hashing) of the decoded arrays {x, y}:
         recorded in run.json, so that ``verify`` can compare a fresh decode."""
         from .hashing import weights_sha256
-        return weights_sha256({"x": self.x, "y": self.y})
+        return weights_sha256({"x": self.x} if self.y is None else {"x": self.x, "y": self.y})
+
+    @property
+    def has_test_part(self) -> bool:
+        return self.n_train < len(self.x)
+
+    def counts(self, context: int) -> tuple[int, int]:
+        """(train examples, test-part examples) for windows of ``context`` tokens (lm)."""
+        if self.task != "lm":
+            return self.n_train, len(self.x) - self.n_train
+        return (self.n_train - 1) // context, max(len(self.x) - self.n_train - 1, 0) // context
+
+    def shapes(self, context: int) -> tuple[tuple[int, ...], int]:
+        """(one example's input shape, classes or vocabulary) as a factory receives them."""
+        return ((context,) if self.task == "lm" else self.input_shape), self.n_classes
+
+    def starts(self, ids: np.ndarray, context: int) -> np.ndarray:
+        """lm: the first token of each example id (train windows, then test windows)."""
+        n_train_windows = self.counts(context)[0]
+        ids = np.asarray(ids, dtype=np.int64)
+        return np.where(ids < n_train_windows, ids * context,
+                        self.n_train + (ids - n_train_windows) * context)
 
 
-def _bad_row(where: str, fields: list[str], lay: _Layout) -> DataIntegrityError:
-    """The error for the first bad field of a row (called only for bad rows)."""
-    if len(fields) != lay.features + 1:
-        return DataIntegrityError(where, f"{lay.features + 1} comma-separated integers",
-                                  f"{len(fields)} fields")
-    for col, s in enumerate(fields):
-        what, hi = (("label", lay.classes - 1) if col == lay.features
-                    else (f"pixel {col}", lay.max_value))
-        if not re.fullmatch(r"[+-]?[0-9]+", s):
-            return DataIntegrityError(where, f"an integer {what}", repr(s))
-        if not 0 <= int(s) <= hi:
-            return DataIntegrityError(where, f"{what} in 0..{hi}", s)
-    raise AssertionError("_bad_row called on a good row")
+def _key(verified: Verified, name: str) -> str:
+    entry = verified.datasets[name]
+    spec = {"task": entry.task, "train": entry.train, "test": entry.test,
+            "files": {f: verified.hashes[f] for f in entry.files()},
+            "decoder_version": DECODER_VERSION}
+    return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
-def _decode_csv_gz(blob: bytes, path: Path, expected_rows: int,
-                   lay: _Layout) -> tuple[np.ndarray, np.ndarray]:
-    """Parse and validate gzip'd CSV bytes: (pixels (n, F) uint8, labels (n,) int64)."""
-    nf = lay.features
-    try:
-        text = gzip.decompress(blob).decode("ascii")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise DataIntegrityError(str(path), "gzip'd ASCII CSV", f"{type(e).__name__}: {e}") from e
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last row
-    # Fast path: up to 3 digits per field; _bad_row diagnoses the rest.
-    good = re.compile(r"[0-9]{1,3}(?:,[0-9]{1,3}){%d}" % nf)
-    for i, line in enumerate(lines):
-        if not good.fullmatch(line):
-            raise _bad_row(f"{path}:{i + 1}", line.split(","), lay)
-    if len(lines) != expected_rows or not lines:
-        raise DataIntegrityError(str(path), f"{expected_rows} rows (manifest)", f"{len(lines)}")
-    rows = np.array([int(v) for v in ",".join(lines).split(",")], dtype=np.int64)
-    rows = rows.reshape(len(lines), nf + 1)  # (n, F + 1)
-    bad = (rows[:, :nf] > lay.max_value).any(axis=1) | (rows[:, nf] >= lay.classes)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise _bad_row(f"{path}:{i + 1}", lines[i].split(","), lay)
-    return rows[:, :nf].astype(np.uint8), rows[:, nf].copy()
+def _paths(verified: Verified, names: list[str]) -> dict[str, Path]:
+    out = {}
+    for n in names:
+        f, resolved = open_in_root(verified.entries[n], verified.root)
+        f.close()
+        out[n] = resolved
+    return out
 
 
-def _decode(root: Path, entry: ManifestEntry, key: str) -> dict[str, np.ndarray]:
-    """Decode the entry's file from bytes hashed here, so what is decoded is what was
-    verified even if the file is swapped after ``verify`` (the cache key depends on it)."""
+def _still_verified(verified: Verified, paths: dict[str, Path]) -> None:
+    """The files decoded are the files verified: hashed again after decoding, so a
+    file swapped in between cannot enter the cache under the verified hash."""
+    for n, p in paths.items():
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != verified.hashes[n]:
+            raise DataIntegrityError(str(p), f"sha256 {verified.hashes[n]}",
+                                     f"sha256 {h.hexdigest()}",
+                                     "the file changed while being loaded; run again")
+
+
+def _decode(verified: Verified, name: str, key: str) -> tuple[dict[str, np.ndarray],
+                                                                dict[str, Any]]:
+    """Decode every part and join them: (arrays, metadata)."""
     _testing.note_decode(key)
-    f, resolved = open_in_root(entry, root)
-    with f:
-        blob = f.read(entry.size + 1)  # bounded: verify checked the size
-    if (found := hashlib.sha256(blob).hexdigest()) != entry.sha256:
-        raise DataIntegrityError(str(resolved), f"sha256 {entry.sha256}", f"sha256 {found}",
-                                 "the file changed while being loaded; run again")
-    lay = _LAYOUTS[entry.format]
-    pixels, labels = _decode_csv_gz(blob, resolved, entry.rows, lay)
-    # X = f32(pixels) / 16: dividing by a power of two is exact (spec section 2).
-    return {"x": pixels.astype(np.float32) / np.float32(lay.max_value), "y": labels}
+    entry = verified.datasets[name]
+    paths = _paths(verified, entry.files())
+    parts = [formats.decode(entry.train, paths)]
+    if entry.test is not None:
+        parts.append(formats.decode(entry.test, paths))
+    _still_verified(verified, paths)
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.input_shape, p.n_classes, p.vocabulary) != (first.input_shape, first.n_classes,
+                                                          first.vocabulary):
+            raise DataIntegrityError(f"{verified.path} [datasets.{name}.test]",
+                                     f"the train part's shapes {first.input_shape}, "
+                                     f"{first.n_classes} classes, the same vocabulary",
+                                     f"{p.input_shape}, {p.n_classes}")
+    arrays = {"x": np.concatenate([p.x for p in parts])}
+    if first.y is not None:
+        arrays["y"] = np.concatenate([p.y for p in parts if p.y is not None])
+    meta = {"input_shape": list(first.input_shape), "n_classes": first.n_classes,
+            "n_train": len(first.x), "vocabulary": first.vocabulary}
+    return arrays, meta
 
 
 def _st_data(blob: bytes) -> tuple[dict[str, str], bytes]:
@@ -154,12 +165,12 @@ def _encode_entry(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     return _st_save(arrays, {**meta, "data_sha256": digest})
 
 
-def _read_entry(path: Path, meta_want: dict[str, str], rows: int,
-                features: int) -> dict[str, np.ndarray] | str:
-    """The cached arrays, or why the entry is unusable ("missing" or a corruption)."""
-    limit = rows * (features * 4 + 8) + _MAX_HEADER  # x float32, y int64, the header
+def _read_entry(path: Path, key: str, task: str) -> tuple[dict[str, np.ndarray],
+                                                          dict[str, Any]] | str:
+    """The cached arrays and metadata, or why the entry is unusable ("missing" or
+    a corruption)."""
     try:
-        blob = read_regular(path, limit)
+        blob = read_regular(path, MAX_CACHE_ENTRY)
     except FileNotFoundError:
         return "missing"
     except OSError as e:  # a FIFO, device or directory planted there; too large
@@ -169,92 +180,108 @@ def _read_entry(path: Path, meta_want: dict[str, str], rows: int,
         found = hashlib.sha256(data).hexdigest()
         if meta.get("data_sha256") != found:
             return f"data sha256 {found}, recorded {meta.get('data_sha256')}"
-        if any(meta.get(k) != v for k, v in meta_want.items()):
-            return f"metadata {meta}, expected {meta_want}"
+        if meta.get("key") != key:
+            return f"key {meta.get('key')}, expected {key}"
+        info = json.loads(meta["info"])
         arrays = _st_load(blob)  # never unpickles: safetensors holds raw tensors only
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt entry
         return f"unreadable ({type(e).__name__}: {e})"
     x, y = arrays.get("x"), arrays.get("y")
-    if (x is None or y is None or x.dtype != np.float32 or x.shape != (rows, features)
-            or y.dtype != np.int64 or y.shape != (rows,)):
+    want_x = np.int64 if task == "lm" else np.float32
+    if (x is None or x.dtype != want_x or (task == "lm") != (y is None)
+            or (y is not None and (y.dtype != np.int64 or y.shape != x.shape[:1]))
+            or (task != "lm" and tuple(x.shape[1:]) != tuple(info["input_shape"]))):
         return "wrong tensors, dtypes or shapes"
-    return {"x": x, "y": y}
-
-
-def _cache_path(cache_dir: Path, sha: str) -> tuple[str, Path, dict[str, str]]:
-    key = f"{sha}-v{DECODER_VERSION}"
-    meta = {"source_sha256": sha, "decoder_version": str(DECODER_VERSION)}
-    return key, Path(cache_dir) / f"{key}.safetensors", meta
+    return arrays, info
 
 
 def load(verified: Verified, name: str, cache_dir: Path, *, trust_cache: bool = True
          ) -> Dataset:
-    """Entry ``name`` of ``verified`` decoded, through the cache in ``cache_dir``.
+    """Dataset ``name`` of ``verified``, decoded, through the cache in ``cache_dir``.
 
-    The cache key is ``<file sha256>-v<DECODER_VERSION>``; the entry is one
-    safetensors file written atomically, checked on every read; a corrupt
-    entry is reported on stderr and rebuilt. A ``FileLock`` per key makes
-    concurrent processes decode once. A cache miss decodes from bytes hashed
-    again as they are read (``_decode``). ``trust_cache=False`` (``verify``,
-    ``--rebuild``) decodes from the file and reads no cache entry for the
-    arrays; an entry that differs is reported and removed (``check_cache``).
+    A corrupt cache entry is reported on stderr and rebuilt. A ``FileLock``
+    per key makes concurrent processes decode once. ``trust_cache=False``
+    (``verify``, ``--rebuild``) decodes from the files and takes no arrays
+    from the cache; an entry that differs is reported and removed.
     """
-    if name not in verified.hashes:
-        raise DataIntegrityError(str(verified.path), f"a verified entry {name!r}",
-                                 f"entries {sorted(verified.hashes)}")
-    entry, sha = verified.entries[name], verified.hashes[name]
-    lay = _LAYOUTS[entry.format]
+    if name not in verified.datasets:
+        raise DataIntegrityError(str(verified.path), f"a dataset among "
+                                 f"{sorted(verified.datasets)}", f"no dataset {name!r}")
     if not trust_cache:
-        got = _fresh(verified, name, cache_dir)
-        return Dataset(name=name, sha256=sha, x=got["x"], y=got["y"],
-                       input_shape=lay.input_shape, n_classes=lay.classes)
+        got, problem = _decode_and_compare(verified, name, cache_dir)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
+        return _dataset(verified, name, got)
     cache_dir = Path(cache_dir)
-    key, path, meta = _cache_path(cache_dir, sha)
-    got = _read_entry(path, meta, entry.rows, lay.features)  # lock-free: atomic replaces
+    entry = verified.datasets[name]
+    key = _key(verified, name)
+    path = cache_dir / f"{key}.safetensors"
+    got = _read_entry(path, key, entry.task)  # lock-free: entries are replaced atomically
     if isinstance(got, str):
         cache_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(cache_dir / (key + ".lock")):
-            got = _read_entry(path, meta, entry.rows, lay.features)  # another process's?
+            got = _read_entry(path, key, entry.task)  # another process may have written it
             if isinstance(got, str):
                 if got != "missing":
                     print(f"warning: data cache entry {path} is corrupt ({got}); "
                           "discarding and decoding again", file=sys.stderr)
                     path.unlink(missing_ok=True)
-                got = _decode(verified.root, entry, key)
-                atomic.write_bytes(path, _encode_entry(got, meta))
-    return Dataset(name=name, sha256=sha, x=got["x"], y=got["y"], input_shape=lay.input_shape,
-                   n_classes=lay.classes)
+                arrays, info = _decode(verified, name, key)
+                meta = {"key": key, "info": json.dumps(info, sort_keys=True)}
+                atomic.write_bytes(path, _encode_entry(arrays, meta))
+                got = arrays, info
+    return _dataset(verified, name, got)
 
 
-def _fresh(verified: Verified, name: str, cache_dir: Path) -> dict[str, np.ndarray]:
-    """Entry ``name`` decoded from its file; a cache entry that differs is
-    reported on stderr and removed."""
-    got, problem = _decode_and_compare(verified, name, cache_dir)
-    if problem:
-        print(f"warning: {problem}", file=sys.stderr)
-    return got
+def _dataset(verified: Verified, name: str,
+             got: tuple[dict[str, np.ndarray], dict[str, Any]]) -> Dataset:
+    entry = verified.datasets[name]
+    arrays, info = got
+    vocab = info.get("vocabulary")
+    return Dataset(name=name, sha256=verified.hashes[entry.files()[0]], task=entry.task,
+                   x=arrays["x"], y=arrays.get("y"), input_shape=tuple(info["input_shape"]),
+                   n_classes=int(info["n_classes"]), n_train=int(info["n_train"]),
+                   vocabulary=tuple(vocab) if vocab is not None else None)
+
+
+def check_caches(verified: Verified, cache_dir: Path) -> None:
+    """check_cache for every dataset of the manifest; DataIntegrityError
+    naming the first entry that differs (all differing entries removed)."""
+    problems = [p for name in verified.datasets
+                if (p := check_cache(verified, name, cache_dir)) is not None]
+    if problems:
+        raise DataIntegrityError(problems[0], "a decode-cache entry equal to a fresh decode",
+                                 "a differing entry (removed)", "; ".join(problems[1:]))
 
 
 def check_cache(verified: Verified, name: str, cache_dir: Path) -> str | None:
-    """Decode ``name`` from its file and compare the cache entry (if any) with
-    it: None if they agree (or there is none), else what differs; a differing
-    entry is removed. A forged entry is self-consistent (its own data_sha256
-    recomputed), so only a fresh decode can catch it (README, "Threat model")."""
+    """Decode dataset ``name`` from its files and compare the cache entry (if
+    any): None if they agree (or there is none), else what differs; a
+    differing entry is removed. A forged entry is self-consistent (its own
+    data_sha256 recomputed), so only a fresh decode can catch it (README,
+    "Hostile inputs")."""
+    path = Path(cache_dir) / f"{_key(verified, name)}.safetensors"
+    if not (path.exists() or path.is_symlink()):
+        return None  # nothing cached: nothing to compare (and no decode needed)
     return _decode_and_compare(verified, name, cache_dir)[1]
 
 
 def _decode_and_compare(verified: Verified, name: str, cache_dir: Path
-                        ) -> tuple[dict[str, np.ndarray], str | None]:
-    entry, sha = verified.entries[name], verified.hashes[name]
-    lay = _LAYOUTS[entry.format]
-    key, path, meta = _cache_path(cache_dir, sha)
-    got = _decode(verified.root, entry, key)
-    cached = _read_entry(path, meta, entry.rows, lay.features)
+                        ) -> tuple[tuple[dict[str, np.ndarray], dict[str, Any]], str | None]:
+    entry = verified.datasets[name]
+    key = _key(verified, name)
+    path = Path(cache_dir) / f"{key}.safetensors"
+    got = _decode(verified, name, key)
+    cached = _read_entry(path, key, entry.task)
     if cached == "missing":
         return got, None
-    if isinstance(cached, str) or not all(np.array_equal(cached[k], got[k]) for k in got):
+    same = not isinstance(cached, str) and (
+        json.dumps(cached[1], sort_keys=True) == json.dumps(got[1], sort_keys=True)
+        and set(cached[0]) == set(got[0])
+        and all(np.array_equal(cached[0][k], got[0][k]) for k in got[0]))
+    if not same:
         why = cached if isinstance(cached, str) else "arrays differ from a fresh decode"
         path.unlink(missing_ok=True)
-        return got, (f"data cache entry {path} does not match {entry.path} decoded again "
-                     f"({why}); removed")
+        return got, f"data cache entry {path} does not match dataset {name} decoded again " \
+                    f"({why}); removed"
     return got, None

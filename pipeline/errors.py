@@ -125,3 +125,16 @@ def exit_status(e: BaseException) -> tuple[int, str]:
     return EXIT_INTERNAL, (f"internal error{where}: {type(e).__name__}"
                            f"{': ' + text if text else ''} (rerun with --debug for the "
                            f"traceback)")
+
+
+def report(e: BaseException, debug: bool = False) -> int:
+    """Print ``e``'s one line (and with ``debug`` its traceback) on stderr;
+    return its exit code."""
+    import sys
+    import traceback
+
+    code, line = exit_status(e)
+    if debug:
+        traceback.print_exception(e)
+    print(line, file=sys.stderr)
+    return code

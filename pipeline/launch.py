@@ -97,7 +97,7 @@ def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
         # No profile pins the threads here: one per worker, so that W workers
         # do not oversubscribe the cores (the pinned profile already says 1).
         os.environ["OMP_NUM_THREADS"] = "1"
-    prep = recipe.prepare(cfg, argv)  # pinned mode: re-exec with the profile first
+    prep = recipe.prepare(cfg, argv, Path(spec.config).parent)  # pinned: re-exec first
     recipe.check_device(spec.device)
     runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # Node 0 holds the run lock for the whole launch, so the workers need none.
@@ -238,7 +238,7 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
 
     cfg = load_config(spec.config, spec.overrides)
     modes.of(cfg.mode).require_prepared()
-    prep = recipe.prepare(cfg, [])  # prepared by the launcher: never re-executes here
+    prep = recipe.prepare(cfg, [], Path(spec.config).parent)  # pinned already: no re-exec
     comm = _init_comm(spec.device)
     runs_dir = Path(spec.runs_dir)
     _agree(comm, prep.inputs.key, runs_dir)

@@ -16,19 +16,19 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from filelock import FileLock
 
-from . import atomic
+from . import atomic, schema
 from .errors import DataIntegrityError
 from .safeio import MIB, NotRegularFile, open_regular, read_regular
+from .schema import DatasetEntry, FileEntry, Manifest
 
-__all__ = ["ManifestEntry", "Verified", "load_manifest", "verify", "open_in_root",
-           "default_cache_dir", "FORMATS"]
+__all__ = ["FileEntry", "DatasetEntry", "Manifest", "Verified", "load_manifest", "verify",
+           "open_in_root", "default_cache_dir"]
 
-MANIFEST_VERSION = 1
 STAT_CACHE_NAME = "verify-stat-cache.json"
 _CHUNK = 1 << 20
 # A file rewritten within one timestamp tick after it was hashed keeps its
@@ -38,29 +38,7 @@ _CHUNK = 1 << 20
 _RACY_NS = 2_000_000_000
 MAX_MANIFEST_BYTES = 16 * MIB  # the manifest and the stat cache
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
-                            "licence": str, "format": str, "columns": str, "rows": int,
-                            "description": str}
-FORMATS = ("csv.gz",)  # how an entry decodes (pipeline.dataset)
 
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One data file as the manifest promises it; ``path`` is relative to the data root."""
-
-    name: str
-    path: str
-    sha256: str
-    size: int
-    source: str
-    licence: str
-    format: str
-    columns: str
-    rows: int
-    description: str
-
-
-# eq=False: arrays have no truth value, so field-wise == and hash() would fail.
 
 @dataclass(frozen=True)
 class Verified:
@@ -68,85 +46,17 @@ class Verified:
 
     path: Path                        # the manifest file
     root: Path                        # the data root (the manifest's directory, resolved)
-    entries: dict[str, ManifestEntry]
-    hashes: dict[str, str]            # name -> sha256, for each file checked
+    entries: dict[str, FileEntry]
+    datasets: dict[str, DatasetEntry]
+    hashes: dict[str, str]            # file name -> sha256, for each file checked
 
 
-# --- manifest ---------------------------------------------------------------
-
-def _kind(v: object) -> str:
-    return type(v).__name__
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    dups = sorted({k for k in keys if keys.count(k) > 1})
-    if dups:
-        raise ValueError(f"duplicate key(s) {', '.join(map(repr, dups))}")
-    return dict(pairs)
-
-
-def _path_problem(p: str) -> str | None:
-    """Why ``p`` is not a plain relative path inside the data root, or None."""
-    pp = PurePosixPath(p)
-    if pp.is_absolute() or PureWindowsPath(p).anchor or "\\" in p:
-        return f"an absolute or non-POSIX path {p!r}"
-    if ".." in pp.parts:
-        return f"a path escaping the data root {p!r}"
-    if pp.parts in ((), (".",)):
-        return f"an empty path {p!r}"
-    return None
-
-
-def _entry_problems(name: str, raw: object) -> list[tuple[str, str, str]]:
-    where = f"files.{name}"
-    if not isinstance(raw, dict):
-        return [(where, "an object", _kind(raw))]
-    probs = [(f"{where}.{k}", "no such key (allowed: " + ", ".join(_FIELDS) + ")",
-              "an unknown key") for k in raw if k not in _FIELDS]
-    for key, typ in _FIELDS.items():
-        v = raw.get(key)
-        if key not in raw:
-            probs.append((f"{where}.{key}", f"a {typ.__name__}", "nothing (missing key)"))
-        elif not isinstance(v, typ) or isinstance(v, bool):
-            probs.append((f"{where}.{key}", f"a {typ.__name__}", f"{_kind(v)} {v!r}"))
-    if probs:
-        return probs
-    if not _SHA256.fullmatch(raw["sha256"]):
-        probs.append((f"{where}.sha256", "64 lowercase hex digits", repr(raw["sha256"])))
-    if (why := _path_problem(raw["path"])) is not None:
-        probs.append((f"{where}.path", "a relative path inside the data root", why))
-    if raw["size"] < 0 or raw["rows"] < 0:
-        probs.append((f"{where}.size/rows", "non-negative integers",
-                      f"{raw['size']}, {raw['rows']}"))
-    if raw["format"] not in FORMATS:
-        probs.append((f"{where}.format", f"one of {FORMATS}", repr(raw["format"])))
-    return probs
-
-
-def _manifest_problems(raw: object) -> list[tuple[str, str, str]]:
-    if not isinstance(raw, dict):
-        return [("(top level)", "an object", _kind(raw))]
-    probs = [(k, "only the keys version, files", "an unknown key")
-             for k in raw if k not in ("version", "files")]
-    v = raw.get("version")
-    if type(v) is not int or v != MANIFEST_VERSION:
-        probs.append(("version", f"{MANIFEST_VERSION}", repr(v) if "version" in raw else "nothing"))
-    files = raw.get("files")
-    if not isinstance(files, dict) or not files:
-        probs.append(("files", "a non-empty object", repr(files)[:80]))
-        return probs
-    for name, entry in files.items():
-        probs += _entry_problems(name, entry)
-    return probs
-
-
-def load_manifest(path: Path) -> dict[str, ManifestEntry]:
+def load_manifest(path: Path) -> Manifest:
     """Parse ``path`` strictly: every problem raises DataIntegrityError naming
     the manifest and the key (the first problem; the rest go in the hint)."""
     try:
         blob = read_regular(path, MAX_MANIFEST_BYTES)
-        raw = json.loads(blob, object_pairs_hook=_reject_duplicates)
+        raw = json.loads(blob, object_pairs_hook=schema.reject_duplicates)
     except OSError as e:  # missing, a FIFO or device, too large, unreadable
         raise DataIntegrityError(str(path), "a readable data manifest (a regular file of at "
                                  f"most {MAX_MANIFEST_BYTES} bytes)",
@@ -155,13 +65,7 @@ def load_manifest(path: Path) -> dict[str, ManifestEntry]:
         raise DataIntegrityError(str(path), "a valid JSON data manifest",
                                  f"invalid JSON: {e or 'nested too deeply'}",
                                  "restore it from version control") from e
-    probs = _manifest_problems(raw)
-    if probs:
-        key, expected, found = probs[0]
-        rest = "; ".join(f"{k}: expected {x}, found {f}" for k, x, f in probs[1:])
-        hint = "fix the manifest" + (f"; also {rest}" if rest else "")
-        raise DataIntegrityError(f"{path} [{key}]", expected, found, hint)
-    return {n: ManifestEntry(name=n, **e) for n, e in raw["files"].items()}
+    return schema.parse(raw, str(path))
 
 
 # --- verification -----------------------------------------------------------
@@ -216,7 +120,7 @@ def _update_stat_cache(cache_dir: Path, records: dict[str, dict[str, Any]]) -> N
         atomic.write_bytes(path, blob.encode())
 
 
-def open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
+def open_in_root(entry: FileEntry, root: Path) -> tuple[BinaryIO, Path]:
     """Open the entry's file read-only, refusing anything that resolves outside ``root``."""
     target = root / entry.path
     promise = f"{entry.size} bytes with sha256 {entry.sha256}"
@@ -238,7 +142,7 @@ def open_in_root(entry: ManifestEntry, root: Path) -> tuple[BinaryIO, Path]:
     return f, resolved
 
 
-def _verify_one(entry: ManifestEntry, root: Path, cache: dict[str, Any] | None,
+def _verify_one(entry: FileEntry, root: Path, cache: dict[str, Any] | None,
                 records: dict[str, dict[str, Any]]) -> str:
     f, resolved = open_in_root(entry, root)
     with f:
@@ -263,8 +167,8 @@ def _verify_one(entry: ManifestEntry, root: Path, cache: dict[str, Any] | None,
     return digest
 
 
-def _select(manifest: dict[str, ManifestEntry], names: Iterable[str] | None,
-            manifest_path: Path) -> list[ManifestEntry]:
+def _select(manifest: dict[str, FileEntry], names: Iterable[str] | None,
+            manifest_path: Path) -> list[FileEntry]:
     if names is None:
         return list(manifest.values())
     unknown = [n for n in names if n not in manifest]
@@ -285,7 +189,8 @@ def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = 
     only thing ever written, and only after every file passed.
     """
     manifest_path = Path(manifest_path)
-    manifest = load_manifest(manifest_path)
+    parsed = load_manifest(manifest_path)
+    manifest = parsed.files
     root = manifest_path.parent.resolve()
     cache = None  # full: hash every file, and rewrite the stat cache's records
     if stat_cache_dir is not None and not full:
@@ -295,7 +200,7 @@ def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = 
              for e in _select(manifest, names, manifest_path)}
     if stat_cache_dir is not None and records:
         _update_stat_cache(Path(stat_cache_dir), records)
-    return Verified(manifest_path, root, manifest, found)
+    return Verified(manifest_path, root, manifest, parsed.datasets, found)
 
 
 def default_cache_dir() -> Path:

@@ -8,10 +8,13 @@ nothing else in the package branches on the string.
 
 The training loop talks to nets and optimisers through two small protocols:
 
-- ``net.params``: name -> tensor (fc0.weight, conv0.bias, ...);
-- ``net.dropout_widths()``: the feature width of each dropout site;
-- ``net.shard_grads(x, y, n_global, keep)``: (the shard's summed loss, the
-  gradients by name of that sum divided by n_global, the global batch size);
+- ``net.params``: name -> tensor (fc0.weight, conv0.bias, ...); ``net.buffers``:
+  other persistent state (BatchNorm statistics), saved with the weights;
+- ``net.dropout_widths()``, ``net.dropout_rate``: the loop's counter-based
+  dropout masks (exact mode; pinned modules draw their own, per shard);
+- ``net.shard_grads(x, y, n_global, keep, stream)``: (the shard's summed
+  loss, the gradients by name of that sum divided by n_global, the number of
+  targets in the global batch); ``stream`` keys the shard's random draws;
 - ``net.predict(x)``: logits, no dropout;
 - ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
   ``load_state(tensors, scalars)``.
@@ -27,23 +30,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import environment as env
 from .config import Config, canonical_json
-from .errors import ProfileError, UsageError
+from .errors import ConfigError, ProfileError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
     from .dataset import Dataset
+    from .models import Parts
 
 __all__ = ["Mode", "Net", "Optimizer", "of", "PINNED", "EXACT"]
 
 
 class Net(Protocol):
     params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    dropout_rate: float
 
     def dropout_widths(self) -> list[int]: ...
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
-                    keep: list[torch.Tensor] | None) -> tuple[torch.Tensor,
-                                                              dict[str, torch.Tensor]]: ...
+                    keep: list[torch.Tensor] | None, stream: int
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -56,7 +62,8 @@ class Optimizer(Protocol):
 
 class Mode:
     """What a numeric mode decides. ``key_fields``: the inputs its run key
-    (and golden key) covers, of config, data, code, toolchain, profile."""
+    (and golden key) covers, of config, data, code (the package), model (the
+    factory's and loss's sources), toolchain, profile."""
 
     name: str
     key_fields: tuple[str, ...]
@@ -72,7 +79,8 @@ class Mode:
         """Whether ``prepare`` fixes the thread count (else a launcher does)."""
         return False
 
-    def make_net(self, cfg: Config, ds: Dataset, device: torch.device) -> Net:
+    def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
+        """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
         raise NotImplementedError
 
     def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
@@ -96,7 +104,7 @@ class _Pinned(Mode):
     """Stock torch kernels under the pinned numeric profile."""
 
     name = "pinned"
-    key_fields = ("config", "data", "code", "toolchain", "profile")
+    key_fields = ("config", "data", "code", "model", "toolchain", "profile")
 
     def prepare(self, argv: list[str]) -> dict[str, Any]:
         """Re-execute with the profile's environment (or refuse this CPU)."""
@@ -121,10 +129,13 @@ class _Pinned(Mode):
     def pins_threads(self) -> bool:
         return not env.pinning_disabled()
 
-    def make_net(self, cfg: Config, ds: Dataset, device: torch.device) -> Net:
-        from .pinned import PinnedNet
-        return PinnedNet(cfg.model, cfg.seed, device, input_shape=ds.input_shape,
-                         n_classes=ds.n_classes)
+    def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
+        from .pinned import PinnedNet, build_module
+
+        shape, classes = ds.shapes(cfg.data.context)
+        module = build_module(parts.factory.function, parts.factory.name, shape, classes,
+                              cfg.model.args, cfg.seed)
+        return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
     def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
         from .pinned import TorchOptimizer
@@ -135,15 +146,38 @@ class _Exact(Mode):
     """IEEE-754-determined arithmetic (pipeline.exact): nothing to pin."""
 
     name = "exact"
-    key_fields = ("config", "data", "code")
+    key_fields = ("config", "data", "code", "model")
 
     def prepare(self, argv: list[str]) -> dict[str, Any]:
         return env.profile_record(None)
 
-    def make_net(self, cfg: Config, ds: Dataset, device: torch.device) -> Net:
-        from .exact import ExactNet
-        return ExactNet(cfg.model, cfg.seed, device, input_shape=ds.input_shape,
-                        n_classes=ds.n_classes)
+    def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
+        """The spec's MLP or CNN (pipeline.exact): the built-in factories only,
+        with the built-in loss; their arguments are checked against the
+        factory's own signature."""
+        import inspect
+
+        from .exact import Arch, ExactNet
+        from .models import BUILTINS
+
+        name, args = parts.factory.name, cfg.model.args
+        shape, classes = ds.shapes(cfg.data.context)
+        problems = []
+        if name not in BUILTINS:
+            problems.append(f"model.factory: exact mode builds {list(BUILTINS)} (the layers "
+                            f"docs/exact-spec.md fixes), found {name!r}; use mode=pinned")
+        if parts.loss is not None:
+            problems.append(f"train.loss: exact mode computes cross_entropy only, found "
+                            f"{parts.loss.name!r}")
+        try:
+            inspect.signature(parts.factory.function).bind(shape, classes, **args)
+        except TypeError as e:
+            problems.append(f"model.args: {e}")
+        if problems:
+            raise ConfigError(f"mode = {self.name!r}", problems)
+        arch = Arch(name.rpartition(":")[2], tuple(args.get("hidden", (128,))),
+                    float(args.get("dropout", 0.1)))
+        return ExactNet(arch, cfg.seed, device, input_shape=shape, n_classes=classes)
 
     def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
         from .exact import make_exact_optimizer

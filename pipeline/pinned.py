@@ -1,91 +1,91 @@
-"""Pinned mode's network and optimiser: stock torch (nn modules, autograd,
-torch.optim), reproducible under the pinned numeric profile
-(pipeline.environment). They implement the Net and Optimizer protocols of
-pipeline.modes."""
+"""Pinned mode's network and optimiser: a stock ``nn.Module`` from a model
+factory (pipeline.models), autograd and ``torch.optim``, reproducible under
+the pinned numeric profile (pipeline.environment). They implement the Net and
+Optimizer protocols of pipeline.modes.
+
+Randomness inside the module (``nn.Dropout``, ``torch.rand`` in forward) is
+world-size invariant: each shard's forward and backward run with torch's
+generators seeded from ``stream``, a key of (seed, step, shard) alone
+(pipeline.train), so a shard draws the same numbers whichever rank runs it.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, OptimConfig
+from . import _testing
+from .config import OptimConfig
+from .errors import ConfigError
 
-__all__ = ["PinnedNet", "TorchOptimizer"]
+__all__ = ["PinnedNet", "TorchOptimizer", "build_module"]
 
 
-class _Module(nn.Module):
-    """The stock-torch network: MLP (fc0..fcL) or CNN (conv0, conv1, fc0)."""
+def build_module(factory: Callable[..., Any], name: str, input_shape: tuple[int, ...],
+                 n_classes: int, args: dict[str, Any], seed: int) -> nn.Module:
+    """``factory(input_shape, n_classes, **args)`` with torch's generators
+    seeded from ``seed`` for its initialisation (and restored after), or
+    ConfigError (exit 2) naming the factory."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # nn's default init draws from the default generator
+        try:
+            module = factory(tuple(input_shape), n_classes, **args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.factory = {name!r}", [
+                f"model.args: {name}(input_shape={tuple(input_shape)}, num_classes={n_classes},"
+                f" **{args}) failed: {type(e).__name__}: {e}"]) from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"model.factory = {name!r}", [
+            f"model.factory: expected a torch.nn.Module, found {type(module).__name__}"])
+    return module
 
-    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.input_shape = input_shape
-        if cfg.arch == "mlp":
-            sizes = [math.prod(input_shape), *cfg.hidden, n_classes]
-            for i in range(len(sizes) - 1):
-                self.add_module(f"fc{i}", nn.Linear(sizes[i], sizes[i + 1]))
-            self.n_fc = len(sizes) - 1
-        else:
-            c, h, w = input_shape
-            self.conv0 = nn.Conv2d(c, 8, 3, stride=1, padding=1)
-            self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)  # 8x8 -> 4x4
-            self.fc0 = nn.Linear(16 * ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1), n_classes)
-            self.n_fc = 1
 
-    def forward(self, x: torch.Tensor, keep: list[torch.Tensor] | None) -> torch.Tensor:
-        if self.cfg.arch == "cnn":
-            x = x.reshape(-1, *self.input_shape)           # (N, 64) -> (N, 1, 8, 8)
-            x = F.relu(self.conv1(F.relu(self.conv0(x))))  # -> (N, 16, 4, 4)
-            return self.fc0(x.flatten(1))                  # -> (N, classes)
-        scale = 1.0 / (1.0 - self.cfg.dropout)
-        for i in range(self.n_fc - 1):
-            x = F.relu(getattr(self, f"fc{i}")(x))
-            if keep is not None:
-                x = x * keep[i] * scale  # mask from pipeline.rng: same on every rank
-        return getattr(self, f"fc{self.n_fc - 1}")(x)
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over examples (and positions, for (N, T, V) logits)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                           reduction="sum")
 
 
 class PinnedNet:
-    """Stock torch kernels; reproducible under the pinned numeric profile."""
+    """A stock module; stock kernels under the pinned profile."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, device: torch.device, *,
-                 input_shape: tuple[int, ...], n_classes: int) -> None:
-        self.cfg = cfg
-        gen = torch.Generator().manual_seed(seed)  # explicit: init draws only from it
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.set_state(gen.get_state())
-            # nn's default init draws from the default generator
-            self.module = _Module(cfg, tuple(input_shape), n_classes)
-        self.module.to(device)
+    def __init__(self, module: nn.Module, device: torch.device,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+        self.module = module.to(device)
         self.params = dict(self.module.named_parameters())
+        # Persistent buffers (BatchNorm statistics): saved with the weights.
+        self.buffers = {k: v for k, v in self.module.state_dict(keep_vars=True).items()
+                        if k not in self.params}
+        self._user_loss = loss
 
     def dropout_widths(self) -> list[int]:
-        if self.cfg.arch != "mlp" or self.cfg.dropout == 0.0:
-            return []
-        return list(self.cfg.hidden)
+        return []  # randomness lives inside the module (see the module docstring)
+
+    def _loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._user_loss is None:
+            return _cross_entropy(logits, y)
+        return self._user_loss(logits, y).sum()
 
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
-                    keep: list[torch.Tensor] | None) -> tuple[torch.Tensor,
-                                                              dict[str, torch.Tensor]]:
+                    keep: list[torch.Tensor] | None, stream: int = 0
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the shard's summed loss, gradients of that sum / n_global)."""
         if not self.module.training:
             self.module.train()  # recursive: only on a switch from predict()
-        logits = self.module(x, keep)
-        if len(y) == n_global:  # one shard, one process: the stock mean, one op fewer
-            mean = F.cross_entropy(logits, y)
-            grads = torch.autograd.grad(mean, list(self.params.values()))
-            return mean.detach() * n_global, dict(zip(self.params, grads))
-        loss = F.cross_entropy(logits, y, reduction="sum")
+        if not _testing.SWITCHES.no_shard_streams:  # (the test-only control)
+            torch.manual_seed(stream)  # every device's generator: this shard's draws
+        loss = self._loss_sum(self.module(x), y)
         grads = torch.autograd.grad(loss / n_global, list(self.params.values()))
         return loss.detach(), dict(zip(self.params, grads))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.module.eval()
-        return self.module(x, None)
+        return self.module(x)
 
 
 class TorchOptimizer:

@@ -31,59 +31,107 @@ from .errors import CheckpointError, ConfigError, DataIntegrityError, MismatchEr
 
 if TYPE_CHECKING:
     from .dataset import Dataset
+    from .models import Parts
 
-__all__ = ["Prepared", "prepare", "check_fits", "check_device", "check_existing",
+__all__ = ["Prepared", "prepare", "check_device", "check_existing",
            "get_or_train", "rebuild", "verify_run", "manifest_path"]
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A process fit to train ``inputs``: pinned, data verified and decoded."""
+    """A process fit to train ``inputs``: pinned, data verified and decoded,
+    the model factory (and loss) loaded."""
 
     inputs: runs.RunInputs
     ds: Dataset
+    parts: Parts
+    base: Path | None   # where the config lives: user modules and a project manifest
     verified: manifest.Verified
 
 
-def manifest_path() -> Path:
+def manifest_path(base: Path | None = None) -> Path:
+    """``data-manifest.json`` beside the config (a user's project), else the project root's."""
+    if base is not None and (base / "data-manifest.json").is_file():
+        return base / "data-manifest.json"
     return project_root() / "data-manifest.json"
 
 
-def prepare(cfg: Config, argv: list[str], *, trust_cache: bool = True) -> Prepared:
-    """Pin (the mode's way; pinned mode may re-execute with ``argv``), verify
-    every data file before anything is written, decode the config's dataset
-    (``trust_cache=False``: from the file, reading no decode-cache entry),
-    and check that the config fits it."""
+def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
+            trust_cache: bool = True) -> Prepared:
+    """Pin (the mode's way; pinned mode may re-execute with ``argv``), load the
+    model factory from ``base`` (the config's directory), verify every data
+    file before anything is written, decode the config's dataset
+    (``trust_cache=False``: from the files, taking no arrays from the decode
+    cache), and check that the config fits it (ConfigError, exit 2, before
+    any training)."""
     from . import dataset
+    from .models import resolve
 
     profile = modes.of(cfg.mode).prepare(argv)
+    parts = resolve(cfg.model.factory, cfg.train.loss, base)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
-    verified = manifest.verify(manifest_path(), stat_cache_dir=cache)
+    verified = manifest.verify(manifest_path(base), stat_cache_dir=cache)
     ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
-    check_fits(cfg, len(ds.y))
-    name = cfg.data.dataset
-    inputs = runs.run_inputs(cfg, {name: verified.hashes[name]}, profile,
-                             {name: ds.decoded_sha256()})
-    return Prepared(inputs, ds, verified)
+    _check_fit(cfg, ds)
+    _check_model(cfg, ds, parts)
+    entry = verified.datasets[cfg.data.dataset]
+    data = {"dataset": entry.name, "task": entry.task, "train": entry.train, "test": entry.test,
+            "files": {f: verified.hashes[f] for f in entry.files()}}
+    inputs = runs.run_inputs(cfg, data, profile, parts.record(),
+                             {ds.name: ds.decoded_sha256()})
+    return Prepared(inputs, ds, parts, base, verified)
 
 
-def check_fits(cfg: Config, rows: int) -> None:
-    """ConfigError unless the split leaves test rows and a whole batch of
-    training rows (sampling.split's arithmetic): caught before training,
-    not as a crash after it."""
-    import math
+def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
+    """Build the net once on the CPU and run two examples through it, so that a
+    factory that fails, returns no module or the wrong logits shape is a
+    ConfigError (exit 2) before anything is locked or written."""
+    import numpy as np
+    import torch
 
-    n_test = math.floor(rows * float(cfg.data.test_fraction))
+    net = modes.of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
+    ctx = cfg.data.context
+    n = min(2, ds.counts(ctx)[0])
+    if ds.task == "lm":  # the first n windows
+        x = torch.from_numpy(ds.x[ds.starts(np.arange(n), ctx)[:, None] + np.arange(ctx)])
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(ds.x[:n]))
+    shape, classes = ds.shapes(ctx)
+    want = (n, ctx, classes) if ds.task == "lm" else (n, classes)
+    try:
+        got = tuple(net.predict(x).shape)
+    except Exception as e:  # noqa: BLE001 - user code: any failure is the factory's
+        raise ConfigError(f"model.factory = {parts.factory.name!r}", [
+            f"model.factory: forward on a batch of {n} inputs of shape {shape} failed: "
+            f"{type(e).__name__}: {e}"]) from None
+    if got != want:
+        raise ConfigError(f"model.factory = {parts.factory.name!r}", [
+            f"model.factory: expected logits of shape {want} for {n} examples, found {got}"])
+
+
+def _check_fit(cfg: Config, ds: Dataset) -> None:
+    """The config's data keys against the dataset: context for the task, a
+    non-empty test split, at least one batch of training examples."""
     problems = []
-    if n_test == 0:
-        problems.append(f"data.test_fraction: expected a fraction of the {rows} rows that "
-                        f"leaves at least one test row, found {cfg.data.test_fraction}")
-    if rows - n_test < cfg.train.batch_size:
-        problems.append(f"train.batch_size: expected at most the {rows - n_test} training "
-                        f"rows, found {cfg.train.batch_size}")
+    lm = ds.task == "lm"
+    if lm and cfg.data.context < 1:
+        problems.append(f"data.context: dataset {ds.name!r} is for language modelling: "
+                        f"expected the tokens per example (>= 1), found {cfg.data.context}")
+    if not lm and cfg.data.context:
+        problems.append(f"data.context: dataset {ds.name!r} is for classification: expected 0 "
+                        f"(unset), found {cfg.data.context}")
+    if not problems:
+        from .sampling import split
+        train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
+        if len(test_ids) == 0:
+            problems.append(f"data.test_fraction: {cfg.data.test_fraction} of "
+                            f"{len(train_ids)} examples is an empty test split")
+        if len(train_ids) < cfg.train.batch_size:
+            problems.append(f"train.batch_size: expected at most the {len(train_ids)} "
+                            f"training examples of {ds.name!r}, found {cfg.train.batch_size}")
     if problems:
-        raise ConfigError(f"dataset {cfg.data.dataset}", problems)
+        raise ConfigError(f"config for dataset {ds.name!r}", problems)
 
 
 def check_device(device: str) -> None:
@@ -137,11 +185,12 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
             return (runs.reusable(final, prep.inputs) if rank == 0 else {"run_key": key}), True
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
-        result = train(prep.inputs.config, prep.ds, run_key=key, ckpt_dir=ckpt_dir, comm=comm,
-                       device=device, quiet=quiet)
+        result = train(prep.inputs.config, prep.ds, prep.parts, run_key=key, ckpt_dir=ckpt_dir,
+                       comm=comm, device=device, quiet=quiet)
         if rank != 0:
             return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
-        record = runs.write_run(final, prep.inputs, result, started, extra or {})
+        where = {"config_dir": str(prep.base)} if prep.base is not None else {}
+        record = runs.write_run(final, prep.inputs, result, started, {**where, **(extra or {})})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return record, False
 
@@ -190,13 +239,15 @@ def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
         cfg = config_from_dict(record["config"], f"{run_dir}/run.json")
     except (KeyError, TypeError):
         raise UsageError(f"{run_dir}/run.json: expected a config, found none") from None
-    prep = prepare(cfg, argv, trust_cache=False)  # verify trusts no cache
+    base = record.get("config_dir")
+    prep = prepare(cfg, argv, Path(base) if isinstance(base, str) else None,
+                   trust_cache=False)  # verify trusts no cache
     _check_decoded(prep, record)
     differences = []
     if prep.inputs.key != record["run_key"]:
         i = prep.inputs
         here = {"config": i.keyed()["config"], "data": i.data, "code_sha256": i.code,
-                "toolchain": i.toolchain, "profile": i.profile}
+                "model": i.model, "toolchain": i.toolchain, "profile": i.profile}
         differences = runs.input_differences(record, here)
     again = _retrain(prep, device="cpu", quiet=quiet, what="verify")
     if again["weights_sha256"] != record["weights_sha256"]:

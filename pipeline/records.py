@@ -46,9 +46,10 @@ def _schema_problem(record: dict[str, Any]) -> tuple[str, str] | None:
         if not isinstance(record.get(k), tp):
             return k, what
     m, t = record["metrics"], record["trail"]
-    acc = m.get("test_accuracy")
-    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float))):
-        return "metrics", "test_accuracy a number"
+    for k, v in m.items():  # test_accuracy, test_loss, train_loss: printed as numbers
+        if k != "steps" and v is not None and (isinstance(v, bool)
+                                               or not isinstance(v, (int, float))):
+            return "metrics", f"{k} a number"
     if type(m.get("steps")) is not int or m["steps"] < 0:
         return "metrics", "steps a non-negative integer"
     names, width = t.get("tensors"), t.get("digest_bytes")

@@ -43,10 +43,11 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 class RunInputs:
     """Everything that decides the weights, and the key derived from it."""
     config: Config
-    data: dict[str, str]
+    data: dict[str, Any]
     code: str
     toolchain: dict[str, Any]
     profile: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)  # factory/loss names, source hashes
     # Not keyed (it follows from data and code): the canonical hash of the
     # decoded arrays trained on, recorded so that verify can re-decode and compare.
     decoded: dict[str, str] = field(default_factory=dict)
@@ -54,7 +55,7 @@ class RunInputs:
     def keyed(self) -> dict[str, Any]:
         """The inputs the run key covers: those its mode's bits depend on."""
         every = {"config": config_to_dict(self.config), "data": self.data, "code": self.code,
-                 "toolchain": self.toolchain, "profile": self.profile}
+                 "model": self.model, "toolchain": self.toolchain, "profile": self.profile}
         return {f: every[f] for f in modes.of(self.config.mode).key_fields}
 
     @property
@@ -62,10 +63,11 @@ class RunInputs:
         return hashlib.sha256(canonical_json(self.keyed())).hexdigest()
 
 
-def run_inputs(cfg: Config, data: dict[str, str], profile: dict[str, Any],
-               decoded: dict[str, str] | None = None) -> RunInputs:
+def run_inputs(cfg: Config, data: dict[str, Any], profile: dict[str, Any],
+               model: dict[str, Any], decoded: dict[str, str] | None = None) -> RunInputs:
     from .environment import code_sha256, toolchain_fingerprint
-    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile, decoded or {})
+    return RunInputs(cfg, data, code_sha256(), toolchain_fingerprint(), profile, model,
+                     decoded or {})
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -121,9 +123,10 @@ def reusable(run_dir: Path, inputs: RunInputs) -> dict[str, Any]:
     record = read_run(run_dir)
     now = {"run_key": inputs.key, "config": config_to_dict(inputs.config),
            "data": inputs.data, "code_sha256": inputs.code, "toolchain": inputs.toolchain,
-           "profile": inputs.profile, "key_inputs": sorted(inputs.keyed()),
+           "profile": inputs.profile, "model": inputs.model,
+           "key_inputs": sorted(inputs.keyed()),
            "data_decoded": inputs.decoded}
-    field_of = {"config": "config", "data": "data", "code": "code_sha256",
+    field_of = {"config": "config", "data": "data", "code": "code_sha256", "model": "model",
                 "toolchain": "toolchain", "profile": "profile"}
     fields = ["run_key", "key_inputs", *(field_of[f] for f in sorted(inputs.keyed()))]
     for field in fields + (["data_decoded"] if inputs.decoded else []):
@@ -169,10 +172,11 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "data": inputs.data,
             "data_decoded": inputs.decoded,
             "code_sha256": inputs.code,
+            "model": inputs.model,
             "toolchain": inputs.toolchain,
             "profile": inputs.profile,
             "key_inputs": sorted(inputs.keyed()),
-            "metrics": {"test_accuracy": last.get("test_accuracy"),
+            "metrics": {**{k: v for k, v in last.items() if k.startswith("test_")},
                         "train_loss": last.get("train_loss"), "steps": result.steps},
             "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names},
             "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
@@ -253,9 +257,9 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """One line per differing input of two run records (config, data, code,
     toolchain, profile), naming the dotted key and both values."""
     lines = []
-    for field, label in (("config", "config"), ("data", "data"), ("code_sha256", "code"),
-                         ("toolchain", "toolchain"), ("profile", "profile")):
-        for path, va, vb in _differences(a.get(field), b.get(field), label):
+    for name, label in (("config", "config"), ("data", "data"), ("code_sha256", "code"),
+                        ("model", "model"), ("toolchain", "toolchain"), ("profile", "profile")):
+        for path, va, vb in _differences(a.get(name), b.get(name), label):
             lines.append(f"{path}: {json.dumps(va)} != {json.dumps(vb)}")
     return lines
 

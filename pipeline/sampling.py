@@ -19,7 +19,8 @@ __all__ = ["split", "epoch_order", "batches"]
 
 class _Data(Protocol):
     sha256: str
-    y: np.ndarray
+
+    def counts(self, context: int) -> tuple[int, int]: ...
 
 
 def _check_seed(seed: int) -> None:
@@ -27,12 +28,21 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
 
 
-def split(ds: _Data, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train_ids, test_ids), both in ``perm`` order, keyed by seed and the data's sha256."""
+def split(ds: _Data, seed: int, test_fraction: float,
+          context: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train_ids, test_ids) of the dataset's examples (``ds.counts(context)``).
+
+    With a test part of its own (the manifest's ``test``), every train example
+    trains and every test-part example tests, in id order. Otherwise both are
+    drawn from the train examples, in ``perm`` order keyed by the seed and the
+    data's sha256, ``test_fraction`` of them testing.
+    """
     _check_seed(seed)
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
-    n = len(ds.y)
+    n, n_fixed = ds.counts(context)
+    if n_fixed:
+        return np.arange(n, dtype=np.int64), np.arange(n, n + n_fixed, dtype=np.int64)
     perm = rng.permutation(rng.key(seed, rng.SPLIT, int(ds.sha256[:16], 16)), n)
     n_test = math.floor(n * float(test_fraction))  # f64 product, as specified
     return perm[n_test:].astype(np.int64), perm[:n_test].astype(np.int64)

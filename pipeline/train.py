@@ -12,14 +12,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _testing, checkpoint, modes
+from . import _testing, checkpoint, modes, rng
 from .checkpoint import TRAIL_DIGEST, Progress
 from .config import Config
 from .dataset import Dataset
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, add_grads, tree_reduce
-from .errors import Interrupted
+from .errors import ConfigError, Interrupted
 from .hashing import tensor_digests
+from .models import Parts, resolve
 from .modes import Net
 from .rng import DropoutStream
 from .sampling import batches, epoch_order, split
@@ -29,7 +30,7 @@ __all__ = ["train", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    params: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]   # parameters and persistent buffers: the weights
     metrics: list[dict[str, Any]]
     trail: bytes
     trail_names: list[str]
@@ -37,28 +38,33 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def train(cfg: Config, ds: Dataset, *, run_key: str, ckpt_dir: Path | None,
-          comm: Any = None, device: str = "cpu", quiet: bool = False) -> TrainResult:
-    """Train ``cfg`` on ``ds``; resume from ``ckpt_dir``'s newest valid
-    checkpoint of this run, and write checkpoints there (rank 0)."""
+def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
+          ckpt_dir: Path | None, comm: Any = None, device: str = "cpu",
+          quiet: bool = False) -> TrainResult:
+    """Train ``cfg`` on ``ds`` with the model ``parts`` (default: the config's,
+    loaded from sys.path); resume from ``ckpt_dir``'s newest valid checkpoint
+    of this run, and write checkpoints there (rank 0)."""
     comm = comm or LocalComm()
+    parts = parts or resolve(cfg.model.factory, cfg.train.loss, None)
     dev = torch.device(device)
     seed_everything(cfg.seed)
     strict_torch()
 
     # Data: the split and every epoch's order come from the seed and the data hash.
-    train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction)
-    x_all = torch.from_numpy(ds.x).to(dev)
-    y_all = torch.from_numpy(ds.y).to(dev)
+    ctx = cfg.data.context
+    train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, ctx)
+    examples = _Examples(ds, ctx, dev)
     bsz = cfg.train.batch_size
     steps_per_epoch = len(train_ids) // bsz
     total = steps_per_epoch * cfg.train.epochs
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={bsz} exceeds the {len(train_ids)} training rows")
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    n_global = bsz * examples.targets_per_example  # the loss is a mean over these
 
     # Model, optimiser, the dropout stream; then whatever a checkpoint restores.
     mode = modes.of(cfg.mode)
-    net = mode.make_net(cfg, ds, dev)
+    net = mode.make_net(cfg, ds, dev, parts)
+    _check_world_size(net, comm.size)
     opt = mode.make_optimizer(cfg, net)
     dropout = DropoutStream(cfg.seed)
     st = Progress()
@@ -73,21 +79,19 @@ def train(cfg: Config, ds: Dataset, *, run_key: str, ckpt_dir: Path | None,
             epoch, b = divmod(st.step, steps_per_epoch)
             if order is None or b == 0:
                 order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
-            idx = torch.from_numpy(order[b]).to(dev)
-            masks = [dropout.keep_mask(cfg.model.dropout, bsz, w) for w in net.dropout_widths()]
-            loss, grads = _step_grads(net, x_all[idx], y_all[idx], masks, cfg, comm, dev)
+            x, y = examples.get(order[b])
+            masks = [dropout.keep_mask(net.dropout_rate, bsz, w) for w in net.dropout_widths()]
+            loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev)
             opt.step(grads)
             st.step += 1
-            st.loss_sum += float(loss) / bsz
+            st.loss_sum += float(loss) / n_global
             st.trail += tensor_digests(net.params, TRAIL_DIGEST)
             bar.update(1)
-            if st.step % steps_per_epoch == 0:
-                acc = _accuracy(net, x_all, y_all, test_ids, dev)
-                st.metrics.append({"epoch": epoch + 1, "step": st.step,
-                                   "train_loss": st.loss_sum / steps_per_epoch,
-                                   "test_accuracy": acc})
+            if st.step % steps_per_epoch == 0 or st.step == total:
+                st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch))
                 st.loss_sum = 0.0
-                bar.set_postfix(acc=f"{acc:.4f}")
+                bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
+                                 if k.startswith("test_")})
             every = cfg.train.checkpoint_every
             if writer and st.step < total and (
                     (every and st.step % every == 0) or st.step % steps_per_epoch == 0):
@@ -100,15 +104,49 @@ def train(cfg: Config, ds: Dataset, *, run_key: str, ckpt_dir: Path | None,
             writer.close()  # every checkpoint on disk (or its error raised) before returning
         bar.close()
 
-    params = {k: v.detach().cpu().contiguous() for k, v in net.params.items()}
-    return TrainResult(params, st.metrics, bytes(st.trail), sorted(params), st.step, resumed)
+    state = {**net.params, **net.buffers}
+    weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
+                       resumed)
+
+
+class _Examples:
+    """The dataset's examples on the device: rows (classification) or windows
+    of ``context`` tokens and their next tokens (language modelling)."""
+
+    def __init__(self, ds: Dataset, context: int, dev: torch.device) -> None:
+        self.lm, self.ds, self.context, self.dev = ds.task == "lm", ds, context, dev
+        self.x = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev)
+        self.y = torch.from_numpy(ds.y).to(dev) if ds.y is not None else None
+        self.offsets = torch.arange(context, device=dev)
+        self.targets_per_example = context if self.lm else 1
+
+    def get(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of examples ``ids``: (B, ...) and (B,), or (B, T) twice."""
+        if self.y is not None:
+            idx = torch.from_numpy(np.asarray(ids)).to(self.dev)
+            return self.x[idx], self.y[idx]
+        starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
+        pos = starts[:, None] + self.offsets                   # (B, T) token positions
+        return self.x[pos], self.x[pos + 1]
+
+
+def _check_world_size(net: Net, size: int) -> None:
+    """Training-time buffers (BatchNorm running statistics) are updated by each
+    rank from its own shards, so ranks would disagree: world size 1 only."""
+    if size > 1 and net.buffers:
+        raise ConfigError("--nproc/--nnodes", [
+            f"world size {size}: the model has buffers {sorted(net.buffers)[:4]} (e.g. "
+            f"BatchNorm running statistics) that each rank would update from its own "
+            f"shards; train it in one process (--nproc 1)"])
 
 
 def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarray],
-                cfg: Config, comm: Any, dev: torch.device
+                cfg: Config, step: int, n_global: int, comm: Any, dev: torch.device
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """This rank's shards, each on its own rows, summed in the fixed tree;
-    then the ranks' partial sums finish the same tree (pipeline.distributed)."""
+    """This rank's shards, each on its own rows and with its own random stream
+    (key(seed, FORWARD, step, shard)), summed in the fixed tree; then the
+    ranks' partial sums finish the same tree (pipeline.distributed)."""
     bsz, shards = cfg.train.batch_size, cfg.train.shards
     rows = bsz // shards
     per_rank = shards // comm.size
@@ -116,13 +154,42 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
     for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank):
         sl = slice(s * rows, (s + 1) * rows)
         keep = [torch.from_numpy(m[sl]).to(dev) for m in masks] or None
-        parts.append(net.shard_grads(x[sl], y[sl], bsz, keep))
+        stream = rng.key(cfg.seed, rng.FORWARD, step, s)
+        parts.append(net.shard_grads(x[sl], y[sl], n_global, keep, stream))
     return comm.combine(tree_reduce(parts, add_grads))
 
 
+def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
+             steps_per_epoch: int) -> dict[str, Any]:
+    """At an epoch's end (or the last step): the mean train loss since the last
+    record, and the test split's accuracy (classification) or loss per token."""
+    since = st.metrics[-1]["step"] if st.metrics else 0
+    out: dict[str, Any] = {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
+                           "train_loss": st.loss_sum / max(st.step - since, 1)}
+    if examples.lm:
+        out["test_loss"] = _test_loss(net, examples, test_ids)
+    else:
+        out["test_accuracy"] = _accuracy(net, examples, test_ids)
+    return out
+
+
 @torch.no_grad()
-def _accuracy(net: Net, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray,
-              dev: torch.device) -> float:
-    idx = torch.from_numpy(ids).to(dev)
-    pred = net.predict(x[idx]).argmax(dim=1)  # first maximum on ties
-    return int((pred == y[idx]).sum()) / len(ids)
+def _accuracy(net: Net, examples: _Examples, ids: np.ndarray) -> float:
+    x, y = examples.get(ids)
+    pred = net.predict(x).argmax(dim=1)  # first maximum on ties
+    return int((pred == y).sum()) / len(ids)
+
+
+@torch.no_grad()
+def _test_loss(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 256) -> float:
+    """Mean cross-entropy per target token over ``ids``: chunks of ``chunk``
+    examples, summed in order in float64."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    for i in range(0, len(ids), chunk):
+        x, y = examples.get(ids[i:i + chunk])
+        logits = net.predict(x)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                       reduction="sum"))
+    return total / (len(ids) * examples.targets_per_example)

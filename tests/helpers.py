@@ -12,7 +12,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_PARTS = ("pipeline", "configs", "data", "data-manifest.json", "requirements.lock",
-                "pyproject.toml")
+                "pyproject.toml", "examples")
 
 
 def pipeline_env(tmp: Path, **extra: str) -> dict[str, str]:

@@ -59,9 +59,9 @@ class Run:
         return (self.dir / "trail.bin").read_bytes()
 
 
-def train_argv(overrides: list[str], runs_dir: Path | str) -> list[str]:
-    return ["train", "configs/digits.toml", *overrides, "--runs-dir", str(runs_dir), "--json",
-            "--quiet"]
+def train_argv(overrides: list[str], runs_dir: Path | str,
+               config: str = "configs/digits.toml") -> list[str]:
+    return ["train", config, *overrides, "--runs-dir", str(runs_dir), "--json", "--quiet"]
 
 
 def finish(proc: subprocess.Popen[str], runs_dir: Path, what: str) -> Run:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.toml"
 # 22 steps per epoch: checkpoints at 5, 10, 15, 20, 22, 25, ... (not the last step).
 PINNED = ["train.epochs=2", "train.checkpoint_every=5"]
-EXACT = ["mode=exact", "train.epochs=1", "model.hidden=[16]", "train.checkpoint_every=5"]
+EXACT = ["mode=exact", "train.epochs=1", "model.args.hidden=[16]", "train.checkpoint_every=5"]
 MODES = [pytest.param(PINNED, id="pinned"), pytest.param(EXACT, id="exact")]
 
 
@@ -126,7 +126,9 @@ def test_checkpoint_holds_every_state_under_named_keys(pinned_run: dict[str, Any
     assert meta["format"] == checkpoint.FORMAT and meta["run_key"] == "k"
     assert meta["step"] == 40 and meta["config"]["train"]["checkpoint_every"] == 5
     assert set(meta["rng"]) == {"python", "numpy", "dropout_counter"}
-    assert meta["rng"]["dropout_counter"] == 40 * 64 * 128  # one (64, 128) mask per step
+    # Pinned modules draw dropout from per-shard streams keyed by the step, not
+    # from the counter-based stream (exact mode's): the counter stays 0.
+    assert meta["rng"]["dropout_counter"] == 0
     assert tensors["trail"].numel() == 40 * 4 * 8
     assert [m["epoch"] for m in meta["metrics"]] == [1]
 
@@ -199,21 +201,36 @@ def test_resume_is_bitwise(overrides: list[str], ds: dataset.Dataset, tmp_path: 
     assert f"resuming from ckpt-{older:09d}.safetensors" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("skip", ["dropout", "python,numpy,torch_cpu"])
-def test_rng_restore_control(skip: str, pinned_run: dict[str, Any], tmp_path: Path,
+@pytest.mark.parametrize(("overrides", "skip", "no_streams", "differs"), [
+    pytest.param(EXACT, "dropout", False, True, id="exact-dropout"),
+    pytest.param(EXACT, "python,numpy,torch_cpu", False, False, id="exact-globals"),
+    pytest.param(PINNED, "dropout,python,numpy,torch_cpu", False, False, id="pinned-all"),
+    pytest.param(PINNED, "torch_cpu", True, True, id="pinned-no-streams-torch"),
+])
+def test_rng_restore_control(overrides: list[str], skip: str, no_streams: bool, differs: bool,
+                             ds: dataset.Dataset, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The resume test can fail: skipping the dropout stream's restore changes
-    the weights. The global Python, NumPy and torch generators do not feed
-    training after init (it draws from explicit streams), so skipping those
-    restores changes nothing: they are saved for library code only."""
-    ckpt = _copy(pinned_run["ckpt"], tmp_path / "ckpt")
-    checkpoint.checkpoint_path(ckpt, 40).unlink()  # resume mid-epoch 2, at step 35
-    monkeypatch.setattr(_testing, "SWITCHES",
-                        _testing.Switches(skip_rng_restore=frozenset(skip.split(","))))
-    resumed = _train(pinned_run["cfg"], pinned_run["ds"], ckpt)
-    assert resumed.resumed_from == 35
-    same = weights_sha256(resumed.params) == weights_sha256(pinned_run["ref"].params)
-    assert same is (skip != "dropout")
+    """The resume tests can fail. Exact mode: skipping the dropout stream's
+    restore changes the weights; the global Python, NumPy and torch generators
+    do not feed training after init, so skipping those changes nothing.
+    Pinned mode: each shard's draws come from a stream keyed by (seed, step,
+    shard), so no restore matters; with those streams disabled (the control)
+    the module draws from torch's global generator, and skipping its restore
+    changes the weights."""
+    cfg = _cfg(overrides)
+    switches = _testing.Switches(no_shard_streams=no_streams)
+    monkeypatch.setattr(_testing, "SWITCHES", switches)
+    ref = _train(cfg, ds, None)
+    ckpt = tmp_path / "ckpt"
+    _train(cfg, ds, ckpt)
+    newest = _steps(ckpt)[-1]
+    checkpoint.checkpoint_path(ckpt, newest).unlink()  # resume from the one before
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(
+        skip_rng_restore=frozenset(skip.split(",")), no_shard_streams=no_streams))
+    resumed = _train(cfg, ds, ckpt)
+    assert 0 < resumed.resumed_from < newest
+    same = weights_sha256(resumed.params) == weights_sha256(ref.params)
+    assert same is not differs
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "pickle", "empty"])

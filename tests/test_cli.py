@@ -51,15 +51,21 @@ def test_another_seed_gives_another_hash(tmp_path: Path) -> None:
 
 
 def test_run_record_holds_the_inputs(tmp_path: Path) -> None:
-    """run.json names the key, hash, config, data, toolchain, profile and accuracy."""
+    """run.json names the key, hash, config, data (files, decode specs), model
+    factory and its source hash, toolchain, profile and accuracy."""
     rec = train_json(SHORT, tmp_path / "runs", pipeline_env(tmp_path))
-    for k in ("run_key", "weights_sha256", "config", "data", "toolchain", "profile",
+    for k in ("run_key", "weights_sha256", "config", "data", "model", "toolchain", "profile",
               "code_sha256", "created_utc"):
         assert k in rec, k
-    assert rec["data"] == {"digits": "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"}
+    sha = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+    assert rec["data"]["files"] == {"digits": sha} and rec["data"]["dataset"] == "digits"
+    assert rec["data"]["train"]["format"] == "csv"
+    assert rec["model"]["factory"] == "pipeline.models:mlp"
+    assert len(rec["model"]["factory_sha256"]) == 64
     assert rec["profile"]["name"] == "x86_64-avx2-1t"
     assert 0.0 <= rec["metrics"]["test_accuracy"] <= 1.0
-    assert sorted(rec["key_inputs"]) == ["code", "config", "data", "profile", "toolchain"]
+    assert sorted(rec["key_inputs"]) == ["code", "config", "data", "model", "profile",
+                                         "toolchain"]
 
 
 def test_memoised_run_is_reused_and_rebuild_and_verify_agree(tmp_path: Path) -> None:
@@ -167,7 +173,7 @@ def test_flipped_byte_message_names_both_hashes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args,needle", [
     (["train.epochs=x"], "train.epochs: expected an integer"),
     (["colour=1"], "colour: unknown key"),
-    (["optim.lr=-1", "model.hidden=[0]"], "optim.lr"),
+    (["optim.lr=-1", "train.epochs=0"], "optim.lr"),
     (["configs/none.toml"], "file not found"),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path: Path, args: list[str],

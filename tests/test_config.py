@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_default_config_loads_with_expected_values() -> None:
     """configs/digits.toml is the documented default run."""
     cfg = load_config(ROOT / "configs" / "digits.toml")
-    assert cfg.mode == "pinned" and cfg.model.hidden == (128,) and cfg.train.batch_size == 64
+    assert cfg.mode == "pinned" and cfg.model.factory == "pipeline.models:mlp"
+    assert cfg.model.args == {"hidden": [128], "dropout": 0.1} and cfg.train.batch_size == 64
+    assert cfg.train.shards == 8  # world sizes 1, 2, 4, 8
 
 
 def test_every_shipped_config_opens_with_its_command_and_loads() -> None:
@@ -53,10 +55,10 @@ def test_bool_is_not_a_number_and_tables_are_tables(tmp_path: Path) -> None:
 
 def test_overrides_parse_toml_values_and_bare_words() -> None:
     """key=value overrides: TOML values, dotted keys, bare words as strings."""
-    assert parse_overrides(["train.epochs=3", "mode=exact", "model.hidden=[64, 32]"]) == {
-        "train": {"epochs": 3}, "mode": "exact", "model": {"hidden": [64, 32]}}
-    cfg = load_config(None, ["train.epochs=3", "model.hidden=[64,32]"])
-    assert cfg.train.epochs == 3 and cfg.model.hidden == (64, 32)
+    assert parse_overrides(["train.epochs=3", "mode=exact", "model.args.hidden=[64, 32]"]) == {
+        "train": {"epochs": 3}, "mode": "exact", "model": {"args": {"hidden": [64, 32]}}}
+    cfg = load_config(None, ["train.epochs=3", "model.args.hidden=[64,32]"])
+    assert cfg.train.epochs == 3 and cfg.model.args == {"hidden": [64, 32]}
 
 
 def test_override_errors_name_the_key() -> None:
@@ -87,3 +89,18 @@ def test_config_hash_is_stable_and_sensitive() -> None:
     a, b = Config(), load_config(None, [])
     assert config_sha256(a) == config_sha256(b)
     assert config_sha256(a) != config_sha256(load_config(None, ["optim.lr=0.05"]))
+
+
+def test_model_factory_and_args_are_checked(tmp_path: Path) -> None:
+    """model.factory must read "module:function"; model.args must be a table of
+    plain values; train.loss a built-in name or "module:function"."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.factory=not-a-factory", "train.loss=mse"])
+    msg = str(e.value)
+    assert "model.factory:" in msg and "train.loss:" in msg
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nargs = 3\n[model.x]\n")
+    with pytest.raises(ConfigError, match="model.args: expected a table"):
+        load_config(bad)
+    cfg = load_config(None, ["model.factory=my_pkg.nets:resnet", "train.loss=losses:focal"])
+    assert cfg.model.factory == "my_pkg.nets:resnet" and cfg.train.loss == "losses:focal"

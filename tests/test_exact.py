@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig
+from pipeline.exact import Arch
 from pipeline.exact import (ExactAdam, ExactNet, ExactSGD, softmax_xent, sqrt32, tree_sum,
                             tree_sum_list, xexp, xlog, xmm)
 
@@ -261,7 +261,7 @@ def _reference_loss(net: ExactNet, p: dict[str, torch.Tensor], x: torch.Tensor,
 def test_gradients_match_float64_autograd(arch: str) -> None:
     """shard_grads' loss and every gradient agree with float64 autograd of the
     same model (closely, not bitwise), with dropout on the MLP."""
-    cfg = ModelConfig(arch, (24, 16), 0.25 if arch == "mlp" else 0.0)
+    cfg = Arch(arch, (24, 16), 0.25 if arch == "mlp" else 0.0)
     net = ExactNet(cfg, seed=7)
     x, y = _data(12, 17)
     g = np.random.default_rng(18)
@@ -376,7 +376,7 @@ def test_optimizer_load_state_rejects_bad_state(kind: str) -> None:
 def test_flat_and_per_parameter_updates_agree(kind: str) -> None:
     """The one-flat-buffer update on ExactNet's parameters gives the same bits
     as the per-parameter update on separate copies."""
-    net = ExactNet(ModelConfig("mlp", (24,), 0.0), seed=3)
+    net = ExactNet(Arch("mlp", (24,), 0.0), seed=3)
     copies = {k: v.clone() for k, v in net.params.items()}
     flat, each = _make_opt(kind, net.params), _make_opt(kind, copies)
     for i in range(3):
@@ -393,7 +393,7 @@ def test_quantised_weight_cache_is_never_stale() -> None:
     parameter, predictions equal those of a fresh net holding the same
     weights (whose cache is empty)."""
     x, y = _data(8, 60)
-    net = ExactNet(ModelConfig("mlp", (16,), 0.0), seed=4)
+    net = ExactNet(Arch("mlp", (16,), 0.0), seed=4)
     opt = ExactSGD(net.params, lr=0.5, momentum=0.0)
 
     def check() -> None:
@@ -415,7 +415,7 @@ def test_quantised_weight_cache_is_never_stale() -> None:
 _TRAIN = r"""
 import sys, torch
 from pipeline import rng
-from pipeline.config import ModelConfig
+from pipeline.exact import Arch
 from pipeline.exact import ExactNet, ExactSGD, ExactAdam, tree_sum_list
 from pipeline.hashing import weights_sha256
 import numpy as np
@@ -425,7 +425,7 @@ X = torch.from_numpy((g.integers(0, 17, (96, 64)) / 16).astype(np.float32))
 Y = torch.from_numpy(g.integers(0, 10, 96))
 out = [torch.backends.cpu.get_cpu_capability()]
 for arch, opt_cls, steps in (("mlp", ExactSGD, 30), ("cnn", ExactAdam, 6)):
-    net = ExactNet(ModelConfig(arch, (32, 16), 0.1 if arch == "mlp" else 0.0), seed=5)
+    net = ExactNet(Arch(arch, (32, 16), 0.1 if arch == "mlp" else 0.0), seed=5)
     opt = ExactSGD(net.params, 0.1, 0.9) if opt_cls is ExactSGD else ExactAdam(net.params, 0.01)
     drop = rng.DropoutStream(5)
     for t in range(steps):
@@ -459,5 +459,5 @@ def test_training_bit_identical_across_threads_and_isa() -> None:
     assert cap1 == "DEFAULT" and cap2 == "AVX2"
     assert h1 == h2
     from pipeline.hashing import weights_sha256
-    init = ExactNet(ModelConfig("mlp", (32, 16), 0.1), seed=5).params
+    init = ExactNet(Arch("mlp", (32, 16), 0.1), seed=5).params
     assert h1[0] != weights_sha256(init)

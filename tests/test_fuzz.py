@@ -26,7 +26,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from .data_helpers import make_manifest
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 70, 74, 130}
-TINY = ["train.epochs=1", "model.hidden=[16]"]
+TINY = ["train.epochs=1", "model.args.hidden=[16]"]
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -36,10 +36,11 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), ma
 json_values = st.recursive(scalars, lambda kids: st.one_of(
     st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
     max_leaves=12)
-KEYS = ["seed", "mode", "data.dataset", "data.test_fraction", "model.arch", "model.hidden",
-        "model.dropout", "train.epochs", "train.batch_size", "train.shards",
+KEYS = ["seed", "mode", "data.dataset", "data.test_fraction", "data.context", "model.factory",
+        "model.args", "model.args.hidden", "model.args.dropout", "train.epochs",
+        "train.max_steps", "train.batch_size", "train.shards", "train.loss",
         "train.checkpoint_every", "optim.name", "optim.lr", "optim.momentum", "colour",
-        "train", "model.hidden.x"]
+        "train", "model.args.hidden.x"]
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +88,7 @@ def test_fuzzed_configs_are_config_errors_or_valid(
         cfg.write_bytes(text)
         rd = tmp_path / "runs"
         rd.mkdir(exist_ok=True)
-        code, err = _main(capsys, ["train", str(cfg), *TINY, "model.hidden=[4]",
+        code, err = _main(capsys, ["train", str(cfg), *TINY, "model.args.hidden=[4]",
                                    "train.checkpoint_every=0", "--runs-dir", str(rd),
                                    "--quiet"])
         assert code in (0, 2), err
@@ -189,9 +190,12 @@ def test_fuzzed_checkpoint_metadata_restores_or_raises_checkpoint_error(
     meta[field] = value
     ck = tmp_path_factory.mktemp("ck")
     checkpoint.save_checkpoint(checkpoint.checkpoint_path(ck, 5), tensors, meta)
-    ds = load(verify(manifest_path()), "digits", default_cache_dir())
     import torch
-    net = of(cfg.mode).make_net(cfg, ds, torch.device("cpu"))
+
+    from pipeline.models import resolve
+    ds = load(verify(manifest_path()), cfg.data.dataset, default_cache_dir())
+    parts = resolve(cfg.model.factory, cfg.train.loss, None)
+    net = of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
     opt = of(cfg.mode).make_optimizer(cfg, net)
     try:
         checkpoint.restore(ck, rec["run_key"], cfg, net, opt, DropoutStream(cfg.seed),
@@ -208,7 +212,7 @@ def _a_checkpoint(run: Path, cfg: Any, key: str) -> tuple[dict[str, Any], dict[s
         from pipeline.manifest import default_cache_dir, verify
         from pipeline.recipe import manifest_path
         from pipeline.train import train
-        ds = load(verify(manifest_path()), "digits", default_cache_dir())
+        ds = load(verify(manifest_path()), cfg.data.dataset, default_cache_dir())
         train(cfg, ds, run_key=key, ckpt_dir=ck, quiet=True)
     found = checkpoint.latest_valid(ck)
     assert found is not None

@@ -27,7 +27,7 @@ from pipeline.config import load_config
 
 from .helpers import ROOT, pipeline_env, run_pipeline
 
-TINY = ["train.epochs=1", "model.hidden=[16]"]
+TINY = ["train.epochs=1", "model.args.hidden=[16]"]
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,10 @@ def _train(capsys: pytest.CaptureFixture[str], runs_dir: Path, *extra: str
 
 
 def _key(*extra: str) -> str:
-    return recipe.prepare(load_config(None, [*TINY, *extra]), ["train"]).inputs.key
+    """The run key `pipeline train` computes for TINY plus ``extra``."""
+    path, overrides = cli._config_args([*TINY, *extra])
+    return recipe.prepare(load_config(path, overrides), ["train"],
+                          path.resolve().parent).inputs.key
 
 
 # --- case 1: a foreign or edited run is not reused ----------------------------------
@@ -132,10 +135,11 @@ def test_forged_decode_cache_entry_is_caught_by_verify_rebuild_and_data_verify(
     rd = tmp_path / "runs"
     assert _train(capsys, rd, "seed=5")[0] == 0  # fills the cache
     (entry,) = (tmp_path / "cache").glob("*.safetensors")
-    arrays = dataset._st_load(entry.read_bytes())
+    blob = entry.read_bytes()
+    arrays = dataset._st_load(blob)
     arrays["y"] = (arrays["y"] + 1) % 10
-    meta = {"source_sha256": entry.name[:64], "decoder_version": str(dataset.DECODER_VERSION)}
-    forged = dataset._encode_entry(arrays, meta)
+    meta = {k: v for k, v in dataset._st_data(blob)[0].items() if k != "data_sha256"}
+    forged = dataset._encode_entry(arrays, meta)  # its own data_sha256 recomputed
     entry.write_bytes(forged)
     assert _train(capsys, rd, "seed=6")[0] == 0  # trusts the cache: wrong labels
     key = _key("seed=6")
@@ -168,7 +172,7 @@ def _deep_toml(tmp_path: Path) -> str:
     (lambda t: [_deep_toml(t)], 2, "nested too deeply"),
     (lambda t: ["optim.lr=1" + "0" * 400], 2, "optim.lr"),
     (lambda t: ["train.checkpoint_every=" + "9" * 30], 2, "train.checkpoint_every"),
-    (lambda t: ["model.hidden=[" + ",".join(["1"] * 100) + "]"], 2, "model.hidden"),
+    (lambda t: ["model.args.hidden=[" + ",".join(["1"] * 2000) + "]"], 2, "model.args"),
     (lambda t: ["data.test_fraction=0.0001"], 2, "data.test_fraction"),
     (lambda t: ["train.batch_size=4096"], 2, "train.batch_size"),
     (lambda t: ["--device", "cuda:7"], 2, "--device"),
@@ -393,6 +397,8 @@ def test_verify_and_data_verify_read_no_cache_entry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """verify's and --rebuild's decode never take arrays from the cache: with
     trust_cache=False a cache read is only a comparison."""
-    prep = recipe.prepare(load_config(None, TINY), ["train"], trust_cache=False)
+    path, overrides = cli._config_args(TINY)
+    prep = recipe.prepare(load_config(path, overrides), ["train"], path.resolve().parent,
+                          trust_cache=False)
     fresh = dataset.load(prep.verified, "digits", manifest.default_cache_dir())
     assert prep.ds.decoded_sha256() == fresh.decoded_sha256()

@@ -168,7 +168,7 @@ def test_manifest_mistyped_key(manifest: Path, edit: dict[str, Any], key: str) -
 def test_manifest_missing_key_and_version(manifest: Path) -> None:
     """A missing key and a wrong version are both reported, the first as the error."""
     raw = json.loads(manifest.read_text())
-    raw["version"] = 2
+    raw["version"] = 1  # the version before datasets had decode specs
     del raw["files"]["digits"]["source"]
     manifest.write_text(json.dumps(raw))
     with pytest.raises(DataIntegrityError, match="files.digits.source: expected a str") as e:
@@ -289,3 +289,21 @@ def test_special_data_file_is_refused_without_blocking(manifest: Path, tmp_path:
         os.mkfifo(manifest) if kind == "fifo" else os.symlink("/dev/zero", manifest)
         with pytest.raises(DataIntegrityError, match="regular file"):
             data.load_manifest(manifest)
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    ({"task": "regression"}, "datasets.digits.task"),
+    ({"train": {"format": "csv", "file": "nope", "features": [0, 64], "label": 64,
+                "classes": 10}}, "datasets.digits.train.file"),
+    ({"task": "lm"}, "datasets.digits.task"),
+    ({"colour": 1}, "datasets.digits.colour"),
+])
+def test_dataset_entries_are_checked(manifest: Path, edit: dict[str, Any], key: str) -> None:
+    """An unknown task, a spec reading a file the manifest does not list, a task
+    that does not fit the format, an unknown key: each named by its dotted key."""
+    raw = json.loads(manifest.read_text())
+    raw["datasets"]["digits"].update(edit)
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(DataIntegrityError) as e:
+        data.load_manifest(manifest)
+    assert key in str(e.value)

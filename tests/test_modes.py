@@ -4,6 +4,7 @@ shapes, process preparation)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from pipeline import _testing, modes
 from pipeline.config import load_config
-from pipeline.errors import UsageError
+from pipeline.errors import ConfigError, UsageError
+from pipeline.models import resolve
 
 
 def test_of_maps_each_mode_and_refuses_others() -> None:
@@ -23,8 +25,9 @@ def test_of_maps_each_mode_and_refuses_others() -> None:
 
 def test_key_fields_pinned_covers_the_machine_exact_does_not() -> None:
     """Pinned bits depend on the toolchain and profile; exact bits do not."""
-    assert set(modes.PINNED.key_fields) == {"config", "data", "code", "toolchain", "profile"}
-    assert set(modes.EXACT.key_fields) == {"config", "data", "code"}
+    assert set(modes.PINNED.key_fields) == {"config", "data", "code", "model", "toolchain",
+                                            "profile"}
+    assert set(modes.EXACT.key_fields) == {"config", "data", "code", "model"}
 
 
 def _record(mode: str, torch_version: str) -> dict[str, object]:
@@ -47,14 +50,15 @@ def test_golden_key_exact_is_toolchain_free_pinned_is_not() -> None:
 def test_nets_take_their_shapes_from_the_dataset(mode: str, arch: str) -> None:
     """A dataset of 2x6x6 inputs and 3 classes gives a net with those shapes
     and (N, 3) logits: no model reads a digits constant."""
-    overrides = [f"mode={mode}", f"model.arch={arch}"]
-    overrides += ["model.dropout=0.0", "model.hidden=[]"] if arch == "cnn" else []
+    factory = f"pipeline.models:{arch}"
+    overrides = [f"mode={mode}", f"model.factory={factory}"]
     cfg = load_config(None, overrides)
-    shapes = SimpleNamespace(input_shape=(2, 6, 6), n_classes=3)
-    net = modes.of(mode).make_net(cfg, shapes, torch.device("cpu"))  # type: ignore[arg-type]
+    shapes = SimpleNamespace(shapes=lambda context: ((2, 6, 6), 3))
+    parts = resolve(factory, "cross_entropy", None)
+    net = modes.of(mode).make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore
     first = "conv0.weight" if arch == "cnn" else "fc0.weight"
     assert net.params[first].shape[1] == (2 if arch == "cnn" else 72)
-    assert net.predict(torch.rand(5, 72)).shape == (5, 3)
+    assert net.predict(torch.rand(5, 2, 6, 6)).shape == (5, 3)
     opt = modes.of(mode).make_optimizer(cfg, net)
     assert opt.state_scalars() is not None
 
@@ -69,3 +73,21 @@ def test_prepare_exact_pins_nothing_and_pinned_control_is_unpinned(
     assert not modes.PINNED.pins_threads()
     monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
     assert modes.PINNED.pins_threads() and not modes.EXACT.pins_threads()
+
+
+def test_exact_mode_refuses_a_user_factory_and_loss(tmp_path: Path) -> None:
+    """Exact mode builds the spec's networks only: a user factory or loss is a
+    ConfigError (exit 2) naming both keys."""
+    (tmp_path / "usernet_exact.py").write_text(
+        "import torch\n"
+        "def net(input_shape, num_classes):\n"
+        "    return torch.nn.Linear(64, num_classes)\n"
+        "def loss(logits, y):\n"
+        "    return torch.nn.functional.cross_entropy(logits, y, reduction='none')\n")
+    cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:net",
+                             "train.loss=usernet_exact:loss"])
+    parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
+    shapes = SimpleNamespace(shapes=lambda context: ((64,), 10))
+    with pytest.raises(ConfigError) as e:
+        modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]
+    assert "model.factory" in str(e.value) and "train.loss" in str(e.value)

@@ -15,7 +15,7 @@ from pipeline import _testing, manifest, recipe, runs
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError, MismatchError
 
-SHORT = ["train.epochs=1", "model.hidden=[16]"]
+SHORT = ["train.epochs=1", "model.args.hidden=[16]"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,8 @@ def test_prepare_verifies_every_file_once(monkeypatch: pytest.MonkeyPatch) -> No
     prep = recipe.prepare(load_config(None, SHORT), ["train"])
     assert len(calls) == 1 and len(parses) == 1
     assert prep.ds.input_shape == (1, 8, 8) and prep.ds.n_classes == 10
-    assert prep.inputs.data == {"digits": prep.ds.sha256}
+    assert prep.inputs.data["files"] == {"digits": prep.ds.sha256}
+    assert prep.inputs.data["dataset"] == "digits" and prep.parts.factory.name.endswith(":mlp")
 
 
 def test_second_call_reuses_and_rebuild_agrees(tmp_path: Path) -> None:

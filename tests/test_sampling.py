@@ -16,6 +16,10 @@ from .data_helpers import SHA
 class _Data:
     sha256: str
     y: np.ndarray
+    n_test_part: int = 0
+
+    def counts(self, context: int) -> tuple[int, int]:
+        return len(self.y), self.n_test_part
 
 
 # --- split and order --------------------------------------------------------
@@ -97,3 +101,12 @@ def test_batches_drop_the_last_partial_batch() -> None:
     assert len(data.batches(np.arange(1437), 64)) == 22
     with pytest.raises(ValueError):
         data.batches(order, 0)
+
+
+def test_a_test_part_of_its_own_is_the_test_split() -> None:
+    """A dataset with a manifest test part trains on every train example and
+    tests on every test-part example, whatever the seed or fraction."""
+    ds = _Data(SHA, np.zeros(10, np.int64), n_test_part=4)
+    for seed, fraction in ((0, 0.2), (5, 0.5)):
+        train, test = data.split(ds, seed, fraction)
+        assert train.tolist() == list(range(10)) and test.tolist() == [10, 11, 12, 13]

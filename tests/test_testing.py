@@ -24,9 +24,10 @@ def test_read_parses_every_switch_and_defaults_off() -> None:
                         "PIPELINE_TEST_KILL_AT_STEP": "7",
                         "PIPELINE_TEST_KILL_IN_CHECKPOINT": "5",
                         "PIPELINE_TEST_KILL_RANK_AT_STEP": "1:15",
-                        "PIPELINE_TEST_PLAIN_ALLREDUCE": "1"})
+                        "PIPELINE_TEST_PLAIN_ALLREDUCE": "1",
+                        "PIPELINE_TEST_NO_SHARD_STREAMS": "1"})
     assert sw == _testing.Switches(True, "avx2", frozenset({"dropout", "numpy"}), "/tmp/l",
-                                   7, 5, (1, 15), True)
+                                   7, 5, (1, 15), True, True)
 
 
 @pytest.mark.parametrize(("env", "call", "killed"), [

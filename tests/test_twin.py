@@ -480,8 +480,21 @@ def test_optimisers_match_formulas():
     assert np.allclose(p["w"], th, rtol=1e-5, atol=1e-7)
 
 
-def _twin_run(overrides):
-    cfg = tw.load_config(str(CONFIG), ["mode=exact", *overrides])
+def _as_twin(cfg):
+    """The twin reads the spec's model keys (model.arch, hidden, dropout); the
+    pipeline's config names the built-in factory and its [model.args]. The
+    harness maps one onto the other; the twin's arithmetic is untouched."""
+    m = cfg["model"]
+    args = m.get("args", {})
+    arch = m["factory"].rpartition(":")[2]
+    mlp = arch == "mlp"
+    m.update(arch=arch, hidden=list(args.get("hidden", [128])) if mlp else [],
+             dropout=args.get("dropout", 0.1) if mlp else 0.0)
+    return cfg
+
+
+def _twin_run(overrides, config=CONFIG):
+    cfg = _as_twin(tw.load_config(str(config), ["mode=exact", *overrides]))
     return tw.train(cfg, str(DATA), DATA_SHA)
 
 
@@ -501,7 +514,8 @@ def test_twin_cli():
     """The CLI prints 'weights sha256:<hex>' equal to train()'s hash."""
     res = subprocess.run(
         [sys.executable, str(REPO / "tests" / "twin" / "numpy_twin.py"), str(CONFIG),
-         "mode=exact", "train.epochs=1", "--data", str(DATA)],
+         "mode=exact", "train.epochs=1", "model.arch=mlp", "model.hidden=[128]",
+         "model.dropout=0.1", "--data", str(DATA)],
         cwd=REPO, capture_output=True, text=True, check=True)
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("weights sha256:")][0]
     p, _ = _twin_run(["train.epochs=1"])
@@ -620,13 +634,14 @@ def test_pipeline_softmax_xent_bitwise():
 
 # ------------------------------------------------ 3. full-run agreement
 
-FULL_RUNS = {
-    "mlp_sgd_2ep": ["train.epochs=2"],
-    "mlp_adam_2ep": ["train.epochs=2", "optim.name=adam", "optim.lr=0.001"],
-    "mlp_shards4_2ep": ["train.epochs=2", "train.shards=4"],
-    "cnn_1ep": ["model.arch=cnn", "model.dropout=0.0", "train.epochs=1"],
-    "mlp_deep_wd_1ep": ["train.epochs=1", "model.hidden=[48, 24]", "optim.weight_decay=0.0005",
-                        "optim.momentum=0.0", "model.dropout=0.2"],
+FULL_RUNS = {  # name -> (config, overrides)
+    "mlp_sgd_2ep": (CONFIG, ["train.epochs=2"]),
+    "mlp_adam_2ep": (CONFIG, ["train.epochs=2", "optim.name=adam", "optim.lr=0.001"]),
+    "mlp_shards4_2ep": (CONFIG, ["train.epochs=2", "train.shards=4"]),
+    "cnn_1ep": (REPO / "configs" / "digits-cnn-exact.toml", ["train.epochs=1"]),
+    "mlp_deep_wd_1ep": (CONFIG, ["train.epochs=1", "model.args.hidden=[48, 24]",
+                                 "optim.weight_decay=0.0005", "optim.momentum=0.0",
+                                 "model.args.dropout=0.2"]),
 }
 
 # Beyond the four required comparisons: two dropout sites (counter stride),
@@ -634,10 +649,10 @@ FULL_RUNS = {
 SLOW_RUNS = {"mlp_deep_wd_1ep"}
 
 
-def _pipeline_hash(overrides, tmp_path):
+def _pipeline_hash(config, overrides, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", "mode=exact",
+    cmd = [sys.executable, "-m", "pipeline", "train", str(config), "mode=exact",
            *overrides, "--runs-dir", str(tmp_path / "runs"), "--json", "--quiet"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert res.returncode == 0, f"{cmd}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
@@ -654,9 +669,9 @@ def _pipeline_hash(overrides, tmp_path):
 def test_pipeline_full_run_hash_matches_twin(name, tmp_path):
     """A shortened exact-mode training run gives the same canonical weight hash
     in the pipeline (torch, subprocess) and in the NumPy twin."""
-    overrides = FULL_RUNS[name]
-    params, metrics = _twin_run(overrides)
+    config, overrides = FULL_RUNS[name]
+    params, metrics = _twin_run(overrides, config)
     want = tw.weights_sha256(params)
-    got, run = _pipeline_hash(overrides, tmp_path)
+    got, run = _pipeline_hash(config, overrides, tmp_path)
     assert got == want, (f"{name}: pipeline {got} != twin {want} "
                          f"(twin accuracy {metrics['test_accuracy']:.4f}; run.json {run})")

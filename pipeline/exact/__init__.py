@@ -10,7 +10,7 @@ thread count or device.
 
 from __future__ import annotations
 
-from .net import ExactNet
+from .net import Arch, ExactNet
 from .ops import (
                   col2im,
                   im2col,
@@ -30,4 +30,4 @@ from .optim import ExactAdam, ExactSGD, make_exact_optimizer
 
 __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im",
-           "ExactNet", "ExactSGD", "ExactAdam", "make_exact_optimizer"]
+           "Arch", "ExactNet", "ExactSGD", "ExactAdam", "make_exact_optimizer"]

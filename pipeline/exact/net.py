@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from .. import rng
-from ..config import ModelConfig
 from .flat import F32 as _F32
 from .flat import flat_views, rn32
 from .ops import (
@@ -25,7 +24,16 @@ from .ops import (
     tree_sum,
 )
 
-__all__ = ["ExactNet"]
+__all__ = ["ExactNet", "Arch"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Which of the spec's networks: "mlp" (hidden sizes, dropout) or "cnn"."""
+
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (128,)
+    dropout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class _Layer:
     pad: int = 0
 
 
-def _layers(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> list[_Layer]:
+def _layers(cfg: Arch, input_shape: tuple[int, ...], n_classes: int) -> list[_Layer]:
     """The parametrised layers in forward order (spec section 3) for inputs of
     ``input_shape`` (C, H, W) and ``n_classes`` outputs."""
     if cfg.arch == "cnn":
@@ -85,7 +93,7 @@ class ExactNet:
     invalidates the entry.
     """
 
-    def __init__(self, model_cfg: ModelConfig, seed: int, device: torch.device | str = "cpu",
+    def __init__(self, model_cfg: Arch, seed: int, device: torch.device | str = "cpu",
                  *, input_shape: tuple[int, ...] = (1, 8, 8), n_classes: int = 10) -> None:
         # The defaults are the spec's digits shapes; a run passes its dataset's.
         self.cfg = model_cfg
@@ -93,6 +101,7 @@ class ExactNet:
         self.input_shape = tuple(input_shape)
         self.layers = _layers(model_cfg, self.input_shape, n_classes)
         self.rate = model_cfg.dropout if model_cfg.arch == "mlp" else 0.0
+        self.dropout_rate = self.rate
         self.scale = rn32(1.0 / (1.0 - self.rate))
         init: dict[str, Tensor] = {}
         for li, layer in enumerate(self.layers):
@@ -103,6 +112,7 @@ class ExactNet:
         # Views of one flat buffer, end to end in this order: the optimisers
         # then update every parameter with one op per formula step.
         self.params = flat_views(init, self.device)
+        self.buffers: dict[str, Tensor] = {}  # the spec's nets keep no training-time state
         self._qcache: dict[tuple[str, int], tuple[Tensor, int, int, Tensor]] = {}
 
     def dropout_widths(self) -> list[int]:
@@ -189,13 +199,14 @@ class ExactNet:
         return grads
 
     def shard_grads(self, x: Tensor, y: Tensor, n_global: int,
-                    keep: list[Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+                    keep: list[Tensor] | None, stream: int = 0
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward, softmax cross-entropy (``N = n_global``), backward on one
         shard: (``tree_sum`` of the shard's per-row losses, 0-dim f32; grads)."""
-        logits, cache = self.forward(x, keep)
+        logits, cache = self.forward(x.reshape(x.shape[0], -1), keep)  # ``stream``: unused
         lse, g = softmax_xent(logits, y, n_global)
         return tree_sum(lse, 0), self.backward(cache, g)
 
     def predict(self, x: Tensor) -> Tensor:
         """Logits without dropout."""
-        return self.forward(x, None)[0]
+        return self.forward(x.reshape(x.shape[0], -1), None)[0]

@@ -1,0 +1,45 @@
+"""Tests for pipeline/scaffold.py (`pipeline new DIR`): the project it writes
+trains as written, and the README shows exactly those files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import scaffold
+
+from .helpers import ROOT, pipeline_env
+
+
+def test_new_project_trains_and_matches_the_readme(tmp_path: Path) -> None:
+    """`pipeline new` writes model.py, config.toml, the manifest and the data;
+    `pipeline train DIR/config.toml` (from another directory) trains it; the
+    README's "Bring your own model" shows the same model.py and config.toml."""
+    env = pipeline_env(tmp_path)
+    proj = tmp_path / "my project"
+    new = subprocess.run([sys.executable, "-m", "pipeline", "new", str(proj)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert new.returncode == 0, new.stderr
+    assert sorted(p.name for p in proj.iterdir()) == ["config.toml", "data",
+                                                     "data-manifest.json", "model.py"]
+    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "config.toml",
+                        "train.epochs=1", "--json", "--quiet"], cwd=proj, env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(p.stdout)
+    assert rec["model"]["factory"] == "model:convnet" and rec["metrics"]["test_accuracy"] > 0.5
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert scaffold.MODEL_PY in readme and scaffold.CONFIG_TOML in readme
+
+
+def test_new_refuses_a_directory_with_files(tmp_path: Path) -> None:
+    """An existing, non-empty directory is refused (exit 2) and left as it is."""
+    (tmp_path / "keep.txt").write_text("mine")
+    p = subprocess.run([sys.executable, "-m", "pipeline", "new", str(tmp_path)], cwd=ROOT,
+                       env=pipeline_env(tmp_path), capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert p.returncode == 2 and "nothing was written" in p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["cache", "keep.txt"] or \
+        sorted(x.name for x in tmp_path.iterdir()) == ["keep.txt"]
