@@ -1,10 +1,12 @@
-"""``pipeline train|verify|diff|data|new|env|runs|golden``: argument parsing and
-printing; the work is pipeline.recipe's (and runs, golden, manifest).
+"""``pipeline train|verify|diff|data|new|env|runs|golden|audit|exec``: argument
+parsing and printing; the work is pipeline.recipe's (and runs, golden, manifest;
+audit and exec: pipeline.audit).
 
 Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden, and `golden check
---require` with no entry); 2 usage or config error; 3 data integrity error;
-4 this machine cannot run the numeric profile; 5 bad checkpoint, weights or
-run file; 6 distributed failure.
+--require` with no entry; audit: a divergence); 2 usage or config error; 3 data
+integrity error (audit: the script could not be audited); 4 this machine cannot
+run the numeric profile; 5 bad checkpoint, weights or run file; 6 distributed
+failure; exec: the script's own exit status.
 torch is imported only after the numeric profile is in place (re-exec).
 """
 
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .audit import add_commands as _audit_commands, run as _audit
 from .config import load_config
 from .errors import PipelineError, UsageError
 
@@ -88,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--require", action="store_true",
                            help="no entry for this run's key is a failure (exit 1), not a pass")
+    _audit_commands(sub)
     return p
 
 
@@ -126,6 +130,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return _env()
     if cmd == "runs":
         return _runs(args)
+    if cmd in ("audit", "exec"):
+        return _audit(args)
     return _golden(args)
 
 
