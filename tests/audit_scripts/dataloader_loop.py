@@ -1,5 +1,8 @@
 """A training loop fed by torch.utils.data.DataLoader with shuffling and two
-worker processes, seeded through an explicit generator; Adam, 3 epochs."""
+worker processes, seeded through an explicit generator; Adam, 3 epochs.
+`python dataloader_loop.py spawn` starts the workers with spawn, not fork."""
+
+import sys
 
 import torch
 from torch import nn
@@ -10,7 +13,8 @@ def main() -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(512, 16), torch.randint(0, 4, (512,)))
     loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=2,
-                        generator=torch.Generator().manual_seed(1))
+                        generator=torch.Generator().manual_seed(1),
+                        multiprocessing_context=sys.argv[1] if len(sys.argv) > 1 else None)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for epoch in range(3):
