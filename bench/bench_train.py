@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import environment  # noqa: E402
 
 
-def _plain(ds: Any, cfg: Any, parts: Any, train_ids: Any, steps: int) -> float:
-    """The loop a user would write, for ``steps`` steps."""
+def _plain(ds: Any, cfg: Any, parts: Any, train_ids: Any, test_ids: Any, steps: int) -> float:
+    """The loop a user would write, for ``steps`` steps, evaluating on the test
+    split where the pipeline does (each epoch's end and the last step)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -45,23 +46,40 @@ def _plain(ds: Any, cfg: Any, parts: Any, train_ids: Any, steps: int) -> float:
     x = torch.from_numpy(np.ascontiguousarray(ds.x))
     y = torch.from_numpy(ds.y) if ds.y is not None else None
     ctx, bsz = cfg.data.context, cfg.train.batch_size
-    tr = torch.from_numpy(train_ids)
+    tr, te = torch.from_numpy(train_ids), torch.from_numpy(test_ids)
+
+    def batch(idx: Any) -> tuple[Any, Any]:
+        if y is not None:
+            return x[idx], y[idx]
+        pos = (idx * ctx)[:, None] + torch.arange(ctx)
+        return x[pos], x[pos + 1]
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            total = 0.0
+            for i in range(0, len(te), 256):
+                xb, yb = batch(te[i:i + 256])
+                logits = model(xb)
+                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               yb.reshape(-1), reduction="sum"))
+        model.train()
+        return total
+
+    per_epoch = len(tr) // bsz
     t0 = time.perf_counter()
     model.train()
     perm = tr[torch.randperm(len(tr))]
     for s in range(steps):
-        b = s % (len(tr) // bsz)
-        idx = perm[b * bsz:(b + 1) * bsz]
-        if y is not None:
-            xb, yb = x[idx], y[idx]
-        else:
-            pos = (idx * ctx)[:, None] + torch.arange(ctx)
-            xb, yb = x[pos], x[pos + 1]
+        idx = perm[(s % per_epoch) * bsz:(s % per_epoch + 1) * bsz]
+        xb, yb = batch(idx)
         logits = model(xb)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if (s + 1) % per_epoch == 0 or s + 1 == steps:
+            evaluate()
     return time.perf_counter() - t0
 
 
@@ -94,22 +112,23 @@ def main() -> None:
     cfg = load_config(path, args.overrides)
     prep = recipe.prepare(cfg, [], path.resolve().parent)
     ds, parts = prep.ds, prep.parts
-    train_ids, _ = sampling.split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
+    train_ids, test_ids = sampling.split(ds, cfg.seed, cfg.data.test_fraction,
+                                         cfg.data.context)
     steps = (len(train_ids) // cfg.train.batch_size) * cfg.train.epochs
     steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
     times: dict[str, list[float]] = {"pipeline (no checkpoints)": [],
                                      "pipeline (checkpoints)": [], "plain loop": []}
-    _plain(ds, cfg, parts, train_ids, steps)  # warm-up both paths once
+    _plain(ds, cfg, parts, train_ids, test_ids, steps)  # warm-up both paths once
     _pipeline(ds, cfg, parts, False)
     for _ in range(args.repeats):
         times["pipeline (no checkpoints)"].append(_pipeline(ds, cfg, parts, False))
-        times["plain loop"].append(_plain(ds, cfg, parts, train_ids, steps))
+        times["plain loop"].append(_plain(ds, cfg, parts, train_ids, test_ids, steps))
         times["pipeline (checkpoints)"].append(_pipeline(ds, cfg, parts, True))
     base = statistics.median(times["plain loop"])
     print(f"{path.name}: {cfg.model.factory} {cfg.model.args}, {steps} steps of "
           f"{cfg.train.batch_size} in {cfg.train.shards} shards, profile {profile.name}, "
-          f"median of {args.repeats} alternating runs (the pipeline's time includes its "
-          f"evaluations at epoch ends)")
+          f"median of {args.repeats} alternating runs (both evaluate at epoch ends and "
+          f"the last step)")
     print(f"{'loop':28} {'median s':>9} {'ms/step':>8} {'ratio':>6}")
     for name, ts in times.items():
         m = statistics.median(ts)

@@ -83,20 +83,23 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     import torch
 
     net = modes.of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
-    x = torch.from_numpy(np.ascontiguousarray(ds.x[:2] if ds.task != "lm" else
-                                              ds.x[:2 * cfg.data.context]))
-    x = x.reshape(2, cfg.data.context) if ds.task == "lm" else x
-    shape, classes = ds.shapes(cfg.data.context)
-    want = (2, cfg.data.context, classes) if ds.task == "lm" else (2, classes)
+    ctx = cfg.data.context
+    n = min(2, ds.counts(ctx)[0])
+    if ds.task == "lm":  # the first n windows
+        x = torch.from_numpy(ds.x[ds.starts(np.arange(n), ctx)[:, None] + np.arange(ctx)])
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(ds.x[:n]))
+    shape, classes = ds.shapes(ctx)
+    want = (n, ctx, classes) if ds.task == "lm" else (n, classes)
     try:
         got = tuple(net.predict(x).shape)
     except Exception as e:  # noqa: BLE001 - user code: any failure is the factory's
         raise ConfigError(f"model.factory = {parts.factory.name!r}", [
-            f"model.factory: forward on a batch of 2 inputs of shape {shape} failed: "
+            f"model.factory: forward on a batch of {n} inputs of shape {shape} failed: "
             f"{type(e).__name__}: {e}"]) from None
     if got != want:
         raise ConfigError(f"model.factory = {parts.factory.name!r}", [
-            f"model.factory: expected logits of shape {want} for 2 examples, found {got}"])
+            f"model.factory: expected logits of shape {want} for {n} examples, found {got}"])
 
 
 def _check_fit(cfg: Config, ds: Dataset) -> None:

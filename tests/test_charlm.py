@@ -29,7 +29,8 @@ PROFILE = load_profile()
 # A subset of the suite's machines (each run loads the 5 MB text and a transformer).
 CHOSEN = ("isa-avx512", "one-core", "threads-7", "checkout-path", "locale-tr",
           "hashseed-random", "env-reversed-noise", "everything")
-LM_MACHINES = [m for m in MACHINES if m.name in CHOSEN and m.can_run(PROFILE.requires_isa)]
+LM_MACHINES = [Machine("identical"), *(m for m in MACHINES
+                                        if m.name in CHOSEN and m.can_run(PROFILE.requires_isa))]
 
 
 def _train(args: list[str], env: dict[str, str], cwd: Path = ROOT,
@@ -67,7 +68,8 @@ def test_charlm_is_the_same_on_simulated_machines(machine: Machine, lm_reference
                                                   places: Places, suite_env: dict[str, str],
                                                   tmp_path: Path) -> None:
     """Pinned mode: the user's transformer gives the reference's weights, trail
-    and run key on every machine the profile can run on."""
+    and run key in a fresh process on this machine ("identical") and on every
+    simulated machine the profile can run on."""
     why = machine.missing_tool()
     if why:
         pytest.skip(f"machine {machine.name} cannot be simulated here: {why}")
@@ -122,3 +124,14 @@ def test_changed_line_in_the_users_model_changes_the_key(lm_reference: Run,
     unchanged, changed = keys
     assert unchanged[0] != changed[0] and unchanged[1] != changed[1]
     assert unchanged[1] == lm_reference.record["model"]["factory_sha256"]
+
+
+def test_rebuild_of_the_example_is_identical(suite_env: dict[str, str], tmp_path: Path) -> None:
+    """`--rebuild` retrains the example in a temporary directory and finds the
+    same bits (exit 0, "rebuild identical")."""
+    p = subprocess.run([sys.executable, "-m", "pipeline", "train", CONFIG, *SHORT_LM,
+                        "train.max_steps=3", "--runs-dir", str(tmp_path / "runs"), "--rebuild",
+                        "--quiet"], cwd=ROOT, env=suite_env, capture_output=True, text=True,
+                       timeout=TRAIN_TIMEOUT_S, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rebuild identical" in p.stdout

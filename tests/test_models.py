@@ -36,6 +36,14 @@ def not_a_module(input_shape, num_classes):
     return 3
 
 
+def wrong_shape(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+def crashes(input_shape, num_classes):
+    return nn.Linear(7, num_classes)  # forward on (N, 1, 8, 8) fails
+
+
 def squared_error(logits, y):
     one_hot = nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
     return ((logits - one_hot) ** 2).sum(dim=-1)
@@ -66,6 +74,8 @@ def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> in
     ("model.factory=usernet:missing", "has no function 'missing'"),
     ("model.factory=usernet:not_a_module", "expected a torch.nn.Module, found int"),
     ("model.args.depth=3", "unexpected keyword argument 'depth'"),
+    ("model.factory=usernet:wrong_shape", "expected logits of shape (2, 10)"),
+    ("model.factory=usernet:crashes", "forward on a batch of 2 inputs"),
     ("train.loss=usernet:nothere", "train.loss"),
 ])
 def test_bad_factory_exits_2_naming_it_and_writes_nothing(

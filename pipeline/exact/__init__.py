@@ -5,11 +5,13 @@ thread count or device.
 - ``ops``: the exact matrix product, fixed summation trees, exp/log, sqrt,
   softmax cross-entropy, ReLU/dropout, im2col/col2im (spec sections 4-7);
 - ``net``: ``ExactNet``, the spec's MLP or CNN with explicit backward;
-- ``optim``: ``ExactSGD``, ``ExactAdam`` (spec section 9).
+- ``optim``: ``ExactSGD``, ``ExactAdam`` (spec section 9);
+- ``matmul``: the multi-slice (Ozaki) exact product, at least fp32's accuracy.
 """
 
 from __future__ import annotations
 
+from .matmul import matmul
 from .net import Arch, ExactNet
 from .ops import (
                   col2im,
@@ -28,6 +30,6 @@ from .ops import (
 )
 from .optim import ExactAdam, ExactSGD, make_exact_optimizer
 
-__all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
+__all__ = ["matmul", "xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im",
            "Arch", "ExactNet", "ExactSGD", "ExactAdam", "make_exact_optimizer"]
