@@ -1,11 +1,13 @@
-"""``pipeline train|verify|diff|data|new|env|runs|golden``: argument parsing and
-printing; the work is pipeline.recipe's (and runs, golden, manifest).
+"""``pipeline train|verify|diff|data|new|env|runs|golden|audit|exec``: argument
+parsing and printing; the work is pipeline.recipe's (and runs, golden, manifest;
+audit and exec: pipeline.audit).
 
-Exit codes: 0 ok; 1 mismatch (rebuild/verify/golden, and `golden check
---require` with no entry); 2 usage or config error; 3 data integrity error;
-4 this machine cannot run the numeric profile; 5 bad checkpoint, weights or
-run file; 6 distributed failure; 70 internal error; 74 file-system error;
-130 interrupted. One line on stderr; --debug (anywhere) adds the traceback.
+Exit codes (README, "Commands and exit codes"; one line on stderr, --debug
+adds the traceback): 0 ok; 1 mismatch (rebuild/verify/golden, golden check
+--require with no entry, audit: a divergence); 2 usage or config; 3 data
+integrity (audit: not auditable); 4 profile cannot run here; 5 bad checkpoint,
+weights or run file; 6 distributed failure; 70 internal error; 74 file-system
+error; 130 interrupted; exec: the script's own status.
 torch is imported only after the numeric profile is in place (re-exec).
 """
 
@@ -17,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .audit import add_commands as _audit_commands, run as _audit
 from .config import load_config
-from .errors import UsageError, report
+from .errors import UsageError, report, split_debug
 
 __all__ = ["main"]
 
@@ -90,15 +93,15 @@ def _parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--require", action="store_true",
                            help="no entry for this run's key is a failure (exit 1), not a pass")
+    _audit_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --debug anywhere on the line (kept in argv: a pinned re-exec passes it on).
-    debug = "--debug" in argv
+    debug, plain = split_debug(argv)  # argv keeps it: a pinned re-exec passes it on
     parser = _parser()
-    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args, extra = parser.parse_known_args(plain)
     # KEY=VALUE overrides may follow options: `train --quiet train.epochs=3`.
     if args.command == "train" and extra and all("=" in a and not a.startswith("-")
                                                  for a in extra):
@@ -127,6 +130,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return _env()
     if cmd == "runs":
         return _runs(args)
+    if cmd in ("audit", "exec"):
+        return _audit(args)
     return _golden(args)
 
 
@@ -232,7 +237,6 @@ def _data_verify(args: argparse.Namespace) -> int:
     from . import manifest, recipe
 
     path = args.manifest or recipe.manifest_path()
-    # --full hashes every file and rewrites the stat cache's records.
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
@@ -281,11 +285,9 @@ def _runs(args: argparse.Namespace) -> int:
 
     if not args.runs_dir.is_dir():
         return 0
-    for name, rec, why in runs.list_runs(args.runs_dir):
-        if rec is None:
-            print(f"BAD {name}: {why}")
-            continue
-        print(f"{name}  {rec['mode']:6}  {_metric(rec)}  "
+    for name, rec, why in runs.list_runs(args.runs_dir):  # BAD: fails read_run's checks
+        print(f"BAD {name}: {why}" if rec is None else
+              f"{name}  {rec['mode']:6}  {_metric(rec)}  "
               f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
     return 0
 

@@ -138,3 +138,11 @@ def report(e: BaseException, debug: bool = False) -> int:
         traceback.print_exception(e)
     print(line, file=sys.stderr)
     return code
+
+
+def split_debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """(whether --debug is given, argv without it). Only before a ``--``:
+    what follows (``pipeline exec -- script --debug``) is another program's."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head = argv[:cut]
+    return "--debug" in head, [a for a in head if a != "--debug"] + argv[cut:]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import atomic, locks, modes, trail
+from . import atomic, locks, modes
 from .config import Config, canonical_json, config_sha256, config_to_dict
 from .errors import CheckpointError, UsageError
 from .plots import plot_curves
@@ -32,9 +32,8 @@ from .records import load_record, record_digest
 from .trail import read_trail
 
 __all__ = ["RunInputs", "run_inputs", "is_complete", "check_slot", "read_run", "reusable",
-           "record_digest",
-           "write_run", "run_lock", "remove_slot", "list_runs", "read_trail", "clean_leftovers",
-           "diff_runs", "input_differences"]
+           "record_digest", "write_run", "run_lock", "remove_slot", "list_runs", "read_trail",
+           "clean_leftovers", "diff_runs", "first_divergence", "input_differences"]
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -266,7 +265,34 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
     """Lines naming the differing inputs, then where the trails diverge."""
-    return input_differences(a, b) + trail.divergence(a, trail_a, trail_b)
+    lines = input_differences(a, b)
+    names, d = a["trail"]["tensors"], a["trail"]["digest_bytes"]
+    steps = min(len(trail_a), len(trail_b)) // (len(names) * d)
+    where = first_divergence(names, d, trail_a, trail_b)
+    if where is not None:
+        lines.append(f"trails diverge at step {where[0]} (of {steps}), first tensor {where[1]}")
+    elif len(trail_a) != len(trail_b):
+        lines.append(f"trails agree for {steps} steps, then one run stops")
+    else:
+        lines.append(f"trails identical for all {steps} steps")
+    return lines
+
+
+def first_divergence(names: list[str], digest_bytes: int, trail_a: bytes,
+                     trail_b: bytes) -> tuple[int, str] | None:
+    """(step, tensor) where two trails (``digest_bytes`` per tensor per step,
+    tensors in ``names`` order) first differ, steps counted from 1; None if
+    they agree for as long as both go. ``pipeline diff`` and ``pipeline audit``
+    both locate divergence with it."""
+    width = len(names) * digest_bytes
+    for s in range(min(len(trail_a), len(trail_b)) // width):
+        ra, rb = trail_a[s * width:(s + 1) * width], trail_b[s * width:(s + 1) * width]
+        if ra != rb:
+            t = next(i for i in range(len(names))
+                     if ra[i * digest_bytes:(i + 1) * digest_bytes]
+                     != rb[i * digest_bytes:(i + 1) * digest_bytes])
+            return s + 1, names[t]
+    return None
 
 
 def _differences(va: Any, vb: Any, path: str) -> list[tuple[str, Any, Any]]:

@@ -402,3 +402,12 @@ def test_verify_and_data_verify_read_no_cache_entry(
                           trust_cache=False)
     fresh = dataset.load(prep.verified, "digits", manifest.default_cache_dir())
     assert prep.ds.decoded_sha256() == fresh.decoded_sha256()
+
+
+def test_debug_flag_is_ours_only_before_a_double_dash() -> None:
+    """--debug anywhere before `--` turns on tracebacks; after it, it belongs to
+    the program `pipeline exec`/`audit` runs and is passed on untouched."""
+    from pipeline.errors import split_debug
+    assert split_debug(["train", "--debug", "seed=1"]) == (True, ["train", "seed=1"])
+    assert split_debug(["exec", "--", "s.py", "--debug"]) == (False,
+                                                            ["exec", "--", "s.py", "--debug"])
