@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-__all__ = ["weights_sha256", "tensor_digests", "MAGIC"]
+__all__ = ["weights_sha256", "tensor_digests", "fingerprints", "FINGERPRINT_KIND", "MAGIC"]
 
 MAGIC = b"pipeline-weights-v1\n"
 
@@ -57,3 +57,48 @@ def tensor_digests(tensors: Mapping[str, torch.Tensor], size: int = 8) -> bytes:
         a = t.numpy() if t.device.type == "cpu" and t.is_contiguous() else _le_array(t)
         out += hashlib.sha1(memoryview(a).cast("B")).digest()[:size]
     return bytes(out)
+
+
+# The per-step trail's fingerprint (run.json "trail.kind").
+FINGERPRINT_KIND = "sampled-int64-v1"
+SAMPLES = 4096  # elements per tensor per step: a constant cost whatever the model's size
+_STRIDE = 1_000_000_007  # a prime: i * _STRIDE mod n visits SAMPLES distinct elements
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _plan(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) for a tensor of ``n`` elements: every element when
+    ``n <= SAMPLES``, else ``i * _STRIDE mod n`` for ``i < SAMPLES`` (distinct:
+    the stride is a prime larger than any n here, so coprime to n); weights
+    ``1 + (i * 40503 mod 2^16)``, below 2^16, so that no sum can overflow."""
+    key = (n, str(device))
+    if key not in _cache:
+        k = min(n, SAMPLES)
+        i = torch.arange(k, dtype=torch.int64)
+        idx = i if n <= SAMPLES else (i * _STRIDE) % n
+        w = 1 + (i * 40503) % (1 << 16)
+        _cache[key] = idx.to(device), w.to(device)
+    return _cache[key]
+
+
+def fingerprints(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The per-step trail: 8 bytes per tensor, sorted name order, each the
+    little-endian int64 ``sum(bits[idx_i] * w_i)`` over a fixed sample of the
+    tensor's elements (all of them up to SAMPLES). Computed with tensor ops on
+    the tensors' device: integer arithmetic, so exact and independent of the
+    device, thread count and summation order (|bits| < 2^32, w < 2^16, at most
+    2^12 terms: no sum leaves int64), and one transfer per step. Its cost is
+    constant in the model's size; a change confined to unsampled elements shows
+    from the next step on (a training step moves every weight). The full hash
+    of every tensor is in each checkpoint."""
+    parts = []
+    for name in sorted(tensors):
+        t = tensors[name].detach().reshape(-1)
+        bits = t.view(_INT[t.element_size()]) if t.element_size() in _INT else t.view(torch.uint8)
+        idx, w = _plan(bits.numel(), bits.device)
+        parts.append((bits.index_select(0, idx).to(torch.int64) * w).sum())
+    if not parts:
+        return b""
+    out = torch.stack(parts).cpu().numpy().astype("<i8")
+    return out.tobytes()

@@ -31,6 +31,11 @@ from .plots import plot_curves
 from .records import load_record, record_digest
 from .trail import read_trail
 
+
+def fingerprint_kind() -> str:
+    from .hashing import FINGERPRINT_KIND  # hashing imports torch: only when writing a run
+    return FINGERPRINT_KIND
+
 __all__ = ["RunInputs", "run_inputs", "is_complete", "check_slot", "read_run", "reusable",
            "record_digest", "write_run", "run_lock", "remove_slot", "list_runs", "read_trail",
            "clean_leftovers", "diff_runs", "first_divergence", "input_differences"]
@@ -128,12 +133,12 @@ def reusable(run_dir: Path, inputs: RunInputs) -> dict[str, Any]:
     field_of = {"config": "config", "data": "data", "code": "code_sha256", "model": "model",
                 "toolchain": "toolchain", "profile": "profile"}
     fields = ["run_key", "key_inputs", *(field_of[f] for f in sorted(inputs.keyed()))]
-    for field in fields + (["data_decoded"] if inputs.decoded else []):
-        if record.get(field) != now[field]:
-            diff = _differences(record.get(field), now[field], field)[:1]
+    for name in fields + (["data_decoded"] if inputs.decoded else []):
+        if record.get(name) != now[name]:
+            diff = _differences(record.get(name), now[name], name)[:1]
             found = f"{diff[0][0]} = {json.dumps(diff[0][1])[:120]}" if diff else "?"
-            raise CheckpointError(f"{run_dir / 'run.json'} [{field}]",
-                                  f"the {field} computed now", found,
+            raise CheckpointError(f"{run_dir / 'run.json'} [{name}]",
+                                  f"the {name} computed now", found,
                                   "not this run's record; rerun with --force to replace it")
     return record
 
@@ -177,7 +182,8 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "key_inputs": sorted(inputs.keyed()),
             "metrics": {**{k: v for k, v in last.items() if k.startswith("test_")},
                         "train_loss": last.get("train_loss"), "steps": result.steps},
-            "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names},
+            "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names,
+                      "kind": fingerprint_kind()},
             "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
             "resumed_from_step": result.resumed_from,
             **_when(started),  # kept out of the key: when and how long, not what
@@ -266,6 +272,10 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
     """Lines naming the differing inputs, then where the trails diverge."""
     lines = input_differences(a, b)
+    kinds = (a["trail"].get("kind", "sha1-8"), b["trail"].get("kind", "sha1-8"))
+    if kinds[0] != kinds[1]:  # two definitions of the per-step fingerprint
+        return [*lines, f"trails not comparable: fingerprints of kinds {kinds[0]} and "
+                        f"{kinds[1]}"]
     names, d = a["trail"]["tensors"], a["trail"]["digest_bytes"]
     steps = min(len(trail_a), len(trail_b)) // (len(names) * d)
     where = first_divergence(names, d, trail_a, trail_b)

@@ -13,13 +13,13 @@ import torch
 from tqdm import tqdm
 
 from . import _testing, checkpoint, modes, rng
-from .checkpoint import TRAIL_DIGEST, Progress
+from .checkpoint import Progress
 from .config import Config
 from .dataset import Dataset
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, add_grads, tree_reduce
 from .errors import ConfigError, Interrupted
-from .hashing import tensor_digests
+from .hashing import fingerprints
 from .models import Parts, resolve
 from .modes import Net
 from .rng import DropoutStream
@@ -85,7 +85,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
             opt.step(grads)
             st.step += 1
             st.loss_sum += float(loss) / n_global
-            st.trail += tensor_digests(net.params, TRAIL_DIGEST)
+            st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
             bar.update(1)
             if st.step % steps_per_epoch == 0 or st.step == total:
                 st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch))

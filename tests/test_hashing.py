@@ -69,3 +69,51 @@ def test_trail_digests_are_compact_and_per_tensor() -> None:
     w2 = {"b": torch.zeros(2), "a": torch.full((2,), 2.0)}
     d2 = tensor_digests(w2)
     assert d[:8] != d2[:8] and d[8:] == d2[8:]
+
+
+def test_fingerprints_follow_every_sampled_bit_and_nothing_else() -> None:
+    """The per-step trail: 8 bytes per tensor in sorted name order; a change
+    of one bit (even -0.0 for +0.0) in a small tensor changes its fingerprint
+    and no other; equal tensors give equal bytes."""
+    from pipeline.hashing import fingerprints
+
+    w = {"b": torch.zeros(10), "a": torch.arange(12.0).reshape(3, 4)}
+    base = fingerprints(w)
+    assert len(base) == 16 and fingerprints({k: v.clone() for k, v in w.items()}) == base
+    w2 = {"b": w["b"].clone(), "a": w["a"].clone()}
+    w2["b"][3] = -0.0
+    got = fingerprints(w2)
+    assert got[:8] == base[:8] and got[8:] != base[8:]
+
+
+def test_fingerprints_of_a_large_tensor_sample_a_fixed_set() -> None:
+    """Above SAMPLES elements the fingerprint reads SAMPLES distinct elements,
+    the same ones every step: a change there shows, a change elsewhere does
+    not (until the next step moves the sampled ones too)."""
+    from pipeline import hashing
+
+    n = 3 * hashing.SAMPLES + 7
+    idx, _ = hashing._plan(n, torch.device("cpu"))
+    assert idx.unique().numel() == hashing.SAMPLES
+    t = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    base = hashing.fingerprints({"w": t})
+    sampled, unsampled = int(idx[5]), next(i for i in range(n) if i not in set(idx.tolist()))
+    for i, changes in ((sampled, True), (unsampled, False)):
+        u = t.clone()
+        u[i] += 1.0
+        assert (hashing.fingerprints({"w": u}) != base) is changes
+
+
+def test_fingerprints_do_not_depend_on_threads() -> None:
+    """Integer sums: the same bytes at 1 and 2 threads."""
+    from pipeline.hashing import fingerprints
+
+    t = {"w": torch.randn(1000, 1000, generator=torch.Generator().manual_seed(1))}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprints(t)
+        torch.set_num_threads(2)
+        assert fingerprints(t) == one
+    finally:
+        torch.set_num_threads(before)
