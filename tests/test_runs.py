@@ -61,3 +61,13 @@ def test_diff_runs_names_the_first_divergent_step_and_tensor() -> None:
     lines = runs.diff_runs(rec, {**rec, "config": {"seed": 1}}, ta, tb)
     assert lines == ["config.seed: 0 != 1", "trails diverge at step 3 (of 3), first tensor b"]
     assert runs.diff_runs(rec, rec, ta, ta) == ["trails identical for all 3 steps"]
+
+
+def test_diff_refuses_to_compare_trails_of_two_kinds() -> None:
+    """A trail of SHA-1 digests (older runs) and one of sampled fingerprints
+    are not compared step by step: the diff says so instead of naming a step."""
+    old = {"trail": {"tensors": ["a"], "digest_bytes": 8}, "config": {}}
+    new = {"trail": {"tensors": ["a"], "digest_bytes": 8, "kind": "sampled-int64-v1"},
+           "config": {}}
+    lines = runs.diff_runs(old, new, b"\0" * 8, b"\1" * 8)
+    assert lines == ["trails not comparable: fingerprints of kinds sha1-8 and sampled-int64-v1"]
