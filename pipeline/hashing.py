@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .trail import FINGERPRINT_KIND
+
 __all__ = ["weights_sha256", "tensor_digests", "fingerprints", "FINGERPRINT_KIND", "MAGIC"]
 
 MAGIC = b"pipeline-weights-v1\n"
@@ -59,8 +61,6 @@ def tensor_digests(tensors: Mapping[str, torch.Tensor], size: int = 8) -> bytes:
     return bytes(out)
 
 
-# The per-step trail's fingerprint (run.json "trail.kind").
-FINGERPRINT_KIND = "sampled-int64-v1"
 SAMPLES = 4096  # elements per tensor per step: a constant cost whatever the model's size
 _STRIDE = 1_000_000_007  # a prime: i * _STRIDE mod n visits SAMPLES distinct elements
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -29,12 +29,7 @@ from .config import Config, canonical_json, config_sha256, config_to_dict
 from .errors import CheckpointError, UsageError
 from .plots import plot_curves
 from .records import load_record, record_digest
-from .trail import read_trail
-
-
-def fingerprint_kind() -> str:
-    from .hashing import FINGERPRINT_KIND  # hashing imports torch: only when writing a run
-    return FINGERPRINT_KIND
+from .trail import FINGERPRINT_KIND, read_trail
 
 __all__ = ["RunInputs", "run_inputs", "is_complete", "check_slot", "read_run", "reusable",
            "record_digest", "write_run", "run_lock", "remove_slot", "list_runs", "read_trail",
@@ -183,7 +178,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
             "metrics": {**{k: v for k, v in last.items() if k.startswith("test_")},
                         "train_loss": last.get("train_loss"), "steps": result.steps},
             "trail": {"file": "trail.bin", "digest_bytes": 8, "tensors": result.trail_names,
-                      "kind": fingerprint_kind()},
+                      "kind": FINGERPRINT_KIND},
             "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
             "resumed_from_step": result.resumed_from,
             **_when(started),  # kept out of the key: when and how long, not what
@@ -272,10 +267,9 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def diff_runs(a: dict[str, Any], b: dict[str, Any], trail_a: bytes, trail_b: bytes) -> list[str]:
     """Lines naming the differing inputs, then where the trails diverge."""
     lines = input_differences(a, b)
-    kinds = (a["trail"].get("kind", "sha1-8"), b["trail"].get("kind", "sha1-8"))
-    if kinds[0] != kinds[1]:  # two definitions of the per-step fingerprint
-        return [*lines, f"trails not comparable: fingerprints of kinds {kinds[0]} and "
-                        f"{kinds[1]}"]
+    ka, kb = (r["trail"].get("kind", "sha1-8") for r in (a, b))
+    if ka != kb:  # two definitions of the per-step fingerprint
+        return [*lines, f"trails not comparable: fingerprints of kinds {ka} and {kb}"]
     names, d = a["trail"]["tensors"], a["trail"]["digest_bytes"]
     steps = min(len(trail_a), len(trail_b)) // (len(names) * d)
     where = first_divergence(names, d, trail_a, trail_b)

@@ -9,7 +9,11 @@ from typing import Any
 from .errors import CheckpointError
 from .safeio import read_regular
 
-__all__ = ["read_trail"]
+# The per-step fingerprint's definition, recorded as run.json "trail.kind"
+# (pipeline.hashing.fingerprints computes it).
+FINGERPRINT_KIND = "sampled-int64-v1"
+
+__all__ = ["FINGERPRINT_KIND", "read_trail"]
 
 
 def read_trail(run_dir: Path, record: dict[str, Any]) -> bytes:
