@@ -31,7 +31,7 @@ from safetensors.numpy import save as _st_save
 from . import _testing, atomic, formats
 from .config import canonical_json
 from .errors import DataIntegrityError
-from .manifest import Verified, open_in_root
+from .manifest import Verified, file_sha256, open_in_root
 from .safeio import read_regular
 
 __all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "check_caches",
@@ -110,13 +110,9 @@ def _still_verified(verified: Verified, paths: dict[str, Path]) -> None:
     """The files decoded are the files verified: hashed again after decoding, so a
     file swapped in between cannot enter the cache under the verified hash."""
     for n, p in paths.items():
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != verified.hashes[n]:
-            raise DataIntegrityError(str(p), f"sha256 {verified.hashes[n]}",
-                                     f"sha256 {h.hexdigest()}",
+        found = file_sha256(p, verified.entries[n].size)
+        if found != verified.hashes[n]:
+            raise DataIntegrityError(str(p), f"sha256 {verified.hashes[n]}", f"sha256 {found}",
                                      "the file changed while being loaded; run again")
 
 

@@ -27,7 +27,7 @@ from .safeio import MIB, NotRegularFile, open_regular, read_regular
 from .schema import DatasetEntry, FileEntry, Manifest
 
 __all__ = ["FileEntry", "DatasetEntry", "Manifest", "Verified", "load_manifest", "verify",
-           "open_in_root", "default_cache_dir"]
+           "open_in_root", "file_sha256", "default_cache_dir"]
 
 STAT_CACHE_NAME = "verify-stat-cache.json"
 _CHUNK = 1 << 20
@@ -81,6 +81,13 @@ def _sha256_file(f: BinaryIO, limit: int) -> str:
         h.update(view[:n])
         left -= n
     return h.hexdigest()
+
+
+def file_sha256(path: Path, limit: int) -> str:
+    """sha256 of the regular file ``path`` (no FIFO, no device), at most
+    ``limit + 1`` bytes read: the one file hash of the package."""
+    with open_regular(path) as f:
+        return _sha256_file(f, limit)
 
 
 def _stat_key(st: os.stat_result) -> dict[str, int]:

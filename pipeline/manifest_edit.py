@@ -11,7 +11,6 @@ differs is only replaced with ``--force``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 from pathlib import Path
@@ -36,14 +35,6 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[k.strip()] = v
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _relative(file: Path, root: Path) -> str:
@@ -78,7 +69,7 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
     """Add ``file`` (and, with ``fmt``, a dataset part) to ``manifest``; return
     what happened, one line per entry."""
     from . import dataset as dataset_mod
-    from .manifest import load_manifest, verify
+    from .manifest import file_sha256, load_manifest, verify
 
     manifest = Path(manifest)
     raw: dict[str, Any] = {"version": schema.MANIFEST_VERSION, "files": {}, "datasets": {}}
@@ -87,7 +78,8 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
         raw = json.loads(manifest.read_text(encoding="utf-8"))
         raw.setdefault("datasets", {})
     root = manifest.parent.resolve()
-    entry = {"path": _relative(file, root), "sha256": _sha256(file), "size": file.stat().st_size,
+    size = file.stat().st_size
+    entry = {"path": _relative(file, root), "sha256": file_sha256(file, size), "size": size,
              "source": source, "licence": licence, "description": description}
     done = [f"{_put(raw['files'], name, entry, f'files.{name}', force)}: files.{name} "
             f"sha256:{entry['sha256']} ({entry['size']} bytes)"]
