@@ -42,9 +42,11 @@ def _make_root(tmp: Path, mib: int) -> Path:
             block = hashlib.shake_256(i.to_bytes(8, "little")).digest(1 << 20)
             h.update(block)
             f.write(block)
-    manifest["files"]["big"] = {**manifest["files"]["digits"], "path": "data/big.bin",
-                                "sha256": h.hexdigest(), "size": big.stat().st_size,
-                                "description": "synthetic benchmark file"}
+    manifest["files"] = {"digits": manifest["files"]["digits"],  # not the 5 MB text
+                         "big": {**manifest["files"]["digits"], "path": "data/big.bin",
+                                 "sha256": h.hexdigest(), "size": big.stat().st_size,
+                                 "description": "synthetic benchmark file"}}
+    manifest["datasets"] = {"digits": manifest["datasets"]["digits"]}
     (tmp / "data-manifest.json").write_text(json.dumps(manifest))
     return tmp / "data-manifest.json"
 
@@ -65,7 +67,7 @@ def _file_digest(path: Path, expected: str) -> None:
         assert hashlib.file_digest(f, "sha256").hexdigest() == expected
 
 
-def _bench_file(manifest: Path, e: data.ManifestEntry, runs: int,
+def _bench_file(manifest: Path, e: data.FileEntry, runs: int,
                 cache: Path) -> dict[str, float]:
     """Median seconds per tool, the tools alternating run by run."""
     path = manifest.parent / e.path
@@ -96,7 +98,7 @@ def main() -> None:
           f"{ver.stdout.splitlines()[0]}")
     with tempfile.TemporaryDirectory() as d:
         manifest = _make_root(Path(d), args.mib)
-        entries = data.load_manifest(manifest)
+        entries = data.load_manifest(manifest).files
         res = {n: _bench_file(manifest, entries[n], args.runs, Path(d) / "cache")
                for n in ("big", "digits")}
     mib = 1 << 20

@@ -49,8 +49,11 @@ def _net(cfg: Config, dev: torch.device) -> modes.Net:
     """The config's net for digits-shaped inputs (64 features, 10 classes)."""
     from types import SimpleNamespace
 
-    shapes = SimpleNamespace(input_shape=(64,), n_classes=10)
-    return modes.of(cfg.mode).make_net(cfg, shapes, dev)  # type: ignore[arg-type]
+    from pipeline.models import resolve
+
+    shapes = SimpleNamespace(shapes=lambda context: ((64,), 10))
+    parts = resolve(cfg.model.factory, cfg.train.loss, None)
+    return modes.of(cfg.mode).make_net(cfg, shapes, dev, parts)  # type: ignore[arg-type]
 
 
 def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int, steps: int,
@@ -58,7 +61,7 @@ def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = Config(model=ModelConfig(hidden=hidden, dropout=0.0),
+    cfg = Config(model=ModelConfig(args={"hidden": list(hidden), "dropout": 0.0}),
                  train=TrainConfig(batch_size=64, shards=shards))
     dev = torch.device("cpu")
     net, gen = _net(cfg, dev), torch.Generator().manual_seed(0)
