@@ -90,13 +90,12 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     import numpy as np
     import torch
 
+    from .train import examples_of
+
     net = modes.of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
     ctx = cfg.data.context
     n = min(2, ds.counts(ctx)[0])
-    if ds.task == "lm":  # the first n windows
-        x = torch.from_numpy(ds.x[ds.starts(np.arange(n), ctx)[:, None] + np.arange(ctx)])
-    else:
-        x = torch.from_numpy(np.ascontiguousarray(ds.x[:n]))
+    x, _ = examples_of(ds, ctx, torch.device("cpu")).get(np.arange(n))  # the loop's own inputs
     shape, classes = ds.shapes(ctx)
     want = (n, ctx, classes) if ds.task == "lm" else (n, classes)
     try:

@@ -25,7 +25,7 @@ from .modes import Net
 from .rng import DropoutStream
 from .sampling import batches, epoch_order, split
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "TrainResult", "examples_of"]
 
 
 @dataclass
@@ -53,7 +53,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
     # Data: the split and every epoch's order come from the seed and the data hash.
     ctx = cfg.data.context
     train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, ctx)
-    examples = _Examples(ds, ctx, dev)
+    examples = examples_of(ds, ctx, dev)
     bsz = cfg.train.batch_size
     steps_per_epoch = len(train_ids) // bsz
     total = steps_per_epoch * cfg.train.epochs
@@ -129,6 +129,11 @@ class _Examples:
         starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
         pos = starts[:, None] + self.offsets                   # (B, T) token positions
         return self.x[pos], self.x[pos + 1]
+
+
+def examples_of(ds: Dataset, context: int, dev: torch.device) -> _Examples:
+    """The dataset's examples as the loop draws them (also the recipe's model check)."""
+    return _Examples(ds, context, dev)
 
 
 def _check_world_size(net: Net, size: int) -> None:

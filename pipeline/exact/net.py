@@ -57,7 +57,7 @@ def _layers(cfg: Arch, input_shape: tuple[int, ...], n_classes: int) -> list[_La
                 _Layer("conv1", (16, 8, 3, 3), "conv", 2, 1),
                 _Layer("fc0", (n_classes, 16 * h2 * w2))]
     if cfg.arch != "mlp":
-        raise ValueError(f"model.arch: expected 'mlp' or 'cnn', found {cfg.arch!r}")
+        raise ValueError(f"arch: expected 'mlp' or 'cnn', found {cfg.arch!r}")
     dims = [math.prod(input_shape), *cfg.hidden, n_classes]
     return [_Layer(f"fc{i}", (dims[i + 1], dims[i])) for i in range(len(dims) - 1)]
 

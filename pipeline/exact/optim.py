@@ -165,7 +165,7 @@ class ExactAdam(_Optimizer):
         m, v = state
         m.mul_(self.b1).add_(g * self.c1)
         v.mul_(self.b2).add_((g * g).mul_(self.c2))
-        # a tensor divisor on v's device: see the module docstring of exact_layers
+        # a tensor divisor on v's device: see the module docstring of pipeline.exact.ops
         bc2 = torch.full((), self._bc2, dtype=_F32, device=v.device)
         den = sqrt32(v / bc2).add_(self.eps)
         theta.sub_((m / den).mul_(self._step))
