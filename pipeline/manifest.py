@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from filelock import FileLock
-
 from . import atomic, schema
 from .errors import DataIntegrityError
 from .safeio import MIB, NotRegularFile, open_regular, read_regular
@@ -122,6 +120,8 @@ def _cached_sha256(rec: object, st: os.stat_result) -> str | None:
 
 
 def _update_stat_cache(cache_dir: Path, records: dict[str, dict[str, Any]]) -> None:
+    from filelock import FileLock  # here: a warm verify writes nothing and needs no lock
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / STAT_CACHE_NAME
     with FileLock(cache_dir / (STAT_CACHE_NAME + ".lock")):  # read-modify-write

@@ -25,6 +25,7 @@ next run stops at verification.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,12 @@ from .errors import DataIntegrityError
 __all__ = ["map_npy", "map_idx", "Rows", "to_float32", "check_finite", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 16 << 20  # float32 bytes per chunk of a whole-dataset pass (hash, checks)
+# A read fault on a file mapping maps up to this much around it (Linux's
+# fault_around_bytes, default 64 KiB), so gathering scattered rows can make most
+# of a file resident in RSS; once reads may have mapped RELEASE_BYTES, a part
+# unmaps its pages (they stay in the page cache).
+FAULT_AROUND = 64 << 10
+RELEASE_BYTES = 64 << 20
 _NO_PICKLE = "a NumPy array without Python objects (pickles are never loaded)"
 # IDX type byte -> element type, big-endian (yann.lecun.com/exdb/mnist, "THE IDX FILE FORMAT")
 IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
@@ -124,13 +131,28 @@ class _Part:
         # Our own descriptor (the caller closes theirs): fstat'ed after every gather.
         self.file = os.fdopen(os.dup(f.fileno()), "rb", buffering=0) if f else None
         self.stat = _stat(f) if f else None
+        self.row_bytes = raw.dtype.itemsize * math.prod(raw.shape[1:])
+        self.mapped = 0  # bytes reads may have mapped into this process since the last release
 
     def rows(self, ids: np.ndarray | slice) -> np.ndarray:
         if self.divisor is None:
             return self.raw[ids]
         out = to_float32(self.raw[ids], self.divisor)  # reads just these rows' pages
         self.check_unchanged()
+        n = len(out)
+        self.mapped += n * self.row_bytes + (1 if isinstance(ids, slice) else n) * FAULT_AROUND
+        if self.mapped > RELEASE_BYTES:
+            self.release()
         return out
+
+    def release(self) -> None:
+        """Unmap every page of the file from this process (MADV_DONTNEED on a
+        read-only file mapping drops no data: the page cache keeps it), so
+        that RSS stays near RELEASE_BYTES however much of the file is read."""
+        mm = getattr(self.raw, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
+        self.mapped = 0
 
     def check_unchanged(self) -> None:
         if self.file is not None and (now := _stat(self.file)) != self.stat:

@@ -116,7 +116,7 @@ def test_cli_path_imports_no_torch_before_pinning() -> None:
     """The modules a command loads before the pinned re-exec import neither
     torch nor numpy (their thread and ISA settings are read when they load)."""
     code = ("import sys; import pipeline.cli, pipeline.recipe, pipeline.modes, pipeline.runs, "
-            "pipeline.golden, pipeline.manifest, pipeline.launch; "
+            "pipeline.golden, pipeline.manifest, pipeline.launch, pipeline.datacache; "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout

@@ -277,3 +277,37 @@ def test_data_verify_of_a_mapped_dataset_imports_no_numpy(
     out = subprocess.run([*run, str(ROOT / "data-manifest.json"), str(cache)], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+_RSS = """
+import sys
+import numpy as np
+from pipeline import mapped
+mapped.RELEASE_BYTES = int(sys.argv[2])
+def rss_file():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssFile")).split()[1])
+f = open(sys.argv[1], "rb")
+rows = mapped.Rows.mapped(mapped.map_npy(f, sys.argv[1]), 1, sys.argv[1], f)
+before = peak = rss_file()
+for ids in np.random.default_rng(0).permutation(len(rows)).reshape(-1, 64):
+    rows.take(ids)
+    peak = max(peak, rss_file())
+print((peak - before) // 1024)
+"""
+
+
+def test_scattered_reads_keep_rss_bounded(tmp_path: Path) -> None:
+    """Gathering every row of a 64 MiB mapped file in random batches never has
+    much more than RELEASE_BYTES of it resident in the process (the pages are
+    unmapped, not dropped); control: without releases most of the file becomes
+    resident."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((16384, 1024), np.float32))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def grown_mib(release: int) -> int:
+        return int(subprocess.run([sys.executable, "-c", _RSS, str(x), str(release)], env=env,
+                                  capture_output=True, text=True, check=True).stdout)
+
+    assert grown_mib(4 << 20) <= 12
+    assert grown_mib(1 << 40) >= 48
