@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from pipeline import _testing, datacache, dataset
-from pipeline import dataset as data
 from pipeline import manifest as manifest_mod
 from pipeline.errors import DataIntegrityError
 
