@@ -38,9 +38,9 @@ def main() -> None:
     loops.plain(b, steps)  # warm-up both paths once
     loops.pipeline(b, steps)
     for _ in range(args.repeats):
-        times["pipeline (no checkpoints)"].append(loops.pipeline(b, steps))
-        times["plain loop"].append(loops.plain(b, steps))
-        times["pipeline (checkpoints)"].append(loops.pipeline(b, steps, ckpt=True))
+        times["pipeline (no checkpoints)"].append(loops.pipeline(b, steps).seconds)
+        times["plain loop"].append(loops.plain(b, steps).seconds)
+        times["pipeline (checkpoints)"].append(loops.pipeline(b, steps, ckpt=True).seconds)
     base = statistics.median(times["plain loop"])
     print(f"{path.name}: {cfg.model.factory} {cfg.model.args}, {steps} steps of "
           f"{cfg.train.batch_size} in {cfg.train.shards} shards, profile {profile.name}, "

@@ -3,10 +3,10 @@ set-up they share: the process pinned to the numeric profile, and a config's
 data and model loaded as the pipeline loads them (data verified, decoded,
 split), outside any timing.
 
-Every runner trains from scratch for ``steps`` steps and returns the seconds
-it took inside the process, from building the model to the end of training,
-evaluating on the test split where the pipeline does (each epoch's end and
-the last step). The user's loop is built from the pipeline's own parts
+Every runner trains from scratch for ``steps`` steps and returns a ``Run``:
+the seconds it took inside the process, from building the model to the end
+of training, evaluating on the test split where the pipeline does (each
+epoch's end and the last step), and the trained weights. The user's loop is built from the pipeline's own parts
 where they are the same by definition: the factory's module initialised by
 ``pinned.build_module``, the optimiser by ``pinned.TorchOptimizer``.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,6 +38,11 @@ def pin() -> Any:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **profile.env})
     environment.apply_in_process(profile)
     return profile
+
+
+class Run(NamedTuple):
+    seconds: float
+    weights: dict[str, Any]  # name -> tensor
 
 
 @dataclass(frozen=True)
@@ -73,16 +78,16 @@ def load(path: Path, overrides: list[str]) -> Loaded:
     return Loaded(path, cfg, prep.ds, prep.parts, train_ids, test_ids, steps)
 
 
-def pipeline(b: Loaded, steps: int, ckpt: bool = False) -> float:
+def pipeline(b: Loaded, steps: int, ckpt: bool = False) -> Run:
     """``pipeline.train.train`` (the config's mode), no run record; with
     ``ckpt``, its checkpoints written to a temporary directory."""
     from pipeline.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(b.with_steps(steps), b.ds, b.parts, run_key="bench",
-              ckpt_dir=Path(tmp) if ckpt else None, quiet=True)
-        return time.perf_counter() - t0
+        res = train(b.with_steps(steps), b.ds, b.parts, run_key="bench",
+                    ckpt_dir=Path(tmp) if ckpt else None, quiet=True)
+        return Run(time.perf_counter() - t0, res.params)
 
 
 class UserLoop:
@@ -177,7 +182,7 @@ class Batches:
         return (self.at(s) for s in range(len(self)))
 
 
-def plain(b: Loaded, steps: int) -> float:
+def plain(b: Loaded, steps: int) -> Run:
     """The loop a user would write: zero_grad, backward, step."""
     t0 = time.perf_counter()
     loop = UserLoop(b)
@@ -193,4 +198,4 @@ def plain(b: Loaded, steps: int) -> float:
         opt.step()
         if loop.due(s + 1, steps):
             loop.evaluate(model)
-    return time.perf_counter() - t0
+    return Run(time.perf_counter() - t0, model.state_dict())

@@ -24,7 +24,9 @@ the table gives medians over rounds.
 The contenders: the plain loop and the Lightning module use the config's
 factory (initialised as the pipeline initialises it), its optimiser
 (``pinned.TorchOptimizer``), whole batches in one shuffled order, the stock
-mean cross-entropy, and evaluate where the pipeline does (bench/loops.py).
+mean cross-entropy, and evaluate where the pipeline does (bench/loops.py);
+each table says whether their warm-up runs ended with the same weights, bit
+for bit (they do: the same work).
 Lightning gets the batches as an iterable (no per-row collation), no logger,
 no checkpoints, no progress bar: its own loop is what is measured. Exact mode
 builds the MLP and CNN of docs/exact-spec.md only, so charlm has no exact row.
@@ -60,13 +62,17 @@ class Model:
     exact_config: str | None
     quick: tuple[int, int]  # (short, long) steps
     full: tuple[int, int]   # long = 0: the config's own steps
+    overrides: tuple[str, ...] = ()
 
 
 MODELS = {
     "digits": Model("digits MLP", "configs/digits.toml", "configs/digits-exact.toml",
                     quick=(22, 220), full=(22, 0)),
+    # A validation split of 79 windows, not 1580: the pipeline evaluates it
+    # after the last step, 1-2 s here (20 steps' worth), whose jitter on a
+    # shared machine would drown the per-step difference; the same for all.
     "charlm": Model("charlm transformer", "examples/charlm/config.toml", None,
-                    quick=(2, 10), full=(5, 45)),
+                    quick=(2, 12), full=(5, 45), overrides=("data.test_fraction=0.001",)),
 }
 
 
@@ -97,10 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def measure(runners: dict[str, Callable[[int], float]], short: int, long: int,
             rounds: int) -> dict[str, Timing]:
-    """Each runner trains ``short`` then ``long`` steps per round; runners
-    alternate, the first of each round rotating; one warm-up run each."""
-    for run in runners.values():
-        run(short)
+    """Each runner trains ``short`` then ``long`` steps per round and returns
+    its seconds; runners alternate, the first of each round rotating. The
+    caller has warmed each up."""
     whole: dict[str, list[float]] = {n: [] for n in runners}
     step: dict[str, list[float]] = {n: [] for n in runners}
     names = list(runners)
@@ -142,7 +147,7 @@ def _fmt(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.2f}"
 
 
-def lightning(b: Any, steps: int) -> float:
+def lightning(b: Any, steps: int) -> loops.Run:
     """The same training as a LightningModule under ``Trainer(deterministic=True)``."""
     import lightning as L
 
@@ -152,8 +157,9 @@ def lightning(b: Any, steps: int) -> float:
                         deterministic=True, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(_module_class()(loop, steps), train_dataloaders=loop.batches())
-    return time.perf_counter() - t0
+    module = _module_class()(loop, steps)
+    trainer.fit(module, train_dataloaders=loop.batches())
+    return loops.Run(time.perf_counter() - t0, module.net.state_dict())
 
 
 def _module_class() -> type:
@@ -196,10 +202,10 @@ def _run_model(key: str, quick: bool, rounds: int, profile: Any) -> dict[str, Ti
     import torch
 
     m = MODELS[key]
-    b = loops.load(loops.ROOT / m.config, [])
+    b = loops.load(loops.ROOT / m.config, list(m.overrides))
     short, long = m.quick if quick else m.full
     long = long or b.steps
-    runners: dict[str, Callable[[int], float]] = {
+    runners: dict[str, Callable[[int], loops.Run]] = {
         "plain": lambda n: loops.plain(b, n), "lightning": lambda n: lightning(b, n),
         "pinned": lambda n: loops.pipeline(b, n)}
     shards = f"{b.cfg.train.shards} shards"
@@ -207,18 +213,31 @@ def _run_model(key: str, quick: bool, rounds: int, profile: Any) -> dict[str, Ti
         e = loops.load(loops.ROOT / m.exact_config, [])
         runners["exact"] = lambda n: loops.pipeline(e, n)
         shards += f", exact mode {e.cfg.train.shards}"
-    t = measure(runners, short, long, rounds)
+    warm = {n: run(short) for n, run in runners.items()}  # warm-up, and the check below
+    same = _same(warm["plain"].weights, warm["lightning"].weights)
+    t = measure({n: (lambda k, run=run: run(k).seconds) for n, run in runners.items()},
+                short, long, rounds)
     threads = torch.get_num_threads()
     if threads != profile.threads:
         raise SystemExit(f"error: torch runs {threads} threads after the runs, "
                          f"expected the profile's {profile.threads}")
     cfg = b.cfg
-    head = (f"{m.config}: {cfg.model.factory} {cfg.model.args}, batch {cfg.train.batch_size}, "
+    head = (f"{' '.join((m.config, *m.overrides))}: {cfg.model.factory} {cfg.model.args}, batch {cfg.train.batch_size}, "
             f"{cfg.optim.name}; {short} vs {long} steps ({shards}); {threads} thread for "
             f"every contender (profile {profile.name}); median of {rounds} alternating rounds")
     for line in table(m.title, head, t):
         print(line, flush=True)
+    print(f"  plain loop and Lightning after {short} steps: "
+          + ("the same weights, bit for bit (the same work)" if same else
+             "DIFFERENT weights: they do not train the same way; the ratios compare "
+             "different work"), flush=True)
     return t
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
