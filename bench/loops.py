@@ -78,15 +78,17 @@ def load(path: Path, overrides: list[str]) -> Loaded:
     return Loaded(path, cfg, prep.ds, prep.parts, train_ids, test_ids, steps)
 
 
-def pipeline(b: Loaded, steps: int, ckpt: bool = False) -> Run:
+def pipeline(b: Loaded, steps: int, ckpt: bool = False, threads: int | None = 1) -> Run:
     """``pipeline.train.train`` (the config's mode), no run record; with
-    ``ckpt``, its checkpoints written to a temporary directory."""
+    ``ckpt``, its checkpoints written to a temporary directory. One thread
+    by default, as the user's loops run here (``threads=None``: the
+    pipeline's own default, every core)."""
     from pipeline.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = train(b.with_steps(steps), b.ds, b.parts, run_key="bench",
-                    ckpt_dir=Path(tmp) if ckpt else None, quiet=True)
+                    ckpt_dir=Path(tmp) if ckpt else None, quiet=True, threads=threads)
         return Run(time.perf_counter() - t0, res.params)
 
 

@@ -224,7 +224,8 @@ def _run_model(key: str, quick: bool, rounds: int, profile: Any) -> dict[str, Ti
     cfg = b.cfg
     head = (f"{' '.join((m.config, *m.overrides))}: {cfg.model.factory} {cfg.model.args}, batch {cfg.train.batch_size}, "
             f"{cfg.optim.name}; {short} vs {long} steps ({shards}); {threads} thread for "
-            f"every contender (profile {profile.name}); median of {rounds} alternating rounds")
+            f"every contender (profile {profile.name}, the pipeline at --threads 1); "
+            f"median of {rounds} alternating rounds")
     for line in table(m.title, head, t):
         print(line, flush=True)
     print(f"  plain loop and Lightning after {short} steps: "
