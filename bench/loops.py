@@ -34,6 +34,7 @@ def pin() -> Any:
     does not have it (it must be set before torch loads: pytorch issue 15359),
     then apply its in-process settings; return the profile."""
     profile = environment.load_profile()
+    environment.check_host(profile)  # a CPU without the profile's ISA: refused, named
     if environment.needs_reexec(profile):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **profile.env})
     environment.apply_in_process(profile)
