@@ -17,8 +17,10 @@ inside the process from building the model to the end of training (data
 verification and interpreter start-up are outside); its time per step is
 (long - short) / (long steps - short steps), so what every run does once
 (building the model, Lightning's fit set-up, the final evaluation over the
-test split, 1-2 s for charlm) cancels and the epoch-end evaluations count
-per step alike. Rounds alternate the contenders (rotating who goes first);
+test split) cancels and the epoch-end evaluations count per step alike.
+charlm runs on a 79-window validation split (data.test_fraction=0.001), not
+its 1580 windows, whose evaluation (1-2 s here) would drown the difference
+in its jitter. Rounds alternate the contenders (rotating who goes first);
 the table gives medians over rounds.
 
 The contenders: the plain loop and the Lightning module use the config's
@@ -26,10 +28,10 @@ factory (initialised as the pipeline initialises it), its optimiser
 (``pinned.TorchOptimizer``), whole batches in one shuffled order, the stock
 mean cross-entropy, and evaluate where the pipeline does (bench/loops.py);
 each table says whether their warm-up runs ended with the same weights, bit
-for bit (they do: the same work).
-Lightning gets the batches as an iterable (no per-row collation), no logger,
-no checkpoints, no progress bar: its own loop is what is measured. Exact mode
-builds the MLP and CNN of docs/exact-spec.md only, so charlm has no exact row.
+for bit (they do: the same work). Lightning gets the batches as an iterable
+(no per-row collation), no logger, no checkpoints, no progress bar: its own
+loop is what is measured. Exact mode builds the MLP and CNN of
+docs/exact-spec.md only, so charlm has no exact row.
 
 The last line is the digits MLP's: the one model all four run (the default
 config, 8 shards, against the shipped exact config, 1 shard).
