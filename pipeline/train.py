@@ -4,6 +4,7 @@ top to bottom; helpers below carry detail out of it, never control flow."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
 
     bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
                desc="train", unit="step", leave=False)
-    order = None
+    order, last_save = None, time.monotonic()
     try:
         while st.step < total:
             epoch, b = divmod(st.step, steps_per_epoch)
@@ -97,10 +98,10 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
                 st.loss_sum = 0.0
                 bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
                                  if k.startswith("test_")})
-            every = cfg.train.checkpoint_every
-            if writer and st.step < total and (
-                    (every and st.step % every == 0) or st.step % steps_per_epoch == 0):
+            if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
+                                                              last_save):
                 writer.save(net, opt, dropout, st)
+                last_save = time.monotonic()
             _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
     except KeyboardInterrupt:
         raise Interrupted(st.step) from None  # the CLI prints one line: rerun to resume
@@ -147,6 +148,16 @@ class _Examples:
 def examples_of(ds: Dataset, context: int, dev: torch.device) -> _Examples:
     """The dataset's examples as the loop draws them (also the recipe's model check)."""
     return _Examples(ds, context, dev)
+
+
+def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: float) -> bool:
+    """A checkpoint after ``step``: at a multiple of ``train.checkpoint_every``
+    or an epoch's end, once ``train.checkpoint_seconds`` have passed since the
+    last one (or the start). Where checkpoints fall never changes the bits
+    (resume is bitwise); the end of the run is the run directory itself."""
+    every = cfg.train.checkpoint_every
+    at = (every and step % every == 0) or step % steps_per_epoch == 0
+    return bool(at) and time.monotonic() - last_save >= cfg.train.checkpoint_seconds
 
 
 def _check_world_size(net: Net, size: int) -> None:
