@@ -59,9 +59,9 @@ if how == "memory":
     ds = dataclasses.replace(ds, x=ds.x.materialise(), decoded=None)
 cfg = load_config(Path(sys.argv[5]), [f"train.max_steps={steps}"])
 warm = load_config(Path(sys.argv[5]), ["train.max_steps=1", "data.test_fraction=0.001"])
-train.train(warm, ds, run_key="warm-up", ckpt_dir=None, quiet=True)  # torch's first-op costs
+train.train(warm, ds, run_key="warm-up", ckpt_dir=None, quiet=True, threads=1)  # first-op costs
 t = time.perf_counter()
-r = train.train(cfg, ds, run_key="bench", ckpt_dir=None, quiet=True)
+r = train.train(cfg, ds, run_key="bench", ckpt_dir=None, quiet=True, threads=1)
 took = time.perf_counter() - t
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 kb = lambda k: int(status[k].split()[0])
