@@ -20,26 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import importlib.util
-
 import numpy as np
 import pytest
 
+from .twin import numpy_twin as tw
+from .twin import twin_optim
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_twin():
-    name = "numpy_twin"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "twin" / "numpy_twin.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tw = _load_twin()
 DATA = REPO / "data" / "digits.csv.gz"
 DATA_SHA = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
 CONFIG = REPO / "configs" / "digits.toml"
@@ -460,20 +447,20 @@ def test_optimisers_match_formulas():
     th0 = rng.standard_normal(50).astype(F32)
     gs = [rng.standard_normal(50).astype(F32) for _ in range(3)]
     p = {"w": th0.copy()}
-    opt = tw.SGD(0.1, 0.9, 1e-3)
+    opt = twin_optim.SGD(0.9, 1e-3)
     th, buf = th0.astype(np.float64), None
     for g in gs:
-        opt.step(p, {"w": g})
+        opt.step(p, {"w": g}, 0.1)
         gg = g + 1e-3 * th
         buf = gg if buf is None else buf * 0.9 + gg
         th = th - 0.1 * buf
         assert p["w"].dtype == F32
     assert np.allclose(p["w"], th, rtol=1e-5, atol=1e-6)
     p = {"w": th0.copy()}
-    opt = tw.Adam(1e-3)
+    opt = twin_optim.Adam()
     th, m, v = th0.astype(np.float64), 0.0, 0.0
     for t, g in enumerate(gs, 1):
-        opt.step(p, {"w": g})
+        opt.step(p, {"w": g}, 1e-3)
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
         th = th - 1e-3 / (1 - 0.9**t) * m / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)

@@ -31,6 +31,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    from . import twin_optim
+except ImportError:  # run as a script from tests/twin/
+    import twin_optim  # type: ignore[no-redef]
+
 F32 = np.float32
 F64 = np.float64
 
@@ -449,71 +454,8 @@ def predict_logits(cfg, params, X):
 
 
 # --------------------------------------------------------------------------
-# 9. Optimisers
+# 9. Optimisers, clipping, schedule: twin_optim.py
 # --------------------------------------------------------------------------
-
-class SGD:
-    def __init__(self, lr, momentum=0.0, weight_decay=0.0):
-        self.lr = F32(float(lr))
-        self.mu_f = float(momentum)
-        self.mu = F32(self.mu_f)
-        self.wd_f = float(weight_decay)
-        self.wd = F32(self.wd_f)
-        self.buf: dict[str, np.ndarray] = {}
-
-    def step(self, params, grads):
-        for name in params:
-            theta = params[name]
-            g = grads[name]
-            if self.wd_f != 0.0:
-                g = g + self.wd * theta
-            if self.mu_f != 0.0:
-                if name not in self.buf:
-                    buf = g.copy()
-                else:
-                    buf = self.buf[name] * self.mu + g
-                self.buf[name] = buf
-            else:
-                buf = g
-            params[name] = (theta - buf * self.lr).astype(F32)
-
-
-class Adam:
-    def __init__(self, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-        self.lr = float(lr)
-        self.beta1, self.beta2 = float(beta1), float(beta2)
-        self.b1_32 = F32(self.beta1)
-        self.b2_32 = F32(self.beta2)
-        self.omb1 = F32(1.0 - self.beta1)
-        self.omb2 = F32(1.0 - self.beta2)
-        self.eps = F32(float(eps))
-        self.wd_f = float(weight_decay)
-        self.wd = F32(self.wd_f)
-        self.t = 0
-        self.b1p = 1.0
-        self.b2p = 1.0
-        self.m: dict[str, np.ndarray] = {}
-        self.v: dict[str, np.ndarray] = {}
-
-    def step(self, params, grads):
-        self.t += 1
-        self.b1p = self.b1p * self.beta1
-        self.b2p = self.b2p * self.beta2
-        step = F32(self.lr / (1.0 - self.b1p))
-        bc2 = F32(1.0 - self.b2p)
-        for name in params:
-            theta = params[name]
-            g = grads[name]
-            if self.wd_f != 0.0:
-                g = g + self.wd * theta
-            m = self.m.get(name, np.zeros_like(theta))
-            v = self.v.get(name, np.zeros_like(theta))
-            m = m * self.b1_32 + g * self.omb1
-            v = v * self.b2_32 + (g * g) * self.omb2
-            self.m[name], self.v[name] = m, v
-            den = np.sqrt(v / bc2) + self.eps
-            params[name] = (theta - (m / den) * step).astype(F32)
-
 
 # --------------------------------------------------------------------------
 # Speed only: single-threaded BLAS during training
@@ -555,9 +497,11 @@ DEFAULTS: dict[str, Any] = {
     "mode": "exact",
     "data": {"dataset": "digits", "test_fraction": 0.2},
     "model": {"arch": "mlp", "hidden": [128], "dropout": 0.1},
-    "train": {"epochs": 30, "batch_size": 64, "shards": 1, "checkpoint_every": 100},
+    "train": {"epochs": 30, "max_steps": 0, "batch_size": 64, "shards": 1,
+              "checkpoint_every": 100},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
-              "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+              "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "nesterov": False,
+              "clip_norm": 0.0, "schedule": "constant", "warmup_steps": 0},
 }
 
 
@@ -667,41 +611,38 @@ def _train(cfg: dict, data_path: str, data_sha256: str):
     params = init_params(cfg, seed)
 
     oc = cfg["optim"]
-    if oc["name"] == "sgd":
-        opt = SGD(oc["lr"], oc.get("momentum", 0.0), oc.get("weight_decay", 0.0))
-    elif oc["name"] == "adam":
-        opt = Adam(oc["lr"], oc.get("beta1", 0.9), oc.get("beta2", 0.999),
-                   oc.get("eps", 1e-8), oc.get("weight_decay", 0.0))
-    else:
-        raise ValueError(f"unknown optimiser {oc['name']!r}")
+    opt = twin_optim.make_optimizer(oc)
 
     widths = [int(h) for h in cfg["model"]["hidden"]] if arch == "mlp" else []
     K_d = key(seed, DROPOUT)
     c = 0
     steps_per_epoch = len(train_ids) // B
-    t = 0
+    total = steps_per_epoch * epochs
+    if int(cfg["train"]["max_steps"]):
+        total = min(total, int(cfg["train"]["max_steps"]))
     last_loss = float("nan")
-    for epoch in range(epochs):
-        order = epoch_order(train_ids, seed, epoch)
-        for bi in range(steps_per_epoch):
-            idx = order[bi * B:(bi + 1) * B]
-            xb, yb = X[idx], y[idx]
-            masks = None
-            if use_dropout:
-                masks = []
-                for F in widths:
-                    masks.append((u24(K_d, c, B * F) >= T).reshape(B, F))
-                    c += B * F
-            grads, loss = batch_grads(arch, params, xb, yb, masks, scale, S)
-            last_loss = float(loss)
-            opt.step(params, grads)
-            t += 1
+    order = None
+    for t in range(total):
+        epoch, bi = divmod(t, steps_per_epoch)
+        if order is None or bi == 0:
+            order = epoch_order(train_ids, seed, epoch)
+        idx = order[bi * B:(bi + 1) * B]
+        xb, yb = X[idx], y[idx]
+        masks = None
+        if use_dropout:
+            masks = []
+            for F in widths:
+                masks.append((u24(K_d, c, B * F) >= T).reshape(B, F))
+                c += B * F
+        grads, loss = batch_grads(arch, params, xb, yb, masks, scale, S)
+        last_loss = float(loss)
+        twin_optim.update(opt, params, grads, oc, t, total)
 
     logits = predict_logits(cfg, params, X[test_ids])
     pred = np.argmax(logits, axis=1)
     correct = int(np.count_nonzero(pred == y[test_ids]))
     acc = correct / len(test_ids) if len(test_ids) else float("nan")
-    return params, {"test_accuracy": acc, "steps": t, "last_loss": last_loss}
+    return params, {"test_accuracy": acc, "steps": total, "last_loss": last_loss}
 
 
 # --------------------------------------------------------------------------
@@ -737,10 +678,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: config mode={cfg.get('mode')!r}; the twin only implements "
               "exact mode and computes that", file=sys.stderr)
     t0 = time.perf_counter()
-    params, metrics = train(cfg, args.data, file_sha256(args.data))
+    if int(cfg.get("data", {}).get("context", 0) or 0) > 0:  # a language model: charlm
+        try:
+            from . import twin_charlm
+        except ImportError:
+            import twin_charlm  # type: ignore[no-redef]
+        params, metrics = twin_charlm.train(cfg, args.data, file_sha256(args.data))
+    else:
+        params, metrics = train(cfg, args.data, file_sha256(args.data))
+        print(f"test_accuracy: {metrics['test_accuracy']:.6f}")
     dt = time.perf_counter() - t0
     print(f"weights sha256:{weights_sha256(params)}")
-    print(f"test_accuracy: {metrics['test_accuracy']:.6f}")
     print(f"steps: {metrics['steps']}  time: {dt:.2f}s")
     return 0
 
