@@ -26,7 +26,7 @@ F32 = np.float32
 LN_EPS = 1e-5
 
 __all__ = ["load_text", "windows", "init_params", "forward", "backward", "shard_grads",
-           "test_loss", "batch_grads", "train", "is_charlm"]
+           "test_loss", "batch_grads", "train", "is_charlm", "Ctx"]
 
 
 # ---------------------------------------------------------------- data
@@ -73,7 +73,7 @@ def init_params(seed: int, V: int, T: int, n_layer: int, D: int) -> dict[str, np
 
 
 # ---------------------------------------------------------------- 18. forward / backward
-class _Ctx:
+class Ctx:
     """What one shard's training forward needs to draw its masks (section 15)."""
 
     def __init__(self, seed: int, step: int, row0: int, q: float) -> None:
@@ -81,12 +81,14 @@ class _Ctx:
         self.q = float(q)
         self.T, self.scale = nt.dropout_consts(self.q) if self.q > 0 else (0, F32(1.0))
         self.site = 0
+        self.drawn: list[np.ndarray] = []  # the masks in site order (for tests)
 
     def mask(self, shape: tuple[int, ...]) -> np.ndarray | None:
         if self.q <= 0.0:
             return None  # rate 0: the identity, no site number taken
         m = L.layer_mask(self.seed, self.step, self.site, self.row0, shape, self.T)
         self.site += 1
+        self.drawn.append(m)
         return m
 
 
@@ -98,7 +100,7 @@ def _drop_bwd(g, keep, scale):
     return g if keep is None else L.dropout_bwd(g, keep, scale)
 
 
-def _block_fwd(p: dict, pre: str, h: np.ndarray, H: int, ctx: _Ctx):
+def _block_fwd(p: dict, pre: str, h: np.ndarray, H: int, ctx: Ctx):
     N, T, D = h.shape
     E = D // H
     c: dict = {}
@@ -150,7 +152,7 @@ def _block_bwd(p: dict, pre: str, g: np.ndarray, c: dict, H: int, scale, grads: 
     return gh1 + gh_ln
 
 
-def forward(p: dict, x: np.ndarray, arch: dict, ctx: _Ctx):
+def forward(p: dict, x: np.ndarray, arch: dict, ctx: Ctx):
     """Logits ``(N, T, V)`` of tokens ``x (N, T)`` and what the backward needs;
     ``ctx.q = 0`` is evaluation (no dropout)."""
     H, n_layer = arch["n_head"], arch["n_layer"]
@@ -188,7 +190,7 @@ def backward(p: dict, x: np.ndarray, gz: np.ndarray, cache, arch: dict, scale):
 
 
 def shard_grads(p: dict, x: np.ndarray, y: np.ndarray, n_global: int, arch: dict,
-                ctx: _Ctx) -> tuple[dict[str, np.ndarray], np.float32]:
+                ctx: Ctx) -> tuple[dict[str, np.ndarray], np.float32]:
     """One shard's gradients (section 17) and its loss tree_sum(lse)."""
     logits, cache = forward(p, x, arch, ctx)
     V = logits.shape[-1]
@@ -204,7 +206,7 @@ def test_loss(p: dict, tokens: np.ndarray, ids: np.ndarray, T: int, arch: dict,
     total = 0.0
     for i in range(0, len(ids), chunk):
         x, y = windows(tokens, ids[i:i + chunk], T)
-        logits, _ = forward(p, x, arch, _Ctx(0, 0, 0, 0.0))
+        logits, _ = forward(p, x, arch, Ctx(0, 0, 0, 0.0))
         lse, _ = nt.softmax_xent(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), 1)
         total += float(nt.tree_sum(lse, 0))
     return total / (len(ids) * T)
@@ -219,7 +221,7 @@ def batch_grads(p, xb, yb, arch, seed, step, shards):
     parts, losses = [], []
     for s in range(shards):
         sl = slice(s * rows, (s + 1) * rows)
-        ctx = _Ctx(seed, step, s * rows, arch["dropout"])
+        ctx = Ctx(seed, step, s * rows, arch["dropout"])
         g, loss = shard_grads(p, xb[sl], yb[sl], n_global, arch, ctx)
         parts.append(g)
         losses.append(loss)
