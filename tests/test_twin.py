@@ -399,12 +399,12 @@ def _torch_grads(arch, params, xb, yb, masks, scale):
     if arch == "mlp":
         L = sum(1 for k in params if k.endswith(".weight"))
         h = x
-        for l in range(L):
-            h = h @ tp[f"fc{l}.weight"].T + tp[f"fc{l}.bias"]
-            if l < L - 1:
+        for li in range(L):
+            h = h @ tp[f"fc{li}.weight"].T + tp[f"fc{li}.bias"]
+            if li < L - 1:
                 h = torch.relu(h)
                 if masks is not None:
-                    h = h * torch.tensor(masks[l].astype(np.float64)) * float(scale)
+                    h = h * torch.tensor(masks[li].astype(np.float64)) * float(scale)
     else:
         F = torch.nn.functional
         h = x.reshape(-1, 1, 8, 8)

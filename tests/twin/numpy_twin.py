@@ -1,15 +1,28 @@
 """The NumPy twin: an independent implementation of docs/exact-spec.md.
 
-Written from the specification alone (nothing under ``pipeline/`` is read or
-imported). Every floating-point operation below is one IEEE-754 operation on
-float32 or float64 arrays, rounded to nearest-even, in the order the spec
-gives; the only multi-term sums are the fixed tree (``tree_sum``) and the
-integer-valued float64 matrix product inside ``xmm`` (exact by construction).
+Written from the specification alone: nothing under ``pipeline/`` is imported,
+and nothing under ``pipeline/exact/`` was read by its authors. Every
+floating-point operation is one IEEE-754 operation on float32 or float64
+arrays, rounded to nearest-even, in the order the spec gives; the only
+multi-term sums are the fixed tree (``tree_sum``) and the integer-valued
+float64 matrix products inside ``xmm``/``xmm2`` (exact by construction).
+
+Files: this one (sections 1-8, 10, 11: the counter RNG, data, the built-in MLP
+and CNN, ``xmm``, trees, exp/log, cross-entropy, the training loop, the hash,
+the CLI); ``twin_optim.py`` (9: SGD, Nesterov, Adam, AdamW, clipping, the
+schedule); ``twin_layers.py`` (12-16: ``xmm2``, Linear, Conv2d, Embedding,
+LayerNorm, GELU, dropout masks, attention, ``sum_to``, initialisation);
+``twin_charlm.py`` (17-18: examples/charlm as layers; the text windows follow
+the manifest's ``text`` format as pipeline/formats.py and dataset.py decode
+it, which the spec does not cover); ``twin_convnet.py`` (the model ``pipeline
+new`` writes, as layers).
 
 Usage::
 
     python tests/twin/numpy_twin.py configs/digits.toml mode=exact \
         train.epochs=2 --data data/digits.csv.gz
+    python tests/twin/numpy_twin.py examples/charlm/config.toml mode=exact \
+        train.max_steps=3 --data data/shakespeare.txt
 """
 
 from __future__ import annotations
@@ -294,12 +307,12 @@ def _uniform(K: int, count: int, bound: np.float32) -> np.ndarray:
 
 def init_params(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     params: dict[str, np.ndarray] = {}
-    for l, (name, wshape, fan_in) in enumerate(_layer_specs(cfg)):
+    for li, (name, wshape, fan_in) in enumerate(_layer_specs(cfg)):
         bound = F32(1.0 / math.sqrt(float(fan_in)))
         nw = int(np.prod(wshape))
-        params[f"{name}.weight"] = _uniform(key(seed, INIT, l, 0), nw, bound).reshape(wshape)
+        params[f"{name}.weight"] = _uniform(key(seed, INIT, li, 0), nw, bound).reshape(wshape)
         nb = wshape[0]
-        params[f"{name}.bias"] = _uniform(key(seed, INIT, l, 1), nb, bound)
+        params[f"{name}.bias"] = _uniform(key(seed, INIT, li, 1), nb, bound)
     return params
 
 
@@ -346,25 +359,25 @@ def im2col(x: np.ndarray, KH: int, KW: int, stride: int, pad: int):
 
 
 def conv_fwd(x, Wt, b, stride, pad):
-    O, C, KH, KW = Wt.shape
+    Oc, C, KH, KW = Wt.shape
     N = x.shape[0]
     cols, Ho, Wo = im2col(x, KH, KW, stride, pad)
-    Wm = Wt.reshape(O, C * KH * KW)
+    Wm = Wt.reshape(Oc, C * KH * KW)
     Y = xmm(cols, np.ascontiguousarray(Wm.T)) + b
-    y = Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)
+    y = Y.reshape(N, Ho, Wo, Oc).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(y), (cols, Ho, Wo)
 
 
 def conv_bwd(gy, x_shape, cache, Wt, stride, pad, need_gx: bool):
     cols, Ho, Wo = cache
-    O, C, KH, KW = Wt.shape
+    Oc, C, KH, KW = Wt.shape
     N, _, H, W = x_shape
-    gY = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, O)
+    gY = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, Oc)
     gWm = xmm(np.ascontiguousarray(gY.T), cols)
     gb = tree_sum(gY, 0)
     gx = None
     if need_gx:
-        Wm = Wt.reshape(O, C * KH * KW)
+        Wm = Wt.reshape(Oc, C * KH * KW)
         gcols = xmm(gY, np.ascontiguousarray(Wm)).reshape(N, Ho, Wo, C, KH, KW)
         gxpad = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=F32)
         for i in range(KH):
@@ -390,14 +403,14 @@ def mlp_forward(params, x, masks=None, scale=None):
     L = _mlp_n_layers(params)
     h = x
     cache = []
-    for l in range(L):
-        W, b = params[f"fc{l}.weight"], params[f"fc{l}.bias"]
+    for li in range(L):
+        W, b = params[f"fc{li}.weight"], params[f"fc{li}.bias"]
         z = linear_fwd(h, W, b)
         cache.append((h, z))
-        if l < L - 1:
+        if li < L - 1:
             a = relu(z)
             if masks is not None:
-                a = np.where(masks[l], a * scale, F32(0.0)).astype(F32)
+                a = np.where(masks[li], a * scale, F32(0.0)).astype(F32)
             h = a
         else:
             h = z
@@ -407,16 +420,16 @@ def mlp_forward(params, x, masks=None, scale=None):
 def mlp_backward(params, g, cache, masks=None, scale=None):
     L = _mlp_n_layers(params)
     grads = {}
-    for l in range(L - 1, -1, -1):
-        h_in, _ = cache[l]
-        W = params[f"fc{l}.weight"]
-        gW, gb, gx = linear_bwd(g, h_in, W, need_gx=l > 0)
-        grads[f"fc{l}.weight"] = gW
-        grads[f"fc{l}.bias"] = gb
-        if l > 0:
+    for li in range(L - 1, -1, -1):
+        h_in, _ = cache[li]
+        W = params[f"fc{li}.weight"]
+        gW, gb, gx = linear_bwd(g, h_in, W, need_gx=li > 0)
+        grads[f"fc{li}.weight"] = gW
+        grads[f"fc{li}.bias"] = gb
+        if li > 0:
             if masks is not None:
-                gx = np.where(masks[l - 1], gx * scale, F32(0.0)).astype(F32)
-            z_prev = cache[l - 1][1]
+                gx = np.where(masks[li - 1], gx * scale, F32(0.0)).astype(F32)
+            z_prev = cache[li - 1][1]
             g = relu_bwd(gx, z_prev)
     return grads
 

@@ -59,16 +59,16 @@ def _layout(V: int, T: int, n_layer: int, D: int) -> list[tuple[str, str, tuple[
 
 def init_params(seed: int, V: int, T: int, n_layer: int, D: int) -> dict[str, np.ndarray]:
     params: dict[str, np.ndarray] = {}
-    for l, (name, kind, shape) in enumerate(_layout(V, T, n_layer, D)):
+    for li, (name, kind, shape) in enumerate(_layout(V, T, n_layer, D)):
         if kind == "emb":
-            params[f"{name}.weight"] = L.normal_init(seed, l, shape)
+            params[f"{name}.weight"] = L.normal_init(seed, li, shape)
         elif kind == "ln":
             params[f"{name}.weight"] = np.ones(shape, dtype=F32)
             params[f"{name}.bias"] = np.zeros(shape, dtype=F32)
         else:
             fan_in = shape[1]
-            params[f"{name}.weight"] = L.uniform_init(seed, l, 0, shape, fan_in)
-            params[f"{name}.bias"] = L.uniform_init(seed, l, 1, (shape[0],), fan_in)
+            params[f"{name}.weight"] = L.uniform_init(seed, li, 0, shape, fan_in)
+            params[f"{name}.bias"] = L.uniform_init(seed, li, 1, (shape[0],), fan_in)
     return params
 
 

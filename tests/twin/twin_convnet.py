@@ -31,9 +31,9 @@ def init_params(seed: int, ch: int, c: int = 1, hw: int = 64, classes: int = 10)
     shapes = [("0", (ch, c, 3, 3), c * 9), ("2", (ch, ch, 3, 3), ch * 9),
               ("6", (classes, ch * hw), ch * hw)]
     p = {}
-    for l, (name, shape, fan_in) in enumerate(shapes):
-        p[f"{name}.weight"] = L.uniform_init(seed, l, 0, shape, fan_in)
-        p[f"{name}.bias"] = L.uniform_init(seed, l, 1, (shape[0],), fan_in)
+    for li, (name, shape, fan_in) in enumerate(shapes):
+        p[f"{name}.weight"] = L.uniform_init(seed, li, 0, shape, fan_in)
+        p[f"{name}.bias"] = L.uniform_init(seed, li, 1, (shape[0],), fan_in)
     return p
 
 

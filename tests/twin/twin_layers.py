@@ -292,26 +292,26 @@ def attention_bwd(gY, cache):
 # --------------------------------------------------------------- 14. Conv2d (xmm2)
 def conv2d_fwd(x, Wt, b, stride: int, pad: int):
     """Section 6's im2col convolution with xmm2; ``x (N, C, H, W)``."""
-    O, C, KH, KW = Wt.shape
+    Oc, C, KH, KW = Wt.shape
     N = x.shape[0]
     cols, Ho, Wo = nt.im2col(x, KH, KW, stride, pad)
-    Wm = Wt.reshape(O, C * KH * KW)
+    Wm = Wt.reshape(Oc, C * KH * KW)
     Y = xmm2(cols, np.ascontiguousarray(Wm.T))
     if b is not None:
         Y = Y + b
-    y = np.ascontiguousarray(Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
+    y = np.ascontiguousarray(Y.reshape(N, Ho, Wo, Oc).transpose(0, 3, 1, 2))
     return y, (cols, Ho, Wo, x.shape)
 
 
 def conv2d_bwd(gy, cache, Wt, stride: int, pad: int, has_bias: bool = True):
     """(gW, gb or None, gx)."""
     cols, Ho, Wo, x_shape = cache
-    O, C, KH, KW = Wt.shape
+    Oc, C, KH, KW = Wt.shape
     N, _, H, W = x_shape
-    gY = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, O)
+    gY = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, Oc)
     gWm = xmm2(np.ascontiguousarray(gY.T), cols)
     gb = nt.tree_sum(gY, 0) if has_bias else None
-    Wm = np.ascontiguousarray(Wt.reshape(O, C * KH * KW))
+    Wm = np.ascontiguousarray(Wt.reshape(Oc, C * KH * KW))
     gcols = xmm2(gY, Wm).reshape(N, Ho, Wo, C, KH, KW)
     gxpad = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=F32)
     for i in range(KH):
@@ -324,17 +324,17 @@ def conv2d_bwd(gy, cache, Wt, stride: int, pad: int, has_bias: bool = True):
 
 
 # --------------------------------------------------------------- 16. init
-def uniform_init(seed: int, l: int, part: int, shape: tuple[int, ...], fan_in: int):
+def uniform_init(seed: int, li: int, part: int, shape: tuple[int, ...], fan_in: int):
     """Section 3's uniform: ``part`` 0 the weight, 1 the bias."""
     bound = F32(1.0 / math.sqrt(float(fan_in)))
     n = int(np.prod(shape, dtype=np.int64))
-    return nt._uniform(nt.key(seed, nt.INIT, l, part), n, bound).reshape(shape)
+    return nt._uniform(nt.key(seed, nt.INIT, li, part), n, bound).reshape(shape)
 
 
-def normal_init(seed: int, l: int, shape: tuple[int, ...]) -> np.ndarray:
+def normal_init(seed: int, li: int, shape: tuple[int, ...]) -> np.ndarray:
     """Embedding: Irwin-Hall N(0, 1), RN32(sum of 12 u24 * 2^-24 - 6.0)."""
     n = int(np.prod(shape, dtype=np.int64))
-    u = nt.u24(nt.key(seed, nt.INIT, l, 0), 0, 12 * n).reshape(n, 12)
+    u = nt.u24(nt.key(seed, nt.INIT, li, 0), 0, 12 * n).reshape(n, 12)
     tot = u.sum(axis=1)                                   # int64, exact
     v = tot.astype(F64) * nt.pow2(-24) - F64(6.0)          # both exact
     return v.astype(F32).reshape(shape)
