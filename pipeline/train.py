@@ -4,6 +4,7 @@ top to bottom; helpers below carry detail out of it, never control flow."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class TrainResult:
     trail_names: list[str]
     steps: int
     resumed_from: int = 0
+    loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
 
 
 def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
@@ -74,6 +76,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
     bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
                desc="train", unit="step", leave=False)
     order = None
+    loop_started = time.perf_counter()
     try:
         while st.step < total:
             epoch, b = divmod(st.step, steps_per_epoch)
@@ -103,11 +106,12 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
         if writer:
             writer.close()  # every checkpoint on disk (or its error raised) before returning
         bar.close()
+    loop_s = time.perf_counter() - loop_started
 
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed)
+                       resumed, loop_s)
 
 
 class _Examples:
