@@ -37,7 +37,8 @@ def strict_torch() -> None:
     inductor and dynamo, about 1 s (a second ``import torch``) in a run that
     compiles nothing. ATen's flag is set directly; inductor's ``deterministic``
     through TORCHINDUCTOR_DETERMINISTIC, which its config reads when it is
-    imported (torch/_inductor/config.py), or on the module if it already is.
+    imported (torch/_inductor/config.py), or on the module if it already is;
+    child processes inherit the variable, as they inherit the pinned profile.
     """
     torch._C._set_deterministic_algorithms(True, warn_only=False)
     os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
