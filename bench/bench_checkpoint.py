@@ -35,22 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import environment  # noqa: E402  (after the path insert, to run from a checkout)
-
-
-def _pin() -> str:
-    """Re-exec under the pinned profile (threads, ISA) as ``pipeline train`` does;
-    environment variables read at load time must precede the interpreter."""
-    if environment.pinning_disabled():
-        return "unpinned"
-    profile = environment.load_profile()
-    environment.check_host(profile)
-    if environment.needs_reexec(profile):
-        env = {**os.environ, **profile.env, "PIPELINE_PINNED_PROFILE": profile.name}
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
-    environment.apply_in_process(profile)
-    return profile.name
+sys.path.insert(0, str(REPO / "bench"))
+from loops import pin  # noqa: E402  (bench/loops.py: the pinned process)
 
 
 def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None,
@@ -136,7 +122,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="timed pairs (>= 5)")
     ap.add_argument("--dir", type=Path, default=None, help="where checkpoints are written")
     args = ap.parse_args()
-    profile = _pin()
+    profile = pin().name
 
     from pipeline import dataset, manifest
     from pipeline.config import load_config

@@ -26,18 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import environment  # noqa: E402
-
-
-def _pin() -> str:
-    profile = environment.load_profile()
-    environment.check_host(profile)
-    if environment.needs_reexec(profile):
-        env = {**os.environ, **profile.env, "PIPELINE_PINNED_PROFILE": profile.name}
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
-    environment.apply_in_process(profile)
-    return profile.name
+from loops import pin  # noqa: E402  (bench/loops.py: the pinned process)
 
 
 def _load(config: Path, overrides: list[str]) -> tuple[Any, Any, Any]:
@@ -67,7 +56,7 @@ def main() -> None:
                     help="thread counts to compare, comma-separated (and auto)")
     ap.add_argument("--quick", action="store_true", help="fewer steps, 2 rounds")
     args = ap.parse_args()
-    profile = _pin()
+    profile = pin().name
     counts: list[int | None] = [int(n) for n in args.threads.split(",")] + [None]
     repeats = 2 if args.quick else args.repeats
     lm_steps = 8 if args.quick else 30

@@ -122,11 +122,16 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
 
 class _Examples:
     """The dataset's examples on the device: rows (classification) or windows
-    of ``context`` tokens and their next tokens (language modelling)."""
+    of ``context`` tokens and their next tokens (language modelling). A mapped
+    dataset's inputs stay in their file: each call gathers just its rows
+    (pipeline.mapped.Rows.take), the same float32 bits as the in-memory tensor's."""
 
     def __init__(self, ds: Dataset, context: int, dev: torch.device) -> None:
         self.lm, self.ds, self.context, self.dev = ds.task == "lm", ds, context, dev
-        self.x = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev)
+        if isinstance(ds.x, np.ndarray):
+            self.x, self.rows = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev), None
+        else:
+            self.x, self.rows = torch.empty(0), ds.x
         self.y = torch.from_numpy(ds.y).to(dev) if ds.y is not None else None
         self.offsets = torch.arange(context, device=dev)
         self.targets_per_example = context if self.lm else 1
@@ -135,6 +140,8 @@ class _Examples:
         """Inputs and targets of examples ``ids``: (B, ...) and (B,), or (B, T) twice."""
         if self.y is not None:
             idx = torch.from_numpy(np.asarray(ids)).to(self.dev)
+            if self.rows is not None:
+                return torch.from_numpy(self.rows.take(ids)).to(self.dev), self.y[idx]
             return self.x[idx], self.y[idx]
         starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
         pos = starts[:, None] + self.offsets                   # (B, T) token positions
@@ -202,10 +209,14 @@ def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
 
 
 @torch.no_grad()
-def _accuracy(net: Net, examples: _Examples, ids: np.ndarray) -> float:
-    x, y = examples.get(ids)
-    pred = net.predict(x).argmax(dim=1)  # first maximum on ties
-    return int((pred == y).sum()) / len(ids)
+def _accuracy(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 1024) -> float:
+    """Accuracy over ``ids``, ``chunk`` examples at a time (a mapped test split is
+    never gathered whole)."""
+    right = 0
+    for i in range(0, len(ids), chunk):
+        x, y = examples.get(ids[i:i + chunk])
+        right += int((net.predict(x).argmax(dim=1) == y).sum())  # first maximum on ties
+    return right / len(ids)
 
 
 @torch.no_grad()

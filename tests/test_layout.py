@@ -118,7 +118,7 @@ def test_cli_path_imports_no_torch_before_pinning() -> None:
     matplotlib (test_train_imports_torch_once_and_only_after_the_reexec: what a
     run imports when it runs)."""
     code = ("import sys; import pipeline.cli, pipeline.recipe, pipeline.modes, pipeline.runs, "
-            "pipeline.golden, pipeline.manifest, pipeline.launch; "
+            "pipeline.golden, pipeline.manifest, pipeline.launch, pipeline.datacache; "
             "print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
