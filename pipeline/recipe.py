@@ -64,10 +64,10 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     (``trust_cache=False``: from the files, taking no arrays from the decode
     cache), and check that the config fits it (ConfigError, exit 2, before
     any training)."""
-    from . import dataset
+    profile = modes.of(cfg.mode).prepare(argv)  # may re-execute: nothing heavy before it
+    from . import dataset  # numpy: only once pinned
     from .models import resolve
 
-    profile = modes.of(cfg.mode).prepare(argv)
     parts = resolve(cfg.model.factory, cfg.train.loss, base)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.

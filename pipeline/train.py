@@ -39,6 +39,7 @@ class TrainResult:
     steps: int
     resumed_from: int = 0
     threads: dict[str, Any] | None = None  # how the cores were used (pipeline.threads)
+    loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
 
 
 def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
@@ -79,6 +80,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
     bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
                desc="train", unit="step", leave=False)
     order, last_save = None, time.monotonic()
+    loop_started = time.perf_counter()
     try:
         while st.step < total:
             epoch, b = divmod(st.step, steps_per_epoch)
@@ -110,11 +112,12 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
         if writer:
             writer.close()  # every checkpoint on disk (or its error raised) before returning
         bar.close()
+    loop_s = time.perf_counter() - loop_started
 
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed, runner.record())
+                       resumed, runner.record(), loop_s)
 
 
 class _Examples:
