@@ -31,6 +31,7 @@ from .twin import numpy_twin as tw
 from .twin import twin_charlm as tc
 from .twin import twin_convnet as tn
 from .twin import twin_layers as tl
+from .twin import twin_optim as to
 
 REPO = Path(__file__).resolve().parents[1]
 CHARLM = REPO / "examples" / "charlm"
@@ -483,23 +484,14 @@ def _pipeline(overrides, runs, env):
 
 SMALL = ["train.max_steps=3", "model.args.d_model=32", "data.context=16",
          "data.test_fraction=0.0001"]
+# AdamW's decay reaches LayerNorm and embedding weights; clipping's norm is a
+# tree over 30 tensors in sorted-name order ("blocks.0..." before "head...").
+OPTIONS = ["optim.name=adamw", "optim.weight_decay=0.1", "optim.clip_norm=0.5",
+           "optim.schedule=cosine", "optim.warmup_steps=1"]
 DEFAULT_SIZE = ["train.max_steps=2", "data.test_fraction=0.0002"]
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param(SMALL, id="small"),
-    pytest.param(DEFAULT_SIZE, id="default_size", marks=pytest.mark.slow)])
-def test_charlm_hash_and_test_loss_match_pipeline(overrides, tmp_path, suite_env, monkeypatch):
-    """The charlm example in exact mode (4 shards, dropout 0.1, Adam): the
-    twin's weight hash and test loss equal the pipeline's. Control: the twin
-    with drop1 and drop2 drawing each other's site numbers gives another hash."""
-    params, metrics = tc.train(_charlm_cfg(overrides), str(TEXT), TEXT_SHA, with_test_loss=True)
-    want = tw.weights_sha256(params)
-    run = _pipeline(overrides, tmp_path / "runs", suite_env)
-    assert run["weights_sha256"] == want, (run["weights_sha256"], want)
-    assert run["metrics"]["test_loss"] == metrics["test_loss"]
-    if overrides is not SMALL:
-        return
+def _swap_drop_sites(monkeypatch):
     real = tl.layer_mask
 
     def swapped(seed, step, site, row0, shape, T):
@@ -507,8 +499,32 @@ def test_charlm_hash_and_test_loss_match_pipeline(overrides, tmp_path, suite_env
         return real(seed, step, site, row0, shape, T)
 
     monkeypatch.setattr(tl, "layer_mask", swapped)
-    other, _ = tc.train(_charlm_cfg(overrides), str(TEXT), TEXT_SHA)
-    assert tw.weights_sha256(other) != want
+
+
+def _no_clip(monkeypatch):
+    monkeypatch.setattr(to, "clip_grads", lambda grads, c: F32(1.0))
+
+
+@pytest.mark.parametrize("name,overrides,control", [
+    pytest.param("small", SMALL, _swap_drop_sites, id="small"),
+    pytest.param("options", SMALL + OPTIONS, _no_clip, id="small_adamw_clip_cosine"),
+    pytest.param("default", DEFAULT_SIZE, None, id="default_size", marks=pytest.mark.slow)])
+def test_charlm_hash_and_test_loss_match_pipeline(name, overrides, control, tmp_path, suite_env,
+                                                  monkeypatch):
+    """The charlm example in exact mode (4 shards, dropout 0.1; Adam as
+    configured, or AdamW with weight decay, clipping and a warm-up + cosine
+    schedule): the twin's weight hash and test loss equal the pipeline's.
+    Controls: the twin with drop1 and drop2 drawing each other's site numbers,
+    or without clipping, gives another hash."""
+    params, metrics = tc.train(_charlm_cfg(overrides), str(TEXT), TEXT_SHA, with_test_loss=True)
+    want = tw.weights_sha256(params)
+    run = _pipeline(overrides, tmp_path / "runs", suite_env)
+    assert run["weights_sha256"] == want, (name, run["weights_sha256"], want)
+    assert run["metrics"]["test_loss"] == metrics["test_loss"]
+    if control is not None:
+        control(monkeypatch)
+        other, _ = tc.train(_charlm_cfg(overrides), str(TEXT), TEXT_SHA)
+        assert tw.weights_sha256(other) != want, f"{name}: the control changed nothing"
 
 
 def test_new_project_convnet_hash_matches_pipeline(tmp_path, suite_env):
