@@ -97,7 +97,8 @@ class TorchOptimizer:
     """torch.optim behind the Optimizer interface; state keyed by param name.
     SGD (momentum, Nesterov, weight decay), Adam, AdamW, all with
     ``foreach=False``; ``clip_norm > 0``: ``torch.nn.utils.clip_grad_norm_``
-    (``foreach=False``) before each step; the rate of step ``t`` is the
+    (``foreach=False``) before each step, which scales the given gradient
+    tensors in place; the rate of step ``t`` is the
     schedule's ``lr(t)`` (pipeline.schedule, as ``LambdaLR`` would set it),
     so the step count is state too."""
 

@@ -460,3 +460,50 @@ def test_exact_training_with_each_option_equals_the_reference(
     got = _pipeline_hash(RUNS[name], ds)
     assert got == _twin_hash(RUNS[name])
     assert got != baseline
+
+
+_PROCESS = r"""
+import sys, torch
+from pipeline.config import OptimConfig
+from pipeline.exact import make_exact_optimizer
+from pipeline.hashing import weights_sha256
+torch.set_num_threads(int(sys.argv[1]))
+def vals(n, k):  # integers, then one correctly rounded division: the same on every ISA
+    i = (torch.arange(n, dtype=torch.int64) * (2654435761 + k)) % 1000003
+    return i.to(torch.float32) / 1000003.0 - 0.5
+shapes = {"w": (400, 500), "b": (1001,)}
+def tensors(k):
+    return {name: vals(s[0] * (s[1] if len(s) > 1 else 1), k + j).view(s)
+            for j, (name, s) in enumerate(shapes.items())}
+out = [torch.backends.cpu.get_cpu_capability()]
+for o in (OptimConfig(name="adamw", lr=0.01, weight_decay=0.05, clip_norm=1.0,
+                      schedule="cosine", warmup_steps=1),
+          OptimConfig(nesterov=True, weight_decay=0.01, clip_norm=1.0, warmup_steps=2)):
+    p = tensors(0)
+    opt = make_exact_optimizer(o, p, 3)
+    for t in range(3):
+        opt.step(tensors(10 * (t + 1)))
+    out.append(weights_sha256(p))
+print(" ".join(out))
+"""
+
+
+def test_optimisers_give_one_hash_across_threads_and_isa() -> None:
+    """AdamW and Nesterov SGD with clipping and a schedule, on 200k-element
+    tensors (large enough for torch to split elementwise ops across
+    threads), give the same bits at 1 and 2 threads and under ATen's default
+    (no SIMD) kernels; control: the two optimisers' hashes differ."""
+    import os
+    import subprocess
+
+    res = []
+    for isa, threads in (("", "1"), ("", "2"), ("default", "1")):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if isa:
+            env["ATEN_CPU_CAPABILITY"] = isa
+        out = subprocess.run([sys.executable, "-c", _PROCESS, threads], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout.split()
+        res.append(out)
+    assert res[2][0] == "DEFAULT" and res[0][0] != "DEFAULT", res
+    assert res[0][1:] == res[1][1:] == res[2][1:], res
+    assert res[0][1] != res[0][2]
