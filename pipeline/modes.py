@@ -16,6 +16,8 @@ The training loop talks to nets and optimisers through two small protocols:
   loss, the gradients by name of that sum divided by n_global, the number of
   targets in the global batch); ``stream`` keys the shard's random draws;
 - ``net.predict(x)``: logits, no dropout;
+- ``net.threadable``: whether a step's shards may run on several threads at
+  once (pipeline.threads; then the loop sets ``net.in_threads``);
 - ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
   ``load_state(tensors, scalars)``.
 
@@ -45,6 +47,8 @@ class Net(Protocol):
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     dropout_rate: float
+    threadable: bool
+    in_threads: bool
 
     def dropout_widths(self) -> list[int]: ...
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,

@@ -153,7 +153,8 @@ def check_device(device: str) -> None:
 
 def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
                  quiet: bool = False, extra: dict[str, Any] | None = None,
-                 force: bool = False) -> tuple[dict[str, Any], bool]:
+                 force: bool = False, threads: int | None = None
+                 ) -> tuple[dict[str, Any], bool]:
     """The run for ``prep.inputs``: reused if complete and re-derived
     (runs.reusable: its recorded inputs are the ones computed now, its weights
     its record's), else trained, resuming from its checkpoints. Returns
@@ -185,11 +186,12 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
         result = train(prep.inputs.config, prep.ds, prep.parts, run_key=key, ckpt_dir=ckpt_dir,
-                       comm=comm, device=device, quiet=quiet)
+                       comm=comm, device=device, quiet=quiet, threads=threads)
         if rank != 0:
             return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
         where = {"config_dir": str(prep.base)} if prep.base is not None else {}
-        record = runs.write_run(final, prep.inputs, result, started, {**where, **(extra or {})})
+        record = runs.write_run(final, prep.inputs, result, started,
+                                {**where, **(extra or {}), "threads": result.threads})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return record, False
 

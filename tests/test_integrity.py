@@ -355,7 +355,7 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes_to_the_same_hash(
     the same command to resume); the rerun resumes and gives the hash of an
     uninterrupted run."""
     ref = tmp_path / "ref"
-    assert _train(capsys, ref, "train.checkpoint_every=5")[0] == 0
+    assert _train(capsys, ref, "train.checkpoint_every=5", "train.checkpoint_seconds=0")[0] == 0
     want = json.loads(next(ref.glob("*/run.json")).read_text())["weights_sha256"]
     real = _testing.fault
 
@@ -365,10 +365,10 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes_to_the_same_hash(
         real(point, step, rank, flush)  # type: ignore[arg-type]
     monkeypatch.setattr(_testing, "fault", ctrl_c)
     rd = tmp_path / "runs"
-    code, _, err = _train(capsys, rd, "train.checkpoint_every=5")
+    code, _, err = _train(capsys, rd, "train.checkpoint_every=5", "train.checkpoint_seconds=0")
     assert (code, err) == (130, "interrupted at step 15; rerun the same command to resume\n")
     monkeypatch.setattr(_testing, "fault", real)
-    code, out, err = _train(capsys, rd, "train.checkpoint_every=5")
+    code, out, err = _train(capsys, rd, "train.checkpoint_every=5", "train.checkpoint_seconds=0")
     assert code == 0 and "resuming from" in err and out.strip().endswith(want), err
 
 
