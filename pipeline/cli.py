@@ -236,8 +236,8 @@ def _data_verify(args: argparse.Namespace) -> int:
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
-    from .dataset import check_caches  # never trusted here: compared with a fresh decode
-    check_caches(verified, manifest.default_cache_dir())
+    # never trusted here; NumPy only where an entry needs a fresh decode (recipe.check_caches)
+    recipe.check_caches(verified, manifest.default_cache_dir(), full=args.full)
     return 0
 
 

@@ -16,6 +16,7 @@ default CPU generator is the same MT19937 (tests/test_threads.py).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +165,35 @@ class PinnedNet:
         return self.module(x)
 
 
+def _undecorated(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` whose ``add_param_group`` and ``step`` skip torch's dynamo decorators.
+
+    torch 2.13 imports ``torch._dynamo`` (about 1 s, as long as ``import torch``
+    itself: bench/bench_startup.py) in ``Optimizer.add_param_group``'s
+    ``torch._disable_dynamo`` wrapper and in ``_use_grad_for_differentiable``
+    around every ``step`` (torch/optim/optimizer.py), for graph breaks that only
+    a ``torch.compile`` tracing the optimizer needs; the pipeline never compiles
+    it. The same bodies run, undecorated (``inspect.unwrap``), step under
+    ``no_grad`` as ``_use_grad`` sets it (``differentiable`` is False); the step
+    hooks and profiler label that Optimizer wraps around ``step`` are kept.
+    tests/test_pinned.py checks equal bits against the stock classes."""
+    add_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    step = inspect.unwrap(cls.step)
+
+    def add_param_group(self: Any, param_group: dict[str, Any]) -> None:
+        add_group(self, param_group)
+
+    @torch.no_grad()
+    def undecorated_step(self: Any, closure: Any = None) -> Any:
+        return step(self, closure)
+    return type(cls.__name__, (cls,), {"add_param_group": add_param_group,
+                                       "step": undecorated_step, "__module__": __name__})
+
+
+_SGD, _ADAM = _undecorated(torch.optim.SGD), _undecorated(torch.optim.Adam)
+_ADAMW = _undecorated(torch.optim.AdamW)
+
+
 class TorchOptimizer:
     """torch.optim behind the Optimizer interface; state keyed by param name.
     SGD (momentum, Nesterov, weight decay), Adam, AdamW, all with
@@ -182,11 +212,11 @@ class TorchOptimizer:
         self.schedule, self.t = schedule_of(cfg, total_steps), 0
         plist = list(params.values())
         if cfg.name == "sgd":
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+            self.opt: torch.optim.Optimizer = _SGD(
                 plist, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 nesterov=cfg.nesterov, foreach=False)
         else:
-            cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+            cls = _ADAMW if cfg.name == "adamw" else _ADAM
             self.opt = cls(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                            weight_decay=cfg.weight_decay, foreach=False)
 

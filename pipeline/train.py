@@ -39,6 +39,7 @@ class TrainResult:
     steps: int
     resumed_from: int = 0
     threads: dict[str, Any] | None = None  # how the cores were used (pipeline.threads)
+    loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
 
 
 def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
@@ -79,6 +80,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
     bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
                desc="train", unit="step", leave=False)
     order, last_save = None, time.monotonic()
+    loop_started = time.perf_counter()
     try:
         while st.step < total:
             epoch, b = divmod(st.step, steps_per_epoch)
@@ -110,20 +112,26 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
         if writer:
             writer.close()  # every checkpoint on disk (or its error raised) before returning
         bar.close()
+    loop_s = time.perf_counter() - loop_started
 
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed, runner.record())
+                       resumed, runner.record(), loop_s)
 
 
 class _Examples:
     """The dataset's examples on the device: rows (classification) or windows
-    of ``context`` tokens and their next tokens (language modelling)."""
+    of ``context`` tokens and their next tokens (language modelling). A mapped
+    dataset's inputs stay in their file: each call gathers just its rows
+    (pipeline.mapped.Rows.take), the same float32 bits as the in-memory tensor's."""
 
     def __init__(self, ds: Dataset, context: int, dev: torch.device) -> None:
         self.lm, self.ds, self.context, self.dev = ds.task == "lm", ds, context, dev
-        self.x = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev)
+        if isinstance(ds.x, np.ndarray):
+            self.x, self.rows = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev), None
+        else:
+            self.x, self.rows = torch.empty(0), ds.x
         self.y = torch.from_numpy(ds.y).to(dev) if ds.y is not None else None
         self.offsets = torch.arange(context, device=dev)
         self.targets_per_example = context if self.lm else 1
@@ -132,6 +140,8 @@ class _Examples:
         """Inputs and targets of examples ``ids``: (B, ...) and (B,), or (B, T) twice."""
         if self.y is not None:
             idx = torch.from_numpy(np.asarray(ids)).to(self.dev)
+            if self.rows is not None:
+                return torch.from_numpy(self.rows.take(ids)).to(self.dev), self.y[idx]
             return self.x[idx], self.y[idx]
         starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
         pos = starts[:, None] + self.offsets                   # (B, T) token positions
@@ -199,10 +209,14 @@ def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
 
 
 @torch.no_grad()
-def _accuracy(net: Net, examples: _Examples, ids: np.ndarray) -> float:
-    x, y = examples.get(ids)
-    pred = net.predict(x).argmax(dim=1)  # first maximum on ties
-    return int((pred == y).sum()) / len(ids)
+def _accuracy(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 1024) -> float:
+    """Accuracy over ``ids``, ``chunk`` examples at a time (a mapped test split is
+    never gathered whole)."""
+    right = 0
+    for i in range(0, len(ids), chunk):
+        x, y = examples.get(ids[i:i + chunk])
+        right += int((net.predict(x).argmax(dim=1) == y).sum())  # first maximum on ties
+    return right / len(ids)
 
 
 @torch.no_grad()

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import safetensors.numpy
 
-from pipeline import _testing, atomic, cli, dataset, manifest, recipe, runs
+from pipeline import _testing, atomic, cli, datacache, dataset, manifest, recipe, runs
 from pipeline.config import load_config
 
 from .helpers import ROOT, pipeline_env, run_pipeline
@@ -136,10 +137,10 @@ def test_forged_decode_cache_entry_is_caught_by_verify_rebuild_and_data_verify(
     assert _train(capsys, rd, "seed=5")[0] == 0  # fills the cache
     (entry,) = (tmp_path / "cache").glob("*.safetensors")
     blob = entry.read_bytes()
-    arrays = dataset._st_load(blob)
+    arrays = safetensors.numpy.load(blob)
     arrays["y"] = (arrays["y"] + 1) % 10
-    meta = {k: v for k, v in dataset._st_data(blob)[0].items() if k != "data_sha256"}
-    forged = dataset._encode_entry(arrays, meta)  # its own data_sha256 recomputed
+    meta = {k: v for k, v in datacache.st_data(blob)[0].items() if k != "data_sha256"}
+    forged = datacache.encode_arrays(arrays, meta)  # its own data_sha256 recomputed
     entry.write_bytes(forged)
     assert _train(capsys, rd, "seed=6")[0] == 0  # trusts the cache: wrong labels
     key = _key("seed=6")
