@@ -11,7 +11,6 @@ machine is shared), no example database.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shutil
 import tomllib
