@@ -294,7 +294,7 @@ def test_ctrl_c_of_a_multi_process_run_prints_one_line(
     torchrun warnings."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", "train.epochs=30",
-           "train.shards=4", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
+           "train.shards=4", "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
     p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + TIMEOUT_S
