@@ -87,7 +87,9 @@ class Mode:
         """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
         raise NotImplementedError
 
-    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+    def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
+        """The optimiser of ``cfg.optim`` over ``net.params``; its learning-rate
+        schedule spans ``total_steps`` (the steps the run trains)."""
         raise NotImplementedError
 
     def golden_key(self, record: dict[str, Any]) -> dict[str, str]:
@@ -141,9 +143,9 @@ class _Pinned(Mode):
                               cfg.model.args, cfg.seed)
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
-    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+    def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .pinned import TorchOptimizer
-        return TorchOptimizer(cfg.optim, net.params)
+        return TorchOptimizer(cfg.optim, net.params, total_steps)
 
 
 class _Exact(Mode):
@@ -183,9 +185,9 @@ class _Exact(Mode):
                     float(args.get("dropout", 0.1)))
         return ExactNet(arch, cfg.seed, device, input_shape=shape, n_classes=classes)
 
-    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+    def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .exact import make_exact_optimizer
-        return make_exact_optimizer(cfg.optim, net.params)
+        return make_exact_optimizer(cfg.optim, net.params, total_steps)
 
 
 PINNED, EXACT = _Pinned(), _Exact()

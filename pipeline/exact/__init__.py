@@ -5,7 +5,8 @@ thread count or device.
 - ``ops``: the exact matrix product, fixed summation trees, exp/log, sqrt,
   softmax cross-entropy, ReLU/dropout, im2col/col2im (spec sections 4-7);
 - ``net``: ``ExactNet``, the spec's MLP or CNN with explicit backward;
-- ``optim``: ``ExactSGD``, ``ExactAdam`` (spec section 9);
+- ``optim``: ``ExactSGD``, ``ExactAdam``, ``ExactAdamW``, ``clip_scale``
+  (spec section 9; the schedule is ``pipeline.schedule``);
 - ``matmul``: the multi-slice (Ozaki) exact product, at least fp32's accuracy.
 """
 
@@ -28,8 +29,9 @@ from .ops import (
                   xlog,
                   xmm,
 )
-from .optim import ExactAdam, ExactSGD, make_exact_optimizer
+from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
 
 __all__ = ["matmul", "xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im",
-           "Arch", "ExactNet", "ExactSGD", "ExactAdam", "make_exact_optimizer"]
+           "Arch", "ExactNet", "ExactSGD", "ExactAdam", "ExactAdamW", "clip_scale",
+           "make_exact_optimizer"]
