@@ -243,8 +243,9 @@ def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | Non
     w.add_(_ERFC[8])
     for n in range(7, -1, -1):
         w.mul_(t).add_(_ERFC[n])
-    ec = exp64(w.sub_(a.mul_(a))).mul_(t)
-    phi = torch.where(d <= 0, ec.mul(0.5), ec.neg_().add_(2.0).mul_(0.5))  # z >= 0 <=> d <= 0
+    half = exp64(w.sub_(a.mul_(a))).mul_(t).mul_(0.5)   # 0.5 * ec (exact scaling)
+    # z >= 0 <=> d <= 0; 0.5 * (2 - ec) == 1 - 0.5 * ec (scaling commutes with rounding)
+    phi = torch.where(d <= 0, half, one - half)
     y = (d * phi).to(_F32)
     if not grad:
         return y, None

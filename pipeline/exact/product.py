@@ -39,7 +39,8 @@ def _magic(x: Tensor, dim: int, p: int) -> Tensor:
     is read off the f64 exponent bits of the maximum (exact), ``53 - p``
     added to the exponent field and the top mantissa bit set. A zero slice
     gets a harmless tiny value (its entries stay exactly zero)."""
-    r = x.abs().amax(dim, keepdim=True).to(_F64)  # max is exact; f32 -> f64 exact
+    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)  # one pass; max|x| = max(-lo, hi)
+    r = torch.maximum(lo.neg_(), hi).to(_F64)  # exact; f32 -> f64 exact
     return r.view(_I64).bitwise_and_(_EXP_MASK).add_(((53 - p) << 52) | (1 << 51)).view(_F64)
 
 
@@ -81,7 +82,7 @@ def mm_sliced(sa: Tensor, qb: Tensor) -> Tensor:
     one rounding to f32."""
     p = torch.matmul(sa, qb)
     m = sa.shape[-2] // 2
-    q = p.narrow(-2, 0, m) + p.narrow(-2, m, m)
+    q = p.narrow(-2, 0, m).add_(p.narrow(-2, m, m))   # f64, in place
     out = torch.empty(q.shape, dtype=_F32, device=q.device)
     return torch.add(q, 0.0, out=out)
 
