@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from .blocks import by_rows
 from .context import dropout_constants, next_mask, trusted
 from .flat import rn32
 from .functional import _trusted_backward
@@ -24,36 +25,50 @@ from .product import xmm2
 __all__ = ["attention"]
 
 
+def _softmax(z: Tensor, allowed: Tensor) -> tuple[Tensor]:
+    """Rows of ``P`` from rows of ``Z`` (spec section 14): the maximum over
+    allowed keys, ``xexp``, +0 where not allowed, the fixed tree, a division."""
+    e = xexp(z - torch.where(allowed, z, -math.inf).amax(-1, keepdim=True))
+    e = torch.where(allowed, e, 0.0)
+    return (e.div_(tree_sum(e, -1).unsqueeze(-1)),)
+
+
+def _softmax_grad(gp: Tensor, p: Tensor, allowed: Tensor) -> tuple[Tensor]:
+    """Rows of ``gZ``: ``(gP - tree_sum(gP * P)) * P``, +0 where not allowed."""
+    gz = (gp - tree_sum(gp * p, -1).unsqueeze(-1)).mul_(p)
+    return (torch.where(allowed, gz, 0.0),)
+
+
+def _allowed(z: Tensor, causal: bool) -> Tensor:
+    """Bool ``z.shape``: which (query, key) pairs are attended (a broadcast view)."""
+    t, s_len = z.shape[-2:]
+    mask = torch.ones(t, s_len, dtype=torch.bool, device=z.device)
+    return (mask.tril_() if causal else mask).expand(z.shape)
+
+
 class _Attention(Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, c: float,
                 keep: Tensor | None, scale_a: float) -> Tensor:
-        z = xmm2(q, k.transpose(-1, -2)) * c              # (N, H, T, S)
-        t, s_len = z.shape[-2:]
-        allowed = torch.ones(t, s_len, dtype=torch.bool, device=z.device).tril_() \
-            if causal else None
-        zm = z if allowed is None else torch.where(allowed, z, -math.inf)
-        e = xexp(z - zm.amax(-1, keepdim=True))
-        if allowed is not None:
-            e = torch.where(allowed, e, 0.0)
-        p = e / tree_sum(e, -1).unsqueeze(-1)
+        z = xmm2(q, k.transpose(-1, -2)).mul_(c)          # (N, H, T, S)
+        allowed = _allowed(z, causal)
+        (p,) = by_rows(_softmax, z, allowed, width=z.shape[-1])
         pd = p if keep is None else torch.where(keep, p * scale_a, 0.0)
-        ctx.save_for_backward(q, k, v, p, pd, keep, allowed)
+        ctx.save_for_backward(q, k, v, p, pd, keep)
+        ctx.causal = causal
         ctx.c, ctx.scale_a = c, scale_a
         return xmm2(pd, v)                                # (N, H, T, Ev)
 
     @staticmethod
     @_trusted_backward
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, p, pd, keep, allowed = ctx.saved_tensors
+        q, k, v, p, pd, keep = ctx.saved_tensors
         g = g.to(torch.float32)
         gpd = xmm2(g, v.transpose(-1, -2))                # (N, H, T, S)
         gv = xmm2(pd.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
         gp = gpd if keep is None else torch.where(keep, gpd * ctx.scale_a, 0.0)
-        gz = (gp - tree_sum(gp * p, -1).unsqueeze(-1)) * p
-        if allowed is not None:
-            gz = torch.where(allowed, gz, 0.0)
-        gs = gz * ctx.c
+        (gz,) = by_rows(_softmax_grad, gp, p, _allowed(p, ctx.causal), width=p.shape[-1])
+        gs = gz.mul_(ctx.c)
         gq = xmm2(gs, k) if ctx.needs_input_grad[0] else None
         gk = xmm2(gs.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
         return gq, gk, gv, None, None, None, None

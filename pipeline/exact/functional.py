@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from .blocks import by_rows
 from .context import cached, dropout_constants, next_mask, trusted
 from .flat import rn32
 from .ops import col2im, exp64, im2col, sqrt32, tree_sum
@@ -256,9 +257,11 @@ def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | Non
 class _GELU(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, tanh: bool) -> Tensor:
-        y, dy = _gelu_parts(x, tanh, ctx.needs_input_grad[0])
-        ctx.save_for_backward(dy)
-        return y
+        grad = ctx.needs_input_grad[0]
+        out = by_rows(lambda v: tuple(t for t in _gelu_parts(v, tanh, grad) if t is not None),
+                      x, width=x.shape[-1] if x.dim() else 1)
+        ctx.save_for_backward(out[1] if grad else None)
+        return out[0]
 
     @staticmethod
     @_trusted_backward

@@ -39,8 +39,7 @@ def _magic(x: Tensor, dim: int, p: int) -> Tensor:
     is read off the f64 exponent bits of the maximum (exact), ``53 - p``
     added to the exponent field and the top mantissa bit set. A zero slice
     gets a harmless tiny value (its entries stay exactly zero)."""
-    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)  # one pass; max|x| = max(-lo, hi)
-    r = torch.maximum(lo.neg_(), hi).to(_F64)  # exact; f32 -> f64 exact
+    r = x.abs().amax(dim, keepdim=True).to(_F64)  # max is exact; f32 -> f64 exact
     return r.view(_I64).bitwise_and_(_EXP_MASK).add_(((53 - p) << 52) | (1 << 51)).view(_F64)
 
 
@@ -57,6 +56,7 @@ def split_rows(a: Tensor, pa: int) -> Tensor:
     The remainder ``a - a1 * 2^s1`` is exact in f64; its magic constant is the
     first one times ``2^-pa`` (a power of two: exact)."""
     m = a.shape[-2]
+    a = a.contiguous()  # a transposed gradient: strided row reductions are slow
     out = torch.empty(*a.shape[:-2], 2 * m, a.shape[-1], dtype=_F64, device=a.device)
     q1, q2 = out.narrow(-2, 0, m), out.narrow(-2, m, m)
     m1 = _magic(a, -1, pa)
