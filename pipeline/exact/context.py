@@ -11,11 +11,13 @@ it is the same whichever shard, rank or world size computes it.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from .. import rng
 from .flat import rn32
 
 __all__ = ["step_context", "next_mask", "dropout_constants", "StepContext", "trusted",
-           "is_trusted", "weight_cache", "cached"]
+           "is_trusted", "weight_cache", "cached", "apply_trusted", "trusted_backward"]
 
 
 @dataclass
@@ -99,6 +101,22 @@ def trusted() -> Iterator[None]:
 
 def is_trusted() -> bool:
     return getattr(_LOCAL, "trusted", 0) > 0
+
+
+def apply_trusted(fn: type[torch.autograd.Function], *args: Any) -> Any:
+    """``fn.apply(*args)`` as a trusted region of the guard."""
+    with trusted():
+        return fn.apply(*args)
+
+
+def trusted_backward(f: Callable[..., Any]) -> Callable[..., Any]:
+    """A Function's backward run as a trusted region (for a backward called
+    while a guard is active)."""
+    @functools.wraps(f)
+    def wrapper(*args: Any) -> Any:
+        with trusted():
+            return f(*args)
+    return wrapper
 
 
 @contextmanager

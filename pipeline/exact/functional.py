@@ -7,8 +7,6 @@ forbidden and why. Both run as trusted regions of the guard.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +14,8 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .blocks import by_rows
-from .context import cached, dropout_constants, next_mask, trusted
+from .context import apply_trusted, cached, dropout_constants, next_mask, trusted
+from .context import trusted_backward as _trusted_backward
 from .flat import rn32
 from .ops import col2im, exp64, im2col, sqrt32, tree_sum
 from .product import matmul_sliced, quantise_cols, xmm2
@@ -31,20 +30,6 @@ _ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.2788680
 _SQRT_HALF = 0.7071067811865476  # 0x3FE6A09E667F3BCD, sqrt(1/2) correctly rounded
 _INV_SQRT_2PI = 0.3989422804014327  # 0x3FD9884533D43651
 _SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi), the tanh form
-
-
-def apply_trusted(fn: type[Function], *args: Any) -> Any:
-    """``fn.apply(*args)`` as a trusted region of the guard."""
-    with trusted():
-        return fn.apply(*args)
-
-
-def _trusted_backward(f: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(f)
-    def wrapper(*args: Any) -> Any:
-        with trusted():
-            return f(*args)
-    return wrapper
 
 
 def _c(x: Tensor, v: float) -> Tensor:
