@@ -69,7 +69,11 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
 def _run(config: Path, mode: str, threads: int, steps: int, overrides: list[str]) -> dict:
     from pipeline import environment
 
-    env = {**os.environ, **environment.load_profile().env, "PYTHONPATH": str(ROOT)}
+    # The profile's variables with the thread count replaced, set here for
+    # both modes; PIPELINE_TEST_NO_PIN keeps pinned mode from re-executing to
+    # restore the profile's one thread.
+    env = {**os.environ, **environment.load_profile().env, "PYTHONPATH": str(ROOT),
+           "PIPELINE_TEST_NO_PIN": "1"}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     p = subprocess.run([sys.executable, __file__, "--child", mode, "--config", str(config),

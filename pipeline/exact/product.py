@@ -40,6 +40,7 @@ def _magic(x: Tensor, dim: int, p: int) -> Tensor:
     added to the exponent field and the top mantissa bit set. A zero slice
     gets a harmless tiny value (its entries stay exactly zero)."""
     r = x.abs().amax(dim, keepdim=True).to(_F64)  # max is exact; f32 -> f64 exact
+    # (``x`` may be the f64 copy of an f32 tensor: the same maximum)
     return r.view(_I64).bitwise_and_(_EXP_MASK).add_(((53 - p) << 52) | (1 << 51)).view(_F64)
 
 
@@ -56,12 +57,12 @@ def split_rows(a: Tensor, pa: int) -> Tensor:
     The remainder ``a - a1 * 2^s1`` is exact in f64; its magic constant is the
     first one times ``2^-pa`` (a power of two: exact)."""
     m = a.shape[-2]
-    a = a.contiguous()  # a transposed gradient: strided row reductions are slow
     out = torch.empty(*a.shape[:-2], 2 * m, a.shape[-1], dtype=_F64, device=a.device)
     q1, q2 = out.narrow(-2, 0, m), out.narrow(-2, m, m)
-    m1 = _magic(a, -1, pa)
-    torch.add(a, m1, out=q1).sub_(m1)                 # a converts to f64 exactly
-    rem = torch.sub(a, q1, out=q2)                    # exact
+    q2.copy_(a)                                        # f32 -> f64, exact, any layout
+    m1 = _magic(q2, -1, pa)
+    torch.add(q2, m1, out=q1).sub_(m1)
+    rem = q2.sub_(q1)                                  # exact
     m2 = m1.mul_(2.0 ** -pa)
     rem.add_(m2).sub_(m2)
     return out
