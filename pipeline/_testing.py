@@ -18,7 +18,10 @@ Never set these for real runs (README, "Test-only switches"):
   the fixed tree (the world-size control);
 - ``PIPELINE_TEST_NO_SHARD_STREAMS=1``: pinned modules draw from torch's
   global generator instead of a stream per (seed, step, shard) (the control
-  for randomness inside a module).
+  for randomness inside a module);
+- ``PIPELINE_TEST_INTRAOP_THREADS=1``: pinned mode runs ``--threads N`` as
+  torch's own intra-op threads instead of shards on threads (the control for
+  thread invariance).
 
 In-process tests replace ``SWITCHES`` (``monkeypatch.setattr``); tests that
 start processes set the variables, which the new process reads here.
@@ -47,6 +50,7 @@ class Switches:
     kill_rank_at_step: tuple[int, int] | None = None
     plain_allreduce: bool = False
     no_shard_streams: bool = False
+    intraop_threads: bool = False
 
 
 def _int(environ: Mapping[str, str], name: str) -> int | None:
@@ -69,6 +73,7 @@ def read(environ: Mapping[str, str]) -> Switches:
         kill_rank_at_step=(int(r), int(s)) if rank_step else None,
         plain_allreduce=environ.get("PIPELINE_TEST_PLAIN_ALLREDUCE") == "1",
         no_shard_streams=environ.get("PIPELINE_TEST_NO_SHARD_STREAMS") == "1",
+        intraop_threads=environ.get("PIPELINE_TEST_INTRAOP_THREADS") == "1",
     )
 
 

@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print run.json instead of a summary")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    t.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="cores to use (default: all); the weights do not depend on N")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes (torch.distributed; a power of two dividing train.shards)")
     # Multi-node, passed through to torchrun (README, "Distributed training"):
@@ -116,23 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = args.command
-    if cmd == "train":
-        return _train(args, argv)
-    if cmd == "verify":
-        return _verify(args, argv)
-    if cmd == "diff":
-        return _diff(args)
+    if cmd in ("train", "verify"):
+        return (_train if cmd == "train" else _verify)(args, argv)
     if cmd == "data":
         return _data_verify(args) if args.data_cmd == "verify" else _data_add(args)
-    if cmd == "new":
-        return _new(args)
     if cmd == "env":
         return _env()
-    if cmd == "runs":
-        return _runs(args)
-    if cmd in ("audit", "exec"):
-        return _audit(args)
-    return _golden(args)
+    handlers = {"diff": _diff, "new": _new, "runs": _runs, "audit": _audit, "exec": _audit}
+    return handlers.get(cmd, _golden)(args)
 
 
 def _config_args(items: list[str]) -> tuple[Path, list[str]]:
@@ -155,6 +148,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from . import recipe
 
     path, overrides = _config_args(args.args)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected an integer >= 1, found {args.threads}")
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
@@ -162,7 +157,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     recipe.check_device(args.device)
     record, reused = recipe.get_or_train(prep, args.runs_dir, device=args.device,
                                          quiet=args.quiet, force=args.force or args.rebuild,
-                                         extra={"device": args.device, "world_size": 1})
+                                         extra={"device": args.device, "world_size": 1},
+                                         threads=args.threads)
     if args.rebuild:
         recipe.rebuild(prep, record, device=args.device, quiet=args.quiet)
         print(f"rebuild identical: run {record['run_key']}")
@@ -180,7 +176,7 @@ def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
                          "are the same at every world size)")
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
-                args.master_port, args.rdzv_endpoint, force=args.force)
+                args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads)
     out = launch(spec, argv, cfg)
     if out.record is None:
         print(out.note)
@@ -240,8 +236,8 @@ def _data_verify(args: argparse.Namespace) -> int:
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
-    from .dataset import check_caches  # never trusted here: compared with a fresh decode
-    check_caches(verified, manifest.default_cache_dir())
+    # never trusted here; NumPy only where an entry needs a fresh decode (recipe.check_caches)
+    recipe.check_caches(verified, manifest.default_cache_dir(), full=args.full)
     return 0
 
 

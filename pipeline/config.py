@@ -52,6 +52,9 @@ class TrainConfig:
     # 8 shards: world sizes 1, 2, 4 and 8 all give the same bits (pipeline.distributed).
     shards: int = 8
     checkpoint_every: int = 100
+    # ... and at least this long after the previous one (or the start): a
+    # checkpoint's cost is then at most its write time / this share of training.
+    checkpoint_seconds: float = 60.0
     loss: str = "cross_entropy"  # or "module:function" (pipeline.models)
 
 
@@ -102,6 +105,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.batch_size", lambda v: 1 <= v <= 1 << 20, "an integer in [1, 2^20]"),
     ("train.shards", _is_pow2, "a power of two (1, 2, 4, ...)"),
     ("train.checkpoint_every", lambda v: v >= 0, "an integer >= 0 (0: epoch ends only)"),
+    ("train.checkpoint_seconds", lambda v: 0.0 <= v <= 1e6, "a number of seconds in [0, 1e6]"),
     ("train.loss", lambda v: _FACTORY.fullmatch(v) is not None or v in LOSSES,
      f'one of {LOSSES} or "module:function"'),
     ("optim.name", lambda v: v in ("sgd", "adam"), 'one of "sgd", "adam"'),

@@ -3,9 +3,14 @@
 ``load`` decodes a manifest dataset (pipeline.schema) whose files
 ``pipeline.manifest.verify`` checked: each part (train, and test if the
 manifest gives one) through pipeline.formats. The result goes to a cache
-shared by concurrent processes under a file lock: the key covers the files'
-sha256, the decode specs and ``DECODER_VERSION``; an entry is one safetensors
-file written atomically and checked on every read. A ``Dataset`` carries its
+(pipeline.datacache) shared by concurrent processes under a file lock: the
+key covers the files' sha256, the decode specs and ``DECODER_VERSION``; an
+entry is written atomically and checked on every read. A dataset decoded
+into memory caches its arrays (one safetensors file). A dataset with a part
+in npy or uncompressed IDX is memory-mapped instead (pipeline.mapped): each
+such file is opened here, must be the file verify saw (fstat: device, inode,
+size, mtime, ctime), and is mapped from that descriptor; its cache entry
+holds only metadata and the decoded arrays' hash. A ``Dataset`` carries its
 own shapes, so no model reads a constant.
 
 Examples: a classification dataset's rows; a language-modelling dataset's
@@ -16,8 +21,9 @@ test part, from the test tokens after them.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,21 +31,14 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
-from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
 
-from . import _testing, atomic, formats
-from .config import canonical_json
+from . import _testing, atomic, datacache, formats
+from .datacache import DECODER_VERSION, MAX_CACHE_ENTRY, encode_arrays, read_arrays
 from .errors import DataIntegrityError
-from .manifest import Verified, file_sha256, open_in_root
-from .safeio import read_regular
+from .manifest import Verified, file_sha256, open_in_root, stat_key
+from .mapped import Rows
 
-__all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "check_caches",
-           "MAX_CACHE_ENTRY"]
-
-# Bump whenever decoding changes: it is part of every cache key.
-DECODER_VERSION = 2
-MAX_CACHE_ENTRY = 16 << 30  # bytes: a decode-cache entry larger than this is refused
+__all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "MAX_CACHE_ENTRY"]
 
 
 # eq=False: arrays have no truth value, so field-wise == and hash() would fail.
@@ -49,23 +48,26 @@ class Dataset:
     ``y`` (n,) int64 in [0, n_classes). Language modelling (``task`` "lm"):
     ``x`` tokens (T,) int64 in [0, n_classes), ``y`` None. The first
     ``n_train`` rows (tokens) are the train part; the rest, if any, the
-    manifest's test part. ``sha256``: the train inputs' file (it keys the split)."""
+    manifest's test part. ``sha256``: the train inputs' file (it keys the split).
+    A mapped dataset's ``x`` is a ``pipeline.mapped.Rows`` (``take`` gathers rows as
+    float32; ``materialise`` is the in-memory array) and ``decoded`` its known hash."""
 
     name: str
     sha256: str
     task: str
-    x: np.ndarray
+    x: np.ndarray | Rows
     y: np.ndarray | None
     input_shape: tuple[int, ...]
     n_classes: int
     n_train: int
     vocabulary: tuple[str, ...] | None = None
+    decoded: str | None = None
 
     def decoded_sha256(self) -> str:
         """The canonical hash (pipeline.hashing) of the decoded arrays {x, y}:
-        recorded in run.json, so that ``verify`` can compare a fresh decode."""
-        from .hashing import weights_sha256
-        return weights_sha256({"x": self.x} if self.y is None else {"x": self.x, "y": self.y})
+        recorded in run.json, so that ``verify`` can compare a fresh decode. The
+        same bytes whether x is mapped (hashed chunk by chunk) or in memory."""
+        return self.decoded or _decoded_sha256({"x": self.x, "y": self.y})
 
     @property
     def has_test_part(self) -> bool:
@@ -89,21 +91,24 @@ class Dataset:
                         self.n_train + (ids - n_train_windows) * context)
 
 
-def _key(verified: Verified, name: str) -> str:
+def _decoded_sha256(arrays: dict[str, Any]) -> str:
+    """The canonical hash of {x, y} (y None: {x}); a mapped x is one pass over its
+    rows, which also checks every value (``Rows.chunks``)."""
+    from .hashing import weights_sha256
+    return weights_sha256({k: v for k, v in arrays.items() if v is not None})
+
+
+def _maps(verified: Verified, name: str) -> bool:
     entry = verified.datasets[name]
-    spec = {"task": entry.task, "train": entry.train, "test": entry.test,
-            "files": {f: verified.hashes[f] for f in entry.files()},
-            "decoder_version": DECODER_VERSION}
-    return hashlib.sha256(canonical_json(spec)).hexdigest()
+    return any(formats.maps(s) for s in (entry.train, entry.test) if s is not None)
 
 
-def _paths(verified: Verified, names: list[str]) -> dict[str, Path]:
-    out = {}
-    for n in names:
-        f, resolved = open_in_root(verified.entries[n], verified.root)
-        f.close()
-        out[n] = resolved
-    return out
+def _same_file(verified: Verified, name: str, f: Any) -> None:
+    """The open file ``f`` is the one verify checked (its fstat unchanged since)."""
+    if (now := stat_key(os.fstat(f.fileno()))) != verified.stats.get(name):
+        raise DataIntegrityError(str(verified.root / verified.entries[name].path),
+                                 f"the file verified ({verified.stats.get(name)})", f"{now}",
+                                 "the file changed since it was verified; run again")
 
 
 def _still_verified(verified: Verified, paths: dict[str, Path]) -> None:
@@ -116,16 +121,26 @@ def _still_verified(verified: Verified, paths: dict[str, Path]) -> None:
                                      "the file changed while being loaded; run again")
 
 
-def _decode(verified: Verified, name: str, key: str) -> tuple[dict[str, np.ndarray],
-                                                                dict[str, Any]]:
-    """Decode every part and join them: (arrays, metadata)."""
-    _testing.note_decode(key)
+def _decode(verified: Verified, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Decode every part and join them: (arrays, metadata). A file a part maps is
+    mapped from the descriptor opened here, which must still be the file verify
+    saw once mapped; the other files are hashed again after decoding."""
     entry = verified.datasets[name]
-    paths = _paths(verified, entry.files())
-    parts = [formats.decode(entry.train, paths)]
-    if entry.test is not None:
-        parts.append(formats.decode(entry.test, paths))
-    _still_verified(verified, paths)
+    specs = [entry.train] + ([entry.test] if entry.test is not None else [])
+    mapped = {n for s in specs if formats.maps(s) for n in formats.files_of(s)}
+    paths: dict[str, Path] = {}
+    with contextlib.ExitStack() as stack:
+        opened = {}
+        for n in entry.files():
+            f, paths[n] = open_in_root(verified.entries[n], verified.root)
+            if n in mapped:
+                opened[n] = stack.enter_context(f)
+            else:
+                f.close()
+        parts = [formats.decode(s, paths, opened) for s in specs]
+        for n, f in opened.items():
+            _same_file(verified, n, f)
+    _still_verified(verified, {n: p for n, p in paths.items() if n not in opened})
     first = parts[0]
     for p in parts[1:]:
         if (p.input_shape, p.n_classes, p.vocabulary) != (first.input_shape, first.n_classes,
@@ -134,61 +149,14 @@ def _decode(verified: Verified, name: str, key: str) -> tuple[dict[str, np.ndarr
                                      f"the train part's shapes {first.input_shape}, "
                                      f"{first.n_classes} classes, the same vocabulary",
                                      f"{p.input_shape}, {p.n_classes}")
-    arrays = {"x": np.concatenate([p.x for p in parts])}
+    xs = [p.x for p in parts]
+    arrays: dict[str, Any] = {"x": Rows.stack(xs) if any(isinstance(x, Rows) for x in xs)
+                              else np.concatenate(xs)}  # type: ignore[arg-type]
     if first.y is not None:
         arrays["y"] = np.concatenate([p.y for p in parts if p.y is not None])
     meta = {"input_shape": list(first.input_shape), "n_classes": first.n_classes,
             "n_train": len(first.x), "vocabulary": first.vocabulary}
     return arrays, meta
-
-
-def _st_data(blob: bytes) -> tuple[dict[str, str], bytes]:
-    """(metadata, tensor data section) of a safetensors byte string."""
-    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else -1
-    if not 0 <= n <= len(blob) - 8:
-        raise ValueError("truncated safetensors header")
-    meta = json.loads(blob[8:8 + n]).get("__metadata__") or {}
-    return meta, blob[8 + n:]
-
-
-def _encode_entry(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
-    """safetensors bytes whose metadata records the sha256 of its tensor data section.
-
-    The data section does not depend on the header, so hash it from a first
-    serialisation, then serialise again with the digest in the metadata.
-    """
-    digest = hashlib.sha256(_st_data(_st_save(arrays, meta))[1]).hexdigest()
-    return _st_save(arrays, {**meta, "data_sha256": digest})
-
-
-def _read_entry(path: Path, key: str, task: str) -> tuple[dict[str, np.ndarray],
-                                                          dict[str, Any]] | str:
-    """The cached arrays and metadata, or why the entry is unusable ("missing" or
-    a corruption)."""
-    try:
-        blob = read_regular(path, MAX_CACHE_ENTRY)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as e:  # a FIFO, device or directory planted there; too large
-        return f"unreadable ({e.strerror})"
-    try:
-        meta, data = _st_data(blob)
-        found = hashlib.sha256(data).hexdigest()
-        if meta.get("data_sha256") != found:
-            return f"data sha256 {found}, recorded {meta.get('data_sha256')}"
-        if meta.get("key") != key:
-            return f"key {meta.get('key')}, expected {key}"
-        info = json.loads(meta["info"])
-        arrays = _st_load(blob)  # never unpickles: safetensors holds raw tensors only
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt entry
-        return f"unreadable ({type(e).__name__}: {e})"
-    x, y = arrays.get("x"), arrays.get("y")
-    want_x = np.int64 if task == "lm" else np.float32
-    if (x is None or x.dtype != want_x or (task == "lm") != (y is None)
-            or (y is not None and (y.dtype != np.int64 or y.shape != x.shape[:1]))
-            or (task != "lm" and tuple(x.shape[1:]) != tuple(info["input_shape"]))):
-        return "wrong tensors, dtypes or shapes"
-    return arrays, info
 
 
 def load(verified: Verified, name: str, cache_dir: Path, *, trust_cache: bool = True
@@ -197,87 +165,107 @@ def load(verified: Verified, name: str, cache_dir: Path, *, trust_cache: bool = 
 
     A corrupt cache entry is reported on stderr and rebuilt. A ``FileLock``
     per key makes concurrent processes decode once. ``trust_cache=False``
-    (``verify``, ``--rebuild``) decodes from the files and takes no arrays
-    from the cache; an entry that differs is reported and removed.
+    (``verify``, ``--rebuild``) decodes from the files and takes nothing from
+    the cache; an entry that differs is reported and removed.
     """
     if name not in verified.datasets:
         raise DataIntegrityError(str(verified.path), f"a dataset among "
                                  f"{sorted(verified.datasets)}", f"no dataset {name!r}")
     if not trust_cache:
-        got, problem = _decode_and_compare(verified, name, cache_dir)
+        got, decoded, problem = _decode_and_compare(verified, name, cache_dir)
         if problem:
             print(f"warning: {problem}", file=sys.stderr)
-        return _dataset(verified, name, got)
+        return _dataset(verified, name, got, decoded)
     cache_dir = Path(cache_dir)
-    entry = verified.datasets[name]
-    key = _key(verified, name)
-    path = cache_dir / f"{key}.safetensors"
-    got = _read_entry(path, key, entry.task)  # lock-free: entries are replaced atomically
-    if isinstance(got, str):
+    key = datacache.key(verified, name)
+    mapped = _maps(verified, name)
+    path = (datacache.meta_path if mapped else datacache.arrays_path)(cache_dir, key)
+    got = _decode(verified, name) if mapped else None  # mapping reads headers and labels only
+
+    def read() -> Any:  # lock-free: entries are replaced atomically
+        if got is None:
+            return read_arrays(path, key, verified.datasets[name].task)
+        meta = datacache.read_meta(path, key)
+        return meta if isinstance(meta, str) or meta[0] == got[1] else "metadata differs"
+
+    cached = read()
+    if isinstance(cached, str):
         cache_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(cache_dir / (key + ".lock")):
-            got = _read_entry(path, key, entry.task)  # another process may have written it
-            if isinstance(got, str):
-                if got != "missing":
-                    print(f"warning: data cache entry {path} is corrupt ({got}); "
+            cached = read()  # another process may have written it
+            if isinstance(cached, str):
+                if cached != "missing":
+                    print(f"warning: data cache entry {path} is corrupt ({cached}); "
                           "discarding and decoding again", file=sys.stderr)
                     path.unlink(missing_ok=True)
-                arrays, info = _decode(verified, name, key)
-                meta = {"key": key, "info": json.dumps(info, sort_keys=True)}
-                atomic.write_bytes(path, _encode_entry(arrays, meta))
-                got = arrays, info
-    return _dataset(verified, name, got)
+                _testing.note_decode(key)
+                cached = _fill(verified, name, key, path, got)
+    if got is not None:
+        return _dataset(verified, name, got, cached[1])
+    return _dataset(verified, name, cached)
 
 
-def _dataset(verified: Verified, name: str,
-             got: tuple[dict[str, np.ndarray], dict[str, Any]]) -> Dataset:
+def _fill(verified: Verified, name: str, key: str, path: Path, got: Any) -> Any:
+    """Write the entry: decoded arrays, or (mapped: ``got``) the metadata that one
+    pass over the rows computes while checking every value."""
+    if got is not None:
+        decoded = _decoded_sha256(got[0])
+        datacache.write_meta(path, key, got[1], decoded)
+        return got[1], decoded
+    arrays, info = _decode(verified, name)
+    meta = {"key": key, "info": json.dumps(info, sort_keys=True)}
+    atomic.write_bytes(path, encode_arrays(arrays, meta))
+    return arrays, info
+
+
+def _dataset(verified: Verified, name: str, got: tuple[dict[str, Any], dict[str, Any]],
+             decoded: str | None = None) -> Dataset:
     entry = verified.datasets[name]
     arrays, info = got
     vocab = info.get("vocabulary")
     return Dataset(name=name, sha256=verified.hashes[entry.files()[0]], task=entry.task,
                    x=arrays["x"], y=arrays.get("y"), input_shape=tuple(info["input_shape"]),
                    n_classes=int(info["n_classes"]), n_train=int(info["n_train"]),
-                   vocabulary=tuple(vocab) if vocab is not None else None)
-
-
-def check_caches(verified: Verified, cache_dir: Path) -> None:
-    """check_cache for every dataset of the manifest; DataIntegrityError
-    naming the first entry that differs (all differing entries removed)."""
-    problems = [p for name in verified.datasets
-                if (p := check_cache(verified, name, cache_dir)) is not None]
-    if problems:
-        raise DataIntegrityError(problems[0], "a decode-cache entry equal to a fresh decode",
-                                 "a differing entry (removed)", "; ".join(problems[1:]))
+                   vocabulary=tuple(vocab) if vocab is not None else None, decoded=decoded)
 
 
 def check_cache(verified: Verified, name: str, cache_dir: Path) -> str | None:
     """Decode dataset ``name`` from its files and compare the cache entry (if
     any): None if they agree (or there is none), else what differs; a
     differing entry is removed. A forged entry is self-consistent (its own
-    data_sha256 recomputed), so only a fresh decode can catch it (README,
-    "Hostile inputs")."""
-    path = Path(cache_dir) / f"{_key(verified, name)}.safetensors"
+    digest recomputed), so only a fresh decode can catch it (README,
+    "Hostile inputs"); for a mapped dataset that is a pass over every row."""
+    key = datacache.key(verified, name)
+    path = (datacache.meta_path if _maps(verified, name) else datacache.arrays_path)(cache_dir,
+                                                                                    key)
     if not (path.exists() or path.is_symlink()):
         return None  # nothing cached: nothing to compare (and no decode needed)
-    return _decode_and_compare(verified, name, cache_dir)[1]
+    return _decode_and_compare(verified, name, cache_dir)[2]
 
 
 def _decode_and_compare(verified: Verified, name: str, cache_dir: Path
-                        ) -> tuple[tuple[dict[str, np.ndarray], dict[str, Any]], str | None]:
+                        ) -> tuple[tuple[dict[str, Any], dict[str, Any]], str | None,
+                                   str | None]:
+    """(a fresh decode, its decoded hash if mapped, the problem with the entry or None)."""
     entry = verified.datasets[name]
-    key = _key(verified, name)
-    path = Path(cache_dir) / f"{key}.safetensors"
-    got = _decode(verified, name, key)
-    cached = _read_entry(path, key, entry.task)
-    if cached == "missing":
-        return got, None
-    same = not isinstance(cached, str) and (
-        json.dumps(cached[1], sort_keys=True) == json.dumps(got[1], sort_keys=True)
-        and set(cached[0]) == set(got[0])
-        and all(np.array_equal(cached[0][k], got[0][k]) for k in got[0]))
-    if not same:
+    key = datacache.key(verified, name)
+    _testing.note_decode(key)
+    got = _decode(verified, name)
+    if _maps(verified, name):
+        path, decoded = datacache.meta_path(cache_dir, key), _decoded_sha256(got[0])
+        meta = datacache.read_meta(path, key)
+        same = meta == "missing" or meta == (got[1], decoded)
+        why = meta if isinstance(meta, str) else "metadata differs from a fresh decode"
+    else:
+        path, decoded = datacache.arrays_path(cache_dir, key), None
+        cached = read_arrays(path, key, entry.task)
+        same = cached == "missing" or not isinstance(cached, str) and (
+            json.dumps(cached[1], sort_keys=True) == json.dumps(got[1], sort_keys=True)
+            and set(cached[0]) == set(got[0])
+            and all(np.array_equal(cached[0][k], got[0][k]) for k in got[0]))
         why = cached if isinstance(cached, str) else "arrays differ from a fresh decode"
+    if not same:
         path.unlink(missing_ok=True)
-        return got, f"data cache entry {path} does not match dataset {name} decoded again " \
-                    f"({why}); removed"
-    return got, None
+        return got, decoded, f"data cache entry {path} does not match dataset {name} decoded " \
+                             f"again ({why}); removed"
+    return got, decoded, None

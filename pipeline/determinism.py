@@ -3,7 +3,9 @@ RNG state a checkpoint must carry."""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Collection
 from typing import Any
 
@@ -28,8 +30,23 @@ def seed_everything(seed: int) -> int:
 
 
 def strict_torch() -> None:
-    """Deterministic kernels only, no TF32, no cuDNN autotuning."""
-    torch.use_deterministic_algorithms(True)
+    """Deterministic kernels only, no TF32, no cuDNN autotuning.
+
+    What ``torch.use_deterministic_algorithms(True)`` does (torch/__init__.py,
+    2.13), without its ``import torch._inductor.config``: that import loads
+    inductor and dynamo, about 1 s (a second ``import torch``) in a run that
+    compiles nothing. ATen's flag is set directly; inductor's ``deterministic``
+    through TORCHINDUCTOR_DETERMINISTIC, which its config reads when it is
+    imported (torch/_inductor/config.py), or on the module if it already is;
+    child processes inherit the variable, as they inherit the pinned profile.
+    """
+    torch._C._set_deterministic_algorithms(True, warn_only=False)
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = True  # type: ignore[attr-defined]
+    if not torch.are_deterministic_algorithms_enabled():  # a torch that moved the flag
+        raise RuntimeError("torch did not enable deterministic algorithms")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.allow_tf32 = False

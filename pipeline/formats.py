@@ -2,11 +2,15 @@
 
 A decode spec (a JSON object) names a ``format`` in ``FORMATS`` and the manifest files
 it reads: ``spec_problems`` checks its schema, ``decode`` decodes it. Nothing here
-unpickles: every ``np.load`` passes ``allow_pickle=False``.
+unpickles: no file is read by ``np.load`` without ``allow_pickle=False``, and npy
+headers are parsed as literals (pipeline.mapped). The inputs of npy and uncompressed
+IDX files are memory-mapped, not read (``maps``): their ``Decoded.x`` is a
+``pipeline.mapped.Rows``, converted row by row as the in-memory decode converts all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
@@ -17,29 +21,38 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import ConfigError, DataIntegrityError
+from .mapped import IDX_TYPES, Rows, check_finite, map_idx, map_npy, to_float32
+from .safeio import describe, open_regular
 from .schema import FORMATS, files_of, spec_problems
 
-__all__ = ["FORMATS", "Decoded", "spec_problems", "files_of", "decode"]
+__all__ = ["FORMATS", "Decoded", "spec_problems", "files_of", "decode", "maps"]
 
 
 # eq=False: arrays have no truth value, so field-wise == and hash() would fail.
 @dataclass(frozen=True, eq=False)
 class Decoded:
-    """Decoded arrays. Classification: ``x`` (n, *input_shape) float32, ``y`` (n,)
-    int64 in [0, n_classes). Language modelling (text): ``x`` tokens (T,) int64 in
-    [0, n_classes), ``y`` None, ``input_shape`` (); ``vocabulary`` holds the
-    characters (token id = index) for ``"chars"``, else None."""
+    """Decoded arrays. Classification: ``x`` (n, *input_shape) float32 (in memory,
+    or ``Rows`` read from a map), ``y`` (n,) int64 in [0, n_classes). Language
+    modelling (text): ``x`` tokens (T,) int64 in [0, n_classes), ``y`` None,
+    ``input_shape`` (); ``vocabulary`` holds the characters (token id = index) for
+    ``"chars"``, else None."""
 
-    x: np.ndarray
+    x: np.ndarray | Rows
     y: np.ndarray | None
     input_shape: tuple[int, ...]
     n_classes: int
     vocabulary: tuple[str, ...] | None
+
+
+def maps(spec: Mapping[str, Any]) -> bool:
+    """Whether ``spec``'s inputs are memory-mapped: npy, and IDX without compression."""
+    return spec["format"] == "npy" or (spec["format"] == "idx"
+                                       and spec.get("compression", "none") == "none")
 
 
 def _read(path: Path, compression: str) -> bytes:
@@ -52,8 +65,10 @@ def _read(path: Path, compression: str) -> bytes:
 
 
 def _classified(x_raw: np.ndarray, y_raw: np.ndarray, x_at: str, y_at: str,
-                spec: Mapping[str, Any]) -> Decoded:
-    """Check raw x and y against each other and the spec, then convert them."""
+                spec: Mapping[str, Any], x_file: BinaryIO | None = None) -> Decoded:
+    """Check raw x and y against each other and the spec, then convert them; with
+    ``x_file`` (x is mapped from it) x's values are converted and checked only when
+    its rows are read (``Rows.chunks``), and y (small) is read into memory."""
     if x_raw.dtype.kind not in "biuf" or x_raw.ndim < 1 or len(x_raw) == 0:
         raise DataIntegrityError(x_at, "a numeric (bool/int/uint/float) array of >= 1 "
                                  "examples", f"dtype {x_raw.dtype}, shape {x_raw.shape}")
@@ -67,21 +82,37 @@ def _classified(x_raw: np.ndarray, y_raw: np.ndarray, x_at: str, y_at: str,
         i = int(np.argmax(bad))
         raise DataIntegrityError(y_at, f"labels in 0..{spec['classes'] - 1}",
                                  f"{y_raw[i]} at index {i}")
-    with np.errstate(over="ignore"):  # overflow to inf is reported below
-        # f32(value) / f32(divisor): IEEE float32 division, as csv does.
-        x = np.asarray(x_raw, dtype=np.float32) / np.float32(spec.get("divisor", 1))
-    if not (finite := np.isfinite(x.reshape(len(x), -1)).all(axis=1)).all():
-        raise DataIntegrityError(x_at, "finite float32 values after dividing by the divisor",
-                                 f"a non-finite value in example {int(np.argmin(finite))}")
-    return Decoded(x=x, y=np.array(y_raw, dtype=np.int64), input_shape=tuple(x.shape[1:]),
+    divisor = spec.get("divisor", 1)
+    if x_file is not None:
+        x: np.ndarray | Rows = Rows.mapped(x_raw, divisor, x_at, x_file)
+    else:
+        x = to_float32(x_raw, divisor)  # f32(value) / f32(divisor), as csv does
+        check_finite(x, x_at)
+    return Decoded(x=x, y=np.array(y_raw, dtype=np.int64), input_shape=tuple(x_raw.shape[1:]),
                    n_classes=spec["classes"], vocabulary=None)
 
 
+def _open(path: Path) -> BinaryIO:
+    try:
+        return open_regular(path)
+    except OSError as e:  # missing, a FIFO or device, unreadable
+        raise DataIntegrityError(str(path), "a readable regular file", describe(e)) from e
+
+
 def _decode_pair(spec: Mapping[str, Any], paths: Mapping[str, Path],
-                 load: Callable[[Path], np.ndarray]) -> Decoded:
-    """x and y each from its own file (npy, idx)."""
-    x_path, y_path = paths[spec["x"]], paths[spec["y"]]
-    return _classified(load(x_path), load(y_path), str(x_path), str(y_path), spec)
+                 opened: Mapping[str, BinaryIO]) -> Decoded:
+    """x and y each from its own file (npy, idx): mapped from ``opened`` (or from
+    files opened here), except gzip'd IDX, which is decompressed into memory."""
+    names, where = (spec["x"], spec["y"]), (str(paths[spec["x"]]), str(paths[spec["y"]]))
+    if not maps(spec):
+        x_raw, y_raw = (_load_idx(paths[n], spec["compression"]) for n in names)
+        return _classified(x_raw, y_raw, *where, spec)
+    mapper = map_npy if spec["format"] == "npy" else map_idx
+    with contextlib.ExitStack() as own:  # closes only what it opened; Rows keeps a dup
+        files = {n: opened[n] if n in opened else own.enter_context(_open(paths[n]))
+                 for n in names}
+        x_raw, y_raw = mapper(files[names[0]], where[0]), mapper(files[names[1]], where[1])
+        return _classified(x_raw, y_raw, *where, spec, files[names[0]])
 
 
 _INT = r"[+-]?[0-9]{1,18}"  # at most 18 digits: always fits int64
@@ -160,18 +191,6 @@ _NO_PICKLE = "a NumPy array without Python objects (pickles are never loaded)"
 _NP_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)  # ValueError: pickle refused
 
 
-def _load_npy(path: Path) -> np.ndarray:
-    """A .npy file, memory-mapped read-only (decoding copies it)."""
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-        if not isinstance(a, np.ndarray):  # np.load opens a zip whatever its name
-            a.close()
-            raise ValueError("an .npz archive, not a .npy file")
-    except _NP_ERRORS as e:
-        raise DataIntegrityError(str(path), _NO_PICKLE, f"{type(e).__name__}: {e}") from e
-    return a
-
-
 def _decode_npz(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
     """One .npz archive holding the arrays the spec's ``x`` and ``y`` name."""
     path, keys = paths[spec["file"]], (spec["x"], spec["y"])
@@ -189,18 +208,14 @@ def _decode_npz(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
     return _classified(x, y, f"{path}[{keys[0]}]", f"{path}[{keys[1]}]", spec)
 
 
-# IDX type byte -> element type, big-endian (yann.lecun.com/exdb/mnist, "THE IDX FILE FORMAT")
-_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
-              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
 def _load_idx(path: Path, compression: str) -> np.ndarray:
-    """One IDX file: magic (0, 0, type, ndim), ndim big-endian uint32 dims, then the data."""
+    """One gzip'd IDX file, decompressed into memory: magic (0, 0, type, ndim), ndim
+    big-endian uint32 dims, then the data (pipeline.mapped maps an uncompressed one)."""
     blob = _read(path, compression)
-    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] not in _IDX_TYPES or blob[3] == 0:
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] not in IDX_TYPES or blob[3] == 0:
         raise DataIntegrityError(str(path), "IDX magic 00 00, a type byte (08 09 0b 0c 0d 0e), "
                                  "ndim >= 1", f"bytes {blob[:4].hex(' ')!r}")
-    ndim, dtype = blob[3], _IDX_TYPES[blob[2]]
+    ndim, dtype = blob[3], IDX_TYPES[blob[2]]
     head = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", blob[4:head]) if len(blob) >= head else ()
     want = head + math.prod(dims) * dtype.itemsize if dims else head
@@ -235,16 +250,19 @@ def _decode_text(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
 
 _DECODERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Path]], Decoded]] = {
     "csv": _decode_csv, "npz": _decode_npz, "text": _decode_text,
-    "npy": lambda s, p: _decode_pair(s, p, _load_npy),
-    "idx": lambda s, p: _decode_pair(s, p, lambda f: _load_idx(f, s.get("compression", "none"))),
 }
 
 
-def decode(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
+def decode(spec: Mapping[str, Any], paths: Mapping[str, Path],
+           opened: Mapping[str, BinaryIO] | None = None) -> Decoded:
     """Decode per ``spec``; ``paths`` maps each name in files_of(spec) to the file on disk
-    (already verified against the manifest by the caller). Raises DataIntegrityError
+    (already verified against the manifest by the caller); ``opened``: descriptors of
+    those files to map from (npy, idx; pipeline.dataset passes the ones it checked
+    against verification), else the files are opened here. Raises DataIntegrityError
     naming the file (path, and line/row/byte offset where it applies), what was expected
     and found; ConfigError if ``spec`` has schema problems (``spec_problems``)."""
     if problems := spec_problems(spec, "spec", list(paths)):
         raise ConfigError("decode spec", [f"{k}: expected {e}, found {f}" for k, e, f in problems])
+    if spec["format"] in ("npy", "idx"):
+        return _decode_pair(spec, paths, opened or {})
     return _DECODERS[spec["format"]](spec, paths)

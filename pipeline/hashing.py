@@ -8,7 +8,9 @@ depend on the file format the weights were stored in, nor on dict order.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,19 +31,31 @@ def _le_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return a
 
 
-def _update(h: hashlib._Hash, name: str, a: np.ndarray) -> None:
+class Chunked(Protocol):
+    """An array too large to hold, given as its C-order rows, chunk by chunk
+    (pipeline.mapped.Rows): hashed as the whole array would be."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def chunks(self) -> Iterator[np.ndarray]: ...
+
+
+def _update(h: hashlib._Hash, name: str, a: np.ndarray | Chunked) -> None:
     header = f"{name}\n{a.dtype.name}\n{','.join(str(d) for d in a.shape)}\n".encode()
     h.update(len(header).to_bytes(8, "little"))
     h.update(header)
-    h.update(a.nbytes.to_bytes(8, "little"))
-    h.update(memoryview(a).cast("B"))  # zero-copy: no tobytes()
+    h.update((math.prod(a.shape) * a.dtype.itemsize).to_bytes(8, "little"))
+    for c in a.chunks() if not isinstance(a, np.ndarray) else [a]:
+        h.update(memoryview(_le_array(c)).cast("B"))  # zero-copy: no tobytes()
 
 
-def weights_sha256(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> str:
+def weights_sha256(tensors: Mapping[str, torch.Tensor | np.ndarray | Chunked]) -> str:
     """sha256 (64 hex) of a name -> tensor mapping, in sorted name order."""
     h = hashlib.sha256(MAGIC)
     for name in sorted(tensors):
-        _update(h, name, _le_array(tensors[name]))
+        t = tensors[name]
+        _update(h, name, t if hasattr(t, "chunks") else _le_array(t))  # type: ignore[arg-type]
     return h.hexdigest()
 
 

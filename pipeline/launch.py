@@ -57,6 +57,7 @@ class Spec:
     master_port: int | None = None
     rdzv_endpoint: str | None = None
     force: bool = False      # replace a runs/<key> that fails its checks
+    threads: int | None = None  # per worker (pipeline.threads); None: 1, as W workers use W cores
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,8 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
     if comm.plain:
         extra["reduction"] = "plain all_reduce (test-only control)"
     record, reused = recipe.get_or_train(prep, runs_dir, comm=comm, device=str(comm.device),
-                                         quiet=spec.quiet or rank != 0, extra=extra)
+                                         quiet=spec.quiet or rank != 0, extra=extra,
+                                         threads=spec.threads or 1)
     dist.destroy_process_group()
     return {"record": record, "reused": reused}
 

@@ -15,11 +15,9 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-
-from filelock import FileLock
 
 from . import atomic, schema
 from .errors import DataIntegrityError
@@ -27,7 +25,7 @@ from .safeio import MIB, NotRegularFile, open_regular, read_regular
 from .schema import DatasetEntry, FileEntry, Manifest
 
 __all__ = ["FileEntry", "DatasetEntry", "Manifest", "Verified", "load_manifest", "verify",
-           "open_in_root", "file_sha256", "default_cache_dir"]
+           "open_in_root", "file_sha256", "stat_key", "default_cache_dir"]
 
 STAT_CACHE_NAME = "verify-stat-cache.json"
 _CHUNK = 1 << 20
@@ -49,6 +47,9 @@ class Verified:
     entries: dict[str, FileEntry]
     datasets: dict[str, DatasetEntry]
     hashes: dict[str, str]            # file name -> sha256, for each file checked
+    # file name -> its stat_key when checked: a later open must find the same
+    # (pipeline.dataset maps files only if so; pipeline.mapped, "Time of check")
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -90,7 +91,8 @@ def file_sha256(path: Path, limit: int) -> str:
         return _sha256_file(f, limit)
 
 
-def _stat_key(st: os.stat_result) -> dict[str, int]:
+def stat_key(st: os.stat_result) -> dict[str, int]:
+    """What identifies a file's content to the stat cache (with the racy-clean rule)."""
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
             "dev": st.st_dev, "ctime_ns": st.st_ctime_ns}
 
@@ -109,7 +111,7 @@ def _read_stat_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 def _cached_sha256(rec: object, st: os.stat_result) -> str | None:
     """The recorded sha256 if ``rec`` matches this stat and is not racy."""
-    if not isinstance(rec, dict) or any(rec.get(k) != v for k, v in _stat_key(st).items()):
+    if not isinstance(rec, dict) or any(rec.get(k) != v for k, v in stat_key(st).items()):
         return None
     at, digest = rec.get("hashed_at_ns"), rec.get("sha256")
     if type(at) is not int or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
@@ -118,6 +120,8 @@ def _cached_sha256(rec: object, st: os.stat_result) -> str | None:
 
 
 def _update_stat_cache(cache_dir: Path, records: dict[str, dict[str, Any]]) -> None:
+    from filelock import FileLock  # here: a warm verify writes nothing and needs no lock
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / STAT_CACHE_NAME
     with FileLock(cache_dir / (STAT_CACHE_NAME + ".lock")):  # read-modify-write
@@ -150,7 +154,7 @@ def open_in_root(entry: FileEntry, root: Path) -> tuple[BinaryIO, Path]:
 
 
 def _verify_one(entry: FileEntry, root: Path, cache: dict[str, Any] | None,
-                records: dict[str, dict[str, Any]]) -> str:
+                records: dict[str, dict[str, Any]], stats: dict[str, dict[str, int]]) -> str:
     f, resolved = open_in_root(entry, root)
     with f:
         st = os.fstat(f.fileno())
@@ -164,9 +168,10 @@ def _verify_one(entry: FileEntry, root: Path, cache: dict[str, Any] | None,
             # (a corrupt stat-cache record must not stop a run with an intact file).
             started = time.time_ns()
             digest = _sha256_file(f, entry.size)
-            if _stat_key(os.fstat(f.fileno())) == _stat_key(st):  # unchanged while hashing
-                records[str(resolved)] = {**_stat_key(st), "sha256": digest,
+            if stat_key(os.fstat(f.fileno())) == stat_key(st):  # unchanged while hashing
+                records[str(resolved)] = {**stat_key(st), "sha256": digest,
                                           "hashed_at_ns": started}
+        stats[entry.name] = stat_key(st)
     if digest != entry.sha256:
         raise DataIntegrityError(str(root / entry.path), f"sha256 {entry.sha256}",
                                  f"sha256 {digest}", "the file is corrupt or was replaced; "
@@ -203,11 +208,12 @@ def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = 
     if stat_cache_dir is not None and not full:
         cache = _read_stat_cache(Path(stat_cache_dir) / STAT_CACHE_NAME)
     records: dict[str, dict[str, Any]] = {}
-    found = {e.name: _verify_one(e, root, cache, records)
+    stats: dict[str, dict[str, int]] = {}
+    found = {e.name: _verify_one(e, root, cache, records, stats)
              for e in _select(manifest, names, manifest_path)}
     if stat_cache_dir is not None and records:
         _update_stat_cache(Path(stat_cache_dir), records)
-    return Verified(manifest_path, root, manifest, parsed.datasets, found)
+    return Verified(manifest_path, root, manifest, parsed.datasets, found, stats)
 
 
 def default_cache_dir() -> Path:

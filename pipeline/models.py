@@ -69,7 +69,9 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> Any:
 
 def _Sequence(named: Any, layers: list[Any]) -> Any:
     """A module whose parameters carry ``named``'s names (fc0.weight, ...) and
-    whose forward runs ``layers`` in order."""
+    whose forward runs ``layers`` in order. The parameter-free layers are
+    registered too (as ``op<i>``: no state, so no names change), so that
+    ``.eval()`` reaches them: an unregistered Dropout stays in training mode."""
     from torch import nn
 
     class Sequence(nn.Module):
@@ -77,6 +79,9 @@ def _Sequence(named: Any, layers: list[Any]) -> Any:
             super().__init__()
             for name, child in named.named_children():
                 self.add_module(name, child)
+            for i, layer in enumerate(layers):
+                if not any(layer is c for c in self.children()):
+                    self.add_module(f"op{i}", layer)
             self._order = layers  # a plain list: not registered twice
 
         def forward(self, x: Any) -> Any:

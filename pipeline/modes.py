@@ -19,6 +19,8 @@ The training loop talks to nets and optimisers through two small protocols:
   global batch) key exact layers' dropout masks;
 - ``net.predict(x)``: logits, no dropout; ``net.loss_sum(logits, y)``: the
   summed cross-entropy of those logits (the test loss);
+- ``net.threadable``: whether a step's shards may run on several threads at
+  once (pipeline.threads; then the loop sets ``net.in_threads``);
 - ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
   ``load_state(tensors, scalars)``.
 
@@ -48,6 +50,8 @@ class Net(Protocol):
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     dropout_rate: float
+    threadable: bool
+    in_threads: bool
 
     def dropout_widths(self) -> list[int]: ...
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,

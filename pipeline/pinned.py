@@ -4,23 +4,31 @@ the pinned numeric profile (pipeline.environment). They implement the Net and
 Optimizer protocols of pipeline.modes.
 
 Randomness inside the module (``nn.Dropout``, ``torch.rand`` in forward) is
-world-size invariant: each shard's forward and backward run with torch's
-generators seeded from ``stream``, a key of (seed, step, shard) alone
-(pipeline.train), so a shard draws the same numbers whichever rank runs it.
+world-size and thread-count invariant: each shard's forward and backward draw
+from a generator seeded with ``stream``, a key of (seed, step, shard) alone
+(pipeline.train), so a shard draws the same numbers whichever rank or thread
+runs it. On one thread that generator is torch's default one, re-seeded per
+shard; when shards run on several threads at once (``in_threads``), each
+shard gets its own ``torch.Generator`` with the same seed, handed to every
+random op that was given none (``_ShardGenerator``): the same draws, as the
+default CPU generator is the same MT19937 (tests/test_threads.py).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _testing
 from .config import OptimConfig
 from .errors import ConfigError
+from .threads import SharedGeneratorOp
 
 __all__ = ["PinnedNet", "TorchOptimizer", "build_module"]
 
@@ -50,6 +58,52 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+class _ShardGenerator(TorchDispatchMode):
+    """Every random aten op (tagged ``nondeterministic_seeded``) draws from
+    ``gen``: given it as its ``generator`` argument when that was left unset,
+    or routed to its overload that takes one (``rand`` -> ``rand.generator``);
+    one that has neither raises SharedGeneratorOp. Dispatch modes are
+    thread-local, and autograd carries the mode into the backward pass that
+    ``autograd.grad`` runs on the calling thread, so concurrent shards never
+    share a generator."""
+
+    _routes: dict[Any, Any] = {}  # op -> op to call with generator=, None, or an op name
+
+    def __init__(self, gen: torch.Generator) -> None:
+        super().__init__()
+        self.gen = gen
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        route = self._routes.get(func, False)
+        if route is False:
+            route = self._routes[func] = _route(func)
+        if route is None or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        if isinstance(route, str):
+            raise SharedGeneratorOp(route)
+        return route(*args, **{**kwargs, "generator": self.gen})
+
+
+def _route(func: Any) -> Any:
+    """``func`` itself if it takes a generator; else its overload that does
+    (the same arguments otherwise); None if it draws nothing; else its name."""
+    if any(a.name == "generator" for a in func._schema.arguments):
+        return func
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return None
+    mine = [(a.name, str(a.type)) for a in func._schema.arguments]
+    packet = func.overloadpacket
+    for name in packet.overloads():
+        other = getattr(packet, name)
+        theirs = [(a.name, str(a.type)) for a in other._schema.arguments]
+        if any(t[0] == "generator" for t in theirs) and [
+                t for t in theirs if t[0] != "generator"] == mine:
+            return other
+    return str(func)
+
+
 class PinnedNet:
     """A stock module; stock kernels under the pinned profile."""
 
@@ -61,6 +115,14 @@ class PinnedNet:
         self.buffers = {k: v for k, v in self.module.state_dict(keep_vars=True).items()
                         if k not in self.params}
         self._user_loss = loss
+        self.in_threads = False  # set by the loop while shards run on several threads
+
+    @property
+    def threadable(self) -> bool:
+        """Whether shards may run on several threads at once: on the CPU, and
+        with no buffers that forward updates in place (BatchNorm statistics,
+        whose order of updates would then depend on the threads)."""
+        return self.device.type == "cpu" and not self.buffers
 
     def dropout_widths(self) -> list[int]:
         return []  # randomness lives inside the module (see the module docstring)
@@ -77,12 +139,22 @@ class PinnedNet:
         ``stream`` seeds the module's draws (``step``, ``row0``: unused)."""
         if not self.module.training:
             self.module.train()  # recursive: only on a switch from predict()
-        if not _testing.SWITCHES.no_shard_streams:  # (the test-only control)
-            # This shard's draws. The generators of the module's device only:
-            # torch.manual_seed would visit every backend (60 us, per shard).
-            torch.random.default_generator.manual_seed(stream)
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(stream)
+        if _testing.SWITCHES.no_shard_streams:  # (the test-only control)
+            return self._grads(x, y, n_global)
+        if self.in_threads:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(stream)
+            with _ShardGenerator(gen):
+                return self._grads(x, y, n_global)
+        # This shard's draws. The generators of the module's device only:
+        # torch.manual_seed would visit every backend (60 us, per shard).
+        torch.random.default_generator.manual_seed(stream)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(stream)
+        return self._grads(x, y, n_global)
+
+    def _grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = self._loss_sum(self.module(x), y)
         grads = torch.autograd.grad(loss / n_global, list(self.params.values()))
         return loss.detach(), dict(zip(self.params, grads))
@@ -98,6 +170,34 @@ class PinnedNet:
         return float(_cross_entropy(logits, y))
 
 
+def _undecorated(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``cls`` whose ``add_param_group`` and ``step`` skip torch's dynamo decorators.
+
+    torch 2.13 imports ``torch._dynamo`` (about 1 s, as long as ``import torch``
+    itself: bench/bench_startup.py) in ``Optimizer.add_param_group``'s
+    ``torch._disable_dynamo`` wrapper and in ``_use_grad_for_differentiable``
+    around every ``step`` (torch/optim/optimizer.py), for graph breaks that only
+    a ``torch.compile`` tracing the optimizer needs; the pipeline never compiles
+    it. The same bodies run, undecorated (``inspect.unwrap``), step under
+    ``no_grad`` as ``_use_grad`` sets it (``differentiable`` is False); the step
+    hooks and profiler label that Optimizer wraps around ``step`` are kept.
+    tests/test_pinned.py checks equal bits against the stock classes."""
+    add_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    step = inspect.unwrap(cls.step)
+
+    def add_param_group(self: Any, param_group: dict[str, Any]) -> None:
+        add_group(self, param_group)
+
+    @torch.no_grad()
+    def undecorated_step(self: Any, closure: Any = None) -> Any:
+        return step(self, closure)
+    return type(cls.__name__, (cls,), {"add_param_group": add_param_group,
+                                       "step": undecorated_step, "__module__": __name__})
+
+
+_SGD, _ADAM = _undecorated(torch.optim.SGD), _undecorated(torch.optim.Adam)
+
+
 class TorchOptimizer:
     """torch.optim behind the Optimizer interface; state keyed by param name."""
 
@@ -107,13 +207,12 @@ class TorchOptimizer:
         self.cfg, self.params = cfg, params
         plist = list(params.values())
         if cfg.name == "sgd":
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+            self.opt: torch.optim.Optimizer = _SGD(
                 plist, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 foreach=False)
         else:
-            self.opt = torch.optim.Adam(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                        eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                        foreach=False)
+            self.opt = _ADAM(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         for name, p in self.params.items():

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .models import Parts
 
 __all__ = ["Prepared", "prepare", "check_device", "check_existing",
-           "get_or_train", "rebuild", "verify_run", "manifest_path"]
+           "get_or_train", "rebuild", "verify_run", "manifest_path", "check_caches"]
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,10 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     (``trust_cache=False``: from the files, taking no arrays from the decode
     cache), and check that the config fits it (ConfigError, exit 2, before
     any training)."""
-    from . import dataset
+    profile = modes.of(cfg.mode).prepare(argv)  # may re-execute: nothing heavy before it
+    from . import dataset  # numpy: only once pinned
     from .models import resolve
 
-    profile = modes.of(cfg.mode).prepare(argv)
     parts = resolve(cfg.model.factory, cfg.train.loss, base)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
@@ -81,6 +81,22 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     inputs = runs.run_inputs(cfg, data, profile, parts.record(),
                              {ds.name: ds.decoded_sha256()})
     return Prepared(inputs, ds, parts, base, verified)
+
+
+def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = False) -> None:
+    """``data verify``'s check of the decode cache (pipeline.datacache.triage):
+    entries that need it are compared with a fresh decode (NumPy is imported
+    only then). DataIntegrityError naming the first entry that differs, or is
+    corrupt (every such entry removed)."""
+    from . import datacache
+
+    fresh, problems = datacache.triage(verified, cache_dir, full=full)
+    if fresh:
+        from .dataset import check_cache
+        problems += [p for n in fresh if (p := check_cache(verified, n, cache_dir)) is not None]
+    if problems:
+        raise DataIntegrityError(problems[0], "a decode-cache entry equal to a fresh decode",
+                                 "a differing entry (removed)", "; ".join(problems[1:]))
 
 
 def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
@@ -153,7 +169,8 @@ def check_device(device: str) -> None:
 
 def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
                  quiet: bool = False, extra: dict[str, Any] | None = None,
-                 force: bool = False) -> tuple[dict[str, Any], bool]:
+                 force: bool = False, threads: int | None = None
+                 ) -> tuple[dict[str, Any], bool]:
     """The run for ``prep.inputs``: reused if complete and re-derived
     (runs.reusable: its recorded inputs are the ones computed now, its weights
     its record's), else trained, resuming from its checkpoints. Returns
@@ -185,11 +202,12 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
         result = train(prep.inputs.config, prep.ds, prep.parts, run_key=key, ckpt_dir=ckpt_dir,
-                       comm=comm, device=device, quiet=quiet)
+                       comm=comm, device=device, quiet=quiet, threads=threads)
         if rank != 0:
             return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
         where = {"config_dir": str(prep.base)} if prep.base is not None else {}
-        record = runs.write_run(final, prep.inputs, result, started, {**where, **(extra or {})})
+        record = runs.write_run(final, prep.inputs, result, started,
+                                {**where, **(extra or {}), "threads": result.threads})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return record, False
 

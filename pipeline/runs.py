@@ -181,7 +181,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
                       "kind": FINGERPRINT_KIND},
             "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
             "resumed_from_step": result.resumed_from,
-            **_when(started),  # kept out of the key: when and how long, not what
+            **_when(started, result.loop_s),  # kept out of the key: when and how long
             **extra,
         }
         record["record_sha256"] = record_digest(record)
@@ -197,15 +197,16 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float,
         raise
 
 
-def _when(started: float) -> dict[str, Any]:
-    """run.json's created_utc and duration_s. With SOURCE_DATE_EPOCH set (the
+def _when(started: float, loop_s: float) -> dict[str, Any]:
+    """run.json's created_utc, duration_s (training and record) and loop_s (the training
+    loop alone: TrainResult.loop_s). With SOURCE_DATE_EPOCH set (the
     reproducible-builds convention, https://reproducible-builds.org/specs/source-date-epoch/;
-    nixpkgs' stdenv sets it in every derivation) created_utc is that time and duration_s is
-    left out, so that two builds of one run write the same bytes (`nix build --rebuild`)."""
+    nixpkgs' stdenv sets it in every derivation) created_utc is that time and the durations
+    are left out, so that two builds of one run write the same bytes (`nix build --rebuild`)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch is None:
         return {"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "duration_s": round(time.time() - started, 3)}
+                "duration_s": round(time.time() - started, 3), "loop_s": round(loop_s, 3)}
     if not epoch.isdigit():
         raise UsageError(f"SOURCE_DATE_EPOCH: expected a non-negative integer (seconds since "
                          f"1970), found {epoch!r}")

@@ -105,7 +105,8 @@ def test_dataloader_workers_do_not_record_and_the_audit_completes(tmp_path: Path
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
-                    reason="lightning is not installed (the bench extra)")
+                    reason="lightning is not installed (the bench extra: pip install "
+                           "--require-hashes -r bench/requirements-bench.lock)")
 def test_lightning_script_is_captured(tmp_path: Path) -> None:
     """A Lightning Trainer calls optimizer.step through a closure: the capture
     still sees each step, names parameters as the LightningModule does, and the

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.determinism
 
 CONFIG = "examples/charlm/config.toml"
 # Short: 6 steps of 32 windows of 64 characters, checkpoints at 3 (and resumable).
-SHORT_LM = ["train.max_steps=6", "train.checkpoint_every=3"]
+SHORT_LM = ["train.max_steps=6", "train.checkpoint_every=3",
+            "train.checkpoint_seconds=0"]
 PROFILE = load_profile()
 # A subset of the suite's machines (each run loads the 5 MB text and a transformer).
 CHOSEN = ("isa-avx512", "one-core", "threads-7", "checkout-path", "locale-tr",

@@ -30,8 +30,9 @@ from pipeline.hashing import weights_sha256
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.toml"
 # 22 steps per epoch: checkpoints at 5, 10, 15, 20, 22, 25, ... (not the last step).
-PINNED = ["train.epochs=2", "train.checkpoint_every=5"]
-EXACT = ["mode=exact", "train.epochs=1", "model.args.hidden=[16]", "train.checkpoint_every=5"]
+PINNED = ["train.epochs=2", "train.checkpoint_every=5", "train.checkpoint_seconds=0"]
+EXACT = ["mode=exact", "train.epochs=1", "model.args.hidden=[16]", "train.checkpoint_every=5",
+         "train.checkpoint_seconds=0"]
 MODES = [pytest.param(PINNED, id="pinned"), pytest.param(EXACT, id="exact")]
 
 
@@ -391,3 +392,30 @@ def test_read_run_refuses_pickled_weights(run_dir: Path, tmp_path: Path) -> None
     with pytest.raises(PipelineError, match=f"{bad}/weights.safetensors") as e:
         runs.read_run(bad)
     assert isinstance(e.value, CheckpointError) and not marker.exists()
+
+
+def test_checkpoint_policy_interval_epoch_ends_and_minimum_spacing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint at a multiple of checkpoint_every or an epoch end, once
+    checkpoint_seconds have passed since the last (the default: 60 s); 0
+    seconds: every such point."""
+    import dataclasses
+
+    from pipeline import train as train_mod
+    from pipeline.config import Config
+
+    now = [1000.0]
+    monkeypatch.setattr(train_mod.time, "monotonic", lambda: now[0])
+    cfg = Config()
+    assert cfg.train.checkpoint_seconds == 60.0 and cfg.train.checkpoint_every == 100
+    due = train_mod._checkpoint_due
+    assert not due(cfg, 100, 22, last_save=999.0)            # 1 s after the last
+    assert due(cfg, 100, 22, last_save=940.0)                # 60 s after
+    assert due(cfg, 110, 22, last_save=900.0)                # an epoch end (5 x 22)
+    assert not due(cfg, 101, 22, last_save=0.0)              # neither
+    eager = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                               checkpoint_seconds=0.0))
+    assert due(eager, 100, 22, last_save=now[0]) and due(eager, 22, 22, last_save=now[0])
+    never_by_steps = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, checkpoint_every=0, checkpoint_seconds=0.0))
+    assert due(never_by_steps, 44, 22, 0.0) and not due(never_by_steps, 100, 22, 0.0)

@@ -38,6 +38,7 @@ def test_default_config_in_two_fresh_processes_is_identical_and_accurate(
     assert HASH_LINE.match(last[0]) and last[0] == last[1]
     rec = json.loads(next((tmp_path / "runs0").glob("*/run.json")).read_text())
     assert rec["metrics"]["test_accuracy"] >= 0.97
+    assert 0 < rec["loop_s"] <= rec["duration_s"]  # the loop, within get-or-train's time
     for f in ("weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin"):
         assert (tmp_path / "runs0" / rec["run_key"] / f).is_file()
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import _testing, dataset
-from pipeline import dataset as data
+from pipeline import _testing, datacache, dataset
 from pipeline import manifest as manifest_mod
 from pipeline.errors import DataIntegrityError
 
@@ -88,7 +87,7 @@ def test_corrupt_cache_entry_rebuilt(manifest: Path, tmp_path: Path, damage: str
     elif damage == "flip-header":
         b[20] ^= 0x01
     elif damage == "foreign":  # self-consistent, but made from other data
-        b = bytearray(data._encode_entry({"x": good.x, "y": good.y},
+        b = bytearray(datacache.encode_arrays({"x": good.x, "y": good.y},
                                          {"key": "0" * 64, "info": "{}"}))
     entry.write_bytes(bytes(b[: len(b) // 2] if damage == "truncate"
                             else b"" if damage == "empty" else b))

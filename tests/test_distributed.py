@@ -33,7 +33,7 @@ PARTS = ("pipeline", "configs", "data", "data-manifest.json", "requirements.lock
          "pyproject.toml")
 # Tiny on purpose: the cost is interpreter start-up, W + 1 processes a run.
 # 22 steps of the default config as committed: its 8 shards allow world sizes 1, 2, 4, 8.
-SHORT = ["train.epochs=1", "train.checkpoint_every=5"]
+SHORT = ["train.epochs=1", "train.checkpoint_every=5", "train.checkpoint_seconds=0"]
 HASH = re.compile(r"^weights sha256:([0-9a-f]{64})$")
 TIMEOUT_S = 300
 
@@ -257,7 +257,8 @@ def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
     without the lock; the same command then resumes from the last checkpoint
     and ends with the uninterrupted run's hash."""
     runs = tmp_path / "runs"
-    longer = ["train.epochs=30", "train.shards=4", "train.checkpoint_every=5"]
+    longer = ["train.epochs=30", "train.shards=4", "train.checkpoint_every=5",
+              "train.checkpoint_seconds=0"]
     cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", *longer,
            "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
     p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
@@ -293,7 +294,7 @@ def test_ctrl_c_of_a_multi_process_run_prints_one_line(
     torchrun warnings."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", "train.epochs=30",
-           "train.shards=4", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
+           "train.shards=4", "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
     p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + TIMEOUT_S

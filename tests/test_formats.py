@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -15,6 +16,7 @@ import pytest
 
 from pipeline import dataset, formats, manifest
 from pipeline.errors import ConfigError, DataIntegrityError
+from pipeline.mapped import Rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = {"format": "csv", "file": "digits", "compression": "gzip", "features": [0, 64],
@@ -25,13 +27,19 @@ SMALL_CSV = {"format": "csv", "file": "t", "features": [0, 3], "label": 3,
 
 
 def _decode(spec: dict[str, Any], tmp_path: Path, **files: bytes) -> formats.Decoded:
-    """Write each named file under tmp_path and decode ``spec`` from them."""
+    """Write each named file under tmp_path and decode ``spec`` from them; mapped
+    inputs are read in full (their values are checked when their rows are read),
+    so x is always the in-memory array."""
     paths = {}
     for name, blob in files.items():
         paths[name] = tmp_path / name
         paths[name].write_bytes(blob)
     assert formats.files_of(spec) == list(files)
-    return formats.decode(spec, paths)
+    got = formats.decode(spec, paths)
+    if isinstance(got.x, Rows):
+        assert formats.maps(spec)
+        return dataclasses.replace(got, x=got.x.materialise())
+    return got
 
 
 def _idx(a: np.ndarray, type_byte: int) -> bytes:
@@ -153,12 +161,19 @@ def _npz(**arrays: np.ndarray) -> bytes:
 
 
 def test_npy_decodes_through_a_memmap(tmp_path: Path) -> None:
-    """npy x (uint8, Fortran order) becomes f32 / divisor; y int64; no memmap kept."""
+    """npy x (uint8, Fortran order) stays a read-only map whose rows read as
+    f32 / divisor; y is read into memory as int64."""
     x = np.asfortranarray(np.arange(12, dtype=np.uint8).reshape(3, 2, 2))
-    got = _decode(NPY, tmp_path, x=_npy(x), y=_npy(np.array([2, 0, 1], np.int16)))
-    assert got.x.tobytes() == (x.astype(np.float32) / np.float32(2)).tobytes()
-    assert type(got.x) is np.ndarray and type(got.y) is np.ndarray
-    assert got.y.dtype == np.int64 and got.y.tolist() == [2, 0, 1]
+    (tmp_path / "x").write_bytes(_npy(x))
+    (tmp_path / "y").write_bytes(_npy(np.array([2, 0, 1], np.int16)))
+    got = formats.decode(NPY, {"x": tmp_path / "x", "y": tmp_path / "y"})
+    assert isinstance(got.x, Rows) and len(got.x) == 3 and got.x.shape == (3, 2, 2)
+    raw = got.x.parts[0].raw
+    assert isinstance(raw, np.memmap) and not raw.flags.writeable
+    want = x.astype(np.float32) / np.float32(2)
+    assert got.x.materialise().tobytes() == want.tobytes()
+    assert got.x.take(np.array([2, 0])).tobytes() == want[[2, 0]].tobytes()
+    assert type(got.y) is np.ndarray and got.y.dtype == np.int64 and got.y.tolist() == [2, 0, 1]
     assert (got.input_shape, got.n_classes) == ((2, 2), 3)
 
 
@@ -192,6 +207,50 @@ def test_npy_inconsistent_arrays_refused(tmp_path: Path, x: np.ndarray, y: np.nd
         _decode(NPY, tmp_path, x=_npy(x), y=_npy(y))
 
 
+def _npy_header(header: str, version: bytes = b"\x01\x00", length: int | None = None) -> bytes:
+    """An .npy preamble with a header text of our own (np.save would refuse these)."""
+    body = (header + " " * (-(len(header) + 11) % 64) + "\n").encode("latin-1")
+    n = len(body) if length is None else length
+    return b"\x93NUMPY" + version + (struct.pack("<H", n) if version[0] == 1
+                                      else struct.pack("<I", n)) + body
+
+
+_GOOD = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }"
+
+
+@pytest.mark.parametrize(("blob", "fragment"), [
+    (_npy(np.zeros((2, 2), np.float32))[:-1], "x: expected 144 bytes (header 128 + shape "
+                                              "(2, 2) x 4 bytes), found 143 bytes (truncated)"),
+    (_npy(np.zeros((2, 2), np.float32)) + b"\0", "found 145 bytes (trailing bytes)"),
+    (_npy_header(_GOOD.replace("(2, 2)", "(10**12, 2)")), "malformed node"),
+    (_npy_header(_GOOD.replace("(2, 2)", "(1000000000000, 2)")) + bytes(16),
+     "expected 8000000000128 bytes"),
+    (_npy_header(_GOOD.replace("(2, 2)", "(-1, 2)")) + bytes(16), "a negative dimension"),
+    (_npy_header(_GOOD, length=60000) + bytes(16), "EOF: reading array header"),
+    (_npy_header(_GOOD, version=b"\x03\x00") + bytes(16), "npy format 3.0 is not read"),
+    (_npy_header("__import__('os').getcwd()") + bytes(16), "malformed node"),
+    (_npy_header(_GOOD.replace("<f4", "O")) + bytes(16), "Object arrays cannot be loaded"),
+    (_npz(x=np.zeros(2)), "the magic string is not correct"),
+    (b"\x93NUM", "EOF: reading magic string"),
+])
+def test_npy_hostile_headers_refused(tmp_path: Path, blob: bytes, fragment: str) -> None:
+    """A truncated or oversized file, an absurd, negative, overlong, unknown-version,
+    code-bearing or object header, an npz: each refused naming the file (exit 3),
+    before anything is mapped past the file's end."""
+    with pytest.raises(DataIntegrityError) as e:
+        _decode(NPY, tmp_path, x=blob, y=_npy(np.array([0, 1])))
+    assert str(e.value).startswith(f"{tmp_path / 'x'}: expected") and fragment in str(e.value)
+    assert e.value.exit_code == 3
+
+
+def test_npy_header_control_decodes(tmp_path: Path) -> None:
+    """Control for the hostile headers: the hand-made preamble with a good header
+    and its 16 data bytes decodes."""
+    got = _decode(NPY, tmp_path, x=_npy_header(_GOOD) + np.ones(4, "<f4").tobytes(),
+                  y=_npy(np.array([0, 1])))
+    assert got.x.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+
+
 def test_npz_decodes_and_names_a_missing_key(tmp_path: Path) -> None:
     """npz arrays decode by key; a missing key is named with the keys found."""
     x, y = np.arange(8, dtype=np.float32).reshape(2, 4), np.array([1, 2], np.uint8)
@@ -219,6 +278,7 @@ def test_idx_decodes(tmp_path: Path, dtype: type, type_byte: int, compression: s
     got = _decode({**IDX, "compression": compression}, tmp_path, **files)
     assert got.x.tobytes() == (x.astype(np.float32) / np.float32(255)).tobytes()
     assert got.y.tolist() == [7, 3] and got.input_shape == (3, 4)
+    assert formats.maps({**IDX, "compression": compression}) == (compression == "none")
 
 
 @pytest.mark.parametrize(("mangle", "fragment"), [

@@ -124,7 +124,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
     mp.setenv("PIPELINE_CACHE_DIR", str(tmp / "cache"))
     try:
-        assert cli.main(["train", *TINY, "train.checkpoint_every=5", "--runs-dir",
+        assert cli.main(["train", *TINY, "train.checkpoint_every=5",
+                         "train.checkpoint_seconds=0", "--runs-dir",
                          str(tmp / "runs"), "--quiet"]) == 0
     finally:
         mp.undo()
@@ -162,7 +163,8 @@ def test_fuzzed_run_records_are_refused_never_crash(
         _main(capsys, ["runs", "--runs-dir", str(rd)])
         _main(capsys, ["diff", str(run), str(trained)])
         _main(capsys, ["golden", "check", str(run), "--file", str(tmp / "g.json")])
-        code, err = _main(capsys, ["train", *TINY, "train.checkpoint_every=5", "--runs-dir",
+        code, err = _main(capsys, ["train", *TINY, "train.checkpoint_every=5",
+                                   "train.checkpoint_seconds=0", "--runs-dir",
                                    str(rd), "--quiet"])
         assert code == (0 if same else 5), err
         _no_leftovers(rd)

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import safetensors.numpy
 
-from pipeline import _testing, atomic, cli, dataset, manifest, recipe, runs
+from pipeline import _testing, atomic, cli, datacache, dataset, manifest, recipe, runs
 from pipeline.config import load_config
 
 from .helpers import ROOT, pipeline_env, run_pipeline
@@ -136,10 +137,10 @@ def test_forged_decode_cache_entry_is_caught_by_verify_rebuild_and_data_verify(
     assert _train(capsys, rd, "seed=5")[0] == 0  # fills the cache
     (entry,) = (tmp_path / "cache").glob("*.safetensors")
     blob = entry.read_bytes()
-    arrays = dataset._st_load(blob)
+    arrays = safetensors.numpy.load(blob)
     arrays["y"] = (arrays["y"] + 1) % 10
-    meta = {k: v for k, v in dataset._st_data(blob)[0].items() if k != "data_sha256"}
-    forged = dataset._encode_entry(arrays, meta)  # its own data_sha256 recomputed
+    meta = {k: v for k, v in datacache.st_data(blob)[0].items() if k != "data_sha256"}
+    forged = datacache.encode_arrays(arrays, meta)  # its own data_sha256 recomputed
     entry.write_bytes(forged)
     assert _train(capsys, rd, "seed=6")[0] == 0  # trusts the cache: wrong labels
     key = _key("seed=6")
@@ -355,7 +356,7 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes_to_the_same_hash(
     the same command to resume); the rerun resumes and gives the hash of an
     uninterrupted run."""
     ref = tmp_path / "ref"
-    assert _train(capsys, ref, "train.checkpoint_every=5")[0] == 0
+    assert _train(capsys, ref, "train.checkpoint_every=5", "train.checkpoint_seconds=0")[0] == 0
     want = json.loads(next(ref.glob("*/run.json")).read_text())["weights_sha256"]
     real = _testing.fault
 
@@ -365,10 +366,10 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes_to_the_same_hash(
         real(point, step, rank, flush)  # type: ignore[arg-type]
     monkeypatch.setattr(_testing, "fault", ctrl_c)
     rd = tmp_path / "runs"
-    code, _, err = _train(capsys, rd, "train.checkpoint_every=5")
+    code, _, err = _train(capsys, rd, "train.checkpoint_every=5", "train.checkpoint_seconds=0")
     assert (code, err) == (130, "interrupted at step 15; rerun the same command to resume\n")
     monkeypatch.setattr(_testing, "fault", real)
-    code, out, err = _train(capsys, rd, "train.checkpoint_every=5")
+    code, out, err = _train(capsys, rd, "train.checkpoint_every=5", "train.checkpoint_seconds=0")
     assert code == 0 and "resuming from" in err and out.strip().endswith(want), err
 
 

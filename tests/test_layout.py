@@ -114,10 +114,68 @@ def test_architecture_notes_list_every_module() -> None:
 
 def test_cli_path_imports_no_torch_before_pinning() -> None:
     """The modules a command loads before the pinned re-exec import neither
-    torch nor numpy (their thread and ISA settings are read when they load)."""
+    torch nor numpy (their thread and ISA settings are read when they load), nor
+    matplotlib (test_train_imports_torch_once_and_only_after_the_reexec: what a
+    run imports when it runs)."""
     code = ("import sys; import pipeline.cli, pipeline.recipe, pipeline.modes, pipeline.runs, "
-            "pipeline.golden, pipeline.manifest, pipeline.launch; "
-            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+            "pipeline.golden, pipeline.manifest, pipeline.launch, pipeline.datacache; "
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+_HEAVY = ("torch", "numpy", "matplotlib")
+# Parts of torch that cost about as much as ``import torch`` again, and that a
+# run which compiles nothing need not load (pipeline/determinism.py, pinned.py).
+_SECOND_TORCH = ("torch._dynamo", "torch._inductor")
+
+
+def _imports_per_process(stderr: str) -> list[set[str]]:
+    """The modules each Python process imported, in the order the processes
+    started, from PYTHONPROFILEIMPORTTIME's lines on stderr (each process
+    prints its header first; a re-executed process starts a new list)."""
+    procs: list[set[str]] = []
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "imported package" in line:
+            procs.append(set())
+        elif line.startswith("import time:") and procs:
+            procs[-1].add(line.rsplit("|", 1)[1].strip())
+    return procs
+
+
+def test_import_parser_splits_processes() -> None:
+    """Control: the parser assigns each import to its process."""
+    text = ("import time: self [us] | cumulative | imported package\n"
+            "import time:        5 |          5 | os\n"
+            "import time: self [us] | cumulative | imported package\n"
+            "import time:      900 |       1200 |   torch._dynamo\n")
+    assert _imports_per_process(text) == [{"os"}, {"torch._dynamo"}]
+
+
+def test_train_imports_torch_once_and_only_after_the_reexec(tmp_path: Path) -> None:
+    """`pipeline train` (pinned, the default config) runs in two processes: the
+    one started re-executes itself with the profile having imported none of
+    torch, numpy, matplotlib; the pinned one imports torch (once: a module is
+    imported once per process) but not torch._dynamo or torch._inductor,
+    whose import costs as much again, nor matplotlib (curves.png is drawn by
+    pipeline/plots.py); nothing else is started."""
+    from pipeline.environment import host_isa_levels, load_profile
+    from pipeline.machines import clean_env
+
+    env = {**clean_env(tmp_path / "cache"), "PYTHONPROFILEIMPORTTIME": "1"}
+    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
+                        "train.max_steps=2", "--runs-dir", str(tmp_path / "runs"), "--quiet"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode == 4 and load_profile().requires_isa not in host_isa_levels():
+        pytest.skip(f"this CPU cannot run the pinned profile: {p.stderr[-300:]}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    procs = _imports_per_process(p.stderr)
+    assert len(procs) == 2, f"expected the started process and its pinned re-exec, found " \
+                            f"{len(procs)} processes"
+    parent, child = procs
+    assert "pipeline.cli" in parent and "torch" in child  # the lists are the right ones
+    assert sorted(m for m in parent if m.split(".")[0] in _HEAVY) == []
+    assert sorted(m for m in child if m.split(".")[0] == "matplotlib"
+                  or m.startswith(_SECOND_TORCH)) == []
+    assert any((tmp_path / "runs").glob("*/curves.png"))

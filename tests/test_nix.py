@@ -319,13 +319,15 @@ def _base_env(tmp: Path) -> dict[str, str]:
 def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) -> None:
     """With SOURCE_DATE_EPOCH set (nixpkgs' stdenv sets it in packages.model's sandbox),
     two trainings of one run write byte-identical files, every file the model derivation
-    copies to $out included: run.json takes created_utc from it and leaves duration_s out.
+    copies to $out included: run.json takes created_utc from it and leaves duration_s and
+    loop_s out.
     This is what `nix build .#model --rebuild` compares."""
     env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="315532800")
     records = [_train([sys.executable, "-m", "pipeline"], tmp_path / f"runs{i}", env, REPO)
                for i in range(2)]
     assert records[0]["created_utc"] == "1980-01-01T00:00:00Z", records[0]["created_utc"]
-    assert "duration_s" not in records[0], "duration_s is wall-clock time: two builds differ"
+    for key in ("duration_s", "loop_s"):
+        assert key not in records[0], f"{key} is wall-clock time: two builds differ"
     dirs = [tmp_path / f"runs{i}" / r["run_key"] for i, r in enumerate(records)]
     for name in MODEL_FILES:
         a, b = ((d / name).read_bytes() for d in dirs)

@@ -31,9 +31,9 @@ from .machines import EXACT, SHORT, TRAIN_TIMEOUT_S, Run, copy_checkout, train_a
 
 # (overrides, steps per run, the steps that write a checkpoint: every interval
 # and every epoch end, never the last step). 22 steps per epoch.
-PINNED = (SHORT + ["train.checkpoint_every=7"], 66,
+PINNED = (SHORT + ["train.checkpoint_every=7", "train.checkpoint_seconds=0"], 66,
           [7, 14, 21, 22, 28, 35, 42, 44, 49, 56, 63])
-EXACT_MODE = (EXACT + ["train.checkpoint_every=5"], 44, [5, 10, 15, 20, 22, 25, 30, 35, 40])
+EXACT_MODE = (EXACT + ["train.checkpoint_every=5", "train.checkpoint_seconds=0"], 44, [5, 10, 15, 20, 22, 25, 30, 35, 40])
 KILLED = -signal.SIGKILL
 
 

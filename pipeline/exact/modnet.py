@@ -31,6 +31,7 @@ class LayerNet:
     guard's check of the forward (ConfigError listing every refused call)."""
 
     dropout_rate = 0.0  # the masks are the layers' own (spec section 15)
+    threadable = False  # exact ops are thread-invariant: --threads sets torch's own threads
 
     def __init__(self, module: nn.Module, seed: int, device: torch.device | str,
                  sample: Tensor | None = None) -> None:

@@ -93,6 +93,8 @@ class ExactNet:
     invalidates the entry.
     """
 
+    threadable = False  # exact ops are thread-invariant: --threads sets torch's own threads
+
     def __init__(self, model_cfg: Arch, seed: int, device: torch.device | str = "cpu",
                  *, input_shape: tuple[int, ...] = (1, 8, 8), n_classes: int = 10) -> None:
         # The defaults are the spec's digits shapes; a run passes its dataset's.
