@@ -180,3 +180,22 @@ def test_charlm_exact_world_size_2_agrees(lm_exact: Run, suite_env: dict[str, st
     rec = _train([CONFIG, *EXACT_LM, "--runs-dir", str(tmp_path / "runs"), "--nproc", "2"],
                  suite_env)
     assert rec["weights_sha256"] == lm_exact.sha256 and rec["world_size"] == 2
+
+
+def test_charlm_exact_resumes_bit_exactly(lm_exact: Run, suite_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """Killed after step 5 (a checkpoint at step 4), the exact run resumes
+    from step 4 and ends with the uninterrupted run's weights: the layers'
+    parameters, Adam's state and the step-keyed masks all come back."""
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "pipeline", "train", CONFIG, *EXACT_LM,
+            "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--json", "--quiet"]
+    env = {**suite_env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    killed = subprocess.run(argv, cwd=ROOT, env={**env, "PIPELINE_TEST_KILL_AT_STEP": "5"},
+                            capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TRAIN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads(done.stdout)
+    assert rec["resumed_from_step"] == 4 and rec["weights_sha256"] == lm_exact.sha256
