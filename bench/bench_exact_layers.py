@@ -10,6 +10,8 @@ in peak memory. Not a test.
 Each (mode, threads) runs in a fresh subprocess, under the pinned profile's
 environment with the thread count replaced (so both modes run the same
 kernels' ISA; exact mode needs no pinning, which only changes its speed),
+its shards run as the loop runs them (``--threads N``: pinned mode's on a
+pool of N threads, exact mode's in order on N intra-op threads),
 and reports the median of its timed steps after two warm-up steps and its
 peak RSS. The parent alternates the children (exact, pinned, exact, ...) and
 prints medians over ``--repeats``. Evaluation is not timed.
@@ -39,6 +41,7 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
     from pipeline.distributed import LocalComm
     from pipeline.rng import DropoutStream
     from pipeline.sampling import batches, epoch_order, split
+    from pipeline.threads import ShardRunner
     from pipeline.train import _step_grads, examples_of
 
     cfg = load_config(config, [*overrides, f"mode={mode}"])
@@ -50,6 +53,9 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
     net = m.make_net(cfg, ds, dev, parts)
     opt = m.make_optimizer(cfg, net)
     dropout = DropoutStream(cfg.seed)
+    # As the loop runs them at this thread count: pinned mode's shards on a
+    # pool of threads (each op on one), exact mode's ops on torch's threads.
+    runner = ShardRunner(net, torch.get_num_threads(), cfg.train.shards, m.pins_threads())
     order = batches(epoch_order(train_ids, cfg.seed, 0), cfg.train.batch_size)
     n_global = cfg.train.batch_size * examples.targets_per_example
     times = []
@@ -58,9 +64,10 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
         t0 = time.perf_counter()
         masks = [dropout.keep_mask(net.dropout_rate, cfg.train.batch_size, w)
                  for w in net.dropout_widths()]
-        _, grads = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev)
+        _, grads = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev, runner)
         opt.step(grads)
         times.append(time.perf_counter() - t0)
+    runner.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({"step_s": statistics.median(times[2:]), "rss_mb": rss,
                       "threads": torch.get_num_threads()}))
