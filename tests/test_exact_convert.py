@@ -6,10 +6,12 @@ any thread count and ISA (and to other bits with another seed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,8 +23,20 @@ from pipeline.exact import (ExactAdam, Guard, LayerNet, Linear, check_graph, che
 from pipeline.exact import layers as L
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "charlm"))
-from model import gpt  # noqa: E402  (the example project's factory)
+
+
+def _load_example() -> Any:
+    """examples/charlm/model.py under a name of its own (a module named
+    ``model`` in sys.modules would shadow other projects' model.py)."""
+    spec = importlib.util.spec_from_file_location("charlm_example_model",
+                                                  ROOT / "examples" / "charlm" / "model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpt = _load_example().gpt
 
 
 def _tiny_gpt(seed: int = 0) -> nn.Module:
