@@ -65,7 +65,7 @@ def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int
                  train=TrainConfig(batch_size=64, shards=shards))
     dev = torch.device("cpu")
     net, gen = _net(cfg, dev), torch.Generator().manual_seed(0)
-    opt = modes.of(cfg.mode).make_optimizer(cfg, net)
+    opt = modes.of(cfg.mode).make_optimizer(cfg, net, steps)
     x, y = torch.rand(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     comms = {"invariant": TorchComm(dev, plain=False), "plain": TorchComm(dev, plain=True)}
     rows, per = 64 // shards, shards // world

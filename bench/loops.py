@@ -118,10 +118,15 @@ class UserLoop:
                             self.cfg.seed)
 
     def optimizer(self, model: Any) -> Any:
-        """The torch.optim optimiser the pipeline builds from the config."""
+        """The torch.optim optimiser the pipeline builds from the config (at
+        the base rate: the plain loop does not follow a warm-up or cosine
+        schedule, nor clip)."""
         from pipeline.pinned import TorchOptimizer
 
-        return TorchOptimizer(self.cfg.optim, dict(model.named_parameters())).opt
+        t = self.cfg.train
+        total = self.per_epoch * t.epochs if not t.max_steps else min(
+            self.per_epoch * t.epochs, t.max_steps)
+        return TorchOptimizer(self.cfg.optim, dict(model.named_parameters()), total).opt
 
     def batches(self) -> Batches:
         import torch

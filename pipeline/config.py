@@ -3,8 +3,7 @@
 Unknown keys, wrong types and out-of-range values are all collected and
 reported together in one ``ConfigError`` naming each key. Overrides are
 ``section.key=value`` strings whose value is parsed as a TOML value
-(``train.epochs=3``, ``model.args.hidden=[64,32]``, ``mode="exact"`` or
-``mode=exact``).
+(``train.epochs=3``, ``model.args.hidden=[64,32]``, ``mode=exact``).
 
 ``model.factory`` names the function that builds the network
 (``package.module:function``, pipeline.models) and ``[model.args]`` its
@@ -16,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import tomllib
 import typing
@@ -26,6 +24,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .safeio import MIB, read_regular
+from .strict import build, short
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig",
            "load_config", "parse_overrides", "config_sha256", "config_to_dict"]
@@ -60,13 +59,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"
+    name: str = "sgd"            # "sgd", "adam" (L2 weight decay) or "adamw" (decoupled)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    nesterov: bool = False       # sgd with momentum > 0 only
+    clip_norm: float = 0.0       # > 0: clip the gradients' global norm to this (0: off)
+    schedule: str = "constant"   # or "cosine" (pipeline.schedule)
+    warmup_steps: int = 0        # linear warm-up over this many steps (0: none)
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,10 @@ class Config:
 
 
 MAX_CONFIG_BYTES = MIB   # a config file larger than this is refused unparsed
-MAX_LIST = 1024          # entries in any array (model.args.hidden: layers)
-MAX_DEPTH = 16           # nesting of arrays and tables in model.args
-_INT_BOUND = 1 << 63     # every integer is a signed 64-bit one
 # "package.module:function": dotted identifiers, one colon.
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 LOSSES = ("cross_entropy",)
+OPTIMISERS = ("sgd", "adam", "adamw")
 
 
 def _is_pow2(n: int) -> bool:
@@ -108,96 +109,22 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.checkpoint_seconds", lambda v: 0.0 <= v <= 1e6, "a number of seconds in [0, 1e6]"),
     ("train.loss", lambda v: _FACTORY.fullmatch(v) is not None or v in LOSSES,
      f'one of {LOSSES} or "module:function"'),
-    ("optim.name", lambda v: v in ("sgd", "adam"), 'one of "sgd", "adam"'),
+    ("optim.name", lambda v: v in OPTIMISERS, 'one of "sgd", "adam", "adamw"'),
     ("optim.lr", lambda v: 0.0 < v < 100.0, "a number in (0, 100)"),
     ("optim.momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("optim.weight_decay", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("optim.beta1", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("optim.beta2", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("optim.eps", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    ("optim.clip_norm", lambda v: 0.0 <= v <= 1e9, "a number in [0, 1e9] (0: no clipping)"),
+    ("optim.schedule", lambda v: v in ("constant", "cosine"), 'one of "constant", "cosine"'),
+    ("optim.warmup_steps", lambda v: 0 <= v < 1 << 40, "an integer in [0, 2^40) (0: none)"),
 ]
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is tuple:
-        return f"an array of at most {MAX_LIST} {typing.get_args(tp)[0].__name__}"
-    if typing.get_origin(tp) is dict:
-        return (f"a table of JSON-like values (strings, numbers, booleans, arrays of at most "
-                f"{MAX_LIST} entries, tables; nested at most {MAX_DEPTH} deep; 64-bit integers)")
-    return {int: "an integer (64-bit)", float: "a number", str: "a string"}[tp]
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """A value canonical JSON can hold exactly (no dates, no NaN or infinity),
-    within bounds: arrays and tables of at most MAX_LIST entries, nested at
-    most MAX_DEPTH deep, integers of 64 bits (checked before anything is built)."""
-    if depth > MAX_DEPTH:
-        return False
-    if isinstance(value, dict):
-        return len(value) <= MAX_LIST and all(isinstance(k, str) and _plain(v, depth + 1)
-                                              for k, v in value.items())
-    if isinstance(value, list):
-        return len(value) <= MAX_LIST and all(_plain(v, depth + 1) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return -_INT_BOUND <= value < _INT_BOUND
-    return isinstance(value, (str, bool))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` as ``tp`` or raise TypeError. bool is never a number."""
-    if typing.get_origin(tp) is dict:
-        if not isinstance(value, dict) or not _plain(value):
-            raise TypeError
-        return value
-    if typing.get_origin(tp) is tuple:
-        inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)) or len(value) > MAX_LIST:
-            raise TypeError  # bounded before any element is looked at
-        return tuple(_coerce(v, inner) for v in value)
-    if isinstance(value, bool):
-        raise TypeError
-    if isinstance(value, int) and not -_INT_BOUND <= value < _INT_BOUND:
-        raise TypeError  # beyond 64 bits: no array, file or RNG key could hold it
-    if tp is float and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, tp):
-        raise TypeError
-    return value
-
-
-def _short(value: Any) -> str:
-    """repr(value), cut to 80 characters (a value may be megabytes long)."""
-    if isinstance(value, (list, tuple)) and len(value) > 8:
-        return f"[{', '.join(map(repr, value[:4]))}, ... ({len(value)} entries)]"
-    r = repr(value)
-    return r if len(r) <= 80 else r[:77] + "..."
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in fields:
-            problems.append(f"{prefix}{k}: unknown key (expected one of {', '.join(fields)})")
-    kwargs: dict[str, Any] = {}
-    for name, tp in hints.items():
-        if name not in raw:
-            continue
-        key, value = prefix + name, raw[name]
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            if not isinstance(value, dict):
-                problems.append(f"{key}: expected a table, found {type(value).__name__}")
-            else:
-                kwargs[name] = _build(tp, value, key + ".", problems)
-            continue
-        try:
-            kwargs[name] = _coerce(value, tp)
-        except TypeError:
-            problems.append(f"{key}: expected {_type_name(tp)}, found {_short(value)} "
-                            f"({type(value).__name__})")
-    return cls(**kwargs)
+# Keys added after configs were first hashed: left out of the canonical dict (run
+# key, config_sha256, golden keys) at their default, so older configs keep their hash.
+_KEYED_WHEN_SET = {("train", "checkpoint_seconds"): 60.0,
+                   ("optim", "nesterov"): False, ("optim", "clip_norm"): 0.0,
+                   ("optim", "schedule"): "constant", ("optim", "warmup_steps"): 0}
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -214,7 +141,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
             continue  # already reported; its value here is the default
         value = _get(cfg, key)
         if not ok(value):
-            problems.append(f"{key}: expected {expected}, found {_short(value)}")
+            problems.append(f"{key}: expected {expected}, found {short(value)}")
+    o = cfg.optim
+    if o.nesterov and not (o.name == "sgd" and o.momentum > 0):
+        problems.append(f"optim.nesterov: expected false unless optim.name = 'sgd' with optim."
+                        f"momentum > 0, found true with {o.name!r}, momentum {o.momentum!r}")
     t = cfg.train
     if _is_pow2(t.shards) and t.batch_size % t.shards:
         problems.append(f"train.batch_size: expected a multiple of train.shards={t.shards}, "
@@ -254,7 +185,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(raw: dict[str, Any], source: str) -> Config:
     """Validate a raw mapping; every problem is reported in one ConfigError."""
     problems: list[str] = []
-    cfg = _build(Config, raw, "", problems)
+    cfg = build(Config, raw, "", problems)
     _check(cfg, problems)
     if problems:
         raise ConfigError(source, problems)
@@ -287,7 +218,13 @@ def _read_toml(path: Path, source: str) -> dict[str, Any]:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return json.loads(canonical_json(dataclasses.asdict(cfg)))
+    """The config as canonical JSON values, keys of ``_KEYED_WHEN_SET`` left
+    out while at their default (``config_from_dict`` restores them)."""
+    out = json.loads(canonical_json(dataclasses.asdict(cfg)))
+    for (section, key), default in _KEYED_WHEN_SET.items():
+        if type(out[section][key]) is type(default) and out[section][key] == default:
+            del out[section][key]
+    return out
 
 
 def canonical_json(obj: Any) -> bytes:

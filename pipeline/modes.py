@@ -91,7 +91,9 @@ class Mode:
         """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
         raise NotImplementedError
 
-    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+    def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
+        """The optimiser of ``cfg.optim`` over ``net.params``; its learning-rate
+        schedule spans ``total_steps`` (the steps the run trains)."""
         raise NotImplementedError
 
     def golden_key(self, record: dict[str, Any]) -> dict[str, str]:
@@ -145,9 +147,9 @@ class _Pinned(Mode):
                               cfg.model.args, cfg.seed)
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
-    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+    def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .pinned import TorchOptimizer
-        return TorchOptimizer(cfg.optim, net.params)
+        return TorchOptimizer(cfg.optim, net.params, total_steps)
 
 
 class _Exact(Mode):
@@ -198,9 +200,9 @@ class _Exact(Mode):
         sample = torch.zeros((2, *shape), dtype=torch.int64 if ds.task == "lm" else None)
         return LayerNet(from_torch(stock), cfg.seed, device, sample)
 
-    def make_optimizer(self, cfg: Config, net: Net) -> Optimizer:
+    def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .exact import make_exact_optimizer
-        return make_exact_optimizer(cfg.optim, net.params)
+        return make_exact_optimizer(cfg.optim, net.params, total_steps)
 
 
 PINNED, EXACT = _Pinned(), _Exact()

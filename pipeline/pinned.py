@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import _testing
 from .config import OptimConfig
 from .errors import ConfigError
+from .schedule import schedule_of
 from .threads import SharedGeneratorOp
 
 __all__ = ["PinnedNet", "TorchOptimizer", "build_module"]
@@ -196,28 +197,45 @@ def _undecorated(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer
 
 
 _SGD, _ADAM = _undecorated(torch.optim.SGD), _undecorated(torch.optim.Adam)
+_ADAMW = _undecorated(torch.optim.AdamW)
 
 
 class TorchOptimizer:
-    """torch.optim behind the Optimizer interface; state keyed by param name."""
+    """torch.optim behind the Optimizer interface; state keyed by param name.
+    SGD (momentum, Nesterov, weight decay), Adam, AdamW, all with
+    ``foreach=False``; ``clip_norm > 0``: ``torch.nn.utils.clip_grad_norm_``
+    (``foreach=False``) before each step, which scales the given gradient
+    tensors in place; the rate of step ``t`` is the
+    schedule's ``lr(t)`` (pipeline.schedule, as ``LambdaLR`` would set it),
+    so the step count is state too."""
 
-    _STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step")}
+    _STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step"),
+              "adamw": ("exp_avg", "exp_avg_sq", "step")}
 
-    def __init__(self, cfg: OptimConfig, params: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cfg: OptimConfig, params: dict[str, torch.Tensor],
+                 total_steps: int) -> None:
         self.cfg, self.params = cfg, params
+        self.schedule, self.t = schedule_of(cfg, total_steps), 0
         plist = list(params.values())
         if cfg.name == "sgd":
             self.opt: torch.optim.Optimizer = _SGD(
                 plist, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                foreach=False)
+                nesterov=cfg.nesterov, foreach=False)
         else:
-            self.opt = _ADAM(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False)
+            cls = _ADAMW if cfg.name == "adamw" else _ADAM
+            self.opt = cls(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, foreach=False)
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         for name, p in self.params.items():
             p.grad = grads[name]
+        if self.cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.clip_norm,
+                                           foreach=False)
+        for group in self.opt.param_groups:
+            group["lr"] = self.schedule(self.t)
         self.opt.step()
+        self.t += 1
         for p in self.params.values():
             p.grad = None
 
@@ -230,16 +248,19 @@ class TorchOptimizer:
         return out
 
     def state_scalars(self) -> dict[str, Any]:
-        return {}
+        return {"step": self.t}
 
     def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
         expected = {f"{k}.{n}" for n in self.params for k in self._STATE[self.cfg.name]}
         if tensors and set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(f"optimiser state: missing {missing}, unexpected {extra}")
-        if scalars:
-            raise ValueError(f"optimiser state: unexpected scalars {sorted(scalars)}")
+        step = scalars.get("step")
+        if set(scalars) != {"step"} or isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"optimiser state: expected scalars {{'step': an integer}}, "
+                             f"found {sorted(scalars)}")
         self.opt.state.clear()
+        self.t = step
         for name, p in self.params.items():
             if tensors:
                 self.opt.state[p] = {k: tensors[f"{k}.{name}"].clone().to(p.device)

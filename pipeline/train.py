@@ -70,7 +70,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
     mode = modes.of(cfg.mode)
     net = mode.make_net(cfg, ds, dev, parts)
     _check_world_size(net, comm.size)
-    opt = mode.make_optimizer(cfg, net)
+    opt = mode.make_optimizer(cfg, net, total)  # the schedule spans the run's steps
     dropout = DropoutStream(cfg.seed)
     st = Progress()
     resumed = checkpoint.restore(ckpt_dir, run_key, cfg, net, opt, dropout, st)

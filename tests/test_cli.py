@@ -176,6 +176,7 @@ def test_flipped_byte_message_names_both_hashes(tmp_path: Path) -> None:
     (["colour=1"], "colour: unknown key"),
     (["optim.lr=-1", "train.epochs=0"], "optim.lr"),
     (["configs/none.toml"], "file not found"),
+    (["optim.name=adam", "optim.nesterov=true"], "optim.nesterov: expected false unless"),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path: Path, args: list[str],
                                                needle: str) -> None:

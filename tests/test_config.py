@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,46 @@ def test_model_factory_and_args_are_checked(tmp_path: Path) -> None:
         load_config(bad)
     cfg = load_config(None, ["model.factory=my_pkg.nets:resnet", "train.loss=losses:focal"])
     assert cfg.model.factory == "my_pkg.nets:resnet" and cfg.train.loss == "losses:focal"
+
+
+def test_optimiser_options_are_checked_by_key() -> None:
+    """optim.nesterov is a boolean, and only for sgd with momentum;
+    clip_norm, schedule and warmup_steps are bounded; adamw is a name. Every
+    problem is reported together, each naming its key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.nesterov=1", "optim.clip_norm=-1", "optim.schedule=linear",
+                           "optim.warmup_steps=-2", "optim.name=rmsprop"])
+    msg = str(e.value)
+    assert len(e.value.problems) == 5, msg
+    for needle in ("optim.nesterov: expected a boolean", "optim.clip_norm: expected a number in",
+                   "optim.schedule: expected one of", "optim.warmup_steps: expected an integer",
+                   'optim.name: expected one of "sgd", "adam", "adamw"'):
+        assert needle in msg, msg
+    for bad in (["optim.nesterov=true", "optim.momentum=0"],
+                ["optim.nesterov=true", "optim.name=adamw"]):
+        with pytest.raises(ConfigError, match="optim.nesterov: expected false unless"):
+            load_config(None, bad)
+    cfg = load_config(None, ["optim.name=adamw", "optim.nesterov=false", "optim.clip_norm=1",
+                             "optim.schedule=cosine", "optim.warmup_steps=5"])
+    assert (cfg.optim.name, cfg.optim.clip_norm, cfg.optim.warmup_steps) == ("adamw", 1.0, 5)
+    load_config(None, ["optim.nesterov=true"])  # sgd with the default momentum 0.9
+
+
+NEW_OPTIONS = ["optim.nesterov=true", "optim.clip_norm=1.0", "optim.schedule=cosine",
+               "optim.warmup_steps=10", "optim.name=adamw"]
+
+
+def test_optimiser_options_key_only_when_set() -> None:
+    """Configs that do not set the optimiser keys added later keep the hash
+    their golden entries are filed under; writing those keys' defaults out is
+    the same config; setting any of them changes the hash."""
+    golden = json.loads((ROOT / "tests" / "golden" / "weights.json").read_text())
+    filed = {e["config_sha256"] for e in golden["entries"]}
+    for name in ("digits.toml", "digits-exact.toml", "digits-cnn-exact.toml"):
+        assert config_sha256(load_config(ROOT / "configs" / name)) in filed, name
+    base = config_sha256(Config())
+    defaults = ["optim.nesterov=false", "optim.clip_norm=0.0", "optim.schedule=constant",
+                "optim.warmup_steps=0"]
+    assert config_sha256(load_config(None, defaults)) == base
+    hashes = {config_sha256(load_config(None, [o])) for o in NEW_OPTIONS}
+    assert base not in hashes and len(hashes) == len(NEW_OPTIONS)

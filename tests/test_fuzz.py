@@ -198,7 +198,7 @@ def test_fuzzed_checkpoint_metadata_restores_or_raises_checkpoint_error(
     ds = load(verify(manifest_path()), cfg.data.dataset, default_cache_dir())
     parts = resolve(cfg.model.factory, cfg.train.loss, None)
     net = of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
-    opt = of(cfg.mode).make_optimizer(cfg, net)
+    opt = of(cfg.mode).make_optimizer(cfg, net, 10)
     try:
         checkpoint.restore(ck, rec["run_key"], cfg, net, opt, DropoutStream(cfg.seed),
                            checkpoint.Progress())

@@ -59,7 +59,7 @@ def test_nets_take_their_shapes_from_the_dataset(mode: str, arch: str) -> None:
     first = "conv0.weight" if arch == "cnn" else "fc0.weight"
     assert net.params[first].shape[1] == (2 if arch == "cnn" else 72)
     assert net.predict(torch.rand(5, 2, 6, 6)).shape == (5, 3)
-    opt = modes.of(mode).make_optimizer(cfg, net)
+    opt = modes.of(mode).make_optimizer(cfg, net, 10)
     assert opt.state_scalars() is not None
 
 

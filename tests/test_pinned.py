@@ -44,7 +44,7 @@ def _trajectory(cfg: OptimConfig, stock: bool, steps: int = 6) -> list[torch.Ten
                 p.grad = gs[k]
             opt.step()
     else:
-        ours = TorchOptimizer(cfg, params)
+        ours = TorchOptimizer(cfg, params, steps)
         for gs in grads:
             ours.step(gs)
     return [p.detach().clone() for p in params.values()]
@@ -89,8 +89,12 @@ from pipeline.pinned import TorchOptimizer
 if sys.argv[1] == "strict":
     strict_torch()
 params = {"w": torch.nn.Parameter(torch.ones(3))}
-for name in ("sgd", "adam"):
-    opt = TorchOptimizer(OptimConfig(name=name, lr=0.1), params)
+for cfg in (OptimConfig(name="sgd", lr=0.1), OptimConfig(name="adam", lr=0.1),
+            OptimConfig(name="adamw", lr=0.1, weight_decay=0.1, clip_norm=0.5,
+                        schedule="cosine", warmup_steps=1),
+            OptimConfig(name="sgd", lr=0.1, nesterov=True, clip_norm=0.5)):
+    opt = TorchOptimizer(cfg, params, 2)
+    opt.step({"w": torch.ones(3)})
     opt.step({"w": torch.ones(3)})
 print("dynamo" if "torch._dynamo" in sys.modules else "no-dynamo",
       "inductor" if "torch._inductor" in sys.modules else "no-inductor",
@@ -114,8 +118,8 @@ def _probe(strict: bool) -> list[str]:
 
 
 def test_training_steps_and_determinism_switches_load_no_dynamo() -> None:
-    """In a fresh process, strict_torch and TorchOptimizer's SGD and Adam
-    steps import neither torch._dynamo nor torch._inductor (each costs about
+    """In a fresh process, strict_torch and TorchOptimizer's SGD, Adam and
+    AdamW steps (clipping and the cosine schedule included) import neither torch._dynamo nor torch._inductor (each costs about
     an `import torch`); deterministic algorithms are on, and inductor, once
     imported, is deterministic too (what torch.use_deterministic_algorithms
     sets). Control: the stock torch.optim step in the same process does import

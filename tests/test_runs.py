@@ -48,6 +48,19 @@ def test_config_change_changes_the_key() -> None:
     assert a.key != b.key and len(a.key) == 64
 
 
+@pytest.mark.parametrize("override", ["optim.nesterov=true", "optim.clip_norm=1.0",
+                                      "optim.schedule=cosine", "optim.warmup_steps=10",
+                                      "optim.name=adamw"])
+def test_each_optimiser_option_changes_the_key(override: str) -> None:
+    """The optimiser options enter the run key in both modes."""
+    for mode in ("pinned", "exact"):
+        cfg = load_config(None, [f"mode={mode}", override])
+        plain = load_config(None, [f"mode={mode}"])
+        keys = [runs.RunInputs(c, BASE["data"], BASE["code"], BASE["toolchain"],
+                               BASE["profile"]).key for c in (cfg, plain)]
+        assert keys[0] != keys[1], (mode, override)
+
+
 def _trail(steps: list[list[bytes]]) -> bytes:
     return b"".join(hashlib.sha1(t).digest()[:8] for step in steps for t in step)
 

@@ -13,7 +13,8 @@ the torch version, ISA, thread count or device.
 - ``guard``: what a network's own forward code may call, and the graph check;
 - ``context``: the step context of dropout masks; ``modnet``: ``LayerNet``;
 - ``net``: ``ExactNet``, the spec's MLP or CNN with explicit backward;
-- ``optim``: ``ExactSGD``, ``ExactAdam`` (section 9).
+- ``optim``: ``ExactSGD``, ``ExactAdam``, ``ExactAdamW``, ``clip_scale``
+  (spec section 9; the schedule is ``pipeline.schedule``).
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ from .ops import (
     xlog,
     xmm,
 )
-from .optim import ExactAdam, ExactSGD, make_exact_optimizer
+from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
 from .product import xmm2
 
 __all__ = ["matmul", "xmm", "xmm2", "quantise", "mm_quantised", "tree_sum", "tree_sum_list",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
            "relu_dropout_grad", "im2col", "col2im", "Arch", "ExactNet", "ExactSGD",
-           "ExactAdam", "make_exact_optimizer",
+           "ExactAdam", "ExactAdamW", "clip_scale", "make_exact_optimizer",
            "linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
            "attention", "add", "sub", "mul", "div", "neg",
            "Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",

@@ -1,9 +1,13 @@
-"""Exact mode's optimisers (docs/exact-spec.md, section 9): every tensor op a
-single IEEE f32 op, constants rounded to f32 once; state as named f32 tensors
-(``<slot>.<param name>``) and JSON-able scalars for checkpoints."""
+"""Exact mode's optimisers (docs/exact-spec.md, section 9): SGD (momentum,
+Nesterov, L2 weight decay), Adam (L2) and AdamW (decoupled weight decay),
+global-norm gradient clipping and the learning-rate schedule
+(pipeline.schedule). Every tensor op a single IEEE f32 op, constants rounded
+to f32 once (per step for those the schedule moves); state as named f32
+tensors (``<slot>.<param name>``) and JSON-able scalars for checkpoints."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,11 +15,26 @@ from torch import Tensor
 
 from ..config import OptimConfig
 from ..errors import CheckpointError
+from ..schedule import Schedule, schedule_of
 from .flat import F32 as _F32
 from .flat import flat_of, flat_views, rn32
-from .ops import sqrt32
+from .ops import sqrt32, tree_sum
 
-__all__ = ["ExactSGD", "ExactAdam", "make_exact_optimizer"]
+__all__ = ["ExactSGD", "ExactAdam", "ExactAdamW", "clip_scale", "make_exact_optimizer"]
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: max_norm / (norm + 1e-6)
+
+
+def clip_scale(grads: dict[str, Tensor], max_norm: float) -> Tensor:
+    """Section 9.2: ``min(RN32(max_norm) / (norm + RN32(1e-6)), 1)`` (f32, a
+    0-dim tensor on the gradients' device) with ``norm = sqrt32(tree_sum(g *
+    g))`` over every gradient laid end to end, tensors in sorted name order,
+    each in C order. No host sync: the clamp makes a norm within bounds a
+    factor of exactly 1, and ``g * 1`` is ``g``."""
+    flat = torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
+    norm = sqrt32(tree_sum(flat * flat, 0))
+    num = torch.full((), rn32(max_norm), dtype=_F32, device=flat.device)
+    # a tensor divisor: see the module docstring of pipeline.exact.ops
+    return (num / (norm + rn32(CLIP_EPS))).clamp_(max=1.0)
 
 
 def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor],
@@ -44,14 +63,17 @@ def _check_keys(expected: dict[str, Any], got: dict[str, Any], what: str) -> Non
 
 
 class _Optimizer:
-    """Shared machinery: named f32 state tensors (``<slot>.<param name>``,
-    views of one flat buffer per slot), JSON-able scalars, and the choice
-    between one flat update and one update per parameter (same bits)."""
+    """Shared machinery: the step (clip, ``lr(t)``, update), named f32 state
+    tensors (``<slot>.<param name>``, views of one flat buffer per slot),
+    JSON-able scalars, and the choice between one flat update and one update
+    per parameter (same bits)."""
 
-    def __init__(self, params: dict[str, Tensor], slots: tuple[str, ...]) -> None:
+    def __init__(self, params: dict[str, Tensor], slots: tuple[str, ...],
+                 schedule: Callable[[int], float], clip_norm: float) -> None:
         self.params = params
-        self.t = 0
+        self.t = 0  # updates made: the next one uses step t's gradients and lr(t)
         self.slots = slots
+        self.schedule, self.clip_norm = schedule, clip_norm
         self.state: dict[str, Tensor] = {}
         self._flat_state: list[Tensor] = []
         for slot in slots:
@@ -67,22 +89,36 @@ class _Optimizer:
         self._flat_theta = flat_of(list(params.values()))
         self._layout = [(p, p.data_ptr()) for p in params.values()]
 
+    def step(self, grads: dict[str, Tensor]) -> None:
+        """One update from step ``t``'s summed gradients: clipped (section
+        9.2) when ``clip_norm > 0``, at the rate ``lr(t)`` (9.1)."""
+        scale = clip_scale(grads, self.clip_norm) if self.clip_norm > 0 else None
+        self._begin(self.schedule(self.t))
+        self._apply(grads, scale)
+        self.t += 1
+
+    def _begin(self, lr: float) -> None:
+        """This step's scalars from its f64 rate ``lr``."""
+        raise NotImplementedError
+
     def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
         raise NotImplementedError
 
-    def _apply(self, grads: dict[str, Tensor]) -> None:
+    def _apply(self, grads: dict[str, Tensor], scale: Tensor | None) -> None:
         """``_update`` once on flat views when the parameters still form one
-        flat buffer (the gradients concatenated), else once per parameter."""
+        flat buffer (the gradients concatenated), else once per parameter;
+        the gradients multiplied by ``scale`` first (if given)."""
         names = list(self.params)
         theta = self._flat_theta
         if theta is not None and len(names) == len(self._layout) and all(
                 self.params[n] is p and p.data_ptr() == ptr
                 for n, (p, ptr) in zip(names, self._layout)):
             g = torch.cat([grads[n].reshape(-1) for n in names])
-            self._update(theta, g, self._flat_state)
+            self._update(theta, g if scale is None else g.mul_(scale), self._flat_state)
             return
         for n in names:
-            self._update(self.params[n], grads[n], [self.state[f"{s}.{n}"] for s in self.slots])
+            g = grads[n] if scale is None else grads[n] * scale
+            self._update(self.params[n], g, [self.state[f"{s}.{n}"] for s in self.slots])
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Every state tensor by name (``<slot>.<param name>``)."""
@@ -108,60 +144,72 @@ class _Optimizer:
 
 
 class ExactSGD(_Optimizer):
-    """SGD with optional momentum and L2 weight decay, spec section 9: each
-    op a separate f32 op, constants rounded to f32 once."""
+    """SGD with optional momentum (dampening 0), Nesterov momentum and L2
+    weight decay, spec section 9.3; ``schedule`` gives ``lr(t)`` (default: the
+    constant ``lr``)."""
 
     def __init__(self, params: dict[str, Tensor], lr: float, momentum: float = 0.0,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(params, ("momentum",) if momentum != 0 else ())
-        self.lr, self.mu, self.wd = rn32(lr), rn32(momentum), rn32(weight_decay)
+                 weight_decay: float = 0.0, *, nesterov: bool = False,
+                 schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0) -> None:
+        if nesterov and momentum == 0:
+            raise ValueError("ExactSGD: Nesterov momentum needs a momentum, found 0")
+        super().__init__(params, ("momentum",) if momentum != 0 else (),
+                         schedule or Schedule(lr), clip_norm)
+        self.mu, self.wd, self.nesterov = rn32(momentum), rn32(weight_decay), nesterov
         self.use_wd = weight_decay != 0
+        self._lr = rn32(lr)
 
-    def step(self, grads: dict[str, Tensor]) -> None:
-        """``theta = theta - buf * lr`` with ``buf = buf * mu + g`` (``g`` on
-        the first step), ``g = g + wd * theta`` first when ``wd != 0``."""
-        self._apply(grads)
-        self.t += 1
+    def _begin(self, lr: float) -> None:
+        self._lr = rn32(lr)
 
     def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
+        """``g += wd * theta``; ``buf = g`` (first step) or ``buf * mu + g``;
+        ``d = g + buf * mu`` (Nesterov) or ``buf``; ``theta -= d * lr``."""
         if self.use_wd:
             g = g + theta * self.wd
-        buf = g
+        d = g
         if state:  # momentum
             buf = state[0]
             if self.t == 0:
                 buf.copy_(g)
             else:
                 buf.mul_(self.mu).add_(g)
-        theta.sub_(buf * self.lr)
+            d = g + buf * self.mu if self.nesterov else buf
+        theta.sub_(d * self._lr)
 
 
 class ExactAdam(_Optimizer):
-    """Adam in the L2 form (not AdamW), spec section 9; bias corrections from
-    f64 running products ``b1p``, ``b2p`` rounded to f32 once per step."""
+    """Adam, spec section 9.4: L2 weight decay (``g += wd * theta``), or with
+    ``decoupled`` AdamW's (``theta *= RN32(1 - lr(t) * wd)`` first). Bias
+    corrections from f64 running products ``b1p``, ``b2p``; the step's
+    scalars rounded to f32 once per step."""
 
     def __init__(self, params: dict[str, Tensor], lr: float, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, ("m", "v"))
-        self.lr, self.beta1, self.beta2 = lr, beta1, beta2
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 decoupled: bool = False, schedule: Callable[[int], float] | None = None,
+                 clip_norm: float = 0.0) -> None:
+        super().__init__(params, ("m", "v"), schedule or Schedule(lr), clip_norm)
+        self.beta1, self.beta2 = beta1, beta2
         self.b1, self.b2 = rn32(beta1), rn32(beta2)
         self.c1, self.c2 = rn32(1.0 - beta1), rn32(1.0 - beta2)
-        self.eps, self.wd, self.use_wd = rn32(eps), rn32(weight_decay), weight_decay != 0
+        self.eps, self.wd_f, self.wd = rn32(eps), weight_decay, rn32(weight_decay)
+        self.l2 = weight_decay != 0 and not decoupled
+        self.decay = weight_decay != 0 and decoupled
         self.b1p = self.b2p = 1.0
-        self._step, self._bc2 = 0.0, 1.0
+        self._step, self._bc2, self._dec = 0.0, 1.0, 1.0
 
-    def step(self, grads: dict[str, Tensor]) -> None:
-        """One Adam step; every tensor op is a single IEEE f32 op."""
-        self.t += 1
+    def _begin(self, lr: float) -> None:
         self.b1p *= self.beta1
         self.b2p *= self.beta2
-        self._step = rn32(self.lr / (1.0 - self.b1p))
+        self._step = rn32(lr / (1.0 - self.b1p))
         self._bc2 = rn32(1.0 - self.b2p)
-        self._apply(grads)
+        self._dec = rn32(1.0 - lr * self.wd_f)
 
     def _update(self, theta: Tensor, g: Tensor, state: list[Tensor]) -> None:
-        if self.use_wd:
+        if self.l2:
             g = g + theta * self.wd
+        if self.decay:
+            theta.mul_(self._dec)
         m, v = state
         m.mul_(self.b1).add_(g * self.c1)
         v.mul_(self.b2).add_((g * g).mul_(self.c2))
@@ -180,11 +228,25 @@ class ExactAdam(_Optimizer):
         self.t, self.b1p, self.b2p = scalars["step"], scalars["b1p"], scalars["b2p"]
 
 
-def make_exact_optimizer(optim_cfg: OptimConfig, params: dict[str, Tensor]) -> _Optimizer:
-    """The exact optimiser the config names ("sgd" or "adam")."""
-    if optim_cfg.name == "sgd":
-        return ExactSGD(params, optim_cfg.lr, optim_cfg.momentum, optim_cfg.weight_decay)
-    if optim_cfg.name == "adam":
-        return ExactAdam(params, optim_cfg.lr, optim_cfg.beta1, optim_cfg.beta2, optim_cfg.eps,
-                         optim_cfg.weight_decay)
-    raise ValueError(f"optim.name: expected 'sgd' or 'adam', found {optim_cfg.name!r}")
+class ExactAdamW(ExactAdam):
+    """AdamW: ExactAdam with decoupled weight decay (torch.optim.AdamW's)."""
+
+    def __init__(self, params: dict[str, Tensor], lr: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01, *,
+                 schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0) -> None:
+        super().__init__(params, lr, beta1, beta2, eps, weight_decay, decoupled=True,
+                         schedule=schedule, clip_norm=clip_norm)
+
+
+def make_exact_optimizer(optim_cfg: OptimConfig, params: dict[str, Tensor],
+                         total_steps: int) -> _Optimizer:
+    """The exact optimiser ``[optim]`` names ("sgd", "adam" or "adamw"), with
+    its schedule over a run of ``total_steps`` steps and its clipping."""
+    o, sched = optim_cfg, schedule_of(optim_cfg, total_steps)
+    if o.name == "sgd":
+        return ExactSGD(params, o.lr, o.momentum, o.weight_decay, nesterov=o.nesterov,
+                        schedule=sched, clip_norm=o.clip_norm)
+    if o.name in ("adam", "adamw"):
+        return ExactAdam(params, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay,
+                         decoupled=o.name == "adamw", schedule=sched, clip_norm=o.clip_norm)
+    raise ValueError(f"optim.name: expected 'sgd', 'adam' or 'adamw', found {o.name!r}")
