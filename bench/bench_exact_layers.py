@@ -51,7 +51,7 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
     examples = examples_of(ds, cfg.data.context, dev)
     m = modes.of(cfg.mode)
     net = m.make_net(cfg, ds, dev, parts)
-    opt = m.make_optimizer(cfg, net)
+    opt = m.make_optimizer(cfg, net, steps + 2)
     dropout = DropoutStream(cfg.seed)
     # As the loop runs them at this thread count: pinned mode's shards on a
     # pool of threads (each op on one), exact mode's ops on torch's threads.
