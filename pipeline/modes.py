@@ -12,10 +12,13 @@ The training loop talks to nets and optimisers through two small protocols:
   other persistent state (BatchNorm statistics), saved with the weights;
 - ``net.dropout_widths()``, ``net.dropout_rate``: the loop's counter-based
   dropout masks (exact mode; pinned modules draw their own, per shard);
-- ``net.shard_grads(x, y, n_global, keep, stream)``: (the shard's summed
-  loss, the gradients by name of that sum divided by n_global, the number of
-  targets in the global batch); ``stream`` keys the shard's random draws;
-- ``net.predict(x)``: logits, no dropout;
+- ``net.shard_grads(x, y, n_global, keep, stream, step=, row0=)``: (the
+  shard's summed loss, the gradients by name of that sum divided by
+  n_global, the number of targets in the global batch); ``stream`` keys the
+  shard's random draws, ``step`` and ``row0`` (the shard's first row in the
+  global batch) key exact layers' dropout masks;
+- ``net.predict(x)``: logits, no dropout; ``net.loss_sum(logits, y)``: the
+  summed cross-entropy of those logits (the test loss);
 - ``net.threadable``: whether a step's shards may run on several threads at
   once (pipeline.threads; then the loop sets ``net.in_threads``);
 - ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
@@ -52,9 +55,10 @@ class Net(Protocol):
 
     def dropout_widths(self) -> list[int]: ...
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
-                    keep: list[torch.Tensor] | None, stream: int
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+                    keep: list[torch.Tensor] | None, stream: int, *, step: int = 0,
+                    row0: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
     def predict(self, x: torch.Tensor) -> torch.Tensor: ...
+    def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> float: ...
 
 
 class Optimizer(Protocol):
@@ -158,9 +162,11 @@ class _Exact(Mode):
         return env.profile_record(None)
 
     def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
-        """The spec's MLP or CNN (pipeline.exact): the built-in factories only,
-        with the built-in loss; their arguments are checked against the
-        factory's own signature."""
+        """The built-in factories: the spec's MLP or CNN (pipeline.exact.ExactNet,
+        arguments checked against the factory's own signature). Any other
+        factory: its stock module converted by ``pipeline.exact.from_torch``,
+        initialised by the spec and checked under the guard (LayerNet).
+        The built-in loss only."""
         import inspect
 
         from .exact import Arch, ExactNet
@@ -168,22 +174,31 @@ class _Exact(Mode):
 
         name, args = parts.factory.name, cfg.model.args
         shape, classes = ds.shapes(cfg.data.context)
-        problems = []
-        if name not in BUILTINS:
-            problems.append(f"model.factory: exact mode builds {list(BUILTINS)} (the layers "
-                            f"docs/exact-spec.md fixes), found {name!r}; use mode=pinned")
         if parts.loss is not None:
-            problems.append(f"train.loss: exact mode computes cross_entropy only, found "
-                            f"{parts.loss.name!r}")
+            raise ConfigError(f"mode = {self.name!r}", [
+                f"train.loss: exact mode computes cross_entropy only, found "
+                f"{parts.loss.name!r}"])
+        if name not in BUILTINS:
+            return self._layer_net(cfg, ds, device, parts)
         try:
             inspect.signature(parts.factory.function).bind(shape, classes, **args)
         except TypeError as e:
-            problems.append(f"model.args: {e}")
-        if problems:
-            raise ConfigError(f"mode = {self.name!r}", problems)
+            raise ConfigError(f"mode = {self.name!r}", [f"model.args: {e}"]) from None
         arch = Arch(name.rpartition(":")[2], tuple(args.get("hidden", (128,))),
                     float(args.get("dropout", 0.1)))
         return ExactNet(arch, cfg.seed, device, input_shape=shape, n_classes=classes)
+
+    def _layer_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
+        import torch
+
+        from .exact import LayerNet, from_torch
+        from .pinned import build_module
+
+        shape, classes = ds.shapes(cfg.data.context)
+        stock = build_module(parts.factory.function, parts.factory.name, shape, classes,
+                             cfg.model.args, cfg.seed)
+        sample = torch.zeros((2, *shape), dtype=torch.int64 if ds.task == "lm" else None)
+        return LayerNet(from_torch(stock), cfg.seed, device, sample)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .exact import make_exact_optimizer

@@ -134,9 +134,10 @@ class PinnedNet:
         return self._user_loss(logits, y).sum()
 
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
-                    keep: list[torch.Tensor] | None, stream: int = 0
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the shard's summed loss, gradients of that sum / n_global)."""
+                    keep: list[torch.Tensor] | None, stream: int = 0, *, step: int = 0,
+                    row0: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the shard's summed loss, gradients of that sum / n_global);
+        ``stream`` seeds the module's draws (``step``, ``row0``: unused)."""
         if not self.module.training:
             self.module.train()  # recursive: only on a switch from predict()
         if _testing.SWITCHES.no_shard_streams:  # (the test-only control)
@@ -163,6 +164,11 @@ class PinnedNet:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.module.eval()
         return self.module(x)
+
+    @torch.no_grad()
+    def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        """Summed cross-entropy of ``logits`` against ``y`` (the test loss)."""
+        return float(_cross_entropy(logits, y))
 
 
 def _undecorated(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:

@@ -188,7 +188,8 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
         sl = slice(s * rows, (s + 1) * rows)
         keep = [torch.from_numpy(m[sl]).to(dev) for m in masks] or None
         stream = rng.key(cfg.seed, rng.FORWARD, step, s)
-        return lambda: net.shard_grads(x[sl], y[sl], n_global, keep, stream)
+        return lambda: net.shard_grads(x[sl], y[sl], n_global, keep, stream, step=step,
+                                       row0=s * rows)
 
     parts = runner.run([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)])
     return comm.combine(tree_reduce(parts, add_grads))
@@ -222,13 +223,9 @@ def _accuracy(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 1024)
 @torch.no_grad()
 def _test_loss(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 256) -> float:
     """Mean cross-entropy per target token over ``ids``: chunks of ``chunk``
-    examples, summed in order in float64."""
-    import torch.nn.functional as F
-
+    examples (each the net's ``loss_sum``), summed in order in float64."""
     total = 0.0
     for i in range(0, len(ids), chunk):
         x, y = examples.get(ids[i:i + chunk])
-        logits = net.predict(x)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                       reduction="sum"))
+        total += net.loss_sum(net.predict(x), y)
     return total / (len(ids) * examples.targets_per_example)

@@ -136,3 +136,66 @@ def test_rebuild_of_the_example_is_identical(suite_env: dict[str, str], tmp_path
                        timeout=TRAIN_TIMEOUT_S, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rebuild identical" in p.stdout
+
+
+# Exact mode: the same example converted to exact layers (pipeline.exact.from_torch).
+# 8 steps, a small test split so that evaluation stays short. (ATen's default ISA,
+# several times slower, is covered by tests/test_exact_convert.py's transformer.)
+EXACT_LM = ["mode=exact", "train.max_steps=8", "train.checkpoint_every=4",
+            "data.test_fraction=0.002"]
+
+
+@pytest.fixture(scope="session")
+def lm_exact(shared_dir: Path, suite_env: dict[str, str]) -> Run:
+    """The short exact charlm run at 1 thread, trained once per session."""
+    def build() -> dict[str, Any]:
+        runs = shared_dir / "charlm-exact"
+        return {"record": _train([CONFIG, *EXACT_LM, "--runs-dir", str(runs)], suite_env,
+                                 extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+                "runs": str(runs)}
+
+    got = build_once(shared_dir, "charlm-exact", build)
+    return Run(Path(got["runs"]) / got["record"]["run_key"], got["record"])
+
+
+def test_charlm_exact_is_the_same_at_2_threads(lm_exact: Run, suite_env: dict[str, str],
+                                               tmp_path: Path) -> None:
+    """`mode=exact` trains the user's transformer (its loss falls below a
+    uniform guess) with one hash at 1 thread and at 2 threads, with the same
+    metrics (the test loss is exact too) bit for bit."""
+    rec = lm_exact.record
+    assert rec["config"]["mode"] == "exact" and rec["metrics"]["steps"] == 8
+    assert rec["metrics"]["test_loss"] < 4.43
+    two = _train([CONFIG, *EXACT_LM, "--runs-dir", str(tmp_path / "runs")], suite_env,
+                 extra_env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    assert two["weights_sha256"] == lm_exact.sha256
+    assert two["metrics"] == rec["metrics"]
+
+
+@pytest.mark.distributed
+def test_charlm_exact_world_size_2_agrees(lm_exact: Run, suite_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """--nproc 2 gives world size 1's exact weights: each shard's dropout
+    masks come from (seed, step, site, global row), whichever rank runs it."""
+    rec = _train([CONFIG, *EXACT_LM, "--runs-dir", str(tmp_path / "runs"), "--nproc", "2"],
+                 suite_env)
+    assert rec["weights_sha256"] == lm_exact.sha256 and rec["world_size"] == 2
+
+
+def test_charlm_exact_resumes_bit_exactly(lm_exact: Run, suite_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """Killed after step 5 (a checkpoint at step 4), the exact run resumes
+    from step 4 and ends with the uninterrupted run's weights: the layers'
+    parameters, Adam's state and the step-keyed masks all come back."""
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "pipeline", "train", CONFIG, *EXACT_LM,
+            "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--json", "--quiet"]
+    env = {**suite_env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    killed = subprocess.run(argv, cwd=ROOT, env={**env, "PIPELINE_TEST_KILL_AT_STEP": "5"},
+                            capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TRAIN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads(done.stdout)
+    assert rec["resumed_from_step"] == 4 and rec["weights_sha256"] == lm_exact.sha256

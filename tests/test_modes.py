@@ -75,19 +75,31 @@ def test_prepare_exact_pins_nothing_and_pinned_control_is_unpinned(
     assert modes.PINNED.pins_threads() and not modes.EXACT.pins_threads()
 
 
-def test_exact_mode_refuses_a_user_factory_and_loss(tmp_path: Path) -> None:
-    """Exact mode builds the spec's networks only: a user factory or loss is a
-    ConfigError (exit 2) naming both keys."""
+def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path) -> None:
+    """Exact mode converts a user factory's module with from_torch (a Linear
+    trains); a user loss, or a module with a layer it has no exact version
+    of, is a ConfigError (exit 2) naming the key or the module path."""
     (tmp_path / "usernet_exact.py").write_text(
         "import torch\n"
         "def net(input_shape, num_classes):\n"
-        "    return torch.nn.Linear(64, num_classes)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n"
+        "def bad(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Tanh(),\n"
+        "                               torch.nn.Linear(64, num_classes))\n"
         "def loss(logits, y):\n"
         "    return torch.nn.functional.cross_entropy(logits, y, reduction='none')\n")
+    shapes = SimpleNamespace(shapes=lambda context: ((1, 8, 8), 10), task="classification")
+    cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:net"])
+    parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
+    net = modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]
+    assert sorted(net.params) == ["1.bias", "1.weight"]
+    assert net.predict(torch.rand(3, 1, 8, 8)).shape == (3, 10)
     cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:net",
                              "train.loss=usernet_exact:loss"])
     parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
-    shapes = SimpleNamespace(shapes=lambda context: ((64,), 10))
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="train.loss"):
         modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]
-    assert "model.factory" in str(e.value) and "train.loss" in str(e.value)
+    cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:bad"])
+    parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
+    with pytest.raises(ConfigError, match=r"1 \(torch.nn.modules.activation.Tanh\)"):
+        modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]

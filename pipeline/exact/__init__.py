@@ -1,37 +1,69 @@
-"""Exact mode: operations, a network and optimisers whose every result bit is
-fixed by docs/exact-spec.md and IEEE-754, not by the torch version, ISA,
-thread count or device.
+"""Exact mode: operations, layers with autograd, networks and optimisers
+whose every result bit is fixed by docs/exact-spec.md and IEEE-754, not by
+the torch version, ISA, thread count or device.
 
-- ``ops``: the exact matrix product, fixed summation trees, exp/log, sqrt,
-  softmax cross-entropy, ReLU/dropout, im2col/col2im (spec sections 4-7);
+- ``ops``: the one-slice product ``xmm``, fixed summation trees, exp/log,
+  sqrt, softmax cross-entropy, ReLU/dropout, im2col/col2im (sections 4-7);
+- ``product``: ``xmm2``, the layers' two-slice product (section 12);
+- ``matmul``: ``matmul``, the multi-slice (Ozaki) product whose slice count
+  follows the operands' range: at least fp32's accuracy for any K;
+- ``functional``, ``attention``, ``arith``: layers as autograd Functions
+  (sections 13-15); ``layers``: them as nn.Modules, ``init_exact``;
+- ``convert``: ``from_torch`` (a stock module tree to exact layers);
+- ``guard``: what a network's own forward code may call, and the graph check;
+- ``context``: the step context of dropout masks; ``modnet``: ``LayerNet``;
 - ``net``: ``ExactNet``, the spec's MLP or CNN with explicit backward;
 - ``optim``: ``ExactSGD``, ``ExactAdam``, ``ExactAdamW``, ``clip_scale``
-  (spec section 9; the schedule is ``pipeline.schedule``);
-- ``matmul``: the multi-slice (Ozaki) exact product, at least fp32's accuracy.
+  (spec section 9; the schedule is ``pipeline.schedule``).
 """
 
 from __future__ import annotations
 
+from .arith import add, div, mul, neg, sub
+from .attention import attention
+from .context import step_context
+from .convert import from_torch
+from .functional import conv2d, dropout, embedding, gelu, layer_norm, linear, relu
+from .guard import Guard, check_graph, check_module
+from .layers import (
+    GELU,
+    CausalSelfAttention,
+    Conv2d,
+    Dropout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    ReLU,
+    init_exact,
+)
 from .matmul import matmul
+from .modnet import LayerNet
 from .net import Arch, ExactNet
 from .ops import (
-                  col2im,
-                  im2col,
-                  mm_quantised,
-                  quantise,
-                  relu_dropout,
-                  relu_dropout_grad,
-                  softmax_xent,
-                  sqrt32,
-                  tree_sum,
-                  tree_sum_list,
-                  xexp,
-                  xlog,
-                  xmm,
+    col2im,
+    exp64,
+    im2col,
+    mm_quantised,
+    quantise,
+    relu_dropout,
+    relu_dropout_grad,
+    softmax_xent,
+    sqrt32,
+    tree_sum,
+    tree_sum_list,
+    xexp,
+    xlog,
+    xmm,
 )
 from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
+from .product import xmm2
 
-__all__ = ["matmul", "xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
-           "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im",
-           "Arch", "ExactNet", "ExactSGD", "ExactAdam", "ExactAdamW", "clip_scale",
-           "make_exact_optimizer"]
+__all__ = ["matmul", "xmm", "xmm2", "quantise", "mm_quantised", "tree_sum", "tree_sum_list",
+           "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
+           "relu_dropout_grad", "im2col", "col2im", "Arch", "ExactNet", "ExactSGD",
+           "ExactAdam", "ExactAdamW", "clip_scale", "make_exact_optimizer",
+           "linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
+           "attention", "add", "sub", "mul", "div", "neg",
+           "Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",
+           "CausalSelfAttention", "init_exact", "from_torch", "Guard", "check_graph",
+           "check_module", "step_context", "LayerNet"]

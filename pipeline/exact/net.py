@@ -201,14 +201,19 @@ class ExactNet:
         return grads
 
     def shard_grads(self, x: Tensor, y: Tensor, n_global: int,
-                    keep: list[Tensor] | None, stream: int = 0
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+                    keep: list[Tensor] | None, stream: int = 0, *, step: int = 0,
+                    row0: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward, softmax cross-entropy (``N = n_global``), backward on one
-        shard: (``tree_sum`` of the shard's per-row losses, 0-dim f32; grads)."""
-        logits, cache = self.forward(x.reshape(x.shape[0], -1), keep)  # ``stream``: unused
+        shard: (``tree_sum`` of the shard's per-row losses, 0-dim f32; grads).
+        ``stream``, ``step``, ``row0``: unused (the masks come in ``keep``)."""
+        logits, cache = self.forward(x.reshape(x.shape[0], -1), keep)
         lse, g = softmax_xent(logits, y, n_global)
         return tree_sum(lse, 0), self.backward(cache, g)
 
     def predict(self, x: Tensor) -> Tensor:
         """Logits without dropout."""
         return self.forward(x.reshape(x.shape[0], -1), None)[0]
+
+    def loss_sum(self, logits: Tensor, y: Tensor) -> float:
+        """``tree_sum`` of the per-row losses (spec section 7)."""
+        return float(tree_sum(softmax_xent(logits, y, 1)[0], 0))

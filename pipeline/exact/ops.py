@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "xexp", "xlog",
+__all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp64", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im"]
 
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
@@ -186,21 +186,26 @@ def sqrt32(x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- section 7
-def xexp(x: Tensor) -> Tensor:
-    """exp of f32 ``x`` -> f32 by the spec's recipe: clamp to [-110, 90] in f64,
-    ``k = round(d * log2 e)``, Cody-Waite reduction with the split ln 2, an
-    11th-degree Taylor polynomial by Horner (each ``*`` and ``+`` a separate
-    rounded f64 op), then ``q * 2^k`` (exact: a normal f64 times a power of
-    two) rounded once to f32, which also yields subnormals, 0 and +inf
-    correctly. NaN propagates (clamp keeps it)."""
-    d = x.to(_F64).clamp_(-110.0, 90.0)
+def exp64(d: Tensor) -> Tensor:
+    """exp of an f64 tensor -> f64 by the spec's recipe (section 7; ``exp64``
+    of section 14): clamp to [-110, 90], ``k = round(d * log2 e)``, Cody-Waite
+    reduction with the split ln 2, an 11th-degree Taylor polynomial by Horner
+    (each ``*`` and ``+`` a separate rounded f64 op), then ``q * 2^k`` (exact:
+    a normal f64 times a power of two). NaN propagates (clamp keeps it)."""
+    d = d.clamp(-110.0, 90.0)
     k = torch.round(d * LOG2E)  # half to even
     r = d.sub_(k * LN2_HI).sub_(k * LN2_LO)
     q = r * _E[11]
     q.add_(_E[10])
     for n in range(9, -1, -1):
         q.mul_(r).add_(_E[n])
-    return q.mul_(_bits_pow2(k)).to(_F32)
+    return q.mul_(_bits_pow2(k))
+
+
+def xexp(x: Tensor) -> Tensor:
+    """exp of f32 ``x`` -> f32: ``RN32(exp64(f64(x)))``; the one rounding to f32
+    also yields subnormals, 0 and +inf correctly."""
+    return exp64(x.to(_F64)).to(_F32)
 
 
 def _xlog_finite(s: Tensor) -> Tensor:

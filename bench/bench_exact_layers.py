@@ -1,0 +1,125 @@
+"""Exact mode's layer networks vs pinned mode: time per training step and peak
+memory of the pipeline's own step (every shard's forward and backward, the
+fixed reduction tree, the optimiser), same config, data, batches and thread
+count. Prints a table; the target is exact / pinned <= 3 per step and <= 1.5
+in peak memory. Not a test.
+
+    .venv/bin/python bench/bench_exact_layers.py [--config examples/charlm/config.toml]
+        [--steps 8] [--repeats 3] [--threads 1,2] [KEY=VALUE ...]
+
+Each (mode, threads) runs in a fresh subprocess, under the pinned profile's
+environment with the thread count replaced (so both modes run the same
+kernels' ISA; exact mode needs no pinning, which only changes its speed),
+its shards run as the loop runs them (``--threads N``: pinned mode's on a
+pool of N threads, exact mode's in order on N intra-op threads),
+and reports the median of its timed steps after two warm-up steps and its
+peak RSS. The parent alternates the children (exact, pinned, exact, ...) and
+prints medians over ``--repeats``. Evaluation is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
+    import torch
+
+    from pipeline import modes, recipe
+    from pipeline.config import load_config
+    from pipeline.distributed import LocalComm
+    from pipeline.rng import DropoutStream
+    from pipeline.sampling import batches, epoch_order, split
+    from pipeline.threads import ShardRunner
+    from pipeline.train import _step_grads, examples_of
+
+    cfg = load_config(config, [*overrides, f"mode={mode}"])
+    prep = recipe.prepare(cfg, [], config.resolve().parent)
+    ds, parts, dev = prep.ds, prep.parts, torch.device("cpu")
+    train_ids, _ = split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
+    examples = examples_of(ds, cfg.data.context, dev)
+    m = modes.of(cfg.mode)
+    net = m.make_net(cfg, ds, dev, parts)
+    opt = m.make_optimizer(cfg, net, steps + 2)
+    dropout = DropoutStream(cfg.seed)
+    # As the loop runs them at this thread count: pinned mode's shards on a
+    # pool of threads (each op on one), exact mode's ops on torch's threads.
+    runner = ShardRunner(net, torch.get_num_threads(), cfg.train.shards, m.pins_threads())
+    order = batches(epoch_order(train_ids, cfg.seed, 0), cfg.train.batch_size)
+    n_global = cfg.train.batch_size * examples.targets_per_example
+    times = []
+    for step in range(steps + 2):
+        x, y = examples.get(order[step])
+        t0 = time.perf_counter()
+        masks = [dropout.keep_mask(net.dropout_rate, cfg.train.batch_size, w)
+                 for w in net.dropout_widths()]
+        _, grads = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev, runner)
+        opt.step(grads)
+        times.append(time.perf_counter() - t0)
+    runner.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({"step_s": statistics.median(times[2:]), "rss_mb": rss,
+                      "threads": torch.get_num_threads()}))
+
+
+def _run(config: Path, mode: str, threads: int, steps: int, overrides: list[str]) -> dict:
+    from pipeline import environment
+
+    # The profile's variables with the thread count replaced, set here for
+    # both modes; PIPELINE_TEST_NO_PIN keeps pinned mode from re-executing to
+    # restore the profile's one thread.
+    env = {**os.environ, **environment.load_profile().env, "PYTHONPATH": str(ROOT),
+           "PIPELINE_TEST_NO_PIN": "1"}
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    p = subprocess.run([sys.executable, __file__, "--child", mode, "--config", str(config),
+                        "--steps", str(steps), *overrides], env=env, capture_output=True,
+                       text=True, check=False)
+    if p.returncode != 0:
+        raise SystemExit(f"{mode} child failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=ROOT / "examples" / "charlm" / "config.toml")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--child", default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.child:
+        _child(args.config, args.child, args.steps, args.overrides)
+        return
+    print(f"{args.config}: {args.steps} timed steps per run, median of {args.repeats} "
+          f"alternating runs per row")
+    print(f"{'threads':>7} {'exact ms':>9} {'pinned ms':>9} {'ratio':>6} {'exact MB':>9} "
+          f"{'pinned MB':>9} {'ratio':>6}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        got: dict[str, list[dict]] = {"exact": [], "pinned": []}
+        for _ in range(args.repeats):
+            for mode in ("exact", "pinned"):
+                got[mode].append(_run(args.config, mode, threads, args.steps, args.overrides))
+        ex = statistics.median(r["step_s"] for r in got["exact"])
+        pi = statistics.median(r["step_s"] for r in got["pinned"])
+        exm = statistics.median(r["rss_mb"] for r in got["exact"])
+        pim = statistics.median(r["rss_mb"] for r in got["pinned"])
+        print(f"{threads:7d} {1000 * ex:9.1f} {1000 * pi:9.1f} {ex / pi:6.2f} {exm:9.0f} "
+              f"{pim:9.0f} {exm / pim:6.2f}")
+    print("target: exact / pinned <= 3 per step, <= 1.5 peak memory")
+
+
+if __name__ == "__main__":
+    main()

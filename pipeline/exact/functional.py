@@ -1,0 +1,296 @@
+"""Exact layers as functions with autograd (docs/exact-spec.md, section 14):
+each is a ``torch.autograd.Function`` whose forward and backward are built
+only from the exact ops (``xmm2``, ``tree_sum``, ``exp64``, ``sqrt32``,
+elementwise IEEE ops, data movement); see pipeline/exact/ops.py for what is
+forbidden and why. Both run as trusted regions of the guard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from .blocks import by_rows
+from .context import apply_trusted, cached, dropout_constants, next_mask, trusted
+from .context import trusted_backward as _trusted_backward
+from .flat import rn32
+from .ops import col2im, exp64, im2col, sqrt32, tree_sum
+from .product import matmul_sliced, quantise_cols, xmm2
+
+__all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
+           "index_tree_sum", "apply_trusted"]
+
+_F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
+# GELU (spec section 14): Numerical Recipes' erfcc coefficients C0..C9, f64 literals.
+_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+         -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+_SQRT_HALF = 0.7071067811865476  # 0x3FE6A09E667F3BCD, sqrt(1/2) correctly rounded
+_INV_SQRT_2PI = 0.3989422804014327  # 0x3FD9884533D43651
+_SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi), the tanh form
+
+
+def _c(x: Tensor, v: float) -> Tensor:
+    """``v`` as a 0-dim tensor of ``x``'s dtype and device (an exact divisor:
+    CUDA turns division by a host scalar into a reciprocal multiply)."""
+    return torch.full((), v, dtype=x.dtype, device=x.device)
+
+
+# ---------------------------------------------------------------- Linear
+class _Linear(Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])                # (R, in)
+        y = matmul_sliced(x2, cached(w, "cols of W^T", lambda: quantise_cols(w.t())))
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(x2, w)
+        ctx.x_shape, ctx.has_b = x.shape, b is not None
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @_trusted_backward
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x2, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])                # (R, out)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = matmul_sliced(g2, cached(w, "cols of W", lambda: quantise_cols(w)))
+            gx = gx.view(ctx.x_shape)
+        gw = xmm2(g2.t(), x2) if ctx.needs_input_grad[1] else None
+        gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight^T + bias`` over the last dim, exactly (spec section 14)."""
+    return apply_trusted(_Linear, x, weight, bias)
+
+
+# ---------------------------------------------------------------- Conv2d
+class _Conv2d(Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, stride: int,
+                pad: int) -> Tensor:
+        n, c, h, wd = x.shape
+        o, _, kh, kw = w.shape
+        cols = im2col(x.permute(0, 2, 3, 1), kh, kw, stride, pad)  # (N*Ho*Wo, C*KH*KW)
+        wm = w.reshape(o, -1)
+        y = xmm2(cols, wm.t())
+        if b is not None:
+            y = y + b
+        ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+        ctx.save_for_backward(cols, w)
+        ctx.geom, ctx.has_b = (n, h, wd, c, kh, kw, stride, pad), b is not None
+        return y.view(n, ho, wo, o).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @_trusted_backward
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        cols, w = ctx.saved_tensors
+        n, h, wd, c, kh, kw, stride, pad = ctx.geom
+        o = w.shape[0]
+        g2 = g.permute(0, 2, 3, 1).reshape(-1, o)      # (N*Ho*Wo, O)
+        wm = w.reshape(o, -1)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gcols = xmm2(g2, wm)
+            gx = col2im(gcols, (n, h, wd, c), kh, kw, stride, pad).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            gw = xmm2(g2.t(), cols).view(w.shape)
+        if ctx.has_b and ctx.needs_input_grad[2]:
+            gb = tree_sum(g2, 0)
+        return gx, gw, gb, None, None
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1,
+           padding: int = 0) -> Tensor:
+    """2-D convolution (one stride and padding for both dims, no dilation,
+    one group) by im2col and ``xmm2`` (spec sections 6 and 14)."""
+    return apply_trusted(_Conv2d, x, weight, bias, stride, padding)
+
+
+# ---------------------------------------------------------------- Embedding
+def index_tree_sum(idx: Tensor, g: Tensor, rows: int) -> Tensor:
+    """``out[v] = `` the sum of ``g[p]`` over positions ``p`` with ``idx[p] ==
+    v``, in the neighbour-pairing tree over all positions where a position
+    holding another index is absent (spec section 14, Embedding); ``+0`` for
+    a ``v`` that never occurs. Level by level: entries keyed (node, v) in
+    ascending order; a stable sort by (node // 2, v) puts the left child's
+    entry just before the right child's, and each such pair is one f32 add."""
+    node = torch.arange(idx.numel(), device=idx.device)
+    key_v, vals = idx.reshape(-1).to(_I64), g
+    n = idx.numel()
+    while n > 1:
+        parent = node.div(2, rounding_mode="floor")
+        key = parent * rows + key_v
+        order = torch.argsort(key, stable=True)
+        key, vals, parent, key_v = key[order], vals[order], parent[order], key_v[order]
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        starts = first.nonzero().squeeze(1)
+        merged = vals[starts]
+        second = (~first).nonzero().squeeze(1)
+        if second.numel():
+            merged[first.cumsum(0)[second] - 1] = vals[second - 1] + vals[second]
+        node, key_v, vals = parent[starts], key_v[starts], merged
+        n = (n + 1) // 2
+    out = g.new_zeros(rows, g.shape[1])
+    out[key_v] = vals  # distinct indices: data movement
+    return out
+
+
+class _Embedding(Function):
+    @staticmethod
+    def forward(ctx: Any, idx: Tensor, w: Tensor) -> Tensor:
+        if idx.dtype not in (torch.int32, _I64) or idx.is_floating_point():
+            raise TypeError(f"embedding: expected integer indices, found {idx.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.shape[0]):
+            raise IndexError(f"embedding: indices must lie in [0, {w.shape[0]}), found "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        ctx.save_for_backward(idx)
+        ctx.rows = w.shape[0]
+        return w[idx.reshape(-1)].view(*idx.shape, w.shape[1])
+
+    @staticmethod
+    @_trusted_backward
+    def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor]:
+        (idx,) = ctx.saved_tensors
+        return None, index_tree_sum(idx, g.reshape(-1, g.shape[-1]), ctx.rows)
+
+
+def embedding(idx: Tensor, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` at integer ``idx`` (spec section 14)."""
+    return apply_trusted(_Embedding, idx, weight)
+
+
+# ---------------------------------------------------------------- LayerNorm
+class _LayerNorm(Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None,
+                eps: float) -> Tensor:
+        d_ = x.shape[-1]
+        x2 = x.reshape(-1, d_)
+        fd = _c(x2, float(d_))
+        d = x2 - (tree_sum(x2, 1) / fd).unsqueeze(1)
+        var = tree_sum(d * d, 1) / fd
+        s = sqrt32(var + _c(var, eps)).unsqueeze(1)     # eps already RN32 (layers)
+        xh = d / s
+        y = xh
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(xh, s, w)
+        ctx.has_b = b is not None
+        return y.view(x.shape)
+
+    @staticmethod
+    @_trusted_backward
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        xh, s, w = ctx.saved_tensors
+        g2 = g.reshape(xh.shape)
+        gxh = g2 * w if w is not None else g2
+        fd = _c(xh, float(xh.shape[1]))
+        m1 = (tree_sum(gxh, 1) / fd).unsqueeze(1)
+        m2 = (tree_sum(gxh * xh, 1) / fd).unsqueeze(1)
+        gx = ((gxh - m1) - xh * m2) / s
+        gw = tree_sum(g2 * xh, 0) if w is not None and ctx.needs_input_grad[1] else None
+        gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None
+        return gx.view(g.shape), gw, gb, None
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over the last dim (spec section 14); ``eps`` is rounded to f32."""
+    return apply_trusted(_LayerNorm, x, weight, bias, rn32(eps))
+
+
+# ---------------------------------------------------------------- GELU, ReLU
+def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
+    """f32 ``y`` and, if ``grad``, f32 ``dy`` of spec section 14's GELU (every
+    f64 op separate and rounded; in place where the value is not needed)."""
+    d = x.to(_F64)
+    one = torch.ones((), dtype=_F64, device=x.device)
+    if tanh:
+        u = (d * d).mul_(d).mul_(0.044715).add_(d).mul_(_SQRT_2_PI)
+        sg = one / exp64(u * -2.0).add_(1.0)
+        y = (d * sg).to(_F32)
+        if not grad:
+            return y, None
+        du = (d * d).mul_(0.134145).add_(1.0).mul_(_SQRT_2_PI)
+        dy = (d * 2.0).mul_(du).mul_((one - sg).mul_(sg)).add_(sg)
+        return y, dy.to(_F32)
+    z = d * -_SQRT_HALF
+    a = z.abs_()
+    t = one / (a * 0.5).add_(1.0)
+    w = t * _ERFC[9]
+    w.add_(_ERFC[8])
+    for n in range(7, -1, -1):
+        w.mul_(t).add_(_ERFC[n])
+    half = exp64(w.sub_(a.mul_(a))).mul_(t).mul_(0.5)   # 0.5 * ec (exact scaling)
+    # z >= 0 <=> d <= 0; 0.5 * (2 - ec) == 1 - 0.5 * ec (scaling commutes with rounding)
+    phi = torch.where(d <= 0, half, one - half)
+    y = (d * phi).to(_F32)
+    if not grad:
+        return y, None
+    dens = exp64((d * d).mul_(0.5).neg_()).mul_(_INV_SQRT_2PI)
+    return y, dens.mul_(d).add_(phi).to(_F32)
+
+
+class _GELU(Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tanh: bool) -> Tensor:
+        grad = ctx.needs_input_grad[0]
+        out = by_rows(lambda v: tuple(t for t in _gelu_parts(v, tanh, grad) if t is not None),
+                      x, width=x.shape[-1] if x.dim() else 1)
+        ctx.save_for_backward(out[1] if grad else None)
+        return out[0]
+
+    @staticmethod
+    @_trusted_backward
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (dy,) = ctx.saved_tensors
+        return g * dy, None
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, erf form (``"none"``) or tanh form (spec section 14)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', found {approximate!r}")
+    return apply_trusted(_GELU, x, approximate == "tanh")
+
+
+class _Select(Function):
+    """``x * scale`` (or ``x``) where ``mask``, +0 elsewhere; the same backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mask: Tensor, scale: float | None) -> Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return torch.where(mask, x if scale is None else x * scale, 0.0)
+
+    @staticmethod
+    @_trusted_backward
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, g if ctx.scale is None else g * ctx.scale, 0.0), None, None
+
+
+def relu(x: Tensor) -> Tensor:
+    """``x`` where ``x > 0``, +0 elsewhere (spec section 6)."""
+    with trusted():
+        return _Select.apply(x, x > 0, None)
+
+
+def dropout(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Dropout with the step context's next mask (spec section 15); the
+    identity in evaluation (no site is taken)."""
+    if not training:
+        return x
+    with trusted():
+        keep = next_mask(tuple(x.shape), rate, x.device)
+        if keep is None:
+            return x
+        return _Select.apply(x, keep, dropout_constants(rate)[1])

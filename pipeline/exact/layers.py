@@ -1,0 +1,188 @@
+"""Exact layers as ``nn.Module``s (docs/exact-spec.md, sections 14-16): write
+an ordinary ``nn.Module`` from these, or convert a stock one with
+``pipeline.exact.from_torch``. Parameters are f32; ``init_exact(model,
+seed)`` sets every layer's parameters from the counter-based generator
+(section 16), as the pipeline does before training.
+
+Dropout and attention dropout draw their masks from the step context
+(pipeline.exact.context.step_context) in training mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import rng
+from . import functional as XF
+from .attention import attention
+
+__all__ = ["Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",
+           "CausalSelfAttention", "init_exact", "EXACT_LAYERS"]
+
+
+def _uniform(seed: int, layer: int, which: int, shape: tuple[int, ...], fan_in: int) -> Tensor:
+    """Section 3's ``f32((u24 - 2^23) * 2^-23) * RN32(1/sqrt(fan_in))``, C order."""
+    bound = np.float32(1.0 / math.sqrt(fan_in))
+    u = rng.u24(rng.key(seed, rng.INIT, layer, which), 0, math.prod(shape))
+    unit = (u - (1 << 23)).astype(np.float32) * np.float32(2.0**-23)
+    return torch.from_numpy((unit * bound).reshape(shape))
+
+
+def _normal(seed: int, layer: int, shape: tuple[int, ...]) -> Tensor:
+    """Section 16's Irwin-Hall N(0, 1): ``RN32(sum of 12 u24 * 2^-24 - 6)``."""
+    n = math.prod(shape)
+    u = rng.u24(rng.key(seed, rng.INIT, layer, 0), 0, 12 * n).reshape(n, 12)
+    total = u.sum(axis=1, dtype=np.int64).astype(np.float64)  # < 2^28: exact
+    return torch.from_numpy((total * 2.0**-24 - 6.0).astype(np.float32).reshape(shape))
+
+
+class Linear(nn.Module):
+    """``x @ W^T + b`` over the last dim (spec section 14)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XF.linear(x, self.weight, self.bias)
+
+    def reset_exact(self, seed: int, layer: int) -> None:
+        with torch.no_grad():
+            self.weight.copy_(_uniform(seed, layer, 0, tuple(self.weight.shape), self.in_features))
+            if self.bias is not None:
+                self.bias.copy_(_uniform(seed, layer, 1, tuple(self.bias.shape), self.in_features))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+class Conv2d(nn.Module):
+    """2-D convolution, one stride and padding for both dims (spec section 14)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int = 1, padding: int = 0, bias: bool = True) -> None:
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, kh, kw))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XF.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def reset_exact(self, seed: int, layer: int) -> None:
+        fan_in = math.prod(self.weight.shape[1:])
+        with torch.no_grad():
+            self.weight.copy_(_uniform(seed, layer, 0, tuple(self.weight.shape), fan_in))
+            if self.bias is not None:
+                self.bias.copy_(_uniform(seed, layer, 1, tuple(self.bias.shape), fan_in))
+
+
+class Embedding(nn.Module):
+    """Rows of ``W (V, D)`` at integer indices (spec section 14)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return XF.embedding(idx, self.weight)
+
+    def reset_exact(self, seed: int, layer: int) -> None:
+        with torch.no_grad():
+            self.weight.copy_(_normal(seed, layer, tuple(self.weight.shape)))
+
+
+class LayerNorm(nn.Module):
+    """Normalisation over the last dim (spec section 14)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine and bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XF.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def reset_exact(self, seed: int, layer: int) -> None:
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+
+class GELU(nn.Module):
+    """GELU, erf form (``"none"``, torch's default) or tanh form."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XF.gelu(x, self.approximate)
+
+
+class ReLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return XF.relu(x)
+
+
+class Dropout(nn.Module):
+    """Counter-based dropout (spec section 15); the identity in evaluation."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), found {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XF.dropout(x, self.p, self.training)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention as examples/charlm/model.py writes it
+    (spec section 14): ``qkv`` Linear D -> 3D, causal attention with dropout
+    ``p`` on the weights in training, ``proj`` Linear D -> D."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"CausalSelfAttention: d_model {d_model} is not a multiple of "
+                             f"n_head {n_head}")
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.proj = Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.reshape(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+                   for z in self.qkv(x).split(d, dim=2))     # (B, H, T, D/H) each
+        y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+EXACT_LAYERS = (Linear, Conv2d, Embedding, LayerNorm, GELU, ReLU, Dropout, CausalSelfAttention)
+
+
+def init_exact(model: nn.Module, seed: int) -> nn.Module:
+    """Set every exact layer's parameters from ``seed`` (spec section 16):
+    layers with parameters numbered in ``named_modules()`` order. Returns
+    ``model``."""
+    layer = 0
+    for _, mod in model.named_modules():
+        reset = getattr(mod, "reset_exact", None)
+        if reset is not None and any(True for _ in mod.parameters(recurse=False)):
+            reset(seed, layer)
+            layer += 1
+    return model

@@ -1,0 +1,100 @@
+"""``LayerNet``: any network of exact layers behind the training loop's Net
+protocol (pipeline.modes), trained by autograd through the layers' exact
+backward passes (docs/exact-spec.md, section 17).
+
+A shard's forward runs under the guard (pipeline.exact.guard) inside the
+step context of its global step and first global row, so its dropout masks
+depend on (seed, step, site, row) alone; the graph is checked before each
+backward. Parameters are views of one flat f32 buffer (the optimisers then
+update them with one op per formula step), handed to the optimiser as
+detached views of the same memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .context import step_context, weight_cache
+from .flat import flat_views
+from .guard import Guard, check_graph, check_module
+from .layers import init_exact
+from .ops import softmax_xent, tree_sum
+
+__all__ = ["LayerNet"]
+
+
+class LayerNet:
+    """``module`` (exact layers; see ``from_torch``) initialised from ``seed``
+    (spec section 16) on ``device``. ``sample``: a small input batch for the
+    guard's check of the forward (ConfigError listing every refused call)."""
+
+    dropout_rate = 0.0  # the masks are the layers' own (spec section 15)
+    threadable = False  # exact ops are thread-invariant: --threads sets torch's own threads
+
+    def __init__(self, module: nn.Module, seed: int, device: torch.device | str,
+                 sample: Tensor | None = None) -> None:
+        self.seed, self.device = seed, torch.device(device)
+        init_exact(module, seed)
+        module = module.to(self.device)
+        named = dict(module.named_parameters())
+        flat = flat_views({k: p.detach() for k, p in named.items()}, self.device)
+        for k, p in named.items():
+            p.data = flat[k]  # the parameter now lives in the flat buffer
+        self.module = module
+        self.params = {k: p.detach() for k, p in named.items()}
+        self._leaves = list(named.values())
+        self.buffers: dict[str, Tensor] = {}
+        # Quantised weights, kept while no parameter's version counter moved
+        # (every in-place update of a parameter or of a view of it moves one).
+        self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        self._versions: tuple[int, ...] = ()
+        if sample is not None:
+            check_module(module, sample.to(self.device))
+
+    def _valid_cache(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
+        versions = tuple(p._version for p in self._leaves)
+        if versions != self._versions:
+            self._cache.clear()
+            self._versions = versions
+        return self._cache
+
+    def dropout_widths(self) -> list[int]:
+        return []
+
+    def shard_grads(self, x: Tensor, y: Tensor, n_global: int, keep: list[Tensor] | None,
+                    stream: int = 0, *, step: int = 0, row0: int = 0
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(``tree_sum`` of the shard's per-target losses, gradients of the
+        global-mean loss): forward in training mode under the guard with the
+        masks of (seed, ``step``, site, ``row0 + n``), softmax cross-entropy
+        over the logits' rows, backward through the exact layers."""
+        if not self.module.training:
+            self.module.train()
+        with torch.enable_grad(), step_context(self.seed, step, row0), \
+                weight_cache(self._valid_cache()), Guard():
+            logits = self.module(x.to(self.device))
+        problems = check_graph(logits)
+        if problems:
+            raise ConfigError("exact mode (the model's backward graph)", problems)
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        lse, g = softmax_xent(flat, y.reshape(-1), n_global)
+        grads = torch.autograd.grad(logits, self._leaves, g.view(logits.shape),
+                                    allow_unused=True)
+        out = {k: (gr if gr is not None else torch.zeros_like(p))
+               for (k, p), gr in zip(self.params.items(), grads)}
+        return tree_sum(lse, 0), out
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits in evaluation mode (no dropout), under the guard."""
+        if self.module.training:
+            self.module.eval()
+        with weight_cache(self._valid_cache()), Guard():
+            return self.module(x.to(self.device))
+
+    def loss_sum(self, logits: Tensor, y: Tensor) -> float:
+        """``tree_sum`` of the per-target losses of ``logits`` (spec section 17)."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        return float(tree_sum(softmax_xent(flat, y.reshape(-1), 1)[0], 0))

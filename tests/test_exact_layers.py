@@ -1,0 +1,288 @@
+"""Exact layers (pipeline/exact/product, functional, attention, arith, context;
+docs/exact-spec.md sections 12-16): each forward and backward against float64
+autograd, the spec's rules read independently (Python integers, NumPy f64)
+bit for bit, and the dropout masks' invariance to how rows are sharded."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import rng
+from pipeline.exact import (Embedding, Linear, add, attention, conv2d, dropout, embedding,
+                            gelu, init_exact, layer_norm, linear, mul, relu, step_context,
+                            sub, xmm, xmm2)
+from pipeline.exact import div as xdiv
+from pipeline.exact.arith import sum_to
+from pipeline.exact.context import next_mask
+from pipeline.exact.functional import index_tree_sum
+from pipeline.exact.ops import tree_sum
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().view(torch.int32).numpy()
+
+
+def _rand(shape: tuple[int, ...], seed: int, spread: float = 0.0) -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    row = np.exp2(g.uniform(-spread, spread, shape[:-1] + (1,)))
+    return torch.from_numpy((g.standard_normal(shape) * row).astype(np.float32))
+
+
+# ------------------------------------------------------------------ xmm2
+def _spec_xmm2(arow: np.ndarray, bcol: np.ndarray) -> np.float32:
+    """One entry of spec section 12 with Python integers and Fractions."""
+    k = len(arow)
+    pa = 28 - (k - 1).bit_length()
+
+    def exp_of(v: np.ndarray) -> int:
+        r = max(abs(float(t)) for t in v)
+        return math.frexp(r)[1] if r else 0
+
+    two = Fraction(2)
+    sb = exp_of(bcol) - 24
+    b = [round(Fraction(float(t)) / two**sb) for t in bcol]  # round(): half to even
+    s1 = exp_of(arow) - pa
+    s2 = s1 - pa
+    a1 = [round(Fraction(float(t)) / two**s1) for t in arow]
+    a2 = [round((Fraction(float(t)) - x * two**s1) / two**s2) for t, x in zip(arow, a1)]
+    p1, p2 = sum(x * y for x, y in zip(a1, b)), sum(x * y for x, y in zip(a2, b))
+    assert max(abs(p1), abs(p2)) <= 2**52
+    q = math.ldexp(float(p1), s1 + sb) + math.ldexp(float(p2), s2 + sb)  # one f64 rounding
+    return np.float32(q) + np.float32(0.0)
+
+
+@pytest.mark.parametrize("k", [1, 7, 130])
+def test_xmm2_matches_integer_arithmetic(k: int) -> None:
+    """Every entry equals the spec computed with Python integers, bit for bit,
+    for rows of very different magnitudes, a subnormal and a zero row."""
+    a, b = _rand((5, k), k, 20.0), _rand((k, 4), k + 1)
+    a[1] = 0.0
+    a[2, 0] = 1e-41
+    c = xmm2(a, b).numpy()
+    for i in range(5):
+        for j in range(4):
+            want = _spec_xmm2(a[i].numpy(), b[:, j].numpy())
+            assert c[i, j].view(np.int32) == want.view(np.int32), (i, j)
+
+
+def test_xmm2_batched_rows_independent_and_at_least_fp32_accurate() -> None:
+    """A batched product equals its per-matrix products; row blocks equal the
+    whole; the normwise error vs float64 is at most stock fp32's (K = 512,
+    where the one-slice xmm is several times worse)."""
+    a, b = _rand((3, 64, 512), 1), _rand((3, 512, 48), 2)
+    c = xmm2(a, b)
+    assert (_bits(c[2]) == _bits(xmm2(a[2], b[2]))).all()
+    assert (_bits(c[0, :20]) == _bits(xmm2(a[0, :20], b[0]))).all()
+    ref = a.double() @ b.double()
+
+    def err(x: torch.Tensor, r: torch.Tensor = ref) -> float:
+        return float((x.double() - r).norm() / r.norm())
+
+    assert err(c) <= err(a @ b)
+    assert err(xmm(a[0], b[0]), ref[0]) > 2 * err(c[0], ref[0])  # control: one slice is worse
+
+
+# ------------------------------------------------------------------ layers vs float64
+def _check_grads(f_exact, f_ref, inputs: list[torch.Tensor], tol: float = 1e-6) -> None:
+    """Forward and every input gradient within ``tol`` (relative to the
+    largest entry) of float64 autograd of ``f_ref``."""
+    ins = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    y = f_exact(*ins)
+    g = _rand(tuple(y.shape), 99)
+    got = torch.autograd.grad(y, [t for t in ins if t.requires_grad], g)
+    ref_in = [t.double().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    y64 = f_ref(*ref_in)
+    want = torch.autograd.grad(y64, [t for t in ref_in if t.requires_grad], g.double())
+    assert y.dtype == torch.float32
+    for name, a, r in [("forward", y, y64), *((f"grad {i}", a, r) for i, (a, r)
+                                                in enumerate(zip(got, want)))]:
+        scale = r.abs().max().item() or 1.0
+        assert (a.double() - r).abs().max().item() <= tol * scale, name
+
+
+def test_linear_conv_embedding_match_float64() -> None:
+    """Linear (3-D input), Conv2d (stride 2, padding 1) and Embedding."""
+    x, w, b = _rand((3, 5, 16), 3), _rand((8, 16), 4), _rand((8,), 5)
+    _check_grads(linear, F.linear, [x, w, b])
+    xc, wc, bc = _rand((2, 3, 7, 7), 6), _rand((4, 3, 3, 3), 7), _rand((4,), 8)
+    _check_grads(lambda *t: conv2d(*t, stride=2, padding=1),
+                 lambda *t: F.conv2d(*t, stride=2, padding=1), [xc, wc, bc])
+    idx = torch.from_numpy(np.random.default_rng(9).integers(0, 7, (4, 9)))
+    _check_grads(lambda t: embedding(idx, t), lambda t: F.embedding(idx, t), [_rand((7, 5), 10)])
+    with pytest.raises(IndexError, match=r"\[0, 7\)"):
+        embedding(torch.tensor([7]), _rand((7, 5), 10))
+
+
+def test_layer_norm_gelu_relu_match_float64() -> None:
+    """LayerNorm (affine), GELU in both forms, ReLU."""
+    x = _rand((4, 6, 32), 11) * 3 + 1
+    _check_grads(lambda a, b, c: layer_norm(a, b, c, 1e-5),
+                 lambda a, b, c: F.layer_norm(a, (32,), b, c, 1e-5),
+                 [x, _rand((32,), 12), _rand((32,), 13)])
+    _check_grads(gelu, F.gelu, [x])
+    _check_grads(lambda a: gelu(a, "tanh"), lambda a: F.gelu(a, approximate="tanh"), [x])
+    _check_grads(relu, F.relu, [x])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_float64(causal: bool) -> None:
+    """Scaled dot-product attention against torch's, causal or not."""
+    q, k, v = _rand((2, 3, 10, 8), 14), _rand((2, 3, 10, 8), 15), _rand((2, 3, 10, 4), 16)
+    _check_grads(lambda *t: attention(*t, causal=causal),
+                 lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal), [q, k, v],
+                 tol=2e-6)
+
+
+def test_attention_dropout_uses_the_step_mask() -> None:
+    """With dropout, attention equals the float64 formula with the step
+    context's mask (drawn the same way), and another step gives another
+    result."""
+    q, k, v = _rand((2, 2, 6, 4), 17), _rand((2, 2, 6, 4), 18), _rand((2, 2, 6, 4), 19)
+    with step_context(3, 5, 0):
+        keep = next_mask((2, 2, 6, 6), 0.25, torch.device("cpu"))
+    assert keep is not None
+
+    def ref(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        s = (a @ b.transpose(-1, -2)) / 2.0
+        s = s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf)
+        return (s.softmax(-1) * keep / 0.75) @ c
+
+    def run(step: int):  # type: ignore[no-untyped-def]
+        def f(*t: torch.Tensor) -> torch.Tensor:
+            with step_context(3, step, 0):
+                return attention(*t, dropout_p=0.25)
+        return f
+
+    _check_grads(run(5), ref, [q, k, v], tol=2e-6)
+    assert not torch.equal(run(5)(q, k, v), run(6)(q, k, v))
+
+
+def test_broadcast_arithmetic_reduces_by_tree() -> None:
+    """+ - * / with a broadcast operand match float64, and the broadcast
+    operand's gradient is the spec's tree reduction bit for bit (leading
+    dims flattened, then size-1 dims in order)."""
+    a, b = _rand((4, 3, 5), 20, 6.0), _rand((3, 1), 21) + 3
+    for f, ref in ((add, torch.add), (sub, torch.sub), (mul, torch.mul), (xdiv, torch.div)):
+        _check_grads(f, ref, [a, b], tol=1e-6)
+    bb = b.clone().requires_grad_()
+    g = _rand((4, 3, 5), 22, 8.0)
+    (got,) = torch.autograd.grad(add(a, bb), [bb], g)
+    want = tree_sum(tree_sum(g.reshape(4, 3, 5), 0), 1).unsqueeze(1)
+    assert (_bits(got) == _bits(want)).all()
+    assert (_bits(sum_to(g, torch.Size([5]))) == _bits(tree_sum(g.reshape(12, 5), 0))).all()
+
+
+# ------------------------------------------------------------------ the spec, read with NumPy
+def _np_tree(x: np.ndarray, axis: int) -> np.ndarray:
+    """Spec section 5's tree along ``axis`` (f32 adds, odd last carried)."""
+    parts = list(np.moveaxis(x, axis, 0))
+    while len(parts) > 1:
+        nxt = [np.float32(parts[i] + parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        parts = nxt + (parts[-1:] if len(parts) % 2 else [])
+    return parts[0]
+
+
+def test_layer_norm_forward_is_the_spec_bit_for_bit() -> None:
+    """LayerNorm equals spec section 14 written with NumPy f32 ops (sqrt
+    correctly rounded) bit for bit, on rows of very different scales."""
+    x, w, b = _rand((6, 13), 23, 10.0), _rand((13,), 24), _rand((13,), 25)
+    xn, d_ = x.numpy(), np.float32(13)
+    mu = _np_tree(xn, 1) / d_
+    d = xn - mu[:, None]
+    s = np.sqrt(_np_tree(d * d, 1) / d_ + np.float32(1e-5))
+    want = (d / s[:, None]) * w.numpy() + b.numpy()
+    assert (_bits(layer_norm(x, w, b, 1e-5)) == want.view(np.int32)).all()
+
+
+def test_gelu_follows_the_spec_and_is_close_to_erf() -> None:
+    """GELU (erf form) is within 1 ulp of spec section 14 evaluated with
+    Python floats (with math.exp in place of exp64, which may differ in the
+    last f64 bit), and within 2 ulp of x * Phi(x) from math.erfc."""
+    xs = np.float32(np.concatenate([np.linspace(-9, 9, 401), [0.0, -0.0, -30.0, 30.0]]))
+    got = gelu(torch.from_numpy(xs)).numpy()
+    c = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+         -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+    for x, y in zip(xs.tolist(), got):
+        exact = np.float32(x * 0.5 * math.erfc(-x / math.sqrt(2.0)))
+        a = abs(x * -0.7071067811865476)
+        t = 1.0 / (1.0 + 0.5 * a)
+        w = c[9]
+        for n in range(8, -1, -1):
+            w = w * t + c[n]
+        ec = t * math.exp(w - a * a)
+        spec = np.float32(x * (0.5 * ec if x <= 0 else 0.5 * (2.0 - ec)))
+        for ref, ulps in ((spec, 1), (exact, 2)):
+            assert abs(int(y.view(np.int32)) - int(ref.view(np.int32))) <= ulps, (x, y, ref)
+
+
+def test_embedding_gradient_is_the_positional_tree() -> None:
+    """index_tree_sum equals the spec's tree over all positions with absent
+    entries, written out with Python lists, bit for bit (values of mixed
+    magnitude, so the order shows)."""
+    g = np.random.default_rng(26)
+    idx = torch.from_numpy(g.integers(0, 4, 11))
+    vals = _rand((11, 3), 27, 12.0)
+    got = index_tree_sum(idx, vals, 5)
+    for v in range(5):
+        level: list[np.ndarray | None] = [vals[p].numpy() if int(idx[p]) == v else None
+                                          for p in range(11)]
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level), 2):
+                pair = [e for e in level[i:i + 2] if e is not None]
+                nxt.append(None if not pair else pair[0] if len(pair) == 1
+                           else np.float32(pair[0] + pair[1]))
+            level = nxt
+        want = level[0] if level[0] is not None else np.zeros(3, np.float32)
+        assert (_bits(got[v]) == want.view(np.int32)).all(), v
+
+
+# ------------------------------------------------------------------ masks and init
+def test_dropout_mask_depends_on_global_row_not_shard() -> None:
+    """A shard's mask (rows [4, 8) of step 7) equals those rows of the whole
+    batch's mask; sites count per forward; another step, seed or site gives
+    another mask; kept values are scaled by RN32(1/(1-q))."""
+    with step_context(11, 7, 0):
+        whole = next_mask((8, 5, 6), 0.3, torch.device("cpu"))
+        site1 = next_mask((8, 5, 6), 0.3, torch.device("cpu"))
+    with step_context(11, 7, 4):
+        shard = next_mask((4, 5, 6), 0.3, torch.device("cpu"))
+    with step_context(11, 8, 0):
+        other = next_mask((8, 5, 6), 0.3, torch.device("cpu"))
+    assert whole is not None and shard is not None and site1 is not None and other is not None
+    assert torch.equal(whole[4:], shard)
+    assert not torch.equal(whole, site1) and not torch.equal(whole, other)
+    u = rng.u24(rng.key(11, rng.MASK, 7, 0), 0, 240)
+    assert np.array_equal(whole.numpy().reshape(-1), u >= math.floor(0.3 * 2**24 + 0.5))
+    x = torch.ones(8, 5, 6)
+    with step_context(11, 7, 0):
+        y = dropout(x, 0.3, True)
+    assert set(y.unique().tolist()) == {0.0, float(np.float32(1 / 0.7))}
+    assert dropout(x, 0.3, False) is x
+    with pytest.raises(RuntimeError, match="step context"):
+        dropout(x, 0.3, True)
+
+
+def test_init_exact_numbers_layers_and_draws_normal_embeddings() -> None:
+    """init_exact numbers parametrised layers in module order (the second
+    Linear gets layer 2's keys), fills a Linear with section 3's uniform and an
+    Embedding with mean ~0, variance ~1, and is a function of the seed."""
+    model = torch.nn.Sequential(Embedding(50, 40), Linear(40, 30), Linear(30, 20))
+    init_exact(model, 5)
+    e, l1, l2 = (m.weight.detach() for m in model)
+    bound = np.float32(1 / math.sqrt(30))
+    u = rng.u24(rng.key(5, rng.INIT, 2, 0), 0, 600)
+    want = ((u - 2**23).astype(np.float32) * np.float32(2**-23)) * bound
+    assert np.array_equal(l2.detach().numpy().reshape(-1), want)
+    assert abs(float(e.mean())) < 0.05 and abs(float(e.var()) - 1) < 0.05
+    assert float(l1.abs().max()) <= 1 / math.sqrt(40)
+    again = init_exact(torch.nn.Sequential(Embedding(50, 40), Linear(40, 30), Linear(30, 20)), 5)
+    assert torch.equal(again[0].weight, e)
+    other = init_exact(torch.nn.Sequential(Embedding(50, 40), Linear(40, 30), Linear(30, 20)), 6)
+    assert not torch.equal(other[0].weight, e)
