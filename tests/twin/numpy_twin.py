@@ -12,10 +12,8 @@ and CNN, ``xmm``, trees, exp/log, cross-entropy, the training loop, the hash,
 the CLI); ``twin_optim.py`` (9: SGD, Nesterov, Adam, AdamW, clipping, the
 schedule); ``twin_layers.py`` (12-16: ``xmm2``, Linear, Conv2d, Embedding,
 LayerNorm, GELU, dropout masks, attention, ``sum_to``, initialisation);
-``twin_charlm.py`` (17-18: examples/charlm as layers; the text windows follow
-the manifest's ``text`` format as pipeline/formats.py and dataset.py decode
-it, which the spec does not cover); ``twin_convnet.py`` (the model ``pipeline
-new`` writes, as layers).
+``twin_charlm.py`` (17-19: examples/charlm as layers, its text data);
+``twin_convnet.py`` (the model ``pipeline new`` writes, as layers).
 
 Usage::
 

@@ -2,11 +2,11 @@
 
 Sections 14-18 of docs/exact-spec.md: the network of section 18, initialised by
 section 16, trained by section 17 (section 8's shards and tree) with section 9's
-optimisers. Data: the manifest's ``text`` format with ``vocabulary = "chars"``
-(tokens are indices into the sorted code points of the UTF-8 text) cut into
-non-overlapping windows of ``context`` tokens; example ``i`` is tokens
-``[i*T, (i+1)*T)`` and its targets the next tokens; the split and epoch orders
-are section 2's over the ``(len - 1) // T`` windows, keyed by the file's sha256.
+optimisers, on section 19's data: tokens are indices into the sorted code
+points of the UTF-8 text, cut into non-overlapping windows of ``context``
+tokens (example ``i`` is tokens ``[i*T, (i+1)*T)``, its targets the next
+tokens); the split and epoch orders are section 2's over the ``(len - 1) // T``
+windows, keyed by the file's sha256.
 """
 
 from __future__ import annotations
