@@ -173,6 +173,17 @@ def test_charlm_exact_is_the_same_at_2_threads(lm_exact: Run, suite_env: dict[st
 
 
 @pytest.mark.distributed
+def test_charlm_exact_equals_its_golden_hash(lm_exact: Run, suite_env: dict[str, str]) -> None:
+    """Exact mode's bits do not depend on the toolchain or profile, so its golden
+    entry (tests/golden/weights.json, recorded with `pipeline golden add`;
+    bench/gpu_check.sh checks the same run on CUDA) must be found and match
+    on every machine: no entry is a failure here, not a skip."""
+    p = subprocess.run([sys.executable, "-m", "pipeline", "golden", "check", "--require",
+                        str(lm_exact.dir)], cwd=ROOT, env=suite_env, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert p.returncode == 0 and p.stdout.startswith("golden match"), p.stdout + p.stderr
+
+
 def test_charlm_exact_world_size_2_agrees(lm_exact: Run, suite_env: dict[str, str],
                                           tmp_path: Path) -> None:
     """--nproc 2 gives world size 1's exact weights: each shard's dropout
