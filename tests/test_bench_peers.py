@@ -101,8 +101,8 @@ def test_table_and_last_line(peers: ModuleType) -> None:
     assert LAST_LINE.fullmatch(last), last
     assert last == "pinned/plain=4.00 pinned/lightning=2.00 exact/plain=3.00"
     no_exact = {k: v for k, v in full.items() if k != "exact"}
-    rows = peers.table("charlm transformer", "head", no_exact)
-    assert rows[-1].split()[-1] == "yet)" and peers.EXACT_NA in rows[-1]
+    rows = peers.table("a model without an exact config", "head", no_exact)
+    assert rows[-1].split()[-1] == "model)" and peers.EXACT_NA in rows[-1]
     assert peers.summary(no_exact).endswith("exact/plain=n/a")
 
 
