@@ -17,7 +17,6 @@ Three kinds of evidence:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -369,15 +368,10 @@ def test_pinned_load_state_requires_the_step() -> None:
 
 # ------------------------------------------------ 3. exact-mode training runs
 def _load_twin() -> Any:
-    if "numpy_twin" in sys.modules:
-        return sys.modules["numpy_twin"]
-    spec = importlib.util.spec_from_file_location("numpy_twin", ROOT / "tests" / "twin" /
-                                                  "numpy_twin.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["numpy_twin"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The NumPy twin (tests/twin/, a package: numpy_twin imports its siblings)."""
+    from .twin import numpy_twin
+
+    return numpy_twin
 
 
 DATA = ROOT / "data" / "digits.csv.gz"
