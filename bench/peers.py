@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("targets: pinned/plain <= 1.05, pinned/lightning <= 0.35")
     last = "digits" if "digits" in results else args.models[0]
     why = ("the default config's model; charlm's ratios are in its table"
-           if MODELS[last].exact_config else f"exact: {EXACT_NA}")
+           if last == "digits" and len(results) > 1 else "the only model run")
     print(f"last line: the {MODELS[last].title}'s ratios ({why})")
     print(summary(results[last]))
 
