@@ -68,24 +68,20 @@ class ShardRunner:
         if requested is not None and requested < 1:
             raise UsageError(f"--threads: expected an integer >= 1, found {requested}")
         self.net, self.requested = net, requested
-        self.cores = requested or available_cores()
         self.pool: ThreadPoolExecutor | None = None
         self.used = 1  # shard threads
         self.fallback = ""
-        self._timing = False
-        self._intra_before = torch.get_num_threads()
-        self.intra_op = self._intra_before
-        width = min(self.cores, shards)
-        if pins_threads and _testing.SWITCHES.intraop_threads and requested:
-            self.intra_op = requested  # the control: stock kernels on N threads
-        elif not pins_threads:
-            if requested:
-                self.intra_op = requested
+        self._auto_width = 0  # auto: the pool's width if the first step is slow enough
+        self._intra_before = self.intra_op = torch.get_num_threads()
+        width = min(requested or available_cores(), shards)
+        if not pins_threads or (_testing.SWITCHES.intraop_threads and requested):
+            # Exact mode's ops are thread-invariant (or the control: stock kernels).
+            self.intra_op = requested or self.intra_op
         elif width > 1 and net.threadable:
             if requested:
                 self._start(width)
             else:
-                self._timing, self._width = True, width
+                self._auto_width = width
         if self.intra_op != self._intra_before:
             torch.set_num_threads(self.intra_op)
 
@@ -104,16 +100,17 @@ class ShardRunner:
                 # Nothing was changed by the step's shards (they only return
                 # gradients), so they run again, in order, from here on.
                 self._stop_pool()
+                self.used = 1
                 self.fallback = (f"{e} draws from torch's global generator and takes no "
                                  f"other: shards run in order")
                 print(f"note: --threads: {self.fallback}", file=sys.stderr)
-        if not self._timing:
+        if not self._auto_width:
             return [job() for job in jobs]
         t = time.perf_counter()
         out = [job() for job in jobs]
-        self._timing = False
         if (time.perf_counter() - t) / max(len(jobs), 1) >= MIN_SHARD_SECONDS:
-            self._start(self._width)
+            self._start(self._auto_width)
+        self._auto_width = 0
         return out
 
     def record(self) -> dict[str, Any]:
@@ -126,11 +123,9 @@ class ShardRunner:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
-        self.net.in_threads, self.used = False, 1
+        self.net.in_threads = False
 
     def close(self) -> None:
-        used = self.used
         self._stop_pool()
-        self.used = used  # for record()
         if torch.get_num_threads() != self._intra_before:
             torch.set_num_threads(self._intra_before)
