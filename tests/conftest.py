@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,21 @@ from pipeline.environment import host_isa_levels, load_profile
 
 from .machines import (EXACT, FULL, ROOT, SHORT, TRAIN_TIMEOUT_S, Places, Run, clean_env,
                        compile_locales, copy_checkout, train_argv)
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One torch thread while a test trains in this process (two xdist workers
+    share two cores); no test-only switch leaks in from the caller's environment."""
+    import torch
+
+    from pipeline import _testing
+
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

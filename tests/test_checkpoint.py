@@ -13,7 +13,6 @@ import json
 import math
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +52,8 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> dataset.Dataset:
     return dataset.load(verified, "digits", cache)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One torch thread while a test trains (two xdist workers share two cores);
-    no test-only switch leaks in from the caller's environment."""
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, no test switch (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(overrides: list[str]) -> Config:

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import _testing, dataset, manifest
+from pipeline import dataset, manifest
 from pipeline import train as train_mod
 from pipeline.config import OptimConfig, load_config
 from pipeline.exact import make_exact_optimizer
@@ -394,14 +393,8 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> dataset.Dataset:
                         "digits", cache)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One torch thread (two xdist workers share two cores); no test switch."""
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, no test switch (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pipeline_hash(overrides: list[str], ds: dataset.Dataset) -> str:

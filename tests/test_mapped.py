@@ -17,12 +17,10 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import _testing, datacache, dataset, manifest, recipe
 from pipeline import train as train_mod
@@ -35,14 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.toml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One torch thread (two xdist workers share two cores); no switch leaks in."""
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, no test switch (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
