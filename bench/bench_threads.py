@@ -26,18 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loops import pin  # noqa: E402  (bench/loops.py: the pinned process)
-
-
-def _load(config: Path, overrides: list[str]) -> tuple[Any, Any, Any]:
-    from pipeline import dataset, manifest, models
-    from pipeline.config import load_config
-
-    cfg = load_config(config, overrides)
-    cache = manifest.default_cache_dir()
-    verified = manifest.verify(REPO / "data-manifest.json", stat_cache_dir=cache)
-    parts = models.resolve(cfg.model.factory, cfg.train.loss, config.parent)
-    return cfg, dataset.load(verified, cfg.data.dataset, cache), parts
+import loops  # noqa: E402  (bench/loops.py: the pinned process, a loaded config)
 
 
 def _timed(cfg: Any, ds: Any, parts: Any, threads: int | None) -> tuple[float, str, Any]:
@@ -56,7 +45,7 @@ def main() -> None:
                     help="thread counts to compare, comma-separated (and auto)")
     ap.add_argument("--quick", action="store_true", help="fewer steps, 2 rounds")
     args = ap.parse_args()
-    profile = pin().name
+    profile = loops.pin().name
     counts: list[int | None] = [int(n) for n in args.threads.split(",")] + [None]
     repeats = 2 if args.quick else args.repeats
     lm_steps = 8 if args.quick else 30
@@ -69,7 +58,8 @@ def main() -> None:
     header = "".join(f"{('auto' if n is None else f'{n} thr'):>12}" for n in counts)
     print(f"{'model':32}{header}   speed-up (1 thread / best)")
     for name, config, overrides in cases:
-        cfg, ds, parts = _load(config, overrides)
+        b = loops.load(config, overrides)
+        cfg, ds, parts = b.cfg, b.ds, b.parts
         times: dict[int | None, list[float]] = {n: [] for n in counts}
         hashes, used = set(), {}
         for r in range(repeats + 1):
