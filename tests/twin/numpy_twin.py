@@ -5,12 +5,13 @@ and nothing under ``pipeline/exact/`` was read by its authors. Every
 floating-point operation is one IEEE-754 operation on float32 or float64
 arrays, rounded to nearest-even, in the order the spec gives; the only
 multi-term sums are the fixed tree (``tree_sum``) and the integer-valued
-float64 matrix products inside ``xmm``/``xmm2`` (exact by construction).
+float64 matrix products inside ``xmm``/``xmmb`` (exact by construction;
+``xmmb`` then adds its block results left to right in float64, section 12).
 
 Files: this one (sections 1-8, 10, 11: the counter RNG, data, the built-in MLP
 and CNN, ``xmm``, trees, exp/log, cross-entropy, the training loop, the hash,
 the CLI); ``twin_optim.py`` (9: SGD, Nesterov, Adam, AdamW, clipping, the
-schedule); ``twin_layers.py`` (12-16: ``xmm2``, Linear, Conv2d, Embedding,
+schedule); ``twin_layers.py`` (12-16: ``xmmb``, Linear, Conv2d, Embedding,
 LayerNorm, GELU, dropout masks, attention, ``sum_to``, initialisation);
 ``twin_charlm.py`` (17-19: examples/charlm as layers, its text data);
 ``twin_convnet.py`` (the model ``pipeline new`` writes, as layers).

@@ -5,7 +5,7 @@ stock module, not one of the built-in factories of sections 3 and 6.
 ``nn.Sequential(Conv2d(c, ch, 3, padding=1), ReLU, Conv2d(ch, ch, 3, padding=1),
 ReLU, Flatten, Dropout(q), Linear(ch*h*w, classes))``: parameter names
 ``0.*``, ``2.*``, ``6.*``, section 16's layer numbers 0, 1, 2; Conv2d and Linear
-with xmm2 (section 14), one dropout site (section 15, F = ch*h*w); the data,
+with xmmb (section 14), one dropout site (section 15, F = ch*h*w); the data,
 split and epoch order of section 2; the step of section 17; section 9.
 """
 

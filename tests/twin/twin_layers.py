@@ -21,44 +21,63 @@ F32 = np.float32
 F64 = np.float64
 MASK = 7  # section 15's purpose tag
 
-__all__ = ["xmm2", "exp64", "sum_to", "linear_fwd", "linear_bwd", "embedding_fwd", "embedding_bwd",
+__all__ = ["xmmb", "exp64", "sum_to", "linear_fwd", "linear_bwd", "embedding_fwd", "embedding_bwd",
            "layernorm_fwd", "layernorm_bwd", "gelu_fwd", "gelu_bwd", "gelu_tanh_fwd",
            "gelu_tanh_bwd", "layer_mask", "dropout_fwd", "dropout_bwd", "attention_fwd",
            "attention_bwd", "conv2d_fwd", "conv2d_bwd", "uniform_init", "normal_init"]
 
 
-# --------------------------------------------------------------- 12. xmm2
-def xmm2(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Two-slice product of f32 ``A (..., m, k)`` and ``B (..., k, n)``."""
+# --------------------------------------------------------------- 12. xmmb
+BLOCK = 64            # section 12's block length along the inner dimension
+_CHUNK_BYTES = 1 << 25  # at most this many bytes of block products (P) at once
+# The blocks' GEMM: any exact one will do (integer sums below 2^53); only the
+# sign of an exact zero sum depends on it, which a test checks by swapping it.
+_gemm = np.matmul
+
+
+def _block_scales(M: np.ndarray, axis: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integers round_half_even(f64(M) * 2^-s), s = frexp exponent of the block's
+    max |.| along ``axis`` (0 for a zero block) minus ``bits``; s kept as size 1."""
+    _, e = np.frexp(np.max(np.abs(M), axis=axis, keepdims=True))  # frexp(0) = (0, 0)
+    s = e.astype(np.int32) - np.int32(bits)
+    return np.rint(np.ldexp(M, -s)), s    # the scaling is exact; rint is RNE
+
+
+def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """Blocked product of f32 ``A (..., m, k)`` and ``B (..., k, n)`` (section 12).
+    ``block`` exists for the tests' control only; the spec's is 64."""
     A, B = np.asarray(A), np.asarray(B)
     if A.dtype != F32 or B.dtype != F32:
-        raise TypeError(f"xmm2 wants float32, got {A.dtype}, {B.dtype}")
+        raise TypeError(f"xmmb wants float32, got {A.dtype}, {B.dtype}")
     k = A.shape[-1]
-    if B.shape[-2] != k or A.shape[:-2] != B.shape[:-2]:
-        raise ValueError(f"xmm2 shapes {A.shape} @ {B.shape}")
+    if A.ndim < 2 or B.ndim != A.ndim or B.shape[-2] != k or A.shape[:-2] != B.shape[:-2]:
+        raise ValueError(f"xmmb shapes {A.shape} @ {B.shape}")
+    if k > 1 << 31:
+        raise ValueError("k > 2^31 is outside the spec")
+    lead, m, n = A.shape[:-2], A.shape[-2], B.shape[-1]
     if k == 0:
-        return np.zeros(A.shape[:-1] + B.shape[-1:], dtype=F32)
-    c = nt._ceil_log2(k)
-    if k > 1 << 27:
-        raise ValueError("k > 2^27 is outside the spec")
-    pa = 28 - c
-    Bd = B.astype(F64)
-    _, eB = np.frexp(np.max(np.abs(Bd), axis=-2, keepdims=True))    # (..., 1, n)
-    sB = eB.astype(np.int32) - np.int32(24)
-    b = np.rint(np.ldexp(Bd, -sB))
-    Ad = A.astype(F64)
-    _, eA = np.frexp(np.max(np.abs(Ad), axis=-1, keepdims=True))    # (..., m, 1)
-    s1 = eA.astype(np.int32) - np.int32(pa)
-    s2 = s1 - np.int32(pa)
-    a1 = np.rint(np.ldexp(Ad, -s1))
-    R = Ad - np.ldexp(a1, s1)                                       # exact
-    a2 = np.rint(np.ldexp(R, -s2))
-    P1 = np.matmul(a1, b)   # integers below 2^52 in magnitude: exact in any order
-    P2 = np.matmul(a2, b)
-    Q = np.ldexp(P1, s1 + sB) + np.ldexp(P2, s2 + sB)               # one f64 rounding
-    Q = np.where(Q == 0.0, F64(0.0), Q)                             # an exact zero is +0
+        return np.zeros(lead + (m, n), dtype=F32)
+    T = -(-k // block)
+    pad = T * block - k       # zeros: change neither a block's maximum nor its sum
+    Ad = np.concatenate([A.astype(F64), np.zeros(lead + (m, pad), F64)], axis=-1)
+    Bd = np.concatenate([B.astype(F64), np.zeros(lead + (pad, n), F64)], axis=-2)
+    a, sA = _block_scales(Ad.reshape(lead + (m, T, block)), -1, 24)   # (..., m, T, block)
+    a = np.moveaxis(a, -2, -3)                                        # (..., T, m, block)
+    sA = np.moveaxis(sA, -2, -3)                                      # (..., T, m, 1)
+    b, sB = _block_scales(Bd.reshape(lead + (T, block, n)), -2, 23)   # (..., T, block, n)
+    # sB: (..., T, 1, n). Each block's products and partial sums are integers of
+    # magnitude <= 64 * 2^24 * 2^23 = 2^53, so the f64 GEMM below is exact.
+    per = max(1, _CHUNK_BYTES // max(1, 8 * m * n * int(np.prod(lead, dtype=np.int64))))
+    Q = None
+    for t0 in range(0, T, per):
+        t1 = min(T, t0 + per)
+        P = _gemm(a[..., t0:t1, :, :], b[..., t0:t1, :, :])       # (..., c, m, n)
+        S = np.ldexp(P, sA[..., t0:t1, :, :] + sB[..., t0:t1, :, :])  # exact
+        for t in range(t1 - t0):     # the f64 fold, left to right over the blocks
+            Q = S[..., t, :, :] if Q is None else Q + S[..., t, :, :]
+    Q = np.where(Q == 0.0, F64(0.0), Q)                               # a zero Q is +0
     with np.errstate(over="ignore"):
-        return Q.astype(F32)
+        return Q.astype(F32)                                          # RN32
 
 
 # --------------------------------------------------------------- exp64 (14, GELU)
@@ -95,8 +114,8 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 
 def linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """``x (..., in)`` -> ``(..., out)``: xmm2(X, W^T) (+ b per row)."""
-    Y = xmm2(_rows(x), np.ascontiguousarray(W.T))
+    """``x (..., in)`` -> ``(..., out)``: xmmb(X, W^T) (+ b per row)."""
+    Y = xmmb(_rows(x), np.ascontiguousarray(W.T))
     if b is not None:
         Y = Y + b
     return Y.reshape(x.shape[:-1] + (W.shape[0],))
@@ -105,9 +124,9 @@ def linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray
 def linear_bwd(g: np.ndarray, x: np.ndarray, W: np.ndarray, has_bias: bool = True):
     """(gW, gb or None, gx) from ``g (..., out)``."""
     G, X = _rows(g), _rows(x)
-    gW = xmm2(np.ascontiguousarray(G.T), X)
+    gW = xmmb(np.ascontiguousarray(G.T), X)
     gb = nt.tree_sum(G, 0) if has_bias else None
-    gX = xmm2(G, np.ascontiguousarray(W))
+    gX = xmmb(G, np.ascontiguousarray(W))
     return gW, gb, gX.reshape(x.shape)
 
 
@@ -262,7 +281,7 @@ def attention_fwd(q, k, v, causal: bool, scale=None, keep=None, scale_a=F32(1.0)
     Tn, S = q.shape[-2], k.shape[-2]
     allowed = (np.arange(S)[None, :] <= np.arange(Tn)[:, None]) if causal else \
         np.ones((Tn, S), dtype=bool)
-    Sc = xmm2(q, _T(k))
+    Sc = xmmb(q, _T(k))
     Z = Sc * c
     mx = np.max(np.where(allowed, Z, F32(-np.inf)), axis=-1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -271,32 +290,32 @@ def attention_fwd(q, k, v, causal: bool, scale=None, keep=None, scale_a=F32(1.0)
     s = nt.tree_sum(e, -1)[..., None]
     P = e / s
     Pd = np.where(keep, P * scale_a, F32(0.0)).astype(F32) if keep is not None else P
-    Y = xmm2(Pd, v)
+    Y = xmmb(Pd, v)
     return Y, (q, k, v, P, Pd, allowed, c, keep, scale_a)
 
 
 def attention_bwd(gY, cache):
     """(gq, gk, gv)."""
     q, k, v, P, Pd, allowed, c, keep, scale_a = cache
-    gPd = xmm2(gY, _T(v))
-    gv = xmm2(_T(Pd), gY)
+    gPd = xmmb(gY, _T(v))
+    gv = xmmb(_T(Pd), gY)
     gP = np.where(keep, gPd * scale_a, F32(0.0)).astype(F32) if keep is not None else gPd
     dot = nt.tree_sum(gP * P, -1)[..., None]
     gZ = np.where(allowed, (gP - dot) * P, F32(0.0)).astype(F32)
     gSc = gZ * c
-    gq = xmm2(gSc, k)
-    gk = xmm2(_T(gSc), q)
+    gq = xmmb(gSc, k)
+    gk = xmmb(_T(gSc), q)
     return gq, gk, gv
 
 
-# --------------------------------------------------------------- 14. Conv2d (xmm2)
+# --------------------------------------------------------------- 14. Conv2d (xmmb)
 def conv2d_fwd(x, Wt, b, stride: int, pad: int):
-    """Section 6's im2col convolution with xmm2; ``x (N, C, H, W)``."""
+    """Section 6's im2col convolution with xmmb; ``x (N, C, H, W)``."""
     Oc, C, KH, KW = Wt.shape
     N = x.shape[0]
     cols, Ho, Wo = nt.im2col(x, KH, KW, stride, pad)
     Wm = Wt.reshape(Oc, C * KH * KW)
-    Y = xmm2(cols, np.ascontiguousarray(Wm.T))
+    Y = xmmb(cols, np.ascontiguousarray(Wm.T))
     if b is not None:
         Y = Y + b
     y = np.ascontiguousarray(Y.reshape(N, Ho, Wo, Oc).transpose(0, 3, 1, 2))
@@ -309,10 +328,10 @@ def conv2d_bwd(gy, cache, Wt, stride: int, pad: int, has_bias: bool = True):
     Oc, C, KH, KW = Wt.shape
     N, _, H, W = x_shape
     gY = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, Oc)
-    gWm = xmm2(np.ascontiguousarray(gY.T), cols)
+    gWm = xmmb(np.ascontiguousarray(gY.T), cols)
     gb = nt.tree_sum(gY, 0) if has_bias else None
     Wm = np.ascontiguousarray(Wt.reshape(Oc, C * KH * KW))
-    gcols = xmm2(gY, Wm).reshape(N, Ho, Wo, C, KH, KW)
+    gcols = xmmb(gY, Wm).reshape(N, Ho, Wo, C, KH, KW)
     gxpad = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=F32)
     for i in range(KH):
         for j in range(KW):
