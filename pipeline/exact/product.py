@@ -27,7 +27,7 @@ _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 _EXP_MASK = 0x7FF0000000000000
 BLOCK = 64            # entries of k per block (spec section 12)
 _PA, _PB = 24, 23     # bits of A's and B's entries: 64 * 2^24 * 2^23 = 2^53
-_HELD = 1 << 22       # block products held at once (f64 entries, 32 MiB)
+_HELD = 1 << 16       # block products held at once (f64 entries, 512 KiB: cache)
 
 
 def _magic(x: Tensor, dim: int, p: int) -> Tensor:
@@ -77,23 +77,24 @@ def quantise_b(b: Tensor) -> Tensor:
 
 def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
     """``RN32(Q)`` from ``quantise_a``'s and ``quantise_b``'s blocks: every
-    block's exact product by a batched f64 GEMM (a group of blocks at a
-    time, so at most ``_HELD`` products are held), ``Q = ((S_0 + S_1) + S_2)
-    + ...`` in f64, ``+ 0.0`` (a zero of either sign becomes +0 and nothing
-    else changes) and one rounding to f32."""
+    block's exact product by an f64 GEMM, a group of blocks at a time (one
+    block, for outputs of ``_HELD`` entries or more) into one reused buffer
+    that stays in cache, ``Q = ((S_0 + S_1) + S_2) + ...`` in f64, ``+ 0.0``
+    (a zero of either sign becomes +0 and nothing else changes) and one
+    rounding to f32."""
     t, m, n = qa.shape[-3], qa.shape[-2], qb.shape[-1]
-    per_block = max(1, m * n * math.prod(qa.shape[:-3]))
-    group = max(1, min(t, _HELD // per_block))
-    acc = None
+    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-3]))))
+    acc = buf = None
     for t0 in range(0, t, group):
         g = min(group, t - t0)
-        p = torch.matmul(qa.narrow(-3, t0, g), qb.narrow(-3, t0, g))   # (..., g, m, n)
+        a, b = qa.narrow(-3, t0, g), qb.narrow(-3, t0, g)
+        p = torch.matmul(a, b) if buf is None or g != group else torch.matmul(a, b, out=buf)
         first = 0
         if acc is None:
-            acc = p.select(-3, 0) if g == t else p.select(-3, 0).clone()
-            first = 1
+            acc, first = (p.select(-3, 0) if g == t else p.select(-3, 0).clone()), 1
         for i in range(first, g):
             acc.add_(p.select(-3, i))
+        buf = p
     assert acc is not None
     out = torch.empty(acc.shape, dtype=_F32, device=acc.device)
     return torch.add(acc, 0.0, out=out)
