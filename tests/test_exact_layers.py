@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from pipeline import rng
 from pipeline.exact import (Embedding, Linear, add, attention, conv2d, dropout, embedding,
                             gelu, init_exact, layer_norm, linear, mul, relu, step_context,
-                            sub, xmm, xmm2)
+                            sub, xmm, xmmb)
 from pipeline.exact import div as xdiv
 from pipeline.exact.arith import sum_to
 from pipeline.exact.context import next_mask
 from pipeline.exact.functional import index_tree_sum
+from pipeline.exact import product
 from pipeline.exact.ops import tree_sum
 
 
@@ -34,51 +35,74 @@ def _rand(shape: tuple[int, ...], seed: int, spread: float = 0.0) -> torch.Tenso
     return torch.from_numpy((g.standard_normal(shape) * row).astype(np.float32))
 
 
-# ------------------------------------------------------------------ xmm2
-def _spec_xmm2(arow: np.ndarray, bcol: np.ndarray) -> np.float32:
-    """One entry of spec section 12 with Python integers and Fractions."""
-    k = len(arow)
-    pa = 28 - (k - 1).bit_length()
+# ------------------------------------------------------------------ xmmb
+def _spec_xmmb(arow: np.ndarray, bcol: np.ndarray) -> np.float32:
+    """One entry of spec section 12 with Python integers and Fractions: blocks
+    of 64, A to 24 and B to 23 bits of each block's maximum, exact block sums,
+    the f64 fold left to right, one rounding to f32."""
 
     def exp_of(v: np.ndarray) -> int:
         r = max(abs(float(t)) for t in v)
         return math.frexp(r)[1] if r else 0
 
-    two = Fraction(2)
-    sb = exp_of(bcol) - 24
-    b = [round(Fraction(float(t)) / two**sb) for t in bcol]  # round(): half to even
-    s1 = exp_of(arow) - pa
-    s2 = s1 - pa
-    a1 = [round(Fraction(float(t)) / two**s1) for t in arow]
-    a2 = [round((Fraction(float(t)) - x * two**s1) / two**s2) for t, x in zip(arow, a1)]
-    p1, p2 = sum(x * y for x, y in zip(a1, b)), sum(x * y for x, y in zip(a2, b))
-    assert max(abs(p1), abs(p2)) <= 2**52
-    q = math.ldexp(float(p1), s1 + sb) + math.ldexp(float(p2), s2 + sb)  # one f64 rounding
+    two, q = Fraction(2), None
+    for t0 in range(0, len(arow), 64):
+        ab, bb = arow[t0:t0 + 64], bcol[t0:t0 + 64]
+        sa, sb = exp_of(ab) - 24, exp_of(bb) - 23
+        ia = [round(Fraction(float(t)) / two**sa) for t in ab]  # round(): half to even
+        ib = [round(Fraction(float(t)) / two**sb) for t in bb]
+        p = sum(x * y for x, y in zip(ia, ib))
+        assert abs(p) <= 2**53
+        s = math.ldexp(float(p), sa + sb)  # exact: an integer below 2^53 times 2^e
+        q = s if q is None else q + s       # one f64 rounding per block
     return np.float32(q) + np.float32(0.0)
 
 
-@pytest.mark.parametrize("k", [1, 7, 130])
-def test_xmm2_matches_integer_arithmetic(k: int) -> None:
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 130, 200])
+def test_xmmb_matches_integer_arithmetic(k: int) -> None:
     """Every entry equals the spec computed with Python integers, bit for bit,
-    for rows of very different magnitudes, a subnormal and a zero row."""
-    a, b = _rand((5, k), k, 20.0), _rand((k, 4), k + 1)
+    for rows of very different magnitudes, a subnormal, a zero row, a row
+    with one entry 2^20 times the rest, a zero block and products that cancel
+    to a zero of either sign."""
+    a, b = _rand((7, k), k, 20.0), _rand((k, 5), k + 1)
     a[1] = 0.0
     a[2, 0] = 1e-41
-    c = xmm2(a, b).numpy()
-    for i in range(5):
-        for j in range(4):
-            want = _spec_xmm2(a[i].numpy(), b[:, j].numpy())
+    a[3, k // 2] *= 2.0**20
+    b[: min(k, 64), 1] = 0.0
+    a[4] = -1.0
+    b[:, 2] = 0.0
+    b[0, 2] = -0.0
+    a[5] = 1.0
+    b[:, 3] = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0) if k % 2 == 0 else b[:, 3]
+    c = xmmb(a, b).numpy()
+    for i in range(7):
+        for j in range(5):
+            want = _spec_xmmb(a[i].numpy(), b[:, j].numpy())
             assert c[i, j].view(np.int32) == want.view(np.int32), (i, j)
+    assert (c[:, 2].view(np.int32) == 0).all()  # zeros are +0
 
 
-def test_xmm2_batched_rows_independent_and_at_least_fp32_accurate() -> None:
+def test_xmmb_blocks_held_at_once_do_not_change_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Computing the block products a few at a time (the memory bound) gives
+    the same bits as all at once; a transposed (strided) operand is the same
+    as its contiguous copy."""
+    a, b = _rand((2, 24, 700), 5, 8.0), _rand((2, 700, 16), 6)
+    whole = _bits(xmmb(a, b))
+    monkeypatch.setattr(product, "_HELD", 24 * 16 * 2 * 3)  # 3 blocks a group
+    assert (_bits(xmmb(a, b)) == whole).all()
+    at = a.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert (_bits(xmmb(at, b)) == whole).all()
+
+
+def test_xmmb_batched_rows_independent_and_at_least_fp32_accurate() -> None:
     """A batched product equals its per-matrix products; row blocks equal the
     whole; the normwise error vs float64 is at most stock fp32's (K = 512,
-    where the one-slice xmm is several times worse)."""
+    where the one-slice xmm is several times worse), also with one entry per
+    row 2^20 times the rest."""
     a, b = _rand((3, 64, 512), 1), _rand((3, 512, 48), 2)
-    c = xmm2(a, b)
-    assert (_bits(c[2]) == _bits(xmm2(a[2], b[2]))).all()
-    assert (_bits(c[0, :20]) == _bits(xmm2(a[0, :20], b[0]))).all()
+    c = xmmb(a, b)
+    assert (_bits(c[2]) == _bits(xmmb(a[2], b[2]))).all()
+    assert (_bits(c[0, :20]) == _bits(xmmb(a[0, :20], b[0]))).all()
     ref = a.double() @ b.double()
 
     def err(x: torch.Tensor, r: torch.Tensor = ref) -> float:
@@ -86,6 +110,10 @@ def test_xmm2_batched_rows_independent_and_at_least_fp32_accurate() -> None:
 
     assert err(c) <= err(a @ b)
     assert err(xmm(a[0], b[0]), ref[0]) > 2 * err(c[0], ref[0])  # control: one slice is worse
+    spiky = a.clone()
+    spiky[..., torch.arange(64), torch.arange(64) * 7] *= 2.0**20
+    ref = spiky.double() @ b.double()
+    assert err(xmmb(spiky, b), ref) <= 2 * err(spiky @ b, ref)
 
 
 # ------------------------------------------------------------------ layers vs float64

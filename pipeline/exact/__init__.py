@@ -4,7 +4,7 @@ the torch version, ISA, thread count or device.
 
 - ``ops``: the one-slice product ``xmm``, fixed summation trees, exp/log,
   sqrt, softmax cross-entropy, ReLU/dropout, im2col/col2im (sections 4-7);
-- ``product``: ``xmm2``, the layers' two-slice product (section 12);
+- ``product``: ``xmmb``, the layers' blocked product (section 12);
 - ``matmul``: ``matmul``, the multi-slice (Ozaki) product whose slice count
   follows the operands' range: at least fp32's accuracy for any K;
 - ``functional``, ``attention``, ``arith``: layers as autograd Functions
@@ -56,9 +56,9 @@ from .ops import (
     xmm,
 )
 from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
-from .product import xmm2
+from .product import xmmb
 
-__all__ = ["matmul", "xmm", "xmm2", "quantise", "mm_quantised", "tree_sum", "tree_sum_list",
+__all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum", "tree_sum_list",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
            "relu_dropout_grad", "im2col", "col2im", "Arch", "ExactNet", "ExactSGD",
            "ExactAdam", "ExactAdamW", "clip_scale", "make_exact_optimizer",

@@ -1,5 +1,5 @@
 """Exact scaled dot-product attention (docs/exact-spec.md, section 14):
-``xmm2`` products, the row maximum, ``xexp``, the fixed tree over keys, a
+``xmmb`` products, the row maximum, ``xexp``, the fixed tree over keys, a
 correctly rounded division, counter-based dropout of the weights (section
 15), and the backward written out with the same ops. The semantics are
 ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal``
@@ -20,7 +20,7 @@ from .context import dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
 from .flat import rn32
 from .ops import tree_sum, xexp
-from .product import xmm2
+from .product import xmmb
 
 __all__ = ["attention"]
 
@@ -50,27 +50,27 @@ class _Attention(Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, c: float,
                 keep: Tensor | None, scale_a: float) -> Tensor:
-        z = xmm2(q, k.transpose(-1, -2)).mul_(c)          # (N, H, T, S)
+        z = xmmb(q, k.transpose(-1, -2)).mul_(c)          # (N, H, T, S)
         allowed = _allowed(z, causal)
         (p,) = by_rows(_softmax, z, allowed, width=z.shape[-1])
         pd = p if keep is None else torch.where(keep, p * scale_a, 0.0)
         ctx.save_for_backward(q, k, v, p, pd, keep)
         ctx.causal = causal
         ctx.c, ctx.scale_a = c, scale_a
-        return xmm2(pd, v)                                # (N, H, T, Ev)
+        return xmmb(pd, v)                                # (N, H, T, Ev)
 
     @staticmethod
     @_trusted_backward
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, p, pd, keep = ctx.saved_tensors
         g = g.to(torch.float32)
-        gpd = xmm2(g, v.transpose(-1, -2))                # (N, H, T, S)
-        gv = xmm2(pd.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
+        gpd = xmmb(g, v.transpose(-1, -2))                # (N, H, T, S)
+        gv = xmmb(pd.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
         gp = gpd if keep is None else torch.where(keep, gpd * ctx.scale_a, 0.0)
         (gz,) = by_rows(_softmax_grad, gp, p, _allowed(p, ctx.causal), width=p.shape[-1])
         gs = gz.mul_(ctx.c)
-        gq = xmm2(gs, k) if ctx.needs_input_grad[0] else None
-        gk = xmm2(gs.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
+        gq = xmmb(gs, k) if ctx.needs_input_grad[0] else None
+        gk = xmmb(gs.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None
         return gq, gk, gv, None, None, None, None
 
 

@@ -1,6 +1,6 @@
 """Exact layers as functions with autograd (docs/exact-spec.md, section 14):
 each is a ``torch.autograd.Function`` whose forward and backward are built
-only from the exact ops (``xmm2``, ``tree_sum``, ``exp64``, ``sqrt32``,
+only from the exact ops (``xmmb``, ``tree_sum``, ``exp64``, ``sqrt32``,
 elementwise IEEE ops, data movement); see pipeline/exact/ops.py for what is
 forbidden and why. Both run as trusted regions of the guard.
 """
@@ -18,7 +18,7 @@ from .context import apply_trusted, cached, dropout_constants, next_mask, truste
 from .context import trusted_backward as _trusted_backward
 from .flat import rn32
 from .ops import col2im, exp64, im2col, sqrt32, tree_sum
-from .product import matmul_sliced, quantise_cols, xmm2
+from .product import mm_blocks, quantise_a, quantise_b, xmmb
 
 __all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
            "index_tree_sum", "apply_trusted"]
@@ -43,7 +43,7 @@ class _Linear(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])                # (R, in)
-        y = matmul_sliced(x2, cached(w, "cols of W^T", lambda: quantise_cols(w.t())))
+        y = mm_blocks(quantise_a(x2), cached(w, "blocks of W^T", lambda: quantise_b(w.t())))
         if b is not None:
             y = y + b
         ctx.save_for_backward(x2, w)
@@ -57,9 +57,9 @@ class _Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])                # (R, out)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = matmul_sliced(g2, cached(w, "cols of W", lambda: quantise_cols(w)))
+            gx = mm_blocks(quantise_a(g2), cached(w, "blocks of W", lambda: quantise_b(w)))
             gx = gx.view(ctx.x_shape)
-        gw = xmm2(g2.t(), x2) if ctx.needs_input_grad[1] else None
+        gw = xmmb(g2.t(), x2) if ctx.needs_input_grad[1] else None
         gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
@@ -78,7 +78,7 @@ class _Conv2d(Function):
         o, _, kh, kw = w.shape
         cols = im2col(x.permute(0, 2, 3, 1), kh, kw, stride, pad)  # (N*Ho*Wo, C*KH*KW)
         wm = w.reshape(o, -1)
-        y = xmm2(cols, wm.t())
+        y = xmmb(cols, wm.t())
         if b is not None:
             y = y + b
         ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
@@ -96,10 +96,10 @@ class _Conv2d(Function):
         wm = w.reshape(o, -1)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gcols = xmm2(g2, wm)
+            gcols = xmmb(g2, wm)
             gx = col2im(gcols, (n, h, wd, c), kh, kw, stride, pad).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            gw = xmm2(g2.t(), cols).view(w.shape)
+            gw = xmmb(g2.t(), cols).view(w.shape)
         if ctx.has_b and ctx.needs_input_grad[2]:
             gb = tree_sum(g2, 0)
         return gx, gw, gb, None, None
@@ -108,7 +108,7 @@ class _Conv2d(Function):
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1,
            padding: int = 0) -> Tensor:
     """2-D convolution (one stride and padding for both dims, no dilation,
-    one group) by im2col and ``xmm2`` (spec sections 6 and 14)."""
+    one group) by im2col and ``xmmb`` (spec sections 6 and 14)."""
     return apply_trusted(_Conv2d, x, weight, bias, stride, padding)
 
 

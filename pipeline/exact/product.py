@@ -1,13 +1,13 @@
-"""``xmm2``: the matrix product of exact mode's layers (docs/exact-spec.md,
+"""``xmmb``: the matrix product of exact mode's layers (docs/exact-spec.md,
 section 12), at least as accurate as stock fp32 and fixed by IEEE-754 alone.
 
-B is quantised per column to 24 bits of its column maximum; A per row in two
-slices of ``pa = 28 - ceil(log2 k)`` bits each against its row maximum, so
-``k * 2^pa * 2^24 <= 2^52``: each slice product is an f64 GEMM of integers
-times one power of two per entry whose partial sums are all exact, in any
-order, on any BLAS, thread count or device. The two slices are stacked
-along the rows (one GEMM with ``2m`` rows), their results added once in f64
-and rounded once to f32. Leading (batch) dims are independent products.
+The inner dimension is cut into blocks of 64. A is quantised per (row,
+block) to 24 bits of that block's largest magnitude, B per (block, column)
+to 23 bits, so every block's dot product is a sum of at most 64 integers
+below ``2^47`` times one power of two: exact in f64 in any order, on any
+BLAS, thread count or device. One batched f64 GEMM gives every block's
+products; they are added left to right over the blocks in f64 and rounded
+once to f32. Leading (batch) dims are independent products.
 
 The quantisation uses ``ops.quantise``'s rounding trick: ``(v + M) - M``
 with ``M = 1.5 * 2^(52 + s)`` rounds ``v`` to a multiple of ``2^s``, half to
@@ -16,87 +16,101 @@ even, exactly; the result is the spec's integer already times ``2^s``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["xmm2", "slice_bits", "quantise_cols", "split_rows", "mm_sliced", "matmul_sliced"]
+__all__ = ["xmmb", "quantise_a", "quantise_b", "mm_blocks", "BLOCK"]
 
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 _EXP_MASK = 0x7FF0000000000000
-
-
-def slice_bits(k: int) -> int:
-    """``pa = 28 - ceil(log2 k)``: the bits of each of A's two slices."""
-    c = (k - 1).bit_length()
-    if c > 27:
-        raise ValueError(f"xmm2: expected an inner dimension of at most 2^27, found {k}")
-    return 28 - c
+BLOCK = 64            # entries of k per block (spec section 12)
+_PA, _PB = 24, 23     # bits of A's and B's entries: 64 * 2^24 * 2^23 = 2^53
+_HELD = 1 << 16       # block products held at once (f64 entries, 512 KiB: cache)
 
 
 def _magic(x: Tensor, dim: int, p: int) -> Tensor:
-    """``1.5 * 2^(52 + e - p)`` per slice along ``dim`` (``e`` the frexp exponent
-    of the slice's largest magnitude), as f64 with ``dim`` kept: ``2^(e-1)``
-    is read off the f64 exponent bits of the maximum (exact), ``53 - p``
-    added to the exponent field and the top mantissa bit set. A zero slice
-    gets a harmless tiny value (its entries stay exactly zero)."""
-    r = x.abs().amax(dim, keepdim=True).to(_F64)  # max is exact; f32 -> f64 exact
-    # (``x`` may be the f64 copy of an f32 tensor: the same maximum)
+    """``1.5 * 2^(52 + e - p)`` per block along ``dim`` (``e`` the frexp
+    exponent of the block's largest magnitude), as f64 with ``dim`` kept:
+    ``2^(e-1)`` is read off the f64 exponent bits of the maximum (exact),
+    ``53 - p`` added to the exponent field and the top mantissa bit set. A
+    zero block gets a harmless tiny value (its entries stay exactly zero)."""
+    r = x.abs().amax(dim, keepdim=True)  # the maximum of f32 values held in f64: exact
     return r.view(_I64).bitwise_and_(_EXP_MASK).add_(((53 - p) << 52) | (1 << 51)).view(_F64)
 
 
-def quantise_cols(b: Tensor) -> Tensor:
-    """f32 ``b (..., k, n)`` rounded per column to 24 bits of the column's
-    maximum, as f64 (the spec's ``b_lj * 2^sB_j``)."""
-    m = _magic(b, -2, 24)
-    return torch.add(b, m).sub_(m)  # f64 by promotion; b converts exactly
+def _round_(x: Tensor, dim: int, p: int) -> Tensor:
+    m = _magic(x, dim, p)
+    return x.add_(m).sub_(m)
 
 
-def split_rows(a: Tensor, pa: int) -> Tensor:
-    """f32 ``a (..., m, k)`` -> f64 ``(..., 2m, k)``: the two row slices
-    ``a1 * 2^s1`` (rows ``0..m-1``) and ``a2 * 2^s2`` (rows ``m..2m-1``).
-    The remainder ``a - a1 * 2^s1`` is exact in f64; its magic constant is the
-    first one times ``2^-pa`` (a power of two: exact)."""
-    m = a.shape[-2]
-    out = torch.empty(*a.shape[:-2], 2 * m, a.shape[-1], dtype=_F64, device=a.device)
-    q1, q2 = out.narrow(-2, 0, m), out.narrow(-2, m, m)
-    q2.copy_(a)                                        # f32 -> f64, exact, any layout
-    m1 = _magic(q2, -1, pa)
-    torch.add(q2, m1, out=q1).sub_(m1)
-    rem = q2.sub_(q1)                                  # exact
-    m2 = m1.mul_(2.0 ** -pa)
-    rem.add_(m2).sub_(m2)
-    return out
+def quantise_a(a: Tensor) -> Tensor:
+    """f32 ``a (..., m, k)`` -> f64 ``(..., T, m, 64)``: block ``t`` of every
+    row, rounded to 24 bits of its largest magnitude (the spec's ``a_il *
+    2^sA_it``); a last block shorter than 64 is padded with +0."""
+    *lead, m, k = a.shape
+    t = -(-k // BLOCK)
+    out = torch.empty(*lead, t, m, BLOCK, dtype=_F64, device=a.device)
+    rows = out.transpose(-3, -2)                       # (..., m, T, 64), a view
+    full = k // BLOCK
+    if full:
+        rows.narrow(-2, 0, full).copy_(a.narrow(-1, 0, full * BLOCK).unflatten(-1, (full, BLOCK)))
+    if full < t:
+        tail = rows.select(-2, full)
+        tail.narrow(-1, k - full * BLOCK, (full + 1) * BLOCK - k).zero_()
+        tail.narrow(-1, 0, k - full * BLOCK).copy_(a.narrow(-1, full * BLOCK, k - full * BLOCK))
+    return _round_(out, -1, _PA)
 
 
-def matmul_sliced(a: Tensor, qb: Tensor) -> Tensor:
-    """``xmm2(a, b)`` given ``qb = quantise_cols(b)`` (which may be cached)."""
-    k = a.shape[-1]
-    if k == 0:
-        return torch.zeros(*a.shape[:-1], qb.shape[-1], dtype=_F32, device=a.device)
-    return mm_sliced(split_rows(a, slice_bits(k)), qb)
+def quantise_b(b: Tensor) -> Tensor:
+    """f32 ``b (..., k, n)`` -> f64 ``(..., T, 64, n)``: block ``t`` of every
+    column, rounded to 23 bits of its largest magnitude; padded with +0."""
+    *lead, k, n = b.shape
+    t = -(-k // BLOCK)
+    out = torch.empty(*lead, t, BLOCK, n, dtype=_F64, device=b.device)
+    flat = out.view(*lead, t * BLOCK, n)
+    flat.narrow(-2, 0, k).copy_(b)
+    flat.narrow(-2, k, t * BLOCK - k).zero_()
+    return _round_(out, -2, _PB)
 
 
-def mm_sliced(sa: Tensor, qb: Tensor) -> Tensor:
-    """``RN32(P1 + P2)`` from ``split_rows``'s stacked slices and
-    ``quantise_cols``' B: one f64 GEMM, the two halves added once in f64, +0
-    for a zero sum (``+ 0.0`` turns a -0 into +0 and changes nothing else),
-    one rounding to f32."""
-    p = torch.matmul(sa, qb)
-    m = sa.shape[-2] // 2
-    q = p.narrow(-2, 0, m).add_(p.narrow(-2, m, m))   # f64, in place
-    out = torch.empty(q.shape, dtype=_F32, device=q.device)
-    return torch.add(q, 0.0, out=out)
+def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
+    """``RN32(Q)`` from ``quantise_a``'s and ``quantise_b``'s blocks: every
+    block's exact product by an f64 GEMM, a group of blocks at a time (one
+    block, for outputs of ``_HELD`` entries or more) into one reused buffer
+    that stays in cache, ``Q = ((S_0 + S_1) + S_2) + ...`` in f64, ``+ 0.0``
+    (a zero of either sign becomes +0 and nothing else changes) and one
+    rounding to f32."""
+    t, m, n = qa.shape[-3], qa.shape[-2], qb.shape[-1]
+    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-3]))))
+    acc = buf = None
+    for t0 in range(0, t, group):
+        g = min(group, t - t0)
+        a, b = qa.narrow(-3, t0, g), qb.narrow(-3, t0, g)
+        p = torch.matmul(a, b) if buf is None or g != group else torch.matmul(a, b, out=buf)
+        first = 0
+        if acc is None:
+            acc, first = (p.select(-3, 0) if g == t else p.select(-3, 0).clone()), 1
+        for i in range(first, g):
+            acc.add_(p.select(-3, i))
+        buf = p
+    assert acc is not None
+    out = torch.empty(acc.shape, dtype=_F32, device=acc.device)
+    return torch.add(acc, 0.0, out=out)
 
 
-def xmm2(a: Tensor, b: Tensor) -> Tensor:
+def xmmb(a: Tensor, b: Tensor) -> Tensor:
     """The exact layer product of f32 ``a (..., m, k)`` and ``b (..., k, n)``
     -> f32 ``(..., m, n)`` (spec section 12). Each output row depends on that
     row of ``a`` and on ``b`` only, each column on ``a`` and that column of
     ``b``: shards of rows give the same bits as the whole."""
     if a.dim() < 2 or a.dim() != b.dim() or a.shape[-1] != b.shape[-2] \
             or a.shape[:-2] != b.shape[:-2]:
-        raise ValueError(f"xmm2: expected (..., m, k) @ (..., k, n), found {tuple(a.shape)} @ "
+        raise ValueError(f"xmmb: expected (..., m, k) @ (..., k, n), found {tuple(a.shape)} @ "
                          f"{tuple(b.shape)}")
     if a.dtype != _F32 or b.dtype != _F32:
-        raise ValueError(f"xmm2: expected float32 operands, found {a.dtype} and {b.dtype}")
-    return matmul_sliced(a, quantise_cols(b))
+        raise ValueError(f"xmmb: expected float32 operands, found {a.dtype} and {b.dtype}")
+    if a.shape[-1] == 0:
+        return torch.zeros(*a.shape[:-1], b.shape[-1], dtype=_F32, device=a.device)
+    return mm_blocks(quantise_a(a), quantise_b(b))
