@@ -10,10 +10,14 @@ The bits never depend on N; only the speed does.
   shard a whole forward and backward on its own rows with its own random
   stream (pipeline.pinned), and their gradients are summed in the fixed tree
   in shard order (pipeline.distributed), exactly as on one thread.
-- Exact mode: every op is thread-invariant by construction, so N is torch's
-  own intra-op thread count.
+- Exact mode: every op is thread-invariant by construction. A layer network
+  (pipeline.exact.LayerNet) runs its shards on the same pool, each op on one
+  thread: its long chains of small f64 ops (GELU, the attention softmax, the
+  quantisation of every product) gain little from intra-op threads
+  (measured in the README). The spec's MLP/CNN (ExactNet) run shards in
+  order with N as torch's own intra-op thread count.
 - A net that cannot run shards at once (BatchNorm buffers, CUDA) runs them in
-  order whatever N is.
+  order whatever N is (exact mode: on N intra-op threads).
 
 N defaults to every core this process may run on ("auto"): the pool is then
 used only if a shard's work is large enough to gain from it (the first step
@@ -74,10 +78,12 @@ class ShardRunner:
         self._auto_width = 0  # auto: the pool's width if the first step is slow enough
         self._intra_before = self.intra_op = torch.get_num_threads()
         width = min(requested or available_cores(), shards)
-        if not pins_threads or (_testing.SWITCHES.intraop_threads and requested):
-            # Exact mode's ops are thread-invariant (or the control: stock kernels).
-            self.intra_op = requested or self.intra_op
-        elif width > 1 and net.threadable:
+        control = bool(_testing.SWITCHES.intraop_threads and requested)
+        if control or width < 2 or not net.threadable:
+            if not pins_threads or control:
+                # Exact mode's ops are thread-invariant (or the control: stock kernels).
+                self.intra_op = requested or self.intra_op
+        else:
             if requested:
                 self._start(width)
             else:

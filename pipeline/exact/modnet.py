@@ -12,6 +12,8 @@ detached views of the same memory.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +33,14 @@ class LayerNet:
     guard's check of the forward (ConfigError listing every refused call)."""
 
     dropout_rate = 0.0  # the masks are the layers' own (spec section 15)
-    threadable = False  # exact ops are thread-invariant: --threads sets torch's own threads
+    in_threads = False  # set by the loop while shards run on several threads
+
+    @property
+    def threadable(self) -> bool:
+        """Shards may run on several threads at once on the CPU: the step
+        context, trusted regions and weight cache are per thread, the masks
+        counter-based, and every op's bits independent of the thread."""
+        return self.device.type == "cpu"
 
     def __init__(self, module: nn.Module, seed: int, device: torch.device | str,
                  sample: Tensor | None = None) -> None:
@@ -50,15 +59,17 @@ class LayerNet:
         # (every in-place update of a parameter or of a view of it moves one).
         self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         self._versions: tuple[int, ...] = ()
+        self._lock = threading.Lock()
         if sample is not None:
             check_module(module, sample.to(self.device))
 
     def _valid_cache(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
-        versions = tuple(p._version for p in self._leaves)
-        if versions != self._versions:
-            self._cache.clear()
-            self._versions = versions
-        return self._cache
+        with self._lock:  # shards on several threads; an entry is the same from any
+            versions = tuple(p._version for p in self._leaves)
+            if versions != self._versions:
+                self._cache = {}
+                self._versions = versions
+            return self._cache
 
     def dropout_widths(self) -> list[int]:
         return []
