@@ -13,7 +13,7 @@ from torch import Tensor
 
 __all__ = ["by_rows", "BLOCK"]
 
-BLOCK = 16384  # elements per block on a CPU (measured: 16 K f64 temporaries fit in L2)
+BLOCK = 32768  # elements per block on a CPU (measured: GELU 5.4 ms at 32 K, 6.5 at 16 K, 7.1 at 64 K)
 
 
 def by_rows(fn: Callable[..., tuple[Tensor, ...]], *xs: Tensor, width: int) -> tuple[Tensor, ...]:
