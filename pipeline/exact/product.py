@@ -30,64 +30,73 @@ _PA, _PB = 24, 23     # bits of A's and B's entries: 64 * 2^24 * 2^23 = 2^53
 _HELD = 1 << 16       # block products held at once (f64 entries, 512 KiB: cache)
 
 
-def _magic(x: Tensor, dim: int, p: int) -> Tensor:
-    """``1.5 * 2^(52 + e - p)`` per block along ``dim`` (``e`` the frexp
-    exponent of the block's largest magnitude), as f64 with ``dim`` kept:
-    ``2^(e-1)`` is read off the f64 exponent bits of the maximum (exact),
-    ``53 - p`` added to the exponent field and the top mantissa bit set. A
-    zero block gets a harmless tiny value (its entries stay exactly zero)."""
-    r = x.abs().amax(dim, keepdim=True)  # the maximum of f32 values held in f64: exact
-    return r.view(_I64).bitwise_and_(_EXP_MASK).add_(((53 - p) << 52) | (1 << 51)).view(_F64)
+def _magic(r: Tensor, p: int) -> Tensor:
+    """``1.5 * 2^(52 + e - p)`` for each block maximum ``r`` (f32, >= 0; ``e``
+    its frexp exponent) as f64: ``2^(e-1)`` is read off the f64 exponent
+    bits of ``r`` (f32 -> f64 is exact), ``53 - p`` added to the exponent
+    field and the top mantissa bit set. A zero block gets a harmless tiny
+    value (its entries stay exactly zero)."""
+    return r.to(_F64).view(_I64).bitwise_and_(_EXP_MASK).add_(
+        ((53 - p) << 52) | (1 << 51)).view(_F64)
 
 
-def _round_(x: Tensor, dim: int, p: int) -> Tensor:
-    m = _magic(x, dim, p)
-    return x.add_(m).sub_(m)
+def _padded(x: Tensor, dim: int) -> Tensor:
+    """``x`` with ``dim`` padded with +0 to a multiple of BLOCK (``x`` itself
+    if it is one already)."""
+    k = x.shape[dim]
+    extra = -k % BLOCK
+    if not extra:
+        return x
+    shape = list(x.shape)
+    shape[dim] = k + extra
+    out = x.new_zeros(shape)
+    out.narrow(dim, 0, k).copy_(x)
+    return out
+
+
+def _quantised(x: Tensor, dim: int, p: int) -> Tensor:
+    """f64 ``x`` rounded per block of 64 along ``dim`` (-1 or -2) to ``p``
+    bits of the block's largest magnitude, padded with +0 to whole blocks,
+    laid out as ``x`` is: row-major, or (for a transposed view such as
+    ``w.t()``) the transposed view of a row-major buffer, so the conversion
+    and rounding run over contiguous memory and the GEMM reads either layout
+    as it is. The maximum is taken in f32; the rounding is in place."""
+    if x.dim() >= 2 and x.stride(-1) != 1 and x.stride(-2) == 1:
+        return _quantised(x.transpose(-1, -2), -3 - dim, p).transpose(-1, -2)
+    xp = _padded(x, dim)
+    magic = _magic(xp.unflatten(dim, (-1, BLOCK)).abs().amax(dim, keepdim=True), p)
+    out = torch.empty(xp.shape, dtype=_F64, device=x.device).copy_(xp)
+    out.unflatten(dim, (-1, BLOCK)).add_(magic).sub_(magic)
+    return out
 
 
 def quantise_a(a: Tensor) -> Tensor:
-    """f32 ``a (..., m, k)`` -> f64 ``(..., T, m, 64)``: block ``t`` of every
-    row, rounded to 24 bits of its largest magnitude (the spec's ``a_il *
+    """f32 ``a (..., m, k)`` -> f64 ``(..., m, 64 T)``: each row's block ``t``
+    rounded to 24 bits of its largest magnitude (the spec's ``a_il *
     2^sA_it``); a last block shorter than 64 is padded with +0."""
-    *lead, m, k = a.shape
-    t = -(-k // BLOCK)
-    out = torch.empty(*lead, t, m, BLOCK, dtype=_F64, device=a.device)
-    rows = out.transpose(-3, -2)                       # (..., m, T, 64), a view
-    full = k // BLOCK
-    if full:
-        rows.narrow(-2, 0, full).copy_(a.narrow(-1, 0, full * BLOCK).unflatten(-1, (full, BLOCK)))
-    if full < t:
-        tail = rows.select(-2, full)
-        tail.narrow(-1, k - full * BLOCK, (full + 1) * BLOCK - k).zero_()
-        tail.narrow(-1, 0, k - full * BLOCK).copy_(a.narrow(-1, full * BLOCK, k - full * BLOCK))
-    return _round_(out, -1, _PA)
+    return _quantised(a, -1, _PA)
 
 
 def quantise_b(b: Tensor) -> Tensor:
-    """f32 ``b (..., k, n)`` -> f64 ``(..., T, 64, n)``: block ``t`` of every
-    column, rounded to 23 bits of its largest magnitude; padded with +0."""
-    *lead, k, n = b.shape
-    t = -(-k // BLOCK)
-    out = torch.empty(*lead, t, BLOCK, n, dtype=_F64, device=b.device)
-    flat = out.view(*lead, t * BLOCK, n)
-    flat.narrow(-2, 0, k).copy_(b)
-    flat.narrow(-2, k, t * BLOCK - k).zero_()
-    return _round_(out, -2, _PB)
+    """f32 ``b (..., k, n)`` -> f64 ``(..., 64 T, n)``: each column's block
+    ``t`` rounded to 23 bits of its largest magnitude; padded with +0."""
+    return _quantised(b, -2, _PB)
 
 
 def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
-    """``RN32(Q)`` from ``quantise_a``'s and ``quantise_b``'s blocks: every
-    block's exact product by an f64 GEMM, a group of blocks at a time (one
-    block, for outputs of ``_HELD`` entries or more) into one reused buffer
-    that stays in cache, ``Q = ((S_0 + S_1) + S_2) + ...`` in f64, ``+ 0.0``
-    (a zero of either sign becomes +0 and nothing else changes) and one
+    """``RN32(Q + 0.0)`` from ``quantise_a``'s and ``quantise_b``'s operands:
+    every block's exact product by an f64 GEMM, a group of blocks at a time
+    (one block, for outputs of ``_HELD`` entries or more) into one reused
+    buffer that stays in cache, ``Q = ((S_0 + S_1) + S_2) + ...`` in f64,
+    ``+ 0.0`` (a zero of either sign becomes +0, nothing else changes), one
     rounding to f32."""
-    t, m, n = qa.shape[-3], qa.shape[-2], qb.shape[-1]
-    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-3]))))
+    t, m, n = qa.shape[-1] // BLOCK, qa.shape[-2], qb.shape[-1]
+    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
     acc = buf = None
     for t0 in range(0, t, group):
         g = min(group, t - t0)
-        a, b = qa.narrow(-3, t0, g), qb.narrow(-3, t0, g)
+        a = qa.narrow(-1, t0 * BLOCK, g * BLOCK).unflatten(-1, (g, BLOCK)).movedim(-2, -3)
+        b = qb.narrow(-2, t0 * BLOCK, g * BLOCK).unflatten(-2, (g, BLOCK))
         p = torch.matmul(a, b) if buf is None or g != group else torch.matmul(a, b, out=buf)
         first = 0
         if acc is None:
@@ -96,8 +105,7 @@ def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
             acc.add_(p.select(-3, i))
         buf = p
     assert acc is not None
-    out = torch.empty(acc.shape, dtype=_F32, device=acc.device)
-    return torch.add(acc, 0.0, out=out)
+    return acc.add_(0.0).to(_F32)
 
 
 def xmmb(a: Tensor, b: Tensor) -> Tensor:
