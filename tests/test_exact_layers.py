@@ -22,6 +22,7 @@ from pipeline.exact.arith import sum_to
 from pipeline.exact.context import next_mask
 from pipeline.exact.functional import index_tree_sum
 from pipeline.exact import product
+from pipeline.exact.flat import select
 from pipeline.exact.ops import tree_sum
 
 
@@ -33,6 +34,33 @@ def _rand(shape: tuple[int, ...], seed: int, spread: float = 0.0) -> torch.Tenso
     g = np.random.default_rng(seed)
     row = np.exp2(g.uniform(-spread, spread, shape[:-1] + (1,)))
     return torch.from_numpy((g.standard_normal(shape) * row).astype(np.float32))
+
+
+# ------------------------------------------------------------------ select
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_is_where_bit_for_bit(dtype: torch.dtype) -> None:
+    """flat.select (integer bit operations) equals torch.where on every bit:
+    NaN payloads, -0, infinities, subnormals, broadcast conditions, a scalar
+    or absent (+0) other branch. Control: where's own output differs from a
+    plain multiply by the mask (which turns -x * 0 into -0 and inf * 0 into NaN)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 40, generator=g).to(dtype)
+    b = torch.randn(6, 40, generator=g).to(dtype)
+    a[0, :6] = torch.tensor([math.nan, -0.0, math.inf, -math.inf, 1e-45, -1e-45]).to(dtype)
+    b[1, :4] = torch.tensor([math.nan, -0.0, -math.inf, 0.0]).to(dtype)
+    cond = torch.rand(6, 40, generator=g) > 0.5
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return x.shape == y.shape and torch.equal(x.view(bits), y.view(bits))
+
+    assert same(select(cond, a, b), torch.where(cond, a, b))
+    assert same(select(cond, a), torch.where(cond, a, 0.0))
+    assert same(select(cond, a, -math.inf), torch.where(cond, a, -math.inf))
+    row = cond[:1]                                   # (1, 40), broadcast over rows
+    assert same(select(row, a, b), torch.where(row, a, b))
+    assert same(select(row.expand(6, 40), a), torch.where(row, a, 0.0))
+    assert not same(torch.where(cond, a, 0.0), a * cond)
 
 
 # ------------------------------------------------------------------ xmmb

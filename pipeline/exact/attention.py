@@ -18,7 +18,7 @@ from torch.autograd import Function
 from .blocks import by_rows
 from .context import dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
-from .flat import rn32
+from .flat import rn32, select
 from .ops import tree_sum, xexp
 from .product import xmmb
 
@@ -28,15 +28,15 @@ __all__ = ["attention"]
 def _softmax(z: Tensor, allowed: Tensor) -> tuple[Tensor]:
     """Rows of ``P`` from rows of ``Z`` (spec section 14): the maximum over
     allowed keys, ``xexp``, +0 where not allowed, the fixed tree, a division."""
-    e = xexp(z - torch.where(allowed, z, -math.inf).amax(-1, keepdim=True))
-    e = torch.where(allowed, e, 0.0)
+    e = xexp(z - select(allowed, z, -math.inf).amax(-1, keepdim=True))
+    e = select(allowed, e)
     return (e.div_(tree_sum(e, -1).unsqueeze(-1)),)
 
 
 def _softmax_grad(gp: Tensor, p: Tensor, allowed: Tensor) -> tuple[Tensor]:
     """Rows of ``gZ``: ``(gP - tree_sum(gP * P)) * P``, +0 where not allowed."""
     gz = (gp - tree_sum(gp * p, -1).unsqueeze(-1)).mul_(p)
-    return (torch.where(allowed, gz, 0.0),)
+    return (select(allowed, gz),)
 
 
 def _allowed(z: Tensor, causal: bool) -> Tensor:
@@ -53,7 +53,7 @@ class _Attention(Function):
         z = xmmb(q, k.transpose(-1, -2)).mul_(c)          # (N, H, T, S)
         allowed = _allowed(z, causal)
         (p,) = by_rows(_softmax, z, allowed, width=z.shape[-1])
-        pd = p if keep is None else torch.where(keep, p * scale_a, 0.0)
+        pd = p if keep is None else select(keep, p * scale_a)
         ctx.save_for_backward(q, k, v, p, pd, keep)
         ctx.causal = causal
         ctx.c, ctx.scale_a = c, scale_a
@@ -66,7 +66,7 @@ class _Attention(Function):
         g = g.to(torch.float32)
         gpd = xmmb(g, v.transpose(-1, -2))                # (N, H, T, S)
         gv = xmmb(pd.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
-        gp = gpd if keep is None else torch.where(keep, gpd * ctx.scale_a, 0.0)
+        gp = gpd if keep is None else select(keep, gpd * ctx.scale_a)
         (gz,) = by_rows(_softmax_grad, gp, p, _allowed(p, ctx.causal), width=p.shape[-1])
         gs = gz.mul_(ctx.c)
         gq = xmmb(gs, k) if ctx.needs_input_grad[0] else None

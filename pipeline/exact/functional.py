@@ -16,7 +16,7 @@ from torch.autograd import Function
 from .blocks import by_rows
 from .context import apply_trusted, cached, dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
-from .flat import rn32
+from .flat import rn32, select
 from .ops import col2im, exp64, im2col, sqrt32, tree_sum
 from .product import mm_blocks, quantise_a, quantise_b, xmmb
 
@@ -231,7 +231,7 @@ def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | Non
         w.mul_(t).add_(_ERFC[n])
     half = exp64(w.sub_(a.mul_(a))).mul_(t).mul_(0.5)   # 0.5 * ec (exact scaling)
     # z >= 0 <=> d <= 0; 0.5 * (2 - ec) == 1 - 0.5 * ec (scaling commutes with rounding)
-    phi = torch.where(d <= 0, half, one - half)
+    phi = select(d <= 0, half, one - half)
     y = (d * phi).to(_F32)
     if not grad:
         return y, None
@@ -269,13 +269,13 @@ class _Select(Function):
     def forward(ctx: Any, x: Tensor, mask: Tensor, scale: float | None) -> Tensor:
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return torch.where(mask, x if scale is None else x * scale, 0.0)
+        return select(mask, x if scale is None else x * scale)
 
     @staticmethod
     @_trusted_backward
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, g if ctx.scale is None else g * ctx.scale, 0.0), None, None
+        return select(mask, g if ctx.scale is None else g * ctx.scale), None, None
 
 
 def relu(x: Tensor) -> Tensor:

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from .flat import select
+
 __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp64", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im"]
 
@@ -181,8 +183,8 @@ def sqrt32(x: Tensor) -> Tensor:
     y64, up64, dn64 = y.to(_F64), up.to(_F64), dn.to(_F64)
     mid_up = (y64 + up64).mul_(0.5)
     mid_dn = (y64 + dn64).mul_(0.5)
-    y = torch.where(x64 > mid_up.mul_(mid_up), up, y)
-    return torch.where(x64 < mid_dn.mul_(mid_dn), dn, y)
+    y = select(x64 > mid_up.mul_(mid_up), up, y)
+    return select(x64 < mid_dn.mul_(mid_dn), dn, y)
 
 
 # ---------------------------------------------------------------- section 7
@@ -260,15 +262,15 @@ def relu_dropout(y: Tensor, keep: Tensor | None, scale: float) -> tuple[Tensor, 
     NaN fails ``y > 0`` and becomes +0, as the spec's comparison says."""
     mask = y > 0
     if keep is None:
-        return torch.where(mask, y, 0.0), mask
+        return select(mask, y), mask
     mask &= keep.to(mask.device)
-    return torch.where(mask, y * scale, 0.0), mask
+    return select(mask, y * scale), mask
 
 
 def relu_dropout_grad(gy: Tensor, mask: Tensor, scale: float | None) -> Tensor:
     """Backward of ``relu_dropout``: ``gy * scale`` (or ``gy``) where the mask
     passed, +0 elsewhere."""
-    return torch.where(mask, gy if scale is None else gy * scale, 0.0)
+    return select(mask, gy if scale is None else gy * scale)
 
 
 def im2col(x: Tensor, kh: int, kw: int, stride: int, pad: int) -> Tensor:
