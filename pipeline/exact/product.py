@@ -91,18 +91,27 @@ def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
     ``+ 0.0`` (a zero of either sign becomes +0, nothing else changes), one
     rounding to f32."""
     t, m, n = qa.shape[-1] // BLOCK, qa.shape[-2], qb.shape[-1]
+    a_blocks = qa.unflatten(-1, (t, BLOCK)).movedim(-2, -3)          # (..., T, m, 64)
+    b_blocks = qb.unflatten(-2, (t, BLOCK))                          # (..., T, 64, n)
     group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
+    if group == 1:  # large outputs: block by block, two ops each
+        a_list, b_list = a_blocks.unbind(-3), b_blocks.unbind(-3)
+        acc = torch.matmul(a_list[0], b_list[0])
+        buf = torch.empty_like(acc) if t > 1 else acc
+        for i in range(1, t):
+            acc.add_(torch.matmul(a_list[i], b_list[i], out=buf))
+        return acc.add_(0.0).to(_F32)
     acc = buf = None
     for t0 in range(0, t, group):
         g = min(group, t - t0)
-        a = qa.narrow(-1, t0 * BLOCK, g * BLOCK).unflatten(-1, (g, BLOCK)).movedim(-2, -3)
-        b = qb.narrow(-2, t0 * BLOCK, g * BLOCK).unflatten(-2, (g, BLOCK))
+        a, b = a_blocks.narrow(-3, t0, g), b_blocks.narrow(-3, t0, g)
         p = torch.matmul(a, b) if buf is None or g != group else torch.matmul(a, b, out=buf)
+        parts = p.unbind(-3)
         first = 0
         if acc is None:
-            acc, first = (p.select(-3, 0) if g == t else p.select(-3, 0).clone()), 1
-        for i in range(first, g):
-            acc.add_(p.select(-3, i))
+            acc, first = (parts[0] if g == t else parts[0].clone()), 1
+        for part in parts[first:]:
+            acc.add_(part)
         buf = p
     assert acc is not None
     return acc.add_(0.0).to(_F32)
