@@ -84,6 +84,7 @@ class ShardRunner:
                 # Exact mode's ops are thread-invariant (or the control: stock kernels).
                 self.intra_op = requested or self.intra_op
         else:
+            self.intra_op = 1  # every op on one thread, in the pool and out of it
             if requested:
                 self._start(width)
             else:

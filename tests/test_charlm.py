@@ -150,7 +150,8 @@ def lm_exact(shared_dir: Path, suite_env: dict[str, str]) -> Run:
     """The short exact charlm run at 1 thread, trained once per session."""
     def build() -> dict[str, Any]:
         runs = shared_dir / "charlm-exact"
-        return {"record": _train([CONFIG, *EXACT_LM, "--runs-dir", str(runs)], suite_env,
+        return {"record": _train([CONFIG, *EXACT_LM, "--threads", "1", "--runs-dir", str(runs)],
+                                 suite_env,
                                  extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
                 "runs": str(runs)}
 
@@ -158,18 +159,21 @@ def lm_exact(shared_dir: Path, suite_env: dict[str, str]) -> Run:
     return Run(Path(got["runs"]) / got["record"]["run_key"], got["record"])
 
 
-def test_charlm_exact_is_the_same_at_2_threads(lm_exact: Run, suite_env: dict[str, str],
-                                               tmp_path: Path) -> None:
+def test_charlm_exact_is_the_same_on_a_pool_of_threads(lm_exact: Run, suite_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
     """`mode=exact` trains the user's transformer (its loss falls below a
-    uniform guess) with one hash at 1 thread and at 2 threads, with the same
-    metrics (the test loss is exact too) bit for bit."""
+    uniform guess) with one hash in order on one thread and with its 4 shards
+    on a pool of 4 threads (`--threads 7`), with the same metrics (the test
+    loss is exact too) bit for bit, and one run key."""
     rec = lm_exact.record
     assert rec["config"]["mode"] == "exact" and rec["metrics"]["steps"] == 8
     assert rec["metrics"]["test_loss"] < 4.43
-    two = _train([CONFIG, *EXACT_LM, "--runs-dir", str(tmp_path / "runs")], suite_env,
-                 extra_env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
-    assert two["weights_sha256"] == lm_exact.sha256
-    assert two["metrics"] == rec["metrics"]
+    assert rec["threads"]["shard_threads"] == 1
+    pool = _train([CONFIG, *EXACT_LM, "--threads", "7", "--runs-dir", str(tmp_path / "runs")],
+                  suite_env)
+    assert pool["threads"]["shard_threads"] == 4 and pool["threads"]["op_threads"] == 1
+    assert pool["weights_sha256"] == lm_exact.sha256 and pool["run_key"] == rec["run_key"]
+    assert pool["metrics"] == rec["metrics"]
 
 
 @pytest.mark.distributed
@@ -184,13 +188,15 @@ def test_charlm_exact_equals_its_golden_hash(lm_exact: Run, suite_env: dict[str,
     assert p.returncode == 0 and p.stdout.startswith("golden match"), p.stdout + p.stderr
 
 
-def test_charlm_exact_world_size_2_agrees(lm_exact: Run, suite_env: dict[str, str],
-                                          tmp_path: Path) -> None:
-    """--nproc 2 gives world size 1's exact weights: each shard's dropout
-    masks come from (seed, step, site, global row), whichever rank runs it."""
-    rec = _train([CONFIG, *EXACT_LM, "--runs-dir", str(tmp_path / "runs"), "--nproc", "2"],
-                 suite_env)
-    assert rec["weights_sha256"] == lm_exact.sha256 and rec["world_size"] == 2
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_charlm_exact_world_sizes_2_and_4_agree(lm_exact: Run, suite_env: dict[str, str],
+                                                tmp_path: Path, nproc: int) -> None:
+    """--nproc 2 and 4 give world size 1's exact weights: each shard's dropout
+    masks come from (seed, step, site, global row), whichever rank runs it,
+    and the ranks' shard gradients meet in the same fixed tree."""
+    rec = _train([CONFIG, *EXACT_LM, "--runs-dir", str(tmp_path / "runs"), "--nproc",
+                  str(nproc)], suite_env)
+    assert rec["weights_sha256"] == lm_exact.sha256 and rec["world_size"] == nproc
 
 
 def test_charlm_exact_resumes_bit_exactly(lm_exact: Run, suite_env: dict[str, str],
