@@ -1,13 +1,17 @@
-"""Time per training step of exact mode (ExactNet + ExactSGD) against stock
-torch (nn.Sequential Linear/ReLU, F.cross_entropy, torch.optim.SGD) on the
-same random data, at 1 and 2 threads, with peak memory. Not a test.
+"""Time per training step of exact mode against stock torch (nn.Sequential
+Linear/ReLU, F.cross_entropy, torch.optim.SGD) on the same random data, at 1
+and 2 threads, with peak memory. Two exact implementations: the spec's MLP
+(ExactNet, the one-slice product ``xmm``, hand-written backward) and the
+same stock Sequential converted to exact layers (``pipeline.exact.from_torch``
+in a LayerNet: the layers' product ``xmmb``, at least fp32's accuracy, and
+autograd), each with ExactSGD. Not a test.
 
     .venv/bin/python bench/bench_exact.py [--repeats 3]
 
 Each (case, implementation, threads) runs in a fresh subprocess so that its
 peak RSS (``getrusage`` maxrss) is its own and the thread count is set before
-any work; the child reports the best of several timed blocks, and the parent
-keeps the best over ``--repeats`` alternating runs (the machine may be shared).
+any work; the child reports the median step of each implementation, the
+three alternating, and the parent the median over ``--repeats`` processes.
 """
 
 from __future__ import annotations
@@ -70,6 +74,30 @@ def _exact_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
     return step
 
 
+def _layers_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
+    """A closure running one step of the stock Sequential as exact layers."""
+    import torch
+
+    from pipeline.exact import ExactSGD, from_torch
+    from pipeline.exact.modnet import LayerNet
+
+    layers: list[torch.nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(torch.nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(torch.nn.ReLU())
+    net = LayerNet(from_torch(torch.nn.Sequential(*layers)), seed=0, device="cpu")
+    opt = ExactSGD(net.params, lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        _, grads = net.shard_grads(x, y, x.shape[0], None)
+        opt.step(grads)
+    return step
+
+
+IMPLS = {"stock": _stock_step, "exact": _exact_step, "layers": _layers_step}
+
+
 def _setup(case: str, impl: str):  # type: ignore[no-untyped-def]
     import torch
 
@@ -77,7 +105,7 @@ def _setup(case: str, impl: str):  # type: ignore[no-untyped-def]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, dims[0], generator=g)
     y = torch.randint(0, dims[-1], (batch,), generator=g)
-    return (_exact_step if impl == "exact" else _stock_step)(dims, x, y)
+    return IMPLS[impl](dims, x, y)
 
 
 def child_time(case: str, threads: int) -> None:
@@ -86,12 +114,12 @@ def child_time(case: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    steps = {impl: _setup(case, impl) for impl in ("stock", "exact")}
+    steps = {impl: _setup(case, impl) for impl in IMPLS}
     n = CASES[case][2]
     for step in steps.values():
         for _ in range(max(3, n // 10)):
             step()
-    times: dict[str, list[float]] = {"stock": [], "exact": []}
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for _ in range(n):
         for impl, step in steps.items():
             t0 = time.perf_counter()
@@ -127,21 +155,24 @@ def main() -> None:
         else:
             child_memory(args.child[1], args.child[2])
         return
-    print(f"{'case':<24}{'thr':>4}{'stock ms':>10}{'exact ms':>10}{'ratio':>7}")
+    print(f"{'case':<24}{'thr':>4}{'stock ms':>10}{'exact ms':>10}{'layers ms':>10}"
+          f"{'exact/stock':>12}{'layers/stock':>13}")
     for case in CASES:
         for threads in (1, 2):
             runs = [_child("time", case, str(threads), threads=threads)
                     for _ in range(args.repeats)]
-            best = min(runs, key=lambda r: r["exact"] / r["stock"])
-            worst = max(r["exact"] / r["stock"] for r in runs)
-            print(f"{case:<24}{threads:>4}{best['stock']:>10.3f}{best['exact']:>10.3f}"
-                  f"{best['exact'] / best['stock']:>7.2f}   (worst of {args.repeats}: {worst:.2f})")
-    print(f"\n{'case':<24}{'stock MB':>10}{'exact MB':>10}{'stock +MB':>10}{'exact +MB':>10}")
+            med = {impl: statistics.median(r[impl] / r["stock"] for r in runs) for impl in IMPLS}
+            ms = {impl: statistics.median(r[impl] for r in runs) for impl in IMPLS}
+            print(f"{case:<24}{threads:>4}{ms['stock']:>10.3f}{ms['exact']:>10.3f}"
+                  f"{ms['layers']:>10.3f}{med['exact']:>12.2f}{med['layers']:>13.2f}")
+    print(f"\n{'case':<24}" + "".join(f"{impl + ' MB':>10}" for impl in IMPLS)
+          + "".join(f"{impl + ' +MB':>11}" for impl in IMPLS))
     for case in CASES:
-        m = {impl: _child("memory", case, impl) for impl in ("stock", "exact")}
-        print(f"{case:<24}{m['stock']['rss']:>10.0f}{m['exact']['rss']:>10.0f}"
-              f"{m['stock']['grow']:>10.0f}{m['exact']['grow']:>10.0f}")
-    print("ms: median per step, stock and exact steps alternating in one process.")
+        m = {impl: _child("memory", case, impl) for impl in IMPLS}
+        print(f"{case:<24}" + "".join(f"{m[i]['rss']:>10.0f}" for i in IMPLS)
+              + "".join(f"{m[i]['grow']:>11.0f}" for i in IMPLS))
+    print("ms: median per step, the three alternating in one process; ratios: median over")
+    print("--repeats processes of each process's ratio. Target: layers / stock <= 3.")
     print("MB: peak RSS of a fresh 1-thread process (torch import included); +MB: its growth")
     print("over 5 training steps. Load average 1/5/15 min at the end:",
           " ".join(f"{v:.1f}" for v in os.getloadavg()))
