@@ -10,14 +10,11 @@ The bits never depend on N; only the speed does.
   shard a whole forward and backward on its own rows with its own random
   stream (pipeline.pinned), and their gradients are summed in the fixed tree
   in shard order (pipeline.distributed), exactly as on one thread.
-- Exact mode: every op is thread-invariant by construction. A layer network
-  (pipeline.exact.LayerNet) runs its shards on the same pool, each op on one
-  thread: its long chains of small f64 ops (GELU, the attention softmax, the
-  quantisation of every product) gain little from intra-op threads
-  (measured in the README). The spec's MLP/CNN (ExactNet) run shards in
-  order with N as torch's own intra-op thread count.
+- Exact mode: every op is thread-invariant by construction, so N is torch's
+  own intra-op thread count (measured faster than the pool for the charlm
+  example's exact layers; README, "Threads").
 - A net that cannot run shards at once (BatchNorm buffers, CUDA) runs them in
-  order whatever N is (exact mode: on N intra-op threads).
+  order whatever N is.
 
 N defaults to every core this process may run on ("auto"): the pool is then
 used only if a shard's work is large enough to gain from it (the first step
