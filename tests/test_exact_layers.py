@@ -112,14 +112,24 @@ def test_xmmb_matches_integer_arithmetic(k: int) -> None:
 
 def test_xmmb_blocks_held_at_once_do_not_change_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Computing the block products a few at a time (the memory bound) gives
-    the same bits as all at once; a transposed (strided) operand is the same
-    as its contiguous copy."""
+    the same bits as all at once; transposed, broadcast and sliced operands
+    give their contiguous copies' bits."""
     a, b = _rand((2, 24, 700), 5, 8.0), _rand((2, 700, 16), 6)
     whole = _bits(xmmb(a, b))
     monkeypatch.setattr(product, "_HELD", 24 * 16 * 2 * 3)  # 3 blocks a group
     assert (_bits(xmmb(a, b)) == whole).all()
     at = a.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert (_bits(xmmb(at, b)) == whole).all()
+    bt = b.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert (_bits(xmmb(a, bt)) == whole).all()
+    # Broadcast (stride-0) operands: a row repeated, a column repeated, a 3-D slice.
+    row = a[:1, :1].expand(2, 24, 700)
+    assert (_bits(xmmb(row, b)) == _bits(xmmb(row.contiguous(), b))).all()
+    col = b[:, :, :1].expand(2, 700, 16)
+    assert (_bits(xmmb(a, col)) == _bits(xmmb(a, col.contiguous()))).all()
+    part = a[:, 3:20, 5:600]
+    assert (_bits(xmmb(part, b[:, 5:600])) ==
+            _bits(xmmb(part.contiguous(), b[:, 5:600].contiguous()))).all()
 
 
 def test_xmmb_batched_rows_independent_and_at_least_fp32_accurate() -> None:
