@@ -176,6 +176,23 @@ def test_charlm_exact_is_the_same_at_1_and_2_threads(lm_exact: Run, suite_env: d
     assert two["metrics"] == rec["metrics"]
 
 
+def test_charlm_exact_is_the_same_without_simd_and_on_mkl_sse(lm_exact: Run,
+                                                               suite_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    """Another machine's arithmetic paths: ATen's kernels without SIMD
+    (`ATEN_CPU_CAPABILITY=default`), MKL on SSE4.2 in its compatible mode,
+    3 intra-op threads: the exact run's hash and metrics are the same. The
+    record's observed capability shows the setting took effect."""
+    other = _train([CONFIG, *EXACT_LM, "--threads", "3", "--runs-dir", str(tmp_path / "runs")],
+                   suite_env, extra_env={"ATEN_CPU_CAPABILITY": "default",
+                                         "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                                         "MKL_CBWR": "COMPATIBLE"})
+    assert other["profile"]["observed"]["cpu_capability"] == "DEFAULT"
+    assert other["threads"]["op_threads"] == 3
+    assert other["weights_sha256"] == lm_exact.sha256
+    assert other["metrics"] == lm_exact.record["metrics"]
+
+
 @pytest.mark.distributed
 def test_charlm_exact_equals_its_golden_hash(lm_exact: Run, suite_env: dict[str, str]) -> None:
     """Exact mode's bits do not depend on the toolchain or profile, so its golden
