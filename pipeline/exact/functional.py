@@ -222,20 +222,20 @@ def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | Non
         du = (d * d).mul_(0.134145).add_(1.0).mul_(_SQRT_2_PI)
         dy = (d * 2.0).mul_(du).mul_((one - sg).mul_(sg)).add_(sg)
         return y, dy.to(_F32)
-    z = d * -_SQRT_HALF
-    a = z.abs_()
-    t = one / (a * 0.5).add_(1.0)
-    w = t * _ERFC[9]
+    a = d.mul(-_SQRT_HALF).abs_()
+    t = a.mul(0.5).add_(1.0).reciprocal_()   # 1 / x: one correctly rounded division
+    w = t.mul(_ERFC[9])
     w.add_(_ERFC[8])
     for n in range(7, -1, -1):
         w.mul_(t).add_(_ERFC[n])
-    half = exp64(w.sub_(a.mul_(a))).mul_(t).mul_(0.5)   # 0.5 * ec (exact scaling)
-    # z >= 0 <=> d <= 0; 0.5 * (2 - ec) == 1 - 0.5 * ec (scaling commutes with rounding)
-    phi = select(d <= 0, half, one - half)
-    y = (d * phi).to(_F32)
+    half = exp64(w.sub_(a.mul_(a)), inplace=True).mul_(t).mul_(0.5)   # 0.5 * ec (exact)
+    # z >= 0 <=> d <= 0; 0.5 * (2 - ec) == 1 - 0.5 * ec (scaling commutes with rounding).
+    # Buffers are reused once their values are dead (t, a): fewer allocations.
+    phi = select(d <= 0, half, torch.sub(1.0, half, out=t))
+    y = torch.mul(d, phi, out=a).to(_F32)
     if not grad:
         return y, None
-    dens = exp64((d * d).mul_(0.5).neg_()).mul_(_INV_SQRT_2PI)
+    dens = exp64(torch.mul(d, d, out=a).mul_(0.5).neg_(), inplace=True).mul_(_INV_SQRT_2PI)
     return y, dens.mul_(d).add_(phi).to(_F32)
 
 
