@@ -178,11 +178,11 @@ def sqrt32(x: Tensor) -> Tensor:
     """
     x64 = x.to(_F64)
     y = x64.sqrt().to(_F32)
-    up = torch.nextafter(y, torch.full_like(y, math.inf))
-    dn = torch.nextafter(y, torch.zeros_like(y))
-    y64, up64, dn64 = y.to(_F64), up.to(_F64), dn.to(_F64)
-    mid_up = (y64 + up64).mul_(0.5)
-    mid_dn = (y64 + dn64).mul_(0.5)
+    up = torch.nextafter(y, _scalar(y, math.inf))  # broadcast 0-dim targets
+    dn = torch.nextafter(y, _scalar(y, 0.0))
+    y64 = y.to(_F64)
+    mid_up = up.to(_F64).add_(y64).mul_(0.5)  # up + y == y + up (IEEE + commutes)
+    mid_dn = dn.to(_F64).add_(y64).mul_(0.5)
     y = select(x64 > mid_up.mul_(mid_up), up, y)
     return select(x64 < mid_dn.mul_(mid_dn), dn, y)
 
