@@ -5,9 +5,11 @@ The inner dimension is cut into blocks of 64. A is quantised per (row,
 block) to 24 bits of that block's largest magnitude, B per (block, column)
 to 23 bits, so every block's dot product is a sum of at most 64 integers
 below ``2^47`` times one power of two: exact in f64 in any order, on any
-BLAS, thread count or device. One batched f64 GEMM gives every block's
-products; they are added left to right over the blocks in f64 and rounded
-once to f32. Leading (batch) dims are independent products.
+BLAS, thread count or device. f64 GEMMs give the blocks' products (block
+by block for large outputs, a few blocks batched for small ones); they are
+added left to right over the blocks in f64 and rounded once to f32, so the
+cost is one f64 GEMM of the product's size. Leading (batch) dims are
+independent products.
 
 The quantisation uses ``ops.quantise``'s rounding trick: ``(v + M) - M``
 with ``M = 1.5 * 2^(52 + s)`` rounds ``v`` to a multiple of ``2^s``, half to
