@@ -75,13 +75,10 @@ class ShardRunner:
         self._auto_width = 0  # auto: the pool's width if the first step is slow enough
         self._intra_before = self.intra_op = torch.get_num_threads()
         width = min(requested or available_cores(), shards)
-        control = bool(_testing.SWITCHES.intraop_threads and requested)
-        if control or width < 2 or not net.threadable:
-            if not pins_threads or control:
-                # Exact mode's ops are thread-invariant (or the control: stock kernels).
-                self.intra_op = requested or self.intra_op
-        else:
-            self.intra_op = 1  # every op on one thread, in the pool and out of it
+        if not pins_threads or (_testing.SWITCHES.intraop_threads and requested):
+            # Exact mode's ops are thread-invariant (or the control: stock kernels).
+            self.intra_op = requested or self.intra_op
+        elif width > 1 and net.threadable:
             if requested:
                 self._start(width)
             else:

@@ -190,6 +190,29 @@ def test_sqrt32_is_correctly_rounded() -> None:
     assert same.all()
 
 
+@pytest.mark.parametrize("ulps", [1, -1])
+def test_sqrt32_corrects_an_f64_sqrt_that_is_not_correctly_rounded(
+        ulps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The correction step is what makes sqrt32 correct on a platform whose
+    f64 sqrt is not (here f64 sqrt rounded to f32 happens to be correct, so
+    the test of random inputs alone could not see it): an f64 sqrt pushed
+    one f32 ulp up, or down, still gives NumPy's IEEE sqrt."""
+    real = torch.Tensor.sqrt
+
+    def off(x: torch.Tensor) -> torch.Tensor:
+        y = real(x).to(torch.float32)
+        toward = torch.full_like(y, math.inf if ulps > 0 else 0.0)
+        return torch.nextafter(y, toward).to(torch.float64)
+
+    g = np.random.default_rng(28)
+    xs = g.integers(0x00800000, 0x7F000000, 100000).astype(np.int32).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = np.sqrt(xs)
+    monkeypatch.setattr(torch.Tensor, "sqrt", off)
+    got = sqrt32(torch.from_numpy(xs)).numpy()
+    assert (got.view(np.int32) == want.view(np.int32)).all()
+
+
 # ------------------------------------------------------------------ trees
 def _fold(vals: list[np.float32]) -> np.float32:
     """The spec's tree, written out with NumPy f32 scalars."""

@@ -23,7 +23,7 @@ from pipeline.exact.context import next_mask
 from pipeline.exact.functional import index_tree_sum
 from pipeline.exact import product
 from pipeline.exact.flat import select
-from pipeline.exact.ops import tree_sum
+from pipeline.exact.ops import exp64, tree_sum
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -83,7 +83,7 @@ def _spec_xmmb(arow: np.ndarray, bcol: np.ndarray) -> np.float32:
         assert abs(p) <= 2**53
         s = math.ldexp(float(p), sa + sb)  # exact: an integer below 2^53 times 2^e
         q = s if q is None else q + s       # one f64 rounding per block
-    return np.float32(q) + np.float32(0.0)
+    return np.float32(q + 0.0)  # RN32(Q + 0.0): +0 for a zero Q, a tiny Q keeps its sign
 
 
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 130, 200])
@@ -108,6 +108,46 @@ def test_xmmb_matches_integer_arithmetic(k: int) -> None:
             want = _spec_xmmb(a[i].numpy(), b[:, j].numpy())
             assert c[i, j].view(np.int32) == want.view(np.int32), (i, j)
     assert (c[:, 2].view(np.int32) == 0).all()  # zeros are +0
+
+
+def test_xmmb_zero_sums_are_plus_zero_and_tiny_ones_keep_their_sign(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zero result is +0 whatever sign of zero the GEMM returns (a BLAS may
+    start a sum from its first product: -0 for -0 products), in both the
+    block-by-block and the grouped path; a non-zero sum too small for f32
+    rounds to a zero of its own sign (spec section 12: RN32(Q + 0.0))."""
+    real = torch.matmul
+
+    def minus_zero_gemm(a: torch.Tensor, b: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        p = real(a, b, **kw)
+        return p.masked_fill_(p == 0, -0.0)
+
+    for m, k, n in ((300, 130, 300), (4, 130, 3)):  # large output: block by block; small: grouped
+        a, b = _rand((m, k), m), _rand((k, n), n)
+        a[:, :70] = 0.0
+        b[70:, :] = 0.0                              # every product is +0 or -0
+        want = _bits(xmmb(a, b))
+        monkeypatch.setattr(torch, "matmul", minus_zero_gemm)
+        got = _bits(xmmb(a, b))
+        monkeypatch.setattr(torch, "matmul", real)
+        assert (got == want).all() and (got == 0).all()  # all zero, all +0
+    tiny = xmmb(torch.full((1, 64), 1e-30), torch.full((64, 1), -1e-30))
+    assert int(_bits(tiny)[0, 0]) == np.int32(-2**31)    # -0: Q = -6.4e-59, below f32's range
+    assert _spec_xmmb(np.full(64, 1e-30, np.float32), np.full(64, -1e-30, np.float32)) \
+        .view(np.int32) == np.int32(-2**31)
+
+
+def test_exact_ops_refuse_operands_that_need_a_gradient() -> None:
+    """xmmb and exp64 are not differentiable (exact layers differentiate by
+    their own backward): a clear TypeError under autograd, the result under
+    torch.no_grad()."""
+    a = torch.randn(2, 70, requires_grad=True)
+    with pytest.raises(TypeError, match="xmmb: expected tensors without a gradient"):
+        xmmb(a, torch.randn(70, 3))
+    with pytest.raises(TypeError, match="exp64: expected tensors without a gradient"):
+        exp64(torch.zeros(3, dtype=torch.float64, requires_grad=True))
+    with torch.no_grad():
+        assert xmmb(a, torch.randn(70, 3)).shape == (2, 3)
 
 
 def test_xmmb_blocks_held_at_once_do_not_change_bits(monkeypatch: pytest.MonkeyPatch) -> None:

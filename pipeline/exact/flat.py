@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["rn32", "flat_views", "flat_of", "select", "F32"]
+__all__ = ["rn32", "flat_views", "flat_of", "select", "no_autograd", "F32"]
 
 F32 = torch.float32
 
@@ -48,11 +48,25 @@ def flat_of(ts: list[Tensor]) -> Tensor | None:
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
+def no_autograd(name: str, *xs: Tensor) -> None:
+    """TypeError if autograd would record exact op ``name`` on one of ``xs``
+    (its rounding tricks have no meaningful gradient)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        raise TypeError(f"{name}: expected tensors without a gradient (the exact ops are not "
+                        f"differentiable; use the exact layers, e.g. pipeline.exact.linear, "
+                        f"or call it under torch.no_grad()), found requires_grad=True")
+
+
 def select(cond: Tensor, a: Tensor, b: Tensor | float | None = None) -> Tensor:
     """``torch.where(cond, a, b)`` bit for bit (``b`` None: +0), for f32/f64
-    ``a``, as integer bit operations on the values' bits: ``b ^ ((a ^ b) &
-    -cond)``. Several times faster than ``where``'s CPU kernel (measured:
-    7 us against 65 us for 32 K f32 entries); broadcasts as ``where``."""
+    ``a`` and a ``b`` of the same dtype, as integer bit operations on the
+    values' bits: ``b ^ ((a ^ b) & -cond)``. Several times faster than
+    ``where``'s CPU kernel (measured: 7 us against 65 us for 32 K f32
+    entries). ``cond`` broadcasts to the shape of ``a`` and ``b``
+    broadcast together (not beyond it); no gradient is recorded (callers
+    are exact layers' own forward and backward)."""
+    if isinstance(b, Tensor) and b.dtype != a.dtype:
+        raise TypeError(f"select: expected b of a's dtype {a.dtype}, found {b.dtype}")
     bits = _BITS[a.dtype]
     mask = cond.to(bits).neg_()
     ai = a.view(bits)

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .flat import select
+from .flat import no_autograd, select
 
 __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp64", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im"]
@@ -196,7 +196,9 @@ def exp64(d: Tensor, inplace: bool = False) -> Tensor:
     a normal f64 times a power of two). NaN propagates (clamp keeps it).
     ``inplace``: ``d`` (a temporary of the caller's) holds the reduced
     argument; two buffers are reused for the rest (the same ops, fewer
-    allocations: the chains stay in cache)."""
+    allocations: the chains stay in cache). Not differentiable (exact
+    layers differentiate by their own backward): TypeError under autograd."""
+    no_autograd("exp64", d)
     d = d.clamp_(-110.0, 90.0) if inplace else d.clamp(-110.0, 90.0)
     k = d.mul(LOG2E).round_()  # half to even
     tmp = torch.mul(k, LN2_HI)

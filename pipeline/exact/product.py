@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from .flat import no_autograd
+
 __all__ = ["xmmb", "quantise_a", "quantise_b", "mm_blocks", "BLOCK"]
 
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
@@ -130,6 +132,7 @@ def xmmb(a: Tensor, b: Tensor) -> Tensor:
                          f"{tuple(b.shape)}")
     if a.dtype != _F32 or b.dtype != _F32:
         raise ValueError(f"xmmb: expected float32 operands, found {a.dtype} and {b.dtype}")
+    no_autograd("xmmb", a, b)
     if a.shape[-1] == 0:
         return torch.zeros(*a.shape[:-1], b.shape[-1], dtype=_F32, device=a.device)
     return mm_blocks(quantise_a(a), quantise_b(b))
