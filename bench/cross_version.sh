@@ -12,9 +12,10 @@
 #   CROSS_VENV=DIR reuses (or creates) the second virtualenv at DIR.
 # Proven so far: README, "Measured here".
 set -euo pipefail
+shopt -s inherit_errexit  # a failing command inside $(...) fails the script too
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [ -z "$1" ]; then
-  echo "usage: bash bench/cross_version.sh TORCH_VERSION [CONFIG]   (e.g. 2.9.1, nixpkgs 25.11's torch)" >&2
+  echo "usage: bash bench/cross_version.sh TORCH_VERSION [CONFIG [KEY=VALUE ...]]   (e.g. 2.14.1)" >&2
   exit 2
 fi
 other=$1
@@ -22,6 +23,7 @@ config=${2:-configs/digits-exact.toml}
 shift $(( $# > 1 ? 2 : 1 ))
 overrides=("$@")
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 venv=${CROSS_VENV:-$work/venv-torch-$other}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
@@ -33,15 +35,23 @@ got=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 case "$got" in "$other"|"$other"+*) ;; *) echo "error: $venv has torch $got, expected $other" >&2; exit 2;; esac
 run() {  # $1 = python, $2 = label: prints "torch sha256 accuracy golden-verdict"
   local runs="$work/runs-$2" rec
-  rec=$(PIPELINE_CACHE_DIR="$work/cache" "$1" -m pipeline train "$config" ${overrides[@]+"${overrides[@]}"} --runs-dir "$runs" --json --quiet)
+  if ! rec=$(PIPELINE_CACHE_DIR="$work/cache" "$1" -m pipeline train "$config" ${overrides[@]+"${overrides[@]}"} --runs-dir "$runs" --json --quiet); then
+    echo "error: training with $1 failed (see above)" >&2
+    return 1
+  fi
   local dir="$runs/$(echo "$rec" | "$1" -c 'import json,sys; print(json.load(sys.stdin)["run_key"])')"
   local verdict
   if verdict=$("$1" -m pipeline golden check "$dir" 2>/dev/null); then :; fi
   echo "$rec" | "$1" -c 'import json,sys; r=json.load(sys.stdin); m=r["metrics"]; print(r["toolchain"]["torch"], r["weights_sha256"], m.get("test_accuracy", m.get("test_loss")), end=" ")'
   echo "${verdict%% sha256*}"
 }
-a=$(run .venv/bin/python locked)
-b=$(run "$venv/bin/python" other)
+a=$(run .venv/bin/python locked) || exit 1
+b=$(run "$venv/bin/python" other) || exit 1
+for rec in "$a" "$b"; do
+  if ! echo "$rec" | cut -d' ' -f2 | grep -Eq '^[0-9a-f]{64}$'; then
+    echo "error: no weight hash in a run's record: $rec" >&2; exit 1
+  fi
+done
 echo "config $config ${overrides[*]:-}, on $(uname -m)"
 printf '%-22s %-64s %-9s %s\n' "torch" "exact-mode weights sha256" "acc/loss" "golden check"
 printf '%s\n%s\n' "$a" "$b" | awk '{v=$4; for (i=5; i<=NF; i++) v=v" "$i; printf "%-22s %-64s %-9s %s\n", $1, $2, $3, v}'
