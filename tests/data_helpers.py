@@ -10,6 +10,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+DIGITS = REPO / "data" / "digits.csv.gz"  # the shipped file whose sha256 is SHA
 
 
 def make_manifest(tmp_path: Path) -> Path:

@@ -48,3 +48,11 @@ def copy_source(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / part)
     return dest
+
+
+def f32_bits(a: Any) -> Any:
+    """The uint32 bit patterns of ``a`` as float32 (NumPy), for bit-for-bit
+    comparisons."""
+    import numpy as np
+
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32)).view(np.uint32)

@@ -35,6 +35,8 @@ from pipeline.exact.flat import flat_views
 from pipeline.hashing import weights_sha256
 from pipeline.pinned import TorchOptimizer
 
+from .data_helpers import DIGITS, SHA
+
 ROOT = Path(__file__).resolve().parent.parent
 F32, F64 = np.float32, np.float64
 
@@ -373,8 +375,7 @@ def _load_twin() -> Any:
     return numpy_twin
 
 
-DATA = ROOT / "data" / "digits.csv.gz"
-DATA_SHA = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+DATA, DATA_SHA = DIGITS, SHA
 EXACT = ROOT / "configs" / "digits-exact.toml"
 SHORT = ["train.max_steps=30"]  # crosses the first epoch's end (22 steps)
 RUNS = {

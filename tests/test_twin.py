@@ -23,21 +23,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .data_helpers import DIGITS as DATA
+from .data_helpers import SHA as DATA_SHA
+from .helpers import f32_bits as _bits
 from .twin import numpy_twin as tw
 from .twin import twin_optim
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data" / "digits.csv.gz"
-DATA_SHA = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
 CONFIG = REPO / "configs" / "digits.toml"
 F32 = np.float32
 
 
 # ---------------------------------------------------------------- helpers
-
-def _bits(a) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a, dtype=F32)).view(np.uint32)
-
 
 def _ordered(a) -> np.ndarray:
     """f32 -> int64 monotone in the float order (+0 and -0 both map to 0)."""

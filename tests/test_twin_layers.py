@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .helpers import f32_bits as _bits
 from .helpers import run_pipeline
 from .twin import numpy_twin as tw
 from .twin import twin_charlm as tc
@@ -39,10 +40,6 @@ TEXT = REPO / "data" / "shakespeare.txt"
 TEXT_SHA = "04decea0dd965df5e6cfc4a538b0c62623aaa3bfd848ac7fad6734e59c96624d"
 F32 = np.float32
 F64 = np.float64
-
-
-def _bits(a) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a, dtype=F32)).view(np.uint32)
 
 
 def _same_bits(got, want, what=""):
