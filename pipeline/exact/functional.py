@@ -212,8 +212,8 @@ def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | Non
     """f32 ``y`` and, if ``grad``, f32 ``dy`` of spec section 14's GELU (every
     f64 op separate and rounded; in place where the value is not needed)."""
     d = x.to(_F64)
-    one = torch.ones((), dtype=_F64, device=x.device)
     if tanh:
+        one = torch.ones((), dtype=_F64, device=x.device)
         u = (d * d).mul_(d).mul_(0.044715).add_(d).mul_(_SQRT_2_PI)
         sg = one / exp64(u * -2.0).add_(1.0)
         y = (d * sg).to(_F32)

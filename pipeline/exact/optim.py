@@ -211,13 +211,12 @@ class ExactAdam(_Optimizer):
         if self.decay:
             theta.mul_(self._dec)
         m, v = state
-        tmp = torch.mul(g, self.c1)  # one buffer for the terms (the same ops, in cache)
-        m.mul_(self.b1).add_(tmp)
-        v.mul_(self.b2).add_(torch.mul(g, g, out=tmp).mul_(self.c2))
+        m.mul_(self.b1).add_(g * self.c1)
+        v.mul_(self.b2).add_((g * g).mul_(self.c2))
         # a tensor divisor on v's device: see the module docstring of pipeline.exact.ops
         bc2 = torch.full((), self._bc2, dtype=_F32, device=v.device)
-        den = sqrt32(torch.div(v, bc2, out=tmp)).add_(self.eps)
-        theta.sub_(torch.div(m, den, out=tmp).mul_(self._step))
+        den = sqrt32(v / bc2).add_(self.eps)
+        theta.sub_((m / den).mul_(self._step))
 
     def state_scalars(self) -> dict[str, int | float]:
         return {"step": self.t, "b1p": self.b1p, "b2p": self.b2p}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .flat import no_autograd
@@ -45,17 +46,12 @@ def _magic(r: Tensor, p: int) -> Tensor:
 
 
 def _padded(x: Tensor, dim: int) -> Tensor:
-    """``x`` with ``dim`` padded with +0 to a multiple of BLOCK (``x`` itself
-    if it is one already)."""
-    k = x.shape[dim]
-    extra = -k % BLOCK
+    """``x`` with ``dim`` (-1 or -2) padded with +0 to a multiple of BLOCK
+    (``x`` itself if it is one already)."""
+    extra = -x.shape[dim] % BLOCK
     if not extra:
         return x
-    shape = list(x.shape)
-    shape[dim] = k + extra
-    out = x.new_zeros(shape)
-    out.narrow(dim, 0, k).copy_(x)
-    return out
+    return F.pad(x, (0, extra) if dim == -1 else (0, 0, 0, extra))
 
 
 def _quantised(x: Tensor, dim: int, p: int) -> Tensor:
@@ -91,32 +87,24 @@ def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
     """``RN32(Q + 0.0)`` from ``quantise_a``'s and ``quantise_b``'s operands:
     every block's exact product by an f64 GEMM, a group of blocks at a time
     (one block, for outputs of ``_HELD`` entries or more) into one reused
-    buffer that stays in cache, ``Q = ((S_0 + S_1) + S_2) + ...`` in f64,
-    ``+ 0.0`` (a zero of either sign becomes +0, nothing else changes), one
-    rounding to f32."""
+    buffer, the first block's product being the accumulator; ``Q = ((S_0 +
+    S_1) + S_2) + ...`` in f64, ``+ 0.0`` (a zero of either sign becomes +0,
+    nothing else changes), one rounding to f32."""
     t, m, n = qa.shape[-1] // BLOCK, qa.shape[-2], qb.shape[-1]
     a_blocks = qa.unflatten(-1, (t, BLOCK)).movedim(-2, -3)          # (..., T, m, 64)
     b_blocks = qb.unflatten(-2, (t, BLOCK))                          # (..., T, 64, n)
     group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
-    if group == 1:  # large outputs: block by block, two ops each
-        a_list, b_list = a_blocks.unbind(-3), b_blocks.unbind(-3)
-        acc = torch.matmul(a_list[0], b_list[0])
-        buf = torch.empty_like(acc) if t > 1 else acc
-        for i in range(1, t):
-            acc.add_(torch.matmul(a_list[i], b_list[i], out=buf))
-        return acc.add_(0.0).to(_F32)
     acc = buf = None
-    for t0 in range(0, t, group):
-        g = min(group, t - t0)
-        a, b = a_blocks.narrow(-3, t0, g), b_blocks.narrow(-3, t0, g)
-        p = torch.matmul(a, b) if buf is None or g != group else torch.matmul(a, b, out=buf)
+    for a, b in zip(a_blocks.split(group, -3), b_blocks.split(group, -3)):
+        reuse = buf is not None and a.shape[-3] == buf.shape[-3]
+        p = torch.matmul(a, b, out=buf) if reuse else torch.matmul(a, b)  # (..., g, m, n)
         parts = p.unbind(-3)
-        first = 0
-        if acc is None:
-            acc, first = (parts[0] if g == t else parts[0].clone()), 1
-        for part in parts[first:]:
+        if acc is None:  # the first block's product is the accumulator: p is not reused
+            acc, parts = parts[0], parts[1:]
+        else:
+            buf = p
+        for part in parts:
             acc.add_(part)
-        buf = p
     assert acc is not None
     return acc.add_(0.0).to(_F32)
 
