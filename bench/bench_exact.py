@@ -39,17 +39,24 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _stock_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
-    """A closure running one stock torch training step."""
+def _mlp(dims: list[int]):  # type: ignore[no-untyped-def]
+    """The stock nn.Sequential of Linear layers with ReLU between them."""
     import torch
-    import torch.nn.functional as F
 
     layers: list[torch.nn.Module] = []
     for i in range(len(dims) - 1):
         layers.append(torch.nn.Linear(dims[i], dims[i + 1]))
         if i < len(dims) - 2:
             layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers)
+
+
+def _stock_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
+    """A closure running one stock torch training step."""
+    import torch
+    import torch.nn.functional as F
+
+    net = _mlp(dims)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
@@ -59,40 +66,34 @@ def _stock_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
     return step
 
 
-def _exact_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
-    """A closure running one exact-mode training step (one shard)."""
-    from pipeline.exact import Arch
-    from pipeline.exact import ExactNet, ExactSGD
+def _sgd_steps(net, x, y):  # type: ignore[no-untyped-def]
+    """A closure running one step of an exact net (one shard) with ExactSGD."""
+    from pipeline.exact import ExactSGD
 
-    net = ExactNet(Arch("mlp", tuple(dims[1:-1]), 0.0), seed=0, input_shape=(dims[0],),
-                   n_classes=dims[-1])
     opt = ExactSGD(net.params, lr=0.01, momentum=0.9)
 
     def step() -> None:
         _, grads = net.shard_grads(x, y, x.shape[0], None)
         opt.step(grads)
     return step
+
+
+def _exact_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
+    """A closure running one exact-mode training step (one shard)."""
+    from pipeline.exact import Arch, ExactNet
+
+    net = ExactNet(Arch("mlp", tuple(dims[1:-1]), 0.0), seed=0, input_shape=(dims[0],),
+                   n_classes=dims[-1])
+    return _sgd_steps(net, x, y)
 
 
 def _layers_step(dims: list[int], x, y):  # type: ignore[no-untyped-def]
     """A closure running one step of the stock Sequential as exact layers."""
-    import torch
-
-    from pipeline.exact import ExactSGD, from_torch
+    from pipeline.exact import from_torch
     from pipeline.exact.modnet import LayerNet
 
-    layers: list[torch.nn.Module] = []
-    for i in range(len(dims) - 1):
-        layers.append(torch.nn.Linear(dims[i], dims[i + 1]))
-        if i < len(dims) - 2:
-            layers.append(torch.nn.ReLU())
-    net = LayerNet(from_torch(torch.nn.Sequential(*layers)), seed=0, device="cpu")
-    opt = ExactSGD(net.params, lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        _, grads = net.shard_grads(x, y, x.shape[0], None)
-        opt.step(grads)
-    return step
+    net = LayerNet(from_torch(_mlp(dims)), seed=0, device="cpu")
+    return _sgd_steps(net, x, y)
 
 
 IMPLS = {"stock": _stock_step, "exact": _exact_step, "layers": _layers_step}
