@@ -45,9 +45,10 @@
             pythonRelaxDeps = true;
             pypaBuildFlags = [ "--skip-dependency-check" ];
             # PIPELINE_ROOT: data, configs and goldens come from the source in the
-            # store; runs/ goes to the working directory.
+            # store; runs/ goes to the working directory. CC: the compiler that
+            # builds exact mode's native kernels (pipeline/exact/native.py).
             makeWrapperArgs = lib.concatLists (lib.mapAttrsToList (n: v: [ "--set" n v ])
-              (env // { PIPELINE_ROOT = "${self}"; }));
+              (env // { PIPELINE_ROOT = "${self}"; CC = "${pkgs.stdenv.cc}/bin/cc"; }));
             pythonImportsCheck = [ "pipeline" ];
             meta.mainProgram = "pipeline";
           };

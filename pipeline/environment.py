@@ -224,10 +224,11 @@ def toolchain_fingerprint() -> dict[str, Any]:
 
 
 def code_sha256() -> str:
-    """sha256 over the package's source files (sorted relative paths + bytes)."""
+    """sha256 over the package's source files (sorted relative paths + bytes),
+    exact mode's C kernels included."""
     pkg = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".json") and p.is_file()):
+    for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".json", ".c") and p.is_file()):
         rel = f.relative_to(pkg).as_posix().encode()
         data = f.read_bytes()
         h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)

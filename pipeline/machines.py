@@ -131,9 +131,10 @@ def profile_variables() -> list[str]:
     return sorted({k for p in data["profiles"].values() for k in p["env"]})
 
 
-# Not a switch but the toolchain's name: the Nix check and dev shell set it, and
-# runs there must record the Nix lock, not requirements.lock's hash.
-KEEP = ("PIPELINE_LOCK_ID",)
+# Not switches: the toolchain's name (the Nix check and dev shell set it, and
+# runs there must record the Nix lock, not requirements.lock's hash) and where
+# exact mode's native kernels are built (pipeline.exact.native).
+KEEP = ("PIPELINE_LOCK_ID", "PIPELINE_NATIVE_DIR")
 
 
 def clean_env(cache: Path) -> dict[str, str]:

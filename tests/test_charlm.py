@@ -181,13 +181,18 @@ def test_charlm_exact_is_the_same_without_simd_and_on_mkl_sse(lm_exact: Run,
                                                                tmp_path: Path) -> None:
     """Another machine's arithmetic paths: ATen's kernels without SIMD
     (`ATEN_CPU_CAPABILITY=default`), MKL on SSE4.2 in its compatible mode,
-    3 intra-op threads: the exact run's hash and metrics are the same. The
-    record's observed capability shows the setting took effect."""
+    3 intra-op threads, and exact mode's torch implementations instead of its
+    native kernels (PIPELINE_EXACT_NATIVE=0; the reference run uses them
+    where a C compiler is present): the exact run's hash and metrics are the
+    same. The records show each setting took effect."""
     other = _train([CONFIG, *EXACT_LM, "--threads", "3", "--runs-dir", str(tmp_path / "runs")],
                    suite_env, extra_env={"ATEN_CPU_CAPABILITY": "default",
                                          "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
-                                         "MKL_CBWR": "COMPATIBLE"})
+                                         "MKL_CBWR": "COMPATIBLE", "PIPELINE_EXACT_NATIVE": "0"})
     assert other["profile"]["observed"]["cpu_capability"] == "DEFAULT"
+    assert other["threads"]["exact_kernels"] == "off: PIPELINE_EXACT_NATIVE=0"
+    if shutil.which("cc"):
+        assert lm_exact.record["threads"]["exact_kernels"].startswith("on")
     assert other["threads"]["op_threads"] == 3
     assert other["weights_sha256"] == lm_exact.sha256
     assert other["metrics"] == lm_exact.record["metrics"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from . import native
 from .blocks import by_rows
 from .context import apply_trusted, cached, dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
@@ -208,7 +209,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 
 # ---------------------------------------------------------------- GELU, ReLU
-def _gelu_parts(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
+def _gelu_parts_torch(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
     """f32 ``y`` and, if ``grad``, f32 ``dy`` of spec section 14's GELU (every
     f64 op separate and rounded; in place where the value is not needed)."""
     d = x.to(_F64)
@@ -243,8 +244,11 @@ class _GELU(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, tanh: bool) -> Tensor:
         grad = ctx.needs_input_grad[0]
-        out = by_rows(lambda v: tuple(t for t in _gelu_parts(v, tanh, grad) if t is not None),
-                      x, width=x.shape[-1] if x.dim() else 1)
+        out = native.gelu(x, tanh, grad)  # the same bits in one pass, where it runs
+        if out is None:
+            out = by_rows(lambda v: tuple(t for t in _gelu_parts_torch(v, tanh, grad)
+                                          if t is not None),
+                          x, width=x.shape[-1] if x.dim() else 1)
         ctx.save_for_backward(out[1] if grad else None)
         return out[0]
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .flat import no_autograd
 
 __all__ = ["xmmb", "quantise_a", "quantise_b", "mm_blocks", "BLOCK"]
@@ -60,9 +61,17 @@ def _quantised(x: Tensor, dim: int, p: int) -> Tensor:
     laid out as ``x`` is: row-major, or (for a transposed view such as
     ``w.t()``) the transposed view of a row-major buffer, so the conversion
     and rounding run over contiguous memory and the GEMM reads either layout
-    as it is. The maximum is taken in f32; the rounding is in place."""
+    as it is. By the native kernel where there is one (pipeline.exact.native:
+    the same bits), else by ``_quantised_torch``."""
     if x.dim() >= 2 and x.stride(-1) != 1 and x.stride(-2) == 1:
         return _quantised(x.transpose(-1, -2), -3 - dim, p).transpose(-1, -2)
+    got = native.quantise(x, dim, p)
+    return got if got is not None else _quantised_torch(x, dim, p)
+
+
+def _quantised_torch(x: Tensor, dim: int, p: int) -> Tensor:
+    """``_quantised`` by torch ops (the reference the native kernel equals):
+    the maximum taken in f32, the rounding in place."""
     xp = _padded(x, dim)
     magic = _magic(xp.unflatten(dim, (-1, BLOCK)).abs().amax(dim, keepdim=True), p)
     out = torch.empty(xp.shape, dtype=_F64, device=x.device).copy_(xp)

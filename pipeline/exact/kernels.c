@@ -1,0 +1,181 @@
+/* Native kernels of exact mode (pipeline/exact/native.py builds and loads
+ * them): the same IEEE-754 operations, in the same order, as the torch
+ * implementations they replace (docs/exact-spec.md, sections 12 and 14), run
+ * in one pass over the data instead of one pass per operation. Bit for bit
+ * equal to those implementations by construction, by a self-test before
+ * every use of a build, and by tests/test_native.py.
+ *
+ * Rules that keep them exact (native.py compiles with -std=c11
+ * -ffp-contract=off and never with -ffast-math):
+ * - every + - * / is one rounded binary64 or binary32 operation: no
+ *   contraction to fused multiply-add, no reassociation;
+ * - no libm: exp is the spec's polynomial, rounding to an integer the
+ *   (v + 1.5 * 2^52) - 1.5 * 2^52 trick, powers of two built from bits;
+ * - elementwise work only, split over threads by element or row: the thread
+ *   count changes which core computes an element, never how.
+ * native.py prepends the spec's constants (#define PX_...), written from the
+ * Python constants with float.hex(): one source of truth.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nt)")
+#else
+#define PARALLEL_FOR
+#endif
+
+static inline uint64_t bits64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
+static inline double from64(uint64_t u) { double x; memcpy(&x, &u, 8); return x; }
+
+#define RND 0x1.8p52 /* (v + RND) - RND: v rounded to an integer, half to even, |v| < 2^51 */
+
+static const double EXP_C[12] = PX_EXP_C;    /* 1/n!, n = 0..11 */
+static const double ERFC_C[10] = PX_ERFC_C;  /* Numerical Recipes' erfcc, C0..C9 */
+
+/* ops.exp64: clamp to [-110, 90] (NaN passes), k = round(d log2 e),
+ * Cody-Waite reduction, 11th-degree Taylor by Horner, q * 2^k. */
+static inline double exp64(double d) {
+    d = d < -110.0 ? -110.0 : (d > 90.0 ? 90.0 : d);
+    double k = (d * PX_LOG2E + RND) - RND;
+    double r = (d - k * PX_LN2_HI) - k * PX_LN2_LO;
+    double q = r * EXP_C[11] + EXP_C[10];
+    for (int n = 9; n >= 0; n--) q = q * r + EXP_C[n];
+    /* 2^k for integral k in [-160, 130]: k + 2^52 + 1023 holds k + 1023 in
+     * its low mantissa bits, which become the exponent field. (A NaN k
+     * gives some power of two; q is NaN then, and so is the product.) */
+    uint64_t e = bits64(k + (0x1p52 + 1023.0)) & 0x7FF;
+    return q * from64(e << 52);
+}
+
+/* ---------------------------------------------------------------- GELU */
+/* functional._gelu_parts_torch, erf form: Phi(d) from the erfcc approximation. */
+static inline double gelu_phi(double d) {
+    double a = __builtin_fabs(d * -PX_SQRT_HALF);
+    double t = 1.0 / (a * 0.5 + 1.0);
+    double w = t * ERFC_C[9] + ERFC_C[8];
+    for (int n = 7; n >= 0; n--) w = w * t + ERFC_C[n];
+    double half = exp64(w - a * a) * t * 0.5;
+    return d <= 0 ? half : 1.0 - half;
+}
+
+#define CHUNK 4096 /* elements per parallel work item */
+
+void px_gelu_erf(const float *restrict x, float *restrict y, float *restrict dy, int64_t n,
+                 int nt) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    PARALLEL_FOR
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        if (!dy) {
+            for (int64_t i = i0; i < i1; i++) {
+                double d = (double)x[i];
+                y[i] = (float)(d * gelu_phi(d));
+            }
+            continue;
+        }
+        for (int64_t i = i0; i < i1; i++) {
+            double d = (double)x[i];
+            double phi = gelu_phi(d);
+            y[i] = (float)(d * phi);
+            double dens = exp64(-((d * d) * 0.5)) * PX_INV_SQRT_2PI;
+            dy[i] = (float)(dens * d + phi);
+        }
+    }
+}
+
+/* functional._gelu_parts_torch, tanh form. */
+void px_gelu_tanh(const float *restrict x, float *restrict y, float *restrict dy, int64_t n,
+                  int nt) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    PARALLEL_FOR
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        for (int64_t i = i0; i < i1; i++) {
+            double d = (double)x[i];
+            double u = ((d * d) * d * 0.044715 + d) * PX_SQRT_2_PI;
+            double sg = 1.0 / (exp64(u * -2.0) + 1.0);
+            y[i] = (float)(d * sg);
+            if (dy) {
+                double du = ((d * d) * 0.134145 + 1.0) * PX_SQRT_2_PI;
+                dy[i] = (float)((d * 2.0) * du * ((1.0 - sg) * sg) + sg);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- xmmb's quantisation */
+/* product._magic: 1.5 * 2^(52 + e - p) from the block maximum r (f32 >= 0,
+ * or NaN/inf: the same bit arithmetic, wrapping as int64 does). */
+static inline double magic(float r, int p) {
+    uint64_t b = bits64((double)r) & 0x7FF0000000000000ULL;
+    return from64(b + (((uint64_t)(53 - p) << 52) | (1ULL << 51)));
+}
+
+/* |v|'s bits: for f32 magnitudes the bit patterns order as the values do,
+ * with inf and NaN above every finite value, so an integer maximum is the
+ * largest magnitude (torch's abs().amax()); a NaN maximum has the exponent
+ * bits of inf, which are all that magic() reads. */
+static inline uint32_t absbits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u & 0x7FFFFFFFu;
+}
+static inline float from32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+/* product.quantise_a: rows of x (R x K, row stride ld) -> out (R x Kp, Kp
+ * a multiple of 64), each block of 64 along the row rounded to p bits of
+ * its largest magnitude; entries past K are +0. */
+void px_quantise_rows(const float *restrict x, int64_t rows, int64_t k, int64_t ld,
+                      double *restrict out, int64_t kp, int p, int nt) {
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        double *o = out + r * kp;
+        for (int64_t j0 = 0; j0 < kp; j0 += 64) {
+            int64_t j1 = j0 + 64 < k ? j0 + 64 : k;
+            uint32_t m = 0;
+            for (int64_t j = j0; j < j1; j++) {
+                uint32_t a = absbits(xr[j]);
+                m = a > m ? a : m;
+            }
+            double mg = magic(from32(m), p);
+            int64_t j = j0;
+            for (; j < j1; j++) o[j] = ((double)xr[j] + mg) - mg;
+            for (; j < j0 + 64; j++) o[j] = (0.0 + mg) - mg;
+        }
+    }
+}
+
+/* product.quantise_b: columns of x (batch x K x N, row stride ld, batch
+ * stride bs) -> out (batch x Kp x N), each block of 64 rows rounded per
+ * column to p bits of that column's largest magnitude in the block; rows
+ * past K are +0. */
+#define COLS 256
+void px_quantise_cols(const float *restrict x, int64_t batch, int64_t k, int64_t n, int64_t ld,
+                      int64_t bs, double *restrict out, int64_t kp, int p, int nt) {
+    int64_t blocks = kp / 64, cchunks = (n + COLS - 1) / COLS;
+    int64_t items = batch * blocks * cchunks;
+    PARALLEL_FOR
+    for (int64_t it = 0; it < items; it++) {
+        int64_t bt = it / (blocks * cchunks), rest = it % (blocks * cchunks);
+        int64_t i0 = (rest / cchunks) * 64, c0 = (rest % cchunks) * COLS;
+        int64_t c1 = c0 + COLS < n ? c0 + COLS : n, i1 = i0 + 64 < k ? i0 + 64 : k;
+        const float *xb = x + bt * bs;
+        double *ob = out + bt * kp * n;
+        uint32_t m[COLS];
+        double mg[COLS];
+        for (int64_t c = c0; c < c1; c++) m[c - c0] = 0;
+        for (int64_t i = i0; i < i1; i++)
+            for (int64_t c = c0; c < c1; c++) {
+                uint32_t a = absbits(xb[i * ld + c]);
+                m[c - c0] = a > m[c - c0] ? a : m[c - c0];
+            }
+        for (int64_t c = c0; c < c1; c++) mg[c - c0] = magic(from32(m[c - c0]), p);
+        for (int64_t i = i0; i < i1; i++)
+            for (int64_t c = c0; c < c1; c++)
+                ob[i * n + c] = ((double)xb[i * ld + c] + mg[c - c0]) - mg[c - c0];
+        for (int64_t i = i1; i < i0 + 64; i++)
+            for (int64_t c = c0; c < c1; c++) ob[i * n + c] = (0.0 + mg[c - c0]) - mg[c - c0];
+    }
+}

@@ -1,0 +1,274 @@
+"""Native kernels for exact mode's elementwise chains (pipeline/exact/kernels.c):
+the same IEEE-754 operations as the torch implementations, in one pass over
+the data. They change speed, never bits: a build is used only after a
+self-test shows it bit-equal to the torch implementations on this machine,
+and tests/test_native.py compares the two on many more inputs.
+
+The C source is compiled on first use with the system's C compiler (``$CC``,
+else ``cc``) with ``-std=c11 -ffp-contract=off`` (no fused multiply-add, no
+fast-math), ``-march=native`` and OpenMP where the compiler takes them, and
+loaded with ctypes (no Python headers, no torch C++ ABI). The build is cached
+in ``$PIPELINE_NATIVE_DIR`` (else ``$XDG_CACHE_HOME/pipeline/native``, else
+``~/.cache/pipeline/native``) under a key of the source with its constants,
+the flags, the compiler's version and the CPU's feature flags, written
+atomically under a file lock; a cached build is self-tested like a new one.
+
+Without a compiler, or with ``PIPELINE_EXACT_NATIVE=0``, or on a failed
+self-test (a warning says why), exact mode runs its torch implementations:
+the same bits, slower. ``status()`` says which, for run.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["kernels", "status", "gelu", "quantise"]
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_BASE_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+_OPTIONAL = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "lib": ctypes.CDLL | None, "status": str
+
+
+def _constants() -> str:
+    """The spec's constants as C ``#define``s, from the Python constants."""
+    from . import functional, ops
+
+    def arr(vals: Any) -> str:
+        return "{" + ", ".join(float(v).hex() for v in vals) + "}"
+
+    consts = {
+        "PX_LOG2E": ops.LOG2E.hex(), "PX_LN2_HI": ops.LN2_HI.hex(),
+        "PX_LN2_LO": ops.LN2_LO.hex(), "PX_EXP_C": arr(ops._E),
+        "PX_ERFC_C": arr(functional._ERFC), "PX_SQRT_HALF": functional._SQRT_HALF.hex(),
+        "PX_INV_SQRT_2PI": functional._INV_SQRT_2PI.hex(),
+        "PX_SQRT_2_PI": functional._SQRT_2_PI.hex(),
+    }
+    return "".join(f"#define {k} {v}\n" for k, v in consts.items())
+
+
+def _cache_dir() -> Path:
+    if env := os.environ.get("PIPELINE_NATIVE_DIR"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "pipeline" / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_version(cc: str) -> str | None:
+    try:
+        p = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30,
+                           check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    cc = os.environ.get("CC") or "cc"
+    version = _compiler_version(cc)
+    if version is None or shutil.which(cc) is None:
+        return None, f"off: no C compiler ({cc})"
+    source = _constants() + _SOURCE.read_text()
+    cache = _cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.mkdtemp(prefix="pipeline-native-"))
+    from filelock import FileLock
+
+    errors: list[str] = []
+    for extra in _OPTIONAL:
+        flags = [*_BASE_FLAGS, *extra]
+        key = hashlib.sha256("\0".join([source, " ".join(flags), version, _cpu_flags(),
+                                        platform.machine()]).encode()).hexdigest()[:32]
+        lib_path = cache / f"kernels-{key}.so"
+        with FileLock(str(cache / f"kernels-{key}.lock")):
+            lib = None
+            for attempt in range(2):  # a cached build that does not load is rebuilt once
+                if not lib_path.exists():
+                    problem = _compile(cc, flags, source, lib_path)
+                    if problem:
+                        errors.append(problem)
+                        break
+                try:
+                    lib = ctypes.CDLL(str(lib_path))
+                    break
+                except OSError as e:
+                    errors.append(str(e))
+                    lib_path.unlink(missing_ok=True)
+        if lib is not None:
+            _declare(lib)
+            return lib, f"on ({cc}, {' '.join(extra) or 'baseline flags'})"
+    return None, f"off: {cc} could not build kernels.c ({errors[-1] if errors else '?'})"
+
+
+def _compile(cc: str, flags: list[str], source: str, lib_path: Path) -> str | None:
+    """Build ``lib_path`` (written whole, then renamed into place); None, or
+    the compiler's last line of complaint."""
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+        src.write_text(source)
+        try:
+            p = subprocess.run([cc, *flags, "-o", str(out), str(src)], capture_output=True,
+                               text=True, timeout=300, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            return str(e)
+        if p.returncode != 0:
+            return (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        os.replace(out, lib_path)
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in ("px_gelu_erf", "px_gelu_tanh"):
+        getattr(lib, name).argtypes = [p, p, p, i64, i32]
+    lib.px_quantise_rows.argtypes = [p, i64, i64, i64, p, i64, i32, i32]
+    lib.px_quantise_cols.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i32, i32]
+    for name in ("px_gelu_erf", "px_gelu_tanh", "px_quantise_rows", "px_quantise_cols"):
+        getattr(lib, name).restype = None
+
+
+def _self_test(lib: ctypes.CDLL) -> str | None:
+    """None if the build equals the torch implementations bit for bit on a
+    fixed set of inputs (special values, every binade, random bit patterns),
+    else what differed."""
+    from .functional import _gelu_parts_torch
+    from .product import _quantised_torch
+
+    g = torch.Generator().manual_seed(20261201)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.17549435e-38, -1.17549435e-38,
+                            3.4028235e38, -3.4028235e38, float("inf"), float("-inf"),
+                            0.5, -0.5, 1.0, -1.0, 5.5, -5.5, 9.25, -9.25, 13.0, -13.0])
+    scaled = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-140, 120, (4096,),
+                                                                       generator=g).float())
+    noise = torch.randint(-2**31, 2**31 - 1, (4096,), generator=g,
+                          dtype=torch.int32).view(torch.float32)
+    x = torch.cat([special, scaled, noise.nan_to_num(0.0)])
+
+    def same(a: Tensor | None, b: Tensor | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return a.shape == b.shape and torch.equal(a.view(torch.int32 if a.dtype == torch.float32
+                                                          else torch.int64),
+                                                   b.view(torch.int32 if b.dtype == torch.float32
+                                                          else torch.int64))
+    for tanh in (False, True):
+        for grad in (False, True):
+            want = _gelu_parts_torch(x, tanh, grad)
+            got = _gelu(lib, x, tanh, grad)
+            if not (same(want[0], got[0]) and same(want[1], got[1])):
+                return f"GELU ({'tanh' if tanh else 'erf'}) differs from the torch implementation"
+    for shape, dim in (((60, 130), -1), ((130, 60), -2), ((3, 64, 5), -2), ((5, 200), -1)):
+        xs = x[:torch.Size(shape).numel()].reshape(shape)
+        for p in (24, 23):
+            if not same(_quantised_torch(xs, dim, p), _quantise(lib, xs, dim, p)):
+                return f"quantisation of {shape} along {dim} differs from the torch implementation"
+    return None
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The loaded, self-tested kernels, or None (exact mode's torch path)."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" not in _state:
+            lib, why = None, "off: PIPELINE_EXACT_NATIVE=0"
+            if os.environ.get("PIPELINE_EXACT_NATIVE", "1") != "0":
+                lib, why = _build()
+                if lib is not None:
+                    problem = _self_test(lib)
+                    if problem:
+                        print(f"warning: exact mode's native kernels are not used: {problem} "
+                              f"(the torch implementations run: same bits, slower)",
+                              file=sys.stderr)
+                        lib, why = None, f"off: self-test failed: {problem}"
+            _state["status"] = why
+            _state["lib"] = lib
+    return _state["lib"]
+
+
+def status() -> str:
+    """How exact mode's elementwise chains run: "on (...)" or "off: why"."""
+    kernels()
+    return str(_state["status"])
+
+
+def usable(*xs: Tensor) -> ctypes.CDLL | None:
+    """The kernels, if they apply to ``xs`` (CPU float32), else None."""
+    if all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs):
+        return kernels()
+    return None
+
+
+# ---------------------------------------------------------------- wrappers
+def _gelu(lib: ctypes.CDLL, x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    dy = torch.empty_like(xc) if grad else None
+    fn = lib.px_gelu_tanh if tanh else lib.px_gelu_erf
+    fn(xc.data_ptr(), y.data_ptr(), dy.data_ptr() if dy is not None else None, xc.numel(),
+       torch.get_num_threads())
+    return y, dy
+
+
+def gelu(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None] | None:
+    """``functional._gelu_parts_torch`` natively (shape of ``x``), or None."""
+    lib = usable(x)
+    return None if lib is None else _gelu(lib, x, tanh, grad)
+
+
+def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:
+    k = x.shape[dim]
+    kp = -(-k // 64) * 64
+    nt = torch.get_num_threads()
+    if dim == -1:
+        x2 = x.reshape(-1, k)
+        if x2.numel() and x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], kp, dtype=torch.float64)
+        lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0) if x2.numel() else k,
+                             out.data_ptr(), kp, p, nt)
+        return out.view(*x.shape[:-1], kp)
+    n = x.shape[-1]
+    x3 = x.reshape(-1, k, n)
+    if x3.numel() and x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    out = torch.empty(x3.shape[0], kp, n, dtype=torch.float64)
+    if x3.numel():
+        lib.px_quantise_cols(x3.data_ptr(), x3.shape[0], k, n, x3.stride(1), x3.stride(0),
+                             out.data_ptr(), kp, p, nt)
+    return out.view(*x.shape[:-2], kp, n)
+
+
+def quantise(x: Tensor, dim: int, p: int) -> Tensor | None:
+    """``product._quantised`` (``dim`` -1 or -2) natively for a row-major
+    layout, or None."""
+    lib = usable(x)
+    return None if lib is None else _quantise(lib, x, dim, p)

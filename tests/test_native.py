@@ -1,0 +1,208 @@
+"""Exact mode's native kernels (pipeline/exact/native.py, kernels.c) give the
+bits of the torch implementations they replace: GELU (both forms, with and
+without the derivative) and xmmb's quantisation (rows and columns, every
+layout), on special values, every binade and random bit patterns, at several
+thread counts. Controls: a kernel that differs fails the self-test and is not
+used (with a warning); without a compiler, or switched off, the torch path
+runs and gives the same products."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.exact import native, product
+from pipeline.exact.functional import _gelu_parts_torch
+from pipeline.exact.product import _quantised_torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A private build directory and no loaded kernels; restored afterwards."""
+    saved = dict(native._state)
+    native._state.clear()
+    monkeypatch.setenv("PIPELINE_NATIVE_DIR", str(tmp_path / "native"))
+    monkeypatch.delenv("PIPELINE_EXACT_NATIVE", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    yield tmp_path / "native"
+    native._state.clear()
+    native._state.update(saved)
+
+
+def _lib() -> object:
+    lib = native.kernels()
+    assert lib is not None, native.status()
+    return lib
+
+
+def _values(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, -1.1754942e-38,
+                            3.4028235e38, -3.4028235e38, float("inf"), float("-inf"),
+                            float("nan"), 0.5, -0.5, 5.5, -5.5, 9.0, -9.0, 26.0, -26.0,
+                            38.5, -38.5, 1e4, -1e4])
+    scaled = torch.randn(n, generator=g) * torch.exp2(
+        torch.randint(-150, 128, (n,), generator=g).float())
+    bits = torch.randint(-2**31, 2**31 - 1, (n,), generator=g, dtype=torch.int32)
+    return torch.cat([special, scaled, bits.view(torch.float32)])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit for bit, except which NaN a NaN result is (its sign and payload
+    depend on operand order in compiled code, torch's own kernels included:
+    docs/exact-spec.md, notation); NaN exactly where the reference has one."""
+    nan = want.isnan()
+    return bool(torch.equal(got.isnan(), nan)
+                and torch.equal(_bits(got)[~nan], _bits(want)[~nan]))
+
+
+@pytest.mark.parametrize("tanh", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_gelu_kernel_equals_the_torch_implementation(tanh: bool, grad: bool) -> None:
+    x = _values(1 << 19, 1)
+    lib = _lib()
+    want = _gelu_parts_torch(x, tanh, grad)
+    got = native._gelu(lib, x, tanh, grad)
+    assert _same(got[0], want[0])
+    if grad:
+        assert _same(got[1], want[1])
+    else:
+        assert got[1] is None
+
+
+SHAPES = [((512, 128), -1), ((512, 128), -2), ((7, 5), -1), ((7, 5), -2), ((1, 1), -1),
+          ((3, 64), -1), ((65, 3), -2), ((3, 70, 130), -1), ((3, 130, 70), -2),
+          ((2, 2, 100, 9), -2), ((300, 1000), -1)]
+
+
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_quantisation_kernel_equals_the_torch_implementation(shape: tuple[int, ...],
+                                                             dim: int) -> None:
+    n = torch.Size(shape).numel()
+    x = _values(n, 2)[:n].reshape(shape)
+    x.view(-1)[::97] = 0.0
+    x.view(-1)[1::89] = -0.0
+    lib = _lib()
+    for p in (24, 23):
+        assert _same(native._quantise(lib, x, dim, p), _quantised_torch(x, dim, p))
+
+
+def test_quantisation_of_views_and_tiny_blocks_equals_the_torch_path(fresh: Path) -> None:
+    """Through xmmb's own entry points (native on, then off): strided slices,
+    transposed views (w.t()), batched operands, subnormal and all-zero blocks,
+    and the products built from them."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(300, 260, generator=g)
+    wide[5] *= 1e-40   # a row of subnormals
+    wide[6] = -0.0
+    wide[:, 7] *= 2.0**100
+    cases = [wide[:, :130], wide.t(), wide[::2, 3:200], wide.view(3, 100, 260)]
+    _lib()
+    on = [(product.quantise_a(c), product.quantise_b(c)) for c in cases]
+    prods = [product.xmmb(wide[:, :130], wide[:130]), product.xmmb(wide, wide.t())]
+    native._state["lib"] = None  # the torch path
+    off = [(product.quantise_a(c), product.quantise_b(c)) for c in cases]
+    prods_off = [product.xmmb(wide[:, :130], wide[:130]), product.xmmb(wide, wide.t())]
+    for (a1, b1), (a2, b2) in zip(on, off):
+        assert torch.equal(_bits(a1), _bits(a2)) and torch.equal(_bits(b1), _bits(b2))
+    for p1, p2 in zip(prods, prods_off):
+        assert torch.equal(_bits(p1), _bits(p2))
+
+
+def test_kernels_do_not_depend_on_the_thread_count() -> None:
+    x = _values(1 << 20, 4)
+    m = x[: 1024 * 515].reshape(1024, 515).nan_to_num(0.0)
+    lib = _lib()
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append((native._gelu(lib, x, False, True), native._quantise(lib, m, -1, 24),
+                        native._quantise(lib, m, -2, 23)))
+    finally:
+        torch.set_num_threads(before)
+    for (g, qa, qb) in got[1:]:
+        assert torch.equal(_bits(g[0]), _bits(got[0][0][0]))
+        assert torch.equal(_bits(g[1]), _bits(got[0][0][1]))
+        assert torch.equal(_bits(qa), _bits(got[0][1]))
+        assert torch.equal(_bits(qb), _bits(got[0][2]))
+
+
+def _status_in_a_new_process(build_dir: Path) -> str:
+    env = {**os.environ, "PIPELINE_NATIVE_DIR": str(build_dir)}
+    env.pop("PIPELINE_EXACT_NATIVE", None)
+    p = subprocess.run([sys.executable, "-c", "from pipeline.exact import native; "
+                        "print(native.status())"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def test_the_build_is_cached_and_a_corrupt_one_is_rebuilt(tmp_path: Path) -> None:
+    """Separate processes (a loaded library is never replaced under a running
+    one: builds are renamed into place)."""
+    build_dir = tmp_path / "native"
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    (built,) = build_dir.glob("kernels-*.so")
+    stamp = built.stat().st_ino, built.stat().st_mtime_ns
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    assert (built.stat().st_ino, built.stat().st_mtime_ns) == stamp  # reused
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a shared object")
+    os.replace(junk, built)
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    assert built.read_bytes() != b"not a shared object"  # rebuilt
+
+
+def test_a_kernel_that_differs_is_refused_with_a_warning(fresh: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """The control for the self-test: one coefficient of the erfc polynomial
+    changed in the C source (the torch path unchanged) compiles, fails the
+    self-test, and exact mode runs the torch implementations."""
+    src = native._SOURCE.read_text()
+    bad = tmp_path / "kernels.c"
+    bad.write_text(src.replace("w = w * t + ERFC_C[n];", "w = w * t + ERFC_C[n] * 1.0000001;"))
+    assert bad.read_text() != src
+    monkeypatch.setattr(native, "_SOURCE", bad)
+    assert native.kernels() is None
+    assert native.status().startswith("off: self-test failed: GELU (erf)")
+    assert "native kernels are not used" in capsys.readouterr().err
+    x = torch.linspace(-4, 4, 101)
+    y = torch.ops.aten.clone(x)
+    from pipeline.exact.functional import gelu
+    with torch.no_grad():
+        assert torch.equal(_bits(gelu(y)), _bits(_gelu_parts_torch(x, False, False)[0]))
+
+
+def test_switched_off_or_without_a_compiler_the_torch_path_runs(
+        fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = torch.randn(70, 200), torch.randn(200, 90)
+    on = product.xmmb(a, b)
+    assert native.status().startswith("on")
+    native._state.clear()
+    monkeypatch.setenv("PIPELINE_EXACT_NATIVE", "0")
+    assert native.kernels() is None and native.status() == "off: PIPELINE_EXACT_NATIVE=0"
+    assert torch.equal(_bits(product.xmmb(a, b)), _bits(on))
+    native._state.clear()
+    monkeypatch.delenv("PIPELINE_EXACT_NATIVE")
+    monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
+    assert native.kernels() is None and native.status().startswith("off: no C compiler")
+    assert torch.equal(_bits(product.xmmb(a, b)), _bits(on))
