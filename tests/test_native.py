@@ -1,7 +1,7 @@
 """Exact mode's native kernels (pipeline/exact/native.py, kernels.c) give the
 bits of the torch implementations they replace: GELU (both forms, with and
-without the derivative) and xmmb's quantisation (rows and columns, every
-layout), on special values, every binade and random bit patterns, at several
+without the derivative), xmmb's quantisation (rows and columns, every
+layout) and attention's softmax and its gradient, on special values, every binade and random bit patterns, at several
 thread counts. Controls: a kernel that differs fails the self-test and is not
 used (with a warning); without a compiler, or switched off, the torch path
 runs and gives the same products."""
@@ -102,6 +102,28 @@ def test_quantisation_kernel_equals_the_torch_implementation(shape: tuple[int, .
         assert _same(native._quantise(lib, x, dim, p), _quantised_torch(x, dim, p))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (3, 2, 10, 7), (1, 1, 5, 33), (2, 1, 1, 1)])
+def test_softmax_kernels_equal_the_torch_implementation(causal: bool,
+                                                        shape: tuple[int, ...]) -> None:
+    """Attention's softmax and its gradient (rows of the score matrix; causal
+    or not; more queries than keys and the reverse), on ordinary scores, on
+    every binade and on random bit patterns (inf, NaN)."""
+    from pipeline.exact.attention import _allowed, _softmax, _softmax_grad
+
+    n = torch.Size(shape).numel()
+    g = torch.Generator().manual_seed(5)
+    lib = _lib()
+    for z in (torch.randn(shape, generator=g) * 4, _values(n, 6)[-n:].reshape(shape),
+              _values(n, 7)[23:23 + n].reshape(shape)):
+        allowed = _allowed(z, causal)
+        want = _softmax(z, allowed)[0]
+        assert _same(native._softmax_native(lib, z, causal), want)
+        gp = _values(n, 8)[-n:].reshape(shape)
+        assert _same(native._softmax_grad_native(lib, gp, want, causal),
+                     _softmax_grad(gp, want, allowed)[0])
+
+
 def test_quantisation_of_views_and_tiny_blocks_equals_the_torch_path(fresh: Path) -> None:
     """Through xmmb's own entry points (native on, then off): strided slices,
     transposed views (w.t()), batched operands, subnormal and all-zero blocks,
@@ -127,6 +149,7 @@ def test_quantisation_of_views_and_tiny_blocks_equals_the_torch_path(fresh: Path
 def test_kernels_do_not_depend_on_the_thread_count() -> None:
     x = _values(1 << 20, 4)
     m = x[: 1024 * 515].reshape(1024, 515).nan_to_num(0.0)
+    z = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(9))
     lib = _lib()
     before = torch.get_num_threads()
     got = []
@@ -134,14 +157,15 @@ def test_kernels_do_not_depend_on_the_thread_count() -> None:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             got.append((native._gelu(lib, x, False, True), native._quantise(lib, m, -1, 24),
-                        native._quantise(lib, m, -2, 23)))
+                        native._quantise(lib, m, -2, 23), native._softmax_native(lib, z, True)))
     finally:
         torch.set_num_threads(before)
-    for (g, qa, qb) in got[1:]:
+    for (g, qa, qb, sm) in got[1:]:
         assert torch.equal(_bits(g[0]), _bits(got[0][0][0]))
         assert torch.equal(_bits(g[1]), _bits(got[0][0][1]))
         assert torch.equal(_bits(qa), _bits(got[0][1]))
         assert torch.equal(_bits(qb), _bits(got[0][2]))
+        assert torch.equal(_bits(sm), _bits(got[0][3]))
 
 
 def _status_in_a_new_process(build_dir: Path) -> str:

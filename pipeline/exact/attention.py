@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from . import native
 from .blocks import by_rows
 from .context import dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
@@ -51,8 +52,9 @@ class _Attention(Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, c: float,
                 keep: Tensor | None, scale_a: float) -> Tensor:
         z = xmmb(q, k.transpose(-1, -2)).mul_(c)          # (N, H, T, S)
-        allowed = _allowed(z, causal)
-        (p,) = by_rows(_softmax, z, allowed, width=z.shape[-1])
+        p = native.softmax(z, causal)  # the same bits in one pass, where it runs
+        if p is None:
+            (p,) = by_rows(_softmax, z, _allowed(z, causal), width=z.shape[-1])
         pd = p if keep is None else select(keep, p * scale_a)
         ctx.save_for_backward(q, k, v, p, pd, keep)
         ctx.causal = causal
@@ -67,7 +69,9 @@ class _Attention(Function):
         gpd = xmmb(g, v.transpose(-1, -2))                # (N, H, T, S)
         gv = xmmb(pd.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
         gp = gpd if keep is None else select(keep, gpd * ctx.scale_a)
-        (gz,) = by_rows(_softmax_grad, gp, p, _allowed(p, ctx.causal), width=p.shape[-1])
+        gz = native.softmax_grad(gp, p, ctx.causal)
+        if gz is None:
+            (gz,) = by_rows(_softmax_grad, gp, p, _allowed(p, ctx.causal), width=p.shape[-1])
         gs = gz.mul_(ctx.c)
         gq = xmmb(gs, k) if ctx.needs_input_grad[0] else None
         gk = xmmb(gs.transpose(-1, -2), q) if ctx.needs_input_grad[1] else None

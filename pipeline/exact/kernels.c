@@ -179,3 +179,56 @@ void px_quantise_cols(const float *restrict x, int64_t batch, int64_t k, int64_t
             for (int64_t c = c0; c < c1; c++) ob[i * n + c] = (0.0 + mg[c - c0]) - mg[c - c0];
     }
 }
+
+/* ---------------------------------------------------------------- attention's softmax */
+/* ops.tree_sum over one row of s f32 values: padded with -0 to a power of
+ * two, neighbours (2i, 2i+1) added level by level. buf holds 2^ceil(log2 s). */
+static inline float tree_row(float *buf, int64_t s) {
+    int64_t m = 1;
+    while (m < s) m <<= 1;
+    for (int64_t j = s; j < m; j++) buf[j] = -0.0f;
+    for (; m > 1; m >>= 1)
+        for (int64_t j = 0; j < m / 2; j++) buf[j] = buf[2 * j] + buf[2 * j + 1];
+    return buf[0];
+}
+
+/* attention._softmax on rows of z (rows x s, contiguous; row r is query
+ * r % t of its matrix): the maximum over allowed keys (j <= query when
+ * causal; NaN propagates), xexp(z - max) in f32 -> f64 -> f32, +0 where not
+ * allowed, the fixed tree, a division. buf: s_pow2 floats per thread. */
+#define MAXS 4096
+void px_softmax(const float *restrict z, float *restrict p, int64_t rows, int64_t s, int64_t t,
+                int causal, int nt) {
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[MAXS];
+        const float *zr = z + r * s;
+        float *pr = p + r * s;
+        int64_t lim = causal ? (r % t) + 1 : s;
+        if (lim > s) lim = s;
+        float m = -__builtin_inff();
+        for (int64_t j = 0; j < lim; j++) m = (zr[j] > m || zr[j] != zr[j]) ? zr[j] : m;
+        for (int64_t j = 0; j < s; j++)
+            buf[j] = j < lim ? (float)exp64((double)(zr[j] - m)) : 0.0f;
+        for (int64_t j = 0; j < s; j++) pr[j] = buf[j];
+        float sum = tree_row(buf, s);
+        for (int64_t j = 0; j < s; j++) pr[j] = pr[j] / sum;
+    }
+}
+
+/* attention._softmax_grad: gz = (gp - tree_sum(gp * p)) * p per row, +0
+ * where not allowed. */
+void px_softmax_grad(const float *restrict gp, const float *restrict p, float *restrict gz,
+                     int64_t rows, int64_t s, int64_t t, int causal, int nt) {
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[MAXS];
+        const float *gr = gp + r * s, *pr = p + r * s;
+        float *zr = gz + r * s;
+        int64_t lim = causal ? (r % t) + 1 : s;
+        if (lim > s) lim = s;
+        for (int64_t j = 0; j < s; j++) buf[j] = gr[j] * pr[j];
+        float sum = tree_row(buf, s);
+        for (int64_t j = 0; j < s; j++) zr[j] = j < lim ? (gr[j] - sum) * pr[j] : 0.0f;
+    }
+}

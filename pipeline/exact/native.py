@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["kernels", "status", "gelu", "quantise"]
+__all__ = ["kernels", "status", "gelu", "quantise", "softmax", "softmax_grad"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _BASE_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
@@ -151,7 +151,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).argtypes = [p, p, p, i64, i32]
     lib.px_quantise_rows.argtypes = [p, i64, i64, i64, p, i64, i32, i32]
     lib.px_quantise_cols.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i32, i32]
-    for name in ("px_gelu_erf", "px_gelu_tanh", "px_quantise_rows", "px_quantise_cols"):
+    lib.px_softmax.argtypes = [p, p, i64, i64, i64, i32, i32]
+    lib.px_softmax_grad.argtypes = [p, p, p, i64, i64, i64, i32, i32]
+    for name in ("px_gelu_erf", "px_gelu_tanh", "px_quantise_rows", "px_quantise_cols",
+                 "px_softmax", "px_softmax_grad"):
         getattr(lib, name).restype = None
 
 
@@ -159,6 +162,7 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
     """None if the build equals the torch implementations bit for bit on a
     fixed set of inputs (special values, every binade, random bit patterns),
     else what differed."""
+    from .attention import _allowed, _softmax, _softmax_grad
     from .functional import _gelu_parts_torch
     from .product import _quantised_torch
 
@@ -190,6 +194,16 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
         for p in (24, 23):
             if not same(_quantised_torch(xs, dim, p), _quantise(lib, xs, dim, p)):
                 return f"quantisation of {shape} along {dim} differs from the torch implementation"
+    z = scaled[:2 * 3 * 10 * 12].reshape(2, 3, 10, 12).clamp(-80.0, 80.0)
+    gp = noise[-z.numel():].reshape(z.shape).nan_to_num(0.0).clamp(-1e30, 1e30)
+    for causal in (True, False):
+        allowed = _allowed(z, causal)
+        want = _softmax(z, allowed)[0]
+        if not same(want, _softmax_native(lib, z, causal)):
+            return "attention's softmax differs from the torch implementation"
+        if not same(_softmax_grad(gp, want, allowed)[0],
+                    _softmax_grad_native(lib, gp, want, causal)):
+            return "attention's softmax gradient differs from the torch implementation"
     return None
 
 
@@ -272,3 +286,41 @@ def quantise(x: Tensor, dim: int, p: int) -> Tensor | None:
     layout, or None."""
     lib = usable(x)
     return None if lib is None else _quantise(lib, x, dim, p)
+
+
+_MAXS = 4096  # kernels.c's MAXS: the longest row the softmax kernels take
+
+
+def _softmax_native(lib: ctypes.CDLL, z: Tensor, causal: bool) -> Tensor:
+    zc = z.contiguous()
+    p = torch.empty_like(zc)
+    s, t = zc.shape[-1], zc.shape[-2]
+    lib.px_softmax(zc.data_ptr(), p.data_ptr(), zc.numel() // max(s, 1), s, t, int(causal),
+                   torch.get_num_threads())
+    return p
+
+
+def _softmax_grad_native(lib: ctypes.CDLL, gp: Tensor, p: Tensor, causal: bool) -> Tensor:
+    gc, pc = gp.contiguous(), p.contiguous()
+    gz = torch.empty_like(pc)
+    s, t = pc.shape[-1], pc.shape[-2]
+    lib.px_softmax_grad(gc.data_ptr(), pc.data_ptr(), gz.data_ptr(), pc.numel() // max(s, 1),
+                        s, t, int(causal), torch.get_num_threads())
+    return gz
+
+
+def softmax(z: Tensor, causal: bool) -> Tensor | None:
+    """``attention._softmax`` over the last dim of ``z (..., T, S)`` (causal:
+    query ``i`` sees keys ``j <= i``), natively, or None."""
+    lib = usable(z)
+    if lib is None or z.dim() < 2 or not 0 < z.shape[-1] <= _MAXS:
+        return None
+    return _softmax_native(lib, z, causal)
+
+
+def softmax_grad(gp: Tensor, p: Tensor, causal: bool) -> Tensor | None:
+    """``attention._softmax_grad`` natively, or None."""
+    lib = usable(gp, p)
+    if lib is None or p.dim() < 2 or not 0 < p.shape[-1] <= _MAXS or gp.shape != p.shape:
+        return None
+    return _softmax_grad_native(lib, gp, p, causal)
