@@ -1,7 +1,8 @@
 """Exact mode's native kernels (pipeline/exact/native.py, kernels.c) give the
 bits of the torch implementations they replace: GELU (both forms, with and
 without the derivative), xmmb's quantisation (rows and columns, every
-layout) and attention's softmax and its gradient, on special values, every binade and random bit patterns, at several
+layout), attention's softmax and its gradient, the fixed trees and
+LayerNorm forward and backward, on special values, every binade and random bit patterns, at several
 thread counts. Controls: a kernel that differs fails the self-test and is not
 used (with a warning); without a compiler, or switched off, the torch path
 runs and gives the same products."""
@@ -122,6 +123,45 @@ def test_softmax_kernels_equal_the_torch_implementation(causal: bool,
         gp = _values(n, 8)[-n:].reshape(shape)
         assert _same(native._softmax_grad_native(lib, gp, want, causal),
                      _softmax_grad(gp, want, allowed)[0])
+
+
+@pytest.mark.parametrize("shape,dim", [((512, 128), 1), ((512, 128), 0), ((7, 3), 0), ((7, 3), 1),
+                                       ((2, 1), 0), ((1, 9), 0), ((3, 5, 2), 2), ((5, 4096), 1),
+                                       ((1000, 300), 0), ((4, 5000), 1), ((3, 4, 5), 0)])
+def test_tree_kernels_equal_the_torch_implementation(shape: tuple[int, ...], dim: int) -> None:
+    """The fixed tree along the last dim (rows) and along dim 0 (columns, the
+    bias gradients), every length parity; the shapes the kernels do not take
+    (rows longer than 4096, dim 0 of a 3-D tensor) fall back to the torch
+    path: the same result either way through ops.tree_sum."""
+    from pipeline.exact.ops import _tree_sum_torch, tree_sum
+
+    n = torch.Size(shape).numel()
+    for x in (torch.randn(shape, generator=torch.Generator().manual_seed(10)),
+              _values(n, 11)[-n:].reshape(shape)):
+        want = _tree_sum_torch(x, dim)
+        assert _same(tree_sum(x, dim), want)
+        if native.tree_sum(x, dim) is not None:
+            assert _same(native._tree_sum(_lib(), x, dim), want)
+
+
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_layer_norm_kernels_equal_the_torch_implementation(affine: str) -> None:
+    from pipeline.exact.functional import _layer_norm_grad_torch, _layer_norm_torch
+
+    g = torch.Generator().manual_seed(12)
+    lib = _lib()
+    for x in (torch.randn(300, 128, generator=g) * 3 + 1, _values(64 * 77, 13)[-64 * 77:]
+              .reshape(64, 77), torch.full((4, 8), 2.5), torch.randn(5, 1, generator=g)):
+        d = x.shape[1]
+        w = torch.randn(d, generator=g) if affine != "none" else None
+        b = torch.randn(d, generator=g) if affine == "wb" else None
+        for eps in (1e-5, 0.0):
+            want = _layer_norm_torch(x, w, b, eps)
+            got = native._layer_norm(lib, x, w, b, eps)
+            assert all(_same(a, e) for a, e in zip(got, want))
+            gy = torch.randn(x.shape, generator=g)
+            assert _same(native._layer_norm_grad(lib, gy, want[1], want[2], w),
+                         _layer_norm_grad_torch(gy, want[1], want[2], w))
 
 
 def test_quantisation_of_views_and_tiny_blocks_equals_the_torch_path(fresh: Path) -> None:

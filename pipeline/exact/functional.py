@@ -172,18 +172,9 @@ class _LayerNorm(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None,
                 eps: float) -> Tensor:
-        d_ = x.shape[-1]
-        x2 = x.reshape(-1, d_)
-        fd = _c(x2, float(d_))
-        d = x2 - (tree_sum(x2, 1) / fd).unsqueeze(1)
-        var = tree_sum(d * d, 1) / fd
-        s = sqrt32(var + _c(var, eps)).unsqueeze(1)     # eps already RN32 (layers)
-        xh = d / s
-        y = xh
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
+        x2 = x.reshape(-1, x.shape[-1])
+        got = native.layer_norm(x2, w, b, eps)  # the same bits in one pass, where it runs
+        y, xh, s = got if got is not None else _layer_norm_torch(x2, w, b, eps)
         ctx.save_for_backward(xh, s, w)
         ctx.has_b = b is not None
         return y.view(x.shape)
@@ -193,14 +184,38 @@ class _LayerNorm(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         xh, s, w = ctx.saved_tensors
         g2 = g.reshape(xh.shape)
-        gxh = g2 * w if w is not None else g2
-        fd = _c(xh, float(xh.shape[1]))
-        m1 = (tree_sum(gxh, 1) / fd).unsqueeze(1)
-        m2 = (tree_sum(gxh * xh, 1) / fd).unsqueeze(1)
-        gx = ((gxh - m1) - xh * m2) / s
+        gx = native.layer_norm_grad(g2, xh, s, w)
+        if gx is None:
+            gx = _layer_norm_grad_torch(g2, xh, s, w)
         gw = tree_sum(g2 * xh, 0) if w is not None and ctx.needs_input_grad[1] else None
         gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None
         return gx.view(g.shape), gw, gb, None
+
+
+def _layer_norm_torch(x2: Tensor, w: Tensor | None, b: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of rows ``x2`` by torch ops (the reference the native kernel
+    equals): ``(y, xh, s)``, ``s`` of shape (rows, 1)."""
+    fd = _c(x2, float(x2.shape[1]))
+    d = x2 - (tree_sum(x2, 1) / fd).unsqueeze(1)
+    var = tree_sum(d * d, 1) / fd
+    s = sqrt32(var + _c(var, eps)).unsqueeze(1)     # eps already RN32 (layers)
+    xh = d / s
+    y = xh
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y, xh, s
+
+
+def _layer_norm_grad_torch(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tensor:
+    """LayerNorm's input gradient by torch ops (the native kernel's reference)."""
+    gxh = g2 * w if w is not None else g2
+    fd = _c(xh, float(xh.shape[1]))
+    m1 = (tree_sum(gxh, 1) / fd).unsqueeze(1)
+    m2 = (tree_sum(gxh * xh, 1) / fd).unsqueeze(1)
+    return ((gxh - m1) - xh * m2) / s
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:

@@ -232,3 +232,95 @@ void px_softmax_grad(const float *restrict gp, const float *restrict p, float *r
         for (int64_t j = 0; j < s; j++) zr[j] = j < lim ? (gr[j] - sum) * pr[j] : 0.0f;
     }
 }
+
+/* ---------------------------------------------------------------- fixed trees */
+/* ops.tree_sum along the last dim of x (rows x s, contiguous) -> out (rows). */
+void px_tree_rows(const float *restrict x, float *restrict out, int64_t rows, int64_t s,
+                  int nt) {
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[MAXS];
+        for (int64_t j = 0; j < s; j++) buf[j] = x[r * s + j];
+        out[r] = tree_row(buf, s);
+    }
+}
+
+/* ops.tree_sum along dim 0 of x (rows x n, contiguous) -> out (n): the same
+ * neighbour pairing, whole rows at a time, over column chunks of COLS.
+ * work: ceil(rows / 2) x COLS floats per thread (the first level reads x). */
+void px_tree_cols(const float *restrict x, float *restrict out, int64_t rows, int64_t n,
+                  float *restrict work, int nt) {
+    int64_t cchunks = (n + COLS - 1) / COLS, half = (rows + 1) / 2;
+    PARALLEL_FOR
+    for (int64_t cc = 0; cc < cchunks; cc++) {
+        int64_t c0 = cc * COLS, w = (c0 + COLS < n ? c0 + COLS : n) - c0;
+        float *buf = work + cc * half * COLS;
+        /* level 1 from x: pairs (2i, 2i+1); an odd last row pairs with -0 */
+        for (int64_t i = 0; i < half; i++)
+            for (int64_t c = 0; c < w; c++)
+                buf[i * COLS + c] = x[(2 * i) * n + c0 + c]
+                                    + (2 * i + 1 < rows ? x[(2 * i + 1) * n + c0 + c] : -0.0f);
+        int64_t len = half;
+        while (len > 1) {
+            int64_t next = (len + 1) / 2;
+            for (int64_t i = 0; i < next; i++)
+                for (int64_t c = 0; c < w; c++)
+                    buf[i * COLS + c] = buf[(2 * i) * COLS + c]
+                                        + (2 * i + 1 < len ? buf[(2 * i + 1) * COLS + c] : -0.0f);
+            len = next;
+        }
+        for (int64_t c = 0; c < w; c++) out[c0 + c] = buf[c];
+    }
+}
+
+/* ---------------------------------------------------------------- LayerNorm */
+/* functional._LayerNorm.forward per row of x (rows x d): mean and variance
+ * by the fixed tree and an f32 division by d, s = sqrt32(var + eps), xh =
+ * (x - mean) / s, y = xh * w + b (w, b optional). Writes y, xh, s. */
+void px_layer_norm(const float *restrict x, const float *restrict w, const float *restrict b,
+                   float eps, float *restrict y, float *restrict xh, float *restrict s,
+                   int64_t rows, int64_t d, int nt) {
+    float fd = (float)d;
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[MAXS];
+        const float *xr = x + r * d;
+        float *yr = y + r * d, *hr = xh + r * d;
+        for (int64_t j = 0; j < d; j++) buf[j] = xr[j];
+        float mean = tree_row(buf, d) / fd;
+        for (int64_t j = 0; j < d; j++) {
+            float dv = xr[j] - mean;
+            hr[j] = dv;
+            buf[j] = dv * dv;
+        }
+        float var = tree_row(buf, d) / fd;
+        float sr = __builtin_sqrtf(var + eps);
+        s[r] = sr;
+        for (int64_t j = 0; j < d; j++) {
+            float v = hr[j] / sr;
+            hr[j] = v;
+            if (w) v = v * w[j];
+            if (b) v = v + b[j];
+            yr[j] = v;
+        }
+    }
+}
+
+/* functional._LayerNorm.backward's gx per row: gxh = g * w (or g), m1 =
+ * tree(gxh) / d, m2 = tree(gxh * xh) / d, gx = ((gxh - m1) - xh * m2) / s. */
+void px_layer_norm_grad(const float *restrict g, const float *restrict xh,
+                        const float *restrict s, const float *restrict w, float *restrict gx,
+                        int64_t rows, int64_t d, int nt) {
+    float fd = (float)d;
+    PARALLEL_FOR
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[MAXS], gxh[MAXS];
+        const float *gr = g + r * d, *hr = xh + r * d;
+        for (int64_t j = 0; j < d; j++) gxh[j] = w ? gr[j] * w[j] : gr[j];
+        for (int64_t j = 0; j < d; j++) buf[j] = gxh[j];
+        float m1 = tree_row(buf, d) / fd;
+        for (int64_t j = 0; j < d; j++) buf[j] = gxh[j] * hr[j];
+        float m2 = tree_row(buf, d) / fd;
+        for (int64_t j = 0; j < d; j++) gx[r * d + j] = ((gxh[j] - m1) - hr[j] * m2) / s[r];
+    }
+}

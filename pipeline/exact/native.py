@@ -35,10 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["kernels", "status", "gelu", "quantise", "softmax", "softmax_grad"]
+__all__ = ["kernels", "status", "gelu", "quantise", "softmax", "softmax_grad", "tree_sum",
+           "layer_norm", "layer_norm_grad"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
-_BASE_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+_BASE_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC",
+               "-shared"]
 _OPTIONAL = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
 _lock = threading.Lock()
@@ -152,9 +154,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.px_quantise_rows.argtypes = [p, i64, i64, i64, p, i64, i32, i32]
     lib.px_quantise_cols.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i32, i32]
     lib.px_softmax.argtypes = [p, p, i64, i64, i64, i32, i32]
+    lib.px_tree_rows.argtypes = [p, p, i64, i64, i32]
+    lib.px_tree_cols.argtypes = [p, p, i64, i64, p, i32]
+    lib.px_layer_norm.argtypes = [p, p, p, ctypes.c_float, p, p, p, i64, i64, i32]
+    lib.px_layer_norm_grad.argtypes = [p, p, p, p, p, i64, i64, i32]
     lib.px_softmax_grad.argtypes = [p, p, p, i64, i64, i64, i32, i32]
     for name in ("px_gelu_erf", "px_gelu_tanh", "px_quantise_rows", "px_quantise_cols",
-                 "px_softmax", "px_softmax_grad"):
+                 "px_softmax", "px_softmax_grad", "px_tree_rows", "px_tree_cols",
+                 "px_layer_norm", "px_layer_norm_grad"):
         getattr(lib, name).restype = None
 
 
@@ -163,7 +170,8 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
     fixed set of inputs (special values, every binade, random bit patterns),
     else what differed."""
     from .attention import _allowed, _softmax, _softmax_grad
-    from .functional import _gelu_parts_torch
+    from .functional import _gelu_parts_torch, _layer_norm_grad_torch, _layer_norm_torch
+    from .ops import _tree_sum_torch
     from .product import _quantised_torch
 
     g = torch.Generator().manual_seed(20261201)
@@ -194,6 +202,21 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
         for p in (24, 23):
             if not same(_quantised_torch(xs, dim, p), _quantise(lib, xs, dim, p)):
                 return f"quantisation of {shape} along {dim} differs from the torch implementation"
+    for shape, dim in (((37, 21), 0), ((37, 21), 1), ((1, 5), 0), ((300, 2), 0), ((4, 3, 129), 2)):
+        xs = scaled[:torch.Size(shape).numel()].reshape(shape).clamp(-1e30, 1e30)
+        if not same(_tree_sum_torch(xs, dim), _tree_sum(lib, xs, dim)):
+            return f"the fixed tree over dim {dim} of {shape} differs from the torch implementation"
+    xl = scaled[:30 * 48].reshape(30, 48).clamp(-1e15, 1e15)
+    wl, bl = scaled[-48:].clamp(-1e3, 1e3), scaled[-96:-48].clamp(-1e3, 1e3)
+    for wb in ((wl, bl), (wl, None), (None, None)):
+        want = _layer_norm_torch(xl, *wb, 1e-5)
+        got = _layer_norm(lib, xl, *wb, 1e-5)
+        if not all(same(a, b) for a, b in zip(want, got)):
+            return "LayerNorm differs from the torch implementation"
+        gl = scaled[100:100 + xl.numel()].reshape(xl.shape).clamp(-1e15, 1e15)
+        if not same(_layer_norm_grad_torch(gl, want[1], want[2], wb[0]),
+                    _layer_norm_grad(lib, gl, want[1], want[2], wb[0])):
+            return "LayerNorm's gradient differs from the torch implementation"
     z = scaled[:2 * 3 * 10 * 12].reshape(2, 3, 10, 12).clamp(-80.0, 80.0)
     gp = noise[-z.numel():].reshape(z.shape).nan_to_num(0.0).clamp(-1e30, 1e30)
     for causal in (True, False):
@@ -213,6 +236,9 @@ def kernels() -> ctypes.CDLL | None:
         return _state["lib"]
     with _lock:
         if "lib" not in _state:
+            # Until the build passes, every caller (the self-test's torch
+            # references included) gets None: the torch path.
+            _state["status"], _state["lib"] = "off: being built", None
             lib, why = None, "off: PIPELINE_EXACT_NATIVE=0"
             if os.environ.get("PIPELINE_EXACT_NATIVE", "1") != "0":
                 lib, why = _build()
@@ -223,8 +249,7 @@ def kernels() -> ctypes.CDLL | None:
                               f"(the torch implementations run: same bits, slower)",
                               file=sys.stderr)
                         lib, why = None, f"off: self-test failed: {problem}"
-            _state["status"] = why
-            _state["lib"] = lib
+            _state["status"], _state["lib"] = why, lib
     return _state["lib"]
 
 
@@ -324,3 +349,78 @@ def softmax_grad(gp: Tensor, p: Tensor, causal: bool) -> Tensor | None:
     if lib is None or p.dim() < 2 or not 0 < p.shape[-1] <= _MAXS or gp.shape != p.shape:
         return None
     return _softmax_grad_native(lib, gp, p, causal)
+
+
+def _tree_sum(lib: ctypes.CDLL, x: Tensor, dim: int) -> Tensor:
+    xc = x.contiguous()
+    nt = torch.get_num_threads()
+    if dim == xc.dim() - 1:
+        s = xc.shape[-1]
+        out = torch.empty(xc.shape[:-1], dtype=torch.float32)
+        lib.px_tree_rows(xc.data_ptr(), out.data_ptr(), xc.numel() // s, s, nt)
+        return out
+    rows, n = xc.shape
+    work = torch.empty(-(-n // 256) * ((rows + 1) // 2) * 256, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32)
+    lib.px_tree_cols(xc.data_ptr(), out.data_ptr(), rows, n, work.data_ptr(), nt)
+    return out
+
+
+def tree_sum(x: Tensor, dim: int) -> Tensor | None:
+    """``ops.tree_sum`` of f32 ``x`` (``dim`` the last, at most 4096 long, or
+    dim 0 of a 2-D ``x``; at least 2 long) natively, or None."""
+    lib = usable(x)
+    if lib is None or x.dim() == 0 or x.shape[dim] < 2 or 0 in x.shape:
+        return None
+    if dim == x.dim() - 1 and x.shape[dim] <= _MAXS or dim == 0 and x.dim() == 2:
+        return _tree_sum(lib, x, dim)
+    return None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _layer_norm(lib: ctypes.CDLL, x2: Tensor, w: Tensor | None, b: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    xc = x2.contiguous()
+    rows, d = xc.shape
+    y, xh = torch.empty_like(xc), torch.empty_like(xc)
+    s = torch.empty(rows, 1, dtype=torch.float32)
+    lib.px_layer_norm(xc.data_ptr(), _ptr(w), _ptr(b), eps, y.data_ptr(), xh.data_ptr(),
+                      s.data_ptr(), rows, d, torch.get_num_threads())
+    return y, xh, s
+
+
+def _layer_norm_grad(lib: ctypes.CDLL, g2: Tensor, xh: Tensor, s: Tensor,
+                     w: Tensor | None) -> Tensor:
+    gc = g2.contiguous()
+    gx = torch.empty_like(gc)
+    rows, d = gc.shape
+    lib.px_layer_norm_grad(gc.data_ptr(), xh.data_ptr(), s.data_ptr(), _ptr(w), gx.data_ptr(),
+                           rows, d, torch.get_num_threads())
+    return gx
+
+
+def _ln_ok(x2: Tensor, *params: Tensor | None) -> ctypes.CDLL | None:
+    ps = [p for p in params if p is not None]
+    if x2.dim() != 2 or not 0 < x2.shape[1] <= _MAXS or not all(
+            p.is_contiguous() and p.shape == x2.shape[1:] for p in ps):
+        return None
+    return usable(x2, *ps)
+
+
+def layer_norm(x2: Tensor, w: Tensor | None, b: Tensor | None,
+               eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``functional._layer_norm_torch`` (y, xh, s) for rows ``x2`` natively, or None."""
+    lib = _ln_ok(x2, w, b)
+    return None if lib is None else _layer_norm(lib, x2, w, b, eps)
+
+
+def layer_norm_grad(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tensor | None:
+    """``functional._layer_norm_grad_torch`` natively, or None."""
+    lib = _ln_ok(g2, w)
+    if lib is None or not (xh.is_contiguous() and s.is_contiguous()
+                           and xh.shape == g2.shape and s.shape == (g2.shape[0], 1)):
+        return None
+    return _layer_norm_grad(lib, g2, xh, s, w)
