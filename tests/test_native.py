@@ -270,3 +270,13 @@ def test_switched_off_or_without_a_compiler_the_torch_path_runs(
     monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
     assert native.kernels() is None and native.status().startswith("off: no C compiler")
     assert torch.equal(_bits(product.xmmb(a, b)), _bits(on))
+
+
+def test_an_unusable_build_directory_builds_in_a_private_one(tmp_path: Path) -> None:
+    """PIPELINE_NATIVE_DIR naming a file (or any place that cannot be made a
+    writable directory): the process builds in a temporary directory of its
+    own and still uses the kernels."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert _status_in_a_new_process(blocker / "native").startswith("on")
+    assert blocker.read_text() == "not a directory"

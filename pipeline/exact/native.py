@@ -100,7 +100,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cache = _cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise PermissionError(cache)
+    except OSError:  # this process builds for itself
         cache = Path(tempfile.mkdtemp(prefix="pipeline-native-"))
     from filelock import FileLock
 
