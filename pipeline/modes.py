@@ -87,6 +87,10 @@ class Mode:
         """Whether ``prepare`` fixes the thread count (else a launcher does)."""
         return False
 
+    def how_it_ran(self) -> dict[str, Any]:
+        """What run.json records of how this mode computed (not keyed)."""
+        return {}
+
     def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
         raise NotImplementedError
@@ -160,6 +164,12 @@ class _Exact(Mode):
 
     def prepare(self, argv: list[str]) -> dict[str, Any]:
         return env.profile_record(None)
+
+    def how_it_ran(self) -> dict[str, Any]:
+        # The native kernels change speed, not bits: recorded, not keyed.
+        from .exact import native
+
+        return {"exact_kernels": native.status()}
 
     def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         """The built-in factories: the spec's MLP or CNN (pipeline.exact.ExactNet,

@@ -116,12 +116,8 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
 
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    how = runner.record()
-    if cfg.mode == "exact":  # recorded, not keyed: the native kernels change speed, not bits
-        from .exact import native
-        how["exact_kernels"] = native.status()
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed, how, loop_s)
+                       resumed, {**runner.record(), **mode.how_it_ran()}, loop_s)
 
 
 class _Examples:

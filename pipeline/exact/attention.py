@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from . import native
+from . import fused
 from .blocks import by_rows
 from .context import dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
@@ -52,7 +52,7 @@ class _Attention(Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, c: float,
                 keep: Tensor | None, scale_a: float) -> Tensor:
         z = xmmb(q, k.transpose(-1, -2)).mul_(c)          # (N, H, T, S)
-        p = native.softmax(z, causal)  # the same bits in one pass, where it runs
+        p = fused.softmax(z, causal)  # the same bits in one pass, where it runs
         if p is None:
             (p,) = by_rows(_softmax, z, _allowed(z, causal), width=z.shape[-1])
         pd = p if keep is None else select(keep, p * scale_a)
@@ -69,7 +69,7 @@ class _Attention(Function):
         gpd = xmmb(g, v.transpose(-1, -2))                # (N, H, T, S)
         gv = xmmb(pd.transpose(-1, -2), g) if ctx.needs_input_grad[2] else None
         gp = gpd if keep is None else select(keep, gpd * ctx.scale_a)
-        gz = native.softmax_grad(gp, p, ctx.causal)
+        gz = fused.softmax_grad(gp, p, ctx.causal)
         if gz is None:
             (gz,) = by_rows(_softmax_grad, gp, p, _allowed(p, ctx.causal), width=p.shape[-1])
         gs = gz.mul_(ctx.c)

@@ -13,24 +13,19 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from . import native
+from . import fused
 from .blocks import by_rows
 from .context import apply_trusted, cached, dropout_constants, next_mask, trusted
 from .context import trusted_backward as _trusted_backward
 from .flat import rn32, select
-from .ops import col2im, exp64, im2col, sqrt32, tree_sum
+from .ops import col2im, im2col, tree_sum
 from .product import mm_blocks, quantise_a, quantise_b, xmmb
+from .refs import gelu_parts_torch, layer_norm_grad_torch, layer_norm_torch
 
 __all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
            "index_tree_sum", "apply_trusted"]
 
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
-# GELU (spec section 14): Numerical Recipes' erfcc coefficients C0..C9, f64 literals.
-_ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
-         -1.13520398, 1.48851587, -0.82215223, 0.17087277)
-_SQRT_HALF = 0.7071067811865476  # 0x3FE6A09E667F3BCD, sqrt(1/2) correctly rounded
-_INV_SQRT_2PI = 0.3989422804014327  # 0x3FD9884533D43651
-_SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi), the tanh form
 
 
 def _c(x: Tensor, v: float) -> Tensor:
@@ -173,8 +168,8 @@ class _LayerNorm(Function):
     def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None,
                 eps: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        got = native.layer_norm(x2, w, b, eps)  # the same bits in one pass, where it runs
-        y, xh, s = got if got is not None else _layer_norm_torch(x2, w, b, eps)
+        got = fused.layer_norm(x2, w, b, eps)  # the same bits in one pass, where it runs
+        y, xh, s = got if got is not None else layer_norm_torch(x2, w, b, eps)
         ctx.save_for_backward(xh, s, w)
         ctx.has_b = b is not None
         return y.view(x.shape)
@@ -184,38 +179,12 @@ class _LayerNorm(Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         xh, s, w = ctx.saved_tensors
         g2 = g.reshape(xh.shape)
-        gx = native.layer_norm_grad(g2, xh, s, w)
+        gx = fused.layer_norm_grad(g2, xh, s, w)
         if gx is None:
-            gx = _layer_norm_grad_torch(g2, xh, s, w)
+            gx = layer_norm_grad_torch(g2, xh, s, w)
         gw = tree_sum(g2 * xh, 0) if w is not None and ctx.needs_input_grad[1] else None
         gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None
         return gx.view(g.shape), gw, gb, None
-
-
-def _layer_norm_torch(x2: Tensor, w: Tensor | None, b: Tensor | None,
-                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm of rows ``x2`` by torch ops (the reference the native kernel
-    equals): ``(y, xh, s)``, ``s`` of shape (rows, 1)."""
-    fd = _c(x2, float(x2.shape[1]))
-    d = x2 - (tree_sum(x2, 1) / fd).unsqueeze(1)
-    var = tree_sum(d * d, 1) / fd
-    s = sqrt32(var + _c(var, eps)).unsqueeze(1)     # eps already RN32 (layers)
-    xh = d / s
-    y = xh
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y, xh, s
-
-
-def _layer_norm_grad_torch(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tensor:
-    """LayerNorm's input gradient by torch ops (the native kernel's reference)."""
-    gxh = g2 * w if w is not None else g2
-    fd = _c(xh, float(xh.shape[1]))
-    m1 = (tree_sum(gxh, 1) / fd).unsqueeze(1)
-    m2 = (tree_sum(gxh * xh, 1) / fd).unsqueeze(1)
-    return ((gxh - m1) - xh * m2) / s
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -224,44 +193,13 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 
 # ---------------------------------------------------------------- GELU, ReLU
-def _gelu_parts_torch(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
-    """f32 ``y`` and, if ``grad``, f32 ``dy`` of spec section 14's GELU (every
-    f64 op separate and rounded; in place where the value is not needed)."""
-    d = x.to(_F64)
-    if tanh:
-        one = torch.ones((), dtype=_F64, device=x.device)
-        u = (d * d).mul_(d).mul_(0.044715).add_(d).mul_(_SQRT_2_PI)
-        sg = one / exp64(u * -2.0).add_(1.0)
-        y = (d * sg).to(_F32)
-        if not grad:
-            return y, None
-        du = (d * d).mul_(0.134145).add_(1.0).mul_(_SQRT_2_PI)
-        dy = (d * 2.0).mul_(du).mul_((one - sg).mul_(sg)).add_(sg)
-        return y, dy.to(_F32)
-    a = d.mul(-_SQRT_HALF).abs_()
-    t = a.mul(0.5).add_(1.0).reciprocal_()   # 1 / x: one correctly rounded division
-    w = t.mul(_ERFC[9])
-    w.add_(_ERFC[8])
-    for n in range(7, -1, -1):
-        w.mul_(t).add_(_ERFC[n])
-    half = exp64(w.sub_(a.mul_(a)), inplace=True).mul_(t).mul_(0.5)   # 0.5 * ec (exact)
-    # z >= 0 <=> d <= 0; 0.5 * (2 - ec) == 1 - 0.5 * ec (scaling commutes with rounding).
-    # Buffers are reused once their values are dead (t, a): fewer allocations.
-    phi = select(d <= 0, half, torch.sub(1.0, half, out=t))
-    y = torch.mul(d, phi, out=a).to(_F32)
-    if not grad:
-        return y, None
-    dens = exp64(torch.mul(d, d, out=a).mul_(0.5).neg_(), inplace=True).mul_(_INV_SQRT_2PI)
-    return y, dens.mul_(d).add_(phi).to(_F32)
-
-
 class _GELU(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, tanh: bool) -> Tensor:
         grad = ctx.needs_input_grad[0]
-        out = native.gelu(x, tanh, grad)  # the same bits in one pass, where it runs
+        out = fused.gelu(x, tanh, grad)  # the same bits in one pass, where it runs
         if out is None:
-            out = by_rows(lambda v: tuple(t for t in _gelu_parts_torch(v, tanh, grad)
+            out = by_rows(lambda v: tuple(t for t in gelu_parts_torch(v, tanh, grad)
                                           if t is not None),
                           x, width=x.shape[-1] if x.dim() else 1)
         ctx.save_for_backward(out[1] if grad else None)

@@ -23,7 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import native
+from . import fused
+from .consts import EXP_C, LN2_HI, LN2_LO, LOG2E, LOG_C, SQRT_HALF
 from .flat import no_autograd, select
 
 __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp64", "xexp", "xlog",
@@ -32,14 +33,7 @@ __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp6
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 _EXP_MASK = 0x7FF0000000000000  # the exponent field of an f64
 
-# Section 7 constants, f64 literals. E_n = 1/n!, D_n = 1/(2n+1): Python's
-# float / int division is correctly rounded (n! < 2^53 is exact as a float).
-LOG2E = 1.4426950408889634
-LN2_HI = 0.6931471803691238  # 0x3FE62E42FEE00000
-LN2_LO = 1.9082149292705877e-10  # 0x3DEA39EF35793C76
-SQRT_HALF = 0.7071067811865476
-_E = [1.0 / math.factorial(n) for n in range(12)]
-_D = [1.0 / (2 * n + 1) for n in range(12)]
+_E, _D = EXP_C, LOG_C  # section 7's Taylor and atanh coefficients
 
 
 def _bits_pow2(n: Tensor) -> Tensor:
@@ -132,7 +126,7 @@ def tree_sum(x: Tensor, dim: int) -> Tensor:
     padding is exactly the spec's carry, and every level is one add.
     """
     dim = dim % x.dim()
-    got = native.tree_sum(x, dim)  # the same adds in one pass, where it runs
+    got = fused.tree_sum(x, dim)  # the same adds in one pass, where it runs
     return got if got is not None else _tree_sum_torch(x, dim)
 
 

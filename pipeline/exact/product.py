@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
+from . import fused
 from .flat import no_autograd
 
 __all__ = ["xmmb", "quantise_a", "quantise_b", "mm_blocks", "BLOCK"]
@@ -61,11 +61,11 @@ def _quantised(x: Tensor, dim: int, p: int) -> Tensor:
     laid out as ``x`` is: row-major, or (for a transposed view such as
     ``w.t()``) the transposed view of a row-major buffer, so the conversion
     and rounding run over contiguous memory and the GEMM reads either layout
-    as it is. By the native kernel where there is one (pipeline.exact.native:
+    as it is. By the native kernel where there is one (pipeline.exact.fused:
     the same bits), else by ``_quantised_torch``."""
     if x.dim() >= 2 and x.stride(-1) != 1 and x.stride(-2) == 1:
         return _quantised(x.transpose(-1, -2), -3 - dim, p).transpose(-1, -2)
-    got = native.quantise(x, dim, p)
+    got = fused.quantise(x, dim, p)
     return got if got is not None else _quantised_torch(x, dim, p)
 
 

@@ -1,0 +1,25 @@
+"""The spec's f64 constants (docs/exact-spec.md, sections 7 and 14), in one
+place: the torch implementations and the native kernels' C source (written
+from these with ``float.hex``) use the same values."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["LOG2E", "LN2_HI", "LN2_LO", "SQRT_HALF", "EXP_C", "LOG_C", "ERFC_C",
+           "INV_SQRT_2PI", "SQRT_2_PI"]
+
+# Section 7. EXP_C[n] = 1/n!, LOG_C[n] = 1/(2n+1): Python's float / int
+# division is correctly rounded (n! < 2^53 is exact as a float).
+LOG2E = 1.4426950408889634
+LN2_HI = 0.6931471803691238  # 0x3FE62E42FEE00000
+LN2_LO = 1.9082149292705877e-10  # 0x3DEA39EF35793C76
+SQRT_HALF = 0.7071067811865476  # 0x3FE6A09E667F3BCD, sqrt(1/2) correctly rounded
+EXP_C = [1.0 / math.factorial(n) for n in range(12)]
+LOG_C = [1.0 / (2 * n + 1) for n in range(12)]
+
+# Section 14, GELU: Numerical Recipes' erfcc coefficients C0..C9 (f64 literals).
+ERFC_C = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807,
+          -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+INV_SQRT_2PI = 0.3989422804014327  # 0x3FD9884533D43651
+SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi), the tanh form

@@ -1,0 +1,184 @@
+"""Exact mode's native kernels as functions on tensors (pipeline/exact/native.py
+builds the library): each returns what its torch reference returns, bit for
+bit, or None where the kernels do not apply (a CUDA tensor, another dtype, a
+shape they do not take, an autograd graph to build, no library, a failed
+self-test), and the caller then runs the reference. The references and the
+self-tests: pipeline/exact/refs.py."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from . import native
+
+__all__ = ["gelu", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_norm",
+           "layer_norm_grad"]
+
+_MAXS = 4096  # kernels.c's MAXS: the longest row the row kernels take
+
+
+def usable(group: str, *xs: Tensor) -> ctypes.CDLL | None:
+    """The library, if ``group``'s kernels apply to ``xs`` (CPU float32, and
+    no autograd graph to build: a kernel's result has none), else None."""
+    if all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs) and not (
+            torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
+        return native.kernels(group)
+    return None
+
+
+def _gelu(lib: ctypes.CDLL, x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    dy = torch.empty_like(xc) if grad else None
+    fn = lib.px_gelu_tanh if tanh else lib.px_gelu_erf
+    fn(xc.data_ptr(), y.data_ptr(), dy.data_ptr() if dy is not None else None, xc.numel(),
+       torch.get_num_threads())
+    return y, dy
+
+
+def gelu(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None] | None:
+    """``refs.gelu_parts_torch`` natively (shape of ``x``), or None."""
+    lib = usable("gelu", x)
+    return None if lib is None else _gelu(lib, x, tanh, grad)
+
+
+def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:
+    k = x.shape[dim]
+    kp = -(-k // 64) * 64
+    nt = torch.get_num_threads()
+    if dim == -1:
+        x2 = x.reshape(-1, k)
+        if x2.numel() and x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], kp, dtype=torch.float64)
+        lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0) if x2.numel() else k,
+                             out.data_ptr(), kp, p, nt)
+        return out.view(*x.shape[:-1], kp)
+    n = x.shape[-1]
+    x3 = x.reshape(-1, k, n)
+    if x3.numel() and x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    out = torch.empty(x3.shape[0], kp, n, dtype=torch.float64)
+    if x3.numel():
+        lib.px_quantise_cols(x3.data_ptr(), x3.shape[0], k, n, x3.stride(1), x3.stride(0),
+                             out.data_ptr(), kp, p, nt)
+    return out.view(*x.shape[:-2], kp, n)
+
+
+def quantise(x: Tensor, dim: int, p: int) -> Tensor | None:
+    """``product._quantised_torch`` (``dim`` -1 or -2) natively, or None."""
+    lib = usable("quantise", x)
+    return None if lib is None else _quantise(lib, x, dim, p)
+
+
+def _softmax(lib: ctypes.CDLL, z: Tensor, causal: bool) -> Tensor:
+    zc = z.contiguous()
+    p = torch.empty_like(zc)
+    s, t = zc.shape[-1], zc.shape[-2]
+    lib.px_softmax(zc.data_ptr(), p.data_ptr(), zc.numel() // max(s, 1), s, t, int(causal),
+                   torch.get_num_threads())
+    return p
+
+
+def _softmax_grad(lib: ctypes.CDLL, gp: Tensor, p: Tensor, causal: bool) -> Tensor:
+    gc, pc = gp.contiguous(), p.contiguous()
+    gz = torch.empty_like(pc)
+    s, t = pc.shape[-1], pc.shape[-2]
+    lib.px_softmax_grad(gc.data_ptr(), pc.data_ptr(), gz.data_ptr(), pc.numel() // max(s, 1),
+                        s, t, int(causal), torch.get_num_threads())
+    return gz
+
+
+def softmax(z: Tensor, causal: bool) -> Tensor | None:
+    """``attention._softmax`` over the last dim of ``z (..., T, S)`` (causal:
+    query ``i`` sees keys ``j <= i``), natively, or None."""
+    lib = usable("softmax", z)
+    if lib is None or z.dim() < 2 or not 0 < z.shape[-1] <= _MAXS:
+        return None
+    return _softmax(lib, z, causal)
+
+
+def softmax_grad(gp: Tensor, p: Tensor, causal: bool) -> Tensor | None:
+    """``attention._softmax_grad`` natively, or None."""
+    lib = usable("softmax", gp, p)
+    if lib is None or p.dim() < 2 or not 0 < p.shape[-1] <= _MAXS or gp.shape != p.shape:
+        return None
+    return _softmax_grad(lib, gp, p, causal)
+
+
+def _tree_sum(lib: ctypes.CDLL, x: Tensor, dim: int) -> Tensor:
+    xc = x.contiguous()
+    nt = torch.get_num_threads()
+    if dim == xc.dim() - 1:
+        s = xc.shape[-1]
+        out = torch.empty(xc.shape[:-1], dtype=torch.float32)
+        lib.px_tree_rows(xc.data_ptr(), out.data_ptr(), xc.numel() // s, s, nt)
+        return out
+    rows, n = xc.shape
+    work = torch.empty(-(-n // 256) * ((rows + 1) // 2) * 256, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32)
+    lib.px_tree_cols(xc.data_ptr(), out.data_ptr(), rows, n, work.data_ptr(), nt)
+    return out
+
+
+def tree_sum(x: Tensor, dim: int) -> Tensor | None:
+    """``ops.tree_sum`` of f32 ``x`` (``dim`` the last, at most 4096 long, or
+    dim 0 of a 2-D ``x``; at least 2 long) natively, or None."""
+    lib = usable("tree", x)
+    if lib is None or x.dim() == 0 or x.shape[dim] < 2 or 0 in x.shape:
+        return None
+    if dim == x.dim() - 1 and x.shape[dim] <= _MAXS or dim == 0 and x.dim() == 2:
+        return _tree_sum(lib, x, dim)
+    return None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _layer_norm(lib: ctypes.CDLL, x2: Tensor, w: Tensor | None, b: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    xc = x2.contiguous()
+    rows, d = xc.shape
+    y, xh = torch.empty_like(xc), torch.empty_like(xc)
+    s = torch.empty(rows, 1, dtype=torch.float32)
+    lib.px_layer_norm(xc.data_ptr(), _ptr(w), _ptr(b), eps, y.data_ptr(), xh.data_ptr(),
+                      s.data_ptr(), rows, d, torch.get_num_threads())
+    return y, xh, s
+
+
+def _layer_norm_grad(lib: ctypes.CDLL, g2: Tensor, xh: Tensor, s: Tensor,
+                     w: Tensor | None) -> Tensor:
+    gc = g2.contiguous()
+    gx = torch.empty_like(gc)
+    rows, d = gc.shape
+    lib.px_layer_norm_grad(gc.data_ptr(), xh.data_ptr(), s.data_ptr(), _ptr(w), gx.data_ptr(),
+                           rows, d, torch.get_num_threads())
+    return gx
+
+
+def _ln_ok(x2: Tensor, *params: Tensor | None) -> ctypes.CDLL | None:
+    ps = [p for p in params if p is not None]
+    if x2.dim() != 2 or not 0 < x2.shape[1] <= _MAXS or not all(
+            p.is_contiguous() and p.shape == x2.shape[1:] for p in ps):
+        return None
+    return usable("layer_norm", x2, *ps)
+
+
+def layer_norm(x2: Tensor, w: Tensor | None, b: Tensor | None,
+               eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``refs.layer_norm_torch`` (y, xh, s) for rows ``x2`` natively, or None."""
+    lib = _ln_ok(x2, w, b)
+    return None if lib is None else _layer_norm(lib, x2, w, b, eps)
+
+
+def layer_norm_grad(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tensor | None:
+    """``refs.layer_norm_grad_torch`` natively, or None."""
+    lib = _ln_ok(g2, w)
+    if lib is None or not (xh.is_contiguous() and s.is_contiguous()
+                           and xh.shape == g2.shape and s.shape == (g2.shape[0], 1)):
+        return None
+    return _layer_norm_grad(lib, g2, xh, s, w)
