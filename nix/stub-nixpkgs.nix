@@ -33,6 +33,7 @@ let
       };
     in
     {
+      stdenv.cc = drv "gcc-wrapper" { };  # nixpkgs' C compiler (a cc-wrapper): bin/cc
       stdenv.hostPlatform = {
         parsed.cpu.name = builtins.head (builtins.split "-" system);
         isLinux = builtins.match ".*-linux" system != null;

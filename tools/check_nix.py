@@ -116,6 +116,8 @@ NOT_SET_BY_WRAPPER = ("PIPELINE_CACHE_DIR",)
 Problems = list[str]
 
 
+STUB_CC = "/stub/gcc-wrapper/bin/cc"  # nix/stub-nixpkgs.nix's stdenv.cc, bin/cc
+
 def nix_files(root: Path) -> list[Path]:
     return [root / "flake.nix", *sorted((root / "nix").glob("*.nix"))]
 
@@ -342,9 +344,10 @@ def _check_system(system: str, got: dict[str, Any], names: dict[str, Any],
             p.append(f"{output}: expected at least {sorted(expected)}, found "
                      f"{names[output].get(system)}")
     wrapper = _set_pairs(got["wrapper"])
-    if wrapper != dict(env, PIPELINE_ROOT=want["source"]):
-        p.append(f"wrapper: expected --set for exactly the {cpu} profile, PIPELINE_LOCK_ID and "
-                 f"PIPELINE_ROOT, found {got['wrapper']}")
+    # CC: nixpkgs' compiler for exact mode's native kernels (pipeline/exact/native.py).
+    if wrapper != dict(env, PIPELINE_ROOT=want["source"], CC=STUB_CC):
+        p.append(f"wrapper: expected --set for exactly the {cpu} profile, PIPELINE_LOCK_ID, "
+                 f"PIPELINE_ROOT and CC (stdenv.cc's bin/cc), found {got['wrapper']}")
     if _exports(got["shellHook"]) != env:
         p.append(f"devShell: shellHook must export the {cpu} profile and PIPELINE_LOCK_ID, "
                  f"found {got['shellHook']!r}")
