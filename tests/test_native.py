@@ -301,3 +301,100 @@ def test_a_tensor_that_needs_a_gradient_keeps_its_graph() -> None:
     assert got.grad_fn is not None
     with torch.no_grad():
         assert torch.equal(_bits(tree_sum(x, 1)), _bits(got.detach()))
+
+
+# ---------------------------------------------------------------- hostile builds and inputs
+def test_a_truncated_cached_build_is_rebuilt_not_loaded(tmp_path: Path) -> None:
+    """A build cut short (a crash mid-write, a full disk) must never reach
+    dlopen, which maps the file and dies of SIGBUS: its recorded sha256 no
+    longer matches, so it is rebuilt."""
+    build_dir = tmp_path / "native"
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    (built,) = build_dir.glob("kernels-*.so")
+    whole = built.read_bytes()
+    with open(built, "r+b") as fh:
+        fh.truncate(len(whole) // 2)
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    assert built.read_bytes() == whole  # the same source, flags and compiler: the same build
+
+
+def _fake_cc(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "fake-cc"
+    script.write_text("#!/bin/sh\n"
+                      'if [ "$1" = "--version" ]; then echo "fake cc 1.0"; exit 0; fi\n'
+                      'out=""; prev=""\n'
+                      'for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\n'
+                      + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("body,why", [
+    ("exit 0\n", "wrote no library"),
+    ("printf 'int nothing(void) { return 0; }\\n' > \"$out.c\" && "
+     "cc -shared -fPIC -o \"$out\" \"$out.c\"\n", "undefined symbol"),
+])
+def test_a_compiler_that_builds_no_kernels_switches_them_off(tmp_path: Path, body: str,
+                                                             why: str) -> None:
+    """A "compiler" that succeeds without writing a library, or writes a
+    library without the kernels: exact mode runs its torch path (status
+    says why), in this process and the next (nothing broken is cached)."""
+    env = {**os.environ, "PIPELINE_NATIVE_DIR": str(tmp_path / "native"),
+           "CC": _fake_cc(tmp_path, body)}
+    env.pop("PIPELINE_EXACT_NATIVE", None)
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", "from pipeline.exact import native; "
+                            "print(native.status())"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300, check=False)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith("off: ") and why in p.stdout, p.stdout
+    assert not list((tmp_path / "native").glob("kernels-*.so"))
+
+
+def test_empty_products_and_narrow_trees_match_the_torch_path() -> None:
+    """xmmb with no output columns or no inner dimension, and the fixed tree
+    over a million rows of one column (the kernel's work buffer is half the
+    input, not padded to 256 columns)."""
+    for a, b in ((torch.randn(3, 70), torch.randn(70, 0)),
+                 (torch.randn(2, 3, 70), torch.randn(2, 70, 0)),
+                 (torch.randn(3, 0), torch.randn(0, 5)), (torch.randn(0, 70), torch.randn(70, 4))):
+        got = product.xmmb(a, b)
+        assert got.shape == (*a.shape[:-1], b.shape[-1]) and not got.abs().sum()
+    from pipeline.exact.ops import _tree_sum_torch, tree_sum
+
+    col = torch.randn(1_000_000, 1, generator=torch.Generator().manual_seed(14))
+    assert fused.tree_sum(col, 0) is not None
+    assert _same(tree_sum(col, 0), _tree_sum_torch(col, 0))
+
+
+def test_wrappers_refuse_what_their_kernels_cannot_take() -> None:
+    """Wrong dtypes of saved tensors, forward-mode tangents and functorch
+    batching: None (the torch path), never a silently wrong result."""
+    from torch.autograd import forward_ad
+
+    from pipeline.exact.ops import tree_sum
+
+    g2, xh = torch.randn(8, 16), torch.randn(8, 16)
+    s = torch.rand(8, 1) + 0.5
+    assert fused.layer_norm_grad(g2, xh, s, None) is not None
+    assert fused.layer_norm_grad(g2, xh.half(), s, None) is None
+    assert fused.layer_norm_grad(g2, xh, s.double(), None) is None
+    assert fused.layer_norm(g2, torch.randn(15), None, 1e-5) is None  # wrong weight shape
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(torch.ones(4, 4), torch.ones(4, 4))
+        tangent = forward_ad.unpack_dual(tree_sum(dual, 1)).tangent
+    assert tangent is not None and torch.equal(tangent, torch.full((4,), 4.0))
+    batched = torch.func.vmap(lambda r: tree_sum(r, 0))(torch.ones(3, 5))
+    assert torch.equal(batched, torch.full((3,), 5.0))
+
+
+def test_self_tests_do_not_depend_on_the_default_dtype(tmp_path: Path) -> None:
+    env = {**os.environ, "PIPELINE_NATIVE_DIR": str(tmp_path / "native")}
+    env.pop("PIPELINE_EXACT_NATIVE", None)
+    p = subprocess.run([sys.executable, "-c", "import torch; "
+                        "torch.set_default_dtype(torch.float64); "
+                        "from pipeline.exact import native; print(native.status())"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert p.returncode == 0 and p.stdout.startswith("on (") and "not used" not in p.stdout, \
+        p.stdout + p.stderr

@@ -11,6 +11,7 @@ import ctypes
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import native
 
@@ -18,15 +19,32 @@ __all__ = ["gelu", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_nor
            "layer_norm_grad"]
 
 _MAXS = 4096  # kernels.c's MAXS: the longest row the row kernels take
+_GRAIN = 32768  # ATen's GRAIN_SIZE: elements below which a call runs on one thread
 
 
 def usable(group: str, *xs: Tensor) -> ctypes.CDLL | None:
-    """The library, if ``group``'s kernels apply to ``xs`` (CPU float32, and
-    no autograd graph to build: a kernel's result has none), else None."""
-    if all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs) and not (
-            torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
-        return native.kernels(group)
-    return None
+    """The library, if ``group``'s kernels apply to ``xs``: CPU float32 and
+    nothing for autograd to track (a kernel's result has no graph, no
+    forward-mode tangent and no functorch batching), else None."""
+    if not all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs):
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return None
+    if forward_ad._current_level >= 0 or any(_wrapped(x) for x in xs):
+        return None
+    return native.kernels(group)
+
+
+def _wrapped(x: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _threads(work: int) -> int:
+    """Threads for a kernel call over ``work`` elements: torch's count for
+    large calls, 1 below torch's own grain size (no OpenMP team is started
+    for small work, as ATen does; a team started before a fork hangs the
+    child's next parallel region)."""
+    return torch.get_num_threads() if work >= _GRAIN else 1
 
 
 def _gelu(lib: ctypes.CDLL, x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -35,7 +53,7 @@ def _gelu(lib: ctypes.CDLL, x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, 
     dy = torch.empty_like(xc) if grad else None
     fn = lib.px_gelu_tanh if tanh else lib.px_gelu_erf
     fn(xc.data_ptr(), y.data_ptr(), dy.data_ptr() if dy is not None else None, xc.numel(),
-       torch.get_num_threads())
+       _threads(xc.numel()))
     return y, dy
 
 
@@ -48,7 +66,7 @@ def gelu(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None] | No
 def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:
     k = x.shape[dim]
     kp = -(-k // 64) * 64
-    nt = torch.get_num_threads()
+    nt = _threads(x.numel())
     if dim == -1:
         x2 = x.reshape(-1, k)
         if x2.numel() and x2.stride(-1) != 1:
@@ -70,6 +88,8 @@ def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:
 
 def quantise(x: Tensor, dim: int, p: int) -> Tensor | None:
     """``product._quantised_torch`` (``dim`` -1 or -2) natively, or None."""
+    if x.numel() == 0:
+        return None
     lib = usable("quantise", x)
     return None if lib is None else _quantise(lib, x, dim, p)
 
@@ -79,7 +99,7 @@ def _softmax(lib: ctypes.CDLL, z: Tensor, causal: bool) -> Tensor:
     p = torch.empty_like(zc)
     s, t = zc.shape[-1], zc.shape[-2]
     lib.px_softmax(zc.data_ptr(), p.data_ptr(), zc.numel() // max(s, 1), s, t, int(causal),
-                   torch.get_num_threads())
+                   _threads(zc.numel()))
     return p
 
 
@@ -88,7 +108,7 @@ def _softmax_grad(lib: ctypes.CDLL, gp: Tensor, p: Tensor, causal: bool) -> Tens
     gz = torch.empty_like(pc)
     s, t = pc.shape[-1], pc.shape[-2]
     lib.px_softmax_grad(gc.data_ptr(), pc.data_ptr(), gz.data_ptr(), pc.numel() // max(s, 1),
-                        s, t, int(causal), torch.get_num_threads())
+                        s, t, int(causal), _threads(pc.numel()))
     return gz
 
 
@@ -111,14 +131,14 @@ def softmax_grad(gp: Tensor, p: Tensor, causal: bool) -> Tensor | None:
 
 def _tree_sum(lib: ctypes.CDLL, x: Tensor, dim: int) -> Tensor:
     xc = x.contiguous()
-    nt = torch.get_num_threads()
+    nt = _threads(xc.numel())
     if dim == xc.dim() - 1:
         s = xc.shape[-1]
         out = torch.empty(xc.shape[:-1], dtype=torch.float32)
         lib.px_tree_rows(xc.data_ptr(), out.data_ptr(), xc.numel() // s, s, nt)
         return out
     rows, n = xc.shape
-    work = torch.empty(-(-n // 256) * ((rows + 1) // 2) * 256, dtype=torch.float32)
+    work = torch.empty(n * ((rows + 1) // 2), dtype=torch.float32)  # half the input
     out = torch.empty(n, dtype=torch.float32)
     lib.px_tree_cols(xc.data_ptr(), out.data_ptr(), rows, n, work.data_ptr(), nt)
     return out
@@ -146,7 +166,7 @@ def _layer_norm(lib: ctypes.CDLL, x2: Tensor, w: Tensor | None, b: Tensor | None
     y, xh = torch.empty_like(xc), torch.empty_like(xc)
     s = torch.empty(rows, 1, dtype=torch.float32)
     lib.px_layer_norm(xc.data_ptr(), _ptr(w), _ptr(b), eps, y.data_ptr(), xh.data_ptr(),
-                      s.data_ptr(), rows, d, torch.get_num_threads())
+                      s.data_ptr(), rows, d, _threads(xc.numel()))
     return y, xh, s
 
 
@@ -156,16 +176,21 @@ def _layer_norm_grad(lib: ctypes.CDLL, g2: Tensor, xh: Tensor, s: Tensor,
     gx = torch.empty_like(gc)
     rows, d = gc.shape
     lib.px_layer_norm_grad(gc.data_ptr(), xh.data_ptr(), s.data_ptr(), _ptr(w), gx.data_ptr(),
-                           rows, d, torch.get_num_threads())
+                           rows, d, _threads(gc.numel()))
     return gx
 
 
-def _ln_ok(x2: Tensor, *params: Tensor | None) -> ctypes.CDLL | None:
-    ps = [p for p in params if p is not None]
-    if x2.dim() != 2 or not 0 < x2.shape[1] <= _MAXS or not all(
-            p.is_contiguous() and p.shape == x2.shape[1:] for p in ps):
+def _ln_ok(x2: Tensor, w: Tensor | None, b: Tensor | None,
+           *saved: Tensor) -> ctypes.CDLL | None:
+    """The library, if the LayerNorm kernels take rows ``x2`` (d <= 4096),
+    parameters of shape (d,) and contiguous saved tensors, else None."""
+    if x2.dim() != 2 or not 0 < x2.shape[1] <= _MAXS:
         return None
-    return usable("layer_norm", x2, *ps)
+    params = [t for t in (w, b) if t is not None]
+    if not all(t.shape == x2.shape[1:] and t.is_contiguous() for t in params) or not all(
+            t.is_contiguous() for t in saved):
+        return None
+    return usable("layer_norm", x2, *params, *saved)
 
 
 def layer_norm(x2: Tensor, w: Tensor | None, b: Tensor | None,
@@ -177,8 +202,7 @@ def layer_norm(x2: Tensor, w: Tensor | None, b: Tensor | None,
 
 def layer_norm_grad(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tensor | None:
     """``refs.layer_norm_grad_torch`` natively, or None."""
-    lib = _ln_ok(g2, w)
-    if lib is None or not (xh.is_contiguous() and s.is_contiguous()
-                           and xh.shape == g2.shape and s.shape == (g2.shape[0], 1)):
+    if xh.shape != g2.shape or g2.dim() != 2 or s.shape != (g2.shape[0], 1):
         return None
-    return _layer_norm_grad(lib, g2, xh, s, w)
+    lib = _ln_ok(g2, w, None, xh, s)
+    return None if lib is None else _layer_norm_grad(lib, g2, xh, s, w)

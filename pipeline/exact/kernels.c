@@ -20,7 +20,7 @@
 #include <string.h>
 
 #ifdef _OPENMP
-#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nt)")
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
 #else
 #define PARALLEL_FOR
 #endif
@@ -247,26 +247,27 @@ void px_tree_rows(const float *restrict x, float *restrict out, int64_t rows, in
 
 /* ops.tree_sum along dim 0 of x (rows x n, contiguous) -> out (n): the same
  * neighbour pairing, whole rows at a time, over column chunks of COLS.
- * work: ceil(rows / 2) x COLS floats per thread (the first level reads x). */
+ * work: ceil(rows / 2) x n floats (the first level reads x); the chunk of w
+ * columns from c0 uses ceil(rows / 2) x w of them, from offset c0 x ceil(rows / 2). */
 void px_tree_cols(const float *restrict x, float *restrict out, int64_t rows, int64_t n,
                   float *restrict work, int nt) {
     int64_t cchunks = (n + COLS - 1) / COLS, half = (rows + 1) / 2;
     PARALLEL_FOR
     for (int64_t cc = 0; cc < cchunks; cc++) {
         int64_t c0 = cc * COLS, w = (c0 + COLS < n ? c0 + COLS : n) - c0;
-        float *buf = work + cc * half * COLS;
+        float *buf = work + c0 * half;
         /* level 1 from x: pairs (2i, 2i+1); an odd last row pairs with -0 */
         for (int64_t i = 0; i < half; i++)
             for (int64_t c = 0; c < w; c++)
-                buf[i * COLS + c] = x[(2 * i) * n + c0 + c]
+                buf[i * w + c] = x[(2 * i) * n + c0 + c]
                                     + (2 * i + 1 < rows ? x[(2 * i + 1) * n + c0 + c] : -0.0f);
         int64_t len = half;
         while (len > 1) {
             int64_t next = (len + 1) / 2;
             for (int64_t i = 0; i < next; i++)
                 for (int64_t c = 0; c < w; c++)
-                    buf[i * COLS + c] = buf[(2 * i) * COLS + c]
-                                        + (2 * i + 1 < len ? buf[(2 * i + 1) * COLS + c] : -0.0f);
+                    buf[i * w + c] = buf[(2 * i) * w + c]
+                                     + (2 * i + 1 < len ? buf[(2 * i + 1) * w + c] : -0.0f);
             len = next;
         }
         for (int64_t c = 0; c < w; c++) out[c0 + c] = buf[c];

@@ -22,6 +22,7 @@ implementations: the same bits, slower. ``status()`` says which, for run.json.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -66,12 +67,25 @@ def _constants() -> str:
     return "".join(f"#define {k} {v}\n" for k, v in defs.items())
 
 
-def _cache_dir() -> Path:
+def _cache_dir() -> Path | None:
+    """Where builds are cached (absolute), or None if no home is known."""
     if env := os.environ.get("PIPELINE_NATIVE_DIR"):
-        return Path(env)
+        return Path(env).absolute()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "pipeline" / "native"
+    if xdg and Path(xdg).is_absolute():  # the XDG spec ignores relative values
+        return Path(xdg) / "pipeline" / "native"
+    try:
+        return Path.home() / ".cache" / "pipeline" / "native"
+    except RuntimeError:  # no HOME and no passwd entry
+        return None
+
+
+def _private_dir() -> Path:
+    """A directory of this process's own, removed at exit (a loaded library
+    stays mapped after its file is gone)."""
+    path = Path(tempfile.mkdtemp(prefix="pipeline-native-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _cpu_flags() -> str:
@@ -104,11 +118,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     source = _constants() + _SOURCE.read_text()
     cache = _cache_dir()
     try:
+        if cache is None:
+            raise PermissionError("no home directory")
         cache.mkdir(parents=True, exist_ok=True)
         if not os.access(cache, os.W_OK | os.X_OK):
             raise PermissionError(cache)
     except OSError:  # this process builds for itself
-        cache = Path(tempfile.mkdtemp(prefix="pipeline-native-"))
+        cache = _private_dir()
     from filelock import FileLock
 
     errors: list[str] = []
@@ -118,28 +134,40 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                                         platform.machine()]).encode()).hexdigest()[:32]
         lib_path = cache / f"kernels-{key}.so"
         with FileLock(str(cache / f"kernels-{key}.lock")):
-            lib = None
-            for attempt in range(2):  # a cached build that does not load is rebuilt once
-                if not lib_path.exists():
+            for _ in range(2):  # a cached build that fails its checks is rebuilt once
+                if not _intact(lib_path):
                     problem = _compile(cc, flags, source, lib_path)
                     if problem:
                         errors.append(problem)
                         break
                 try:
                     lib = ctypes.CDLL(str(lib_path))
-                    break
-                except OSError as e:
+                    _declare(lib)
+                    return lib, f"on ({cc_text}, {' '.join(extra) or 'baseline flags'})"
+                except (OSError, AttributeError) as e:  # not a library, or not ours
                     errors.append(str(e))
                     lib_path.unlink(missing_ok=True)
-        if lib is not None:
-            _declare(lib)
-            return lib, f"on ({cc_text}, {' '.join(extra) or 'baseline flags'})"
     return None, f"off: {cc_text} could not build kernels.c ({errors[-1] if errors else '?'})"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(lib_path: Path) -> bool:
+    """Whether ``lib_path`` is a whole build: its sha256, recorded beside it
+    when it was written, matches (a truncated library must never reach
+    dlopen, which maps it and dies of SIGBUS)."""
+    sums = lib_path.with_suffix(".sha256")
+    try:
+        return sums.read_text().strip() == _digest(lib_path)
+    except OSError:
+        return False
+
+
 def _compile(cc: list[str], flags: list[str], source: str, lib_path: Path) -> str | None:
-    """Build ``lib_path`` (written whole, then renamed into place); None, or
-    the compiler's last line of complaint."""
+    """Build ``lib_path`` and its ``.sha256`` (each written whole, synced, then
+    renamed into place); None, or what went wrong."""
     with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
         src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
         src.write_text(source)
@@ -150,7 +178,16 @@ def _compile(cc: list[str], flags: list[str], source: str, lib_path: Path) -> st
             return str(e)
         if p.returncode != 0:
             return (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        if not out.is_file():
+            return f"{cc[0]} exited 0 but wrote no library"
+        sums = Path(tmp) / "kernels.sha256"
+        sums.write_text(_digest(out) + "\n")
+        for f in (out, sums):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        lib_path.with_suffix(".sha256").unlink(missing_ok=True)
         os.replace(out, lib_path)
+        os.replace(sums, lib_path.with_suffix(".sha256"))
     return None
 
 
@@ -234,11 +271,12 @@ def check_values(n: int = 4096, seed: int = 20261201) -> Tensor:
     patterns (NaN replaced by 0: which NaN a kernel returns is not part of
     the contract, docs/exact-spec.md)."""
     g = torch.Generator().manual_seed(seed)
+    f32 = torch.float32  # whatever torch's default dtype is
     special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.17549435e-38, -1.17549435e-38,
                             3.4028235e38, -3.4028235e38, float("inf"), float("-inf"),
-                            0.5, -0.5, 1.0, -1.0, 5.5, -5.5, 9.25, -9.25, 13.0, -13.0])
-    scaled = torch.randn(n, generator=g) * torch.exp2(
-        torch.randint(-140, 120, (n,), generator=g).float())
+                            0.5, -0.5, 1.0, -1.0, 5.5, -5.5, 9.25, -9.25, 13.0, -13.0], dtype=f32)
+    scaled = torch.randn(n, generator=g, dtype=f32) * torch.exp2(
+        torch.randint(-140, 120, (n,), generator=g).to(f32))
     noise = torch.randint(-2**31, 2**31 - 1, (n,), generator=g, dtype=torch.int32)
     return torch.cat([special, scaled, noise.view(torch.float32).nan_to_num(0.0)])
 
