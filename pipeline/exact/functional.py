@@ -25,13 +25,7 @@ from .refs import gelu_parts_torch, layer_norm_grad_torch, layer_norm_torch
 __all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
            "index_tree_sum", "apply_trusted"]
 
-_F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
-
-
-def _c(x: Tensor, v: float) -> Tensor:
-    """``v`` as a 0-dim tensor of ``x``'s dtype and device (an exact divisor:
-    CUDA turns division by a host scalar into a reciprocal multiply)."""
-    return torch.full((), v, dtype=x.dtype, device=x.device)
+_I64 = torch.int64
 
 
 # ---------------------------------------------------------------- Linear

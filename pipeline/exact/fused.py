@@ -47,13 +47,16 @@ def _threads(work: int) -> int:
     return torch.get_num_threads() if work >= _GRAIN else 1
 
 
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def _gelu(lib: ctypes.CDLL, x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
     xc = x.contiguous()
     y = torch.empty_like(xc)
     dy = torch.empty_like(xc) if grad else None
-    fn = lib.px_gelu_tanh if tanh else lib.px_gelu_erf
-    fn(xc.data_ptr(), y.data_ptr(), dy.data_ptr() if dy is not None else None, xc.numel(),
-       _threads(xc.numel()))
+    lib.px_gelu(xc.data_ptr(), y.data_ptr(), _ptr(dy), xc.numel(), int(tanh),
+                _threads(xc.numel()))
     return y, dy
 
 
@@ -67,22 +70,21 @@ def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:
     k = x.shape[dim]
     kp = -(-k // 64) * 64
     nt = _threads(x.numel())
-    if dim == -1:
+    if dim == -1:  # x is not empty (quantise): any row stride, unit column stride
         x2 = x.reshape(-1, k)
-        if x2.numel() and x2.stride(-1) != 1:
+        if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], kp, dtype=torch.float64)
-        lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0) if x2.numel() else k,
-                             out.data_ptr(), kp, p, nt)
+        lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0), out.data_ptr(), kp,
+                             p, nt)
         return out.view(*x.shape[:-1], kp)
     n = x.shape[-1]
     x3 = x.reshape(-1, k, n)
-    if x3.numel() and x3.stride(-1) != 1:
+    if x3.stride(-1) != 1:
         x3 = x3.contiguous()
     out = torch.empty(x3.shape[0], kp, n, dtype=torch.float64)
-    if x3.numel():
-        lib.px_quantise_cols(x3.data_ptr(), x3.shape[0], k, n, x3.stride(1), x3.stride(0),
-                             out.data_ptr(), kp, p, nt)
+    lib.px_quantise_cols(x3.data_ptr(), x3.shape[0], k, n, x3.stride(1), x3.stride(0),
+                         out.data_ptr(), kp, p, nt)
     return out.view(*x.shape[:-2], kp, n)
 
 
@@ -153,10 +155,6 @@ def tree_sum(x: Tensor, dim: int) -> Tensor | None:
     if dim == x.dim() - 1 and x.shape[dim] <= _MAXS or dim == 0 and x.dim() == 2:
         return _tree_sum(lib, x, dim)
     return None
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _layer_norm(lib: ctypes.CDLL, x2: Tensor, w: Tensor | None, b: Tensor | None,

@@ -49,7 +49,7 @@ static inline double exp64(double d) {
 }
 
 /* ---------------------------------------------------------------- GELU */
-/* functional._gelu_parts_torch, erf form: Phi(d) from the erfcc approximation. */
+/* refs.gelu_parts_torch, erf form: Phi(d) from the erfcc approximation. */
 static inline double gelu_phi(double d) {
     double a = __builtin_fabs(d * -PX_SQRT_HALF);
     double t = 1.0 / (a * 0.5 + 1.0);
@@ -59,48 +59,64 @@ static inline double gelu_phi(double d) {
     return d <= 0 ? half : 1.0 - half;
 }
 
-#define CHUNK 4096 /* elements per parallel work item */
-
-void px_gelu_erf(const float *restrict x, float *restrict y, float *restrict dy, int64_t n,
-                 int nt) {
-    int64_t chunks = (n + CHUNK - 1) / CHUNK;
-    PARALLEL_FOR
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
-        if (!dy) {
-            for (int64_t i = i0; i < i1; i++) {
-                double d = (double)x[i];
-                y[i] = (float)(d * gelu_phi(d));
-            }
-            continue;
-        }
+/* refs.gelu_parts_torch over x[i0:i1], erf
+ * form; dy (the derivative) only if asked, in its own loop (a branch inside
+ * the loop would keep it from vectorising). */
+static void gelu_erf_span(const float *restrict x, float *restrict y, float *restrict dy,
+                          int64_t i0, int64_t i1) {
+    if (!dy) {
         for (int64_t i = i0; i < i1; i++) {
             double d = (double)x[i];
-            double phi = gelu_phi(d);
-            y[i] = (float)(d * phi);
-            double dens = exp64(-((d * d) * 0.5)) * PX_INV_SQRT_2PI;
-            dy[i] = (float)(dens * d + phi);
+            y[i] = (float)(d * gelu_phi(d));
         }
+        return;
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        double d = (double)x[i];
+        double phi = gelu_phi(d);
+        y[i] = (float)(d * phi);
+        double dens = exp64(-((d * d) * 0.5)) * PX_INV_SQRT_2PI;
+        dy[i] = (float)(dens * d + phi);
     }
 }
 
-/* functional._gelu_parts_torch, tanh form. */
-void px_gelu_tanh(const float *restrict x, float *restrict y, float *restrict dy, int64_t n,
-                  int nt) {
+/* The same, tanh form: sg = 1 / (exp(-2u) + 1) with u = sqrt(2/pi) (d + 0.044715 d^3). */
+static inline double gelu_tanh_sg(double d) {
+    double u = ((d * d) * d * 0.044715 + d) * PX_SQRT_2_PI;
+    return 1.0 / (exp64(u * -2.0) + 1.0);
+}
+
+static void gelu_tanh_span(const float *restrict x, float *restrict y, float *restrict dy,
+                           int64_t i0, int64_t i1) {
+    if (!dy) {
+        for (int64_t i = i0; i < i1; i++) {
+            double d = (double)x[i];
+            y[i] = (float)(d * gelu_tanh_sg(d));
+        }
+        return;
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        double d = (double)x[i];
+        double sg = gelu_tanh_sg(d);
+        y[i] = (float)(d * sg);
+        double du = ((d * d) * 0.134145 + 1.0) * PX_SQRT_2_PI;
+        dy[i] = (float)((d * 2.0) * du * ((1.0 - sg) * sg) + sg);
+    }
+}
+
+#define CHUNK 4096 /* elements per parallel work item */
+
+/* GELU of n elements (tanh: the tanh form, else erf), dy may be NULL. */
+void px_gelu(const float *restrict x, float *restrict y, float *restrict dy, int64_t n,
+             int tanh, int nt) {
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
     PARALLEL_FOR
     for (int64_t c = 0; c < chunks; c++) {
         int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
-        for (int64_t i = i0; i < i1; i++) {
-            double d = (double)x[i];
-            double u = ((d * d) * d * 0.044715 + d) * PX_SQRT_2_PI;
-            double sg = 1.0 / (exp64(u * -2.0) + 1.0);
-            y[i] = (float)(d * sg);
-            if (dy) {
-                double du = ((d * d) * 0.134145 + 1.0) * PX_SQRT_2_PI;
-                dy[i] = (float)((d * 2.0) * du * ((1.0 - sg) * sg) + sg);
-            }
-        }
+        if (tanh)
+            gelu_tanh_span(x, y, dy, i0, i1);
+        else
+            gelu_erf_span(x, y, dy, i0, i1);
     }
 }
 

@@ -128,10 +128,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     from filelock import FileLock
 
     errors: list[str] = []
+    machine = _cpu_flags() + "\0" + platform.machine()
     for extra in _OPTIONAL:
         flags = [*_BASE_FLAGS, *extra]
-        key = hashlib.sha256("\0".join([source, " ".join(flags), version, _cpu_flags(),
-                                        platform.machine()]).encode()).hexdigest()[:32]
+        key = hashlib.sha256("\0".join([source, " ".join(flags), version, machine])
+                             .encode()).hexdigest()[:32]
         lib_path = cache / f"kernels-{key}.so"
         with FileLock(str(cache / f"kernels-{key}.lock")):
             for _ in range(2):  # a cached build that fails its checks is rebuilt once
@@ -191,22 +192,26 @@ def _compile(cc: list[str], flags: list[str], source: str, lib_path: Path) -> st
     return None
 
 
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# kernels.c's exported functions and their arguments (all return void).
+_SIGNATURES = {
+    "px_gelu": [_P, _P, _P, _I64, _I32, _I32],
+    "px_quantise_rows": [_P, _I64, _I64, _I64, _P, _I64, _I32, _I32],
+    "px_quantise_cols": [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I32, _I32],
+    "px_softmax": [_P, _P, _I64, _I64, _I64, _I32, _I32],
+    "px_softmax_grad": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
+    "px_tree_rows": [_P, _P, _I64, _I64, _I32],
+    "px_tree_cols": [_P, _P, _I64, _I64, _P, _I32],
+    "px_layer_norm": [_P, _P, _P, ctypes.c_float, _P, _P, _P, _I64, _I64, _I32],
+    "px_layer_norm_grad": [_P, _P, _P, _P, _P, _I64, _I64, _I32],
+}
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("px_gelu_erf", "px_gelu_tanh"):
-        getattr(lib, name).argtypes = [p, p, p, i64, i32]
-    lib.px_quantise_rows.argtypes = [p, i64, i64, i64, p, i64, i32, i32]
-    lib.px_quantise_cols.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i32, i32]
-    lib.px_softmax.argtypes = [p, p, i64, i64, i64, i32, i32]
-    lib.px_tree_rows.argtypes = [p, p, i64, i64, i32]
-    lib.px_tree_cols.argtypes = [p, p, i64, i64, p, i32]
-    lib.px_layer_norm.argtypes = [p, p, p, ctypes.c_float, p, p, p, i64, i64, i32]
-    lib.px_layer_norm_grad.argtypes = [p, p, p, p, p, i64, i64, i32]
-    lib.px_softmax_grad.argtypes = [p, p, p, i64, i64, i64, i32, i32]
-    for name in ("px_gelu_erf", "px_gelu_tanh", "px_quantise_rows", "px_quantise_cols",
-                 "px_softmax", "px_softmax_grad", "px_tree_rows", "px_tree_cols",
-                 "px_layer_norm", "px_layer_norm_grad"):
-        getattr(lib, name).restype = None
+    """Every kernel's signature (AttributeError if the library lacks one)."""
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
 
 
 def _library() -> ctypes.CDLL | None:

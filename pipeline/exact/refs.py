@@ -21,17 +21,12 @@ from . import fused, native
 from .attention import _allowed, _softmax, _softmax_grad
 from .consts import ERFC_C, INV_SQRT_2PI, SQRT_2_PI, SQRT_HALF
 from .flat import select
-from .ops import _tree_sum_torch, exp64, sqrt32, tree_sum
+from .ops import _scalar, _tree_sum_torch, exp64, sqrt32, tree_sum
 from .product import _quantised_torch
 
 __all__ = ["gelu_parts_torch", "layer_norm_torch", "layer_norm_grad_torch"]
 
 _F32, _F64 = torch.float32, torch.float64
-
-
-def _c(x: Tensor, v: float) -> Tensor:
-    """``v`` as a 0-dim tensor of ``x``'s dtype and device (an exact divisor)."""
-    return torch.full((), v, dtype=x.dtype, device=x.device)
 
 
 def gelu_parts_torch(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -69,10 +64,10 @@ def layer_norm_torch(x2: Tensor, w: Tensor | None, b: Tensor | None,
                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm of rows ``x2`` by torch ops (the reference the native kernel
     equals): ``(y, xh, s)``, ``s`` of shape (rows, 1)."""
-    fd = _c(x2, float(x2.shape[1]))
+    fd = _scalar(x2, float(x2.shape[1]))
     d = x2 - (tree_sum(x2, 1) / fd).unsqueeze(1)
     var = tree_sum(d * d, 1) / fd
-    s = sqrt32(var + _c(var, eps)).unsqueeze(1)     # eps already RN32 (layers)
+    s = sqrt32(var + _scalar(var, eps)).unsqueeze(1)     # eps already RN32 (layers)
     xh = d / s
     y = xh
     if w is not None:
@@ -85,7 +80,7 @@ def layer_norm_torch(x2: Tensor, w: Tensor | None, b: Tensor | None,
 def layer_norm_grad_torch(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tensor:
     """LayerNorm's input gradient by torch ops (the native kernel's reference)."""
     gxh = g2 * w if w is not None else g2
-    fd = _c(xh, float(xh.shape[1]))
+    fd = _scalar(xh, float(xh.shape[1]))
     m1 = (tree_sum(gxh, 1) / fd).unsqueeze(1)
     m2 = (tree_sum(gxh * xh, 1) / fd).unsqueeze(1)
     return ((gxh - m1) - xh * m2) / s
