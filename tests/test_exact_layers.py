@@ -86,12 +86,17 @@ def _spec_xmmb(arow: np.ndarray, bcol: np.ndarray) -> np.float32:
     return np.float32(q + 0.0)  # RN32(Q + 0.0): +0 for a zero Q, a tiny Q keeps its sign
 
 
+@pytest.mark.parametrize("held", [None, 1], ids=["grouped", "block-by-block"])
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 130, 200])
-def test_xmmb_matches_integer_arithmetic(k: int) -> None:
+def test_xmmb_matches_integer_arithmetic(k: int, held: int | None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every entry equals the spec computed with Python integers, bit for bit,
     for rows of very different magnitudes, a subnormal, a zero row, a row
     with one entry 2^20 times the rest, a zero block and products that cancel
-    to a zero of either sign."""
+    to a zero of either sign; by the grouped path (small outputs) and block by
+    block (large ones: the last block's GEMM without its padding)."""
+    if held is not None:
+        monkeypatch.setattr(product, "_HELD", held)
     a, b = _rand((7, k), k, 20.0), _rand((k, 5), k + 1)
     a[1] = 0.0
     a[2, 0] = 1e-41

@@ -33,7 +33,8 @@ class _Linear(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])                # (R, in)
-        y = mm_blocks(quantise_a(x2), cached(w, "blocks of W^T", lambda: quantise_b(w.t())))
+        y = mm_blocks(quantise_a(x2), cached(w, "blocks of W^T", lambda: quantise_b(w.t())),
+                      x2.shape[-1])
         if b is not None:
             y = y + b
         ctx.save_for_backward(x2, w)
@@ -47,7 +48,8 @@ class _Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])                # (R, out)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = mm_blocks(quantise_a(g2), cached(w, "blocks of W", lambda: quantise_b(w)))
+            gx = mm_blocks(quantise_a(g2), cached(w, "blocks of W", lambda: quantise_b(w)),
+                           g2.shape[-1])
             gx = gx.view(ctx.x_shape)
         gw = xmmb(g2.t(), x2) if ctx.needs_input_grad[1] else None
         gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None

@@ -92,17 +92,29 @@ def quantise_b(b: Tensor) -> Tensor:
     return _quantised(b, -2, _PB)
 
 
-def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
+def mm_blocks(qa: Tensor, qb: Tensor, k: int | None = None) -> Tensor:
     """``RN32(Q + 0.0)`` from ``quantise_a``'s and ``quantise_b``'s operands:
-    every block's exact product by an f64 GEMM, a group of blocks at a time
-    (one block, for outputs of ``_HELD`` entries or more) into one reused
-    buffer, the first block's product being the accumulator; ``Q = ((S_0 +
-    S_1) + S_2) + ...`` in f64, ``+ 0.0`` (a zero of either sign becomes +0,
-    nothing else changes), one rounding to f32."""
+    every block's exact product by an f64 GEMM, the first block's product
+    being the accumulator; ``Q = ((S_0 + S_1) + S_2) + ...`` in f64, ``+
+    0.0`` (a zero of either sign becomes +0, nothing else changes), one
+    rounding to f32. Outputs of ``_HELD`` entries or more go block by block
+    (views of the operands, one GEMM each into one reused buffer), smaller
+    ones a group of blocks per batched GEMM. ``k``: the inner dimension
+    before padding, if known; the GEMM of a last block shorter than 64 then
+    leaves its padding out (+0 entries add nothing to an exact sum)."""
     t, m, n = qa.shape[-1] // BLOCK, qa.shape[-2], qb.shape[-1]
+    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
+    if group == 1:
+        if k is not None and k < qa.shape[-1]:
+            qa, qb = qa[..., :k], qb[..., :k, :]
+        a_blocks, b_blocks = qa.split(BLOCK, -1), qb.split(BLOCK, -2)
+        acc = torch.matmul(a_blocks[0], b_blocks[0])
+        buf = torch.empty_like(acc) if t > 1 else acc
+        for a, b in zip(a_blocks[1:], b_blocks[1:]):
+            acc.add_(torch.matmul(a, b, out=buf))
+        return acc.add_(0.0).to(_F32)
     a_blocks = qa.unflatten(-1, (t, BLOCK)).movedim(-2, -3)          # (..., T, m, 64)
     b_blocks = qb.unflatten(-2, (t, BLOCK))                          # (..., T, 64, n)
-    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
     acc = buf = None
     for a, b in zip(a_blocks.split(group, -3), b_blocks.split(group, -3)):
         reuse = buf is not None and a.shape[-3] == buf.shape[-3]
@@ -132,4 +144,4 @@ def xmmb(a: Tensor, b: Tensor) -> Tensor:
     no_autograd("xmmb", a, b)
     if a.shape[-1] == 0:
         return torch.zeros(*a.shape[:-1], b.shape[-1], dtype=_F32, device=a.device)
-    return mm_blocks(quantise_a(a), quantise_b(b))
+    return mm_blocks(quantise_a(a), quantise_b(b), a.shape[-1])
