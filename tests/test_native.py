@@ -164,6 +164,64 @@ def test_layer_norm_kernels_equal_the_torch_implementation(affine: str) -> None:
                          layer_norm_grad_torch(gy, want[1], want[2], w))
 
 
+def _index_cases() -> Iterator[tuple[str, torch.Tensor, int]]:
+    g = torch.Generator().manual_seed(15)
+    yield "one position", torch.tensor([3]), 5
+    yield "all one index", torch.zeros(300, dtype=torch.int64), 2
+    yield "all distinct", torch.randperm(257, generator=g), 300
+    yield "uniform, 2-D (batch, context)", torch.randint(0, 84, (8, 64), generator=g), 84
+    # Skewed like text: one index (a space) a sixth of the positions, runs of it.
+    skewed = torch.randint(0, 65, (4096,), generator=g)
+    skewed[torch.rand(4096, generator=g) < 0.17] = 1
+    skewed[100:140] = 1
+    yield "skewed, runs", skewed, 65
+    yield "int32, odd count", torch.randint(0, 9, (1001,), generator=g, dtype=torch.int32), 9
+    yield "no positions", torch.zeros(0, dtype=torch.int64), 4
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _index_cases()])
+def test_index_tree_kernel_equals_the_torch_implementation(case: str) -> None:
+    """Embedding's gradient, the tree per index over its positions: the
+    kernel equals the torch path bit for bit (special values included) at 1,
+    2 and 3 threads, through functional.index_tree_sum too. Control: pairing
+    each index's entries by their rank instead of their positions (a
+    plausible slip) gives other bits on the same data."""
+    from pipeline.exact.functional import index_tree_sum
+    from pipeline.exact.ops import _tree_sum_torch
+    from pipeline.exact.refs import index_tree_sum_torch
+
+    _, idx, rows = next(c for c in _index_cases() if c[0] == case)
+    n = idx.numel()
+    g = _values(n * 16, 16)[23 + n * 16:].reshape(n, 16)  # random bit patterns (23 special
+    g[:, :8] = torch.randn(n, 8, generator=torch.Generator().manual_seed(17))  # values first)
+    want = index_tree_sum_torch(idx, g, rows)
+    assert _same(index_tree_sum(idx, g, rows), want)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert _same(fused._index_tree(_lib("index_tree"), idx, g, rows), want)
+    finally:
+        torch.set_num_threads(before)
+    if case.startswith("skewed"):
+        flat, finite = idx.reshape(-1), g[:, :8]
+        by_rank = torch.stack([_tree_sum_torch(finite[flat == v].t().contiguous(), 1)
+                               for v in range(rows)])
+        assert not torch.equal(_bits(by_rank), _bits(want[:, :8]))
+
+
+def test_index_tree_wrapper_refuses_what_its_kernel_cannot_take() -> None:
+    """Indices out of range, negative or not integers, a gradient row count
+    that does not match, a tensor that needs a graph: None (the torch path)."""
+    g = torch.randn(4, 3)
+    assert fused.index_tree(torch.tensor([0, 1, 2, 1]), g, 3) is not None
+    assert fused.index_tree(torch.tensor([0, 1, 3, 1]), g, 3) is None
+    assert fused.index_tree(torch.tensor([0, -1, 2, 1]), g, 3) is None
+    assert fused.index_tree(torch.tensor([0.0, 1.0, 2.0, 1.0]), g, 3) is None
+    assert fused.index_tree(torch.tensor([0, 1, 2]), g, 3) is None
+    assert fused.index_tree(torch.tensor([0, 1, 2, 1]), g.requires_grad_(), 3) is None
+
+
 def test_quantisation_of_views_and_tiny_blocks_equals_the_torch_path(fresh: Path) -> None:
     """Through xmmb's own entry points (native on, then off): strided slices,
     transposed views (w.t()), batched operands, subnormal and all-zero blocks,

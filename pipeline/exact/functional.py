@@ -20,7 +20,8 @@ from .context import trusted_backward as _trusted_backward
 from .flat import rn32, select
 from .ops import col2im, im2col, tree_sum
 from .product import mm_blocks, quantise_a, quantise_b, xmmb
-from .refs import gelu_parts_torch, layer_norm_grad_torch, layer_norm_torch
+from .refs import (gelu_parts_torch, index_tree_sum_torch, layer_norm_grad_torch,
+                   layer_norm_torch)
 
 __all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
            "index_tree_sum", "apply_trusted"]
@@ -106,32 +107,14 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 
 
 # ---------------------------------------------------------------- Embedding
 def index_tree_sum(idx: Tensor, g: Tensor, rows: int) -> Tensor:
-    """``out[v] = `` the sum of ``g[p]`` over positions ``p`` with ``idx[p] ==
-    v``, in the neighbour-pairing tree over all positions where a position
-    holding another index is absent (spec section 14, Embedding); ``+0`` for
-    a ``v`` that never occurs. Level by level: entries keyed (node, v) in
-    ascending order; a stable sort by (node // 2, v) puts the left child's
-    entry just before the right child's, and each such pair is one f32 add."""
-    node = torch.arange(idx.numel(), device=idx.device)
-    key_v, vals = idx.reshape(-1).to(_I64), g
-    n = idx.numel()
-    while n > 1:
-        parent = node.div(2, rounding_mode="floor")
-        key = parent * rows + key_v
-        order = torch.argsort(key, stable=True)
-        key, vals, parent, key_v = key[order], vals[order], parent[order], key_v[order]
-        first = torch.ones_like(key, dtype=torch.bool)
-        first[1:] = key[1:] != key[:-1]
-        starts = first.nonzero().squeeze(1)
-        merged = vals[starts]
-        second = (~first).nonzero().squeeze(1)
-        if second.numel():
-            merged[first.cumsum(0)[second] - 1] = vals[second - 1] + vals[second]
-        node, key_v, vals = parent[starts], key_v[starts], merged
-        n = (n + 1) // 2
-    out = g.new_zeros(rows, g.shape[1])
-    out[key_v] = vals  # distinct indices: data movement
-    return out
+    """``out[v] = `` the sum of the rows ``g[p]`` over positions ``p`` with
+    ``idx[p] == v``, in the neighbour-pairing tree over all positions where a
+    position holding another index is absent (spec section 14, Embedding);
+    ``+0`` for a ``v`` that never occurs. By the native kernel where there is
+    one (pipeline.exact.fused: the same bits), else by
+    ``refs.index_tree_sum_torch``."""
+    got = fused.index_tree(idx, g, rows)
+    return got if got is not None else index_tree_sum_torch(idx, g, rows)
 
 
 class _Embedding(Function):

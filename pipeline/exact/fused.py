@@ -16,7 +16,7 @@ from torch.autograd import forward_ad
 from . import native
 
 __all__ = ["gelu", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_norm",
-           "layer_norm_grad"]
+           "layer_norm_grad", "index_tree"]
 
 _MAXS = 4096  # kernels.c's MAXS: the longest row the row kernels take
 _GRAIN = 32768  # ATen's GRAIN_SIZE: elements below which a call runs on one thread
@@ -204,3 +204,28 @@ def layer_norm_grad(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -> Tens
         return None
     lib = _ln_ok(g2, w, None, xh, s)
     return None if lib is None else _layer_norm_grad(lib, g2, xh, s, w)
+
+
+def _index_tree(lib: ctypes.CDLL, idx: Tensor, g: Tensor, rows: int) -> Tensor:
+    flat = idx.reshape(-1).to(torch.int64)
+    nodes = torch.argsort(flat, stable=True)           # positions grouped by index
+    ends = torch.bincount(flat, minlength=rows).cumsum_(0)
+    vals = g.index_select(0, nodes)                    # rows in that order, contiguous
+    out = torch.zeros(rows, g.shape[1], dtype=torch.float32)
+    lib.px_index_tree(nodes.data_ptr(), vals.data_ptr(), ends.data_ptr(), rows, g.shape[1],
+                      out.data_ptr(), _threads(vals.numel()))
+    return out
+
+
+def index_tree(idx: Tensor, g: Tensor, rows: int) -> Tensor | None:
+    """``refs.index_tree_sum_torch`` natively (``g``: one f32 row per index,
+    every index in [0, rows)), or None."""
+    lib = usable("index_tree", g)
+    if lib is None or idx.device.type != "cpu" or idx.is_floating_point() or idx.is_complex() \
+            or g.dim() != 2 or idx.numel() != g.shape[0] or rows < 1:
+        return None
+    if idx.numel():
+        lo, hi = torch.aminmax(idx.reshape(-1))
+        if int(lo) < 0 or int(hi) >= rows:
+            return None
+    return _index_tree(lib, idx, g, rows)

@@ -21,8 +21,11 @@
 
 #ifdef _OPENMP
 #define PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
+#define PARALLEL_FOR_DYNAMIC \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nt) if(nt > 1)")
 #else
 #define PARALLEL_FOR
+#define PARALLEL_FOR_DYNAMIC
 #endif
 
 static inline uint64_t bits64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
@@ -339,5 +342,44 @@ void px_layer_norm_grad(const float *restrict g, const float *restrict xh,
         for (int64_t j = 0; j < d; j++) buf[j] = gxh[j] * hr[j];
         float m2 = tree_row(buf, d) / fd;
         for (int64_t j = 0; j < d; j++) gx[r * d + j] = ((gxh[j] - m1) - hr[j] * m2) / s[r];
+    }
+}
+
+/* ---------------------------------------------------------------- Embedding's gradient */
+/* refs.index_tree_sum_torch: for each index v, the neighbour-pairing tree
+ * over the positions holding v (nodes 2i and 2i+1 of a level pair as left +
+ * right into node i of the next; a node without its neighbour passes up
+ * unchanged) -> out[v]. nodes: the positions grouped by v, ascending within a
+ * group (a stable argsort of the indices); vals: the gradient's rows in that
+ * order (n x d, contiguous); both are work space, overwritten group by group.
+ * ends[v]: the end of v's group (cumulative counts, rows entries). out: rows
+ * x d, +0 already; rows of indices that do not occur stay so. Groups are
+ * independent, so threads take them one at a time (dynamic: sizes differ). */
+void px_index_tree(int64_t *restrict nodes, float *restrict vals,
+                   const int64_t *restrict ends, int64_t rows, int64_t d,
+                   float *restrict out, int nt) {
+    PARALLEL_FOR_DYNAMIC
+    for (int64_t v = 0; v < rows; v++) {
+        int64_t lo = v ? ends[v - 1] : 0, c = ends[v] - lo;
+        if (c <= 0) continue;
+        int64_t *nd = nodes + lo;
+        float *vl = vals + lo * d;
+        while (c > 1) {
+            int64_t m = 0;
+            for (int64_t i = 0; i < c; m++) {
+                int64_t parent = nd[i] >> 1;  /* positions are >= 0 */
+                if (i + 1 < c && nd[i + 1] >> 1 == parent) {
+                    for (int64_t e = 0; e < d; e++)
+                        vl[m * d + e] = vl[i * d + e] + vl[(i + 1) * d + e];
+                    i += 2;
+                } else {
+                    if (m != i) memmove(vl + m * d, vl + i * d, (size_t)d * sizeof(float));
+                    i += 1;
+                }
+                nd[m] = parent;
+            }
+            c = m;
+        }
+        memcpy(out + v * d, vl, (size_t)d * sizeof(float));
     }
 }

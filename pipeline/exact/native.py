@@ -204,6 +204,7 @@ _SIGNATURES = {
     "px_tree_cols": [_P, _P, _I64, _I64, _P, _I32],
     "px_layer_norm": [_P, _P, _P, ctypes.c_float, _P, _P, _P, _I64, _I64, _I32],
     "px_layer_norm_grad": [_P, _P, _P, _P, _P, _I64, _I64, _I32],
+    "px_index_tree": [_P, _P, _P, _I64, _I64, _P, _I32],
 }
 
 

@@ -24,7 +24,8 @@ from .flat import select
 from .ops import _scalar, _tree_sum_torch, exp64, sqrt32, tree_sum
 from .product import _quantised_torch
 
-__all__ = ["gelu_parts_torch", "layer_norm_torch", "layer_norm_grad_torch"]
+__all__ = ["gelu_parts_torch", "layer_norm_torch", "layer_norm_grad_torch",
+           "index_tree_sum_torch"]
 
 _F32, _F64 = torch.float32, torch.float64
 
@@ -84,6 +85,37 @@ def layer_norm_grad_torch(g2: Tensor, xh: Tensor, s: Tensor, w: Tensor | None) -
     m1 = (tree_sum(gxh, 1) / fd).unsqueeze(1)
     m2 = (tree_sum(gxh * xh, 1) / fd).unsqueeze(1)
     return ((gxh - m1) - xh * m2) / s
+
+
+def index_tree_sum_torch(idx: Tensor, g: Tensor, rows: int) -> Tensor:
+    """``out[v] = `` the sum of ``g[p]`` over positions ``p`` with ``idx[p] ==
+    v``, in the neighbour-pairing tree over all positions where a position
+    holding another index is absent (spec section 14, Embedding); ``+0`` for
+    a ``v`` that never occurs: the native kernel's reference (and
+    functional.index_tree_sum without it). Level by level: entries keyed
+    (node, v) in ascending order; a stable sort by (node // 2, v) puts the
+    left child's entry just before the right child's, and each such pair is
+    one f32 add."""
+    node = torch.arange(idx.numel(), device=idx.device)
+    key_v, vals = idx.reshape(-1).to(torch.int64), g
+    n = idx.numel()
+    while n > 1:
+        parent = node.div(2, rounding_mode="floor")
+        key = parent * rows + key_v
+        order = torch.argsort(key, stable=True)
+        key, vals, parent, key_v = key[order], vals[order], parent[order], key_v[order]
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        starts = first.nonzero().squeeze(1)
+        merged = vals[starts]
+        second = (~first).nonzero().squeeze(1)
+        if second.numel():
+            merged[first.cumsum(0)[second] - 1] = vals[second - 1] + vals[second]
+        node, key_v, vals = parent[starts], key_v[starts], merged
+        n = (n + 1) // 2
+    out = g.new_zeros(rows, g.shape[1])
+    out[key_v] = vals  # distinct indices: data movement
+    return out
 
 
 # ---------------------------------------------------------------- self-tests
@@ -148,8 +180,20 @@ def _check_softmax(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+def _check_index_tree(lib: ctypes.CDLL) -> str | None:
+    g = _finite(37 * 5, 1e30, 8).reshape(37, 5)
+    runs = torch.tensor([3, 3, 3, 0, 3, 6, 6, 1, 0, 3, 3, 3, 3, 6, 0, 0, 0, 3, 1])
+    for idx in (runs.repeat(2)[:37], torch.arange(37) % 7, torch.zeros(37, dtype=torch.int64),
+                torch.tensor([4]), torch.tensor([5, 2, 5])):
+        gs = g[:idx.numel()]
+        if not native.same(index_tree_sum_torch(idx, gs, 8), fused._index_tree(lib, idx, gs, 8)):
+            return "Embedding's gradient (the tree per index) differs from its torch reference"
+    return None
+
+
 native.register("gelu", _check_gelu)
 native.register("quantise", _check_quantise)
 native.register("tree", _check_tree)
 native.register("layer_norm", _check_layer_norm)
 native.register("softmax", _check_softmax)
+native.register("index_tree", _check_index_tree)
