@@ -212,7 +212,11 @@ def test_index_tree_kernel_equals_the_torch_implementation(case: str) -> None:
 
 def test_index_tree_wrapper_refuses_what_its_kernel_cannot_take() -> None:
     """Indices out of range, negative or not integers, a gradient row count
-    that does not match, a tensor that needs a graph: None (the torch path)."""
+    that does not match, a tensor that needs a graph: None (the torch path).
+    Every integer dtype is taken (unsigned ones included), and a call under
+    torch.func.vmap neither runs the kernel nor switches it off."""
+    from pipeline.exact.refs import index_tree_sum_torch
+
     g = torch.randn(4, 3)
     assert fused.index_tree(torch.tensor([0, 1, 2, 1]), g, 3) is not None
     assert fused.index_tree(torch.tensor([0, 1, 3, 1]), g, 3) is None
@@ -220,6 +224,15 @@ def test_index_tree_wrapper_refuses_what_its_kernel_cannot_take() -> None:
     assert fused.index_tree(torch.tensor([0.0, 1.0, 2.0, 1.0]), g, 3) is None
     assert fused.index_tree(torch.tensor([0, 1, 2]), g, 3) is None
     assert fused.index_tree(torch.tensor([0, 1, 2, 1]), g.requires_grad_(), 3) is None
+    g = g.detach()
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16, torch.bool):
+        idx = torch.tensor([0, 1, 1, 0]).to(dtype)
+        got = fused.index_tree(idx, g, 3)
+        assert got is not None and _same(got, index_tree_sum_torch(idx, g, 3)), dtype
+    seen: list[object] = []
+    torch.func.vmap(lambda i: seen.append(fused.index_tree(i, g, 3)) or i)(  # wrapped indices
+        torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]]))
+    assert seen == [None] and native.kernels("index_tree") is not None
 
 
 def test_quantisation_of_views_and_tiny_blocks_equals_the_torch_path(fresh: Path) -> None:
@@ -312,6 +325,21 @@ def test_a_kernel_that_differs_is_refused_with_a_warning(fresh: Path, tmp_path: 
     from pipeline.exact.functional import gelu
     with torch.no_grad():
         assert torch.equal(_bits(gelu(x)), _bits(gelu_parts_torch(x, False, False)[0]))
+
+
+def test_a_self_test_that_raises_switches_its_group_off_with_a_warning(
+        fresh: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A self-test that raises (say, run inside a transform it cannot run
+    under) records why and leaves its group on the torch path; it does not
+    leave the group "being checked" or raise into the caller."""
+    def boom(lib: object) -> str | None:
+        raise RuntimeError("no randomness here")
+    monkeypatch.setitem(native._checks, "boom", boom)
+    assert native.kernels("boom") is None and native.kernels("gelu") is not None
+    assert "not used: boom (its self-test raised RuntimeError: no randomness here)" \
+        in native.status()
+    assert "native kernels for boom are not used" in capsys.readouterr().err
 
 
 def test_switched_off_or_without_a_compiler_the_torch_path_runs(

@@ -220,12 +220,15 @@ def _index_tree(lib: ctypes.CDLL, idx: Tensor, g: Tensor, rows: int) -> Tensor:
 def index_tree(idx: Tensor, g: Tensor, rows: int) -> Tensor | None:
     """``refs.index_tree_sum_torch`` natively (``g``: one f32 row per index,
     every index in [0, rows)), or None."""
-    lib = usable("index_tree", g)
-    if lib is None or idx.device.type != "cpu" or idx.is_floating_point() or idx.is_complex() \
+    if idx.device.type != "cpu" or idx.is_floating_point() or idx.is_complex() or _wrapped(idx) \
             or g.dim() != 2 or idx.numel() != g.shape[0] or rows < 1:
         return None
-    if idx.numel():
-        lo, hi = torch.aminmax(idx.reshape(-1))
+    lib = usable("index_tree", g)
+    if lib is None:
+        return None
+    flat = idx.reshape(-1).to(torch.int64)  # any integer dtype (aminmax takes no unsigned ones)
+    if flat.numel():
+        lo, hi = torch.aminmax(flat)
         if int(lo) < 0 or int(hi) >= rows:
             return None
-    return _index_tree(lib, idx, g, rows)
+    return _index_tree(lib, flat, g, rows)

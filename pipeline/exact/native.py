@@ -248,7 +248,10 @@ def kernels(group: str) -> ctypes.CDLL | None:
             if group not in verdicts:
                 verdicts[group] = "being checked"
                 check = _checks.get(group)
-                problem = "no self-test registered" if check is None else check(lib)
+                try:
+                    problem = "no self-test registered" if check is None else check(lib)
+                except Exception as e:  # noqa: BLE001 - any failure means: do not use them
+                    problem = f"its self-test raised {type(e).__name__}: {e}"
                 if problem:
                     print(f"warning: exact mode's native kernels for {group} are not used: "
                           f"{problem} (the torch implementation runs: same bits, slower)",
