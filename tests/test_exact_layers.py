@@ -397,3 +397,37 @@ def test_init_exact_numbers_layers_and_draws_normal_embeddings() -> None:
     assert torch.equal(again[0].weight, e)
     other = init_exact(torch.nn.Sequential(Embedding(50, 40), Linear(40, 30), Linear(30, 20)), 6)
     assert not torch.equal(other[0].weight, e)
+
+
+@pytest.mark.parametrize("k,n", [(70, 3), (300, 300)])  # grouped, and block by block
+def test_create_graph_gives_first_order_gradients_and_refuses_a_second_order(k: int,
+                                                                            n: int) -> None:
+    """The exact layers' backward records no graph: under create_graph=True
+    their gradients are the plain backward's, bit for bit, and
+    differentiating them again raises torch's once-differentiable error (it
+    raised from inside the first backward before)."""
+    torch.manual_seed(0)
+    lin, x = Linear(k, n), torch.randn(64, k, requires_grad=True)
+    g = torch.randn(64, n)
+    (plain,) = torch.autograd.grad(lin(x), x, g)
+    (gx,) = torch.autograd.grad(lin(x), x, g.requires_grad_(), create_graph=True)
+    assert (_bits(gx.detach()) == _bits(plain)).all()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_zero_width_layers_train_like_stock_ones() -> None:
+    """Linear with no inputs or no outputs and Embedding with no columns:
+    the shapes and (zero) gradients of stock layers, no reshape error."""
+    x = torch.randn(4, 0, requires_grad=True)
+    lin = Linear(0, 3)
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.shape == (3, 0)
+    assert lin.bias.grad is not None and torch.equal(lin.bias.grad, torch.full((3,), 4.0))
+    out = Linear(3, 0)(torch.randn(2, 5, 3))
+    assert out.shape == (2, 5, 0)
+    emb = Embedding(5, 0)
+    y = emb(torch.tensor([[1, 2], [4, 4]]))
+    assert y.shape == (2, 2, 0)
+    (gw,) = torch.autograd.grad(y, emb.weight, torch.zeros(2, 2, 0))
+    assert gw.shape == (5, 0)

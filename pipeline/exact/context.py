@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import rng
 from .flat import rn32
@@ -115,12 +116,14 @@ def apply_trusted(fn: type[torch.autograd.Function], *args: Any) -> Any:
 
 def trusted_backward(f: Callable[..., Any]) -> Callable[..., Any]:
     """A Function's backward run as a trusted region (for a backward called
-    while a guard is active)."""
+    while a guard is active) and once differentiable: its exact ops record
+    no graph, so under ``create_graph=True`` the gradients are still
+    computed, and differentiating them again raises torch's clear error."""
     @functools.wraps(f)
     def wrapper(*args: Any) -> Any:
         with trusted():
             return f(*args)
-    return wrapper
+    return once_differentiable(wrapper)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ forbidden and why. Both run as trusted regions of the guard.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,11 +30,17 @@ __all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropo
 _I64 = torch.int64
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t (..., n)`` as ``(rows, n)``, also for ``n == 0`` (where
+    ``reshape(-1, 0)`` is ambiguous)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 # ---------------------------------------------------------------- Linear
 class _Linear(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])                # (R, in)
+        x2 = _rows(x)                                  # (R, in)
         y = mm_blocks(quantise_a(x2), cached(w, "blocks of W^T", lambda: quantise_b(w.t())),
                       x2.shape[-1])
         if b is not None:
@@ -46,7 +53,7 @@ class _Linear(Function):
     @_trusted_backward
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x2, w = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])                # (R, out)
+        g2 = _rows(g)                                  # (R, out)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = mm_blocks(quantise_a(g2), cached(w, "blocks of W", lambda: quantise_b(w)),
@@ -133,7 +140,7 @@ class _Embedding(Function):
     @_trusted_backward
     def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor]:
         (idx,) = ctx.saved_tensors
-        return None, index_tree_sum(idx, g.reshape(-1, g.shape[-1]), ctx.rows)
+        return None, index_tree_sum(idx, _rows(g), ctx.rows)
 
 
 def embedding(idx: Tensor, weight: Tensor) -> Tensor:
@@ -146,7 +153,7 @@ class _LayerNorm(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None,
                 eps: float) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = _rows(x)
         got = fused.layer_norm(x2, w, b, eps)  # the same bits in one pass, where it runs
         y, xh, s = got if got is not None else layer_norm_torch(x2, w, b, eps)
         ctx.save_for_backward(xh, s, w)
