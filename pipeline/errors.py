@@ -55,7 +55,8 @@ class MismatchError(PipelineError):
 
 
 class ProfileError(PipelineError, RuntimeError):
-    """This machine or process cannot run the pinned numeric profile."""
+    """This machine or process cannot run the numeric mode: the pinned
+    profile, or exact mode in a process that flushes subnormals."""
 
     exit_code = 4
 

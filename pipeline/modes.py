@@ -176,7 +176,19 @@ class _Exact(Mode):
         arguments checked against the factory's own signature). Any other
         factory: its stock module converted by ``pipeline.exact.from_torch``,
         initialised by the spec and checked under the guard (LayerNet).
-        The built-in loss only."""
+        The built-in loss only. Refuses a process that flushes subnormals
+        (pipeline.exact.fpenv; exit 4)."""
+        net = self._make_net(cfg, ds, device, parts)
+        if device.type == "cpu":
+            from .exact.fpenv import subnormal_problem
+
+            problem = subnormal_problem()  # after the model's own code has been imported
+            if problem:
+                raise ProfileError(f"exact mode needs IEEE-754 subnormals: {problem}; "
+                                   f"remove that setting or library")
+        return net
+
+    def _make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         import inspect
 
         from .exact import Arch, ExactNet

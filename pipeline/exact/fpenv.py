@@ -1,0 +1,48 @@
+"""Whether this process computes with IEEE-754 subnormals, as exact mode's
+arithmetic requires (docs/exact-spec.md, notation): flush-to-zero (a
+subnormal result becomes 0) or denormals-are-zero (a subnormal operand
+reads as 0) change results silently. Either is set per thread by
+``torch.set_flush_denormal(True)`` or by loading a library built with
+``-ffast-math`` (its start-up code sets both), so the check runs on the
+main thread and on every intra-op thread (threads started later inherit the
+main thread's setting).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["subnormal_problem"]
+
+_GRAIN = 32768  # ATen's GRAIN_SIZE: a chunk of at least this many elements per thread
+
+# (dtype, its integer view, the bits of: a normal x, a normal y with x * y
+# subnormal, that subnormal, and 1), written as integers: converting a float
+# (or comparing floats) would itself flush them.
+_CASES = ((torch.float32, torch.int32,                   # 2^-100, 2^-40, 2^-140, 1
+           0x0D800000, 0x2B800000, 0x00000200, 0x3F800000),
+          (torch.float64, torch.int64,                   # 2^-600, 2^-460, 2^-1060, 1
+           0x1A70000000000000, 0x2330000000000000, 0x0000000000004000, 0x3FF0000000000000))
+
+
+def _filled(n: int, bits: int, dtype: torch.dtype, view: torch.dtype) -> torch.Tensor:
+    return torch.full((n,), bits, dtype=view).view(dtype)
+
+
+def subnormal_problem() -> str | None:
+    """None if float32 and float64 subnormals are produced and read as IEEE
+    says on every CPU thread torch runs elementwise work on, else what is
+    wrong."""
+    n = 2 * _GRAIN * max(1, torch.get_num_threads())
+    for dtype, view, x, y, s, one in _CASES:
+        want = _filled(n, s, dtype, view).view(view)
+        got = _filled(n, x, dtype, view).mul_(_filled(n, y, dtype, view))
+        if not torch.equal(got.view(view), want):
+            return (f"this process flushes subnormal {dtype} results to zero (flush-to-zero: "
+                    f"torch.set_flush_denormal(True), or a library built with -ffast-math)")
+        if not torch.equal(_filled(n, one, dtype, view).mul_(_filled(n, s, dtype, view)).view(view),
+                           want):
+            return (f"this process reads subnormal {dtype} operands as zero "
+                    f"(denormals-are-zero: torch.set_flush_denormal(True), or a library built "
+                    f"with -ffast-math)")
+    return None
