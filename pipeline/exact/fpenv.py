@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["subnormal_problem"]
+from .fused import GRAIN
 
-_GRAIN = 32768  # ATen's GRAIN_SIZE: a chunk of at least this many elements per thread
+__all__ = ["subnormal_problem"]
 
 # (dtype, its integer view, the bits of: a normal x, a normal y with x * y
 # subnormal, that subnormal, and 1), written as integers: converting a float
@@ -33,15 +33,14 @@ def subnormal_problem() -> str | None:
     """None if float32 and float64 subnormals are produced and read as IEEE
     says on every CPU thread torch runs elementwise work on, else what is
     wrong."""
-    n = 2 * _GRAIN * max(1, torch.get_num_threads())
+    n = 2 * GRAIN * max(1, torch.get_num_threads())  # a chunk for every thread
     for dtype, view, x, y, s, one in _CASES:
-        want = _filled(n, s, dtype, view).view(view)
-        got = _filled(n, x, dtype, view).mul_(_filled(n, y, dtype, view))
-        if not torch.equal(got.view(view), want):
+        sub = _filled(n, s, dtype, view)
+        if not torch.equal(_filled(n, x, dtype, view).mul_(_filled(n, y, dtype, view)).view(view),
+                           sub.view(view)):
             return (f"this process flushes subnormal {dtype} results to zero (flush-to-zero: "
                     f"torch.set_flush_denormal(True), or a library built with -ffast-math)")
-        if not torch.equal(_filled(n, one, dtype, view).mul_(_filled(n, s, dtype, view)).view(view),
-                           want):
+        if not torch.equal(_filled(n, one, dtype, view).mul_(sub).view(view), sub.view(view)):
             return (f"this process reads subnormal {dtype} operands as zero "
                     f"(denormals-are-zero: torch.set_flush_denormal(True), or a library built "
                     f"with -ffast-math)")

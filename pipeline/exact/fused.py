@@ -19,7 +19,7 @@ __all__ = ["gelu", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_nor
            "layer_norm_grad", "index_tree"]
 
 _MAXS = 4096  # kernels.c's MAXS: the longest row the row kernels take
-_GRAIN = 32768  # ATen's GRAIN_SIZE: elements below which a call runs on one thread
+GRAIN = 32768  # ATen's GRAIN_SIZE: elements below which a call runs on one thread
 
 
 def usable(group: str, *xs: Tensor) -> ctypes.CDLL | None:
@@ -44,7 +44,7 @@ def _threads(work: int) -> int:
     large calls, 1 below torch's own grain size (no OpenMP team is started
     for small work, as ATen does; a team started before a fork hangs the
     child's next parallel region)."""
-    return torch.get_num_threads() if work >= _GRAIN else 1
+    return torch.get_num_threads() if work >= GRAIN else 1
 
 
 def _ptr(t: Tensor | None) -> int | None:

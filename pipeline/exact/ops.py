@@ -33,7 +33,6 @@ __all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp6
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 _EXP_MASK = 0x7FF0000000000000  # the exponent field of an f64
 
-_E, _D = EXP_C, LOG_C  # section 7's Taylor and atanh coefficients
 
 
 def _bits_pow2(n: Tensor) -> Tensor:
@@ -205,9 +204,9 @@ def exp64(d: Tensor, inplace: bool = False) -> Tensor:
     k = d.mul(LOG2E).round_()  # half to even
     tmp = torch.mul(k, LN2_HI)
     r = d.sub_(tmp).sub_(torch.mul(k, LN2_LO, out=tmp))
-    q = torch.mul(r, _E[11], out=tmp).add_(_E[10])
+    q = torch.mul(r, EXP_C[11], out=tmp).add_(EXP_C[10])
     for n in range(9, -1, -1):
-        q.mul_(r).add_(_E[n])
+        q.mul_(r).add_(EXP_C[n])
     return q.mul_(_bits_pow2(k))
 
 
@@ -228,10 +227,10 @@ def _xlog_finite(s: Tensor) -> Tensor:
     f = m.sub_(1.0)  # exact (Sterbenz)
     u = f / (f + 2.0)
     z = u * u
-    w = z * _D[11]
-    w.add_(_D[10])
+    w = z * LOG_C[11]
+    w.add_(LOG_C[10])
     for n in range(9, -1, -1):
-        w.mul_(z).add_(_D[n])
+        w.mul_(z).add_(LOG_C[n])
     lm = u.mul_(w).mul_(2.0)
     return (ef * LN2_LO).add_(lm).add_(ef * LN2_HI).to(_F32)
 
