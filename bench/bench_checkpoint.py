@@ -44,8 +44,8 @@ def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None,
     """(wall seconds of train(), seconds the loop spent inside Writer.save,
     saves); ``sync``: every write in the loop's thread (save, then wait), as
     before the background writer."""
-    from pipeline import checkpoint
-    from pipeline import train as train_mod
+    from pipeline.train import checkpoint
+    from pipeline.train import loop as train_mod
 
     real_save = checkpoint.Writer.save
     spent: list[float] = []
@@ -73,12 +73,13 @@ def _parts(cfg: Any, ds: Any, where: Path) -> list[tuple[str, float]]:
     import torch
     from safetensors.torch import save
 
-    from pipeline import atomic, checkpoint
-    from pipeline.hashing import weights_sha256
+    from pipeline.core import atomic
+    from pipeline.core.hashing import weights_sha256
+    from pipeline.train import checkpoint
 
     d = where / "parts"
     short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
-    from pipeline import train as train_mod
+    from pipeline.train import loop as train_mod
     train_mod.train(short, ds, run_key="bench", ckpt_dir=d, quiet=True)  # writes all
     _, src = max((int(p.name[5:14]), p) for p in d.glob("ckpt-*.safetensors"))
     tensors, meta = checkpoint.load_checkpoint(src)
@@ -124,8 +125,8 @@ def main() -> None:
     args = ap.parse_args()
     profile = pin().name
 
-    from pipeline import dataset, manifest
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
+    from pipeline.data import dataset, manifest
 
     cfg = load_config(REPO / "configs" / "digits.toml")
     cache = manifest.default_cache_dir()

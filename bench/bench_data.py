@@ -27,7 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import manifest as data  # noqa: E402  (after the path insert, to run from a checkout)
+from pipeline.data import (
+    manifest as data,  # noqa: E402  (after the path insert, to run from a checkout)
+)
 
 
 def _make_root(tmp: Path, mib: int) -> Path:

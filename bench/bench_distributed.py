@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_distributed.py [--world 2] [--shards 4] [--steps 150]
 
 Not a test: prints a table. W ranks (gloo on 127.0.0.1, one thread each) run
-the training step of pipeline.train on a pinned-mode MLP: their shards'
+the training step of pipeline.train.loop on a pinned-mode MLP: their shards'
 gradients, the fixed tree, ``TorchComm.combine`` (all_gather of one flat
 buffer per rank + the tree over ranks, or with plain=True ``all_reduce(SUM)``),
 the optimiser. The two reductions alternate in blocks of 10 steps in the same
@@ -33,8 +33,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pipeline import modes  # noqa: E402
-from pipeline.config import Config, ModelConfig, TrainConfig  # noqa: E402
-from pipeline.distributed import TorchComm, add_grads, tree_reduce  # noqa: E402
+from pipeline.core.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from pipeline.train.distributed import TorchComm, add_grads, tree_reduce  # noqa: E402
 
 BLOCK = 10  # steps per block; the two reductions alternate block by block
 

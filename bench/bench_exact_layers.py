@@ -72,12 +72,12 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
         return
 
     from pipeline import modes, recipe
-    from pipeline.config import load_config
-    from pipeline.distributed import LocalComm
-    from pipeline.rng import DropoutStream
-    from pipeline.sampling import batches, epoch_order, split
-    from pipeline.threads import ShardRunner
-    from pipeline.train import _step_grads, examples_of
+    from pipeline.core.config import load_config
+    from pipeline.core.rng import DropoutStream
+    from pipeline.data.sampling import batches, epoch_order, split
+    from pipeline.train.distributed import LocalComm
+    from pipeline.train.loop import _step_grads, examples_of
+    from pipeline.train.threads import ShardRunner
 
     cfg = load_config(config, [*overrides, f"mode={mode}"])
     prep = recipe.prepare(cfg, [], config.resolve().parent)
@@ -109,7 +109,7 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
 
 
 def _run(config: Path, mode: str, threads: int, steps: int, overrides: list[str]) -> dict:
-    from pipeline import environment
+    from pipeline.core import environment
 
     # The profile's variables with the thread count replaced, set here for
     # both modes; PIPELINE_TEST_NO_PIN keeps pinned mode from re-executing to

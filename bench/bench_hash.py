@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.hashing import tensor_digests, weights_sha256  # noqa: E402
+from pipeline.core.hashing import tensor_digests, weights_sha256  # noqa: E402
 
 CASES = {
     "digits MLP 64-128-10": [(128, 64), (128,), (10, 128), (10,)],

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.environment import load_profile  # noqa: E402  (torch-free; after the insert)
+from pipeline.core.environment import load_profile  # noqa: E402  (torch-free; after the insert)
 
 
 def _command() -> list[str]:

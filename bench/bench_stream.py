@@ -43,16 +43,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import dataset, manifest, recipe  # noqa: E402  (after the path insert)
+from pipeline import recipe  # noqa: E402  (after the path insert)
+from pipeline.data import dataset, manifest
 
 _CHILD = """
 import dataclasses, json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from pipeline import dataset, manifest, train
-from pipeline.config import load_config
-from pipeline.hashing import weights_sha256
+from pipeline.data import dataset, manifest
+from pipeline.train import loop as train
+from pipeline.core.config import load_config
+from pipeline.core.hashing import weights_sha256
 m, cache, how, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 ds = dataset.load(manifest.verify(m, stat_cache_dir=cache), "big", cache)
 if how == "memory":
@@ -72,7 +74,7 @@ print(json.dumps({"s": took, "maxrss_mb": kb("VmHWM") / 1024,
 
 
 # What `data verify` does, in a fresh interpreter that skips pipeline.cli's own imports.
-_BARE = ("import sys; from pathlib import Path; from pipeline import manifest, recipe; "
+_BARE = ("import sys; from pathlib import Path; from pipeline.data import manifest; from pipeline import recipe; "
          "c = manifest.default_cache_dir(); "
          "recipe.check_caches(manifest.verify(Path(sys.argv[1]), stat_cache_dir=c), c)")
 

@@ -30,8 +30,8 @@ import loops  # noqa: E402  (bench/loops.py: the pinned process, a loaded config
 
 
 def _timed(cfg: Any, ds: Any, parts: Any, threads: int | None) -> tuple[float, str, Any]:
-    from pipeline.hashing import weights_sha256
-    from pipeline.train import train
+    from pipeline.core.hashing import weights_sha256
+    from pipeline.train.loop import train
 
     t = time.perf_counter()
     r = train(cfg, ds, parts, run_key="bench", ckpt_dir=None, quiet=True, threads=threads)

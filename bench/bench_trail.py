@@ -1,6 +1,6 @@
 """The per-step trail's cost against a training step, for a model of about
 10M parameters (MLP 784-2048-2048-2048-10, batch 64): the sampled integer
-fingerprint (pipeline.hashing.fingerprints, the trail now) and SHA-1 of
+fingerprint (pipeline.core.hashing.fingerprints, the trail now) and SHA-1 of
 every tensor (tensor_digests, the trail before). Prints a table; the target
 is a trail of at most 1% of the step.
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.hashing import fingerprints, tensor_digests  # noqa: E402
+from pipeline.core.hashing import fingerprints, tensor_digests  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import environment  # noqa: E402
+from pipeline.core import environment  # noqa: E402
 
 
 def pin() -> Any:
@@ -67,8 +67,9 @@ class Loaded:
 def load(path: Path, overrides: list[str]) -> Loaded:
     """Load ``path`` with ``overrides`` as ``pipeline train`` does: data
     verified against the manifest and decoded, the factory imported."""
-    from pipeline import recipe, sampling
-    from pipeline.config import load_config
+    from pipeline import recipe
+    from pipeline.core.config import load_config
+    from pipeline.data import sampling
 
     cfg = load_config(path, overrides)
     prep = recipe.prepare(cfg, [], path.resolve().parent)
@@ -80,11 +81,11 @@ def load(path: Path, overrides: list[str]) -> Loaded:
 
 
 def pipeline(b: Loaded, steps: int, ckpt: bool = False, threads: int | None = 1) -> Run:
-    """``pipeline.train.train`` (the config's mode), no run record; with
+    """``pipeline.train.loop.train`` (the config's mode), no run record; with
     ``ckpt``, its checkpoints written to a temporary directory. One thread
     by default, as the user's loops run here (``threads=None``: the
     pipeline's own default, every core)."""
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -110,7 +111,7 @@ class UserLoop:
 
     def model(self) -> Any:
         """The factory's module, initialised exactly as the pipeline's."""
-        from pipeline.pinned import build_module
+        from pipeline.train.pinned import build_module
 
         shape, classes = self.b.ds.shapes(self.cfg.data.context)
         f = self.b.parts.factory
@@ -121,7 +122,7 @@ class UserLoop:
         """The torch.optim optimiser the pipeline builds from the config (at
         the base rate: the plain loop does not follow a warm-up or cosine
         schedule, nor clip)."""
-        from pipeline.pinned import TorchOptimizer
+        from pipeline.train.pinned import TorchOptimizer
 
         t = self.cfg.train
         total = self.per_epoch * t.epochs if not t.max_steps else min(

@@ -1,6 +1,6 @@
 """``pipeline train|verify|diff|data|new|env|runs|golden|audit|exec``: argument
 parsing and printing; the work is pipeline.recipe's (and runs, golden, manifest;
-audit and exec: pipeline.audit).
+audit and exec: pipeline.audit.commands).
 
 Exit codes (README, "Commands and exit codes"; one line on stderr, --debug
 adds the traceback): 0 ok; 1 mismatch (rebuild/verify/golden, golden check
@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .audit import add_commands as _audit_commands, run as _audit
-from .config import load_config
-from .errors import UsageError, report, split_debug
+from .audit.commands import add_commands as _audit_commands
+from .audit.commands import run as _audit
+from .core.config import load_config
+from .core.errors import UsageError, report, split_debug
 
 __all__ = ["main"]
 
@@ -131,7 +132,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 def _config_args(items: list[str]) -> tuple[Path, list[str]]:
     """(CONFIG, overrides) from ``train``'s positional arguments; CONFIG
     defaults to configs/digits.toml and is looked up in the project root too."""
-    from .environment import project_root
+    from .core.environment import project_root
 
     config = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
@@ -216,7 +217,7 @@ def _verify(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from . import runs
+    from .record import runs
 
     a, b = runs.read_run(args.run_a), runs.read_run(args.run_b)
     ta, tb = runs.read_trail(args.run_a, a), runs.read_trail(args.run_b, b)
@@ -230,7 +231,8 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _data_verify(args: argparse.Namespace) -> int:
-    from . import manifest, recipe
+    from . import recipe
+    from .data import manifest
 
     path = args.manifest or recipe.manifest_path()
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
@@ -242,7 +244,8 @@ def _data_verify(args: argparse.Namespace) -> int:
 
 
 def _data_add(args: argparse.Namespace) -> int:
-    from . import manifest_edit, recipe
+    from . import recipe
+    from .data import add as manifest_edit
 
     path = args.manifest or recipe.manifest_path(Path.cwd())
     lines = manifest_edit.add(path, args.file, name=args.name, source=args.source,
@@ -266,7 +269,7 @@ def _new(args: argparse.Namespace) -> int:
 
 
 def _env() -> int:
-    from . import environment as env
+    from .core import environment as env
 
     prof = env.load_profile()
     out = {"toolchain": env.toolchain_fingerprint(), "profile": prof.__dict__,
@@ -277,7 +280,7 @@ def _env() -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from . import runs
+    from .record import runs
 
     if not args.runs_dir.is_dir():
         return 0
@@ -289,7 +292,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _golden(args: argparse.Namespace) -> int:
-    from . import golden, runs
+    from .record import golden, runs
 
     record = runs.read_run(args.run_dir)
     path = args.file or golden.default_path()

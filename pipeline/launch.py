@@ -28,9 +28,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import _testing, atomic, modes, recipe, runs
-from .config import Config, load_config
-from .errors import DistributedError, UsageError, WorkerError, exit_status
+from . import modes, recipe
+from .core import _testing, atomic
+from .core.config import Config, load_config
+from .core.errors import DistributedError, UsageError, WorkerError, exit_status
+from .record import runs
 
 __all__ = ["Spec", "Outcome", "launch", "world_size", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
@@ -57,7 +59,7 @@ class Spec:
     master_port: int | None = None
     rdzv_endpoint: str | None = None
     force: bool = False      # replace a runs/<key> that fails its checks
-    threads: int | None = None  # per worker (pipeline.threads); None: 1, as W workers use W cores
+    threads: int | None = None  # per worker (pipeline.train.threads); None: 1, as W workers use W cores
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from .environment import child_pythonpath
+    from .core.environment import child_pythonpath
 
     targs = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes),
              "--node-rank", str(spec.node_rank), "--max-restarts", "0",
@@ -258,7 +260,7 @@ def _init_comm(device: str) -> Any:
     import torch
     import torch.distributed as dist
 
-    from .distributed import TorchComm
+    from .train.distributed import TorchComm
 
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     if device.startswith("cuda"):
@@ -278,7 +280,7 @@ def _agree(comm: Any, key: str, runs_dir: Path) -> None:
     """Every rank has the same run key and sees the same newest checkpoint."""
     import torch.distributed as dist
 
-    from .checkpoint import latest_valid
+    from .train.checkpoint import latest_valid
 
     found = latest_valid(runs_dir / f".ckpt-{key}")  # recipe.get_or_train's checkpoint dir
     mine = (key, found[2]["step"] if found else 0)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 __all__ = ["mlp", "cnn", "Loaded", "Parts", "load", "resolve", "source_sha256", "BUILTINS"]
 
@@ -161,7 +161,7 @@ class Parts:
 
 def resolve(factory: str, loss: str, base: Path | None) -> Parts:
     """Load ``factory`` and (when not a built-in loss name) ``loss``."""
-    from .config import LOSSES
+    from .core.config import LOSSES
 
     return Parts(load(factory, base),
                  None if loss in LOSSES else load(loss, base, key="train.loss"))

@@ -20,12 +20,12 @@ The training loop talks to nets and optimisers through two small protocols:
 - ``net.predict(x)``: logits, no dropout; ``net.loss_sum(logits, y)``: the
   summed cross-entropy of those logits (the test loss);
 - ``net.threadable``: whether a step's shards may run on several threads at
-  once (pipeline.threads; then the loop sets ``net.in_threads``);
+  once (pipeline.train.threads; then the loop sets ``net.in_threads``);
 - ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
   ``load_state(tensors, scalars)``.
 
 torch is imported only inside methods: this module is loaded before the
-pinned profile is in place (pipeline.environment).
+pinned profile is in place (pipeline.core.environment).
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import environment as env
-from .config import Config, canonical_json
-from .errors import ConfigError, ProfileError, UsageError
+from .core import environment as env
+from .core.config import Config, canonical_json
+from .core.errors import ConfigError, ProfileError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-    from .dataset import Dataset
+    from .data.dataset import Dataset
     from .models import Parts
 
 __all__ = ["Mode", "Net", "Optimizer", "of", "PINNED", "EXACT"]
@@ -144,7 +144,7 @@ class _Pinned(Mode):
         return not env.pinning_disabled()
 
     def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
-        from .pinned import PinnedNet, build_module
+        from .train.pinned import PinnedNet, build_module
 
         shape, classes = ds.shapes(cfg.data.context)
         module = build_module(parts.factory.function, parts.factory.name, shape, classes,
@@ -152,7 +152,7 @@ class _Pinned(Mode):
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
-        from .pinned import TorchOptimizer
+        from .train.pinned import TorchOptimizer
         return TorchOptimizer(cfg.optim, net.params, total_steps)
 
 
@@ -214,7 +214,7 @@ class _Exact(Mode):
         import torch
 
         from .exact import LayerNet, from_torch
-        from .pinned import build_module
+        from .train.pinned import build_module
 
         shape, classes = ds.shapes(cfg.data.context)
         stock = build_module(parts.factory.function, parts.factory.name, shape, classes,

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import manifest, modes, runs
-from .config import Config, config_from_dict
-from .environment import project_root
-from .errors import CheckpointError, ConfigError, DataIntegrityError, MismatchError, UsageError
+from . import modes
+from .core.config import Config, config_from_dict
+from .core.environment import project_root
+from .core.errors import CheckpointError, ConfigError, DataIntegrityError, MismatchError, UsageError
+from .data import manifest
+from .record import runs
 
 if TYPE_CHECKING:
-    from .dataset import Dataset
+    from .data.dataset import Dataset
     from .models import Parts
 
 __all__ = ["Prepared", "prepare", "check_device", "check_existing",
@@ -65,7 +67,7 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     cache), and check that the config fits it (ConfigError, exit 2, before
     any training)."""
     profile = modes.of(cfg.mode).prepare(argv)  # may re-execute: nothing heavy before it
-    from . import dataset  # numpy: only once pinned
+    from .data import dataset  # numpy: only once pinned
     from .models import resolve
 
     parts = resolve(cfg.model.factory, cfg.train.loss, base)
@@ -84,15 +86,15 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
 
 
 def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = False) -> None:
-    """``data verify``'s check of the decode cache (pipeline.datacache.triage):
+    """``data verify``'s check of the decode cache (pipeline.data.cache.triage):
     entries that need it are compared with a fresh decode (NumPy is imported
     only then). DataIntegrityError naming the first entry that differs, or is
     corrupt (every such entry removed)."""
-    from . import datacache
+    from .data import cache as datacache
 
     fresh, problems = datacache.triage(verified, cache_dir, full=full)
     if fresh:
-        from .dataset import check_cache
+        from .data.dataset import check_cache
         problems += [p for n in fresh if (p := check_cache(verified, n, cache_dir)) is not None]
     if problems:
         raise DataIntegrityError(problems[0], "a decode-cache entry equal to a fresh decode",
@@ -106,7 +108,7 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     import numpy as np
     import torch
 
-    from .train import examples_of
+    from .train.loop import examples_of
 
     net = modes.of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
     ctx = cfg.data.context
@@ -137,7 +139,7 @@ def _check_fit(cfg: Config, ds: Dataset) -> None:
         problems.append(f"data.context: dataset {ds.name!r} is for classification: expected 0 "
                         f"(unset), found {cfg.data.context}")
     if not problems:
-        from .sampling import split
+        from .data.sampling import split
         train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
         if len(test_ids) == 0:
             problems.append(f"data.test_fraction: {cfg.data.test_fraction} of "
@@ -180,8 +182,8 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
     With several ranks (``comm.size > 1``) the launcher holds the run lock
     (pipeline.launch), rank 0's view of runs/ decides for all, and only rank
     0 writes; another rank returns just the run key and its weights' hash."""
-    from .hashing import weights_sha256
-    from .train import train
+    from .core.hashing import weights_sha256
+    from .train.loop import train
 
     key = prep.inputs.key
     final = runs_dir / key

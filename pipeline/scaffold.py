@@ -8,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .environment import project_root
-from .errors import DataIntegrityError, UsageError
+from .core.environment import project_root
+from .core.errors import DataIntegrityError, UsageError
 
 __all__ = ["new_project", "MODEL_PY", "CONFIG_TOML"]
 

@@ -21,10 +21,21 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from pipeline.environment import host_isa_levels, load_profile
+from pipeline.core.environment import host_isa_levels, load_profile
 
-from .machines import (EXACT, FULL, ROOT, SHORT, TRAIN_TIMEOUT_S, Places, Run, clean_env,
-                       compile_locales, copy_checkout, train_argv)
+from .machines import (
+    EXACT,
+    FULL,
+    ROOT,
+    SHORT,
+    TRAIN_TIMEOUT_S,
+    Places,
+    Run,
+    clean_env,
+    compile_locales,
+    copy_checkout,
+    train_argv,
+)
 
 
 @pytest.fixture
@@ -33,7 +44,7 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     share two cores); no test-only switch leaks in from the caller's environment."""
     import torch
 
-    from pipeline import _testing
+    from pipeline.core import _testing
 
     monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches())
     before = torch.get_num_threads()

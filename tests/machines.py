@@ -23,10 +23,21 @@ from typing import Any
 
 import pytest
 
-from pipeline.environment import PROFILE_FILE as PROFILE_JSON
-from pipeline.machines import (ISA_ORDER, KEEP, LOCALES, MACHINES, Machine, Places, clean_env,
-                               compile_locales, environment, profile_variables,
-                               uts_namespace_problem, wrap)
+from pipeline.audit.machines import (
+    ISA_ORDER,
+    KEEP,
+    LOCALES,
+    MACHINES,
+    Machine,
+    Places,
+    clean_env,
+    compile_locales,
+    environment,
+    profile_variables,
+    uts_namespace_problem,
+    wrap,
+)
+from pipeline.core.environment import PROFILE_FILE as PROFILE_JSON
 
 from .helpers import copy_source
 

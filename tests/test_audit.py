@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import audit_report
-from pipeline.audit_child import REFERENCE, Outcome, Plan, boot_dir, capture_env
-from pipeline.environment import host_isa_levels, load_profile
-from pipeline.machines import MACHINES
+from pipeline.audit import report as audit_report
+from pipeline.audit.child import REFERENCE, Outcome, Plan, boot_dir, capture_env
+from pipeline.audit.machines import MACHINES
+from pipeline.core.environment import host_isa_levels, load_profile
 
 from .helpers import ROOT
 

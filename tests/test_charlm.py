@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.environment import load_profile
+from pipeline.core.environment import load_profile
 
 from .conftest import build_once
 from .machines import MACHINES, ROOT, TRAIN_TIMEOUT_S, Machine, Places, Run, finish, start

@@ -20,11 +20,15 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from pipeline import _testing, atomic, checkpoint, cli, dataset, manifest, runs
-from pipeline import train as train_mod
-from pipeline.config import Config, load_config
-from pipeline.errors import CheckpointError, PipelineError
-from pipeline.hashing import weights_sha256
+from pipeline import cli
+from pipeline.core import _testing, atomic
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import CheckpointError, PipelineError
+from pipeline.core.hashing import weights_sha256
+from pipeline.data import dataset, manifest
+from pipeline.record import runs
+from pipeline.train import checkpoint
+from pipeline.train import loop as train_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.toml"
@@ -393,8 +397,8 @@ def test_checkpoint_policy_interval_epoch_ends_and_minimum_spacing(
     seconds: every such point."""
     import dataclasses
 
-    from pipeline import train as train_mod
-    from pipeline.config import Config
+    from pipeline.core.config import Config
+    from pipeline.train import loop as train_mod
 
     now = [1000.0]
     monkeypatch.setattr(train_mod.time, "monotonic", lambda: now[0])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, config_sha256, load_config, parse_overrides
-from pipeline.errors import ConfigError
+from pipeline.core.config import Config, config_sha256, load_config, parse_overrides
+from pipeline.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import _testing, datacache, dataset
-from pipeline import manifest as manifest_mod
-from pipeline.errors import DataIntegrityError
+from pipeline.core import _testing
+from pipeline.core.errors import DataIntegrityError
+from pipeline.data import cache as datacache
+from pipeline.data import dataset
+from pipeline.data import manifest as manifest_mod
 
 from .data_helpers import REPO, SHA, make_manifest, register
 
@@ -115,7 +117,7 @@ def test_a_run_verifies_before_decoding(manifest: Path, tmp_path: Path) -> None:
 _WORKER = """
 import sys, time, hashlib
 from pathlib import Path
-from pipeline import dataset, manifest
+from pipeline.data import dataset, manifest
 tmp = Path(sys.argv[1])
 (tmp / f"ready-{sys.argv[2]}").touch()
 while not (tmp / "go").exists():
@@ -200,7 +202,7 @@ def test_language_model_windows_and_shapes(tmp_path: Path) -> None:
 def test_a_test_file_follows_the_train_tokens(tmp_path: Path) -> None:
     """With a manifest test part, its windows come after the train tokens and
     split() makes them the test split."""
-    from pipeline.sampling import split
+    from pipeline.data.sampling import split
 
     ds = _load(_lm_manifest(tmp_path, "abcabcabc", "cbacbacba"), "t", tmp_path / "cache")
     assert ds.n_train == 9 and len(ds.x) == 18 and ds.counts(4) == (2, 2)

@@ -33,10 +33,21 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.environment import load_profile
+from pipeline.core.environment import load_profile
 
-from .machines import (EXACT, FULL, MACHINES, ROOT, SHORT, Machine, Places, Run, finish, start,
-                       train_argv)
+from .machines import (
+    EXACT,
+    FULL,
+    MACHINES,
+    ROOT,
+    SHORT,
+    Machine,
+    Places,
+    Run,
+    finish,
+    start,
+    train_argv,
+)
 
 pytestmark = pytest.mark.determinism
 

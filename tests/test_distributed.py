@@ -24,7 +24,7 @@ import torch
 from filelock import FileLock
 
 from pipeline import cli
-from pipeline.distributed import LocalComm, add_grads, tree_reduce
+from pipeline.train.distributed import LocalComm, add_grads, tree_reduce
 
 pytestmark = pytest.mark.distributed
 

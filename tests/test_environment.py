@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import _testing
-from pipeline import environment as env
-from pipeline.errors import ProfileError
+from pipeline.core import _testing
+from pipeline.core import environment as env
+from pipeline.core.errors import ProfileError
 
 from .helpers import ROOT, pipeline_env
 
@@ -80,7 +80,7 @@ def test_code_hash_covers_every_source_file(tmp_path: Path) -> None:
     """Editing any file of the package changes the code hash."""
     copy = tmp_path / "pipeline"
     shutil.copytree(ROOT / "pipeline", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    code = "import pipeline.environment as e; print(e.code_sha256())"
+    code = "import pipeline.core.environment as e; print(e.code_sha256())"
     run = lambda: subprocess.run([sys.executable, "-c", code], cwd=tmp_path,  # noqa: E731
                                  capture_output=True, text=True, check=True).stdout
     before = run()

@@ -18,9 +18,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.exact import Arch
-from pipeline.exact import (ExactAdam, ExactNet, ExactSGD, softmax_xent, sqrt32, tree_sum,
-                            tree_sum_list, xexp, xlog, xmm)
+from pipeline.exact import (
+    Arch,
+    ExactAdam,
+    ExactNet,
+    ExactSGD,
+    softmax_xent,
+    sqrt32,
+    tree_sum,
+    tree_sum_list,
+    xexp,
+    xlog,
+    xmm,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -437,10 +447,10 @@ def test_quantised_weight_cache_is_never_stale() -> None:
 # ------------------------------------------------------------------ determinism
 _TRAIN = r"""
 import sys, torch
-from pipeline import rng
+from pipeline.core import rng
 from pipeline.exact import Arch
 from pipeline.exact import ExactNet, ExactSGD, ExactAdam, tree_sum_list
-from pipeline.hashing import weights_sha256
+from pipeline.core.hashing import weights_sha256
 import numpy as np
 torch.set_num_threads(int(sys.argv[1]))
 g = np.random.default_rng(0)
@@ -481,6 +491,6 @@ def test_training_bit_identical_across_threads_and_isa() -> None:
     (cap1, *h1), (cap2, *h2) = outs
     assert cap1 == "DEFAULT" and cap2 == "AVX2"
     assert h1 == h2
-    from pipeline.hashing import weights_sha256
+    from pipeline.core.hashing import weights_sha256
     init = ExactNet(Arch("mlp", (32, 16), 0.1), seed=5).params
     assert h1[0] != weights_sha256(init)

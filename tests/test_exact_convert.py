@@ -17,9 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.exact import (ExactAdam, Guard, LayerNet, Linear, check_graph, check_module,
-                            from_torch)
+from pipeline.core.errors import ConfigError
+from pipeline.exact import ExactAdam, Guard, LayerNet, Linear, check_graph, check_module, from_torch
 from pipeline.exact import layers as L
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +162,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[2])
 from model import gpt
 from pipeline.exact import LayerNet, ExactAdam, from_torch, tree_sum_list
-from pipeline.hashing import weights_sha256
+from pipeline.core.hashing import weights_sha256
 torch.set_num_threads(int(sys.argv[1]))
 g = torch.Generator().manual_seed(0)
 data = torch.randint(0, 11, (16, 17), generator=g)

@@ -13,16 +13,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import rng
-from pipeline.exact import (Embedding, Linear, add, attention, conv2d, dropout, embedding,
-                            gelu, init_exact, layer_norm, linear, mul, relu, step_context,
-                            sub, xmm, xmmb)
+from pipeline.core import rng
+from pipeline.exact import (
+    Embedding,
+    Linear,
+    add,
+    attention,
+    conv2d,
+    dropout,
+    embedding,
+    gelu,
+    init_exact,
+    layer_norm,
+    linear,
+    mul,
+    product,
+    relu,
+    step_context,
+    sub,
+    xmm,
+    xmmb,
+)
 from pipeline.exact import div as xdiv
 from pipeline.exact.arith import sum_to
 from pipeline.exact.context import next_mask
-from pipeline.exact.functional import index_tree_sum
-from pipeline.exact import product
 from pipeline.exact.flat import select
+from pipeline.exact.functional import index_tree_sum
 from pipeline.exact.ops import exp64, tree_sum
 
 

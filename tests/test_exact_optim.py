@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import dataset, manifest
-from pipeline import train as train_mod
-from pipeline.config import OptimConfig, load_config
+from pipeline.core.config import OptimConfig, load_config
+from pipeline.core.hashing import weights_sha256
+from pipeline.data import dataset, manifest
 from pipeline.exact import make_exact_optimizer
 from pipeline.exact.flat import flat_views
-from pipeline.hashing import weights_sha256
-from pipeline.pinned import TorchOptimizer
+from pipeline.train import loop as train_mod
+from pipeline.train.pinned import TorchOptimizer
 
 from .data_helpers import DIGITS, SHA
 
@@ -452,9 +452,9 @@ def test_exact_training_with_each_option_equals_the_reference(
 
 _PROCESS = r"""
 import sys, torch
-from pipeline.config import OptimConfig
+from pipeline.core.config import OptimConfig
 from pipeline.exact import make_exact_optimizer
-from pipeline.hashing import weights_sha256
+from pipeline.core.hashing import weights_sha256
 torch.set_num_threads(int(sys.argv[1]))
 def vals(n, k):  # integers, then one correctly rounded division: the same on every ISA
     i = (torch.arange(n, dtype=torch.int64) * (2654435761 + k)) % 1000003

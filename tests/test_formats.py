@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import dataset, formats, manifest
-from pipeline.errors import ConfigError, DataIntegrityError
-from pipeline.mapped import Rows
+from pipeline.core.errors import ConfigError, DataIntegrityError
+from pipeline.data import dataset, formats, manifest
+from pipeline.data.mapped import Rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = {"format": "csv", "file": "digits", "compression": "gzip", "features": [0, 64],
@@ -51,7 +51,7 @@ def _idx(a: np.ndarray, type_byte: int) -> bytes:
 # --- csv ---------------------------------------------------------------------------
 
 def test_digits_bit_identical_to_the_dataset_decoder(tmp_path: Path) -> None:
-    """The shipped digits file decodes to the very bytes pipeline.dataset decodes."""
+    """The shipped digits file decodes to the very bytes pipeline.data.dataset decodes."""
     v = manifest.verify(ROOT / "data-manifest.json")
     d = dataset.load(v, "digits", tmp_path / "cache")
     got = formats.decode(DIGITS_SPEC, {"digits": ROOT / "data" / "digits.csv.gz"})

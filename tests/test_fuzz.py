@@ -20,8 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import _testing, checkpoint, cli, runs
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline import cli
+from pipeline.core import _testing
+from pipeline.core.errors import CheckpointError, ConfigError
+from pipeline.record import runs
+from pipeline.train import checkpoint
 
 from .data_helpers import make_manifest
 
@@ -179,12 +182,12 @@ def test_fuzzed_checkpoint_metadata_restores_or_raises_checkpoint_error(
     """A checkpoint whose metadata field is replaced by a random JSON value
     (its content hash recomputed, so it passes as intact) is refused with
     CheckpointError or restored; never another exception."""
-    from pipeline.config import config_from_dict
-    from pipeline.dataset import load
-    from pipeline.manifest import default_cache_dir, verify
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.rng import DropoutStream
+    from pipeline.data.dataset import load
+    from pipeline.data.manifest import default_cache_dir, verify
     from pipeline.modes import of
     from pipeline.recipe import manifest_path
-    from pipeline.rng import DropoutStream
 
     rec = json.loads((trained / "run.json").read_text())
     cfg = config_from_dict(rec["config"], "run.json")
@@ -210,10 +213,10 @@ def _a_checkpoint(run: Path, cfg: Any, key: str) -> tuple[dict[str, Any], dict[s
     """A real checkpoint of the trained run's config at step 5 (trained here once)."""
     ck = run.parent.parent / "ck-ref"
     if not list(ck.glob("ckpt-*")):
-        from pipeline.dataset import load
-        from pipeline.manifest import default_cache_dir, verify
+        from pipeline.data.dataset import load
+        from pipeline.data.manifest import default_cache_dir, verify
         from pipeline.recipe import manifest_path
-        from pipeline.train import train
+        from pipeline.train.loop import train
         ds = load(verify(manifest_path()), cfg.data.dataset, default_cache_dir())
         train(cfg, ds, run_key=key, ckpt_dir=ck, quiet=True)
     found = checkpoint.latest_valid(ck)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import golden
-from pipeline.errors import MismatchError
+from pipeline.core.errors import MismatchError
+from pipeline.record import golden
 
 
 def _record(mode: str, sha: str, torch_version: str = "2.13.0") -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.hashing import tensor_digests, weights_sha256
+from pipeline.core.hashing import tensor_digests, weights_sha256
 
 
 def _by_hand(name: str, values: list[float]) -> str:
@@ -75,7 +75,7 @@ def test_fingerprints_follow_every_sampled_bit_and_nothing_else() -> None:
     """The per-step trail: 8 bytes per tensor in sorted name order; a change
     of one bit (even -0.0 for +0.0) in a small tensor changes its fingerprint
     and no other; equal tensors give equal bytes."""
-    from pipeline.hashing import fingerprints
+    from pipeline.core.hashing import fingerprints
 
     w = {"b": torch.zeros(10), "a": torch.arange(12.0).reshape(3, 4)}
     base = fingerprints(w)
@@ -90,7 +90,7 @@ def test_fingerprints_of_a_large_tensor_sample_a_fixed_set() -> None:
     """Above SAMPLES elements the fingerprint reads SAMPLES distinct elements,
     the same ones every step: a change there shows, a change elsewhere does
     not (until the next step moves the sampled ones too)."""
-    from pipeline import hashing
+    from pipeline.core import hashing
 
     n = 3 * hashing.SAMPLES + 7
     idx, _ = hashing._plan(n, torch.device("cpu"))
@@ -106,7 +106,7 @@ def test_fingerprints_of_a_large_tensor_sample_a_fixed_set() -> None:
 
 def test_fingerprints_do_not_depend_on_threads() -> None:
     """Integer sums: the same bytes at 1 and 2 threads."""
-    from pipeline.hashing import fingerprints
+    from pipeline.core.hashing import fingerprints
 
     t = {"w": torch.randn(1000, 1000, generator=torch.Generator().manual_seed(1))}
     before = torch.get_num_threads()

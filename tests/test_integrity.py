@@ -24,8 +24,12 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
-from pipeline import _testing, atomic, cli, datacache, dataset, manifest, recipe, runs
-from pipeline.config import load_config
+from pipeline import cli, recipe
+from pipeline.core import _testing, atomic
+from pipeline.core.config import load_config
+from pipeline.data import cache as datacache
+from pipeline.data import dataset, manifest
+from pipeline.record import runs
 
 from .helpers import ROOT, pipeline_env, run_pipeline
 
@@ -413,7 +417,7 @@ def test_verify_and_data_verify_read_no_cache_entry(
 def test_debug_flag_is_ours_only_before_a_double_dash() -> None:
     """--debug anywhere before `--` turns on tracebacks; after it, it belongs to
     the program `pipeline exec`/`audit` runs and is passed on untouched."""
-    from pipeline.errors import split_debug
+    from pipeline.core.errors import split_debug
     assert split_debug(["train", "--debug", "seed=1"]) == (True, ["train", "seed=1"])
     assert split_debug(["exec", "--", "s.py", "--debug"]) == (False,
                                                             ["exec", "--", "s.py", "--debug"])

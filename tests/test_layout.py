@@ -117,8 +117,8 @@ def test_cli_path_imports_no_torch_before_pinning() -> None:
     torch nor numpy (their thread and ISA settings are read when they load), nor
     matplotlib (test_train_imports_torch_once_and_only_after_the_reexec: what a
     run imports when it runs)."""
-    code = ("import sys; import pipeline.cli, pipeline.recipe, pipeline.modes, pipeline.runs, "
-            "pipeline.golden, pipeline.manifest, pipeline.launch, pipeline.datacache; "
+    code = ("import sys; import pipeline.cli, pipeline.recipe, pipeline.modes, pipeline.record.runs, "
+            "pipeline.record.golden, pipeline.data.manifest, pipeline.launch, pipeline.data.cache; "
             "print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
@@ -160,8 +160,8 @@ def test_train_imports_torch_once_and_only_after_the_reexec(tmp_path: Path) -> N
     imported once per process) but not torch._dynamo or torch._inductor,
     whose import costs as much again, nor matplotlib (curves.png is drawn by
     pipeline/plots.py); nothing else is started."""
-    from pipeline.environment import host_isa_levels, load_profile
-    from pipeline.machines import clean_env
+    from pipeline.audit.machines import clean_env
+    from pipeline.core.environment import host_isa_levels, load_profile
 
     env = {**clean_env(tmp_path / "cache"), "PYTHONPROFILEIMPORTTIME": "1"}
     p = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import manifest as data
-from pipeline.errors import DataIntegrityError
+from pipeline.core.errors import DataIntegrityError
+from pipeline.data import manifest as data
 
 from .data_helpers import SHA, edit_manifest, make_manifest
 

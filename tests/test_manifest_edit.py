@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import _testing, cli
+from pipeline import cli
+from pipeline.core import _testing
 
 from .data_helpers import REPO, SHA
 

@@ -22,12 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import _testing, datacache, dataset, manifest, recipe
-from pipeline import train as train_mod
-from pipeline.config import load_config
-from pipeline.errors import DataIntegrityError
-from pipeline.hashing import weights_sha256
-from pipeline.mapped import Rows
+from pipeline import recipe
+from pipeline.core import _testing
+from pipeline.core.config import load_config
+from pipeline.core.errors import DataIntegrityError
+from pipeline.core.hashing import weights_sha256
+from pipeline.data import cache as datacache
+from pipeline.data import dataset, manifest
+from pipeline.data.mapped import Rows
+from pipeline.train import loop as train_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.toml"
@@ -140,7 +143,7 @@ def test_parts_stack_and_take_across_them(tmp_path: Path,
                                           digits: tuple[np.ndarray, np.ndarray]) -> None:
     """A train and a test part: two maps, rows gathered across both in any order
     equal the in-memory concatenation; the test part is the test split."""
-    from pipeline.sampling import split
+    from pipeline.data.sampling import split
 
     x, y = digits
     ds = _load(_project(tmp_path, "idx", {"train": (x[:1500], y[:1500]),
@@ -247,7 +250,7 @@ def test_a_file_changed_while_mapped_stops_reading(
 _VERIFY = """
 import sys
 from pathlib import Path
-from pipeline import manifest, recipe
+from pipeline.data import manifest; from pipeline import recipe
 m, cache = Path(sys.argv[1]), Path(sys.argv[2])
 recipe.check_caches(manifest.verify(m, stat_cache_dir=cache), cache)
 print("numpy" in sys.modules)
@@ -274,7 +277,7 @@ def test_data_verify_of_a_mapped_dataset_imports_no_numpy(
 _RSS = """
 import sys
 import numpy as np
-from pipeline import mapped
+from pipeline.data import mapped
 mapped.RELEASE_BYTES = int(sys.argv[2])
 def rss_file():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssFile")).split()[1])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import _testing, cli, models
+from pipeline import cli, models
+from pipeline.core import _testing
 
 from .helpers import ROOT, pipeline_env
 

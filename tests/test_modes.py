@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import _testing, modes
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, UsageError
+from pipeline import modes
+from pipeline.core import _testing
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError, UsageError
 from pipeline.models import resolve
 
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from pipeline.exact import fused, native, product
-from pipeline.exact.refs import gelu_parts_torch
 from pipeline.exact.product import _quantised_torch
+from pipeline.exact.refs import gelu_parts_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from pipeline.environment import load_profile
+from pipeline.core.environment import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 NIX = shutil.which("nix-instantiate")

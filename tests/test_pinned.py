@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import OptimConfig
-from pipeline.pinned import TorchOptimizer
+from pipeline.core.config import OptimConfig
+from pipeline.train.pinned import TorchOptimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,8 +67,10 @@ def test_optimizer_comparison_can_fail() -> None:
 def test_optimizer_step_hooks_still_run() -> None:
     """torch's global optimizer-step hooks (what pipeline audit's capture uses)
     see every step of TorchOptimizer."""
-    from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                       register_optimizer_step_pre_hook)
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
 
     seen: list[str] = []
     pre = register_optimizer_step_pre_hook(lambda opt, a, k: seen.append("pre") and None)
@@ -83,9 +85,9 @@ def test_optimizer_step_hooks_still_run() -> None:
 
 _PROBE = """
 import sys, torch
-from pipeline.config import OptimConfig
-from pipeline.determinism import strict_torch
-from pipeline.pinned import TorchOptimizer
+from pipeline.core.config import OptimConfig
+from pipeline.train.determinism import strict_torch
+from pipeline.train.pinned import TorchOptimizer
 if sys.argv[1] == "strict":
     strict_torch()
 params = {"w": torch.nn.Parameter(torch.ones(3))}

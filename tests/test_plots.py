@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.plots import BLUE, HEIGHT, PLOT_BOX, RED, WIDTH, plot_curves, render_curves
+from pipeline.record.plots import BLUE, HEIGHT, PLOT_BOX, RED, WIDTH, plot_curves, render_curves
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,7 @@ def test_curves_png_for_unusual_metrics(metrics: list[dict[str, Any]]) -> None:
 
 
 def test_plot_curves_writes_the_file_alone(tmp_path: Path) -> None:
-    """plot_curves writes curves.png (through pipeline.atomic) and nothing else."""
+    """plot_curves writes curves.png (through pipeline.core.atomic) and nothing else."""
     plot_curves(tmp_path / "curves.png", _metrics())
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     assert (tmp_path / "curves.png").read_bytes() == render_curves(_metrics())
@@ -105,7 +105,7 @@ def test_plot_curves_writes_the_file_alone(tmp_path: Path) -> None:
 
 def test_plots_import_no_plotting_library() -> None:
     """Drawing curves.png loads neither matplotlib nor PIL (nor numpy, nor torch)."""
-    code = ("import sys; from pipeline.plots import render_curves; "
+    code = ("import sys; from pipeline.record.plots import render_curves; "
             "render_curves([{'step': 1, 'train_loss': 1.0, 'test_accuracy': 0.5}]); "
             "print(sorted(m for m in ('matplotlib', 'PIL', 'numpy', 'torch') "
             "if m in sys.modules))")

@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 
-from pipeline import _testing, manifest, recipe, runs
-from pipeline.config import load_config
-from pipeline.errors import CheckpointError, MismatchError
+from pipeline import recipe
+from pipeline.core import _testing
+from pipeline.core.config import load_config
+from pipeline.core.errors import CheckpointError, MismatchError
+from pipeline.data import manifest
+from pipeline.record import runs
 
 SHORT = ["train.epochs=1", "model.args.hidden=[16]"]
 

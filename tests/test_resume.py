@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runs import read_run
+from pipeline.record.runs import read_run
 
 from .machines import EXACT, SHORT, TRAIN_TIMEOUT_S, Run, copy_checkout, train_argv
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import rng
+from pipeline.core import rng
 
 
 def test_splitmix64_reference_outputs() -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import runs
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.record import runs
 
 BASE: dict[str, Any] = {"data": {"digits": "d" * 64}, "code": "c" * 64,
                         "toolchain": {"torch": "2.13.0"}, "profile": {"name": "p"}}

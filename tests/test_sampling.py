@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipeline import sampling as data
+from pipeline.data import sampling as data
 
 from .data_helpers import SHA
 
@@ -42,7 +42,7 @@ def _ds(sha: str = SHA, n: int = 1797) -> _Data:
 
 def test_split_matches_spec_reference() -> None:
     """split is section 2 of the spec, recomputed here with Python integers."""
-    from pipeline import rng
+    from pipeline.core import rng
 
     seed, n = 7, 1797
     out = _ref_out(rng.key(seed, rng.SPLIT, int(SHA[:16], 16)), n)
@@ -78,7 +78,7 @@ def test_split_rejects_bad_arguments() -> None:
 
 def test_epoch_order_is_a_permutation_differing_by_epoch() -> None:
     """Each epoch orders exactly the train ids, reproducibly, differently per epoch."""
-    from pipeline import rng
+    from pipeline.core import rng
 
     train, _ = data.split(_ds(), 0, 0.2)
     orders = [data.epoch_order(train, 0, e) for e in range(3)]

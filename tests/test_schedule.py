@@ -14,8 +14,8 @@ from pathlib import Path
 import mpmath
 import pytest
 
-from pipeline.config import load_config
-from pipeline.schedule import Schedule, cospi, schedule_of
+from pipeline.core.config import load_config
+from pipeline.core.schedule import Schedule, cospi, schedule_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_schedule_of_reads_the_config() -> None:
     assert schedule_of(cfg.optim, 50) == Schedule(0.2, "cosine", 5, 50)
 
 
-_PRINT = ("from pipeline.schedule import Schedule; s = Schedule(0.003, 'cosine', 10, 997); "
+_PRINT = ("from pipeline.core.schedule import Schedule; s = Schedule(0.003, 'cosine', 10, 997); "
           "print(' '.join(s(t).hex() for t in range(997)))")
 
 

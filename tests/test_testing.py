@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import _testing
+from pipeline.core import _testing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_read_parses_every_switch_and_defaults_off() -> None:
 def test_fault_kills_only_at_its_point(env: dict[str, str], call: str, killed: bool) -> None:
     """A fresh process reads the switch at start-up; fault() SIGKILLs it at the
     named point and nowhere else."""
-    code = f"from pipeline import _testing; _testing.fault({call}); print('alive')"
+    code = f"from pipeline.core import _testing; _testing.fault({call}); print('alive')"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=60, check=False)
     assert (p.returncode == -signal.SIGKILL) is killed, p.stderr

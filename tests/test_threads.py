@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import threads as threads_mod
-from pipeline.pinned import PinnedNet, _ShardGenerator
-from pipeline.threads import ShardRunner
+from pipeline.train import threads as threads_mod
+from pipeline.train.pinned import PinnedNet, _ShardGenerator
+from pipeline.train.threads import ShardRunner
 
 from .machines import ROOT, TRAIN_TIMEOUT_S
 
@@ -164,7 +164,7 @@ def test_a_random_op_without_a_generator_argument_falls_back_to_shards_in_order(
     def job(s: int) -> Any:
         def run() -> torch.Tensor:
             torch.random.default_generator.manual_seed(s)
-            from pipeline.pinned import _ShardGenerator
+            from pipeline.train.pinned import _ShardGenerator
             if threading.current_thread() is threading.main_thread():
                 return torch.ops.aten.native_dropout(torch.ones(64), 0.5, True)[0]
             gen = torch.Generator()

@@ -14,7 +14,7 @@ the torch version, ISA, thread count or device.
 - ``context``: the step context of dropout masks; ``modnet``: ``LayerNet``;
 - ``net``: ``ExactNet``, the spec's MLP or CNN with explicit backward;
 - ``optim``: ``ExactSGD``, ``ExactAdam``, ``ExactAdamW``, ``clip_scale``
-  (spec section 9; the schedule is ``pipeline.schedule``).
+  (spec section 9; the schedule is ``pipeline.core.schedule``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import rng
+from ..core import rng
 from .flat import rn32
 
 __all__ = ["step_context", "next_mask", "dropout_constants", "StepContext", "trusted",

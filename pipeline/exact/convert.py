@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import layers as L
 
 __all__ = ["from_torch", "SUPPORTED"]

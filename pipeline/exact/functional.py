@@ -21,8 +21,7 @@ from .context import trusted_backward as _trusted_backward
 from .flat import rn32, select
 from .ops import col2im, im2col, tree_sum
 from .product import mm_blocks, quantise_a, quantise_b, xmmb
-from .refs import (gelu_parts_torch, index_tree_sum_torch, layer_norm_grad_torch,
-                   layer_norm_torch)
+from .refs import gelu_parts_torch, index_tree_sum_torch, layer_norm_grad_torch, layer_norm_torch
 
 __all__ = ["linear", "conv2d", "embedding", "layer_norm", "gelu", "relu", "dropout",
            "index_tree_sum", "apply_trusted"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from . import arith
 from . import functional as XF
 from .attention import attention

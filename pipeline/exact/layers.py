@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import rng
+from ..core import rng
 from . import functional as XF
 from .attention import attention
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .context import step_context, weight_cache
 from .flat import flat_views
 from .guard import Guard, check_graph, check_module

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import rng
+from ..core import rng
 from .flat import F32 as _F32
 from .flat import flat_views, rn32
 from .ops import (

@@ -1,7 +1,7 @@
 """Exact mode's optimisers (docs/exact-spec.md, section 9): SGD (momentum,
 Nesterov, L2 weight decay), Adam (L2) and AdamW (decoupled weight decay),
 global-norm gradient clipping and the learning-rate schedule
-(pipeline.schedule). Every tensor op a single IEEE f32 op, constants rounded
+(pipeline.core.schedule). Every tensor op a single IEEE f32 op, constants rounded
 to f32 once (per step for those the schedule moves); state as named f32
 tensors (``<slot>.<param name>``) and JSON-able scalars for checkpoints."""
 
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import OptimConfig
-from ..errors import CheckpointError
-from ..schedule import Schedule, schedule_of
+from ..core.config import OptimConfig
+from ..core.errors import CheckpointError
+from ..core.schedule import Schedule, schedule_of
 from .flat import F32 as _F32
 from .flat import flat_of, flat_views, rn32
 from .ops import sqrt32, tree_sum

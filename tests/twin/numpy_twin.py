@@ -31,11 +31,11 @@ import copy
 import csv
 import ctypes
 import glob
-import os
 import gzip
 import hashlib
 import io
 import math
+import os
 import sys
 import time
 import tomllib

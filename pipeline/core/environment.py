@@ -1,0 +1,235 @@
+"""The toolchain fingerprint, the numeric profile, and the re-exec launcher.
+
+The numeric profile (pipeline/profile.json, also read by flake.nix) is every
+environment variable that changes which kernel runs: thread counts, the ATen
+ISA level, oneDNN's ISA cap, MKL's conditional-numerical-reproducibility
+branch, ... . They must be set before the interpreter starts: ATen reads
+ATEN_CPU_CAPABILITY and OpenMP/MKL read their variables once, at load time,
+and CUBLAS_WORKSPACE_CONFIG set inside a running process is too late
+(pytorch issue 15359). So `pipeline train` re-executes itself with the pinned
+environment when the current process does not already match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _testing
+from .errors import ProfileError
+
+__all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_host",
+           "pinning_disabled", "needs_reexec", "reexec", "child_pythonpath", "apply_in_process",
+           "profile_record", "toolchain_fingerprint", "code_sha256", "PROFILE_FILE"]
+
+PROFILE_FILE = Path(__file__).resolve().parents[1] / "profile.json"
+_ISA_ORDER = ["default", "avx2", "avx512"]
+_PINNED_MARK = "PIPELINE_PINNED_PROFILE"  # set by the launcher; stops re-exec loops
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    threads: int
+    requires_isa: str
+    env: dict[str, str]
+
+
+def load_profile(machine: str | None = None) -> Profile:
+    """The pinned profile for this CPU architecture, from profile.json."""
+    data = json.loads(PROFILE_FILE.read_text(encoding="utf-8"))
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(
+        (machine or platform.machine()).lower(), (machine or platform.machine()).lower())
+    if arch not in data["profiles"]:
+        raise ProfileError(f"{PROFILE_FILE}: no numeric profile for CPU architecture {arch!r} "
+                           f"(expected one of {sorted(data['profiles'])}); use mode=exact, "
+                           f"which needs no profile")
+    p = data["profiles"][arch]
+    return Profile(p["name"], int(p["threads"]), p["requires_isa"], dict(p["env"]))
+
+
+def project_root() -> Path:
+    """Where data-manifest.json, data/ and configs/ live.
+
+    $PIPELINE_ROOT (set by the Nix wrapper to the source in the store), else
+    the checkout this package sits in, else the working directory.
+    """
+    if os.environ.get("PIPELINE_ROOT"):
+        return Path(os.environ["PIPELINE_ROOT"])
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "data-manifest.json").is_file():
+        return checkout
+    return Path.cwd()
+
+
+def host_isa_levels() -> list[str]:
+    """ATen ISA levels this CPU can run, lowest first.
+
+    The test-only switch PIPELINE_SIM_CPU_ISA (pipeline.core._testing) simulates a
+    CPU whose best level is the given one, as a machine without AVX2 would be.
+    """
+    sim = _testing.SWITCHES.sim_isa
+    if sim:
+        if sim not in _ISA_ORDER:
+            raise ProfileError(f"PIPELINE_SIM_CPU_ISA: expected one of {_ISA_ORDER}, "
+                               f"found {sim!r}")
+        return _ISA_ORDER[: _ISA_ORDER.index(sim) + 1]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["default"]
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ["default"]
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    levels = ["default"]
+    if {"avx2", "fma"} <= flags:
+        levels.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            levels.append("avx512")
+    return levels
+
+
+def check_host(profile: Profile) -> None:
+    """Refuse, naming the missing capability, a CPU below the profile's ISA."""
+    levels = host_isa_levels()
+    if profile.requires_isa not in levels:
+        raise ProfileError(
+            f"numeric profile {profile.name} needs a CPU with {profile.requires_isa.upper()} "
+            f"(ATEN_CPU_CAPABILITY={profile.requires_isa}); this CPU offers only "
+            f"{levels[-1].upper()}. Refusing to train with other kernels; run mode=exact, "
+            f"whose weights do not depend on the CPU")
+
+
+def pinning_disabled() -> bool:
+    """The suite's no-pinning control is on (a test-only switch, pipeline.core._testing)."""
+    return _testing.SWITCHES.no_pin
+
+
+def needs_reexec(profile: Profile, environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return any(env.get(k) != v for k, v in profile.env.items())
+
+
+def reexec(profile: Profile, argv: list[str]) -> None:
+    """Replace this process by ``python -m pipeline ARGV`` with the profile set."""
+    if os.environ.get(_PINNED_MARK) == profile.name:
+        bad = [k for k, v in profile.env.items() if os.environ.get(k) != v]
+        raise ProfileError(f"re-executed with profile {profile.name} but {', '.join(bad)} "
+                           f"still differ; something resets the environment")
+    env = dict(os.environ)
+    env.update(profile.env)
+    env[_PINNED_MARK] = profile.name
+    if child_pythonpath():
+        env["PYTHONPATH"] = child_pythonpath()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "pipeline", *argv], env)
+
+
+def child_pythonpath() -> str:
+    """PYTHONPATH for a child ``sys.executable`` (the re-exec, torchrun's workers): this
+    process's sys.path entries that the bare interpreter would not have by itself.
+
+    nixpkgs' wrap-python (pkgs/development/interpreters/python/wrap-python.nix) puts the
+    dependencies on sys.path with site.addsitedir inside the wrapped script only; the
+    interpreter it runs knows none of them, so a child started as ``sys.executable -m ...``
+    could not import torch or this package. Entries under the interpreter's own prefixes
+    (stdlib, a virtualenv's site-packages) come back by themselves and are left out; entries
+    already on PYTHONPATH are kept, in sys.path order."""
+    prefixes = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    given = set(filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    keep: list[str] = []
+    for entry in sys.path:
+        if not entry or entry in keep:
+            continue
+        path = str(Path(entry).resolve())
+        own = any(path == p or path.startswith(p + os.sep) for p in prefixes)
+        if entry in given or not own:
+            keep.append(entry)
+    return os.pathsep.join(keep)
+
+
+def apply_in_process(profile: Profile) -> None:
+    """Settings that are only reachable through torch's API, then a check that
+    the kernels torch picked are the profile's."""
+    import torch
+
+    torch.set_num_threads(profile.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process: only allowed once, before parallel work
+    got = torch.backends.cpu.get_cpu_capability().lower()
+    if profile.requires_isa == "default" or got == profile.requires_isa:
+        return
+    if got in _ISA_ORDER and _ISA_ORDER.index(got) > _ISA_ORDER.index(profile.requires_isa):
+        why = (f"the environment does not cap the ISA (ATEN_CPU_CAPABILITY="
+               f"{os.environ.get('ATEN_CPU_CAPABILITY')!r}); check {PROFILE_FILE}")
+    else:
+        why = "this CPU lacks it"
+    raise ProfileError(f"torch runs {got.upper()} kernels, profile {profile.name} needs "
+                       f"{profile.requires_isa.upper()}: {why}")
+
+
+def profile_record(profile: Profile | None) -> dict[str, Any]:
+    """What decides the arithmetic in this process: the pinned profile, or
+    (unpinned) what torch observed, so that unpinned runs never share a key."""
+    import torch
+
+    observed = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "threads": torch.get_num_threads()}
+    if profile is None:
+        return {"name": "unpinned", "observed": observed}
+    return {"name": profile.name, "threads": profile.threads, "env": dict(profile.env),
+            "requires_isa": profile.requires_isa, "observed": observed}
+
+
+def _lock_id(root: Path) -> str:
+    if os.environ.get("PIPELINE_LOCK_ID"):
+        return os.environ["PIPELINE_LOCK_ID"]
+    lock = root / "requirements.lock"
+    if lock.is_file():
+        return "pip:sha256:" + hashlib.sha256(lock.read_bytes()).hexdigest()
+    return "unlocked"
+
+
+def toolchain_fingerprint() -> dict[str, Any]:
+    """Versions and builds of everything that computes: not the machine."""
+    import numpy
+    import safetensors
+    import torch
+
+    return {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "torch": torch.__version__,
+        "torch_git": torch.version.git_version,
+        "torch_cuda": torch.version.cuda,
+        "torch_config_sha256": hashlib.sha256(torch.__config__.show().encode()).hexdigest(),
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "libc": "-".join(platform.libc_ver()),
+        "lock": _lock_id(project_root()),
+    }
+
+
+def code_sha256() -> str:
+    """sha256 over the package's source files (sorted relative paths + bytes),
+    exact mode's C kernels included."""
+    pkg = Path(__file__).resolve().parents[1]  # pipeline/
+    h = hashlib.sha256()
+    for f in sorted(p for p in pkg.rglob("*") if p.suffix in (".py", ".json", ".c") and p.is_file()):
+        rel = f.relative_to(pkg).as_posix().encode()
+        data = f.read_bytes()
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()

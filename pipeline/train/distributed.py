@@ -1,0 +1,132 @@
+"""Gradient reduction whose bits do not depend on the number of processes.
+
+The global batch is cut into ``train.shards`` shards (a power of two). Each
+shard's gradient is computed on its own rows, so it is the same whatever
+process computes it. Shard gradients are summed with the neighbour-pairing
+tree of docs/exact-spec.md section 5: with W processes (a power of two
+dividing the shard count) rank r holds the contiguous, aligned shards
+[r*S/W, (r+1)*S/W) -- a subtree -- so summing its shards locally, gathering
+the W partial sums and finishing the same tree gives the bits of W = 1.
+
+``TorchComm`` does that over torch.distributed: one all_gather of each rank's
+flattened partial, then the tree over ranks in rank order, on every rank, so
+every rank ends with the same bits. (An all_reduce would leave the order of
+the additions to the backend's algorithm: ring or halving-doubling, chunked.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from ..core.errors import DistributedError
+
+__all__ = ["tree_reduce", "add_grads", "LocalComm", "TorchComm"]
+
+Grads = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+T = TypeVar("T")
+
+
+def tree_reduce(items: Sequence[T], add: Callable[[T, T], T]) -> T:
+    """Neighbour-pairing tree: (0+1), (2+3), ...; an odd last item carries."""
+    level = list(items)
+    if not level:
+        raise ValueError("tree_reduce of nothing")
+    while len(level) > 1:
+        nxt = [add(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def add_grads(a: tuple[torch.Tensor, dict[str, torch.Tensor]],
+              b: tuple[torch.Tensor, dict[str, torch.Tensor]]
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Elementwise f32 sum of two (loss, grads) pairs: one IEEE add each."""
+    return a[0] + b[0], {k: a[1][k] + b[1][k] for k in a[1]}
+
+
+class LocalComm:
+    """World size 1: the local partial sum is the whole sum."""
+
+    rank, size = 0, 1
+
+    def combine(self, partial: tuple[torch.Tensor, dict[str, torch.Tensor]]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return partial
+
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank."""
+        return flag
+
+
+class TorchComm:
+    """World size W over an initialised torch.distributed process group.
+
+    ``combine`` gathers the W partial (loss, grads) and finishes the tree on
+    every rank; a peer that died or stopped answering within the process
+    group's timeout is a DistributedError (exit 6). ``plain``: the world-size
+    control, ``dist.all_reduce(SUM)`` in the backend's own order.
+    """
+
+    def __init__(self, device: torch.device, plain: bool = False) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.plain = plain
+
+    def combine(self, partial: Grads) -> Grads:
+        import torch.distributed as dist
+
+        loss, grads = partial
+        flat = _flatten(partial)                            # (1 + sum of numels,)
+        try:
+            if self.plain:  # the control: the backend's own summation order
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                return _unflatten(flat, loss, grads)
+            gathered = flat.new_empty(self.size * flat.numel())
+            dist.all_gather_single(gathered, flat)          # W x (1 + sum of numels,)
+        except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
+            raise self.failed("exchanging step gradients", e) from None
+        # The add of add_grads, elementwise on the flat buffers: an IEEE f32
+        # add of two elements does not depend on how the tensor is laid out.
+        return _unflatten(tree_reduce(gathered.view(self.size, -1).unbind(0), torch.add),
+                         loss, grads)
+
+    def decide(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        try:
+            dist.broadcast(t, src=0)
+        except RuntimeError as e:
+            raise self.failed("agreeing with rank 0", e) from None
+        return bool(t.item())
+
+    def failed(self, what: str, e: BaseException) -> DistributedError:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return DistributedError(
+            f"rank {self.rank} of {self.size}: {what} failed ({first}): a peer process died, "
+            f"or did not answer within the process group's timeout. Rerun the same command, "
+            f"at any world size, to resume from the last checkpoint")
+
+
+def _flatten(partial: Grads) -> torch.Tensor:
+    loss, grads = partial
+    parts = [loss.reshape(1), *(g.reshape(-1) for g in grads.values())]
+    # One dtype, or torch.cat would promote and change the bits of the sum.
+    assert len({t.dtype for t in parts}) == 1, "loss and grads must share one dtype"
+    return torch.cat(parts)
+
+
+def _unflatten(flat: torch.Tensor, loss: torch.Tensor, grads: dict[str, torch.Tensor]) -> Grads:
+    out, at = {}, 1
+    for k, g in grads.items():
+        out[k] = flat[at:at + g.numel()].view(g.shape)
+        at += g.numel()
+    return flat[0].reshape(loss.shape), out

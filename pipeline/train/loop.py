@@ -1,0 +1,233 @@
+"""The training loop: setup, data, model, optimiser, loop, save. It reads
+top to bottom; helpers below carry detail out of it, never control flow."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import modes
+from ..core import _testing, rng
+from ..core.config import Config
+from ..core.errors import ConfigError, Interrupted
+from ..core.hashing import fingerprints
+from ..core.rng import DropoutStream
+from ..data.dataset import Dataset
+from ..data.sampling import batches, epoch_order, split
+from ..models import Parts, resolve
+from ..modes import Net
+from . import checkpoint
+from .checkpoint import Progress
+from .determinism import seed_everything, strict_torch
+from .distributed import LocalComm, add_grads, tree_reduce
+from .threads import ShardRunner
+
+__all__ = ["train", "TrainResult", "examples_of"]
+
+
+@dataclass
+class TrainResult:
+    params: dict[str, torch.Tensor]   # parameters and persistent buffers: the weights
+    metrics: list[dict[str, Any]]
+    trail: bytes
+    trail_names: list[str]
+    steps: int
+    resumed_from: int = 0
+    threads: dict[str, Any] | None = None  # how the cores were used (pipeline.train.threads)
+    loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
+
+
+def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
+          ckpt_dir: Path | None, comm: Any = None, device: str = "cpu",
+          quiet: bool = False, threads: int | None = None) -> TrainResult:
+    """Train ``cfg`` on ``ds`` with the model ``parts`` (default: the config's,
+    loaded from sys.path); resume from ``ckpt_dir``'s newest valid checkpoint
+    of this run, and write checkpoints there (rank 0). ``threads``: cores to
+    use, None for all (pipeline.train.threads; the bits do not depend on it)."""
+    comm = comm or LocalComm()
+    parts = parts or resolve(cfg.model.factory, cfg.train.loss, None)
+    dev = torch.device(device)
+    seed_everything(cfg.seed)
+    strict_torch()
+
+    # Data: the split and every epoch's order come from the seed and the data hash.
+    ctx = cfg.data.context
+    train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, ctx)
+    examples = examples_of(ds, ctx, dev)
+    bsz = cfg.train.batch_size
+    steps_per_epoch = len(train_ids) // bsz
+    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    n_global = bsz * examples.targets_per_example  # the loss is a mean over these
+
+    # Model, optimiser, the dropout stream; then whatever a checkpoint restores.
+    mode = modes.of(cfg.mode)
+    net = mode.make_net(cfg, ds, dev, parts)
+    _check_world_size(net, comm.size)
+    opt = mode.make_optimizer(cfg, net, total)  # the schedule spans the run's steps
+    dropout = DropoutStream(cfg.seed)
+    st = Progress()
+    resumed = checkpoint.restore(ckpt_dir, run_key, cfg, net, opt, dropout, st)
+    writer = checkpoint.Writer(ckpt_dir, run_key, cfg) if ckpt_dir and comm.rank == 0 else None
+    runner = ShardRunner(net, threads, cfg.train.shards // comm.size, mode.pins_threads())
+
+    bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
+               desc="train", unit="step", leave=False)
+    order, last_save = None, time.monotonic()
+    loop_started = time.perf_counter()
+    try:
+        while st.step < total:
+            epoch, b = divmod(st.step, steps_per_epoch)
+            if order is None or b == 0:
+                order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
+            x, y = examples.get(order[b])
+            masks = [dropout.keep_mask(net.dropout_rate, bsz, w) for w in net.dropout_widths()]
+            loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
+                                      runner)
+            opt.step(grads)
+            st.step += 1
+            st.loss_sum += float(loss) / n_global
+            st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
+            bar.update(1)
+            if st.step % steps_per_epoch == 0 or st.step == total:
+                st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch))
+                st.loss_sum = 0.0
+                bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
+                                 if k.startswith("test_")})
+            if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
+                                                              last_save):
+                writer.save(net, opt, dropout, st)
+                last_save = time.monotonic()
+            _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
+    except KeyboardInterrupt:
+        raise Interrupted(st.step) from None  # the CLI prints one line: rerun to resume
+    finally:
+        runner.close()
+        if writer:
+            writer.close()  # every checkpoint on disk (or its error raised) before returning
+        bar.close()
+    loop_s = time.perf_counter() - loop_started
+
+    state = {**net.params, **net.buffers}
+    weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
+                       resumed, {**runner.record(), **mode.how_it_ran()}, loop_s)
+
+
+class _Examples:
+    """The dataset's examples on the device: rows (classification) or windows
+    of ``context`` tokens and their next tokens (language modelling). A mapped
+    dataset's inputs stay in their file: each call gathers just its rows
+    (pipeline.data.mapped.Rows.take), the same float32 bits as the in-memory tensor's."""
+
+    def __init__(self, ds: Dataset, context: int, dev: torch.device) -> None:
+        self.lm, self.ds, self.context, self.dev = ds.task == "lm", ds, context, dev
+        if isinstance(ds.x, np.ndarray):
+            self.x, self.rows = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev), None
+        else:
+            self.x, self.rows = torch.empty(0), ds.x
+        self.y = torch.from_numpy(ds.y).to(dev) if ds.y is not None else None
+        self.offsets = torch.arange(context, device=dev)
+        self.targets_per_example = context if self.lm else 1
+
+    def get(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of examples ``ids``: (B, ...) and (B,), or (B, T) twice."""
+        if self.y is not None:
+            idx = torch.from_numpy(np.asarray(ids)).to(self.dev)
+            if self.rows is not None:
+                return torch.from_numpy(self.rows.take(ids)).to(self.dev), self.y[idx]
+            return self.x[idx], self.y[idx]
+        starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
+        pos = starts[:, None] + self.offsets                   # (B, T) token positions
+        return self.x[pos], self.x[pos + 1]
+
+
+def examples_of(ds: Dataset, context: int, dev: torch.device) -> _Examples:
+    """The dataset's examples as the loop draws them (also the recipe's model check)."""
+    return _Examples(ds, context, dev)
+
+
+def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: float) -> bool:
+    """A checkpoint after ``step``: at a multiple of ``train.checkpoint_every``
+    or an epoch's end, once ``train.checkpoint_seconds`` have passed since the
+    last one (or the start). Where checkpoints fall never changes the bits
+    (resume is bitwise); the end of the run is the run directory itself."""
+    every = cfg.train.checkpoint_every
+    at = (every and step % every == 0) or step % steps_per_epoch == 0
+    return bool(at) and time.monotonic() - last_save >= cfg.train.checkpoint_seconds
+
+
+def _check_world_size(net: Net, size: int) -> None:
+    """Training-time buffers (BatchNorm running statistics) are updated by each
+    rank from its own shards, so ranks would disagree: world size 1 only."""
+    if size > 1 and net.buffers:
+        raise ConfigError("--nproc/--nnodes", [
+            f"world size {size}: the model has buffers {sorted(net.buffers)[:4]} (e.g. "
+            f"BatchNorm running statistics) that each rank would update from its own "
+            f"shards; train it in one process (--nproc 1)"])
+
+
+def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarray],
+                cfg: Config, step: int, n_global: int, comm: Any, dev: torch.device,
+                runner: ShardRunner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's shards, each on its own rows and with its own random stream
+    (key(seed, FORWARD, step, shard)), run by ``runner`` (in order, or at once
+    on threads), summed in the fixed tree in shard order; then the ranks'
+    partial sums finish the same tree (pipeline.train.distributed)."""
+    bsz, shards = cfg.train.batch_size, cfg.train.shards
+    rows = bsz // shards
+    per_rank = shards // comm.size
+
+    def job(s: int) -> Any:
+        sl = slice(s * rows, (s + 1) * rows)
+        keep = [torch.from_numpy(m[sl]).to(dev) for m in masks] or None
+        stream = rng.key(cfg.seed, rng.FORWARD, step, s)
+        return lambda: net.shard_grads(x[sl], y[sl], n_global, keep, stream, step=step,
+                                       row0=s * rows)
+
+    parts = runner.run([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)])
+    return comm.combine(tree_reduce(parts, add_grads))
+
+
+def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
+             steps_per_epoch: int) -> dict[str, Any]:
+    """At an epoch's end (or the last step): the mean train loss since the last
+    record, and the test split's accuracy (classification) or loss per token."""
+    since = st.metrics[-1]["step"] if st.metrics else 0
+    out: dict[str, Any] = {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
+                           "train_loss": st.loss_sum / max(st.step - since, 1)}
+    if examples.lm:
+        out["test_loss"] = _test_loss(net, examples, test_ids)
+    else:
+        out["test_accuracy"] = _accuracy(net, examples, test_ids)
+    return out
+
+
+@torch.no_grad()
+def _accuracy(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 1024) -> float:
+    """Accuracy over ``ids``, ``chunk`` examples at a time (a mapped test split is
+    never gathered whole)."""
+    right = 0
+    for i in range(0, len(ids), chunk):
+        x, y = examples.get(ids[i:i + chunk])
+        right += int((net.predict(x).argmax(dim=1) == y).sum())  # first maximum on ties
+    return right / len(ids)
+
+
+@torch.no_grad()
+def _test_loss(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 256) -> float:
+    """Mean cross-entropy per target token over ``ids``: chunks of ``chunk``
+    examples (each the net's ``loss_sum``), summed in order in float64."""
+    total = 0.0
+    for i in range(0, len(ids), chunk):
+        x, y = examples.get(ids[i:i + chunk])
+        total += net.loss_sum(net.predict(x), y)
+    return total / (len(ids) * examples.targets_per_example)
