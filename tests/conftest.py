@@ -137,3 +137,27 @@ def places(shared_dir: Path) -> Places:
         warnings.warn(f"could not compile locales {got['failed_locales']} with localedef: "
                       f"the locale machines run in a locale this host lacks", stacklevel=1)
     return Places(ROOT, Path(got["checkout"]), shared_dir / "locales")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true",
+                     help="run every test; the default lane leaves out tests marked "
+                          "process or slow (under two minutes on two cores)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The quick lane: without --full (or an explicit -m), deselect tests marked
+    ``process`` or ``slow``."""
+    if config.getoption("--full") or config.getoption("markexpr"):
+        return
+    keep = [i for i in items if not (i.get_closest_marker("process")
+                                     or i.get_closest_marker("slow"))]
+    dropped = [i for i in items if i not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return ("lane: full" if config.getoption("--full") else
+            "lane: quick (tests marked process or slow left out; --full runs them)")
