@@ -1,14 +1,9 @@
 """``pipeline train|verify|diff|data|new|env|runs|golden|audit|exec``: argument
-parsing and printing; the work is pipeline.recipe's (and runs, golden, manifest;
-audit and exec: pipeline.audit.commands).
-
-Exit codes (README, "Commands and exit codes"; one line on stderr, --debug
-adds the traceback): 0 ok; 1 mismatch (rebuild/verify/golden, golden check
---require with no entry, audit: a divergence); 2 usage or config; 3 data
-integrity (audit: not auditable); 4 profile cannot run here; 5 bad checkpoint,
-weights or run file; 6 distributed failure; 70 internal error; 74 file-system
-error; 130 interrupted; exec: the script's own status.
-torch is imported only after the numeric profile is in place (re-exec).
+parsing and printing; the work is pipeline.recipe's (and the record, data and
+audit packages'). Every failure is one line on stderr (``--debug`` adds the
+traceback) and an exit code from ``pipeline.core.errors.EXIT_CODES``; ``exec``
+returns the script's own status. torch is imported only after the numeric
+profile is in place (re-exec).
 """
 
 from __future__ import annotations
@@ -22,13 +17,16 @@ from typing import Any
 from .audit.commands import add_commands as _audit_commands
 from .audit.commands import run as _audit
 from .core.config import load_config
-from .core.errors import UsageError, report, split_debug
+from .core.errors import EXIT_CODES, UsageError, report, split_debug
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description=__doc__,
+    epilog = "exit codes:\n" + "\n".join(f"  {c:>3}  {what}" for c, what in EXIT_CODES)
+    p = argparse.ArgumentParser(prog="pipeline", description="A training run as a pure "
+                                "function of its inputs: code, locked toolchain, data, "
+                                "config, seed.", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a config (memoised by run key)")

@@ -2,7 +2,7 @@
 
 Each error names the offending file or key, says what was expected and what
 was found, and what to do; ``exit_code`` is the documented process exit code
-(README, "Exit codes"). ``assert`` is kept for internal invariants only.
+(EXIT_CODES below). ``assert`` is kept for internal invariants only.
 """
 
 from __future__ import annotations
@@ -86,11 +86,36 @@ class WorkerError(PipelineError):
         self.exit_code = exit_code
 
 
-# Exit codes beyond the PipelineError types' own (README, "Commands and exit
-# codes"); 70 and 74 are sysexits.h's EX_SOFTWARE and EX_IOERR.
+# Exit codes beyond the PipelineError types' own; 70 and 74 are sysexits.h's
+# EX_SOFTWARE and EX_IOERR.
 EXIT_INTERNAL = 70
 EXIT_IO = 74
 EXIT_INTERRUPTED = 130
+
+# Every exit code a command can return, and what it means: the one source for
+# `pipeline --help` and docs/reference/exit-codes.md (tools/gen_reference.py).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "ok"),
+    (MismatchError.exit_code, "mismatch: rebuild, verify, golden check or diff found other "
+                              "weights; `golden check --require` found no entry; audit: a "
+                              "divergence"),
+    (ConfigError.exit_code, "usage or config error (also a model feature that cannot be "
+                            "trained as written); nothing was trained"),
+    (DataIntegrityError.exit_code, "data integrity: a file changed, truncated, missing or "
+                                   "escaping the data root, a bad manifest; audit: the "
+                                   "script could not be audited"),
+    (ProfileError.exit_code, "this machine or process cannot run the numeric mode: the "
+                             "pinned profile's ISA, or exact mode where subnormals are "
+                             "flushed"),
+    (CheckpointError.exit_code, "a bad checkpoint, weights or run file: corrupt, pickled, "
+                                "edited, another run's"),
+    (DistributedError.exit_code, "distributed failure: a peer died or timed out"),
+    (EXIT_INTERNAL, "internal error: an exception no check anticipated (a bug); one line "
+                    "naming it, --debug for the traceback"),
+    (EXIT_IO, "file-system error: permission, no space, a read-only or missing directory; "
+              "one line naming the path"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); rerun the same command to resume"),
+)
 
 
 class Interrupted(KeyboardInterrupt):
