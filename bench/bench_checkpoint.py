@@ -44,8 +44,8 @@ def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None,
     """(wall seconds of train(), seconds the loop spent inside Writer.save,
     saves); ``sync``: every write in the loop's thread (save, then wait), as
     before the background writer."""
+    from pipeline.recipe import train_in_process
     from pipeline.train import checkpoint
-    from pipeline.train import loop as train_mod
 
     real_save = checkpoint.Writer.save
     spent: list[float] = []
@@ -60,7 +60,7 @@ def _timed_train(cfg: Any, ds: Any, ckpt_dir: Path | None,
     checkpoint.Writer.save = timed  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
-        train_mod.train(cfg, ds, run_key="bench", ckpt_dir=ckpt_dir, quiet=True)
+        train_in_process(cfg, ds, run_key="bench", ckpt_dir=ckpt_dir, quiet=True)
         wall = time.perf_counter() - t0
     finally:
         checkpoint.Writer.save = real_save  # type: ignore[method-assign]
@@ -79,8 +79,8 @@ def _parts(cfg: Any, ds: Any, where: Path) -> list[tuple[str, float]]:
 
     d = where / "parts"
     short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
-    from pipeline.train import loop as train_mod
-    train_mod.train(short, ds, run_key="bench", ckpt_dir=d, quiet=True)  # writes all
+    from pipeline.recipe import train_in_process
+    train_in_process(short, ds, run_key="bench", ckpt_dir=d, quiet=True)  # writes all
     _, src = max((int(p.name[5:14]), p) for p in d.glob("ckpt-*.safetensors"))
     tensors, meta = checkpoint.load_checkpoint(src)
     # The default run's last checkpoint carries a trail 30x this one's.

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from pipeline.data import dataset, manifest
-from pipeline.train import loop as train
+from pipeline.recipe import train_in_process
 from pipeline.core.config import load_config
 from pipeline.core.hashing import weights_sha256
 m, cache, how, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -61,9 +61,9 @@ if how == "memory":
     ds = dataclasses.replace(ds, x=ds.x.materialise(), decoded=None)
 cfg = load_config(Path(sys.argv[5]), [f"train.max_steps={steps}"])
 warm = load_config(Path(sys.argv[5]), ["train.max_steps=1", "data.test_fraction=0.001"])
-train.train(warm, ds, run_key="warm-up", ckpt_dir=None, quiet=True, threads=1)  # first-op costs
+train_in_process(warm, ds, run_key="warm-up", ckpt_dir=None, quiet=True, threads=1)  # first-op costs
 t = time.perf_counter()
-r = train.train(cfg, ds, run_key="bench", ckpt_dir=None, quiet=True, threads=1)
+r = train_in_process(cfg, ds, run_key="bench", ckpt_dir=None, quiet=True, threads=1)
 took = time.perf_counter() - t
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 kb = lambda k: int(status[k].split()[0])

@@ -30,11 +30,12 @@ import loops  # noqa: E402  (bench/loops.py: the pinned process, a loaded config
 
 
 def _timed(cfg: Any, ds: Any, parts: Any, threads: int | None) -> tuple[float, str, Any]:
+    from pipeline import modes
     from pipeline.core.hashing import weights_sha256
     from pipeline.train.loop import train
 
     t = time.perf_counter()
-    r = train(cfg, ds, parts, run_key="bench", ckpt_dir=None, quiet=True, threads=threads)
+    r = train(cfg, ds, modes.of(cfg.mode), parts, run_key="bench", ckpt_dir=None, quiet=True, threads=threads)
     return (time.perf_counter() - t) / r.steps, weights_sha256(r.params), r.threads
 
 

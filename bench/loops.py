@@ -85,11 +85,12 @@ def pipeline(b: Loaded, steps: int, ckpt: bool = False, threads: int | None = 1)
     ``ckpt``, its checkpoints written to a temporary directory. One thread
     by default, as the user's loops run here (``threads=None``: the
     pipeline's own default, every core)."""
+    from pipeline import modes
     from pipeline.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = train(b.with_steps(steps), b.ds, b.parts, run_key="bench",
+        res = train(b.with_steps(steps), b.ds, modes.of(b.cfg.mode), b.parts, run_key="bench",
                     ckpt_dir=Path(tmp) if ckpt else None, quiet=True, threads=threads)
         return Run(time.perf_counter() - t0, res.params)
 

@@ -12,12 +12,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .audit.commands import add_commands as _audit_commands
 from .audit.commands import run as _audit
 from .core.config import load_config
 from .core.errors import EXIT_CODES, UsageError, report, split_debug
+
+if TYPE_CHECKING:
+    from .record.schema import RunRecord
 
 __all__ = ["main"]
 
@@ -152,17 +155,18 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
-    prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild)
+    prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,
+                          threads=args.threads)
     recipe.check_device(args.device)
-    record, reused = recipe.get_or_train(prep, args.runs_dir, device=args.device,
-                                         quiet=args.quiet, force=args.force or args.rebuild,
-                                         extra={"device": args.device, "world_size": 1},
-                                         threads=args.threads)
+    out = recipe.get_or_train(prep, args.runs_dir, device=args.device, quiet=args.quiet,
+                              force=args.force or args.rebuild, threads=args.threads)
+    assert out.record is not None  # one process: rank 0
+    reused = out.reused
     if args.rebuild:
-        recipe.rebuild(prep, record, device=args.device, quiet=args.quiet)
-        print(f"rebuild identical: run {record['run_key']}")
+        recipe.rebuild(prep, out.record, device=args.device, quiet=args.quiet)
+        print(f"rebuild identical: run {out.record.run_key}")
         reused = True
-    _report(record, args.json, reused, args.runs_dir)
+    _report(out.record, args.json, reused, args.runs_dir)
     return 0
 
 
@@ -184,19 +188,22 @@ def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
     return 0
 
 
-def _report(record: dict[str, Any], as_json: bool, reused: bool, runs_dir: Path) -> None:
+def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path) -> None:
     if as_json:
-        print(json.dumps(record, indent=2, sort_keys=True))
+        print(json.dumps(record.to_json(), indent=2, sort_keys=True))
         return
     state = "reused (memoised)" if reused else "trained"
-    print(f"run {record['run_key']} {state}: {runs_dir / record['run_key']}")
-    print(f"mode {record['mode']}, profile {record['profile']['name']}, {_metric(record)}")
-    print(f"weights sha256:{record['weights_sha256']}")
+    print(f"run {record.run_key} {state}: {runs_dir / record.run_key}")
+    print(f"mode {record.mode}, profile {record.profile.get('name')}, {_metric(record)}")
+    print(f"weights sha256:{record.weights_sha256}")
+    if record.test_switches:
+        print(f"note: test-only switches in force (keyed): {json.dumps(record.test_switches)}",
+              file=sys.stderr)
 
 
-def _metric(record: dict[str, Any]) -> str:
+def _metric(record: RunRecord) -> str:
     """The record's test metric: accuracy (classification) or loss (language model)."""
-    m = record.get("metrics", {})
+    m = record.metrics
     if m.get("test_accuracy") is not None:
         return f"test accuracy {m['test_accuracy']:.4f}"
     return f"validation loss {m['test_loss']:.4f}" if "test_loss" in m else "no test metric"
@@ -210,21 +217,22 @@ def _verify(args: argparse.Namespace, argv: list[str]) -> int:
         print("note: this environment's inputs differ from the record's:", file=sys.stderr)
         for line in differences:
             print(f"  {line}", file=sys.stderr)
-    print(f"verified: weights sha256:{record['weights_sha256']}")
+    print(f"verified: weights sha256:{record.weights_sha256}")
     return 0
 
 
 def _diff(args: argparse.Namespace) -> int:
     from .record import runs
+    from .record.diff import diff_runs
+    from .record.trail import read_trail
 
     a, b = runs.read_run(args.run_a), runs.read_run(args.run_b)
-    ta, tb = runs.read_trail(args.run_a, a), runs.read_trail(args.run_b, b)
-    lines = runs.diff_runs(a, b, ta, tb)
-    for line in lines:
+    ta, tb = read_trail(args.run_a, a), read_trail(args.run_b, b)
+    for line in diff_runs(a, b, ta, tb):
         print(line)
-    same = a["weights_sha256"] == b["weights_sha256"]
+    same = a.weights_sha256 == b.weights_sha256
     print(f"weights: {'identical' if same else 'differ'} "
-          f"(sha256:{a['weights_sha256'][:16]}... vs sha256:{b['weights_sha256'][:16]}...)")
+          f"(sha256:{a.weights_sha256[:16]}... vs sha256:{b.weights_sha256[:16]}...)")
     return 0 if same else 1
 
 
@@ -284,8 +292,8 @@ def _runs(args: argparse.Namespace) -> int:
         return 0
     for name, rec, why in runs.list_runs(args.runs_dir):  # BAD: fails read_run's checks
         print(f"BAD {name}: {why}" if rec is None else
-              f"{name}  {rec['mode']:6}  {_metric(rec)}  "
-              f"sha256:{rec['weights_sha256'][:16]}  {rec.get('created_utc', '')}")
+              f"{name}  {rec.mode:6}  {_metric(rec)}  "
+              f"sha256:{rec.weights_sha256[:16]}  {rec.created_utc or ''}")
     return 0
 
 

@@ -33,6 +33,8 @@ from .core import _testing, atomic
 from .core.config import Config, load_config
 from .core.errors import DistributedError, UsageError, WorkerError, exit_status
 from .record import runs
+from .record.schema import RunRecord
+from .train.threads import worker_environment, worker_threads
 
 __all__ = ["Spec", "Outcome", "launch", "world_size", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
@@ -67,7 +69,7 @@ class Outcome:
     """Rank 0's record and whether it was reused; or, on a node without rank
     0, ``record`` None and a ``note`` to print."""
 
-    record: dict[str, Any] | None
+    record: RunRecord | None
     reused: bool = False
     note: str = ""
 
@@ -96,11 +98,9 @@ def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
     if spec.nnodes > 1 and not (spec.rdzv_endpoint or spec.master_addr):
         raise UsageError("--nnodes > 1 needs --master-addr and --master-port, or "
                          "--rdzv-endpoint HOST:PORT")
-    if not modes.of(cfg.mode).pins_threads():
-        # No profile pins the threads here: one per worker, so that W workers
-        # do not oversubscribe the cores (the pinned profile already says 1).
-        os.environ["OMP_NUM_THREADS"] = "1"
-    prep = recipe.prepare(cfg, argv, Path(spec.config).parent)  # pinned: re-exec first
+    os.environ.update(worker_environment(modes.of(cfg.mode).pins_threads()))
+    prep = recipe.prepare(cfg, argv, Path(spec.config).parent,  # pinned: re-exec first
+                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg))
     recipe.check_device(spec.device)
     runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # Node 0 holds the run lock for the whole launch, so the workers need none.
@@ -164,14 +164,15 @@ def _torchrun(spec: Spec, results: Path) -> dict[int, Any]:
 
 
 def _finish(results: dict[int, dict[str, Any]]) -> Outcome:
-    hashes = {r: res["record"].get("weights_sha256") for r, res in sorted(results.items())}
+    hashes = {r: res["weights_sha256"] for r, res in sorted(results.items())}
     if len({h for h in hashes.values() if h}) > 1:
         raise DistributedError(f"ranks ended with different weights: {hashes}")
     if 0 not in results:  # rank 0 runs on another node; it writes and reports the run
         return Outcome(None, note=f"ranks {sorted(results)} finished here; rank 0 (another "
                        f"node) writes the run; weights sha256:"
                        f"{next((h for h in hashes.values() if h), '(memoised)')}")
-    return Outcome(results[0]["record"], reused=results[0]["reused"])
+    record = RunRecord.from_json(results[0]["record"], "rank 0's record")
+    return Outcome(record, reused=results[0]["reused"])
 
 
 def _failed(failures: dict[int, Any], results: dict[int, dict[str, Any]], runs_dir: Path,
@@ -241,18 +242,17 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
 
     cfg = load_config(spec.config, spec.overrides)
     modes.of(cfg.mode).require_prepared()
-    prep = recipe.prepare(cfg, [], Path(spec.config).parent)  # pinned already: no re-exec
+    prep = recipe.prepare(cfg, [], Path(spec.config).parent,  # pinned already: no re-exec
+                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg))
     comm = _init_comm(spec.device)
     runs_dir = Path(spec.runs_dir)
     _agree(comm, prep.inputs.key, runs_dir)
-    extra: dict[str, Any] = {"device": spec.device, "world_size": comm.size}
-    if comm.plain:
-        extra["reduction"] = "plain all_reduce (test-only control)"
-    record, reused = recipe.get_or_train(prep, runs_dir, comm=comm, device=str(comm.device),
-                                         quiet=spec.quiet or rank != 0, extra=extra,
-                                         threads=spec.threads or 1)
+    out = recipe.get_or_train(prep, runs_dir, comm=comm, device=str(comm.device),
+                              quiet=spec.quiet or rank != 0, threads=worker_threads(spec.threads))
     dist.destroy_process_group()
-    return {"record": record, "reused": reused}
+    return {"record": out.record.to_json() if out.record is not None else None,
+            "weights_sha256": out.weights_sha256, "reused": out.reused}
+
 
 
 def _init_comm(device: str) -> Any:

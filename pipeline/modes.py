@@ -2,27 +2,11 @@
 
 A ``Mode`` prepares the process (pinned: the numeric profile, re-executing
 the interpreter if needed; exact: nothing), names the inputs its run key
-covers, builds the network and the optimiser, and keys golden entries.
-``of(name)`` is the one place a config's ``mode`` string becomes a Mode;
-nothing else in the package branches on the string.
-
-The training loop talks to nets and optimisers through two small protocols:
-
-- ``net.params``: name -> tensor (fc0.weight, conv0.bias, ...); ``net.buffers``:
-  other persistent state (BatchNorm statistics), saved with the weights;
-- ``net.dropout_widths()``, ``net.dropout_rate``: the loop's counter-based
-  dropout masks (exact mode; pinned modules draw their own, per shard);
-- ``net.shard_grads(x, y, n_global, keep, stream, step=, row0=)``: (the
-  shard's summed loss, the gradients by name of that sum divided by
-  n_global, the number of targets in the global batch); ``stream`` keys the
-  shard's random draws, ``step`` and ``row0`` (the shard's first row in the
-  global batch) key exact layers' dropout masks;
-- ``net.predict(x)``: logits, no dropout; ``net.loss_sum(logits, y)``: the
-  summed cross-entropy of those logits (the test loss);
-- ``net.threadable``: whether a step's shards may run on several threads at
-  once (pipeline.train.threads; then the loop sets ``net.in_threads``);
-- ``opt.step(grads)``, ``state_tensors()``, ``state_scalars()``,
-  ``load_state(tensors, scalars)``.
+covers (``key_fields``: the run key and the golden key follow them,
+pipeline.record), builds the network and the optimiser the loop trains
+(pipeline.train.net's protocols), and says how it computed. ``of(name)`` is
+the one place a config's ``mode`` string becomes a Mode; nothing else in the
+package branches on the string.
 
 torch is imported only inside methods: this module is loaded before the
 pinned profile is in place (pipeline.core.environment).
@@ -30,11 +14,10 @@ pinned profile is in place (pipeline.core.environment).
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .core import environment as env
-from .core.config import Config, canonical_json
+from .core.config import Config
 from .core.errors import ConfigError, ProfileError, UsageError
 
 if TYPE_CHECKING:
@@ -42,30 +25,9 @@ if TYPE_CHECKING:
 
     from .data.dataset import Dataset
     from .models import Parts
+    from .train.net import Net, Optimizer
 
-__all__ = ["Mode", "Net", "Optimizer", "of", "PINNED", "EXACT"]
-
-
-class Net(Protocol):
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-    dropout_rate: float
-    threadable: bool
-    in_threads: bool
-
-    def dropout_widths(self) -> list[int]: ...
-    def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
-                    keep: list[torch.Tensor] | None, stream: int, *, step: int = 0,
-                    row0: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
-    def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> float: ...
-
-
-class Optimizer(Protocol):
-    def step(self, grads: dict[str, torch.Tensor]) -> None: ...
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
-    def state_scalars(self) -> dict[str, Any]: ...
-    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None: ...
+__all__ = ["Mode", "of", "PINNED", "EXACT"]
 
 
 class Mode:
@@ -99,19 +61,6 @@ class Mode:
         """The optimiser of ``cfg.optim`` over ``net.params``; its learning-rate
         schedule spans ``total_steps`` (the steps the run trains)."""
         raise NotImplementedError
-
-    def golden_key(self, record: dict[str, Any]) -> dict[str, str]:
-        """The key of a run record's golden entry: the config, and the
-        toolchain and profile only where the mode's bits depend on them."""
-        def digest(field: str) -> str:
-            return hashlib.sha256(canonical_json(record[field])).hexdigest()
-        key = {"mode": self.name, "config_sha256": record["config_sha256"],
-               "toolchain": "any", "profile": "any"}
-        if "toolchain" in self.key_fields:
-            key["toolchain"] = digest("toolchain")
-        if "profile" in self.key_fields:
-            key["profile"] = record["profile"]["name"] + ":" + digest("profile")[:16]
-        return key
 
 
 class _Pinned(Mode):
@@ -219,7 +168,7 @@ class _Exact(Mode):
         shape, classes = ds.shapes(cfg.data.context)
         stock = build_module(parts.factory.function, parts.factory.name, shape, classes,
                              cfg.model.args, cfg.seed)
-        sample = torch.zeros((2, *shape), dtype=torch.int64 if ds.task == "lm" else None)
+        sample = torch.zeros((2, *shape), dtype=getattr(torch, ds.task.x_dtype))
         return LayerNet(from_torch(stock), cfg.seed, device, sample)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:

@@ -25,18 +25,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import modes
+from .core import _testing
 from .core.config import Config, config_from_dict
 from .core.environment import project_root
 from .core.errors import CheckpointError, ConfigError, DataIntegrityError, MismatchError, UsageError
 from .data import manifest
 from .record import runs
+from .record.diff import input_differences
+from .record.inputs import RunInputs, run_inputs
+from .record.schema import RunRecord
 
 if TYPE_CHECKING:
     from .data.dataset import Dataset
     from .models import Parts
+    from .train.loop import TrainResult
 
-__all__ = ["Prepared", "prepare", "check_device", "check_existing",
-           "get_or_train", "rebuild", "verify_run", "manifest_path", "check_caches"]
+__all__ = ["Prepared", "Outcome", "prepare", "check_device", "check_existing", "get_or_train",
+           "rebuild", "verify_run", "manifest_path", "check_caches", "train_in_process"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,21 @@ class Prepared:
     """A process fit to train ``inputs``: pinned, data verified and decoded,
     the model factory (and loss) loaded."""
 
-    inputs: runs.RunInputs
+    inputs: RunInputs
     ds: Dataset
     parts: Parts
     base: Path | None   # where the config lives: user modules and a project manifest
     verified: manifest.Verified
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``get_or_train`` gives: rank 0's record (None on other ranks), the
+    weights' hash, and whether a complete run was reused."""
+
+    record: RunRecord | None
+    weights_sha256: str
+    reused: bool
 
 
 def manifest_path(base: Path | None = None) -> Path:
@@ -59,14 +74,17 @@ def manifest_path(base: Path | None = None) -> Path:
 
 
 def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
-            trust_cache: bool = True) -> Prepared:
+            trust_cache: bool = True, threads: int | None = None,
+            world_size: int = 1) -> Prepared:
     """Pin (the mode's way; pinned mode may re-execute with ``argv``), load the
     model factory from ``base`` (the config's directory), verify every data
     file before anything is written, decode the config's dataset
     (``trust_cache=False``: from the files, taking no arrays from the decode
     cache), and check that the config fits it (ConfigError, exit 2, before
-    any training)."""
-    profile = modes.of(cfg.mode).prepare(argv)  # may re-execute: nothing heavy before it
+    any training). ``threads`` and ``world_size`` matter to the key only
+    under a test-only switch whose bits depend on them (pipeline.core._testing)."""
+    mode = modes.of(cfg.mode)
+    profile = mode.prepare(argv)  # may re-execute: nothing heavy before it
     from .data import dataset  # numpy: only once pinned
     from .models import resolve
 
@@ -78,10 +96,11 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     _check_fit(cfg, ds)
     _check_model(cfg, ds, parts)
     entry = verified.datasets[cfg.data.dataset]
-    data = {"dataset": entry.name, "task": entry.task, "train": entry.train, "test": entry.test,
-            "files": {f: verified.hashes[f] for f in entry.files()}}
-    inputs = runs.run_inputs(cfg, data, profile, parts.record(),
-                             {ds.name: ds.decoded_sha256()})
+    data = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
+            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    switches = _testing.keyed(_testing.SWITCHES, threads=threads, world_size=world_size)
+    inputs = run_inputs(cfg, mode.key_fields, data, profile, parts.record(),
+                        {ds.name: ds.decoded_sha256()}, switches)
     return Prepared(inputs, ds, parts, base, verified)
 
 
@@ -115,7 +134,7 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     n = min(2, ds.counts(ctx)[0])
     x, _ = examples_of(ds, ctx, torch.device("cpu")).get(np.arange(n))  # the loop's own inputs
     shape, classes = ds.shapes(ctx)
-    want = (n, ctx, classes) if ds.task == "lm" else (n, classes)
+    want = ds.task.logits_shape(n, ctx, classes)
     try:
         got = tuple(net.predict(x).shape)
     except Exception as e:  # noqa: BLE001 - user code: any failure is the factory's
@@ -131,13 +150,8 @@ def _check_fit(cfg: Config, ds: Dataset) -> None:
     """The config's data keys against the dataset: context for the task, a
     non-empty test split, at least one batch of training examples."""
     problems = []
-    lm = ds.task == "lm"
-    if lm and cfg.data.context < 1:
-        problems.append(f"data.context: dataset {ds.name!r} is for language modelling: "
-                        f"expected the tokens per example (>= 1), found {cfg.data.context}")
-    if not lm and cfg.data.context:
-        problems.append(f"data.context: dataset {ds.name!r} is for classification: expected 0 "
-                        f"(unset), found {cfg.data.context}")
+    if (wrong := ds.task.context_problem(cfg.data.context, ds.name)) is not None:
+        problems.append(wrong)
     if not problems:
         from .data.sampling import split
         train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
@@ -170,20 +184,18 @@ def check_device(device: str) -> None:
 
 
 def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
-                 quiet: bool = False, extra: dict[str, Any] | None = None,
-                 force: bool = False, threads: int | None = None
-                 ) -> tuple[dict[str, Any], bool]:
+                 quiet: bool = False, force: bool = False,
+                 threads: int | None = None) -> Outcome:
     """The run for ``prep.inputs``: reused if complete and re-derived
     (runs.reusable: its recorded inputs are the ones computed now, its weights
-    its record's), else trained, resuming from its checkpoints. Returns
-    (run.json, reused). What sits at runs/<key> and fails those checks is a
-    CheckpointError (exit 5), or with ``force`` replaced.
+    its record's), else trained, resuming from its checkpoints, and recorded.
+    What sits at runs/<key> and fails those checks is a CheckpointError (exit
+    5), or with ``force`` replaced.
 
     With several ranks (``comm.size > 1``) the launcher holds the run lock
     (pipeline.launch), rank 0's view of runs/ decides for all, and only rank
-    0 writes; another rank returns just the run key and its weights' hash."""
+    0 writes; another rank's Outcome has no record."""
     from .core.hashing import weights_sha256
-    from .train.loop import train
 
     key = prep.inputs.key
     final = runs_dir / key
@@ -192,7 +204,8 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
                                                                               os.W_OK):
         # A read-only runs directory: reading a complete run needs no lock
         # (runs/<key> appears by one rename, complete).
-        return runs.reusable(final, prep.inputs), True
+        record = runs.reusable(final, prep.inputs)
+        return Outcome(record, record.weights_sha256, True)
     with runs.run_lock(runs_dir, key) if size == 1 else contextlib.nullcontext():
         complete = check_existing(final, prep.inputs, force) if rank == 0 else False
         if size > 1:
@@ -200,21 +213,41 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
         if rank == 0:
             runs.clean_leftovers(runs_dir, key, complete)
         if complete:
-            return (runs.reusable(final, prep.inputs) if rank == 0 else {"run_key": key}), True
+            if rank != 0:
+                return Outcome(None, "", True)
+            record = runs.reusable(final, prep.inputs)
+            return Outcome(record, record.weights_sha256, True)
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
-        result = train(prep.inputs.config, prep.ds, prep.parts, run_key=key, ckpt_dir=ckpt_dir,
-                       comm=comm, device=device, quiet=quiet, threads=threads)
+        result = _train(prep, ckpt_dir=ckpt_dir, comm=comm, device=device, quiet=quiet,
+                        threads=threads)
         if rank != 0:
-            return {"run_key": key, "weights_sha256": weights_sha256(result.params)}, False
-        where = {"config_dir": str(prep.base)} if prep.base is not None else {}
-        record = runs.write_run(final, prep.inputs, result, started,
-                                {**where, **(extra or {}), "threads": result.threads})
+            return Outcome(None, weights_sha256(result.params), False)
+        record = runs.write_run(final, prep.inputs, result, started, device=device,
+                                world_size=size, config_dir=prep.base)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return record, False
+        return Outcome(record, record.weights_sha256, False)
 
 
-def check_existing(final: Path, inputs: runs.RunInputs, force: bool) -> bool:
+def _train(prep: Prepared, **kw: Any) -> TrainResult:
+    from .train.loop import train
+
+    cfg = prep.inputs.config
+    return train(cfg, prep.ds, modes.of(cfg.mode), prep.parts, run_key=prep.inputs.key, **kw)
+
+
+def train_in_process(cfg: Config, ds: Dataset, *, run_key: str = "in-process",
+                     ckpt_dir: Path | None = None, **kw: Any) -> TrainResult:
+    """The training loop for ``cfg`` on ``ds`` in this process, with the config's
+    mode and model (loaded from sys.path), no run record: for benches and tests."""
+    from .models import resolve
+    from .train.loop import train
+
+    parts = resolve(cfg.model.factory, cfg.train.loss, None)
+    return train(cfg, ds, modes.of(cfg.mode), parts, run_key=run_key, ckpt_dir=ckpt_dir, **kw)
+
+
+def check_existing(final: Path, inputs: RunInputs, force: bool) -> bool:
     """Whether runs/<key> holds this run, re-derived; what fails the checks
     raises, or with ``force`` is removed (under the run lock)."""
     try:
@@ -231,62 +264,57 @@ def check_existing(final: Path, inputs: runs.RunInputs, force: bool) -> bool:
         return False
 
 
-def _retrain(prep: Prepared, *, device: str, quiet: bool, what: str) -> dict[str, Any]:
+def _retrain(prep: Prepared, *, device: str, quiet: bool, what: str) -> RunRecord:
     """Train ``prep`` from scratch in a temporary runs directory."""
     with tempfile.TemporaryDirectory(prefix=f"pipeline-{what}-") as tmp:
-        again, _ = get_or_train(prep, Path(tmp), device=device, quiet=quiet)
+        again = get_or_train(prep, Path(tmp), device=device, quiet=quiet).record
+    assert again is not None  # one process: rank 0
     return again
 
 
-def rebuild(prep: Prepared, record: dict[str, Any], *, device: str = "cpu",
+def rebuild(prep: Prepared, record: RunRecord, *, device: str = "cpu",
             quiet: bool = False) -> None:
     """Retrain and compare with ``record`` bit for bit (MismatchError if not);
     the arrays ``prep`` decoded must be the ones the record was trained on."""
     _check_decoded(prep, record)
     again = _retrain(prep, device=device, quiet=quiet, what="rebuild")
-    if again["weights_sha256"] != record["weights_sha256"]:
-        raise MismatchError(f"rebuild differs: recorded sha256:{record['weights_sha256']}, "
-                            f"rebuilt sha256:{again['weights_sha256']}")
+    if again.weights_sha256 != record.weights_sha256:
+        raise MismatchError(f"rebuild differs: recorded sha256:{record.weights_sha256}, "
+                            f"rebuilt sha256:{again.weights_sha256}")
 
 
 def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
-               ) -> tuple[dict[str, Any], list[str]]:
+               ) -> tuple[RunRecord, list[str]]:
     """Retrain the run in ``run_dir`` from its recorded config and compare its
     weights bit for bit. Returns (its record, the inputs that differ here)."""
     record = runs.read_run(run_dir)
-    try:
-        cfg = config_from_dict(record["config"], f"{run_dir}/run.json")
-    except (KeyError, TypeError):
-        raise UsageError(f"{run_dir}/run.json: expected a config, found none") from None
-    base = record.get("config_dir")
-    prep = prepare(cfg, argv, Path(base) if isinstance(base, str) else None,
+    cfg = config_from_dict(record.config, f"{run_dir}/run.json")
+    base = record.config_dir
+    prep = prepare(cfg, argv, Path(base) if base is not None else None,
                    trust_cache=False)  # verify trusts no cache
     _check_decoded(prep, record)
     differences = []
-    if prep.inputs.key != record["run_key"]:
-        i = prep.inputs
-        here = {"config": i.keyed()["config"], "data": i.data, "code_sha256": i.code,
-                "model": i.model, "toolchain": i.toolchain, "profile": i.profile}
-        differences = runs.input_differences(record, here)
+    if prep.inputs.key != record.run_key:
+        from .record.diff import input_fields
+        differences = input_differences(input_fields(record), prep.inputs.fields())
     again = _retrain(prep, device="cpu", quiet=quiet, what="verify")
-    if again["weights_sha256"] != record["weights_sha256"]:
+    if again.weights_sha256 != record.weights_sha256:
         why = "".join(f"\n  {line}" for line in differences)
-        raise MismatchError(f"verify failed: recorded sha256:{record['weights_sha256']}, "
-                            f"retrained sha256:{again['weights_sha256']}"
+        raise MismatchError(f"verify failed: recorded sha256:{record.weights_sha256}, "
+                            f"retrained sha256:{again.weights_sha256}"
                             + (f"; inputs that differ here:{why}" if why else ""))
-    if again["metrics"] != record["metrics"]:  # outputs of the same weights: re-derived too
+    if again.metrics != record.metrics:  # outputs of the same weights: re-derived too
         raise MismatchError(f"verify failed: {run_dir}/run.json [metrics] records "
-                            f"{record['metrics']}, the retrained run gives {again['metrics']}")
+                            f"{record.metrics}, the retrained run gives {again.metrics}")
     return record, differences
 
 
-def _check_decoded(prep: Prepared, record: dict[str, Any]) -> None:
+def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     """The record's decoded-array hash equals this decode's (prepared from the
     file, not the cache, by verify and --rebuild), else DataIntegrityError:
     the run was trained on other arrays (a forged or corrupt decode cache)."""
     name = prep.ds.name
-    want = record.get("data_decoded", {}).get(name) if isinstance(
-        record.get("data_decoded"), dict) else None
+    want = (record.data_decoded or {}).get(name)
     found = prep.inputs.decoded[name]
     if want != found:
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",

@@ -20,13 +20,15 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from pipeline import cli
+from pipeline import cli, modes
 from pipeline.core import _testing, atomic
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import CheckpointError, PipelineError
 from pipeline.core.hashing import weights_sha256
 from pipeline.data import dataset, manifest
+from pipeline.recipe import train_in_process
 from pipeline.record import runs
+from pipeline.record.inputs import RunInputs
 from pipeline.train import checkpoint
 from pipeline.train import loop as train_mod
 
@@ -66,7 +68,7 @@ def _cfg(overrides: list[str]) -> Config:
 
 def _train(cfg: Config, ds: dataset.Dataset, ckpt: Path | None,
            key: str = "k") -> train_mod.TrainResult:
-    return train_mod.train(cfg, ds, run_key=key, ckpt_dir=ckpt, quiet=True)
+    return train_in_process(cfg, ds, run_key=key, ckpt_dir=ckpt, quiet=True)
 
 
 def _steps(ckpt: Path) -> list[int]:
@@ -320,9 +322,11 @@ def test_valid_hash_wrong_content_raises(what: str, pinned_run: dict[str, Any],
 @pytest.fixture(scope="module")
 def run_dir(pinned_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete run directory of the short pinned config (written in-process)."""
-    inputs = runs.RunInputs(pinned_run["cfg"], {"digits": "x"}, "code", {}, {"name": "t"})
+    inputs = RunInputs(pinned_run["cfg"], {"digits": "x"}, "code", {}, {"name": "t"},
+                       key_fields=modes.PINNED.key_fields)
     final = tmp_path_factory.mktemp("runs") / inputs.key
-    runs.write_run(final, inputs, pinned_run["ref"], 0.0, {})
+    runs.write_run(final, inputs, pinned_run["ref"], 0.0, device="cpu", world_size=1,
+                   config_dir=None)
     return final
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.record.runs import record_digest
+from pipeline.record.schema import record_digest
 
 from .helpers import ROOT, copy_source, pipeline_env, run_pipeline, train_json
 

@@ -19,6 +19,7 @@ from pipeline.core.errors import DataIntegrityError
 from pipeline.data import cache as datacache
 from pipeline.data import dataset
 from pipeline.data import manifest as manifest_mod
+from pipeline.data.task import CLASSIFICATION, LM
 
 from .data_helpers import REPO, SHA, make_manifest, register
 
@@ -51,7 +52,7 @@ def test_decode_values_and_shapes(manifest: Path, tmp_path: Path) -> None:
     """1797 rows, x (n, 1, 8, 8) float32 = pixels / 16 in [0, 1], y int64 in 0..9,
     first row known; the dataset carries its shapes."""
     ds = _load(manifest, "digits", tmp_path / "cache")
-    assert ds.name == "digits" and ds.sha256 == SHA and ds.task == "classification"
+    assert ds.name == "digits" and ds.sha256 == SHA and ds.task is CLASSIFICATION
     assert ds.input_shape == (1, 8, 8) and ds.n_classes == 10 and ds.n_train == 1797
     assert ds.x.shape == (1797, 1, 8, 8) and ds.x.dtype == np.float32
     assert ds.y.shape == (1797,) and ds.y.dtype == np.int64
@@ -192,7 +193,7 @@ def test_language_model_windows_and_shapes(tmp_path: Path) -> None:
     """A text dataset: tokens over its vocabulary; windows of ``context``
     tokens, the last one ending before the final token (its target)."""
     ds = _load(_lm_manifest(tmp_path, "abcabcabcab"), "t", tmp_path / "cache")
-    assert ds.task == "lm" and ds.y is None and ds.vocabulary == ("a", "b", "c")
+    assert ds.task is LM and ds.y is None and ds.vocabulary == ("a", "b", "c")
     assert ds.x.tolist() == [0, 1, 2] * 3 + [0, 1] and ds.n_classes == 3
     assert ds.counts(3) == (3, 0) and ds.counts(5) == (2, 0)
     assert ds.shapes(4) == ((4,), 3)

@@ -197,9 +197,10 @@ def test_control_plain_all_reduce_changes_the_weights(
     all-reduce is one IEEE add of two operands, which commutes: the same bits.)"""
     env = _env(tmp_path, PIPELINE_TEST_PLAIN_ALLREDUCE="1")
     rec = _record(_train(frozen["src"], tmp_path / "runs", env, 4, "--json"))
-    assert rec["run_key"] == frozen["record"]["run_key"]
     assert rec["weights_sha256"] != frozen["record"]["weights_sha256"]
-    assert rec["reduction"].startswith("plain all_reduce")
+    # The switch changes the bits, so it is keyed and recorded: never served as the real run.
+    assert rec["test_switches"] == {"plain_allreduce": {"world_size": 4}}
+    assert rec["run_key"] != frozen["record"]["run_key"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.core import _testing
 from pipeline.core import environment as env
+from pipeline.core.environment import blas_of_torch, cpu_identity
 from pipeline.core.errors import ProfileError
 
 from .helpers import ROOT, pipeline_env
@@ -73,7 +74,10 @@ def test_reexec_sets_the_profile_before_torch_starts(tmp_path: Path) -> None:
                        capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout)
-    assert rec["profile"]["observed"] == {"cpu_capability": "AVX2", "threads": 1}
+    observed = rec["profile"]["observed"]
+    assert (observed["cpu_capability"], observed["threads"]) == ("AVX2", 1)
+    assert observed["cpu"]["vendor"] == cpu_identity()["vendor"]
+    assert observed["blas"] == blas_of_torch()
 
 
 def test_code_hash_covers_every_source_file(tmp_path: Path) -> None:

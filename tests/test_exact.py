@@ -26,11 +26,11 @@ from pipeline.exact import (
     softmax_xent,
     sqrt32,
     tree_sum,
-    tree_sum_list,
     xexp,
     xlog,
     xmm,
 )
+from pipeline.train.distributed import tree_reduce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,14 +256,14 @@ def test_tree_sum_order_is_observable() -> None:
 
 def test_tree_sum_shard_subtree() -> None:
     """The tree over 8 entries equals the tree over (tree of first 4, tree of
-    last 4), and tree_sum_list over shards equals tree_sum over entries."""
+    last 4), and the shard tree (train.distributed.tree_reduce) over shards equals tree_sum over entries."""
     x = _rand((8, 5), 16, 12.0)
     whole = tree_sum(x, 0)
     halves = tree_sum(torch.stack([tree_sum(x[:4], 0), tree_sum(x[4:], 0)]), 0)
     assert (_bits(whole) == _bits(halves)).all()
     shards = [tree_sum(x[i:i + 2], 0) for i in range(0, 8, 2)]
-    assert (_bits(tree_sum_list(shards)) == _bits(whole)).all()
-    assert (_bits(tree_sum_list(list(x[:7]))) == _bits(tree_sum(x[:7], 0))).all()
+    assert (_bits(tree_reduce(shards, torch.add)) == _bits(whole)).all()
+    assert (_bits(tree_reduce(list(x[:7]), torch.add)) == _bits(tree_sum(x[:7], 0))).all()
 
 
 # ------------------------------------------------------------------ gradients
@@ -449,7 +449,8 @@ _TRAIN = r"""
 import sys, torch
 from pipeline.core import rng
 from pipeline.exact import Arch
-from pipeline.exact import ExactNet, ExactSGD, ExactAdam, tree_sum_list
+from pipeline.exact import ExactNet, ExactSGD, ExactAdam
+from pipeline.train.distributed import tree_reduce
 from pipeline.core.hashing import weights_sha256
 import numpy as np
 torch.set_num_threads(int(sys.argv[1]))
@@ -467,7 +468,7 @@ for arch, opt_cls, steps in (("mlp", ExactSGD, 30), ("cnn", ExactAdam, 6)):
         keep = [torch.from_numpy(drop.keep_mask(0.1, 32, f)) for f in net.dropout_widths()]
         parts = [net.shard_grads(x[s:s + 16], y[s:s + 16], 32, [k[s:s + 16] for k in keep])
                  for s in (0, 16)]
-        opt.step({k: tree_sum_list([p[1][k] for p in parts]) for k in net.params})
+        opt.step({k: tree_reduce([p[1][k] for p in parts], torch.add) for k in net.params})
     out.append(weights_sha256(net.params))
 print(" ".join(out))
 """

@@ -161,7 +161,8 @@ _TRAIN = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 from model import gpt
-from pipeline.exact import LayerNet, ExactAdam, from_torch, tree_sum_list
+from pipeline.exact import LayerNet, ExactAdam, from_torch
+from pipeline.train.distributed import tree_reduce
 from pipeline.core.hashing import weights_sha256
 torch.set_num_threads(int(sys.argv[1]))
 g = torch.Generator().manual_seed(0)
@@ -175,7 +176,7 @@ for seed in (5, 6):
         x, y = data[:, :16], data[:, 1:]
         parts = [net.shard_grads(x[s:s + 8], y[s:s + 8], 256, None, step=t, row0=s)
                  for s in (0, 8)]
-        opt.step({k: tree_sum_list([p[1][k] for p in parts]) for k in net.params})
+        opt.step({k: tree_reduce([p[1][k] for p in parts], torch.add) for k in net.params})
     out.append(weights_sha256(net.params))
 print(" ".join(out))
 """

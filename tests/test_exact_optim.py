@@ -32,7 +32,7 @@ from pipeline.core.hashing import weights_sha256
 from pipeline.data import dataset, manifest
 from pipeline.exact import make_exact_optimizer
 from pipeline.exact.flat import flat_views
-from pipeline.train import loop as train_mod
+from pipeline.recipe import train_in_process
 from pipeline.train.pinned import TorchOptimizer
 
 from .data_helpers import DIGITS, SHA
@@ -400,7 +400,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _pipeline_hash(overrides: list[str], ds: dataset.Dataset) -> str:
     cfg = load_config(EXACT, [*SHORT, *overrides])
-    return weights_sha256(train_mod.train(cfg, ds, run_key="k", ckpt_dir=None,
+    return weights_sha256(train_in_process(cfg, ds, run_key="k", ckpt_dir=None,
                                           quiet=True).params)
 
 

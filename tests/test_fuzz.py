@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pipeline import cli
 from pipeline.core import _testing
 from pipeline.core.errors import CheckpointError, ConfigError
-from pipeline.record import runs
+from pipeline.record.schema import record_digest
 from pipeline.train import checkpoint
 
 from .data_helpers import make_manifest
@@ -157,7 +157,7 @@ def test_fuzzed_run_records_are_refused_never_crash(
     same = rec.get(field) == value
     rec[field] = value
     if redigest:
-        rec["record_sha256"] = runs.record_digest(rec)
+        rec["record_sha256"] = record_digest(rec)
     (run / "run.json").write_text(json.dumps(rec))
     for text in (None, junk):
         if text is not None:
@@ -215,10 +215,9 @@ def _a_checkpoint(run: Path, cfg: Any, key: str) -> tuple[dict[str, Any], dict[s
     if not list(ck.glob("ckpt-*")):
         from pipeline.data.dataset import load
         from pipeline.data.manifest import default_cache_dir, verify
-        from pipeline.recipe import manifest_path
-        from pipeline.train.loop import train
+        from pipeline.recipe import manifest_path, train_in_process
         ds = load(verify(manifest_path()), cfg.data.dataset, default_cache_dir())
-        train(cfg, ds, run_key=key, ckpt_dir=ck, quiet=True)
+        train_in_process(cfg, ds, run_key=key, ckpt_dir=ck, quiet=True)
     found = checkpoint.latest_valid(ck)
     assert found is not None
     return dict(found[1]), dict(found[2])

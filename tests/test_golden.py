@@ -8,14 +8,20 @@ from typing import Any
 
 import pytest
 
+from pipeline import modes
 from pipeline.core.errors import MismatchError
 from pipeline.record import golden
+from pipeline.record.schema import RunRecord, Trail
 
 
-def _record(mode: str, sha: str, torch_version: str = "2.13.0") -> dict[str, Any]:
-    return {"mode": mode, "config_sha256": "c" * 64, "weights_sha256": sha,
-            "toolchain": {"torch": torch_version, "platform": "Linux-x86_64", "lock": "pip:x"},
-            "profile": {"name": "p"}}
+def _record(mode: str, sha: str, torch_version: str = "2.13.0",
+            switches: dict[str, Any] | None = None) -> RunRecord:
+    return RunRecord(run_key="k", weights_sha256=sha, weights_layout={}, mode=mode, config={},
+                     data={}, toolchain={"torch": torch_version, "platform": "Linux-x86_64",
+                                         "lock": "pip:x"},
+                     profile={"name": "p"}, key_inputs=tuple(modes.of(mode).key_fields),
+                     metrics={"steps": 1}, trail=Trail(("a",), 8), config_sha256="c" * 64,
+                     test_switches=switches)
 
 
 def test_add_then_check_matches_and_a_different_hash_mismatches(tmp_path: Path) -> None:
@@ -46,3 +52,13 @@ def test_add_refuses_a_differing_entry_unless_forced(tmp_path: Path) -> None:
     assert golden.add(_record("exact", "b" * 64), f, force=True) == "replaced"
     entries = json.loads(f.read_text())["entries"]
     assert [e["weights_sha256"] for e in entries] == ["b" * 64]
+
+
+def test_a_control_run_never_checks_against_a_real_runs_entry(tmp_path: Path) -> None:
+    """A run made under a bit-changing test switch has a golden key of its own:
+    neither a match nor a mismatch against the real entry."""
+    f = tmp_path / "g.json"
+    golden.add(_record("exact", "a" * 64), f)
+    assert golden.check(_record("exact", "b" * 64, switches={"no_shard_streams": True}),
+                        f)[0] is None
+    assert golden.check(_record("exact", "a" * 64), f)[0] is True

@@ -30,6 +30,7 @@ from pipeline.core.config import load_config
 from pipeline.data import cache as datacache
 from pipeline.data import dataset, manifest
 from pipeline.record import runs
+from pipeline.record.schema import record_digest
 
 from .helpers import ROOT, pipeline_env, run_pipeline
 
@@ -117,7 +118,7 @@ def test_edited_record_is_refused_with_or_without_a_recomputed_digest(
     path.write_text(json.dumps(rec))
     code, out, err = _train(capsys, rd)
     assert code == 5 and "[record_sha256]" in err and "reused" not in out, err
-    rec["record_sha256"] = runs.record_digest(rec)
+    rec["record_sha256"] = record_digest(rec)
     path.write_text(json.dumps(rec))
     code, out, err = _train(capsys, rd)
     if top == "metrics":  # not an input: re-derived by verify, which retrains

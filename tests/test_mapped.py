@@ -30,7 +30,7 @@ from pipeline.core.hashing import weights_sha256
 from pipeline.data import cache as datacache
 from pipeline.data import dataset, manifest
 from pipeline.data.mapped import Rows
-from pipeline.train import loop as train_mod
+from pipeline.recipe import train_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.toml"
@@ -99,7 +99,7 @@ def _in_memory(ds: dataset.Dataset) -> dataset.Dataset:
 
 def _fit(ds: dataset.Dataset) -> tuple[str, bytes, list[dict[str, object]]]:
     cfg = load_config(CONFIG, ["train.epochs=2"])
-    r = train_mod.train(cfg, ds, run_key="k", ckpt_dir=None, quiet=True)
+    r = train_in_process(cfg, ds, run_key="k", ckpt_dir=None, quiet=True)
     return weights_sha256(r.params), r.trail, r.metrics
 
 

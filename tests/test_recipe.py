@@ -5,6 +5,7 @@ not the profile, is under test here (the profile: tests/test_determinism.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from pipeline.core import _testing
 from pipeline.core.config import load_config
 from pipeline.core.errors import CheckpointError, MismatchError
 from pipeline.data import manifest
-from pipeline.record import runs
+from pipeline.record.schema import record_digest
 
 SHORT = ["train.epochs=1", "model.args.hidden=[16]"]
 
@@ -46,30 +47,31 @@ def test_prepare_verifies_every_file_once(monkeypatch: pytest.MonkeyPatch) -> No
 def test_second_call_reuses_and_rebuild_agrees(tmp_path: Path) -> None:
     """A complete run is reused as is; rebuild retrains to the same bits."""
     prep = recipe.prepare(load_config(None, SHORT), ["train"])
-    first, reused = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
-    assert not reused
-    again, reused = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
-    assert reused and again == first
-    recipe.rebuild(prep, first, quiet=True)
+    first = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
+    assert not first.reused and first.record is not None
+    again = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
+    assert again.reused and again.record == first.record
+    recipe.rebuild(prep, first.record, quiet=True)
 
 
 def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
     """Control: a record whose weight hash is not what training gives is a
     mismatch for rebuild; verify of a record edited that way fails too."""
     prep = recipe.prepare(load_config(None, SHORT), ["train"])
-    record, _ = recipe.get_or_train(prep, tmp_path / "runs", quiet=True)
+    record = recipe.get_or_train(prep, tmp_path / "runs", quiet=True).record
+    assert record is not None
     with pytest.raises(MismatchError, match="rebuild differs"):
-        recipe.rebuild(prep, {**record, "weights_sha256": "0" * 64}, quiet=True)
-    record_after, differences = recipe.verify_run(tmp_path / "runs" / record["run_key"],
+        recipe.rebuild(prep, dataclasses.replace(record, weights_sha256="0" * 64), quiet=True)
+    record_after, differences = recipe.verify_run(tmp_path / "runs" / record.run_key,
                                                   ["verify"], quiet=True)
-    assert record_after["weights_sha256"] == record["weights_sha256"] and differences == []
-    run_json = tmp_path / "runs" / record["run_key"] / "run.json"
+    assert record_after.weights_sha256 == record.weights_sha256 and differences == []
+    run_json = tmp_path / "runs" / record.run_key / "run.json"
     rec = json.loads(run_json.read_text())
     rec["config"]["seed"] = 1  # the record now claims another seed than its weights'
     run_json.write_text(json.dumps(rec))
     with pytest.raises(CheckpointError, match=r"\[record_sha256\]"):  # an edit is caught
         recipe.verify_run(run_json.parent, ["verify"], quiet=True)
-    rec["record_sha256"] = runs.record_digest(rec)  # a forger recomputes the digest
+    rec["record_sha256"] = record_digest(rec)  # a forger recomputes the digest
     run_json.write_text(json.dumps(rec))
     with pytest.raises(MismatchError, match="verify failed"):
         recipe.verify_run(run_json.parent, ["verify"], quiet=True)

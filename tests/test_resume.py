@@ -77,7 +77,7 @@ def _finished_clean(runs: Path, p: subprocess.CompletedProcess[str], want: Run) 
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stderr[-3000:]}"
     record = json.loads(p.stdout)
     assert record["weights_sha256"] == want.sha256
-    assert read_run(runs / record["run_key"])["weights_sha256"] == want.sha256
+    assert read_run(runs / record["run_key"]).weights_sha256 == want.sha256
     assert (runs / record["run_key"] / "trail.bin").read_bytes() == want.trail
     assert not [d for d in runs.iterdir() if d.name.startswith((".ckpt-", ".tmp-"))]
 
@@ -176,5 +176,5 @@ def test_four_concurrent_trainers_share_one_run(short_reference: Run,
     hashes = {out.strip().splitlines()[-1] for out, _ in outs}
     assert hashes == {f"weights sha256:{short_reference.sha256}"}
     (key,) = [d.name for d in runs.iterdir() if not d.name.startswith(".")]
-    assert read_run(runs / key)["weights_sha256"] == short_reference.sha256
+    assert read_run(runs / key).weights_sha256 == short_reference.sha256
     assert not [d for d in runs.iterdir() if d.name.startswith((".ckpt-", ".tmp-"))]

@@ -1,7 +1,8 @@
-"""Tests for pipeline/runs.py: the run key, and the differences between two
-records. Reading and writing run directories is exercised by
-tests/test_checkpoint.py (tampered weights), tests/test_cli.py and the
-determinism suite; the recipe that calls them by tests/test_recipe.py."""
+"""Tests for pipeline/record/inputs.py (the run key) and pipeline/record/diff.py
+(the differences between two records). Reading and writing run directories
+(record/runs.py) is exercised by tests/test_checkpoint.py (tampered weights),
+tests/test_cli.py and the determinism suite; the recipe that calls them by
+tests/test_recipe.py."""
 
 from __future__ import annotations
 
@@ -10,18 +11,25 @@ from typing import Any
 
 import pytest
 
-from pipeline.core.config import load_config
-from pipeline.record import runs
+from pipeline import modes
+from pipeline.core import _testing
+from pipeline.core.config import Config, load_config
+from pipeline.record.diff import diff_runs
+from pipeline.record.inputs import RunInputs
+from pipeline.record.schema import RunRecord, Trail
 
 BASE: dict[str, Any] = {"data": {"digits": "d" * 64}, "code": "c" * 64,
                         "toolchain": {"torch": "2.13.0"}, "profile": {"name": "p"}}
 
 
-def _key(mode: str, **change: Any) -> str:
+def _inputs(cfg: Config, switches: dict[str, Any] | None = None, **change: Any) -> RunInputs:
     parts = {**BASE, **change}
-    cfg = load_config(None, [f"mode={mode}"])
-    return runs.RunInputs(cfg, parts["data"], parts["code"], parts["toolchain"],
-                          parts["profile"]).key
+    return RunInputs(cfg, parts["data"], parts["code"], parts["toolchain"], parts["profile"],
+                     switches=switches or {}, key_fields=modes.of(cfg.mode).key_fields)
+
+
+def _key(mode: str, **change: Any) -> str:
+    return _inputs(load_config(None, [f"mode={mode}"]), **change).key
 
 
 @pytest.mark.parametrize("field,value", [("data", {"digits": "e" * 64}), ("code", "0" * 64),
@@ -43,8 +51,7 @@ def test_exact_key_leaves_out_the_machine(field: str, value: Any, changes: bool)
 
 def test_config_change_changes_the_key() -> None:
     cfg_a, cfg_b = load_config(None, ["seed=0"]), load_config(None, ["seed=1"])
-    a = runs.RunInputs(cfg_a, BASE["data"], BASE["code"], BASE["toolchain"], BASE["profile"])
-    b = runs.RunInputs(cfg_b, BASE["data"], BASE["code"], BASE["toolchain"], BASE["profile"])
+    a, b = _inputs(cfg_a), _inputs(cfg_b)
     assert a.key != b.key and len(a.key) == 64
 
 
@@ -56,9 +63,39 @@ def test_each_optimiser_option_changes_the_key(override: str) -> None:
     for mode in ("pinned", "exact"):
         cfg = load_config(None, [f"mode={mode}", override])
         plain = load_config(None, [f"mode={mode}"])
-        keys = [runs.RunInputs(c, BASE["data"], BASE["code"], BASE["toolchain"],
-                               BASE["profile"]).key for c in (cfg, plain)]
+        keys = [_inputs(c).key for c in (cfg, plain)]
         assert keys[0] != keys[1], (mode, override)
+
+
+@pytest.mark.parametrize("mode", ["pinned", "exact"])
+def test_a_bit_changing_test_switch_changes_the_key_and_is_recorded(mode: str) -> None:
+    """Each switch that changes bits (core._testing.keyed) enters the run key and
+    the record's fields; none set leaves the key as it was (real runs)."""
+    cfg = load_config(None, [f"mode={mode}"])
+    plain = _inputs(cfg)
+    for sw, threads, world in [(_testing.Switches(no_shard_streams=True), None, 1),
+                               (_testing.Switches(skip_rng_restore=frozenset({"numpy"})), None, 1),
+                               (_testing.Switches(plain_allreduce=True), None, 2),
+                               (_testing.Switches(intraop_threads=True), 7, 1)]:
+        keyed = _testing.keyed(sw, threads=threads, world_size=world)
+        assert keyed, sw
+        switched = _inputs(cfg, keyed)
+        assert switched.key != plain.key and switched.fields()["test_switches"] == keyed
+    assert "test_switches" not in plain.fields() and "switches" not in plain.keyed()
+
+
+def test_switches_that_change_nothing_here_are_not_keyed() -> None:
+    """The plain all-reduce at world size 1, stock intra-op threads without
+    --threads, the kill points and the decode log leave the key alone."""
+    sw = _testing.Switches(plain_allreduce=True, intraop_threads=True, kill_at_step=3,
+                           decode_log="/tmp/x", sim_isa="avx2")
+    assert _testing.keyed(sw, threads=None, world_size=1) == {}
+
+
+def _record(config: dict[str, Any], tensors: tuple[str, ...], kind: str = "sha1-8") -> RunRecord:
+    return RunRecord(run_key="k", weights_sha256="w", weights_layout={}, mode="pinned",
+                     config=config, data={}, toolchain={}, profile={}, key_inputs=("config",),
+                     metrics={"steps": 3}, trail=Trail(tensors, 8, kind))
 
 
 def _trail(steps: list[list[bytes]]) -> bytes:
@@ -67,20 +104,19 @@ def _trail(steps: list[list[bytes]]) -> bytes:
 
 def test_diff_runs_names_the_first_divergent_step_and_tensor() -> None:
     """Trails equal for two steps, then tensor b differs: step 3, tensor b."""
-    rec = {"trail": {"tensors": ["a", "b"], "digest_bytes": 8}, "config": {"seed": 0}}
+    rec = _record({"seed": 0}, ("a", "b"))
     same = [[b"1", b"2"], [b"3", b"4"]]
     ta = _trail([*same, [b"5", b"6"]])
     tb = _trail([*same, [b"5", b"X"]])
-    lines = runs.diff_runs(rec, {**rec, "config": {"seed": 1}}, ta, tb)
+    lines = diff_runs(rec, _record({"seed": 1}, ("a", "b")), ta, tb)
     assert lines == ["config.seed: 0 != 1", "trails diverge at step 3 (of 3), first tensor b"]
-    assert runs.diff_runs(rec, rec, ta, ta) == ["trails identical for all 3 steps"]
+    assert diff_runs(rec, rec, ta, ta) == ["trails identical for all 3 steps"]
 
 
 def test_diff_refuses_to_compare_trails_of_two_kinds() -> None:
     """A trail of SHA-1 digests (older runs) and one of sampled fingerprints
     are not compared step by step: the diff says so instead of naming a step."""
-    old = {"trail": {"tensors": ["a"], "digest_bytes": 8}, "config": {}}
-    new = {"trail": {"tensors": ["a"], "digest_bytes": 8, "kind": "sampled-int64-v1"},
-           "config": {}}
-    lines = runs.diff_runs(old, new, b"\0" * 8, b"\1" * 8)
+    old = _record({}, ("a",))
+    new = _record({}, ("a",), "sampled-int64-v1")
+    lines = diff_runs(old, new, b"\0" * 8, b"\1" * 8)
     assert lines == ["trails not comparable: fingerprints of kinds sha1-8 and sampled-int64-v1"]

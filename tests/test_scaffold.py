@@ -13,7 +13,7 @@ from pipeline import scaffold
 from .helpers import ROOT, pipeline_env
 
 
-def test_new_project_trains_and_matches_the_readme(tmp_path: Path) -> None:
+def test_new_project_trains_and_matches_the_tutorial(tmp_path: Path) -> None:
     """`pipeline new` writes model.py, config.toml, the manifest and the data;
     `pipeline train DIR/config.toml` (from another directory) trains it; the
     README's "Bring your own model" shows the same model.py and config.toml."""
@@ -30,8 +30,8 @@ def test_new_project_trains_and_matches_the_readme(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout)
     assert rec["model"]["factory"] == "model:convnet" and rec["metrics"]["test_accuracy"] > 0.5
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert scaffold.MODEL_PY in readme and scaffold.CONFIG_TOML in readme
+    tutorial = (ROOT / "docs" / "tutorial.md").read_text(encoding="utf-8")
+    assert scaffold.MODEL_PY in tutorial and scaffold.CONFIG_TOML in tutorial
 
 
 def test_new_refuses_a_directory_with_files(tmp_path: Path) -> None:

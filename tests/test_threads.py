@@ -1,8 +1,13 @@
 """`pipeline train --threads N`: one hash at 1, 2 and 7 threads for every model
 the project ships (the digits MLP, the CNN, the charlm transformer), the
 thread count recorded and not keyed. The control: the same runs with stock
-intra-op threads (PIPELINE_TEST_INTRAOP_THREADS) give other bits, so the
-suite would see a thread-dependent kernel come back."""
+intra-op threads (PIPELINE_TEST_INTRAOP_THREADS) give other bits wherever the
+model's stock kernels depend on the thread count here, so the suite would see
+a thread-dependent kernel come back. Whether they do is measured, not assumed
+(``_stock_grads_vary``): MKL under the profile's MKL_CBWR=AVX2,STRICT is
+thread-invariant on Intel CPUs (the digits MLP's GEMMs then cannot vary), not
+on others, and OpenBLAS at these sizes neither; ATen's LayerNorm backward and
+oneDNN's convolution gradients vary everywhere measured."""
 
 from __future__ import annotations
 
@@ -55,10 +60,62 @@ def test_one_hash_at_1_2_and_7_threads(model: str, tmp_path: Path,
     assert [r["threads"]["requested"] for r in runs.values()] == [1, 2, 7]
     assert runs[2]["threads"]["shard_threads"] == 2
     assert all(r["threads"]["op_threads"] == 1 for r in runs.values())
-    # The control: stock kernels on 7 threads are not thread-invariant.
+    # The control: stock kernels on 7 threads give other bits, where this
+    # machine's stock kernels for the model depend on the thread count at all.
     stock = _train(args, 7, tmp_path, suite_env, control=True)
     assert stock["threads"]["op_threads"] == 7
-    assert stock["weights_sha256"] != runs[1]["weights_sha256"]
+    assert stock["test_switches"] == {"intraop_threads": 7}
+    if _stock_grads_vary(model, suite_env):
+        assert stock["weights_sha256"] != runs[1]["weights_sha256"]
+    else:  # nothing to control here: the model's kernels are thread-invariant
+        assert model == "mlp", f"{model}'s stock gradients no longer vary with threads"
+
+
+# One shard's stock forward and backward at 1 and 7 threads under the pinned
+# profile: whether any gradient differs in any bit (prints True or False).
+_PROBE = """
+import sys, torch
+from pipeline import models
+kind = sys.argv[1]
+torch.manual_seed(0)
+if kind == "mlp":
+    net, x = models.mlp((1, 8, 8), 10, hidden=[128], dropout=0.0), torch.rand(8, 1, 8, 8)
+    y = torch.randint(0, 10, (8,))
+elif kind == "layernorm":
+    net = torch.nn.Sequential(torch.nn.LayerNorm(4096), torch.nn.Linear(4096, 10))
+    x, y = torch.randn(64, 4096), torch.randint(0, 10, (64,))
+else:
+    raise SystemExit(f"no probe for {kind}")
+grads = []
+for n in (1, 7):
+    torch.set_num_threads(n)
+    loss = torch.nn.functional.cross_entropy(net(x), y, reduction="sum")
+    grads.append([g.numpy().tobytes() for g in torch.autograd.grad(loss, list(net.parameters()))])
+print(grads[0] != grads[1])
+"""
+
+
+def _stock_grads_vary(kind: str, env: dict[str, str]) -> bool:
+    """Whether ``kind``'s stock gradients change with the thread count on this
+    machine, under the pinned profile's environment (``mlp``: the digits MLP's
+    shard; ``layernorm``: a LayerNorm backward, which splits its sums by thread).
+    The CNN and the charlm transformer are taken to vary (oneDNN's convolution
+    and LayerNorm gradients: every machine measured)."""
+    if kind in ("cnn", "charlm"):
+        return True
+    from pipeline.core.environment import load_profile
+
+    p = subprocess.run([sys.executable, "-c", _PROBE, kind], cwd=ROOT,
+                       env={**env, **load_profile().env}, capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.strip() == "True"
+
+
+def test_the_thread_probe_sees_a_thread_dependent_kernel(suite_env: dict[str, str]) -> None:
+    """Control for ``_stock_grads_vary``: a LayerNorm over 4096 features, whose
+    stock backward splits its sums by thread, is reported as varying."""
+    assert _stock_grads_vary("layernorm", suite_env) is True
 
 
 def test_bad_thread_count_is_a_usage_error(tmp_path: Path, suite_env: dict[str, str]) -> None:
@@ -119,8 +176,9 @@ def test_runner_pool_equals_in_order_with_dropout() -> None:
                                                      32, None, 1000 + s) for s in range(8)]
         out[n] = runner.run(jobs)
         assert runner.record()["shard_threads"] == n
+        assert not threads_mod.on_pool_thread()  # the pool's flag is its threads' own
         runner.close()
-        assert not net.in_threads
+        assert runner.pool is None
     for (la, ga), (lb, gb) in zip(out[1], out[3]):
         assert torch.equal(la, lb)
         assert all(torch.equal(ga[k], gb[k]) for k in ga)

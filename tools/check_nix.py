@@ -54,8 +54,10 @@ STUB = REPO / "nix" / "stub-nixpkgs.nix"
 # (pkgs/top-level/python-packages.nix and pkgs/development/python-modules/<name>).
 # A new dependency fails the deps check until its nixpkgs name is verified here.
 NIXPKGS_PYTHON_ATTRS = (
-    "torch", "numpy", "filelock", "safetensors", "tqdm", "matplotlib",
+    "torch", "numpy", "filelock", "safetensors", "tqdm",
     "pytest", "pytest-xdist", "hypothesis", "setuptools",
+    # pkgs/development/python-modules/pytest-timeout/default.nix (python3Packages.pytest-timeout)
+    "pytest-timeout",
 )
 
 # The argument names each nixpkgs builder the flake calls accepts, read from the nixpkgs

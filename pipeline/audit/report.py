@@ -1,5 +1,5 @@
 """``pipeline audit``'s comparison and report: each run's trail against the
-reference's (pipeline.record.runs.first_divergence, as ``pipeline diff`` does), the
+reference's (pipeline.record.diff.first_divergence, as ``pipeline diff`` does), the
 cause named by the machine's kind, and the verdict: reproducible across what,
 what pinning (``pipeline exec``) fixes, what needs exact mode.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from ..record.runs import first_divergence
+from ..record.diff import first_divergence
 
-__all__ = ["same", "compare", "report", "text", "exit_code"]
+__all__ = ["same", "compare", "report", "text"]
 
 
 def compare(ref: Any, o: Any) -> dict[str, Any]:
@@ -93,10 +93,6 @@ def _code(ref: Any, rows: list[dict[str, Any]]) -> int:
     if ref.problem:
         return 3
     return 1 if any(r["status"] in ("differs", "failed") for r in rows) else 0
-
-
-def exit_code(rep: dict[str, Any]) -> int:
-    return int(rep["exit_code"])
 
 
 def _verdict(rows: list[dict[str, Any]], prow: list[dict[str, Any]],

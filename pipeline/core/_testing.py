@@ -25,6 +25,11 @@ Never set these for real runs (README, "Test-only switches"):
 
 In-process tests replace ``SWITCHES`` (``monkeypatch.setattr``); tests that
 start processes set the variables, which the new process reads here.
+
+The switches that change a run's bits (``keyed``: no shard streams, skipped
+RNG restores, the plain all-reduce, stock intra-op threads) enter the run key
+and run.json's ``test_switches``, so a stray variable can never make a
+memoised run be served for a real one, nor a real one for a control.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Switches", "SWITCHES", "read", "fault", "note_decode"]
+__all__ = ["Switches", "SWITCHES", "read", "keyed", "fault", "note_decode"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,22 @@ def read(environ: Mapping[str, str]) -> Switches:
 
 
 SWITCHES = read(os.environ)
+
+
+def keyed(sw: Switches, *, threads: int | None, world_size: int) -> dict[str, Any]:
+    """The switches in ``sw`` that change the bits of a run at ``threads``
+    (--threads; None: auto) and ``world_size``, as the run key and run.json
+    hold them; empty for every real run."""
+    out: dict[str, Any] = {}
+    if sw.no_shard_streams:
+        out["no_shard_streams"] = True
+    if sw.skip_rng_restore:
+        out["skip_rng_restore"] = sorted(sw.skip_rng_restore)
+    if sw.plain_allreduce and world_size > 1:
+        out["plain_allreduce"] = {"world_size": world_size}
+    if sw.intraop_threads and threads:
+        out["intraop_threads"] = threads
+    return out
 
 
 def _kill(why: str) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from .errors import ProfileError
 
 __all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_host",
            "pinning_disabled", "needs_reexec", "reexec", "child_pythonpath", "apply_in_process",
-           "profile_record", "toolchain_fingerprint", "code_sha256", "PROFILE_FILE"]
+           "profile_record", "toolchain_fingerprint", "code_sha256", "blas_of_torch", "cpu_identity",
+           "PROFILE_FILE"]
 
 PROFILE_FILE = Path(__file__).resolve().parents[1] / "profile.json"
 _ISA_ORDER = ["default", "avx2", "avx512"]
@@ -181,13 +183,56 @@ def apply_in_process(profile: Profile) -> None:
                        f"{profile.requires_isa.upper()}: {why}")
 
 
+def blas_of_torch() -> str:
+    """The BLAS torch was built against (``BLAS_INFO`` of its build
+    configuration: mkl, open (OpenBLAS), accelerate, ...), lower case."""
+    import torch
+
+    m = re.search(r"BLAS_INFO=([A-Za-z0-9_]+)", torch.__config__.show())
+    return m.group(1).lower() if m else "unknown"
+
+
+def cpu_identity(cpuinfo: str | None = None) -> dict[str, str]:
+    """What of the CPU can change a pinned profile's bits beyond its ISA level.
+
+    Measured on the pip route (torch 2.13.0+cpu, MKL 2024.2), profile
+    x86_64-avx2-1t, the default config: an AMD EPYC (Zen 4) and an Intel Xeon
+    (AVX-512, AMX) give different weights, although both run ATen's AVX2
+    kernels under MKL_CBWR=AVX2,STRICT: MKL honours its conditional numerical
+    reproducibility branch on Intel CPUs and takes code paths of its own
+    choosing on others. So the vendor is part of every pinned profile, and on
+    a non-Intel x86 CPU under MKL so is the model (MKL promises nothing there
+    across models). A key split too finely costs a retrain; too coarsely, a
+    silent reuse of other bits."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip() not in fields:
+            fields[k.strip()] = v.strip()
+    vendor = fields.get("vendor_id") or fields.get("CPU implementer") or platform.processor()
+    out = {"vendor": vendor or "unknown"}
+    if vendor and vendor != "GenuineIntel" and "vendor_id" in fields:
+        out["model"] = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return out
+
+
 def profile_record(profile: Profile | None) -> dict[str, Any]:
-    """What decides the arithmetic in this process: the pinned profile, or
+    """What decides the arithmetic in this process: the pinned profile and
+    what torch and the CPU show of it (``cpu_identity``, the BLAS), or
     (unpinned) what torch observed, so that unpinned runs never share a key."""
     import torch
 
+    cpu = cpu_identity()
+    blas = blas_of_torch()
+    if blas != "mkl":
+        cpu.pop("model", None)  # the model matters for MKL's own dispatch (cpu_identity)
     observed = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "cpu": cpu, "blas": blas}
     if profile is None:
         return {"name": "unpinned", "observed": observed}
     return {"name": profile.name, "threads": profile.threads, "env": dict(profile.env),

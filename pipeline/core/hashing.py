@@ -15,11 +15,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..record.trail import FINGERPRINT_KIND
-
 __all__ = ["weights_sha256", "tensor_digests", "fingerprints", "FINGERPRINT_KIND", "MAGIC"]
 
 MAGIC = b"pipeline-weights-v1\n"
+# The per-step fingerprint's definition (``fingerprints``), recorded as run.json's
+# "trail.kind": trails of two kinds are not compared.
+FINGERPRINT_KIND = "sampled-int64-v1"
 
 
 def _le_array(t: torch.Tensor | np.ndarray) -> np.ndarray:

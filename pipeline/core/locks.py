@@ -12,18 +12,13 @@ the lock. The kernel drops the lock of a killed holder; the file it leaves
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["exclusive", "READ_ONLY_ERRNOS"]
-
-# Creating the lock file fails with these on a read-only runs directory.
-READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
-
+__all__ = ["exclusive"]
 
 def _acquire(path: Path, waiting: str) -> int:
     said = False

@@ -19,6 +19,7 @@ from typing import Any
 from ..core import atomic
 from ..core.errors import DataIntegrityError, UsageError
 from . import schema
+from .task import for_format
 
 __all__ = ["add", "parse_options"]
 
@@ -88,7 +89,7 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
         ds = dataset or name
         spec = {"format": fmt, **({} if fmt in ("npy", "idx") else {"file": name}),
                 **(options or {})}
-        kind = task or ("lm" if fmt == "text" else "classification")
+        kind = task or for_format(fmt).name
         current = raw["datasets"].setdefault(ds, {"task": kind})
         if current.get("task") != kind and not force:
             raise UsageError(f"datasets.{ds}.task: is {current.get('task')!r}, this part "

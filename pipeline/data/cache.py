@@ -22,12 +22,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import atomic
 from ..core.config import canonical_json
 from ..core.safeio import MIB, read_regular
 from .manifest import Verified
+
+if TYPE_CHECKING:
+    from .task import Task
 
 __all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_path",
            "encode_arrays", "read_arrays", "st_data", "read_meta", "write_meta", "triage"]
@@ -42,7 +45,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def key(verified: Verified, name: str) -> str:
     """The cache key of dataset ``name``."""
     entry = verified.datasets[name]
-    spec = {"task": entry.task, "train": entry.train, "test": entry.test,
+    spec = {"task": entry.task.name, "train": entry.train, "test": entry.test,
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
     return hashlib.sha256(canonical_json(spec)).hexdigest()
@@ -77,7 +80,7 @@ def encode_arrays(arrays: dict[str, Any], meta: dict[str, str]) -> bytes:
     return save(arrays, {**meta, "data_sha256": digest})
 
 
-def read_arrays(path: Path, key: str, task: str) -> tuple[dict[str, Any], dict[str, Any]] | str:
+def read_arrays(path: Path, key: str, task: Task) -> tuple[dict[str, Any], dict[str, Any]] | str:
     """The cached arrays and metadata, or why the entry is unusable ("missing" or
     a corruption)."""
     import numpy as np
@@ -101,10 +104,9 @@ def read_arrays(path: Path, key: str, task: str) -> tuple[dict[str, Any], dict[s
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt entry
         return f"unreadable ({type(e).__name__}: {e})"
     x, y = arrays.get("x"), arrays.get("y")
-    want_x = np.int64 if task == "lm" else np.float32
-    if (x is None or x.dtype != want_x or (task == "lm") != (y is None)
+    if (x is None or x.dtype != np.dtype(task.x_dtype) or task.windows != (y is None)
             or (y is not None and (y.dtype != np.int64 or y.shape != x.shape[:1]))
-            or (task != "lm" and tuple(x.shape[1:]) != tuple(info["input_shape"]))):
+            or (not task.windows and tuple(x.shape[1:]) != tuple(info["input_shape"]))):
         return "wrong tensors, dtypes or shapes"
     return arrays, info
 

@@ -39,6 +39,7 @@ from . import formats
 from .cache import DECODER_VERSION, MAX_CACHE_ENTRY, encode_arrays, read_arrays
 from .manifest import Verified, file_sha256, open_in_root, stat_key
 from .mapped import Rows
+from .task import Task
 
 __all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "MAX_CACHE_ENTRY"]
 
@@ -47,7 +48,7 @@ __all__ = ["DECODER_VERSION", "Dataset", "load", "check_cache", "MAX_CACHE_ENTRY
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A decoded dataset. Classification: ``x`` (n, *input_shape) float32 and
-    ``y`` (n,) int64 in [0, n_classes). Language modelling (``task`` "lm"):
+    ``y`` (n,) int64 in [0, n_classes). Language modelling (``task.windows``):
     ``x`` tokens (T,) int64 in [0, n_classes), ``y`` None. The first
     ``n_train`` rows (tokens) are the train part; the rest, if any, the
     manifest's test part. ``sha256``: the train inputs' file (it keys the split).
@@ -56,7 +57,7 @@ class Dataset:
 
     name: str
     sha256: str
-    task: str
+    task: Task
     x: np.ndarray | Rows
     y: np.ndarray | None
     input_shape: tuple[int, ...]
@@ -77,13 +78,11 @@ class Dataset:
 
     def counts(self, context: int) -> tuple[int, int]:
         """(train examples, test-part examples) for windows of ``context`` tokens (lm)."""
-        if self.task != "lm":
-            return self.n_train, len(self.x) - self.n_train
-        return (self.n_train - 1) // context, max(len(self.x) - self.n_train - 1, 0) // context
+        return self.task.counts(len(self.x), self.n_train, context)
 
     def shapes(self, context: int) -> tuple[tuple[int, ...], int]:
         """(one example's input shape, classes or vocabulary) as a factory receives them."""
-        return ((context,) if self.task == "lm" else self.input_shape), self.n_classes
+        return self.task.input_shape(self.input_shape, context), self.n_classes
 
     def starts(self, ids: np.ndarray, context: int) -> np.ndarray:
         """lm: the first token of each example id (train windows, then test windows)."""

@@ -20,13 +20,14 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..core.errors import DataIntegrityError
+from . import task
+from .task import Task
 
 __all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "reject_duplicates",
-           "spec_problems", "files_of", "MANIFEST_VERSION", "TASKS", "FORMATS"]
+           "spec_problems", "files_of", "MANIFEST_VERSION", "FORMATS"]
 
 MANIFEST_VERSION = 2
 FORMATS = ("csv", "npy", "npz", "idx", "text")  # decoded by pipeline.data.formats
-TASKS = ("classification", "lm")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
                             "licence": str, "description": str}
@@ -51,7 +52,7 @@ class DatasetEntry:
     """A dataset: its task and the decode specs of its parts (pipeline.data.formats)."""
 
     name: str
-    task: str
+    task: Task
     train: dict[str, Any]
     test: dict[str, Any] | None
     description: str = ""
@@ -122,8 +123,8 @@ def _dataset_problems(name: str, raw: object, files: dict[str, Any]) -> list[tup
         return [(where, "an object", _kind(raw))]
     probs = [(f"{where}.{k}", f"no such key (allowed: {', '.join(_DATASET_KEYS)})",
               "an unknown key") for k in raw if k not in _DATASET_KEYS]
-    if raw.get("task") not in TASKS:
-        probs.append((f"{where}.task", f"one of {TASKS}", repr(raw.get("task"))))
+    if raw.get("task") not in task.TASKS:
+        probs.append((f"{where}.task", f"one of {task.TASKS}", repr(raw.get("task"))))
     if "train" not in raw:
         probs.append((f"{where}.train", "a decode spec", "nothing (missing key)"))
     if not isinstance(raw.get("description", ""), str):
@@ -133,8 +134,8 @@ def _dataset_problems(name: str, raw: object, files: dict[str, Any]) -> list[tup
             probs += [(k, x, f) for k, x, f in spec_problems(raw[part], f"{where}.{part}",
                                                               list(files))]
     if not probs:  # the task and the format agree
-        lm = [raw[p].get("format") == "text" for p in ("train", "test") if p in raw]
-        if any(lm) != (raw["task"] == "lm") or len(set(lm)) > 1:
+        fits = {task.for_format(raw[p].get("format")) for p in ("train", "test") if p in raw}
+        if fits != {task.of(raw["task"])}:
             probs.append((f"{where}.task", "lm exactly when every part has format text",
                           f"task {raw['task']!r} with formats "
                           f"{[raw[p].get('format') for p in ('train', 'test') if p in raw]}"))
@@ -172,7 +173,7 @@ def parse(raw: object, source: str) -> Manifest:
         raise DataIntegrityError(f"{source} [{key}]", expected, found, hint)
     assert isinstance(raw, dict)
     files = {n: FileEntry(name=n, **e) for n, e in raw["files"].items()}
-    datasets = {n: DatasetEntry(n, e["task"], e["train"], e.get("test"), e.get("description", ""))
+    datasets = {n: DatasetEntry(n, task.of(e["task"]), e["train"], e.get("test"), e.get("description", ""))
                 for n, e in raw.get("datasets", {}).items()}
     return Manifest(files, datasets)
 

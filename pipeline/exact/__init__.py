@@ -50,7 +50,6 @@ from .ops import (
     softmax_xent,
     sqrt32,
     tree_sum,
-    tree_sum_list,
     xexp,
     xlog,
     xmm,
@@ -58,7 +57,7 @@ from .ops import (
 from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
 from .product import xmmb
 
-__all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum", "tree_sum_list",
+__all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
            "relu_dropout_grad", "im2col", "col2im", "Arch", "ExactNet", "ExactSGD",
            "ExactAdam", "ExactAdamW", "clip_scale", "make_exact_optimizer",

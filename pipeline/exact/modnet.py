@@ -30,11 +30,10 @@ class LayerNet:
     (spec section 16) on ``device``. ``sample``: a small input batch for the
     guard's check of the forward (ConfigError listing every refused call)."""
 
-    dropout_rate = 0.0  # the masks are the layers' own (spec section 15)
-    # Exact ops are thread-invariant: --threads sets torch's own threads. (Shards
-    # on a pool of threads, as pinned mode runs them, measured slower: charlm at 2
-    # threads 171-177 ms a step against 160-162 ms on 2 intra-op threads.)
-    threadable = False
+    # The masks are the layers' own (spec section 15), not the loop's. Exact ops are
+    # thread-invariant, so shards run in order and --threads sets torch's own threads
+    # (shards on a pool of threads, as pinned mode runs them, measured slower: charlm
+    # at 2 threads 171-177 ms a step against 160-162 ms on 2 intra-op threads).
 
     def __init__(self, module: nn.Module, seed: int, device: torch.device | str,
                  sample: Tensor | None = None) -> None:
@@ -62,9 +61,6 @@ class LayerNet:
             self._cache.clear()
             self._versions = versions
         return self._cache
-
-    def dropout_widths(self) -> list[int]:
-        return []
 
     def shard_grads(self, x: Tensor, y: Tensor, n_global: int, keep: list[Tensor] | None,
                     stream: int = 0, *, step: int = 0, row0: int = 0

@@ -93,7 +93,8 @@ class ExactNet:
     invalidates the entry.
     """
 
-    threadable = False  # exact ops are thread-invariant: --threads sets torch's own threads
+    # Exact ops are thread-invariant: shards run in order and --threads sets torch's
+    # own threads (not pipeline.train.net.Threadable).
 
     def __init__(self, model_cfg: Arch, seed: int, device: torch.device | str = "cpu",
                  *, input_shape: tuple[int, ...] = (1, 8, 8), n_classes: int = 10) -> None:

@@ -27,7 +27,7 @@ from . import fused
 from .consts import EXP_C, LN2_HI, LN2_LO, LOG2E, LOG_C, SQRT_HALF
 from .flat import no_autograd, select
 
-__all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "tree_sum_list", "exp64", "xexp", "xlog",
+__all__ = ["xmm", "quantise", "mm_quantised", "tree_sum", "exp64", "xexp", "xlog",
            "sqrt32", "softmax_xent", "relu_dropout", "relu_dropout_grad", "im2col", "col2im"]
 
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
@@ -147,21 +147,6 @@ def _tree_sum_torch(x: Tensor, dim: int) -> Tensor:
         a, b = x.unflatten(dim, (m, 2)).unbind(dim + 1)
         x = a + b
     return x.squeeze(dim)
-
-
-def tree_sum_list(tensors: list[Tensor]) -> Tensor:
-    """``tree_sum`` over a list (the shard order): the same neighbour pairing,
-    applied to whole tensors, so shards ``[a, b)`` aligned to a power of two
-    form a subtree (world-size invariance, spec section 8)."""
-    if not tensors:
-        raise ValueError("tree_sum_list: expected at least one tensor, found none")
-    xs = list(tensors)
-    while len(xs) > 1:
-        nxt = [xs[i] + xs[i + 1] for i in range(0, len(xs) - 1, 2)]
-        if len(xs) % 2:
-            nxt.append(xs[-1])
-        xs = nxt
-    return xs[0]
 
 
 def sqrt32(x: Tensor) -> Tensor:

@@ -1,0 +1,16 @@
+"""A run's record: the inputs that decide its weights and the key derived from
+them (``RunInputs``), run.json as a typed ``RunRecord``, the run directory
+(read, write, reuse re-derived, lock, list), the per-step trail, what differs
+between two runs, golden hashes, and the loss curves."""
+
+from __future__ import annotations
+
+from ..core._lazy import exports
+
+__all__ = ["RunInputs", "INPUT_FIELDS", "RunRecord", "load_record", "read_run", "reusable",
+           "write_run", "list_runs", "diff_runs", "golden_key"]
+
+__getattr__ = exports(__name__, {
+    "RunInputs": "inputs", "INPUT_FIELDS": "inputs", "RunRecord": "schema",
+    "load_record": "schema", "read_run": "runs", "reusable": "runs", "write_run": "runs",
+    "list_runs": "runs", "diff_runs": "diff", "golden_key": "golden"})

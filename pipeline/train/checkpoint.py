@@ -40,7 +40,7 @@ from .determinism import capture_rng, restore_rng
 
 if TYPE_CHECKING:
     from ..core.rng import DropoutStream
-    from ..modes import Net, Optimizer
+    from .net import Net, Optimizer
 
 __all__ = ["FORMAT", "TRAIL_DIGEST", "Progress", "Writer", "restore", "save_checkpoint",
            "load_checkpoint", "latest_valid", "checkpoint_path", "read_safetensors", "prune"]

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import modes
 from ..core import _testing, rng
 from ..core.config import Config
 from ..core.errors import ConfigError, Interrupted
@@ -21,12 +20,11 @@ from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
 from ..data.sampling import batches, epoch_order, split
-from ..models import Parts, resolve
-from ..modes import Net
 from . import checkpoint
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, add_grads, tree_reduce
+from .net import LoopMasks, Maker, Net
 from .threads import ShardRunner
 
 __all__ = ["train", "TrainResult", "examples_of"]
@@ -44,15 +42,15 @@ class TrainResult:
     loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
 
 
-def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
+def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
           ckpt_dir: Path | None, comm: Any = None, device: str = "cpu",
           quiet: bool = False, threads: int | None = None) -> TrainResult:
-    """Train ``cfg`` on ``ds`` with the model ``parts`` (default: the config's,
-    loaded from sys.path); resume from ``ckpt_dir``'s newest valid checkpoint
-    of this run, and write checkpoints there (rank 0). ``threads``: cores to
-    use, None for all (pipeline.train.threads; the bits do not depend on it)."""
+    """Train ``cfg`` on ``ds`` in numeric ``mode`` (pipeline.modes) with the
+    model ``parts`` (pipeline.models.Parts); resume from ``ckpt_dir``'s newest
+    valid checkpoint of this run, and write checkpoints there (rank 0).
+    ``threads``: cores to use, None for all (pipeline.train.threads; the bits
+    do not depend on it)."""
     comm = comm or LocalComm()
-    parts = parts or resolve(cfg.model.factory, cfg.train.loss, None)
     dev = torch.device(device)
     seed_everything(cfg.seed)
     strict_torch()
@@ -66,10 +64,9 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
-    n_global = bsz * examples.targets_per_example  # the loss is a mean over these
+    n_global = bsz * ds.task.targets_per_example(ctx)  # the loss is a mean over these
 
     # Model, optimiser, the dropout stream; then whatever a checkpoint restores.
-    mode = modes.of(cfg.mode)
     net = mode.make_net(cfg, ds, dev, parts)
     _check_world_size(net, comm.size)
     opt = mode.make_optimizer(cfg, net, total)  # the schedule spans the run's steps
@@ -89,7 +86,7 @@ def train(cfg: Config, ds: Dataset, parts: Parts | None = None, *, run_key: str,
             if order is None or b == 0:
                 order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
             x, y = examples.get(order[b])
-            masks = [dropout.keep_mask(net.dropout_rate, bsz, w) for w in net.dropout_widths()]
+            masks = _loop_masks(net, dropout, bsz)
             loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
                                       runner)
             opt.step(grads)
@@ -129,14 +126,14 @@ class _Examples:
     (pipeline.data.mapped.Rows.take), the same float32 bits as the in-memory tensor's."""
 
     def __init__(self, ds: Dataset, context: int, dev: torch.device) -> None:
-        self.lm, self.ds, self.context, self.dev = ds.task == "lm", ds, context, dev
+        self.ds, self.context, self.dev = ds, context, dev
         if isinstance(ds.x, np.ndarray):
             self.x, self.rows = torch.from_numpy(np.ascontiguousarray(ds.x)).to(dev), None
         else:
             self.x, self.rows = torch.empty(0), ds.x
         self.y = torch.from_numpy(ds.y).to(dev) if ds.y is not None else None
         self.offsets = torch.arange(context, device=dev)
-        self.targets_per_example = context if self.lm else 1
+        self.targets_per_example = ds.task.targets_per_example(context)
 
     def get(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of examples ``ids``: (B, ...) and (B,), or (B, T) twice."""
@@ -163,6 +160,14 @@ def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: flo
     every = cfg.train.checkpoint_every
     at = (every and step % every == 0) or step % steps_per_epoch == 0
     return bool(at) and time.monotonic() - last_save >= cfg.train.checkpoint_seconds
+
+
+def _loop_masks(net: Net, dropout: DropoutStream, bsz: int) -> list[np.ndarray]:
+    """This step's dropout masks, drawn from the run's stream, for a net that
+    takes them from the loop (LoopMasks); none for the others."""
+    if not isinstance(net, LoopMasks):
+        return []
+    return [dropout.keep_mask(net.dropout_rate, bsz, w) for w in net.dropout_widths()]
 
 
 def _check_world_size(net: Net, size: int) -> None:
@@ -202,13 +207,10 @@ def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
     """At an epoch's end (or the last step): the mean train loss since the last
     record, and the test split's accuracy (classification) or loss per token."""
     since = st.metrics[-1]["step"] if st.metrics else 0
-    out: dict[str, Any] = {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
-                           "train_loss": st.loss_sum / max(st.step - since, 1)}
-    if examples.lm:
-        out["test_loss"] = _test_loss(net, examples, test_ids)
-    else:
-        out["test_accuracy"] = _accuracy(net, examples, test_ids)
-    return out
+    metric = examples.ds.task.metric
+    return {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
+            "train_loss": st.loss_sum / max(st.step - since, 1),
+            metric: _SCORES[metric](net, examples, test_ids)}
 
 
 @torch.no_grad()
@@ -231,3 +233,7 @@ def _test_loss(net: Net, examples: _Examples, ids: np.ndarray, chunk: int = 256)
         x, y = examples.get(ids[i:i + chunk])
         total += net.loss_sum(net.predict(x), y)
     return total / (len(ids) * examples.targets_per_example)
+
+
+# The task's test metric (pipeline.data.task.Task.metric) -> how it is computed.
+_SCORES = {"test_accuracy": _accuracy, "test_loss": _test_loss}

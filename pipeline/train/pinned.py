@@ -8,7 +8,7 @@ world-size and thread-count invariant: each shard's forward and backward draw
 from a generator seeded with ``stream``, a key of (seed, step, shard) alone
 (pipeline.train.loop), so a shard draws the same numbers whichever rank or thread
 runs it. On one thread that generator is torch's default one, re-seeded per
-shard; when shards run on several threads at once (``in_threads``), each
+shard; when shards run on several threads at once (a ShardRunner's pool), each
 shard gets its own ``torch.Generator`` with the same seed, handed to every
 random op that was given none (``_ShardGenerator``): the same draws, as the
 default CPU generator is the same MT19937 (tests/test_threads.py).
@@ -29,7 +29,7 @@ from ..core import _testing
 from ..core.config import OptimConfig
 from ..core.errors import ConfigError
 from ..core.schedule import schedule_of
-from .threads import SharedGeneratorOp
+from .threads import SharedGeneratorOp, on_pool_thread
 
 __all__ = ["PinnedNet", "TorchOptimizer", "build_module"]
 
@@ -116,7 +116,6 @@ class PinnedNet:
         self.buffers = {k: v for k, v in self.module.state_dict(keep_vars=True).items()
                         if k not in self.params}
         self._user_loss = loss
-        self.in_threads = False  # set by the loop while shards run on several threads
 
     @property
     def threadable(self) -> bool:
@@ -142,7 +141,7 @@ class PinnedNet:
             self.module.train()  # recursive: only on a switch from predict()
         if _testing.SWITCHES.no_shard_streams:  # (the test-only control)
             return self._grads(x, y, n_global)
-        if self.in_threads:
+        if on_pool_thread():
             gen = torch.Generator(device=self.device)
             gen.manual_seed(stream)
             with _ShardGenerator(gen):

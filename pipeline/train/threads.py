@@ -16,6 +16,10 @@ The bits never depend on N; only the speed does.
 - A net that cannot run shards at once (BatchNorm buffers, CUDA) runs them in
   order whatever N is.
 
+Launched workers (``--nproc``): each runs ``worker_threads(N)`` (N, else 1:
+W workers on W cores), and where no profile pins the thread count,
+``worker_environment`` starts them with one OpenMP thread each.
+
 N defaults to every core this process may run on ("auto"): the pool is then
 used only if a shard's work is large enough to gain from it (the first step
 is timed on one thread); a tiny model, like the digits MLP, runs faster in
@@ -27,17 +31,18 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import torch
-
 from ..core import _testing
 from ..core.errors import UsageError
+from .net import Threadable
 
-__all__ = ["ShardRunner", "SharedGeneratorOp", "available_cores", "MIN_SHARD_SECONDS"]
+__all__ = ["ShardRunner", "SharedGeneratorOp", "available_cores", "on_pool_thread",
+           "worker_threads", "worker_environment", "MIN_SHARD_SECONDS"]
 
 T = TypeVar("T")
 MIN_SHARD_SECONDS = 0.003  # "auto": below this a shard gains less than the pool costs
@@ -47,6 +52,35 @@ class SharedGeneratorOp(RuntimeError):
     """A random op, in a shard running on a pool thread, that cannot be given
     a generator of its own (it would draw from torch's global one, which the
     threads share): the runner goes back to running shards in order."""
+
+
+_POOL = threading.local()  # .shard: set on the runner's pool threads
+
+
+def on_pool_thread() -> bool:
+    """Whether this thread is one of a ShardRunner's pool, running shards at
+    once with others (pinned mode then gives each shard a generator of its own)."""
+    return getattr(_POOL, "shard", False)
+
+
+def _pool_thread_init() -> None:
+    import torch
+
+    # Each pool thread runs its ops on itself alone, whatever its environment.
+    torch.set_num_threads(1)
+    _POOL.shard = True
+
+
+def worker_threads(requested: int | None) -> int:
+    """--threads for each launched worker: as asked, else 1 (W workers use W cores)."""
+    return requested or 1
+
+
+def worker_environment(pins_threads: bool) -> dict[str, str]:
+    """What the launcher sets before torchrun starts its workers: one OpenMP
+    thread each where no profile pins the count (the pinned profile says 1
+    already), so that W workers do not oversubscribe the cores."""
+    return {} if pins_threads else {"OMP_NUM_THREADS": "1"}
 
 
 def available_cores() -> int:
@@ -66,6 +100,8 @@ class ShardRunner:
 
     def __init__(self, net: Any, requested: int | None, shards: int,
                  pins_threads: bool) -> None:
+        import torch
+
         if requested is not None and requested < 1:
             raise UsageError(f"--threads: expected an integer >= 1, found {requested}")
         self.net, self.requested = net, requested
@@ -78,7 +114,7 @@ class ShardRunner:
         if not pins_threads or (_testing.SWITCHES.intraop_threads and requested):
             # Exact mode's ops are thread-invariant (or the control: stock kernels).
             self.intra_op = requested or self.intra_op
-        elif width > 1 and net.threadable:
+        elif width > 1 and isinstance(net, Threadable) and net.threadable:
             if requested:
                 self._start(width)
             else:
@@ -87,10 +123,9 @@ class ShardRunner:
             torch.set_num_threads(self.intra_op)
 
     def _start(self, width: int) -> None:
-        # Each pool thread runs its ops on itself alone, whatever its environment.
         self.pool = ThreadPoolExecutor(width, thread_name_prefix="pipeline-shard",
-                                       initializer=torch.set_num_threads, initargs=(1,))
-        self.net.in_threads, self.used = True, width
+                                       initializer=_pool_thread_init)
+        self.used = width
 
     def run(self, jobs: Sequence[Callable[[], T]]) -> list[T]:
         """The jobs' results, in job order."""
@@ -124,9 +159,10 @@ class ShardRunner:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
-        self.net.in_threads = False
 
     def close(self) -> None:
+        import torch
+
         self._stop_pool()
         if torch.get_num_threads() != self._intra_before:
             torch.set_num_threads(self._intra_before)
