@@ -10,7 +10,7 @@
 #   bash bench/cross_version.sh TORCH_VERSION [CONFIG=configs/digits-exact.toml [KEY=VALUE ...]]
 #   e.g. bash bench/cross_version.sh 2.14.1 examples/charlm/config.toml mode=exact
 #   CROSS_VENV=DIR reuses (or creates) the second virtualenv at DIR.
-# Proven so far: README, "Measured here".
+# Proven so far: bench/RESULTS.md and CHANGELOG.md.
 set -euo pipefail
 shopt -s inherit_errexit  # a failing command inside $(...) fails the script too
 cd "$(dirname "$0")/.."

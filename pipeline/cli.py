@@ -18,6 +18,7 @@ from .audit.commands import add_commands as _audit_commands
 from .audit.commands import run as _audit
 from .core.config import load_config
 from .core.errors import EXIT_CODES, UsageError, report, split_debug
+from .data.task import TASKS
 
 if TYPE_CHECKING:
     from .record.schema import RunRecord
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a config (memoised by run key)")
     t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
                    help="a TOML config (default configs/digits.toml) and overrides")
-    t.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    t.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                   help="where run directories live (default: runs)")
     t.add_argument("--rebuild", action="store_true",
                    help="retrain from the data files (no cache) and compare; implies --force")
     t.add_argument("--force", action="store_true", help="replace a runs/<key> that fails checks")
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="cores to use (default: all); the weights do not depend on N")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes (torch.distributed; a power of two dividing train.shards)")
-    # Multi-node, passed through to torchrun (README, "Distributed training"):
+    # Multi-node, passed through to torchrun (docs/how-to/distributed.md):
     t.add_argument("--nnodes", type=int, default=1, help="machines (world size nnodes*nproc)")
     t.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
     t.add_argument("--master-addr", default=None, help="rank 0's machine (static rendezvous)")
@@ -54,46 +56,52 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT of a c10d rendezvous (instead of --master-addr/-port)")
     v = sub.add_parser("verify", help="retrain a run and compare its weights bit for bit")
-    v.add_argument("run_dir", type=Path)
-    v.add_argument("--quiet", action="store_true")
+    v.add_argument("run_dir", type=Path, help="a run directory (runs/<run_key>)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
     d = sub.add_parser("diff", help="which inputs differ, and where the trails diverge")
-    d.add_argument("run_a", type=Path)
-    d.add_argument("run_b", type=Path)
+    d.add_argument("run_a", type=Path, help="a run directory")
+    d.add_argument("run_b", type=Path, help="another run directory")
     dv = sub.add_parser("data", help="data commands").add_subparsers(dest="data_cmd",
                                                                      required=True)
     ver = dv.add_parser("verify", help="check every file against data-manifest.json")
-    ver.add_argument("--manifest", type=Path, default=None)
+    ver.add_argument("--manifest", type=Path, default=None,
+                     help="the manifest to check (default: the project's data-manifest.json)")
     ver.add_argument("--full", action="store_true", help="ignore the stat cache")
     add = dv.add_parser("add", help="add a file (and a dataset part) to data-manifest.json")
-    add.add_argument("file", type=Path)
+    add.add_argument("file", type=Path, help="the data file (inside the manifest's directory)")
     add.add_argument("--name", required=True, help="the file entry's name")
     add.add_argument("--manifest", type=Path, default=None,
                      help="default: ./data-manifest.json if present, else the project's")
     add.add_argument("--format", dest="fmt", default=None,
                      help="csv, npy, npz, idx or text: also make it a dataset part")
     add.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
-                     help="a decode option (pipeline/formats.py), value parsed as TOML")
+                     help="a decode option (pipeline/data/formats.py), value parsed as TOML")
     add.add_argument("--dataset", default=None, help="the dataset (default: --name)")
-    add.add_argument("--part", choices=("train", "test"), default="train")
-    add.add_argument("--task", choices=("classification", "lm"), default=None)
+    add.add_argument("--part", choices=("train", "test"), default="train",
+                     help="which part of the dataset the file is (default: train)")
+    add.add_argument("--task", choices=TASKS, default=None,
+                     help="the dataset's task (default: lm for text, else classification)")
     add.add_argument("--source", default="", help="where the file comes from (a URL)")
     add.add_argument("--licence", default="", help="its licence")
-    add.add_argument("--description", default="")
+    add.add_argument("--description", default="", help="what the file holds")
     add.add_argument("--force", action="store_true", help="replace a differing entry")
     new = sub.add_parser("new", help="write a new project (model.py, config, data) into DIR")
-    new.add_argument("dir", type=Path)
+    new.add_argument("dir", type=Path, help="a new or empty directory")
     sub.add_parser("env", help="print the toolchain fingerprint and numeric profile")
     r = sub.add_parser("runs", help="list runs")
-    r.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    r.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                   help="where run directories live (default: runs)")
     g = sub.add_parser("golden", help="golden weight hashes (tests/golden/weights.json)")
     gs = g.add_subparsers(dest="golden_cmd", required=True)
     for name in ("add", "check"):
         c = gs.add_parser(name)
-        c.add_argument("run_dir", type=Path)
-        c.add_argument("--file", type=Path, default=None)
+        c.add_argument("run_dir", type=Path, help="a run directory")
+        c.add_argument("--file", type=Path, default=None,
+                       help="the golden file (default: tests/golden/weights.json)")
         if name == "add":
-            c.add_argument("--force", action="store_true")
-            c.add_argument("--note", default="")
+            c.add_argument("--force", action="store_true",
+                           help="replace an entry that holds another hash")
+            c.add_argument("--note", default="", help="where the hash came from (machine, date)")
         else:
             c.add_argument("--require", action="store_true",
                            help="no entry for this run's key is a failure (exit 1), not a pass")

@@ -1,7 +1,7 @@
 """bench/peers.py without timing anything: its arguments, how it measures
 (stub contenders with known costs), its tables and its last line; and, where
 the bench extra is missing, its one-line refusal. The real run is a benchmark
-(README, "Measured here"), never a timed test."""
+(bench/RESULTS.md), never a timed test."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def _no_run_dirs(runs: Path) -> bool:
 @pytest.mark.slow
 def test_default_config_in_two_fresh_processes_is_identical_and_accurate(
         tmp_path: Path) -> None:
-    """The README's run, started twice at once: equal weight hashes, >= 97% accuracy."""
+    """The README's train command's run, started twice at once: equal weight hashes, >= 97% accuracy."""
     env = pipeline_env(tmp_path)
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--runs-dir",
                                str(tmp_path / f"runs{i}"), "--quiet"], cwd=ROOT, env=env,

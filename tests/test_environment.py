@@ -17,8 +17,8 @@ from pipeline.core.errors import ProfileError
 
 from .helpers import ROOT, pipeline_env
 
-# Every knob the README names as changing which kernel runs (README.md, "What a
-# run is", the numeric profile; pipeline/profile.json holds them).
+# Every knob the docs name as changing which kernel runs (docs/reference/profile.md;
+# pipeline/profile.json holds them).
 REQUIRED_X86 = ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "PYTHONHASHSEED",
                 "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS"]
 

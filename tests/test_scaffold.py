@@ -1,5 +1,5 @@
 """Tests for pipeline/scaffold.py (`pipeline new DIR`): the project it writes
-trains as written, and the README shows exactly those files."""
+trains as written, and the tutorial (docs/tutorial.md) shows exactly those files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .helpers import ROOT, pipeline_env
 def test_new_project_trains_and_matches_the_tutorial(tmp_path: Path) -> None:
     """`pipeline new` writes model.py, config.toml, the manifest and the data;
     `pipeline train DIR/config.toml` (from another directory) trains it; the
-    README's "Bring your own model" shows the same model.py and config.toml."""
+    tutorial shows the same model.py and config.toml."""
     env = pipeline_env(tmp_path)
     proj = tmp_path / "my project"
     new = subprocess.run([sys.executable, "-m", "pipeline", "new", str(proj)], cwd=ROOT,

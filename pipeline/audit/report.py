@@ -3,7 +3,7 @@ reference's (pipeline.record.diff.first_divergence, as ``pipeline diff`` does), 
 cause named by the machine's kind, and the verdict: reproducible across what,
 what pinning (``pipeline exec``) fixes, what needs exact mode.
 
-Exit codes (README, "Commands and exit codes"): 0 every run tried agrees;
+Exit codes (docs/how-to/audit.md): 0 every run tried agrees;
 1 a divergence (a run that differs, or fails only on some machine); 3 the
 script could not be audited (its reference run crashed, hung, or never
 stepped an optimizer).

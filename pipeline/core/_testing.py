@@ -2,7 +2,7 @@
 and the one fault hook through which the training loop and the checkpoint
 writer honour them. No other module reads a ``PIPELINE_TEST_*`` variable.
 
-Never set these for real runs (README, "Test-only switches"):
+Never set these for real runs (docs/reference/environment.md):
 
 - ``PIPELINE_TEST_NO_PIN=1``: no re-exec, no profile (the suite's control);
 - ``PIPELINE_SIM_CPU_ISA=default|avx2|avx512``: treat the CPU as offering

@@ -234,8 +234,8 @@ def check_cache(verified: Verified, name: str, cache_dir: Path) -> str | None:
     """Decode dataset ``name`` from its files and compare the cache entry (if
     any): None if they agree (or there is none), else what differs; a
     differing entry is removed. A forged entry is self-consistent (its own
-    digest recomputed), so only a fresh decode can catch it (README,
-    "Hostile inputs"); for a mapped dataset that is a pass over every row."""
+    digest recomputed), so only a fresh decode can catch it
+    (docs/explanation/threat-model.md); for a mapped dataset that is a pass over every row."""
     key = datacache.key(verified, name)
     path = (datacache.meta_path if _maps(verified, name) else datacache.arrays_path)(cache_dir,
                                                                                     key)

@@ -1,18 +1,18 @@
-"""How a run uses the cores (`pipeline train --threads N`; README, "Threads").
+"""How a run uses the cores (`pipeline train --threads N`; docs/explanation/determinism.md).
 
 The bits never depend on N; only the speed does.
 
 - Pinned mode: every op runs on one thread, as the profile says (stock CPU
   kernels are not thread-invariant: MKL's GEMM for some shapes, oneDNN's
   convolution gradients, LayerNorm's parameter gradients and long reductions
-  split their sums by thread; measured in the README). The cores are used one
+  split their sums by thread; measured: docs/explanation/determinism.md). The cores are used one
   level up: a step's shards run at once on a pool of up to N threads, each
   shard a whole forward and backward on its own rows with its own random
   stream (pipeline.train.pinned), and their gradients are summed in the fixed tree
   in shard order (pipeline.train.distributed), exactly as on one thread.
 - Exact mode: every op is thread-invariant by construction, so N is torch's
   own intra-op thread count (measured faster than the pool for the charlm
-  example's exact layers; README, "Threads").
+  example's exact layers; docs/explanation/performance.md).
 - A net that cannot run shards at once (BatchNorm buffers, CUDA) runs them in
   order whatever N is.
 
