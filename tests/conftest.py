@@ -23,7 +23,7 @@ from filelock import FileLock
 
 from pipeline.core.environment import host_isa_levels, load_profile
 
-from .machines import (
+from .support.machines import (
     EXACT,
     FULL,
     ROOT,

@@ -21,7 +21,7 @@ from pipeline.audit.child import REFERENCE, Outcome, Plan, boot_dir, capture_env
 from pipeline.audit.machines import MACHINES
 from pipeline.core.environment import host_isa_levels, load_profile
 
-from .helpers import ROOT
+from .support import ROOT
 
 SCRIPTS = ROOT / "tests" / "audit_scripts"
 PROFILE = load_profile()

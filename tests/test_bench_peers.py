@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from .helpers import ROOT
+from .support import ROOT
 
 BENCH = ROOT / "bench"
 HAS_LIGHTNING = importlib.util.find_spec("lightning") is not None

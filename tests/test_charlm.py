@@ -18,7 +18,7 @@ import pytest
 from pipeline.core.environment import load_profile
 
 from .conftest import build_once
-from .machines import MACHINES, ROOT, TRAIN_TIMEOUT_S, Machine, Places, Run, finish, start
+from .support.machines import MACHINES, ROOT, TRAIN_TIMEOUT_S, Machine, Places, Run, finish, start
 
 pytestmark = pytest.mark.determinism
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.record.runs import record_digest
 
-from .helpers import ROOT, copy_source, pipeline_env, run_pipeline, train_json
+from .support import ROOT, copy_source, pipeline_env, run_pipeline, train_json
 
 SHORT = ["train.epochs=2"]
 HASH_LINE = re.compile(r"^weights sha256:[0-9a-f]{64}$")

@@ -20,7 +20,8 @@ from pipeline.data import cache as datacache
 from pipeline.data import dataset
 from pipeline.data import manifest as manifest_mod
 
-from .data_helpers import REPO, SHA, make_manifest, register
+from .support import ROOT as REPO
+from .support.data import SHA, make_manifest, register
 
 FIRST_ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0,
              0, 4, 12, 0, 0, 8, 8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0,

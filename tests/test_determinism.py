@@ -35,7 +35,7 @@ import pytest
 
 from pipeline.core.environment import load_profile
 
-from .machines import (
+from .support.machines import (
     EXACT,
     FULL,
     MACHINES,

@@ -14,7 +14,7 @@ from pipeline.core import _testing
 from pipeline.core import environment as env
 from pipeline.core.errors import ProfileError
 
-from .helpers import ROOT, pipeline_env
+from .support import ROOT, pipeline_env
 
 # Every knob the README names as changing which kernel runs (README.md, "What a
 # run is", the numeric profile; pipeline/profile.json holds them).

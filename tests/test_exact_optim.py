@@ -35,7 +35,7 @@ from pipeline.exact.flat import flat_views
 from pipeline.train import loop as train_mod
 from pipeline.train.pinned import TorchOptimizer
 
-from .data_helpers import DIGITS, SHA
+from .support.data import DIGITS, SHA
 
 ROOT = Path(__file__).resolve().parent.parent
 F32, F64 = np.float32, np.float64

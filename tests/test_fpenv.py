@@ -15,7 +15,7 @@ import torch
 
 from pipeline.exact import fpenv
 
-from .helpers import ROOT, pipeline_env
+from .support import ROOT, pipeline_env
 
 
 def test_the_check_constants_are_the_values_they_name() -> None:

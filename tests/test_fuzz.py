@@ -26,7 +26,7 @@ from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.record import runs
 from pipeline.train import checkpoint
 
-from .data_helpers import make_manifest
+from .support.data import make_manifest
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 70, 74, 130}
 TINY = ["train.epochs=1", "model.args.hidden=[16]"]

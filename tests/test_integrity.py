@@ -31,7 +31,7 @@ from pipeline.data import cache as datacache
 from pipeline.data import dataset, manifest
 from pipeline.record import runs
 
-from .helpers import ROOT, pipeline_env, run_pipeline
+from .support import ROOT, pipeline_env, run_pipeline
 
 TINY = ["train.epochs=1", "model.args.hidden=[16]"]
 

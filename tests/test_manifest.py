@@ -14,7 +14,7 @@ import pytest
 from pipeline.core.errors import DataIntegrityError
 from pipeline.data import manifest as data
 
-from .data_helpers import SHA, edit_manifest, make_manifest
+from .support.data import SHA, edit_manifest, make_manifest
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import pytest
 from pipeline import cli
 from pipeline.core import _testing
 
-from .data_helpers import REPO, SHA
+from .support import ROOT as REPO
+from .support.data import SHA
 
 
 def _run(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pipeline import cli, models
 from pipeline.core import _testing
 
-from .helpers import ROOT, pipeline_env
+from .support import ROOT, pipeline_env
 
 USERNET = '''
 import torch

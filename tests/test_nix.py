@@ -448,7 +448,7 @@ def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
 def test_clean_env_keeps_the_lock_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The determinism suite's reference environment keeps PIPELINE_LOCK_ID (set by the Nix
     check and dev shell: it names the toolchain) and drops the test-only switches."""
-    from tests.machines import clean_env
+    from tests.support.machines import clean_env
 
     monkeypatch.setenv("PIPELINE_LOCK_ID", "nix:sha256-test")
     monkeypatch.setenv("PIPELINE_TEST_NO_PIN", "1")

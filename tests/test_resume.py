@@ -27,7 +27,7 @@ import pytest
 
 from pipeline.record.runs import read_run
 
-from .machines import EXACT, SHORT, TRAIN_TIMEOUT_S, Run, copy_checkout, train_argv
+from .support.machines import EXACT, SHORT, TRAIN_TIMEOUT_S, Run, copy_checkout, train_argv
 
 # (overrides, steps per run, the steps that write a checkpoint: every interval
 # and every epoch end, never the last step). 22 steps per epoch.

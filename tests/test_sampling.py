@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data import sampling as data
 
-from .data_helpers import SHA
+from .support.data import SHA
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import scaffold
 
-from .helpers import ROOT, pipeline_env
+from .support import ROOT, pipeline_env
 
 
 def test_new_project_trains_and_matches_the_readme(tmp_path: Path) -> None:

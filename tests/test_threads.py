@@ -22,7 +22,7 @@ from pipeline.train import threads as threads_mod
 from pipeline.train.pinned import PinnedNet, _ShardGenerator
 from pipeline.train.threads import ShardRunner
 
-from .machines import ROOT, TRAIN_TIMEOUT_S
+from .support.machines import ROOT, TRAIN_TIMEOUT_S
 
 MODELS = {
     "mlp": ["configs/digits.toml", "train.max_steps=12"],

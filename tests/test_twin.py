@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .data_helpers import DIGITS as DATA
-from .data_helpers import SHA as DATA_SHA
-from .helpers import f32_bits as _bits
+from .support.data import DIGITS as DATA
+from .support.data import SHA as DATA_SHA
+from .support import f32_bits as _bits
 from .twin import numpy_twin as tw
 from .twin import twin_optim
 

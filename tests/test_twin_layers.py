@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import f32_bits as _bits
-from .helpers import run_pipeline
+from .support import f32_bits as _bits
+from .support import run_pipeline
 from .twin import numpy_twin as tw
 from .twin import twin_charlm as tc
 from .twin import twin_convnet as tn

@@ -39,14 +39,13 @@ from pipeline.audit.machines import (
 )
 from pipeline.core.environment import PROFILE_FILE as PROFILE_JSON
 
-from .helpers import copy_source
+from . import ROOT, copy_source
 
 __all__ = ["ISA_ORDER", "KEEP", "LOCALES", "MACHINES", "Machine", "Places", "PROFILE_JSON",
            "clean_env", "compile_locales", "environment", "profile_variables",
            "uts_namespace_problem", "command", "start", "copy_checkout", "Run", "finish",
            "train_argv", "FULL", "SHORT", "EXACT", "TRAIN_TIMEOUT_S", "ROOT"]
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # The configs the determinism suite trains: the reference is configs/digits.toml
 # as committed; most simulated machines train a shortened one (the cost is

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (this is tests/support/)
 SOURCE_PARTS = ("pipeline", "configs", "data", "data-manifest.json", "requirements.lock",
                 "pyproject.toml", "examples")
 

@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from . import ROOT
+
 SHA = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
-DIGITS = REPO / "data" / "digits.csv.gz"  # the shipped file whose sha256 is SHA
+DIGITS = ROOT / "data" / "digits.csv.gz"  # the shipped file whose sha256 is SHA
 
 
 def make_manifest(tmp_path: Path) -> Path:
@@ -18,11 +19,11 @@ def make_manifest(tmp_path: Path) -> Path:
     file, under tmp_path/root."""
     root = tmp_path / "root"
     (root / "data").mkdir(parents=True)
-    raw = json.loads((REPO / "data-manifest.json").read_text())
+    raw = json.loads((ROOT / "data-manifest.json").read_text())
     raw["files"] = {"digits": raw["files"]["digits"]}
     raw["datasets"] = {"digits": raw["datasets"]["digits"]}
     (root / "data-manifest.json").write_text(json.dumps(raw, indent=2))
-    shutil.copy(REPO / "data" / "digits.csv.gz", root / "data" / "digits.csv.gz")
+    shutil.copy(ROOT / "data" / "digits.csv.gz", root / "data" / "digits.csv.gz")
     return root / "data-manifest.json"
 
 
