@@ -21,22 +21,16 @@ from pipeline.audit.child import REFERENCE, Outcome, Plan, boot_dir, capture_env
 from pipeline.audit.machines import MACHINES
 from pipeline.core.environment import host_isa_levels, load_profile
 
-from ..support import ROOT
+from ..support import ROOT, run_pipeline
 
 SCRIPTS = ROOT / "tests" / "audit_scripts"
 PROFILE = load_profile()
 PINNABLE = PROFILE.requires_isa in host_isa_levels()
 
 
-def _pipeline(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
 def _audit(script: str, machines: str, tmp: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    p = _pipeline(["audit", "--json", "--steps", "5", "--machines", machines, *extra, "--",
-                   sys.executable, str(SCRIPTS / script)], tmp)
+    p = run_pipeline(["audit", "--json", "--steps", "5", "--machines", machines, *extra, "--",
+                      sys.executable, str(SCRIPTS / script)], cwd=tmp, timeout=600)
     assert p.returncode in (0, 1, 3), f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p.returncode, json.loads(p.stdout)
 
@@ -127,8 +121,8 @@ def test_script_that_cannot_be_audited_gets_a_clear_report(script: str, words: s
                                                            tmp_path: Path) -> None:
     """A script that never steps an optimizer, or crashes, is run once (not once
     per machine) and reported with why and its stderr tail; exit 3."""
-    p = _pipeline(["audit", "--steps", "5", "--", sys.executable, str(SCRIPTS / script)],
-                  tmp_path)
+    p = run_pipeline(["audit", "--steps", "5", "--", sys.executable, str(SCRIPTS / script)],
+                     cwd=tmp_path, timeout=600)
     assert p.returncode == 3, f"{p.stdout}\n{p.stderr}"
     assert words in p.stdout and "could not audit the script" in p.stdout, p.stdout
     if script == "crashes.py":
@@ -140,8 +134,8 @@ def test_hanging_script_is_killed_at_the_timeout(tmp_path: Path) -> None:
     """A script that never returns is killed at --timeout and reported; the
     audit ends in about that time (exit 3)."""
     started = time.monotonic()
-    p = _pipeline(["audit", "--timeout", "4", "--", sys.executable, str(SCRIPTS / "hangs.py")],
-                  tmp_path, timeout=120)
+    p = run_pipeline(["audit", "--timeout", "4", "--", sys.executable, str(SCRIPTS / "hangs.py")],
+                     cwd=tmp_path, timeout=120)
     took = time.monotonic() - started
     assert p.returncode == 3, f"{p.stdout}\n{p.stderr}"
     assert "did not finish within --timeout 4 s (killed)" in p.stdout, p.stdout
@@ -152,7 +146,7 @@ def test_hanging_script_is_killed_at_the_timeout(tmp_path: Path) -> None:
                                   ["exec"], ["audit", "--steps", "0", "--", "true"]])
 def test_usage_errors_exit_2(args: list[str], tmp_path: Path) -> None:
     """No command, an unknown machine or a non-positive --steps is a usage error."""
-    p = _pipeline(args, tmp_path)
+    p = run_pipeline(args, cwd=tmp_path, timeout=600)
     assert p.returncode == 2, f"{p.stdout}\n{p.stderr}"
     assert "error:" in p.stderr
 
@@ -166,8 +160,8 @@ def test_exec_gives_one_hash_whatever_the_parents_threads(tmp_path: Path) -> Non
     for n in ("2", "7"):
         rec = tmp_path / f"exec-{n}.json"
         env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-        p = _pipeline(["exec", "--record", str(rec), "--", sys.executable,
-                       str(SCRIPTS / "plain_loop.py")], tmp_path, env)
+        p = run_pipeline(["exec", "--record", str(rec), "--", sys.executable,
+                          str(SCRIPTS / "plain_loop.py")], env, tmp_path, timeout=600)
         assert p.returncode == 0, p.stderr
         assert "final loss" in p.stdout  # the script's own output, untouched
         r = json.loads(rec.read_text(encoding="utf-8"))
@@ -186,8 +180,8 @@ def test_exec_spawned_workers_record_nothing(tmp_path: Path) -> None:
     hashes = []
     for ctx in ("fork", "spawn"):
         rec = tmp_path / f"{ctx}.json"
-        p = _pipeline(["exec", "--record", str(rec), "--", sys.executable,
-                       str(SCRIPTS / "dataloader_loop.py"), ctx], tmp_path)
+        p = run_pipeline(["exec", "--record", str(rec), "--", sys.executable,
+                          str(SCRIPTS / "dataloader_loop.py"), ctx], cwd=tmp_path, timeout=600)
         assert p.returncode == 0, p.stderr
         r = json.loads(rec.read_text(encoding="utf-8"))
         assert r["optimizer_steps"] == 24, r

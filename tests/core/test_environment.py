@@ -14,7 +14,7 @@ from pipeline.core import _testing
 from pipeline.core import environment as env
 from pipeline.core.errors import ProfileError
 
-from ..support import ROOT, pipeline_env
+from ..support import ROOT, pipeline_env, run_pipeline
 
 # Every knob the README names as changing which kernel runs (README.md, "What a
 # run is", the numeric profile; pipeline/profile.json holds them).
@@ -63,8 +63,7 @@ def test_reexec_sets_the_profile_before_torch_starts(tmp_path: Path) -> None:
     unpinned, while training re-executes: its run records the pinned profile
     and the observed kernels are AVX2 with one thread."""
     e = pipeline_env(tmp_path, OMP_NUM_THREADS="7", ATEN_CPU_CAPABILITY="default")
-    out = subprocess.run([sys.executable, "-m", "pipeline", "env"], cwd=ROOT, env=e,
-                         capture_output=True, text=True, check=True).stdout
+    out = run_pipeline(["env"], e, timeout=None, check=True).stdout
     assert json.loads(out)["pinned_now"] is False
     code = ("import os, sys; sys.argv=['pipeline','train','--runs-dir',sys.argv[1],"
             "'train.epochs=1','--json','--quiet'];"

@@ -12,17 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli
-from pipeline.core import _testing
 
 from ..support import ROOT as REPO
+from ..support import cli_main
 from ..support.data import SHA
-
-
-def _run(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
-    return cli.main(argv)
 
 
 @pytest.fixture
@@ -45,14 +38,14 @@ def test_add_writes_the_file_and_dataset_entries(root: Path, tmp_path: Path,
     m = root / "data-manifest.json"
     argv = ["data", "add", str(root / "data" / "digits.csv.gz"), "--name", "digits",
             "--manifest", str(m), "--licence", "CC BY 4.0", *CSV]
-    assert _run(argv, monkeypatch, tmp_path) == 0
+    assert cli_main(argv, monkeypatch, tmp_path) == 0
     raw = json.loads(m.read_text())
     assert raw["files"]["digits"]["sha256"] == SHA and raw["files"]["digits"]["size"] == 57523
     assert raw["files"]["digits"]["path"] == "data/digits.csv.gz"
     assert raw["datasets"]["digits"]["task"] == "classification"
     assert raw["datasets"]["digits"]["train"]["classes"] == 10
     before = m.read_bytes()
-    assert _run(argv, monkeypatch, tmp_path) == 0 and m.read_bytes() == before
+    assert cli_main(argv, monkeypatch, tmp_path) == 0 and m.read_bytes() == before
 
 
 def test_a_differing_entry_needs_force(root: Path, tmp_path: Path,
@@ -62,15 +55,15 @@ def test_a_differing_entry_needs_force(root: Path, tmp_path: Path,
     untouched) unless --force."""
     m = root / "data-manifest.json"
     base = ["data", "add", "--name", "digits", "--manifest", str(m)]
-    assert _run([*base[:2], str(root / "data" / "digits.csv.gz"), *base[2:], *CSV],
-                monkeypatch, tmp_path) == 0
+    assert cli_main([*base[:2], str(root / "data" / "digits.csv.gz"), *base[2:], *CSV],
+                    monkeypatch, tmp_path) == 0
     other = root / "data" / "other.csv.gz"
     good = ",".join(["0"] * 64 + ["3"])
     other.write_bytes(gzip.compress(f"{good}\n{good}\n".encode(), mtime=0))
     before = m.read_bytes()
-    assert _run([*base[:2], str(other), *base[2:], *CSV], monkeypatch, tmp_path) == 2
+    assert cli_main([*base[:2], str(other), *base[2:], *CSV], monkeypatch, tmp_path) == 2
     assert "--force" in capsys.readouterr().err and m.read_bytes() == before
-    assert _run([*base[:2], str(other), *base[2:], *CSV, "--force"], monkeypatch, tmp_path) == 0
+    assert cli_main([*base[:2], str(other), *base[2:], *CSV, "--force"], monkeypatch, tmp_path) == 0
     assert json.loads(m.read_text())["files"]["digits"]["sha256"] == \
         hashlib.sha256(other.read_bytes()).hexdigest()
 
@@ -90,8 +83,8 @@ def test_entries_that_do_not_decode_write_nothing(
     f = root / "data" / "bad.bin"
     f.write_bytes(payload)
     m = root / "data-manifest.json"
-    rc = _run(["data", "add", str(f), "--name", "bad", "--manifest", str(m), *options],
-              monkeypatch, tmp_path)
+    rc = cli_main(["data", "add", str(f), "--name", "bad", "--manifest", str(m), *options],
+                  monkeypatch, tmp_path)
     err = capsys.readouterr().err
     assert rc == code, err
     assert found in err and not m.exists()
@@ -102,6 +95,6 @@ def test_file_outside_the_data_root_is_refused(root: Path, tmp_path: Path,
     """The manifest stores paths inside its own directory only."""
     outside = tmp_path / "elsewhere.npy"
     np.save(outside, np.zeros((2, 2), np.float32))
-    rc = _run(["data", "add", str(outside), "--name", "x", "--manifest",
-               str(root / "data-manifest.json")], monkeypatch, tmp_path)
+    rc = cli_main(["data", "add", str(outside), "--name", "x", "--manifest",
+                   str(root / "data-manifest.json")], monkeypatch, tmp_path)
     assert rc == 2 and not (root / "data-manifest.json").exists()

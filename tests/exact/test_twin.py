@@ -26,6 +26,7 @@ from ..support.data import DIGITS as DATA
 from ..support.data import SHA as DATA_SHA
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
+from ..support import run_pipeline
 from ..twin import numpy_twin as tw
 from ..twin import twin_optim
 
@@ -635,9 +636,9 @@ SLOW_RUNS = {"mlp_deep_wd_1ep"}
 def _pipeline_hash(config, overrides, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pipeline", "train", str(config), "mode=exact",
+    cmd = ["train", str(config), "mode=exact",
            *overrides, "--runs-dir", str(tmp_path / "runs"), "--json", "--quiet"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    res = run_pipeline(cmd, env, REPO, timeout=None)
     assert res.returncode == 0, f"{cmd}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     try:
         run = json.loads(res.stdout)

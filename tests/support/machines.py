@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pipeline.audit.machines import (
 )
 from pipeline.core.environment import PROFILE_FILE as PROFILE_JSON
 
-from . import ROOT, copy_source
+from . import ROOT, copy_source, pipeline_argv
 
 __all__ = ["ISA_ORDER", "KEEP", "LOCALES", "MACHINES", "Machine", "Places", "PROFILE_JSON",
            "clean_env", "compile_locales", "environment", "profile_variables",
@@ -91,7 +90,7 @@ def finish(proc: subprocess.Popen[str], runs_dir: Path, what: str) -> Run:
 
 def command(machine: Machine, argv: list[str]) -> list[str]:
     """The argv that starts ``python -m pipeline ARGV`` on ``machine``."""
-    return wrap(machine, [sys.executable, "-m", "pipeline", *argv])
+    return wrap(machine, pipeline_argv(*argv))
 
 
 def start(machine: Machine, argv: list[str], base: Mapping[str, str], places: Places,

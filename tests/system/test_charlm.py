@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 
 from pipeline.core.environment import load_profile
 
-from ..conftest import build_once
+from ..support import build_once, run_pipeline
 from ..support.machines import MACHINES, ROOT, TRAIN_TIMEOUT_S, Machine, Places, Run, finish, start
 
 pytestmark = pytest.mark.determinism
@@ -36,9 +34,8 @@ LM_MACHINES = [Machine("identical"), *(m for m in MACHINES
 
 def _train(args: list[str], env: dict[str, str], cwd: Path = ROOT,
            extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    p = subprocess.run([sys.executable, "-m", "pipeline", "train", *args, "--json", "--quiet"],
-                       cwd=cwd, env={**env, **(extra_env or {})}, capture_output=True,
-                       text=True, timeout=TRAIN_TIMEOUT_S, check=False)
+    p = run_pipeline(["train", *args, "--json", "--quiet"], {**env, **(extra_env or {})}, cwd,
+                     timeout=TRAIN_TIMEOUT_S)
     assert p.returncode == 0, f"{args}: exit {p.returncode}\n{p.stderr[-3000:]}"
     return dict(json.loads(p.stdout))
 
@@ -130,10 +127,9 @@ def test_changed_line_in_the_users_model_changes_the_key(lm_reference: Run,
 def test_rebuild_of_the_example_is_identical(suite_env: dict[str, str], tmp_path: Path) -> None:
     """`--rebuild` retrains the example in a temporary directory and finds the
     same bits (exit 0, "rebuild identical")."""
-    p = subprocess.run([sys.executable, "-m", "pipeline", "train", CONFIG, *SHORT_LM,
-                        "train.max_steps=3", "--runs-dir", str(tmp_path / "runs"), "--rebuild",
-                        "--quiet"], cwd=ROOT, env=suite_env, capture_output=True, text=True,
-                       timeout=TRAIN_TIMEOUT_S, check=False)
+    p = run_pipeline(["train", CONFIG, *SHORT_LM, "train.max_steps=3", "--runs-dir",
+                      str(tmp_path / "runs"), "--rebuild", "--quiet"], suite_env,
+                     timeout=TRAIN_TIMEOUT_S)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rebuild identical" in p.stdout
 
@@ -204,9 +200,8 @@ def test_charlm_exact_equals_its_golden_hash(lm_exact: Run, suite_env: dict[str,
     entry (tests/golden/weights.json, recorded with `pipeline golden add`;
     bench/gpu_check.sh checks the same run on CUDA) must be found and match
     on every machine: no entry is a failure here, not a skip."""
-    p = subprocess.run([sys.executable, "-m", "pipeline", "golden", "check", "--require",
-                        str(lm_exact.dir)], cwd=ROOT, env=suite_env, capture_output=True,
-                       text=True, timeout=120, check=False)
+    p = run_pipeline(["golden", "check", "--require", str(lm_exact.dir)], suite_env,
+                     timeout=120)
     assert p.returncode == 0 and p.stdout.startswith("golden match"), p.stdout + p.stderr
 
 
@@ -227,14 +222,13 @@ def test_charlm_exact_resumes_bit_exactly(lm_exact: Run, suite_env: dict[str, st
     from step 4 and ends with the uninterrupted run's weights: the layers'
     parameters, Adam's state and the step-keyed masks all come back."""
     runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "pipeline", "train", CONFIG, *EXACT_LM,
-            "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--json", "--quiet"]
+    argv = ["train", CONFIG, *EXACT_LM, "train.checkpoint_seconds=0", "--runs-dir", str(runs),
+            "--json", "--quiet"]
     env = {**suite_env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    killed = subprocess.run(argv, cwd=ROOT, env={**env, "PIPELINE_TEST_KILL_AT_STEP": "5"},
-                            capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False)
+    killed = run_pipeline(argv, {**env, "PIPELINE_TEST_KILL_AT_STEP": "5"},
+                          timeout=TRAIN_TIMEOUT_S)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TRAIN_TIMEOUT_S, check=False)
+    done = run_pipeline(argv, env, timeout=TRAIN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     rec = json.loads(done.stdout)
     assert rec["resumed_from_step"] == 4 and rec["weights_sha256"] == lm_exact.sha256

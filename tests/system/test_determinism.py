@@ -35,6 +35,7 @@ import pytest
 
 from pipeline.core.environment import load_profile
 
+from ..support import run_pipeline
 from ..support.machines import (
     EXACT,
     FULL,
@@ -79,11 +80,6 @@ def _train_on(machine: Machine, overrides: list[str], places: Places, env: dict[
     runs = scratch / "runs dir é"
     proc = start(machine, train_argv(overrides, runs), env, places, scratch, extra)
     return finish(proc, runs, f"training on machine {machine.name}")
-
-
-def _pipeline(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def _same_run(run: Run, ref: Run, where: str) -> None:
@@ -217,7 +213,7 @@ def test_flipped_data_byte_stops_the_run_before_training(suite_env: dict[str, st
     blob[len(blob) // 2] ^= 0x01
     (tree / entry["path"]).write_bytes(bytes(blob))
     runs = tmp_path / "runs"
-    p = _pipeline(train_argv(SHORT, runs), {**suite_env, "PIPELINE_ROOT": str(tree)})
+    p = run_pipeline(train_argv(SHORT, runs), {**suite_env, "PIPELINE_ROOT": str(tree)})
     assert p.returncode == 3, f"exit {p.returncode}\n{p.stderr}"
     assert entry["path"] in p.stderr, p.stderr
     assert entry["sha256"] in p.stderr, p.stderr
@@ -243,7 +239,7 @@ def test_golden_hash_matches_this_machine(fixture: str, request: pytest.FixtureR
     """The reference run's hash equals tests/golden/weights.json's entry for its
     key; a machine with no entry is reported as a skip naming the key."""
     run: Run = request.getfixturevalue(fixture)
-    p = _pipeline(["golden", "check", str(run.dir), "--file", str(GOLDEN)], suite_env)
+    p = run_pipeline(["golden", "check", str(run.dir), "--file", str(GOLDEN)], suite_env)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}{p.stderr}"
     if p.stdout.startswith("no golden entry"):
         pytest.skip(f"{fixture}: {p.stdout.strip()}; add it with `python -m pipeline golden "
@@ -260,17 +256,17 @@ def test_golden_add_refuses_to_overwrite_a_differing_entry(
     if GOLDEN.exists():
         shutil.copy2(GOLDEN, golden)
     add = ["golden", "add", str(short_reference.dir), "--file", str(golden)]
-    first = _pipeline(add, suite_env)
+    first = run_pipeline(add, suite_env)
     assert first.returncode == 0 and first.stdout.startswith(("added", "unchanged")), first
     data = json.loads(golden.read_text(encoding="utf-8"))
     entry = next(e for e in data["entries"] if e["weights_sha256"] == short_reference.sha256)
     entry["weights_sha256"] = "0" * 64
     golden.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     before = golden.read_bytes()
-    refused = _pipeline(add, suite_env)
+    refused = run_pipeline(add, suite_env)
     assert refused.returncode == 1 and "--force" in refused.stderr, refused
     assert golden.read_bytes() == before
-    forced = _pipeline([*add, "--force"], suite_env)
+    forced = run_pipeline([*add, "--force"], suite_env)
     assert forced.returncode == 0 and forced.stdout.startswith("replaced"), forced
     hashes = [e["weights_sha256"] for e in json.loads(golden.read_text())["entries"]]
     assert short_reference.sha256 in hashes and "0" * 64 not in hashes
@@ -282,7 +278,7 @@ def test_golden_add_refuses_to_overwrite_a_differing_entry(
 def _diff_says(a: Run, b: Run, env: dict[str, str], *differences: str) -> None:
     """`pipeline diff A B` exits 1, names each difference, and names the step
     and tensor where the trails first diverge (read independently here)."""
-    p = _pipeline(["diff", str(a.dir), str(b.dir)], env)
+    p = run_pipeline(["diff", str(a.dir), str(b.dir)], env)
     assert p.returncode == 1, f"exit {p.returncode}\n{p.stdout}{p.stderr}"
     for line in differences:
         assert line in p.stdout.splitlines(), p.stdout
@@ -320,7 +316,7 @@ def test_diff_names_the_thread_count_and_where_trails_diverge(
     # Thread-invariant here (OpenBLAS): same weights must mean same trail at every step.
     assert _first_divergence(a, b) is None and a.trail == b.trail, \
         "same weights, but the trails differ"
-    p = _pipeline(["diff", str(a.dir), str(b.dir)], suite_env)
+    p = run_pipeline(["diff", str(a.dir), str(b.dir)], suite_env)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}{p.stderr}"
     trail = a.record["trail"]
     steps = len(a.trail) // (len(trail["tensors"]) * trail["digest_bytes"])

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import cli
-from pipeline.core import _testing
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.record import runs
 from pipeline.train import checkpoint
 
+from ..support import unpin
 from ..support.data import make_manifest
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 70, 74, 130}
@@ -48,8 +48,7 @@ KEYS = ["seed", "mode", "data.dataset", "data.test_fraction", "data.context", "m
 
 @pytest.fixture(autouse=True)
 def unpinned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    unpin(monkeypatch, tmp_path)
 
 
 def _main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
@@ -124,8 +123,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny run, trained in this process (no pinning), for the record fuzzers."""
     mp = pytest.MonkeyPatch()
     tmp = tmp_path_factory.mktemp("trained")
-    mp.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    mp.setenv("PIPELINE_CACHE_DIR", str(tmp / "cache"))
+    unpin(mp, tmp)
     try:
         assert cli.main(["train", *TINY, "train.checkpoint_every=5",
                          "train.checkpoint_seconds=0", "--runs-dir",

@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,15 +29,14 @@ from pipeline.data import cache as datacache
 from pipeline.data import dataset, manifest
 from pipeline.record import runs
 
-from ..support import ROOT, pipeline_env, run_pipeline
+from ..support import pipeline_env, run_pipeline, start_pipeline, unpin
 
 TINY = ["train.epochs=1", "model.args.hidden=[16]"]
 
 
 @pytest.fixture(autouse=True)
 def unpinned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    unpin(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -384,9 +381,8 @@ def test_sigint_to_a_training_process_exits_130_with_one_line(tmp_path: Path) ->
     the signal lands mid-training on any machine, however fast; it is sent once
     the first checkpoint shows training is under way."""
     env = pipeline_env(tmp_path, PIPELINE_TEST_NO_PIN="1")
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "train.epochs=100000",
-                          "train.checkpoint_seconds=0", "--runs-dir", str(tmp_path / "runs"),
-                          "--quiet"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    p = start_pipeline(["train", "train.epochs=100000", "train.checkpoint_seconds=0",
+                        "--runs-dir", str(tmp_path / "runs"), "--quiet"], env, stdout=None)
     try:
         deadline = time.monotonic() + 300
         while not list((tmp_path / "runs").glob(".ckpt-*/ckpt-*")):

@@ -23,6 +23,7 @@ import pytest
 from pipeline.core.environment import load_profile
 
 from ..support import ROOT as REPO
+from ..support import pipeline_argv, pipeline_env, run_pipeline
 
 NIX = shutil.which("nix-instantiate")
 needs_nix = pytest.mark.skipif(
@@ -308,23 +309,14 @@ def _train(cmd: list[str], runs: Path, env: dict[str, str], cwd: Path,
     return dict(json.loads(p.stdout))
 
 
-def _base_env(tmp: Path) -> dict[str, str]:
-    """This environment with a private data cache, and no PIPELINE_* switch or
-    PYTHONPATH: what a user's shell holds."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PIPELINE_") and k != "PYTHONPATH"}
-    env["PIPELINE_CACHE_DIR"] = str(tmp / "cache")
-    return env
-
-
 def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) -> None:
     """With SOURCE_DATE_EPOCH set (nixpkgs' stdenv sets it in packages.model's sandbox),
     two trainings of one run write byte-identical files, every file the model derivation
     copies to $out included: run.json takes created_utc from it and leaves duration_s and
     loop_s out.
     This is what `nix build .#model --rebuild` compares."""
-    env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="315532800")
-    records = [_train([sys.executable, "-m", "pipeline"], tmp_path / f"runs{i}", env, REPO)
+    env = dict(pipeline_env(tmp_path, clean=True), SOURCE_DATE_EPOCH="315532800")
+    records = [_train(pipeline_argv(), tmp_path / f"runs{i}", env, REPO)
                for i in range(2)]
     assert records[0]["created_utc"] == "1980-01-01T00:00:00Z", records[0]["created_utc"]
     for key in ("duration_s", "loop_s"):
@@ -337,11 +329,9 @@ def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) ->
 
 def test_source_date_epoch_must_be_an_integer(tmp_path: Path) -> None:
     """A malformed SOURCE_DATE_EPOCH is a usage error (exit 2) naming the variable."""
-    env = dict(_base_env(tmp_path), SOURCE_DATE_EPOCH="yesterday")
-    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
-                        "mode=exact", "train.epochs=1", "--runs-dir", str(tmp_path / "runs"),
-                        "--quiet"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
+    env = dict(pipeline_env(tmp_path, clean=True), SOURCE_DATE_EPOCH="yesterday")
+    p = run_pipeline(["train", "configs/digits.toml", "mode=exact", "train.epochs=1",
+                      "--runs-dir", str(tmp_path / "runs"), "--quiet"], env, timeout=600)
     assert p.returncode == 2 and "SOURCE_DATE_EPOCH" in p.stderr, (p.returncode, p.stderr)
 
 
@@ -394,13 +384,13 @@ def test_wrapped_like_wrap_python_train_reexecs_into_the_profile(tmp_path: Path)
     """Under a wrap-python wrapper without the profile, `pipeline train` re-executes itself
     (sys.executable -m pipeline) into the pinned profile: the child gets the dependencies'
     paths and trains the same weights as the virtualenv's pipeline."""
-    env = _base_env(tmp_path)
+    env = pipeline_env(tmp_path, clean=True)
     wrapper = _wrap_python(tmp_path, {})
     work = tmp_path / "work"  # not the checkout: the working directory imports nothing
     work.mkdir()
     wrapped = _train([str(wrapper)], work / "runs", env, work)
     assert wrapped["profile"]["name"] == load_profile().name, wrapped["profile"]
-    plain = _train([sys.executable, "-m", "pipeline"], tmp_path / "plain", env, REPO)
+    plain = _train(pipeline_argv(), tmp_path / "plain", env, REPO)
     assert wrapped["weights_sha256"] == plain["weights_sha256"]
 
 
@@ -408,7 +398,7 @@ def test_wrapped_like_wrap_python_nproc_2_workers_import_the_package(tmp_path: P
     """Under a wrap-python wrapper that sets the profile (as flake.nix's makeWrapperArgs do,
     so nothing re-executes), `pipeline train --nproc 2` starts torchrun's workers
     (sys.executable -m pipeline.launch), and they import torch and the pipeline."""
-    env = _base_env(tmp_path)
+    env = pipeline_env(tmp_path, clean=True)
     wrapper = _wrap_python(tmp_path, load_profile().env)
     work = tmp_path / "work"
     work.mkdir()
@@ -421,23 +411,19 @@ def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
     """`golden check` passes with "no golden entry" (exit 0); with --require (what
     checks.golden runs) no entry is exit 1; a matching entry is exit 0 and a differing one
     exit 1 either way."""
-    env = _base_env(tmp_path)
-    record = _train([sys.executable, "-m", "pipeline"], tmp_path / "runs", env, REPO,
+    env = pipeline_env(tmp_path, clean=True)
+    record = _train(pipeline_argv(), tmp_path / "runs", env, REPO,
                     ["mode=exact", "train.epochs=1"])
     run_dir = str(tmp_path / "runs" / record["run_key"])
     golden = tmp_path / "weights.json"
 
     def check(*flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pipeline", "golden", "check", *flags,
-                               run_dir, "--file", str(golden)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
+        return run_pipeline(["golden", "check", *flags, run_dir, "--file", str(golden)], env)
 
     lax, strict = check(), check("--require")
     assert lax.returncode == 0 and lax.stdout.startswith("no golden entry"), lax
     assert strict.returncode == 1 and "--require" in strict.stderr, strict
-    subprocess.run([sys.executable, "-m", "pipeline", "golden", "add", run_dir, "--file",
-                    str(golden)], cwd=REPO, env=env, check=True, capture_output=True,
-                   timeout=300)
+    run_pipeline(["golden", "add", run_dir, "--file", str(golden)], env, check=True)
     match = check("--require")
     assert match.returncode == 0 and match.stdout.startswith("golden match"), match
     data = json.loads(golden.read_text(encoding="utf-8"))
@@ -449,7 +435,7 @@ def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
 def test_clean_env_keeps_the_lock_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The determinism suite's reference environment keeps PIPELINE_LOCK_ID (set by the Nix
     check and dev shell: it names the toolchain) and drops the test-only switches."""
-    from tests.support.machines import clean_env
+    from ..support.machines import clean_env
 
     monkeypatch.setenv("PIPELINE_LOCK_ID", "nix:sha256-test")
     monkeypatch.setenv("PIPELINE_TEST_NO_PIN", "1")

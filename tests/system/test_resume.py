@@ -19,7 +19,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 
 from pipeline.record.runs import read_run
 
+from ..support import run_pipeline, start_pipeline
 from ..support.machines import EXACT, SHORT, TRAIN_TIMEOUT_S, Run, copy_checkout, train_argv
 
 # (overrides, steps per run, the steps that write a checkpoint: every interval
@@ -55,9 +55,8 @@ def checkout(tmp_path: Path) -> Path:
 
 def _train(overrides: list[str], runs: Path, env: dict[str, str], cwd: Path,
            **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", *train_argv(overrides, runs)],
-                          cwd=cwd, env={**env, **extra}, capture_output=True, text=True,
-                          timeout=TRAIN_TIMEOUT_S, check=False)
+    return run_pipeline(train_argv(overrides, runs), {**env, **extra}, cwd,
+                        timeout=TRAIN_TIMEOUT_S)
 
 
 def _resumed_from(stderr: str) -> int:
@@ -135,9 +134,8 @@ def test_external_sigkill_of_lock_holder(short_reference: Run, suite_env: dict[s
     overrides = PINNED[0]
     delay = random.Random(20262).uniform(0.0, 0.05)
     print(f"external SIGKILL {delay * 1e3:.1f} ms after the first checkpoint appears")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *train_argv(overrides, runs)],
-                            cwd=checkout, env=suite_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_pipeline(train_argv(overrides, runs), suite_env, checkout,
+                          stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + TRAIN_TIMEOUT_S
         while not list(runs.glob(".ckpt-*/ckpt-*.safetensors")):
@@ -164,10 +162,8 @@ def test_four_concurrent_trainers_share_one_run(short_reference: Run,
     print the same weights hash, the uninterrupted one; the run directory is
     intact and nothing temporary is left."""
     runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", *PINNED[0],
-            "--runs-dir", str(runs), "--quiet"]
-    procs = [subprocess.Popen(argv, cwd=checkout, env=suite_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    argv = ["train", "configs/digits.toml", *PINNED[0], "--runs-dir", str(runs), "--quiet"]
+    procs = [start_pipeline(argv, suite_env, checkout) for _ in range(4)]
     outs = [p.communicate(timeout=TRAIN_TIMEOUT_S) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, f"exit {p.returncode}\n{err[-3000:]}"

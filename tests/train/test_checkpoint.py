@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from pipeline import cli
 from pipeline.core import _testing, atomic
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import CheckpointError, PipelineError
@@ -30,7 +29,7 @@ from pipeline.record import runs
 from pipeline.train import checkpoint
 from pipeline.train import loop as train_mod
 
-from ..support import ROOT
+from ..support import ROOT, cli_main
 
 CONFIG = ROOT / "configs" / "digits.toml"
 # 22 steps per epoch: checkpoints at 5, 10, 15, 20, 22, 25, ... (not the last step).
@@ -346,12 +345,6 @@ def _tampered(run_dir: Path, tmp: Path, how: str, marker: Path) -> Path:
     return d
 
 
-def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    # No re-exec of the test process, should a tampered run ever get past read_run.
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    return cli.main(argv)
-
-
 @pytest.mark.parametrize("how", ["pickle", "shape", "dtype", "extra key", "missing key"])
 @pytest.mark.parametrize("command", ["verify", "golden check", "diff"])
 def test_tampered_weights_are_refused(command: str, how: str, run_dir: Path, tmp_path: Path,
@@ -366,7 +359,8 @@ def test_tampered_weights_are_refused(command: str, how: str, run_dir: Path, tmp
     argv = {"verify": ["verify", str(bad)],
             "golden check": ["golden", "check", str(bad), "--file", str(tmp_path / "g.json")],
             "diff": ["diff", str(run_dir), str(bad)]}[command]
-    code = _cli(argv, monkeypatch)
+    # Unpinned: no re-exec of the test process, should a tampered run ever get past read_run.
+    code = cli_main(argv, monkeypatch)
     err = capsys.readouterr().err
     assert code != 0 and f"{bad}/weights.safetensors" in err, err
     assert not marker.exists()
@@ -379,7 +373,7 @@ def test_tampered_weights_exit_5(run_dir: Path, tmp_path: Path,
     """A readable weights file that is not the recorded one (wrong shape) is a
     bad weights file: exit 5, like an unreadable one."""
     bad = _tampered(run_dir, tmp_path, "shape", tmp_path / "m")
-    assert _cli(["verify", str(bad)], monkeypatch) == 5
+    assert cli_main(["verify", str(bad)], monkeypatch) == 5
 
 
 def test_read_run_refuses_pickled_weights(run_dir: Path, tmp_path: Path) -> None:

@@ -11,22 +11,19 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from filelock import FileLock
 
 from pipeline import cli
 from pipeline.train.distributed import LocalComm, add_grads, tree_reduce
 
-from ..support import ROOT
+from ..support import build_once, copy_source, pipeline_env, run_pipeline, start_pipeline
 
 pytestmark = pytest.mark.distributed
 
@@ -98,54 +95,31 @@ def test_world_size_must_be_a_power_of_two_dividing_shards(
 
 # --- end to end: pipeline train --nproc N -------------------------------------
 
-def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    # Under xdist each worker's base temp is <session base>/popen-gwN.
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "distributed"
-    root.mkdir(exist_ok=True)
-    return root
-
-
 @pytest.fixture(scope="session")
-def frozen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def frozen(shared_dir: Path) -> dict[str, Any]:
     """One copy of the checkout for the session, and the reference run trained
     in it at world size 1 (pinned), built once under a FileLock (pytest-xdist
-    how-to) and shared by every worker."""
-    root = _shared_root(tmp_path_factory)
-    with FileLock(str(root / "frozen.lock")):
-        done = root / "frozen.json"
-        if not done.is_file():
-            src = root / "src"
-            for part in PARTS:
-                if (ROOT / part).is_dir():
-                    shutil.copytree(ROOT / part, src / part,
-                                    ignore=shutil.ignore_patterns("__pycache__"))
-                elif (ROOT / part).is_file():
-                    shutil.copy2(ROOT / part, src / part)
-            p = _train(src, root / "runs", _env(root), 1, "--json")
-            done.write_text(json.dumps({"src": str(src), "returncode": p.returncode,
-                                        "stdout": p.stdout, "stderr": p.stderr}))
-        got = json.loads(done.read_text())
+    how-to, support.build_once) and shared by every worker."""
+    root = shared_dir / "distributed"
+    root.mkdir(exist_ok=True)
+
+    def build() -> dict[str, Any]:
+        src = copy_source(root / "src", PARTS)
+        p = _train(src, root / "runs", pipeline_env(root, clean=True), 1, "--json")
+        return {"src": str(src), "returncode": p.returncode, "stdout": p.stdout,
+                "stderr": p.stderr}
+
+    got = build_once(root, "frozen", build)
     if got["returncode"] == 4:  # this CPU cannot run the pinned profile
         pytest.skip(f"pinned profile refused here: {got['stderr'].strip()}")
     assert got["returncode"] == 0, got["stderr"][-3000:]
     return {"src": Path(got["src"]), "record": json.loads(got["stdout"])}
 
 
-def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    env["PIPELINE_CACHE_DIR"] = str(tmp / "cache")
-    env.update(extra)
-    return env
-
-
 def _train(src: Path, runs: Path, env: dict[str, str], nproc: int, *extra: str
            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
-                           *SHORT, *extra, "--runs-dir", str(runs), "--quiet",
-                           "--nproc", str(nproc)],
-                          cwd=src, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          check=False)
+    return run_pipeline(["train", "configs/digits.toml", *SHORT, *extra, "--runs-dir", str(runs),
+                         "--quiet", "--nproc", str(nproc)], env, src, timeout=TIMEOUT_S)
 
 
 def _record(p: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -169,13 +143,14 @@ def test_pinned_weights_are_the_same_at_world_size_1_2_4(
     ref = frozen["record"]
     assert ref["world_size"] == 1
     for n in (2, 4):
-        rec = _record(_train(frozen["src"], tmp_path / f"runs{n}", _env(tmp_path), n, "--json"))
+        rec = _record(_train(frozen["src"], tmp_path / f"runs{n}",
+                             pipeline_env(tmp_path, clean=True), n, "--json"))
         assert (rec["weights_sha256"], rec["run_key"]) == (ref["weights_sha256"],
                                                            ref["run_key"]), n
         assert rec["world_size"] == n
         assert len([d for d in (tmp_path / f"runs{n}").iterdir()
                     if not d.name.startswith(".")]) == 1
-    again = _train(frozen["src"], tmp_path / "runs2", _env(tmp_path), 2)
+    again = _train(frozen["src"], tmp_path / "runs2", pipeline_env(tmp_path, clean=True), 2)
     assert _hash(again) == ref["weights_sha256"] and "reused" in again.stdout
 
 
@@ -184,7 +159,8 @@ def test_exact_weights_are_the_same_at_world_size_1_2_4(
         frozen: dict[str, Any], tmp_path: Path) -> None:
     """Exact mode (no profile, one thread per worker): world sizes 1, 2 and 4
     give one weight hash."""
-    hashes = [_hash(_train(frozen["src"], tmp_path / f"runs{n}", _env(tmp_path), n,
+    hashes = [_hash(_train(frozen["src"], tmp_path / f"runs{n}",
+                           pipeline_env(tmp_path, clean=True), n,
                            "mode=exact")) for n in (1, 2, 4)]
     assert hashes[0] == hashes[1] == hashes[2], hashes
 
@@ -196,7 +172,7 @@ def test_control_plain_all_reduce_changes_the_weights(
     the rank partials, the usual DDP way) world size 4 gives other weights
     than world size 1, so the invariance test can fail. (At world size 2 the
     all-reduce is one IEEE add of two operands, which commutes: the same bits.)"""
-    env = _env(tmp_path, PIPELINE_TEST_PLAIN_ALLREDUCE="1")
+    env = pipeline_env(tmp_path, clean=True, PIPELINE_TEST_PLAIN_ALLREDUCE="1")
     rec = _record(_train(frozen["src"], tmp_path / "runs", env, 4, "--json"))
     assert rec["run_key"] == frozen["record"]["run_key"]
     assert rec["weights_sha256"] != frozen["record"]["weights_sha256"]
@@ -211,7 +187,8 @@ def test_killed_rank_stops_the_run_which_resumes_at_another_world_size(
     checkpoint kept and no run directory; the same command at world size 1
     resumes from that checkpoint and ends with the uninterrupted run's hash."""
     runs, ref = tmp_path / "runs", frozen["record"]
-    p = _train(frozen["src"], runs, _env(tmp_path, PIPELINE_TEST_KILL_RANK_AT_STEP="1:15"), 2)
+    p = _train(frozen["src"], runs,
+               pipeline_env(tmp_path, clean=True, PIPELINE_TEST_KILL_RANK_AT_STEP="1:15"), 2)
     ended = time.time()
     assert p.returncode == 6, f"exit {p.returncode}\n{p.stderr[-3000:]}"
     assert "rank 1 (killed by SIGKILL)" in p.stderr and "resume" in p.stderr
@@ -224,7 +201,7 @@ def test_killed_rank_stops_the_run_which_resumes_at_another_world_size(
     assert ckpts and ckpts[-1] in ("ckpt-000000010.safetensors",
                                    "ckpt-000000015.safetensors"), ckpts
     assert not (runs / ref["run_key"]).exists()
-    resumed = _train(frozen["src"], runs, _env(tmp_path), 1, "--json")
+    resumed = _train(frozen["src"], runs, pipeline_env(tmp_path, clean=True), 1, "--json")
     rec = _record(resumed)
     step = int(ckpts[-1][5:14])
     assert f"resuming from {ckpts[-1]} (step {step})" in resumed.stderr
@@ -260,10 +237,9 @@ def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
     runs = tmp_path / "runs"
     longer = ["train.epochs=30", "train.shards=4", "train.checkpoint_every=5",
               "train.checkpoint_seconds=0"]
-    cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", *longer,
-           "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
-    p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    cmd = ["train", "configs/digits.toml", *longer, "--runs-dir", str(runs), "--quiet",
+           "--nproc", "2"]
+    p = start_pipeline(cmd, pipeline_env(tmp_path, clean=True), frozen["src"])
     deadline = time.time() + TIMEOUT_S
     while not list(runs.glob(".ckpt-*/ckpt-*")) and time.time() < deadline:
         assert p.poll() is None, p.communicate()
@@ -277,13 +253,13 @@ def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers), "workers outlived their launcher"
     assert not [d for d in runs.iterdir() if not d.name.startswith(".")]
-    resumed = subprocess.run(cmd[:-2] + ["--json"], cwd=frozen["src"], env=_env(tmp_path),
-                             capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    resumed = run_pipeline(cmd[:-2] + ["--json"], pipeline_env(tmp_path, clean=True),
+                           frozen["src"], timeout=TIMEOUT_S)
     rec = _record(resumed)
     assert "resuming from" in resumed.stderr and rec["resumed_from_step"] > 0
-    ref = _record(subprocess.run(cmd[:-2] + ["--json", "--runs-dir", str(tmp_path / "ref")],
-                                 cwd=frozen["src"], env=_env(tmp_path), capture_output=True,
-                                 text=True, timeout=TIMEOUT_S, check=False))
+    ref = _record(run_pipeline(cmd[:-2] + ["--json", "--runs-dir", str(tmp_path / "ref")],
+                               pipeline_env(tmp_path, clean=True), frozen["src"],
+                               timeout=TIMEOUT_S))
     assert rec["weights_sha256"] == ref["weights_sha256"]
 
 
@@ -294,10 +270,10 @@ def test_ctrl_c_of_a_multi_process_run_prints_one_line(
     `--nproc 2` mid-run: exit 130 and one line, no per-rank tracebacks and no
     torchrun warnings."""
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "pipeline", "train", "configs/digits.toml", "train.epochs=30",
-           "train.shards=4", "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
-    p = subprocess.Popen(cmd, cwd=frozen["src"], env=_env(tmp_path), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = ["train", "configs/digits.toml", "train.epochs=30", "train.shards=4",
+           "train.checkpoint_seconds=0", "--runs-dir", str(runs), "--quiet", "--nproc", "2"]
+    p = start_pipeline(cmd, pipeline_env(tmp_path, clean=True), frozen["src"],
+                       start_new_session=True)
     deadline = time.time() + TIMEOUT_S
     while not list(runs.glob(".ckpt-*/ckpt-*")) and time.time() < deadline:
         assert p.poll() is None, p.communicate()

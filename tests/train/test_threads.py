@@ -7,8 +7,6 @@ suite would see a thread-dependent kernel come back."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +20,8 @@ from pipeline.train import threads as threads_mod
 from pipeline.train.pinned import PinnedNet, _ShardGenerator
 from pipeline.train.threads import ShardRunner
 
-from ..support.machines import ROOT, TRAIN_TIMEOUT_S
+from ..support import run_pipeline
+from ..support.machines import TRAIN_TIMEOUT_S
 
 MODELS = {
     "mlp": ["configs/digits.toml", "train.max_steps=12"],
@@ -35,10 +34,9 @@ MODELS = {
 def _train(args: list[str], n: int, runs: Path, env: dict[str, str],
            control: bool = False) -> dict[str, Any]:
     extra = {"PIPELINE_TEST_INTRAOP_THREADS": "1"} if control else {}
-    p = subprocess.run([sys.executable, "-m", "pipeline", "train", *args, "--threads", str(n),
-                        "--runs-dir", str(runs / f"{n}{'c' if control else ''}"),
-                        "--json", "--quiet"], cwd=ROOT, env={**env, **extra},
-                       capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False)
+    p = run_pipeline(["train", *args, "--threads", str(n),
+                      "--runs-dir", str(runs / f"{n}{'c' if control else ''}"),
+                      "--json", "--quiet"], {**env, **extra}, timeout=TRAIN_TIMEOUT_S)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return json.loads(p.stdout)
 
@@ -62,9 +60,8 @@ def test_one_hash_at_1_2_and_7_threads(model: str, tmp_path: Path,
 
 
 def test_bad_thread_count_is_a_usage_error(tmp_path: Path, suite_env: dict[str, str]) -> None:
-    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "--threads", "0",
-                        "--runs-dir", str(tmp_path)], cwd=ROOT, env=suite_env,
-                       capture_output=True, text=True, timeout=60, check=False)
+    p = run_pipeline(["train", "--threads", "0", "--runs-dir", str(tmp_path)], suite_env,
+                     timeout=60)
     assert p.returncode == 2 and "--threads: expected an integer >= 1, found 0" in p.stderr
     assert not any(tmp_path.iterdir())
 
