@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from filelock import FileLock
 
 from pipeline.core.environment import host_isa_levels, load_profile
 
-from .machines import (
+from .support import ROOT, build_once, run_pipeline
+from .support.machines import (
     EXACT,
     FULL,
-    ROOT,
     SHORT,
     TRAIN_TIMEOUT_S,
     Places,
@@ -64,15 +61,6 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def build_once(root: Path, name: str, build: Callable[[], Any]) -> Any:
-    """``build()``'s JSON-able result, computed by one process per session."""
-    done = root / f"{name}.json"
-    with FileLock(str(root / f"{name}.lock")):
-        if not done.is_file():
-            done.write_text(json.dumps(build()), encoding="utf-8")
-        return json.loads(done.read_text(encoding="utf-8"))
-
-
 @pytest.fixture(scope="session")
 def suite_env(shared_dir: Path) -> dict[str, str]:
     """The reference machine's environment, with the session's shared data cache."""
@@ -82,9 +70,7 @@ def suite_env(shared_dir: Path) -> dict[str, str]:
 def _shared_run(root: Path, env: dict[str, str], name: str, overrides: list[str]) -> Run:
     def build() -> dict[str, Any]:
         runs = root / name
-        p = subprocess.run([sys.executable, "-m", "pipeline", *train_argv(overrides, runs)],
-                           cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=TRAIN_TIMEOUT_S, check=False)
+        p = run_pipeline(train_argv(overrides, runs), env, timeout=TRAIN_TIMEOUT_S)
         return {"returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr,
                 "runs": str(runs)}
 

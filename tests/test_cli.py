@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.record.schema import record_digest
 
-from .helpers import ROOT, copy_source, pipeline_env, run_pipeline, train_json
+from .support import copy_source, pipeline_env, run_pipeline, start_pipeline, train_json
 
 SHORT = ["train.epochs=2"]
 HASH_LINE = re.compile(r"^weights sha256:[0-9a-f]{64}$")
@@ -28,9 +26,7 @@ def test_default_config_in_two_fresh_processes_is_identical_and_accurate(
         tmp_path: Path) -> None:
     """The README's train command's run, started twice at once: equal weight hashes, >= 97% accuracy."""
     env = pipeline_env(tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--runs-dir",
-                               str(tmp_path / f"runs{i}"), "--quiet"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [start_pipeline(["train", "--runs-dir", str(tmp_path / f"runs{i}"), "--quiet"], env)
              for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

@@ -5,18 +5,15 @@ written), the source hash, and modules with buffers (BatchNorm)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import cli, models
-from pipeline.core import _testing
+from pipeline import models
 
-from .helpers import ROOT, pipeline_env
+from .support import cli_main, pipeline_env, run_pipeline
 
 USERNET = '''
 import torch
@@ -63,12 +60,6 @@ def project(tmp_path: Path) -> Path:
     return d
 
 
-def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
-    return cli.main(argv)
-
-
 @pytest.mark.parametrize(("override", "found"), [
     ("model.factory=nosuchmodule:f", "cannot import module 'nosuchmodule'"),
     ("model.factory=broken:f", "no_such_package_anywhere"),
@@ -86,8 +77,8 @@ def test_bad_factory_exits_2_naming_it_and_writes_nothing(
     arguments or a missing loss: exit 2, the message names the factory or loss,
     and no run directory is written."""
     runs = tmp_path / "runs"
-    code = _cli(["train", str(project / "config.toml"), override, "--runs-dir", str(runs)],
-                monkeypatch, tmp_path)
+    code = cli_main(["train", str(project / "config.toml"), override, "--runs-dir", str(runs)],
+                    monkeypatch, tmp_path)
     err = capsys.readouterr().err
     assert code == 2, err
     assert found in err
@@ -99,9 +90,9 @@ def test_user_factory_and_loss_train_and_are_recorded(project: Path, tmp_path: P
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A user's factory and loss train; run.json names both with their source
     hash, which is the hash of usernet.py."""
-    code = _cli(["train", str(project / "config.toml"), "train.loss=usernet:squared_error",
-                 "--runs-dir", str(tmp_path / "runs"), "--json", "--quiet"], monkeypatch,
-                tmp_path)
+    code = cli_main(["train", str(project / "config.toml"), "train.loss=usernet:squared_error",
+                     "--runs-dir", str(tmp_path / "runs"), "--json", "--quiet"], monkeypatch,
+                    tmp_path)
     out = capsys.readouterr().out
     assert code == 0
     rec = json.loads(out)
@@ -115,16 +106,14 @@ def test_buffers_are_saved_and_world_size_above_one_is_refused(project: Path,
     """A BatchNorm model trains in one process and its running statistics are
     part of the weights; with --nproc 2 it is refused (exit 2) before training."""
     env = pipeline_env(tmp_path)
-    base = [sys.executable, "-m", "pipeline", "train", str(project / "config.toml"),
-            "model.factory=usernet:batchnorm", "train.max_steps=4", "--quiet"]
-    one = subprocess.run([*base, "--runs-dir", str(tmp_path / "a"), "--json"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    base = ["train", str(project / "config.toml"), "model.factory=usernet:batchnorm",
+            "train.max_steps=4", "--quiet"]
+    one = run_pipeline([*base, "--runs-dir", str(tmp_path / "a"), "--json"], env)
     assert one.returncode == 0, one.stderr
     rec = json.loads(one.stdout)
     weights = load_file(str(tmp_path / "a" / rec["run_key"] / "weights.safetensors"))
     assert "2.running_mean" in weights and not torch.all(weights["2.running_mean"] == 0)
-    two = subprocess.run([*base, "--runs-dir", str(tmp_path / "b"), "--nproc", "2"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    two = run_pipeline([*base, "--runs-dir", str(tmp_path / "b"), "--nproc", "2"], env)
     assert two.returncode == 2, two.stderr[-2000:]
     assert "running_mean" in two.stderr and "--nproc 1" in two.stderr
 

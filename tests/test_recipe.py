@@ -13,19 +13,19 @@ from typing import Any
 import pytest
 
 from pipeline import recipe
-from pipeline.core import _testing
 from pipeline.core.config import load_config
 from pipeline.core.errors import CheckpointError, MismatchError
 from pipeline.data import manifest
 from pipeline.record.schema import record_digest
+
+from .support import unpin
 
 SHORT = ["train.epochs=1", "model.args.hidden=[16]"]
 
 
 @pytest.fixture(autouse=True)
 def unpinned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
-    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    unpin(monkeypatch, tmp_path)
 
 
 def test_prepare_verifies_every_file_once(monkeypatch: pytest.MonkeyPatch) -> None:

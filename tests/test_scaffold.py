@@ -4,13 +4,11 @@ trains as written, and the tutorial (docs/tutorial.md) shows exactly those files
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from pipeline import scaffold
 
-from .helpers import ROOT, pipeline_env
+from .support import ROOT, pipeline_env, run_pipeline
 
 
 def test_new_project_trains_and_matches_the_tutorial(tmp_path: Path) -> None:
@@ -19,14 +17,11 @@ def test_new_project_trains_and_matches_the_tutorial(tmp_path: Path) -> None:
     tutorial shows the same model.py and config.toml."""
     env = pipeline_env(tmp_path)
     proj = tmp_path / "my project"
-    new = subprocess.run([sys.executable, "-m", "pipeline", "new", str(proj)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120, check=False)
+    new = run_pipeline(["new", str(proj)], env, timeout=120)
     assert new.returncode == 0, new.stderr
     assert sorted(p.name for p in proj.iterdir()) == ["config.toml", "data",
                                                      "data-manifest.json", "model.py"]
-    p = subprocess.run([sys.executable, "-m", "pipeline", "train", "config.toml",
-                        "train.epochs=1", "--json", "--quiet"], cwd=proj, env=env,
-                       capture_output=True, text=True, timeout=300, check=False)
+    p = run_pipeline(["train", "config.toml", "train.epochs=1", "--json", "--quiet"], env, proj)
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout)
     assert rec["model"]["factory"] == "model:convnet" and rec["metrics"]["test_accuracy"] > 0.5
@@ -37,9 +32,7 @@ def test_new_project_trains_and_matches_the_tutorial(tmp_path: Path) -> None:
 def test_new_refuses_a_directory_with_files(tmp_path: Path) -> None:
     """An existing, non-empty directory is refused (exit 2) and left as it is."""
     (tmp_path / "keep.txt").write_text("mine")
-    p = subprocess.run([sys.executable, "-m", "pipeline", "new", str(tmp_path)], cwd=ROOT,
-                       env=pipeline_env(tmp_path), capture_output=True, text=True, timeout=120,
-                       check=False)
+    p = run_pipeline(["new", str(tmp_path)], pipeline_env(tmp_path), timeout=120)
     assert p.returncode == 2 and "nothing was written" in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["cache", "keep.txt"] or \
         sorted(x.name for x in tmp_path.iterdir()) == ["keep.txt"]

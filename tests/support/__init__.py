@@ -1,0 +1,109 @@
+"""Running the pipeline as a user would: a fresh process, a chosen environment;
+or in this process (``cli_main``). Shared by every test; ``support.data`` and
+``support.machines`` hold the data and simulated-machine helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from filelock import FileLock
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (this is tests/support/)
+SOURCE_PARTS = ("pipeline", "configs", "data", "data-manifest.json", "requirements.lock",
+                "pyproject.toml", "examples")
+
+
+def pipeline_env(tmp: Path, *, clean: bool = False, **extra: str) -> dict[str, str]:
+    """The current environment with a private data cache and the given extras;
+    ``clean``: without PIPELINE_* variables and PYTHONPATH (a user's shell)."""
+    env = {k: v for k, v in os.environ.items()
+           if not (clean and (k.startswith("PIPELINE_") or k == "PYTHONPATH"))}
+    env["PIPELINE_CACHE_DIR"] = str(tmp / "cache")
+    env.update(extra)
+    return env
+
+
+def pipeline_argv(*args: str) -> list[str]:
+    """``python -m pipeline ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def run_pipeline(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT,
+                 timeout: float | None = 300, check: bool = False
+                 ) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline ARGS`` to its end, output captured (text); ``env``
+    None inherits this process's environment."""
+    return subprocess.run(pipeline_argv(*args), cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def start_pipeline(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT,
+                   **popen: Any) -> subprocess.Popen[str]:
+    """Start ``python -m pipeline ARGS``, stdout and stderr piped; the caller waits."""
+    return subprocess.Popen(pipeline_argv(*args), cwd=cwd, env=env, text=True,
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
+
+
+def train_json(overrides: list[str], runs: Path, env: dict[str, str],
+               cwd: Path = ROOT) -> dict[str, Any]:
+    """Train configs/digits.toml with overrides; return run.json (or fail loudly)."""
+    p = run_pipeline(["train", "configs/digits.toml", *overrides, "--runs-dir", str(runs),
+                      "--json", "--quiet"], env, cwd)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return json.loads(p.stdout)
+
+
+def cli_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp: Path | None = None) -> int:
+    """``pipeline ARGV`` in this process, unpinned (``unpin``); its exit status."""
+    from pipeline import cli
+
+    unpin(monkeypatch, tmp)
+    return cli.main(argv)
+
+
+def unpin(monkeypatch: pytest.MonkeyPatch, tmp: Path | None = None) -> None:
+    """No re-exec of the test process and no other test switch; with ``tmp``, a
+    private data cache under it."""
+    from pipeline.core import _testing
+
+    monkeypatch.setattr(_testing, "SWITCHES", _testing.Switches(no_pin=True))
+    if tmp is not None:
+        monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp / "cache"))
+
+
+def copy_source(dest: Path, parts: tuple[str, ...] = SOURCE_PARTS) -> Path:
+    """A copy of the checkout's source, data and configs (no runs, no venv)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+def build_once(root: Path, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``'s JSON-able result, computed by one process per session (the
+    pytest-xdist how-to: the first worker builds under a FileLock in ``root``)."""
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            done.write_text(json.dumps(build()), encoding="utf-8")
+        return json.loads(done.read_text(encoding="utf-8"))
+
+
+def f32_bits(a: Any) -> Any:
+    """The uint32 bit patterns of ``a`` as float32 (NumPy), for bit-for-bit
+    comparisons."""
+    import numpy as np
+
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32)).view(np.uint32)
