@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .core import environment as env
+from .core import usercode
 from .core.config import Config
 from .core.errors import ConfigError, ProfileError, UsageError
 
@@ -52,6 +53,11 @@ class Mode:
     def how_it_ran(self) -> dict[str, Any]:
         """What run.json records of how this mode computed (not keyed)."""
         return {}
+
+    def check_process(self) -> None:
+        """Raise unless this process still computes as the mode needs (the
+        loop asks after building the net and after its last step: libraries
+        loaded meanwhile may have changed the floating-point environment)."""
 
     def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
@@ -96,8 +102,9 @@ class _Pinned(Mode):
         from .train.pinned import PinnedNet, build_module
 
         shape, classes = ds.shapes(cfg.data.context)
-        module = build_module(parts.factory.function, parts.factory.name, shape, classes,
-                              cfg.model.args, cfg.seed)
+        with usercode.track(parts.factory.seen):
+            module = build_module(parts.factory.function, parts.factory.name, shape, classes,
+                                  cfg.model.args, cfg.seed)
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
@@ -128,14 +135,16 @@ class _Exact(Mode):
         The built-in loss only. Refuses a process that flushes subnormals
         (pipeline.exact.fpenv; exit 4)."""
         net = self._make_net(cfg, ds, device, parts)
-        if device.type == "cpu":
-            from .exact.fpenv import subnormal_problem
-
-            problem = subnormal_problem()  # after the model's own code has been imported
-            if problem:
-                raise ProfileError(f"exact mode needs IEEE-754 subnormals: {problem}; "
-                                   f"remove that setting or library")
+        self.check_process()  # after the model's own code has been imported
         return net
+
+    def check_process(self) -> None:
+        from .exact.fpenv import subnormal_problem
+
+        problem = subnormal_problem()
+        if problem:
+            raise ProfileError(f"exact mode needs IEEE-754 subnormals: {problem}; remove that "
+                               f"setting or library")
 
     def _make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         import inspect
@@ -166,8 +175,9 @@ class _Exact(Mode):
         from .train.pinned import build_module
 
         shape, classes = ds.shapes(cfg.data.context)
-        stock = build_module(parts.factory.function, parts.factory.name, shape, classes,
-                             cfg.model.args, cfg.seed)
+        with usercode.track(parts.factory.seen):
+            stock = build_module(parts.factory.function, parts.factory.name, shape, classes,
+                                 cfg.model.args, cfg.seed)
         sample = torch.zeros((2, *shape), dtype=getattr(torch, ds.task.x_dtype))
         return LayerNet(from_torch(stock), cfg.seed, device, sample)
 

@@ -86,6 +86,7 @@ MAX_CONFIG_BYTES = MIB   # a config file larger than this is refused unparsed
 # "package.module:function": dotted identifiers, one colon.
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 LOSSES = ("cross_entropy",)
+MODES = ("pinned", "exact")  # pipeline.modes.of maps each to its Mode
 OPTIMISERS = ("sgd", "adam", "adamw")
 
 
@@ -96,7 +97,7 @@ def _is_pow2(n: int) -> bool:
 # (key, predicate, what was expected): checked after types are right.
 _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
-    ("mode", lambda v: v in ("pinned", "exact"), 'one of "pinned", "exact"'),
+    ("mode", lambda v: v in MODES, 'one of "pinned", "exact"'),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     ("data.context", lambda v: 0 <= v <= 1 << 20, "an integer in [0, 2^20]"),
     ("model.factory", lambda v: _FACTORY.fullmatch(v) is not None,

@@ -3,6 +3,7 @@ top to bottom; helpers below carry detail out of it, never control flow."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import _testing, rng
+from ..core import _testing, rng, usercode
 from ..core.config import Config
-from ..core.errors import ConfigError, Interrupted
+from ..core.errors import ConfigError, DivergedError, Interrupted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
@@ -87,11 +88,15 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                 order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
             x, y = examples.get(order[b])
             masks = _loop_masks(net, dropout, bsz)
-            loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
-                                      runner)
+            with usercode.guarded("a training step", "model.factory", step=st.step + 1,
+                                  always=False):  # a failure in the user's forward or loss
+                loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
+                                          runner)
+            if not math.isfinite(step_loss := float(loss)):
+                raise DivergedError(st.step + 1, f"the loss ({step_loss})")
             opt.step(grads)
             st.step += 1
-            st.loss_sum += float(loss) / n_global
+            st.loss_sum += step_loss / n_global
             st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
             bar.update(1)
             if st.step % steps_per_epoch == 0 or st.step == total:
@@ -101,6 +106,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                                  if k.startswith("test_")})
             if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
                                                               last_save):
+                _check_finite(net, st.step)  # a checkpoint never holds what diverged
                 writer.save(net, opt, dropout, st)
                 last_save = time.monotonic()
             _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
@@ -112,6 +118,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
             writer.close()  # every checkpoint on disk (or its error raised) before returning
         bar.close()
     loop_s = time.perf_counter() - loop_started
+    _check_finite(net, st.step)
+    mode.check_process()  # whatever the run loaded since the net was built
 
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -160,6 +168,13 @@ def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: flo
     every = cfg.train.checkpoint_every
     at = (every and step % every == 0) or step % steps_per_epoch == 0
     return bool(at) and time.monotonic() - last_save >= cfg.train.checkpoint_seconds
+
+
+def _check_finite(net: Net, step: int) -> None:
+    """DivergedError naming the first parameter or buffer holding NaN or inf."""
+    for name, t in {**net.params, **net.buffers}.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DivergedError(step, f"{name}")
 
 
 def _loop_masks(net: Net, dropout: DropoutStream, bsz: int) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..core import _testing
+from ..core import _testing, usercode
 from ..core.config import OptimConfig
 from ..core.errors import ConfigError
 from ..core.schedule import schedule_of
@@ -39,14 +39,11 @@ def build_module(factory: Callable[..., Any], name: str, input_shape: tuple[int,
     """``factory(input_shape, n_classes, **args)`` with torch's generators
     seeded from ``seed`` for its initialisation (and restored after), or
     ConfigError (exit 2) naming the factory."""
+    call = f"{name}(input_shape={tuple(input_shape)}, num_classes={n_classes}, **{args})"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # nn's default init draws from the default generator
-        try:
+        with usercode.guarded(call, "model.factory"):  # model.args that do not fit are caught here
             module = factory(tuple(input_shape), n_classes, **args)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.factory = {name!r}", [
-                f"model.args: {name}(input_shape={tuple(input_shape)}, num_classes={n_classes},"
-                f" **{args}) failed: {type(e).__name__}: {e}"]) from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.factory = {name!r}", [
             f"model.factory: expected a torch.nn.Module, found {type(module).__name__}"])

@@ -65,9 +65,10 @@ def test_curves_png_is_valid_and_draws_the_metrics() -> None:
 
 
 def test_curves_png_reads_back_with_pillow() -> None:
-    """An independent decoder (Pillow, where installed) reads the same pixels."""
-    image_mod = pytest.importorskip("PIL.Image")
+    """An independent decoder (Pillow, the test extra) reads the same pixels."""
     import io
+
+    from PIL import Image as image_mod
 
     png = render_curves(_metrics())
     _, _, rows = _decode(png)

@@ -92,7 +92,8 @@ def test_switches_that_change_nothing_here_are_not_keyed() -> None:
     assert _testing.keyed(sw, threads=None, world_size=1) == {}
 
 
-def _record(config: dict[str, Any], tensors: tuple[str, ...], kind: str = "sha1-8") -> RunRecord:
+def _record(config: dict[str, Any], tensors: tuple[str, ...], kind: str | None = None
+            ) -> RunRecord:
     return RunRecord(run_key="k", weights_sha256="w", weights_layout={}, mode="pinned",
                      config=config, data={}, toolchain={}, profile={}, key_inputs=("config",),
                      metrics={"steps": 3}, trail=Trail(tensors, 8, kind))
