@@ -140,6 +140,7 @@ def test_user_factory_and_loss_train_and_are_recorded(project: Path, tmp_path: P
                             "modules": ["usernet"]}
 
 
+@pytest.mark.process
 def test_buffers_are_saved_and_world_size_above_one_is_refused(project: Path,
                                                                 tmp_path: Path) -> None:
     """A BatchNorm model trains in one process and its running statistics are

@@ -54,6 +54,7 @@ def test_second_call_reuses_and_rebuild_agrees(tmp_path: Path) -> None:
     recipe.rebuild(prep, first.record, quiet=True)
 
 
+@pytest.mark.slow
 def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
     """Control: a record whose weight hash is not what training gives is a
     mismatch for rebuild; verify of a record edited that way fails too."""

@@ -181,6 +181,7 @@ print(" ".join(out))
 """
 
 
+@pytest.mark.process
 def test_transformer_training_bit_identical_across_threads_and_isa() -> None:
     """4 Adam steps of a 1-block transformer with dropout, two shards, give the
     same weights under (1 thread, no SIMD) and (2 threads, AVX2), each set

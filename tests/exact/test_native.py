@@ -297,6 +297,7 @@ def _status_in_a_new_process(build_dir: Path, cc: str | None = None) -> str:
     return p.stdout.strip()
 
 
+@pytest.mark.process
 def test_the_build_is_cached_and_a_corrupt_one_is_rebuilt(tmp_path: Path) -> None:
     """Separate processes (a loaded library is never replaced under a running
     one: builds are renamed into place)."""
@@ -368,6 +369,7 @@ def test_switched_off_or_without_a_compiler_the_torch_path_runs(
     assert torch.equal(_bits(product.xmmb(a, b)), _bits(on))
 
 
+@pytest.mark.process
 def test_an_unusable_build_directory_builds_in_a_private_one(tmp_path: Path) -> None:
     """PIPELINE_NATIVE_DIR naming a file (or any place that cannot be made a
     writable directory): the process builds in a temporary directory of its
@@ -398,6 +400,7 @@ def test_a_tensor_that_needs_a_gradient_keeps_its_graph() -> None:
 
 
 # ---------------------------------------------------------------- hostile builds and inputs
+@pytest.mark.process
 def test_a_truncated_cached_build_is_rebuilt_not_loaded(tmp_path: Path) -> None:
     """A build cut short (a crash mid-write, a full disk) must never reach
     dlopen, which maps the file and dies of SIGBUS: its recorded sha256 no
@@ -423,6 +426,7 @@ def _fake_cc(tmp_path: Path, body: str) -> str:
     return str(script)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("body,why", [
     ("exit 0\n", "wrote no library"),
     ("printf 'int nothing(void) { return 0; }\\n' > \"$out.c\" && "
@@ -482,6 +486,7 @@ def test_wrappers_refuse_what_their_kernels_cannot_take() -> None:
     assert torch.equal(batched, torch.full((3,), 5.0))
 
 
+@pytest.mark.process
 def test_self_tests_do_not_depend_on_the_default_dtype(tmp_path: Path) -> None:
     env = {**os.environ, "PIPELINE_NATIVE_DIR": str(tmp_path / "native")}
     env.pop("PIPELINE_EXACT_NATIVE", None)

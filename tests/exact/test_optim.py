@@ -475,6 +475,7 @@ print(" ".join(out))
 """
 
 
+@pytest.mark.process
 def test_optimisers_give_one_hash_across_threads_and_isa() -> None:
     """AdamW and Nesterov SGD with clipping and a schedule, on 200k-element
     tensors (large enough for torch to split elementwise ops across

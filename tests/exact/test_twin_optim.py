@@ -289,6 +289,7 @@ class _AdamL2InF64(to.Adam):
 CONTROLS = {"adam_wd": _AdamL2InF64, "adamw_wd": _AdamWDecayInF32}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", list(OPTION_RUNS))
 def test_option_run_hash_matches_pipeline(name, tmp_path, suite_env, monkeypatch):
     """20 steps of configs/digits-exact.toml with one optimiser option: the

@@ -104,6 +104,7 @@ def test_plot_curves_writes_the_file_alone(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").read_bytes() == render_curves(_metrics())
 
 
+@pytest.mark.process
 def test_plots_import_no_plotting_library() -> None:
     """Drawing curves.png loads neither matplotlib nor PIL (nor numpy, nor torch)."""
     code = ("import sys; from pipeline.record.plots import render_curves; "

@@ -18,7 +18,7 @@ from pipeline.core.environment import load_profile
 from ..support import build_once, run_pipeline
 from ..support.machines import MACHINES, ROOT, TRAIN_TIMEOUT_S, Machine, Places, Run, finish, start
 
-pytestmark = pytest.mark.determinism
+pytestmark = [pytest.mark.determinism, pytest.mark.process]
 
 CONFIG = "examples/charlm/config.toml"
 # Short: 6 steps of 32 windows of 64 characters, checkpoints at 3 (and resumable).

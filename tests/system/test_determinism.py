@@ -50,7 +50,7 @@ from ..support.machines import (
     train_argv,
 )
 
-pytestmark = pytest.mark.determinism
+pytestmark = [pytest.mark.determinism, pytest.mark.process]
 
 GOLDEN = ROOT / "tests" / "golden" / "weights.json"
 NO_PIN = {"PIPELINE_TEST_NO_PIN": "1"}  # test-only: no re-exec, no profile (the control)

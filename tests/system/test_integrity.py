@@ -231,6 +231,7 @@ def test_unexpected_exception_is_an_internal_error_70_traceback_only_with_debug(
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_subprocess_exit_codes_and_no_traceback(tmp_path: Path) -> None:
     """Case 3, as a user sees it: a directory as config is exit 2, a runs
     directory under a file exit 74, each one line, no traceback."""
@@ -376,6 +377,7 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes_to_the_same_hash(
     assert code == 0 and "resuming from" in err and out.strip().endswith(want), err
 
 
+@pytest.mark.process
 def test_sigint_to_a_training_process_exits_130_with_one_line(tmp_path: Path) -> None:
     """Ctrl-C as a terminal sends it, to a real `pipeline train`: exit 130, one
     line, no traceback. The run is far longer than the test (100000 epochs), so

@@ -119,6 +119,7 @@ def _probe(strict: bool) -> list[str]:
     return out.stdout.split("\n")[:3]
 
 
+@pytest.mark.process
 def test_training_steps_and_determinism_switches_load_no_dynamo() -> None:
     """In a fresh process, strict_torch and TorchOptimizer's SGD, Adam and
     AdamW steps (clipping and the cosine schedule included) import neither torch._dynamo nor torch._inductor (each costs about
@@ -129,6 +130,7 @@ def test_training_steps_and_determinism_switches_load_no_dynamo() -> None:
     assert _probe(strict=True) == ["no-dynamo no-inductor True", "dynamo", "True"]
 
 
+@pytest.mark.process
 def test_determinism_probe_sees_the_switches_off() -> None:
     """Control: without strict_torch the same probe finds both flags off."""
     assert _probe(strict=False) == ["no-dynamo no-inductor False", "dynamo", "False"]

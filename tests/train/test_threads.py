@@ -48,6 +48,7 @@ def _train(args: list[str], n: int, runs: Path, env: dict[str, str],
     return json.loads(p.stdout)
 
 
+@pytest.mark.process
 @pytest.mark.determinism
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_one_hash_at_1_2_and_7_threads(model: str, tmp_path: Path,
@@ -118,6 +119,7 @@ def test_the_thread_probe_sees_a_thread_dependent_kernel(suite_env: dict[str, st
     assert _stock_grads_vary("layernorm", suite_env) is True
 
 
+@pytest.mark.process
 def test_bad_thread_count_is_a_usage_error(tmp_path: Path, suite_env: dict[str, str]) -> None:
     p = run_pipeline(["train", "--threads", "0", "--runs-dir", str(tmp_path)], suite_env,
                      timeout=60)
