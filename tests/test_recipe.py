@@ -1,7 +1,7 @@
 """Tests for pipeline/recipe.py: prepare verifies once, get-or-train reuses a
 complete run, rebuild and verify compare bit for bit (and fail when the bits
 differ). In this process, with the no-pinning control: the recipe's logic,
-not the profile, is under test here (the profile: tests/test_determinism.py)."""
+not the profile, is under test here (the profile: tests/system/test_determinism.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tests for pipeline/record/inputs.py (the run key) and pipeline/record/diff.py
 (the differences between two records). Reading and writing run directories
-(record/runs.py) is exercised by tests/test_checkpoint.py (tampered weights),
+(record/runs.py) is exercised by tests/train/test_checkpoint.py (tampered weights),
 tests/test_cli.py and the determinism suite; the recipe that calls them by
 tests/test_recipe.py."""
 

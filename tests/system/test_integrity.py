@@ -1,8 +1,8 @@
 """Issue 13: integrity under hostile inputs, across modules, through the CLI.
 
 Each numbered case of the issue has a test here (case 5's stat cache and
-case 4's data files also in tests/test_manifest.py; case 6 in
-tests/test_distributed.py). Most run the CLI in this process
+case 4's data files also in tests/data/test_manifest.py; case 6 in
+tests/train/test_distributed.py). Most run the CLI in this process
 (``cli.main(argv)``) with the no-pinning control, so the recipe's logic, not
 the profile, is under test; a few start processes where only a process shows
 the behaviour (exit status, traceback, signals).
