@@ -113,6 +113,7 @@ def _stock_grads_vary(kind: str, env: dict[str, str]) -> bool:
     return p.stdout.strip() == "True"
 
 
+@pytest.mark.process
 def test_the_thread_probe_sees_a_thread_dependent_kernel(suite_env: dict[str, str]) -> None:
     """Control for ``_stock_grads_vary``: a LayerNorm over 4096 features, whose
     stock backward splits its sums by thread, is reported as varying."""
