@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.audit import contain
 
-from ..support import ROOT, pipeline_env
+from ..support import pipeline_env, run_pipeline
 
 pytestmark = [pytest.mark.process,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")]
@@ -78,10 +78,9 @@ def test_exec_timeout_returns_promptly_and_ends_everything(tmp_path: Path) -> No
     the caller reading that stdout gets EOF and exit 124 within seconds."""
     pid_file = tmp_path / "pid"
     started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pipeline", "exec", "--timeout", "3",
-                        "--record", str(tmp_path / "rec.json"), "--", sys.executable, "-c",
-                        _SCRIPT, str(pid_file), "hang"], cwd=ROOT, env=pipeline_env(tmp_path),
-                       capture_output=True, text=True, timeout=120, check=False)
+    p = run_pipeline(["exec", "--timeout", "3", "--record", str(tmp_path / "rec.json"), "--",
+                      sys.executable, "-c", _SCRIPT, str(pid_file), "hang"],
+                     pipeline_env(tmp_path), timeout=120)
     assert p.returncode == 124, p.stderr
     assert time.monotonic() - started < 60
     assert not _alive(_grandchild(pid_file))
@@ -94,7 +93,5 @@ def test_exec_and_audit_refuse_a_timeout_that_is_not_positive(tmp_path: Path,
     (exec used to kill at once, audit refused)."""
     for cmd in (["exec", "--timeout", value, "--", "true"],
                 ["audit", "--timeout", value, "--", "true"]):
-        p = subprocess.run([sys.executable, "-m", "pipeline", *cmd], cwd=ROOT,
-                           env=pipeline_env(tmp_path), capture_output=True, text=True,
-                           timeout=120, check=False)
+        p = run_pipeline(cmd, pipeline_env(tmp_path), timeout=120)
         assert p.returncode == 2 and "--timeout" in p.stderr, (cmd, p.stderr)

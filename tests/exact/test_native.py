@@ -27,7 +27,7 @@ from pipeline.exact import fused, native, product
 from pipeline.exact.product import _quantised_torch
 from pipeline.exact.refs import gelu_parts_torch
 
-from ..support import ROOT
+from ..support import ROOT, run_pipeline
 
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
@@ -568,12 +568,9 @@ def test_a_build_that_flushes_subnormals_is_refused_and_undone(tmp_path: Path) -
     assert q.stdout.strip() == "True", q.stderr
     hashes = []
     for extra in ({}, {"PIPELINE_EXACT_NATIVE": "0"}):
-        t = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
-                            "mode=exact", "train.epochs=1", "--runs-dir",
-                            str(tmp_path / f"runs{len(extra)}"), "--json", "--quiet"],
-                           cwd=ROOT, env={**env, **extra, "PIPELINE_CACHE_DIR":
-                                          str(tmp_path / "cache")},
-                           capture_output=True, text=True, timeout=300, check=False)
+        t = run_pipeline(["train", "configs/digits.toml", "mode=exact", "train.epochs=1",
+                          "--runs-dir", str(tmp_path / f"runs{len(extra)}"), "--json", "--quiet"],
+                         {**env, **extra, "PIPELINE_CACHE_DIR": str(tmp_path / "cache")})
         assert t.returncode == 0, t.stderr[-2000:]
         hashes.append(json.loads(t.stdout)["weights_sha256"])
     assert hashes[0] == hashes[1]
