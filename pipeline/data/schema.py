@@ -217,16 +217,21 @@ _KINDS: dict[str, tuple[str, Callable[[Any, Collection[str]], bool]]] = {
 }
 _F, _CLASSES, _DIV = ("file", True), ("count", True), ("divisor", False)
 _GZ = ("compression", False)
+# The most bytes of content a decode reads into memory, after decompression
+# (pipeline.data.bounded; default 1 GiB): what bounds a gzip or zip bomb.
+_MAX = ("count", False)
 _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, required)
     "csv": {"file": _F, "compression": _GZ, "header": ("bool", False),
             "features": ("features", True), "label": ("column", True), "shape": ("shape", False),
             "value_range": ("range", False), "divisor": _DIV, "classes": _CLASSES,
-            "rows": ("count", False)},
+            "rows": ("count", False), "max_bytes": _MAX},
     "npy": {"x": _F, "y": _F, "divisor": _DIV, "classes": _CLASSES},
     "npz": {"file": _F, "x": ("key", True), "y": ("key", True), "divisor": _DIV,
-            "classes": _CLASSES},
-    "idx": {"x": _F, "y": _F, "compression": _GZ, "divisor": _DIV, "classes": _CLASSES},
-    "text": {"file": _F, "vocabulary": ("vocabulary", True), "compression": _GZ},
+            "classes": _CLASSES, "max_bytes": _MAX},
+    "idx": {"x": _F, "y": _F, "compression": _GZ, "divisor": _DIV, "classes": _CLASSES,
+            "max_bytes": _MAX},
+    "text": {"file": _F, "vocabulary": ("vocabulary", True), "compression": _GZ,
+             "max_bytes": _MAX},
 }
 
 
