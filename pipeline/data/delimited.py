@@ -42,10 +42,11 @@ def _columns(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _looks_like_header(line: str, spec: Mapping[str, Any]) -> bool:
+    """The row's fields fit, and a feature or label field is a word, not a number."""
     fields = line.split(",")
     return len(fields) == len(_columns(spec)) and any(
-        not re.fullmatch(_DEC, s) for (role, _), s in zip(_columns(spec), fields)
-        if role != "unused")
+        re.search(r"[A-Za-z_]", s) and not re.fullmatch(_DEC, s)
+        for (role, _), s in zip(_columns(spec), fields) if role != "unused")
 
 
 @np.errstate(over="ignore")  # overflow to inf is what the last check finds

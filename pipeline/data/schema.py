@@ -23,7 +23,7 @@ from ..core.errors import DataIntegrityError
 from . import task
 from .task import Task
 
-__all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "reject_duplicates",
+__all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "problems", "reject_duplicates",
            "spec_problems", "files_of", "MANIFEST_VERSION", "FORMATS"]
 
 MANIFEST_VERSION = 2
@@ -142,7 +142,8 @@ def _dataset_problems(name: str, raw: object, files: dict[str, Any]) -> list[tup
     return probs
 
 
-def _problems(raw: object) -> list[tuple[str, str, str]]:
+def problems(raw: object) -> list[tuple[str, str, str]]:
+    """Every problem of a manifest (parsed JSON) as (dotted key, expected, found)."""
     if not isinstance(raw, dict):
         return [("(top level)", "an object", _kind(raw))]
     probs = [(k, "only the keys version, files, datasets", "an unknown key")
@@ -165,7 +166,7 @@ def _problems(raw: object) -> list[tuple[str, str, str]]:
 def parse(raw: object, source: str) -> Manifest:
     """The manifest in ``raw`` (parsed JSON), or DataIntegrityError naming
     ``source`` and the first problem's key (the others in the hint)."""
-    probs = _problems(raw)
+    probs = problems(raw)
     if probs:
         key, expected, found = probs[0]
         rest = "; ".join(f"{k}: expected {x}, found {f}" for k, x, f in probs[1:])
