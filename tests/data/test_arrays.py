@@ -165,3 +165,42 @@ def test_gzip_idx_is_bounded_by_its_declared_dims(tmp_path: Path) -> None:
         decode(IDX, x=x, y=y)
     x.write_bytes(gzip.compress(idx((2, 2), bytes([1, 2, 3, 4]))))  # the control
     assert decode(IDX, x=x, y=y).x.tolist() == [[1, 2], [3, 4]]
+
+
+
+
+def _unsafe_loads(source: str) -> list[str]:
+    """Calls in ``source`` that may unpickle: ``np.load``/``numpy.load`` without
+    ``allow_pickle=False``, ``torch.load`` without ``weights_only=True``, any
+    ``pickle.load``/``pickle.loads``/``marshal.loads``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)):
+            continue
+        owner, name = node.func.value.id, node.func.attr
+        kw = {k.arg: k.value for k in node.keywords}
+        safe = {"np": ("allow_pickle", False), "numpy": ("allow_pickle", False),
+                "torch": ("weights_only", True)}.get(owner)
+        pickles = owner in ("pickle", "marshal", "dill") and name in ("load", "loads")
+        if pickles or (safe and name == "load" and not (
+                isinstance(kw.get(safe[0]), ast.Constant) and kw[safe[0]].value is safe[1])):
+            found.append(f"{owner}.{name}")
+    return found
+
+
+def test_nothing_in_the_package_can_unpickle() -> None:
+    """No module of the package calls np.load without allow_pickle=False,
+    torch.load without weights_only=True, or pickle at all (npz members are
+    read by pipeline.data.arrays, never np.load); the scan finds each kind in
+    a planted line (its control)."""
+    from ..support import ROOT
+
+    planted = ("np.load(f)\nnp.load(f, allow_pickle=True)\nnumpy.load(f, allow_pickle=False)\n"
+               "torch.load(f)\npickle.loads(b)\n")
+    assert _unsafe_loads(planted) == ["np.load", "np.load", "torch.load", "pickle.loads"]
+    bad = {str(p.relative_to(ROOT)): found for p in sorted((ROOT / "pipeline").rglob("*.py"))
+           if (found := _unsafe_loads(p.read_text(encoding="utf-8")))}
+    assert bad == {}
