@@ -27,8 +27,9 @@ from ..core.safeio import describe, open_regular
 
 __all__ = ["DEFAULT_MAX_BYTES", "CHUNK", "Budget", "Content", "open_data", "max_bytes"]
 
-# content per decode spec, after decompression (docs/reference/manifest.md)
-DEFAULT_MAX_BYTES = 1 << 30
+# Content per decode spec, after decompression (docs/reference/manifest.md): decoded,
+# at most 2 GiB (text's int64 tokens); a gzip or zip bomb stops here.
+DEFAULT_MAX_BYTES = 256 << 20
 CHUNK = 16 << 20  # bytes per read of a streamed decode (csv, text)
 _RAISE = ("if the data really is this large, raise the bound: set \"max_bytes\" in its decode "
           "spec (pipeline data add ... --decode max_bytes=N); decoded, it takes 4 bytes per "
@@ -74,20 +75,38 @@ def open_data(path: Path) -> BinaryIO:
 
 class Content:
     """The content of the file at ``path``, gunzipped when ``compression`` is
-    "gzip", read in pieces that ``budget`` counts (a context manager)."""
+    "gzip", read in pieces that ``budget`` counts (a context manager).
 
-    def __init__(self, path: Path, compression: str, budget: Budget) -> None:
+    Its size is checked before anything is kept: a plain file's from fstat; a
+    gzip'd one's, with ``measure`` (its decoder keeps more than the bytes it
+    reads: text and csv), by inflating it once and keeping nothing, so a bomb
+    costs one piece of memory, never a multiple of the bound."""
+
+    def __init__(self, path: Path, compression: str, budget: Budget, *,
+                 measure: bool = False) -> None:
         self.where, self.budget = str(path), budget
         self.gzip = compression == "gzip"
         self._raw = open_data(path)
         self._f: BinaryIO = self._raw
-        if self.gzip:
-            self._f = gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[assignment]
-        else:  # a plain file declares its size: refused before a byte is read
-            size = os.fstat(self._raw.fileno()).st_size
-            if size > budget.left:
-                self.close()
+        try:
+            if not self.gzip:  # a plain file declares its size: refused before a byte is read
+                size = os.fstat(self._raw.fileno()).st_size
                 budget.need(size, self.where, f"a file of {size} bytes")
+            elif measure:
+                before, self._f = budget.used, self._gunzip()
+                while self.read(CHUNK):  # counted against the budget, then dropped
+                    pass
+                self._f.close()
+                self._raw.seek(0)
+                budget.used = before  # only the decode's own read counts
+            if self.gzip:
+                self._f = self._gunzip()
+        except BaseException:
+            self.close()
+            raise
+
+    def _gunzip(self) -> BinaryIO:
+        return gzip.GzipFile(fileobj=self._raw, mode="rb")  # type: ignore[return-value]
 
     def __enter__(self) -> Self:
         return self

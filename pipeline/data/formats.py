@@ -103,7 +103,8 @@ def _decode_csv(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
     """CSV rows: columns [start, stop) are the features, reshaped to ``shape``; one label
     (pipeline.data.delimited)."""
     budget = Budget(max_bytes(spec))
-    with Content(paths[spec["file"]], spec.get("compression", "none"), budget) as content:
+    with Content(paths[spec["file"]], spec.get("compression", "none"), budget,
+                 measure=True) as content:
         x, y, shape = decode_csv(content, spec)
     return Decoded(x=x, y=y, input_shape=shape, n_classes=spec["classes"], vocabulary=None)
 
@@ -119,7 +120,8 @@ def _decode_npz(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
 def _decode_text(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
     """A token stream: raw bytes (256 classes) or UTF-8 characters (sorted vocabulary)."""
     path = paths[spec["file"]]
-    with Content(path, spec.get("compression", "none"), Budget(max_bytes(spec))) as content:
+    with Content(path, spec.get("compression", "none"), Budget(max_bytes(spec)),
+                 measure=True) as content:
         x, vocabulary = tokens(content, spec["vocabulary"])
     if len(x) < 2:  # one input token and its next-token target at least
         raise DataIntegrityError(str(path), "at least 2 tokens", f"{len(x)}")
@@ -139,9 +141,18 @@ def decode(spec: Mapping[str, Any], paths: Mapping[str, Path],
     those files to map from (npy, idx; pipeline.data.dataset passes the ones it checked
     against verification), else the files are opened here. Raises DataIntegrityError
     naming the file (path, and line/row/byte offset where it applies), what was expected
-    and found; ConfigError if ``spec`` has schema problems (``spec_problems``)."""
+    and found; ConfigError if ``spec`` has schema problems (``spec_problems``). A decode
+    this process has no memory for (a ``max_bytes`` raised past it) is a DataIntegrityError
+    naming the files, not an internal error."""
     if problems := spec_problems(spec, "spec", list(paths)):
         raise ConfigError("decode spec", [f"{k}: expected {e}, found {f}" for k, e, f in problems])
-    if spec["format"] in ("npy", "idx"):
-        return _decode_pair(spec, paths, opened or {})
-    return _DECODERS[spec["format"]](spec, paths)
+    try:
+        if spec["format"] in ("npy", "idx"):
+            return _decode_pair(spec, paths, opened or {})
+        return _DECODERS[spec["format"]](spec, paths)
+    except MemoryError as e:  # NumPy's allocation failed: nothing was half-made
+        where = ", ".join(str(paths[n]) for n in files_of(spec))
+        raise DataIntegrityError(where, f"data whose decode fits in memory (max_bytes "
+                                 f"{max_bytes(spec)} of content)", f"MemoryError: {e}",
+                                 "lower max_bytes, or give the inputs as npy (memory-mapped, "
+                                 "not read)") from None

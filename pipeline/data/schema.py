@@ -219,7 +219,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any, Collection[str]], bool]]] = {
 _F, _CLASSES, _DIV = ("file", True), ("count", True), ("divisor", False)
 _GZ = ("compression", False)
 # The most bytes of content a decode reads into memory, after decompression
-# (pipeline.data.bounded; default 1 GiB): what bounds a gzip or zip bomb.
+# (pipeline.data.bounded; default 256 MiB): what bounds a gzip or zip bomb.
 _MAX = ("count", False)
 _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, required)
     "csv": {"file": _F, "compression": _GZ, "header": ("bool", False),

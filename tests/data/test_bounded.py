@@ -57,15 +57,16 @@ def test_a_gzip_bomb_is_refused_at_the_bound_never_inflated_past_it(
 
 
 def test_content_within_the_bound_decodes(tmp_path: Path, inflated: list[int]) -> None:
-    """Control: the same bomb with max_bytes at its size decodes, every byte."""
+    """Control: the same bomb with max_bytes at its size decodes, every byte
+    (inflated twice: once to measure it, keeping nothing, once to decode it)."""
     path = bomb(tmp_path / "t", 2)
     got = formats.decode({**TEXT, "max_bytes": 2 << 20}, {"t": path})
-    assert len(got.x) == 2 << 20 and not got.x.any() and sum(inflated) == 2 << 20
+    assert len(got.x) == 2 << 20 and not got.x.any() and sum(inflated) == 2 * (2 << 20)
 
 
 def test_the_default_bound_applies_without_max_bytes(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """No max_bytes in the spec: DEFAULT_MAX_BYTES (1 GiB) bounds it (lowered
+    """No max_bytes in the spec: DEFAULT_MAX_BYTES (256 MiB) bounds it (lowered
     here to 1 MiB so the test stays small); a plain file is refused from its
     size, before it is read."""
     monkeypatch.setattr(bounded, "DEFAULT_MAX_BYTES", 1 << 20)
@@ -123,12 +124,16 @@ def _peak(spec: dict[str, Any], path: Path, how: str = "decode") -> dict[str, An
 
 @pytest.mark.process
 def test_a_refused_bomb_costs_no_memory(tmp_path: Path) -> None:
-    """256 MiB inflated, max_bytes 1 MiB: the decode's peak RSS grows by less
-    than 32 MiB; the control (the same file inflated whole) grows by 256 MiB,
-    so the measurement sees what inflating costs."""
+    """256 MiB inflated, max_bytes 128 MiB: the decode's peak RSS grows by less
+    than 48 MiB (a decode keeping its pieces, 4 bytes per character, held 512
+    MiB when it reached the bound: the size is measured first, nothing kept);
+    the control (the same file inflated whole) grows by 256 MiB, so the
+    measurement sees what inflating costs."""
     path = bomb(tmp_path / "t", 256)
-    got = _peak({**TEXT, "max_bytes": 1 << 20}, path)
-    assert got["out"] == "DataIntegrityError" and got["grew_mib"] < 32, got
+    for vocabulary in ("chars", "bytes"):
+        spec = {**TEXT, "vocabulary": vocabulary, "max_bytes": 128 << 20}
+        got = _peak(spec, path)
+        assert got["out"] == "DataIntegrityError" and got["grew_mib"] < 48, got
     control = _peak(TEXT, path, "inflate-all")
     assert control["grew_mib"] > 200, control
 
@@ -151,3 +156,20 @@ def test_zlib_max_length_is_what_bounds_gzip_reads() -> None:
     at most the bytes asked for, whatever the input holds."""
     d = zlib.decompressobj(31)
     assert len(d.decompress(gzip.compress(bytes(1 << 20)), 1000)) == 1000
+
+
+def test_a_decode_without_memory_is_a_data_error(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """NumPy failing to allocate (max_bytes raised past the machine) is exit 3
+    naming the file and max_bytes, not an internal error (exit 70)."""
+    from pipeline.data import text
+
+    def no_memory(*_: object) -> None:
+        raise MemoryError("Unable to allocate 8.00 GiB")
+
+    monkeypatch.setattr(text, "_fill", no_memory)
+    with pytest.raises(DataIntegrityError) as e:
+        formats.decode(TEXT, {"t": bomb(tmp_path / "t", 1)})
+    assert str(e.value).startswith(f"{tmp_path / 't'}: expected data whose decode fits in "
+                                   f"memory (max_bytes {bounded.DEFAULT_MAX_BYTES} of content)")
+    assert "Unable to allocate 8.00 GiB" in str(e.value) and e.value.exit_code == 3
