@@ -94,7 +94,7 @@ class Content:
                 budget.need(size, self.where, f"a file of {size} bytes")
             elif measure:
                 before, self._f = budget.used, self._gunzip()
-                while self.read(CHUNK):  # counted against the budget, then dropped
+                while self.read(1 << 20):  # counted against the budget, then dropped
                     pass
                 self._f.close()
                 self._raw.seek(0)
@@ -124,14 +124,12 @@ class Content:
         """At most ``n`` bytes (fewer only at the end), counted; never more than
         one byte past the budget is inflated."""
         want = min(n, self.budget.left + 1)
-        out = bytearray()
-        while len(out) < want:
-            piece = self._read(want - len(out))
-            if not piece:
-                break
-            out += piece
-        self.budget.take(len(out), self.where)
-        return bytes(out)
+        pieces, got = [], 0
+        while got < want and (piece := self._read(want - got)):
+            pieces.append(piece)
+            got += len(piece)
+        self.budget.take(got, self.where)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one piece: no copy
 
     def at_end(self) -> bool:
         """Whether the content has ended (one more byte is read, not counted)."""
