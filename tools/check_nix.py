@@ -58,6 +58,8 @@ NIXPKGS_PYTHON_ATTRS = (
     "pytest", "pytest-xdist", "hypothesis", "setuptools",
     # pkgs/development/python-modules/pytest-timeout/default.nix (python3Packages.pytest-timeout)
     "pytest-timeout",
+    # pkgs/development/python-modules/pillow/default.nix (python3Packages.pillow)
+    "pillow",
 )
 
 # The argument names each nixpkgs builder the flake calls accepts, read from the nixpkgs
