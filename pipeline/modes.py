@@ -108,8 +108,8 @@ class _Pinned(Mode):
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
-        from .train.pinned import TorchOptimizer
-        return TorchOptimizer(cfg.optim, net.params, total_steps)
+        from .train.stock_optim import TorchOptimizer
+        return TorchOptimizer(cfg.optim, net.trainable, total_steps)
 
 
 class _Exact(Mode):
@@ -171,20 +171,29 @@ class _Exact(Mode):
     def _layer_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         import torch
 
+        from .data.pretrained import loaded_tensors
         from .exact import LayerNet, from_torch
+        from .exact.convert import seed_free_values
         from .train.pinned import build_module
 
         shape, classes = ds.shapes(cfg.data.context)
-        with usercode.track(parts.factory.seen):
-            stock = build_module(parts.factory.function, parts.factory.name, shape, classes,
-                                 cfg.model.args, cfg.seed)
+        builds = []
+        # Two builds under two seeds: what the factory sets whatever the seed
+        # (pretrained weights, constants) is kept; what it draws, the spec draws.
+        for seed in (cfg.seed, cfg.seed ^ _OTHER_SEED):
+            with usercode.track(parts.factory.seen):
+                builds.append(build_module(parts.factory.function, parts.factory.name, shape,
+                                           classes, cfg.model.args, seed))
+        keep = seed_free_values(builds[0], builds[1], loaded_tensors())
         sample = torch.zeros((2, *shape), dtype=getattr(torch, ds.task.x_dtype))
-        return LayerNet(from_torch(stock), cfg.seed, device, sample)
+        return LayerNet(from_torch(builds[0]), cfg.seed, device, sample, keep=keep)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .exact import make_exact_optimizer
-        return make_exact_optimizer(cfg.optim, net.params, total_steps)
+        return make_exact_optimizer(cfg.optim, net.trainable, total_steps)
 
+
+_OTHER_SEED = 0x5DEECE66D  # exact mode's second build (seed-free values): another seed
 
 PINNED, EXACT = _Pinned(), _Exact()
 _MODES = {m.name: m for m in (PINNED, EXACT)}

@@ -86,18 +86,22 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     mode = modes.of(cfg.mode)
     profile = mode.prepare(argv)  # may re-execute: nothing heavy before it
     from .data import dataset  # numpy: only once pinned
+    from .data.pretrained import loaded, set_verified
     from .models import resolve
 
     parts = resolve(cfg.model.factory, cfg.train.loss, base)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
     verified = manifest.verify(manifest_path(base), stat_cache_dir=cache)
+    set_verified(verified)  # the files a factory may load with pipeline.pretrained
     ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
     _check_fit(cfg, ds)
     _check_model(cfg, ds, parts)
     entry = verified.datasets[cfg.data.dataset]
     data = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
             "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    if pretrained := loaded():  # files the model check's factory loaded (pipeline.pretrained)
+        data["pretrained"] = pretrained
     switches = _testing.keyed(_testing.SWITCHES, threads=threads, world_size=world_size)
     inputs = run_inputs(cfg, mode.key_fields, data, profile, parts.record(),
                         {ds.name: ds.decoded_sha256()}, switches)

@@ -170,16 +170,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = k.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            if not isinstance(node, dict) or isinstance(node, _Table):
                 raise ConfigError("<overrides>", [f"{k}: {p} is not a table"])
-        node[parts[-1]] = value
+        # A table given whole (``model.args={}``, ``model.args={hidden=[64]}``)
+        # replaces the config's; dotted keys (``model.args.hidden=[64]``) merge.
+        node[parts[-1]] = _Table(value) if isinstance(value, dict) else value
     return nested
+
+
+class _Table(dict):  # type: ignore[type-arg]
+    """A table value given whole in an override: it replaces, never merges."""
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, _Table):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
     return out
 
 

@@ -140,7 +140,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float, *,
             files={"weights.safetensors": hashlib.sha256(weights).hexdigest()},
             resumed_from_step=result.resumed_from, device=device, world_size=world_size,
             config_dir=str(config_dir) if config_dir is not None else None,
-            threads=result.threads,
+            threads=result.threads, parameters=result.structure,
             **_when(started, result.loop_s))  # kept out of the key: when and how long
         atomic.write_text(tmp / "run.json",
                           json.dumps(record.to_json(), indent=2, sort_keys=True,

@@ -84,6 +84,7 @@ class RunRecord:
     device: str | None = None
     world_size: int | None = None
     threads: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None  # frozen, tied (alias -> saved name), buffers
     # Fields this version does not know (a newer writer's): kept as they are.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,7 +144,8 @@ _OPTIONAL: dict[str, tuple[type | tuple[type, ...], str]] = {
     "resumed_from_step": (int, "an integer"), "created_utc": (str, "a time"),
     "duration_s": ((int, float), "a number"), "loop_s": ((int, float), "a number"),
     "config_dir": (str, "a directory"), "device": (str, "a device"),
-    "world_size": (int, "an integer"), "threads": (dict, "an object")}
+    "world_size": (int, "an integer"), "threads": (dict, "an object"),
+    "parameters": (dict, "an object")}
 
 
 def _schema_problem(record: dict[str, Any]) -> tuple[str, str] | None:

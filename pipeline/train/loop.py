@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..core import _testing, rng, usercode
 from ..core.config import Config
-from ..core.errors import ConfigError, DivergedError, Interrupted
+from ..core.errors import DivergedError, Interrupted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
@@ -25,7 +25,7 @@ from . import checkpoint
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, add_grads, tree_reduce
-from .net import LoopMasks, Maker, Net
+from .net import LoopMasks, Maker, Net, StepState
 from .threads import ShardRunner
 
 __all__ = ["train", "TrainResult", "examples_of"]
@@ -40,6 +40,7 @@ class TrainResult:
     steps: int
     resumed_from: int = 0
     threads: dict[str, Any] | None = None  # how the cores were used (pipeline.train.threads)
+    structure: dict[str, Any] | None = None  # frozen, tied, buffers (Net.structure)
     loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
 
 
@@ -69,7 +70,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
 
     # Model, optimiser, the dropout stream; then whatever a checkpoint restores.
     net = mode.make_net(cfg, ds, dev, parts)
-    _check_world_size(net, comm.size)
+    comm.expect(net.trainable)
     opt = mode.make_optimizer(cfg, net, total)  # the schedule spans the run's steps
     dropout = DropoutStream(cfg.seed)
     st = Progress()
@@ -92,6 +93,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                                   always=False):  # a failure in the user's forward or loss
                 loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
                                           runner)
+            if isinstance(net, StepState):
+                grads = net.end_step(grads, cfg.train.shards)
             if not math.isfinite(step_loss := float(loss)):
                 raise DivergedError(st.step + 1, f"the loss ({step_loss})")
             opt.step(grads)
@@ -124,7 +127,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed, {**runner.record(), **mode.how_it_ran()}, loop_s)
+                       resumed, {**runner.record(), **mode.how_it_ran()}, net.structure(),
+                       loop_s)
 
 
 class _Examples:
@@ -183,16 +187,6 @@ def _loop_masks(net: Net, dropout: DropoutStream, bsz: int) -> list[np.ndarray]:
     if not isinstance(net, LoopMasks):
         return []
     return [dropout.keep_mask(net.dropout_rate, bsz, w) for w in net.dropout_widths()]
-
-
-def _check_world_size(net: Net, size: int) -> None:
-    """Training-time buffers (BatchNorm running statistics) are updated by each
-    rank from its own shards, so ranks would disagree: world size 1 only."""
-    if size > 1 and net.buffers:
-        raise ConfigError("--nproc/--nnodes", [
-            f"world size {size}: the model has buffers {sorted(net.buffers)[:4]} (e.g. "
-            f"BatchNorm running statistics) that each rank would update from its own "
-            f"shards; train it in one process (--nproc 1)"])
 
 
 def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarray],

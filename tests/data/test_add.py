@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from ..support import ROOT as REPO
 from ..support import cli_main
 from ..support.data import SHA

@@ -29,7 +29,6 @@ from pipeline.exact.refs import gelu_parts_torch
 
 from ..support import ROOT, run_pipeline
 
-
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
 
 

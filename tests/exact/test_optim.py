@@ -32,7 +32,7 @@ from pipeline.data import dataset, manifest
 from pipeline.exact import make_exact_optimizer
 from pipeline.exact.flat import flat_views
 from pipeline.recipe import train_in_process
-from pipeline.train.pinned import TorchOptimizer
+from pipeline.train.stock_optim import TorchOptimizer
 
 from ..support import ROOT
 from ..support.data import DIGITS, SHA

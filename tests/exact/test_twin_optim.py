@@ -18,11 +18,11 @@ import math
 import numpy as np
 import pytest
 
-from ..support.data import DIGITS as DATA
-from ..support.data import SHA as DATA_SHA
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
 from ..support import run_pipeline
+from ..support.data import DIGITS as DATA
+from ..support.data import SHA as DATA_SHA
 from ..twin import numpy_twin as tw
 from ..twin import twin_optim as to
 
