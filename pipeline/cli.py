@@ -167,8 +167,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
     prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,
-                          threads=args.threads)
-    recipe.check_device(args.device)
+                          threads=args.threads, device=args.device)
     out = recipe.get_or_train(prep, args.runs_dir, device=args.device, quiet=args.quiet,
                               force=args.force or args.rebuild, threads=args.threads)
     assert out.record is not None  # one process: rank 0

@@ -100,8 +100,8 @@ def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
                          "--rdzv-endpoint HOST:PORT")
     os.environ.update(worker_environment(modes.of(cfg.mode).pins_threads()))
     prep = recipe.prepare(cfg, argv, Path(spec.config).parent,  # pinned: re-exec first
-                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg))
-    recipe.check_device(spec.device)
+                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
+                          device=spec.device)
     runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # Node 0 holds the run lock for the whole launch, so the workers need none.
     lock = runs.run_lock(runs_dir, key) if spec.node_rank == 0 else contextlib.nullcontext()
@@ -244,7 +244,8 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
     cfg = load_config(spec.config, spec.overrides)
     modes.of(cfg.mode).require_prepared()
     prep = recipe.prepare(cfg, [], Path(spec.config).parent,  # pinned already: no re-exec
-                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg))
+                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
+                          device=spec.device)
     comm = _init_comm(spec.device)
     runs_dir = Path(spec.runs_dir)
     _agree(comm, prep.inputs.key, runs_dir)

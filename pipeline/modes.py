@@ -117,6 +117,7 @@ class _Exact(Mode):
 
     name = "exact"
     key_fields = ("config", "data", "code", "model")
+    _probed: dict[str, str | None] = {}
 
     def prepare(self, argv: list[str]) -> dict[str, Any]:
         return env.profile_record(None)
@@ -134,9 +135,23 @@ class _Exact(Mode):
         initialised by the spec and checked under the guard (LayerNet).
         The built-in loss only. Refuses a process that flushes subnormals
         (pipeline.exact.fpenv; exit 4)."""
+        self._check_device(device)
         net = self._make_net(cfg, ds, device, parts)
         self.check_process()  # after the model's own code has been imported
         return net
+
+    def _check_device(self, device: torch.device) -> None:
+        """Refuse (exit 4) a device whose float64 products or elementwise
+        arithmetic are not what the spec assumes (pipeline.exact.probe);
+        probed once per device and process."""
+        from .exact.probe import device_problem
+
+        if str(device) not in self._probed:
+            self._probed[str(device)] = device_problem(device)
+        if (problem := self._probed[str(device)]) is not None:
+            raise ProfileError(f"exact mode cannot train on {device}: {problem}; its bits would "
+                               f"not be the spec's. Train on another device (the CPU gives the "
+                               f"same bits)")
 
     def check_process(self) -> None:
         from .exact.fpenv import subnormal_problem

@@ -27,8 +27,15 @@ from typing import TYPE_CHECKING, Any
 from . import modes
 from .core import _testing, usercode
 from .core.config import Config, config_from_dict
-from .core.environment import project_root
-from .core.errors import CheckpointError, ConfigError, DataIntegrityError, MismatchError, UsageError
+from .core.environment import device_identity, project_root
+from .core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataIntegrityError,
+    MismatchError,
+    ProfileError,
+    UsageError,
+)
 from .data import manifest
 from .record import runs
 from .record.diff import input_differences
@@ -75,16 +82,20 @@ def manifest_path(base: Path | None = None) -> Path:
 
 def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
             trust_cache: bool = True, threads: int | None = None,
-            world_size: int = 1) -> Prepared:
+            world_size: int = 1, device: str = "cpu") -> Prepared:
     """Pin (the mode's way; pinned mode may re-execute with ``argv``), load the
     model factory from ``base`` (the config's directory), verify every data
     file before anything is written, decode the config's dataset
     (``trust_cache=False``: from the files, taking no arrays from the decode
     cache), and check that the config fits it (ConfigError, exit 2, before
     any training). ``threads`` and ``world_size`` matter to the key only
-    under a test-only switch whose bits depend on them (pipeline.core._testing)."""
+    under a test-only switch whose bits depend on them (pipeline.core._testing);
+    ``device`` (checked here: exit 2 if this machine lacks it) is part of the
+    profile record, so pinned mode's key covers it and exact mode's does not."""
     mode = modes.of(cfg.mode)
     profile = mode.prepare(argv)  # may re-execute: nothing heavy before it
+    check_device(device)
+    profile = {**profile, "device": device_identity(device)}
     from .data import dataset  # numpy: only once pinned
     from .data.pretrained import loaded, set_verified
     from .models import resolve
@@ -164,6 +175,14 @@ def _check_fit(cfg: Config, ds: Dataset) -> None:
                             f"training examples of {ds.name!r}, found {cfg.train.batch_size}")
     if problems:
         raise ConfigError(f"config for dataset {ds.name!r}", problems)
+
+
+def _has_device(device: str) -> bool:
+    try:
+        check_device(device)
+    except UsageError:
+        return False
+    return True
 
 
 def check_device(device: str) -> None:
@@ -295,13 +314,17 @@ def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
     record = runs.read_run(run_dir)
     cfg = config_from_dict(record.config, f"{run_dir}/run.json")
     base = _verify_base(record, cfg, run_dir, project)
-    prep = prepare(cfg, argv, base, trust_cache=False)  # verify trusts no cache
+    device = record.device or "cpu"
+    if not _has_device(device):
+        raise ProfileError(f"{run_dir}/run.json [device]: the run was trained on {device!r}, "
+                           f"which this machine lacks; verify it where that device is")
+    prep = prepare(cfg, argv, base, trust_cache=False, device=device)  # trusts no cache
     _check_decoded(prep, record)
     differences = []
     if prep.inputs.key != record.run_key:
         from .record.diff import input_fields
         differences = input_differences(input_fields(record), prep.inputs.fields())
-    again = _retrain(prep, device="cpu", quiet=quiet, what="verify")
+    again = _retrain(prep, device=device, quiet=quiet, what="verify")
     if again.weights_sha256 != record.weights_sha256:
         why = "".join(f"\n  {line}" for line in differences)
         raise MismatchError(f"verify failed: recorded sha256:{record.weights_sha256}, "

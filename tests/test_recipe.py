@@ -76,3 +76,25 @@ def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
     run_json.write_text(json.dumps(rec))
     with pytest.raises(MismatchError, match="verify failed"):
         recipe.verify_run(run_json.parent, ["verify"], quiet=True)
+
+
+def test_verify_retrains_on_the_recorded_device_or_refuses_with_exit_4(tmp_path: Path) -> None:
+    """Issue 28: verify always retrained on the CPU. It now retrains on the
+    device run.json names, and where this machine lacks it, refuses (exit 4)
+    rather than compare other bits; control: a CPU record verifies."""
+    from pipeline.core.errors import ProfileError
+
+    prep = recipe.prepare(load_config(None, SHORT), ["train"])
+    record = recipe.get_or_train(prep, tmp_path / "runs", quiet=True).record
+    assert record is not None and record.device == "cpu"
+    assert record.profile["device"] == {"type": "cpu"}
+    run_json = tmp_path / "runs" / record.run_key / "run.json"
+    recipe.verify_run(run_json.parent, ["verify"], quiet=True)  # control
+    rec = json.loads(run_json.read_text())
+    rec["device"] = "cuda:7"
+    rec["record_sha256"] = record_digest(rec)
+    run_json.write_text(json.dumps(rec))
+    with pytest.raises(ProfileError, match="trained on 'cuda:7', which this machine lacks") \
+            as e:
+        recipe.verify_run(run_json.parent, ["verify"], quiet=True)
+    assert e.value.exit_code == 4

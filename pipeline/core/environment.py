@@ -28,6 +28,7 @@ from .errors import ProfileError
 __all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_host",
            "pinning_disabled", "needs_reexec", "reexec", "child_pythonpath", "apply_in_process",
            "profile_record", "toolchain_fingerprint", "code_sha256", "blas_of_torch", "cpu_identity",
+           "device_identity",
            "PROFILE_FILE"]
 
 PROFILE_FILE = Path(__file__).resolve().parents[1] / "profile.json"
@@ -181,6 +182,30 @@ def apply_in_process(profile: Profile) -> None:
         why = "this CPU lacks it"
     raise ProfileError(f"torch runs {got.upper()} kernels, profile {profile.name} needs "
                        f"{profile.requires_isa.upper()}: {why}")
+
+
+def device_identity(device: str) -> dict[str, Any]:
+    """What of the device a run trains on can change pinned mode's bits: the
+    device type and, on CUDA, the GPU's name and compute capability, the
+    CUDA, cuDNN and driver versions and the settings that choose kernels
+    (deterministic algorithms, cuDNN benchmarking, TF32). Keyed in pinned
+    mode (part of the profile record), recorded in exact mode."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {"type": dev.type}
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: None)()
+    return {"type": "cuda", "name": torch.cuda.get_device_name(index),
+            "capability": f"{major}.{minor}", "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "driver": driver,
+            "settings": {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                         "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                         "tf32_cudnn": torch.backends.cudnn.allow_tf32}}
 
 
 def blas_of_torch() -> str:

@@ -87,3 +87,15 @@ def test_switches_that_change_nothing_here_are_not_keyed() -> None:
     sw = _testing.Switches(plain_allreduce=True, intraop_threads=True, kill_at_step=3,
                            decode_log="/tmp/x", sim_isa="avx2")
     assert _testing.keyed(sw, threads=None, world_size=1) == {}
+
+
+def test_the_device_is_in_the_pinned_key_and_not_the_exact_one() -> None:
+    """Issue 28: a run trained on a GPU and one on the CPU used to share a
+    pinned key (the device was only recorded). The device's identity is part
+    of the profile record: pinned mode's key covers it, exact mode's not."""
+    cuda = {"type": "cuda", "name": "NVIDIA H100", "capability": "9.0", "cuda": "12.8"}
+    for mode, differs in (("pinned", True), ("exact", False)):
+        cfg = load_config(None, [f"mode={mode}"])
+        keys = [_inputs(cfg, profile={"name": "p", "device": dev}).key
+                for dev in ({"type": "cpu"}, cuda, {**cuda, "name": "NVIDIA A100"})]
+        assert (len(set(keys)) == 3) is differs and (len(set(keys)) == 1) is not differs, mode
