@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.audit import contain
 
-from ..support import pipeline_env, run_pipeline
+from ..support import pipeline_env, process_alive, run_pipeline
 
 pytestmark = [pytest.mark.process,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")]
@@ -29,14 +29,6 @@ open(sys.argv[1], "w").write(str(g.pid))
 if sys.argv[2] == "hang":
     time.sleep(600)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _grandchild(pid_file: Path) -> int:
@@ -57,7 +49,7 @@ def test_a_session_leaving_grandchild_is_ended_with_the_command(tmp_path: Path, 
                                   timeout=3, env=dict(os.environ), stdout=subprocess.DEVNULL)
     assert time.monotonic() - started < 60
     assert timed_out is (how == "hang") and (code == 0 if how == "exit" else code < 0)
-    assert not _alive(_grandchild(pid_file))
+    assert not process_alive(_grandchild(pid_file))
 
 
 def test_control_without_containment_the_grandchild_survives(tmp_path: Path) -> None:
@@ -68,7 +60,7 @@ def test_control_without_containment_the_grandchild_survives(tmp_path: Path) -> 
                    check=True, stdout=subprocess.DEVNULL)
     pid = _grandchild(pid_file)
     try:
-        assert _alive(pid)
+        assert process_alive(pid)
     finally:
         os.kill(pid, 9)
 
@@ -83,7 +75,7 @@ def test_exec_timeout_returns_promptly_and_ends_everything(tmp_path: Path) -> No
                      pipeline_env(tmp_path), timeout=120)
     assert p.returncode == 124, p.stderr
     assert time.monotonic() - started < 60
-    assert not _alive(_grandchild(pid_file))
+    assert not process_alive(_grandchild(pid_file))
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])

@@ -23,7 +23,14 @@ import torch
 from pipeline import cli
 from pipeline.train.distributed import LocalComm, add_grads, tree_reduce
 
-from ..support import build_once, copy_source, pipeline_env, run_pipeline, start_pipeline
+from ..support import (
+    build_once,
+    copy_source,
+    pipeline_env,
+    process_alive,
+    run_pipeline,
+    start_pipeline,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -223,14 +230,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.process
 @pytest.mark.slow
 def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
@@ -255,9 +254,9 @@ def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
     p.kill()
     p.communicate()
     gone = time.time() + 10
-    while any(_alive(w) for w in workers) and time.time() < gone:
+    while any(process_alive(w) for w in workers) and time.time() < gone:
         time.sleep(0.05)
-    assert not any(_alive(w) for w in workers), "workers outlived their launcher"
+    assert not any(process_alive(w) for w in workers), "workers outlived their launcher"
     assert not [d for d in runs.iterdir() if not d.name.startswith(".")]
     resumed = run_pipeline(cmd[:-2] + ["--json"], pipeline_env(tmp_path, clean=True),
                            frozen["src"], timeout=TIMEOUT_S)
