@@ -90,7 +90,9 @@ class TorchComm:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 return _unflatten(flat, loss, grads)
             gathered = flat.new_empty(self.size * flat.numel())
-            dist.all_gather_single(gathered, flat)          # W x (1 + sum of numels,)
+            # all_gather_into_tensor: in torch since 1.13 (the Nix route's 2.9.1 has no
+            # all_gather_single; tests/train/test_torch_api.py checks every name used here).
+            dist.all_gather_into_tensor(gathered, flat)     # W x (1 + sum of numels,)
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
         # The add of add_grads, elementwise on the flat buffers: an IEEE f32
