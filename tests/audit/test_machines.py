@@ -46,6 +46,7 @@ def test_the_hostname_machine_needs_no_hostname_binary(tmp_path: Path) -> None:
     assert p.stdout.strip() == "other-host"
 
 
+@pytest.mark.process
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                     reason="needs root to become an unprivileged user (setpriv)")
 def test_the_hostname_machine_runs_unprivileged() -> None:

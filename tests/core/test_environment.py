@@ -80,7 +80,8 @@ def test_reexec_sets_the_profile_before_torch_starts(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout)
     observed = rec["profile"]["observed"]
-    assert (observed["cpu_capability"], observed["threads"]) == ("AVX2", 1)
+    want = env.load_profile().requires_isa.upper()  # AVX2 on x86_64, DEFAULT on aarch64
+    assert (observed["cpu_capability"], observed["threads"]) == (want, 1)
     assert observed["cpu"]["vendor"] == cpu_identity()["vendor"]
     assert observed["blas"] == blas_of_torch()
 
@@ -103,8 +104,10 @@ def test_toolchain_fingerprint_names_versions_not_the_machine() -> None:
     """The fingerprint holds versions and builds, and no hostname or path."""
     import socket
 
+    import torch
+
     fp = env.toolchain_fingerprint()
-    assert fp["torch"].startswith("2.13.0") and fp["lock"].startswith(("pip:sha256:", "nix"))
+    assert fp["torch"] == torch.__version__ and fp["lock"].startswith(("pip:sha256:", "nix"))
     text = json.dumps(fp)
     assert socket.gethostname() not in text and str(ROOT) not in text
 
@@ -151,6 +154,7 @@ _CORE_PROBE = ("import numpy; from pipeline.core.environment import openblas_cor
                "print(openblas_core())")
 
 
+@pytest.mark.process
 @pytest.mark.skipif("avx2" not in env.host_isa_levels(), reason="needs an AVX2 CPU")
 def test_openblas_core_reports_the_kernels_the_variable_picks(tmp_path: Path) -> None:
     """``openblas_core`` reads the kernel set a loaded OpenBLAS runs (here NumPy's own

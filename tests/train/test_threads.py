@@ -63,6 +63,7 @@ def test_one_hash_at_1_2_and_7_threads(model: str, tmp_path: Path,
     assert all(r["threads"]["op_threads"] == 1 for r in runs.values())
 
 
+@pytest.mark.process
 @pytest.mark.determinism
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_stock_threads_change_the_bits(model: str, tmp_path: Path,
