@@ -410,6 +410,7 @@ def test_the_wrappers_root_is_enough_to_train_and_check(tmp_path: Path) -> None:
     check finds no entry and fails."""
     root = tmp_path / "root"
     for rel in check_nix.ROOT_SOURCE:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (REPO / rel).is_dir() else shutil.copy2)(REPO / rel, root / rel)
     work = tmp_path / "work"
     work.mkdir()
