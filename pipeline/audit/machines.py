@@ -150,8 +150,9 @@ def clean_env(cache: Path) -> dict[str, str]:
 
 
 # Sets the hostname in the new UTS namespace, then becomes the command. Python's
-# socket.sethostname, not hostname(1): util-linux has no `hostname` and nixpkgs' stdenv
-# puts none on PATH, so in `nix flake check`'s sandbox the machine always skipped.
+# socket.sethostname, not hostname(1): util-linux has no `hostname`, coreutils installs
+# none unless configured to, and nixpkgs' stdenv brings no other, so in `nix flake
+# check`'s sandbox the machine always skipped.
 _SETHOST = ("import os, socket, sys; socket.sethostname(sys.argv[1]); "
             "os.execvp(sys.argv[2], sys.argv[2:])")
 # A private UTS namespace: as root (or with CAP_SYS_ADMIN) `unshare --uts`; unprivileged,

@@ -25,7 +25,9 @@ DIST = "torch.distributed"
 def distributed_names(source: str) -> set[tuple[str, str]]:
     """(module, name) for every torch.distributed attribute ``source`` uses: through an
     alias (``import torch.distributed as dist``; ``dist.X``), the full dotted path
-    (``torch.distributed.X``) or ``from torch.distributed[.sub] import X``."""
+    (``torch.distributed.X``) or ``from torch.distributed[.sub] import X``. A name read
+    with ``getattr(dist, "X", default)`` is optional by construction and not listed;
+    its fallback is (``... or dist.Y`` uses dist.Y)."""
     tree = ast.parse(source)
     aliases = {DIST: DIST}
     used: set[tuple[str, str]] = set()
@@ -60,9 +62,10 @@ def test_the_scan_finds_every_spelling() -> None:
     module's attributes)."""
     src = ("import torch.distributed as dist\nimport torch\n"
            "from torch.distributed.run import run\n"
-           "dist.all_gather_single(a, b)\ntorch.distributed.broadcast(t, 0)\nx.get_rank()\n")
+           "dist.all_gather_single(a, b)\ntorch.distributed.broadcast(t, 0)\nx.get_rank()\n"
+           "getattr(dist, 'all_to_all_single', None) or dist.all_to_all\n")
     assert distributed_names(src) == {(DIST, "all_gather_single"), (DIST, "broadcast"),
-                                      ("torch.distributed.run", "run")}
+                                      ("torch.distributed.run", "run"), (DIST, "all_to_all")}
 
 
 def test_every_name_used_exists_in_torch_2_9_1() -> None:
@@ -71,6 +74,7 @@ def test_every_name_used_exists_in_torch_2_9_1() -> None:
     known = _snapshot()
     used = _used()
     assert (DIST, "all_gather_into_tensor") in used  # the scan sees the package's calls
+    assert (DIST, "all_gather_single") not in used  # read only through getattr
     missing = sorted(f"{m}.{n}" for m, n in used if n not in known.get(m, []))
     assert not missing, f"not in torch 2.9.1 (nixpkgs 25.11's torch): {missing}"
     absent = sorted(f"{m}.{n}" for m, n in used if not hasattr(importlib.import_module(m), n))
