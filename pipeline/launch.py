@@ -200,6 +200,21 @@ def _how(failure: Any) -> str:
 
 # --- the worker: `python -m pipeline.launch`, started by torchrun ---------------------
 
+def _redirect_stdout(quiet: bool) -> None:
+    """Point this worker's file descriptor 1 at its stderr, or (--quiet) at /dev/null.
+    The launcher alone writes stdout (the run record with --json); libraries write
+    there from C++ too: torch 2.9.1's gloo (nixpkgs 25.11's torch) prints "[Gloo] Rank 0
+    is connected to 1 peer ranks" on every rank, which made `--nproc 2 --json` print no
+    JSON, and --quiet promises the interrupt's one line alone."""
+    sys.stdout.flush()
+    if quiet:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    else:
+        os.dup2(2, 1)
+
+
 def _worker_main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(os.environ[_RESULTS_ENV])
@@ -210,6 +225,7 @@ def _worker_main() -> int:
         signal.signal(sig, lambda signum, _frame: os._exit(128 + signum))
     try:
         spec = Spec(**json.loads((out / "spec.json").read_text(encoding="utf-8")))
+        _redirect_stdout(spec.quiet)
         result: dict[str, Any] = {"exit_code": 0, **_work(spec, rank)}
     except Exception as e:  # noqa: BLE001 - reported by the launcher, one line for all ranks
         code, line = exit_status(e)

@@ -14,7 +14,9 @@ lock     flake.lock is lock format 7 with a root node; every input of
 profile  flake.nix reads ./pipeline/profile.json with builtins.fromJSON,
          spells none of the profile's variable names itself (one source of
          truth), sets the wrapper with makeWrapperArgs --set, never sets
-         PIPELINE_CACHE_DIR, and every system it lists has a profile.
+         PIPELINE_CACHE_DIR, every system it lists has a profile and is Linux,
+         and the toolchain id comes from the input (nixpkgs.narHash), not from
+         reading flake.lock.
 deps     every name in pyproject.toml's [project].dependencies, the ``test``
          extra and [build-system].requires is a verified python3Packages
          attribute that flake.nix uses (by name, or by reading pyproject.toml
@@ -24,11 +26,20 @@ outputs  (needs nix-instantiate) the flake's outputs, evaluated against the
          must have; wrapper and dev-shell environments equal to the profile
          for that system's CPU; dependencies equal to pyproject.toml's; the
          sandbox scripts (exact-mode golden check with --require, the
-         determinism check's util-linux and localedef, the model's files);
-         every argument name passed to a nixpkgs builder is one that builder
-         accepts (NIXPKGS_BUILDER_ARGS, read from the nixpkgs sources).
+         determinism check's compiler, util-linux, localedef and bounded
+         workers, the model's files and fixed thread count); the sources
+         (no documentation in the package's); the toolchain id from the input
+         (evaluated with another narHash than flake.lock's); formatter and
+         overlay; every argument name passed to a nixpkgs builder is one that
+         builder accepts (NIXPKGS_BUILDER_ARGS, read from the nixpkgs sources).
+docs     README.md, docs/nix.md and the CI workflow never ask for
+         `nix build .#model --rebuild` before a plain `nix build .#model` (Nix
+         refuses to check an output it does not have); the workflow runs
+         `nix flake check`, then both builds.
 
-Nothing here builds or evaluates real nixpkgs. Exit status: 0 all pass,
+Nothing here builds or evaluates real nixpkgs: the stand-in (nix/stub-nixpkgs.nix) and
+the argument lists below, read from stored copies of the nixpkgs sources, are what
+it checks against. Exit status: 0 all pass,
 1 a check failed, 2 nix-instantiate is missing (and --allow-missing-nix was
 not given).
 """
@@ -62,21 +73,20 @@ NIXPKGS_PYTHON_ATTRS = (
     "pillow",
 )
 
-# The argument names each nixpkgs builder the flake calls accepts, read from the nixpkgs
-# sources (github:NixOS/nixpkgs, files named below; the flake locks nixos-25.11 at rev
-# 3ceaaa8bc963ced4d830e06ea2d0863b6490ff03). The versions read were those the project's
-# source search stores, not checked out at that rev: mk-python-derivation.nix with the
-# PEP 621 names (dependencies, build-system: 24.05 and later), streamLayeredImage from an
-# older release, so its list may lack names 25.11 added (a missing name fails here, which
-# errs on the safe side). Most of these builders hand unknown names to
-# stdenv.mkDerivation as environment variables, so a misspelt argument
-# (`pythonImportCheck`) evaluates, builds and silently does nothing: this table is what
-# catches it. An "ENV" entry: any ALL_CAPS environment variable name is accepted too.
+# The argument names each nixpkgs builder the flake calls accepts. flake.lock pins
+# nixos-25.11 at rev 3ceaaa8bc963ced4d830e06ea2d0863b6490ff03; that rev could not be read
+# here (nixpkgs' snapshot is 4.4 GB, over what can be fetched), so each list was read from
+# the stored copy of github:NixOS/nixpkgs named with its commit, and a name a newer
+# nixpkgs added is missing (a missing name fails here: the safe side). Most of these
+# builders hand unknown names to stdenv.mkDerivation as environment variables, so a
+# misspelt argument (`pythonImportCheck`) evaluates, builds and silently does nothing:
+# this table is what catches it. An "ENV" entry: any ALL_CAPS name is accepted too.
 NIXPKGS_BUILDER_ARGS: dict[str, tuple[str, ...]] = {
     # pkgs/development/interpreters/python/mk-python-derivation.nix: the named arguments
-    # of the function (buildPythonApplication is it with namePrefix = ""), the attrs it
-    # reads with `attrs ? ...` (pythonRelaxDeps, pythonRemoveDeps, disabledTests,
-    # pytestFlags, checkPhase, postFixup, passthru); pythonImportsCheck is read by
+    # of the function (buildPythonApplication is it with namePrefix = ""), with the PEP 621
+    # names (dependencies, build-system: 24.05 and later), the attrs it reads with
+    # `attrs ? ...` (pythonRelaxDeps, pythonRemoveDeps, disabledTests, pytestFlags,
+    # checkPhase, postFixup, passthru); pythonImportsCheck is read by
     # hooks/python-imports-check-hook.sh, pypaBuildFlags by hooks/pypa-build-hook.sh;
     # pname, version, src, postPatch and preBuild are stdenv.mkDerivation's
     # (pkgs/stdenv/generic/make-derivation.nix).
@@ -89,22 +99,34 @@ NIXPKGS_BUILDER_ARGS: dict[str, tuple[str, ...]] = {
         "stdenv", "pythonRelaxDeps", "pythonRemoveDeps", "disabledTests", "pytestFlags",
         "pytestFlagsArray", "checkPhase", "postFixup", "passthru", "pythonImportsCheck",
         "pypaBuildFlags", "pname", "version", "src", "name", "postPatch", "preBuild"),
-    # pkgs/build-support/trivial-builders/default.nix: runCommand = name: env: buildCommand;
-    # env goes to stdenv.mkDerivation (pkgs/stdenv/generic/make-derivation.nix).
+    # pkgs/build-support/trivial-builders/default.nix: runCommand = name: env: buildCommand
+    # (runCommandWith with stdenvNoCC) and runCommandCC (the same with stdenv, so a C
+    # compiler is on PATH); env goes to stdenv.mkDerivation.
     "runCommand": ("ENV", "nativeBuildInputs", "buildInputs", "passthru", "meta",
                    "preferLocalBuild", "allowSubstitutes"),
+    "runCommandCC": ("ENV", "nativeBuildInputs", "buildInputs", "passthru", "meta",
+                     "preferLocalBuild", "allowSubstitutes"),
     # pkgs/build-support/mkshell/default.nix: its named arguments, and shellHook, which it
     # merges with the inputsFrom hooks.
     "mkShell": ("ENV", "name", "packages", "inputsFrom", "buildInputs", "nativeBuildInputs",
                 "propagatedBuildInputs", "propagatedNativeBuildInputs", "shellHook"),
-    # pkgs/build-support/docker/default.nix: streamLayeredImage's named arguments. It has no
-    # `...`: an unknown name is an evaluation error there too.
+    # streamLayeredImage's named arguments. It has no `...`: an unknown name is an
+    # evaluation error there too. Read from doc/build-helpers/images/dockertools.section.md
+    # at commit 0148e16d1446003704803ecabb5a00cfea7d8568, section "streamLayeredImage",
+    # "Inputs" (#ssec-pkgs-dockerTools-streamLayeredImage-inputs: name, tag, fromImage,
+    # contents, config, architecture, created, mtime, uid/gid/uname/gname, maxLayers,
+    # extraCommands, fakeRootCommands, enableFakechroot, includeStorePaths, includeNixDB,
+    # passthru). The code (pkgs/build-support/docker/default.nix) was stored only at
+    # 34b7a306c35b279929eebbdb43af071fd92d0d4b, which predates mtime, the ownership names,
+    # architecture and includeNixDB: the list before issue 25 was that one, stale.
+    # buildImage's runAsRoot and copyToRoot (same file) are not streamLayeredImage's.
     "dockerTools.streamLayeredImage": (
-        "name", "tag", "fromImage", "contents", "config", "created", "extraCommands",
-        "fakeRootCommands", "enableFakechroot", "maxLayers", "includeStorePaths", "passthru"),
-    # writeShellScript = name: text (trivial-builders) and python.withPackages = f
-    # (pkgs/development/interpreters/python/with-packages.nix) take positional arguments:
-    # nothing to check by name.
+        "name", "tag", "fromImage", "contents", "config", "architecture", "created", "mtime",
+        "uid", "gid", "uname", "gname", "maxLayers", "extraCommands", "fakeRootCommands",
+        "enableFakechroot", "includeStorePaths", "includeNixDB", "passthru"),
+    # writeShellScript = name: text (trivial-builders), python.withPackages = f
+    # (pkgs/development/interpreters/python/with-packages.nix) and lib.fileset.toSource
+    # { root, fileset } (lib/fileset/default.nix) take positional or fixed arguments.
 }
 ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
@@ -116,6 +138,22 @@ SYSTEM = re.compile(r'"([a-z0-9_]+)-(linux|darwin)"')
 REV = re.compile(r"[0-9a-f]{40}")
 NAR_HASH = re.compile(r"sha256-[A-Za-z0-9+/]{43}=")
 NOT_SET_BY_WRAPPER = ("PIPELINE_CACHE_DIR",)
+# Wrapper defaults a user may override (makeWrapperArgs --set-default).
+WRAPPER_DEFAULTS = ("PIPELINE_ROOT", "CC")
+# The flake reads the lock id from the input; reading flake.lock itself goes stale under
+# --override-input and follows.
+READS_LOCK_FILE = re.compile(r"builtins\.readFile\s+\./flake\.lock")
+# What each source the flake builds from must and must not hold (lib.fileset paths,
+# relative to the repository root).
+PACKAGE_SOURCE = ["pyproject.toml", "README.md", "pipeline"]
+ROOT_SOURCE = ["data-manifest.json", "data", "configs", "examples", "tests/golden"]
+CHECK_SOURCE_NEEDS = ["pipeline", "tests", "data", "configs", "data-manifest.json",
+                      "flake.nix", "tools/check_nix.py"]
+NOT_IN_SOURCES = ("docs", "bench", "CHANGELOG.md", "mkdocs.yml", ".github")
+MAX_XDIST_WORKERS = 8
+WORKFLOW = Path(".github/workflows/nix.yml")
+# Evaluated with this narHash standing for the input's own (not flake.lock's).
+OVERRIDE_NAR_HASH = "sha256-" + "O" * 43 + "="
 
 Problems = list[str]
 
@@ -275,6 +313,13 @@ def check_profile(root: Path) -> Problems:
         if cpu not in profiles:
             problems.append(f"flake.nix: system {cpu}-{kernel} has no profile in "
                             f"pipeline/profile.json (profiles: {sorted(profiles)})")
+        if kernel != "linux":
+            problems.append(f"flake.nix: system {cpu}-{kernel}: the checks need util-linux and "
+                            f"glibc, which nixpkgs has for Linux only, and nothing has run on "
+                            f"{kernel}; list Linux systems only (docs/nix.md)")
+    if READS_LOCK_FILE.search(text):
+        problems.append("flake.nix: reads ./flake.lock; take the toolchain id from the input "
+                        "(nixpkgs.narHash), which --override-input and follows change")
     return problems
 
 
@@ -313,7 +358,7 @@ def check_deps(root: Path) -> Problems:
 def _stub_outputs(root: Path, nix: str) -> dict[str, Any]:
     attrs = " ".join(f'"{a}"' for a in NIXPKGS_PYTHON_ATTRS)
     expr = (f'import (/. + "{STUB}") {{ flake = /. + "{root / "flake.nix"}"; '
-            f"pythonAttrs = [ {attrs} ]; }}")
+            f'pythonAttrs = [ {attrs} ]; narHash = "{OVERRIDE_NAR_HASH}"; }}')
     out = subprocess.run([nix, "--eval", "--strict", "--json", "-E", expr],
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -321,10 +366,18 @@ def _stub_outputs(root: Path, nix: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
-def _set_pairs(args: list[str]) -> dict[str, str] | None:
-    if len(args) % 3 or any(flag != "--set" for flag in args[::3]):
+def _wrapper_vars(args: list[str]) -> dict[str, tuple[str, str]] | None:
+    """makeWrapperArgs as {name: (flag, value)}; None if not all `--set`/`--set-default`."""
+    if len(args) % 3 or any(flag not in ("--set", "--set-default") for flag in args[::3]):
         return None
-    return dict(zip(args[1::3], args[2::3], strict=True))
+    return {name: (flag, value) for flag, name, value in zip(args[::3], args[1::3], args[2::3],
+                                                             strict=True)}
+
+
+def fileset_paths(store_path: str) -> list[str] | None:
+    """The paths a stand-in lib.fileset.toSource source holds, or None if not one."""
+    prefix = "/stub/fileset:"
+    return store_path[len(prefix):].split(",") if store_path.startswith(prefix) else None
 
 
 def _exports(hook: str) -> dict[str, str]:
@@ -338,7 +391,7 @@ def _check_system(system: str, got: dict[str, Any], names: dict[str, Any],
     cpu = system.split("-")[0]
     env = dict(want["profiles"][cpu]["env"], PIPELINE_LOCK_ID=want["lock_id"])
     p = []
-    expect_pkgs = {"default", "model"} | ({"image"} if system.endswith("-linux") else set())
+    expect_pkgs = {"default", "model", "image"}
     if set(names["packages"][system]) != expect_pkgs:
         p.append(f"packages: expected {sorted(expect_pkgs)}, found {names['packages'][system]}")
     for output, expected in (("apps", {"default", "train"}),
@@ -347,11 +400,7 @@ def _check_system(system: str, got: dict[str, Any], names: dict[str, Any],
         if not expected <= set(names[output].get(system, [])):
             p.append(f"{output}: expected at least {sorted(expected)}, found "
                      f"{names[output].get(system)}")
-    wrapper = _set_pairs(got["wrapper"])
-    # CC: nixpkgs' compiler for exact mode's native kernels (pipeline/exact/native.py).
-    if wrapper != dict(env, PIPELINE_ROOT=want["source"], CC=STUB_CC):
-        p.append(f"wrapper: expected --set for exactly the {cpu} profile, PIPELINE_LOCK_ID, "
-                 f"PIPELINE_ROOT and CC (stdenv.cc's bin/cc), found {got['wrapper']}")
+    p += _check_wrapper(got, env, cpu)
     if _exports(got["shellHook"]) != env:
         p.append(f"devShell: shellHook must export the {cpu} profile and PIPELINE_LOCK_ID, "
                  f"found {got['shellHook']!r}")
@@ -369,15 +418,62 @@ def _check_system(system: str, got: dict[str, Any], names: dict[str, Any],
                  f"found {got['dependencies']} / {got['shellPackages']}")
     if got["buildSystem"] != want["build"]:
         p.append(f"build-system: expected {want['build']}, found {got['buildSystem']}")
+    if got["formatter"] is None:
+        p.append("formatter: none (`nix fmt` needs formatter.<system>)")
+    if got["overlay"] != got["wrapper"]:
+        p.append(f"overlays.default: expected `pipeline` built with the given nixpkgs (the same "
+                 f"package as packages.default here), found wrapper {got['overlay']}")
+    p += _check_sources(got)
     p += _check_sandbox_scripts(got)
     p += _check_builder_args(got["calls"])
     image = got["image"]
-    if image is not None and (image.get("created") in (None, "now")
-                              or image["config"].get("WorkingDir") != "/work"
-                              or image["config"].get("Entrypoint", [])[-1:] != ["train"]):
+    if image is None or (image.get("created") in (None, "now")
+                         or image["config"].get("WorkingDir") != "/work"
+                         or image["config"].get("Entrypoint", [])[-1:] != ["train"]):
         p.append(f"image: expected a fixed `created`, WorkingDir /work and an entrypoint "
                  f"that trains, found {image}")
     return [f"{system}: {x}" for x in p]
+
+
+def _check_wrapper(got: dict[str, Any], env: dict[str, str], cpu: str) -> Problems:
+    """The profile and PIPELINE_LOCK_ID forced (--set); PIPELINE_ROOT (the runtime source)
+    and CC (stdenv.cc's bin/cc, for exact mode's native kernels) as defaults."""
+    wrapper = _wrapper_vars(got["wrapper"])
+    if wrapper is None:
+        return [f"wrapper: expected --set / --set-default triples, found {got['wrapper']}"]
+    p = []
+    forced = {k: v for k, (flag, v) in wrapper.items() if flag == "--set"}
+    if forced != env:
+        p.append(f"wrapper: expected --set for exactly the {cpu} profile and PIPELINE_LOCK_ID "
+                 f"(the input's narHash), found {forced}")
+    defaults = {k: v for k, (flag, v) in wrapper.items() if flag == "--set-default"}
+    if sorted(defaults) != sorted(WRAPPER_DEFAULTS) or defaults.get("CC") != STUB_CC:
+        p.append(f"wrapper: expected --set-default for {list(WRAPPER_DEFAULTS)} (users may point "
+                 f"them elsewhere; CC={STUB_CC}), found {defaults}")
+    root = fileset_paths(defaults.get("PIPELINE_ROOT", ""))
+    if root is None or sorted(root) != sorted(ROOT_SOURCE):
+        p.append(f"wrapper: PIPELINE_ROOT must be a source of exactly {ROOT_SOURCE} "
+                 f"(lib.fileset), found {defaults.get('PIPELINE_ROOT')!r}")
+    return p
+
+
+def _check_sources(got: dict[str, Any]) -> Problems:
+    """The package is built from its code and metadata alone, so that a documentation
+    edit rebuilds nothing; the check's copy holds what the suite reads."""
+    p = []
+    package = fileset_paths(got["src"])
+    if package is None or sorted(package) != sorted(PACKAGE_SOURCE):
+        p.append(f"packages.default: src must be a lib.fileset source of exactly "
+                 f"{PACKAGE_SOURCE} (not `self`: any documentation edit would rebuild the "
+                 f"package, the model and the checks), found {got['src']!r}")
+    copied = re.search(r"cp -r (\S+) src\b", got["checks"].get("determinism", ""))
+    check = fileset_paths(copied.group(1)) if copied else None
+    if check is None or not set(CHECK_SOURCE_NEEDS) <= set(check) \
+            or any(part in NOT_IN_SOURCES for part in check):
+        p.append(f"checks.determinism: must copy a lib.fileset source holding "
+                 f"{CHECK_SOURCE_NEEDS} and none of {list(NOT_IN_SOURCES)}, found "
+                 f"{copied.group(1) if copied else None!r}")
+    return p
 
 
 def _check_sandbox_scripts(got: dict[str, Any]) -> Problems:
@@ -395,7 +491,22 @@ def _check_sandbox_scripts(got: dict[str, Any]) -> Problems:
             p.append(f"checks.determinism: nativeBuildInputs must include {pkg} ({tool}; "
                      f"machine simulations skip without it), found {inputs}")
     if "LOCALE_ARCHIVE" not in got["checkEnv"].get("determinism", {}):
-        p.append("checks.determinism: expected LOCALE_ARCHIVE (glibcLocales), found none")
+        p.append("checks.determinism: expected LOCALE_ARCHIVE (glibcLocales: the locale "
+                 "machines' fallback where localedef cannot compile), found none")
+    if got["checkBuilders"].get("determinism") != "runCommandCC":
+        p.append(f"checks.determinism: must be built with runCommandCC (a C compiler on PATH, "
+                 f"so exact mode's native kernels build; runCommand has none), found "
+                 f"{got['checkBuilders'].get('determinism')}")
+    script = got["checks"].get("determinism", "")
+    cap = re.search(r"--maxprocesses[ =](\d+)", script)
+    if not re.search(r'-n "?\$workers"?', script) or cap is None \
+            or not 1 <= int(cap.group(1)) <= MAX_XDIST_WORKERS:
+        p.append(f"checks.determinism: pytest must run on the builder's cores (0: all) with "
+                 f"--maxprocesses at most {MAX_XDIST_WORKERS}, not an unbounded "
+                 f"-n $NIX_BUILD_CORES, found {script!r}")
+    if not re.search(r"pipeline train [^\n]*--threads \d+", got["model"]):
+        p.append("packages.model: must train with an explicit --threads N: with auto, "
+                 "run.json's thread record depends on the builder's cores")
     copied = re.search(r"/runs/\*/\{([^}]*)\} \$out/", got["model"])
     want = ["weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin"]
     if copied is None or sorted(copied.group(1).split(",")) != sorted(want):
@@ -427,10 +538,9 @@ def check_outputs(root: Path, nix: str) -> Problems:
     except ValueError as err:
         return [f"flake.nix: evaluating outputs against nix/stub-nixpkgs.nix failed: {err}"]
     runtime, test, build = _requirements(root)
-    lock = json.loads((root / "flake.lock").read_text(encoding="utf-8"))
     want = {
         "profiles": json.loads((root / "pipeline" / "profile.json").read_text())["profiles"],
-        "lock_id": "nix:" + lock["nodes"]["nixpkgs"]["locked"]["narHash"],
+        "lock_id": "nix:" + OVERRIDE_NAR_HASH,  # the input's, not flake.lock's
         "source": out["source"],
         "runtime": [pyattr(r) for r in runtime],
         "dev": [pyattr(r) for r in runtime + test],
@@ -440,6 +550,53 @@ def check_outputs(root: Path, nix: str) -> Problems:
     for system in sorted(out["systems"]):
         problems += _check_system(system, out["systems"][system], out["names"], want)
     return problems
+
+
+MODEL_BUILD = re.compile(r"\bnix build\b[^&;|\n]*\.#model\b[^&;|\n]*")
+
+
+def _rebuild_after_build(text: str, where: str, blocks: bool) -> Problems:
+    """Each `nix build .#model --rebuild` (or --check) comes after a plain `nix build
+    .#model` in the same fenced code block (``blocks``: Markdown, whose prose is not
+    read) or file: Nix can only rebuild and compare an output it already has."""
+    p, built, inside = [], False, not blocks
+    for n, line in enumerate(text.splitlines(), 1):
+        if blocks and line.lstrip().startswith("```"):
+            built, inside = False, not inside
+            continue
+        for cmd in MODEL_BUILD.findall(line) if inside else []:
+            if re.search(r"--(rebuild|check)\b", cmd):
+                if not built:
+                    p.append(f"{where}:{n}: `{cmd.strip()}` with no plain `nix build .#model` "
+                             f"before it: Nix refuses to check an output it does not have")
+            else:
+                built = True
+    return p
+
+
+def check_docs(root: Path) -> Problems:
+    p = []
+    for rel in ("README.md", "docs/nix.md"):
+        path = root / rel
+        if path.is_file():
+            p += _rebuild_after_build(path.read_text(encoding="utf-8"), rel, blocks=True)
+    workflow = root / WORKFLOW
+    if not workflow.is_file():
+        return [*p, f"{WORKFLOW}: missing (the CI definition for users with Nix: nix flake check, "
+                    f"nix build .#model twice, the second with --rebuild)"]
+    text = workflow.read_text(encoding="utf-8")
+    p += _rebuild_after_build(text, str(WORKFLOW), blocks=False)
+    runs = [m.strip() for m in re.findall(r"^\s*(?:-\s*)?run:\s*(.*)$", text, re.MULTILINE)]
+
+    def step(pattern: str) -> int:
+        return next((i for i, cmd in enumerate(runs) if re.search(pattern, cmd)), -1)
+
+    steps = [step(r"\bnix flake check\b"), step(r"\bnix build \.#model\b(?!.*--rebuild)"),
+             step(r"\bnix build \.#model\b.*--rebuild")]
+    if -1 in steps or steps != sorted(steps) or len(set(steps)) < 3:
+        p.append(f"{WORKFLOW}: expected `nix flake check`, then `nix build .#model`, then "
+                 f"`nix build .#model --rebuild`")
+    return p
 
 
 def run_checks(root: Path, nix: str | None) -> dict[str, Problems | None]:
@@ -456,6 +613,7 @@ def run_checks(root: Path, nix: str | None) -> dict[str, Problems | None]:
         "profile": lambda: check_profile(root),
         "deps": lambda: check_deps(root),
         "outputs": (lambda: check_outputs(root, nix)) if nix else None,
+        "docs": lambda: check_docs(root),
     }
     return {name: (fn() if fn else None) for name, fn in checks.items()}
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,29 +149,49 @@ def clean_env(cache: Path) -> dict[str, str]:
     return env
 
 
+# Sets the hostname in the new UTS namespace, then becomes the command. Python's
+# socket.sethostname, not hostname(1): util-linux has no `hostname`, coreutils installs
+# none unless configured to, and nixpkgs' stdenv brings no other, so in `nix flake
+# check`'s sandbox the machine always skipped.
+_SETHOST = ("import os, socket, sys; socket.sethostname(sys.argv[1]); "
+            "os.execvp(sys.argv[2], sys.argv[2:])")
+# A private UTS namespace: as root (or with CAP_SYS_ADMIN) `unshare --uts`; unprivileged,
+# inside a new user namespace that maps this user to root (the Nix sandbox's builder
+# is an unprivileged user in a user namespace of its own).
+_UNSHARES = (("unshare", "--uts"), ("unshare", "--user", "--map-root-user", "--uts"))
+
+
 @functools.cache
+def _uts() -> tuple[tuple[str, ...] | None, str]:
+    """(the unshare prefix that works here, or None; why none works)."""
+    why = []
+    for prefix in _UNSHARES:
+        cmd = [*prefix, sys.executable, "-c", _SETHOST, "probe-host", sys.executable, "-c",
+               "import socket, sys; sys.exit(socket.gethostname() != 'probe-host')"]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        except OSError as e:
+            return None, f"{prefix[0]}: {e}"
+        if p.returncode == 0:
+            return prefix, ""
+        why.append(f"`{' '.join(prefix)}`: {p.stderr.strip() or f'exit {p.returncode}'}")
+    return None, "no private UTS namespace: " + "; ".join(why)
+
+
 def uts_namespace_problem() -> str | None:
     """Why a private UTS namespace (for the hostname) is not available, or None."""
-    try:
-        p = subprocess.run(["unshare", "--uts", "hostname", "probe-host"], capture_output=True,
-                           text=True, timeout=30, check=False)
-    except OSError as e:
-        return f"unshare --uts: {e}"
-    return None if p.returncode == 0 else f"unshare --uts not permitted: {p.stderr.strip()}"
+    prefix, why = _uts()
+    return None if prefix else why
 
 
 def wrap(machine: Machine, cmd: list[str]) -> list[str]:
     """The argv that runs ``cmd`` on ``machine`` (prefix, umask, hostname)."""
     cmd = [*machine.prefix, *cmd]
-    steps = []
-    if machine.umask is not None:
-        steps.append(f"umask {machine.umask:03o}")
+    if machine.umask is not None:  # the shell changes itself, then becomes the command
+        cmd = ["sh", "-c", f'umask {machine.umask:03o} && exec "$@"', "sh", *cmd]
     if machine.hostname:
-        steps.append(f"hostname {machine.hostname}")
-    if steps:  # the shell changes itself, then becomes the command
-        cmd = ["sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh", *cmd]
-    if machine.hostname:
-        cmd = ["unshare", "--uts", *cmd]
+        prefix = _uts()[0] or _UNSHARES[0]
+        cmd = [*prefix, sys.executable, "-c", _SETHOST, machine.hostname, *cmd]
     return cmd
 
 
@@ -184,6 +205,11 @@ def environment(machine: Machine, base: Mapping[str, str], places: Places,
     for key in ("HOME", "TMPDIR", "XDG_CACHE_HOME"):
         if key in machine.env:
             Path(env[key]).mkdir(parents=True, exist_ok=True)
+    if "LOCPATH" in machine.env and not (Path(env["LOCPATH"]) / env.get("LC_ALL", "")).is_dir():
+        # localedef could not compile it (compile_locales): glibc then looks the locale
+        # up in its archive, LOCALE_ARCHIVE where set (nixpkgs' glibc; the flake's
+        # determinism check points it at glibcLocales). LOCPATH would hide the archive.
+        del env["LOCPATH"]
     env.update(extra or {})
     return dict(reversed(list(env.items()))) if machine.reverse_env else env
 

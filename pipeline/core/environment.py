@@ -28,7 +28,7 @@ from .errors import ProfileError
 __all__ = ["Profile", "load_profile", "project_root", "host_isa_levels", "check_host",
            "pinning_disabled", "needs_reexec", "reexec", "child_pythonpath", "apply_in_process",
            "profile_record", "toolchain_fingerprint", "code_sha256", "blas_of_torch", "cpu_identity",
-           "device_identity",
+           "device_identity", "blas_from_config", "openblas_core", "check_blas_core",
            "PROFILE_FILE"]
 
 PROFILE_FILE = Path(__file__).resolve().parents[1] / "profile.json"
@@ -164,7 +164,8 @@ def child_pythonpath() -> str:
 
 def apply_in_process(profile: Profile) -> None:
     """Settings that are only reachable through torch's API, then a check that
-    the kernels torch picked are the profile's."""
+    the kernels torch picked are the profile's (ATen's ISA level; OpenBLAS's core
+    type where torch uses OpenBLAS)."""
     import torch
 
     torch.set_num_threads(profile.threads)
@@ -173,6 +174,8 @@ def apply_in_process(profile: Profile) -> None:
     except RuntimeError:
         pass  # already set in this process: only allowed once, before parallel work
     got = torch.backends.cpu.get_cpu_capability().lower()
+    blas = blas_of_torch()
+    check_blas_core(profile, blas, openblas_core() if blas == "open" else None)
     if profile.requires_isa == "default" or got == profile.requires_isa:
         return
     if got in _ISA_ORDER and _ISA_ORDER.index(got) > _ISA_ORDER.index(profile.requires_isa):
@@ -208,13 +211,71 @@ def device_identity(device: str) -> dict[str, Any]:
                          "tf32_cudnn": torch.backends.cudnn.allow_tf32}}
 
 
+def blas_from_config(config: str) -> str:
+    """The BLAS named by a torch build configuration (``torch.__config__.show()``):
+    its ``BLAS_INFO`` setting, lower case -- ``mkl`` (PyPI's x86-64 wheels),
+    ``open`` (OpenBLAS: nixpkgs' torch, PyPI's aarch64 wheels), ``generic``
+    (a reference-style libblas), ``accelerate``, ... -- or ``unknown`` where the
+    text names none (a build that prints no settings)."""
+    m = re.search(r"\bBLAS_INFO=([A-Za-z0-9_]+)", config)
+    return m.group(1).lower() if m else "unknown"
+
+
 def blas_of_torch() -> str:
-    """The BLAS torch was built against (``BLAS_INFO`` of its build
-    configuration: mkl, open (OpenBLAS), accelerate, ...), lower case."""
+    """The BLAS this process's torch was built against (``blas_from_config``)."""
     import torch
 
-    m = re.search(r"BLAS_INFO=([A-Za-z0-9_]+)", torch.__config__.show())
-    return m.group(1).lower() if m else "unknown"
+    return blas_from_config(torch.__config__.show())
+
+
+# OpenBLAS built with DYNAMIC_ARCH (nixpkgs' x86_64-linux and aarch64-linux builds:
+# pkgs/development/libraries/science/math/openblas/default.nix, `DYNAMIC_ARCH = true`)
+# picks its kernels for the CPU at load time unless OPENBLAS_CORETYPE names one
+# (OpenBLAS driver/others/dynamic.c, force_coretype). The profile pins it; this is the
+# kernel set the library reports it runs (openblas_get_corename).
+_CORENAME_SYMBOLS = ("openblas_get_corename", "openblas_get_corename64_",
+                     "scipy_openblas_get_corename", "scipy_openblas_get_corename64_")
+
+
+def openblas_core(maps: str | None = None) -> str | None:
+    """The kernel set (core name) the OpenBLAS torch uses reports, lower case, or
+    None where no OpenBLAS is loaded. Libraries are found in /proc/self/maps
+    (``maps``: its text, for tests); a library bundled for NumPy alone
+    (``scipy_openblas``) counts only when no other OpenBLAS is loaded."""
+    import ctypes
+
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    paths = sorted({line.split()[-1] for line in maps.splitlines()
+                    if ".so" in line and "blas" in line.rsplit("/", 1)[-1].lower()},
+                   key=lambda p: ("scipy_openblas" in p, p))
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in _CORENAME_SYMBOLS:
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                name = fn()
+                return name.decode("ascii", "replace").strip().lower() if name else None
+    return None
+
+
+def check_blas_core(profile: Profile, blas: str, core: str | None) -> None:
+    """Refuse an OpenBLAS torch whose kernels are not the profile's
+    OPENBLAS_CORETYPE (a core this build lacks, or a variable that was reset)."""
+    want = profile.env.get("OPENBLAS_CORETYPE")
+    if blas != "open" or not want or core is None or core == want.lower():
+        return
+    raise ProfileError(f"{PROFILE_FILE}: profile {profile.name} pins OPENBLAS_CORETYPE="
+                       f"{want}, but torch's OpenBLAS runs the {core!r} kernels: this OpenBLAS "
+                       f"build lacks that core type or the variable did not reach it. Use "
+                       f"mode=exact, whose weights do not depend on the BLAS")
 
 
 def cpu_identity(cpuinfo: str | None = None) -> dict[str, str]:
@@ -258,6 +319,8 @@ def profile_record(profile: Profile | None) -> dict[str, Any]:
         cpu.pop("model", None)  # the model matters for MKL's own dispatch (cpu_identity)
     observed = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "threads": torch.get_num_threads(), "cpu": cpu, "blas": blas}
+    if blas == "open":  # the kernels OpenBLAS chose (DYNAMIC_ARCH): keyed with the profile
+        observed["blas_core"] = openblas_core() or "unknown"
     if profile is None:
         return {"name": "unpinned", "observed": observed}
     return {"name": profile.name, "threads": profile.threads, "env": dict(profile.env),

@@ -17,7 +17,7 @@ the additions to the backend's algorithm: ring or halving-doubling, chunked.)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -108,7 +108,7 @@ class TorchComm:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 return _unflatten(flat, loss, shapes)
             gathered = flat.new_empty(self.size * flat.numel())
-            dist.all_gather_single(gathered, flat)  # W x that
+            _all_gather(dist)(gathered, flat)  # W x that
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
         # Each rank's partial, its absent gradients None again, summed in the
@@ -138,6 +138,16 @@ class TorchComm:
             f"rank {self.rank} of {self.size}: {what} failed ({first}): a peer process died, "
             f"or did not answer within the process group's timeout. Rerun the same command, "
             f"at any world size, to resume from the last checkpoint")
+
+
+def _all_gather(dist: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """torch.distributed's all-gather into one tensor: ``all_gather_single`` where
+    torch has it (2.13, where ``all_gather_into_tensor`` warns that it is
+    deprecated), else ``all_gather_into_tensor`` (torch 1.13 to 2.9: nixpkgs 25.11's
+    2.9.1 has no all_gather_single, and `--nproc 2` exited 70 there). Both gather
+    rank r's tensor into slice r; tests/train/test_torch_api.py checks every other
+    torch.distributed name the package uses against 2.9.1."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _flatten(partial: Grads, shapes: dict[str, torch.Size]) -> torch.Tensor:

@@ -12,7 +12,13 @@ import pytest
 
 from pipeline.core import _testing
 from pipeline.core import environment as env
-from pipeline.core.environment import blas_of_torch, cpu_identity
+from pipeline.core.environment import (
+    blas_from_config,
+    blas_of_torch,
+    check_blas_core,
+    cpu_identity,
+    openblas_core,
+)
 from pipeline.core.errors import ProfileError
 
 from ..support import ROOT, pipeline_env, run_pipeline
@@ -75,7 +81,8 @@ def test_reexec_sets_the_profile_before_torch_starts(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout)
     observed = rec["profile"]["observed"]
-    assert (observed["cpu_capability"], observed["threads"]) == ("AVX2", 1)
+    want = env.load_profile().requires_isa.upper()  # AVX2 on x86_64, DEFAULT on aarch64
+    assert (observed["cpu_capability"], observed["threads"]) == (want, 1)
     assert observed["cpu"]["vendor"] == cpu_identity()["vendor"]
     assert observed["blas"] == blas_of_torch()
 
@@ -99,7 +106,84 @@ def test_toolchain_fingerprint_names_versions_not_the_machine() -> None:
     """The fingerprint holds versions and builds, and no hostname or path."""
     import socket
 
+    import torch
+
     fp = env.toolchain_fingerprint()
-    assert fp["torch"].startswith("2.13.0") and fp["lock"].startswith(("pip:sha256:", "nix"))
+    assert fp["torch"] == torch.__version__ and fp["lock"].startswith(("pip:sha256:", "nix"))
     text = json.dumps(fp)
     assert socket.gethostname() not in text and str(ROOT) not in text
+
+
+# Build configurations as torch.__config__.show() prints them (abridged): PyPI's x86-64
+# wheel (this lock's torch 2.13.0+cpu), an OpenBLAS build (nixpkgs' torch, PyPI's aarch64
+# wheels: cmake/Modules/FindBLAS.cmake sets BLAS_INFO "open"), a reference libblas, none.
+MKL_CONFIG = ("  - Build settings: BLAS_INFO=mkl, BUILD_TYPE=Release, LAPACK_INFO=mkl, "
+              "USE_MKL=ON, USE_MKLDNN=ON,")
+OPENBLAS_CONFIG = ("  - Build settings: BLAS_INFO=open, BUILD_TYPE=Release, LAPACK_INFO=open, "
+                   "USE_MKL=OFF, USE_MKLDNN=ON,")
+
+
+@pytest.mark.parametrize(("config", "blas"), [
+    (MKL_CONFIG, "mkl"), (OPENBLAS_CONFIG, "open"),
+    ("Build settings: BLAS_INFO=generic, LAPACK_INFO=generic,", "generic"),
+    ("Build settings: BLAS_INFO=accelerate,", "accelerate"),
+    ("Build settings: LAPACK_INFO=mkl, USE_MKL=ON,", "unknown"),  # LAPACK is not BLAS
+    ("PyTorch built with:\n  - GCC 13.3\n", "unknown")])
+def test_blas_is_read_from_the_build_configuration(config: str, blas: str) -> None:
+    """``blas_from_config`` names the BLAS a torch build configuration says it uses
+    (BLAS_INFO), and ``unknown`` where the text names none."""
+    assert blas_from_config(config) == blas
+
+
+def test_blas_of_this_torch_is_its_configuration() -> None:
+    """This process's torch: the BLAS its own configuration names (the pip lock's
+    x86-64 torch is an MKL build; an OpenBLAS torch reports ``open``)."""
+    import torch
+
+    assert blas_of_torch() == blas_from_config(torch.__config__.show()) != "unknown"
+
+
+def test_every_profile_pins_the_openblas_core_type() -> None:
+    """Every profile pins OPENBLAS_CORETYPE to a kernel set its ISA requirement can
+    run: Haswell (AVX2 + FMA) on x86_64, generic ARMV8 on aarch64."""
+    want = {"x86_64": ("Haswell", "avx2"), "aarch64": ("ARMV8", "default")}
+    for arch, (core, isa) in want.items():
+        p = env.load_profile(arch)
+        assert (p.env.get("OPENBLAS_CORETYPE"), p.requires_isa) == (core, isa), p
+
+
+_CORE_PROBE = ("import numpy; from pipeline.core.environment import openblas_core; "
+               "print(openblas_core())")
+
+
+@pytest.mark.process
+@pytest.mark.skipif("avx2" not in env.host_isa_levels(), reason="needs an AVX2 CPU")
+def test_openblas_core_reports_the_kernels_the_variable_picks(tmp_path: Path) -> None:
+    """``openblas_core`` reads the kernel set a loaded OpenBLAS runs (here NumPy's own
+    OpenBLAS, built with DYNAMIC_ARCH like nixpkgs'): OPENBLAS_CORETYPE=Haswell gives
+    haswell, and the control Sandybridge gives sandybridge, so the variable really
+    chooses the kernels and the record sees which."""
+    got = {}
+    for core in ("Haswell", "Sandybridge"):
+        p = subprocess.run([sys.executable, "-c", _CORE_PROBE], cwd=ROOT, capture_output=True,
+                           text=True, check=True, timeout=120,
+                           env=pipeline_env(tmp_path, OPENBLAS_CORETYPE=core))
+        got[core] = p.stdout.strip()
+    assert got == {"Haswell": "haswell", "Sandybridge": "sandybridge"}, got
+
+
+def test_openblas_core_without_openblas_is_none() -> None:
+    """No BLAS library in the process map: nothing to report."""
+    assert openblas_core("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libc.so.6\n") is None
+
+
+def test_an_openblas_torch_on_other_kernels_is_refused() -> None:
+    """A profile's OPENBLAS_CORETYPE that the loaded OpenBLAS did not take (a core type
+    the build lacks falls back to detection) is a ProfileError (exit 4) naming the
+    variable and profile.json; an MKL torch or the pinned kernels pass."""
+    p = env.load_profile("x86_64")
+    check_blas_core(p, "open", "haswell")
+    check_blas_core(p, "mkl", None)
+    with pytest.raises(ProfileError, match="OPENBLAS_CORETYPE=Haswell.*'skylakex'") as e:
+        check_blas_core(p, "open", "skylakex")
+    assert "profile.json" in str(e.value) and e.value.exit_code == 4

@@ -44,7 +44,8 @@ check_nix = _load_checker()
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """A copy of the files the checker reads, to break one at a time."""
-    for rel in ("flake.nix", "flake.lock", "pyproject.toml", "pipeline/profile.json"):
+    for rel in ("flake.nix", "flake.lock", "pyproject.toml", "pipeline/profile.json",
+                "README.md", "docs/nix.md", ".github/workflows/nix.yml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     shutil.copytree(REPO / "nix", tmp_path / "nix")
@@ -179,8 +180,8 @@ def test_input_moved_without_relock(tree: Path) -> None:
 
 
 FLAKE_CONTROLS: list[tuple[str, str, str, str]] = [
-    ("hard-coded ATEN_CPU_CAPABILITY", "makeWrapperArgs = ",
-     'makeWrapperArgs = [ "--set" "ATEN_CPU_CAPABILITY" "avx2" ] ++ ',
+    ("hard-coded ATEN_CPU_CAPABILITY", "makeWrapperArgs =\n",
+     'makeWrapperArgs = [ "--set" "ATEN_CPU_CAPABILITY" "avx2" ] ++\n',
      "spells ATEN_CPU_CAPABILITY"),
     ("hard-coded profile in a comment", "# One source of truth",
      "# PYTHONHASHSEED=0. One source of truth", "spells PYTHONHASHSEED"),
@@ -189,8 +190,13 @@ FLAKE_CONTROLS: list[tuple[str, str, str, str]] = [
      "builtins.fromJSON (builtins.readFile ./profile.json)", "does not read the profile"),
     ("wrapper sets PIPELINE_CACHE_DIR", "PIPELINE_LOCK_ID = lockId;",
      'PIPELINE_LOCK_ID = lockId; PIPELINE_CACHE_DIR = "/tmp";', "spells PIPELINE_CACHE_DIR"),
-    ("system without a profile", '"aarch64-darwin" ]', '"aarch64-darwin" "riscv64-linux" ]',
+    ("system without a profile", '"aarch64-linux" ]', '"aarch64-linux" "riscv64-linux" ]',
      "riscv64-linux has no profile"),
+    ("darwin listed", '"aarch64-linux" ]', '"aarch64-linux" "aarch64-darwin" ]',
+     "aarch64-darwin: the checks need util-linux and glibc"),
+    ("lock id read from flake.lock", 'lockId = "nix:" + nixpkgs.narHash;',
+     'lockId = "nix:" + (builtins.fromJSON (builtins.readFile ./flake.lock))'
+     '.nodes.nixpkgs.locked.narHash;', "reads ./flake.lock"),
 ]
 
 
@@ -243,6 +249,9 @@ def test_outputs_missing_app(tree: Path) -> None:
     assert any("apps: expected" in p for p in problems), problems
 
 
+# Each control passes an argument the nixpkgs builder really lacks: a misspelling, or a
+# sibling builder's argument (runAsRoot and copyToRoot are dockerTools.buildImage's, not
+# streamLayeredImage's: doc/build-helpers/images/dockertools.section.md).
 BUILDER_ARG_CONTROLS: list[tuple[str, str, str, str]] = [
     ("misspelt pythonImportsCheck", "pythonImportsCheck = ", "pythonImportCheck = ",
      "buildPythonApplication argument 'pythonImportCheck'"),
@@ -250,12 +259,29 @@ BUILDER_ARG_CONTROLS: list[tuple[str, str, str, str]] = [
      'runCommand "pipeline-model" { nativeBuildInputs',
      'runCommand "pipeline-model" { nativeBuildInput',
      "runCommand argument 'nativeBuildInput'"),
-    ("unknown streamLayeredImage argument", 'created = "1970-01-01T00:00:01Z";',
-     'created = "1970-01-01T00:00:01Z"; mtime = "1970-01-01T00:00:01Z";',
-     "dockerTools.streamLayeredImage argument 'mtime'"),
+    ("misspelt nativeBuildInputs in runCommandCC",
+     'runCommandCC "pipeline-determinism" {\n              nativeBuildInputs',
+     'runCommandCC "pipeline-determinism" {\n              nativeBuildInput',
+     "runCommandCC argument 'nativeBuildInput'"),
+    ("buildImage's runAsRoot in streamLayeredImage", 'created = "1970-01-01T00:00:01Z";',
+     'created = "1970-01-01T00:00:01Z"; runAsRoot = "mkdir -p /data";',
+     "dockerTools.streamLayeredImage argument 'runAsRoot'"),
+    ("buildImage's copyToRoot in streamLayeredImage", 'created = "1970-01-01T00:00:01Z";',
+     'created = "1970-01-01T00:00:01Z"; copyToRoot = [ ];',
+     "dockerTools.streamLayeredImage argument 'copyToRoot'"),
     ("misspelt mkShell packages", "packages = [ devPython ];", "package = [ devPython ];",
      "mkShell argument 'package'"),
 ]
+
+
+@needs_nix
+def test_arguments_nixpkgs_added_since_2024_are_accepted(tree: Path) -> None:
+    """streamLayeredImage's mtime (and the ownership and architecture arguments) are
+    nixpkgs' now: the list before issue 25 rejected mtime, a real argument."""
+    _edit(tree / "flake.nix", 'created = "1970-01-01T00:00:01Z";',
+          'created = "1970-01-01T00:00:01Z"; mtime = "1970-01-01T00:00:01Z"; uid = 0; '
+          'architecture = "amd64"; includeNixDB = false;')
+    assert check_nix.check_outputs(tree, NIX) == []
 
 
 @needs_nix
@@ -275,13 +301,36 @@ SANDBOX_CONTROLS: list[tuple[str, str, str, str]] = [
     ("golden check without --require", "golden check --require", "golden check",
      "checks.golden: must train"),
     ("golden check of the pinned model only",
-     'pipeline train configs/digits-exact.toml --runs-dir "$TMPDIR/exact" --quiet', "true",
-     "checks.golden: must train"),
+     'pipeline train configs/digits-exact.toml --runs-dir "$TMPDIR/exact" --threads 1 --quiet',
+     "true", "checks.golden: must train"),
     ("determinism check without util-linux", "(lib.getBin pkgs.util-linux) ", "",
      "util-linux-bin"),
     ("determinism check without localedef", " (lib.getBin pkgs.glibc)", "", "glibc-bin"),
     ("model copies only the weights", "{weights.safetensors,run.json,metrics.jsonl,curves.png,"
      "trail.bin}", "{weights.safetensors,run.json}", "packages.model: expected"),
+    # Issue 25: what a real builder would do differently.
+    ("determinism check without a C compiler", 'pkgs.runCommandCC "pipeline-determinism"',
+     'pkgs.runCommand "pipeline-determinism"', "must be built with runCommandCC"),
+    ("unbounded pytest workers", '-n "$workers" --maxprocesses 8', "-n $NIX_BUILD_CORES",
+     "--maxprocesses at most 8"),
+    ("model on auto threads", '--runs-dir "$TMPDIR/runs" --threads 1 --quiet',
+     '--runs-dir "$TMPDIR/runs" --quiet', "explicit --threads N"),
+    ("package built from the whole tree", "src = packageSrc;", "src = self;",
+     "src must be a lib.fileset source"),
+    ("package source with the docs", "packageSrc = files [ ./pyproject.toml",
+     "packageSrc = files [ ./docs ./pyproject.toml", "src must be a lib.fileset source"),
+    ("wrapper forces PIPELINE_ROOT and CC", '[ "--set-default" n v ]', '[ "--set" n v ]',
+     "expected --set-default for"),
+    ("no formatter", '"devShells" "formatter" ]', '"devShells" ]', "formatter: none"),
+    ("overlay ignores the given nixpkgs",
+     "overlays.default = final: _prev: { pipeline = pipelineFor final; };",
+     'overlays.default = final: _prev: { pipeline = pipelineFor nixpkgs.legacyPackages'
+     '."aarch64-linux"; };', "overlays.default: expected"),
+    ("darwin back in the systems", '"aarch64-linux" ]', '"aarch64-linux" "aarch64-darwin" ]',
+     "is not available on aarch64-darwin"),
+    ("lock id from flake.lock", 'lockId = "nix:" + nixpkgs.narHash;',
+     'lockId = "nix:" + (builtins.fromJSON (builtins.readFile ./flake.lock))'
+     '.nodes.nixpkgs.locked.narHash;', "PIPELINE_LOCK_ID (the input's narHash)"),
 ]
 
 
@@ -290,10 +339,94 @@ SANDBOX_CONTROLS: list[tuple[str, str, str, str]] = [
                          ids=[c[0] for c in SANDBOX_CONTROLS])
 def test_sandbox_script_controls(tree: Path, name: str, old: str, new: str,
                                  expect: str) -> None:
-    """The checks issue 14 asks of the sandbox scripts fail when one is undone."""
+    """What issues 14 and 25 ask of the flake's derivations, each undone, fails the
+    outputs check (evaluated against the stand-in nixpkgs)."""
     _edit(tree / "flake.nix", old, new)
     problems = check_nix.check_outputs(tree, NIX)
     assert any(expect in p for p in problems), problems
+
+
+def _determinism_script() -> str:
+    out = check_nix._stub_outputs(REPO, NIX)
+    return str(out["systems"]["x86_64-linux"]["checks"]["determinism"])
+
+
+@needs_nix
+@pytest.mark.parametrize(("cores", "want"), [("1", 1), ("3", 3), ("0", os.cpu_count()),
+                                             (None, os.cpu_count())])
+def test_the_check_runs_pytest_on_the_builders_cores(cores: str | None, want: int) -> None:
+    """The determinism check's worker count, its own shell lines run here: NIX_BUILD_CORES
+    as given, 0 or unset (Nix: every core) as the core count, never 0 (which xdist reads
+    as no workers at all); --maxprocesses caps it at 8."""
+    script = _determinism_script()
+    lines = [ln for ln in script.splitlines() if ln.startswith(("workers=", "if [ \"$workers"))]
+    assert len(lines) == 2, script
+    env = {"PATH": os.environ["PATH"], **({"NIX_BUILD_CORES": cores} if cores else {})}
+    p = subprocess.run(["bash", "-c", "\n".join([*lines, 'echo "$workers"'])], env=env,
+                       capture_output=True, text=True, timeout=30, check=True)
+    assert int(p.stdout) == want
+    assert "--maxprocesses 8" in script
+
+
+def test_docs_ask_for_a_build_before_rebuild() -> None:
+    """README.md, docs/nix.md and the CI workflow run `nix build .#model` before
+    `nix build .#model --rebuild`, and the workflow runs nix flake check first."""
+    assert check_nix.check_docs(REPO) == []
+
+
+DOCS_CONTROLS: list[tuple[str, str, str, str]] = [
+    ("README: rebuild alone", "README.md", "nix build .#model && nix build .#model --rebuild",
+     "nix build .#model --rebuild", "README.md:"),
+    ("docs: rebuild alone", "docs/nix.md", "nix build .#model && nix build .#model --rebuild",
+     "nix build .#model --rebuild", "docs/nix.md:"),
+    ("workflow: no first build", ".github/workflows/nix.yml",
+     "      - name: nix build .#model\n        run: nix build .#model -L\n", "",
+     "no plain `nix build .#model` before it"),
+    ("workflow: no flake check", ".github/workflows/nix.yml", "run: nix flake check -L",
+     "run: true", "expected `nix flake check`"),
+]
+
+
+@pytest.mark.parametrize(("name", "rel", "old", "new", "expect"), DOCS_CONTROLS,
+                         ids=[c[0] for c in DOCS_CONTROLS])
+def test_docs_controls(tree: Path, name: str, rel: str, old: str, new: str,
+                       expect: str) -> None:
+    """A rebuild without a build before it, or a workflow without one of its steps,
+    fails the docs check naming the file."""
+    _edit(tree / rel, old, new)
+    problems = check_nix.check_docs(tree)
+    assert any(expect in p for p in problems), problems
+
+
+def test_no_workflow_fails(tree: Path) -> None:
+    (tree / ".github" / "workflows" / "nix.yml").unlink()
+    assert any("missing" in p for p in check_nix.check_docs(tree))
+
+
+@pytest.mark.process
+def test_the_wrappers_root_is_enough_to_train_and_check(tmp_path: Path) -> None:
+    """PIPELINE_ROOT holds only the runtime source the flake builds (ROOT_SOURCE:
+    data, configs, examples, goldens; no code, no requirements.lock): from another
+    directory, `pipeline train configs/digits-exact.toml` and `golden check --require`
+    (what checks.golden runs) work against it. The control: without tests/golden the
+    check finds no entry and fails."""
+    root = tmp_path / "root"
+    for rel in check_nix.ROOT_SOURCE:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (REPO / rel).is_dir() else shutil.copy2)(REPO / rel, root / rel)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = pipeline_env(tmp_path, clean=True, PIPELINE_ROOT=str(root),
+                       PIPELINE_LOCK_ID="nix:sha256-test")
+    p = run_pipeline(["train", "configs/digits-exact.toml", "--runs-dir", str(work / "runs"),
+                      "--threads", "1", "--json", "--quiet"], env, cwd=work, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = str(work / "runs" / json.loads(p.stdout)["run_key"])
+    check = run_pipeline(["golden", "check", "--require", run_dir], env, cwd=work)
+    assert check.returncode == 0 and check.stdout.startswith("golden match"), check
+    shutil.rmtree(root / "tests" / "golden")
+    missing = run_pipeline(["golden", "check", "--require", run_dir], env, cwd=work)
+    assert missing.returncode == 1, missing
 
 
 # --- what a real nixpkgs does with the flake's outputs (issue 14), run here -----------------

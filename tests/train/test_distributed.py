@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pipeline import cli
 from pipeline.train.distributed import LocalComm, add_grads, tree_reduce
 
 from ..support import (
+    ROOT,
     build_once,
     copy_source,
     pipeline_env,
@@ -288,3 +290,25 @@ def test_ctrl_c_of_a_multi_process_run_prints_one_line(
     _, err = p.communicate(timeout=TIMEOUT_S)
     assert p.returncode == 130, err
     assert err == "interrupted; rerun the same command to resume\n", err
+
+
+def test_a_worker_writes_nothing_on_stdout(tmp_path: Path) -> None:
+    """A worker's file descriptor 1 is its stderr, or /dev/null under --quiet
+    (``launch._redirect_stdout``), so what a library prints from C++ (torch 2.9.1's
+    gloo: "[Gloo] Rank 0 is connected ...") cannot get into the launcher's stdout,
+    which `--json` makes one JSON record. The control: without it the writes reach
+    stdout."""
+    code = ("import os, sys\n"
+            "if sys.argv[1] != 'control':\n"
+            "    from pipeline.launch import _redirect_stdout\n"
+            "    _redirect_stdout(sys.argv[1] == 'quiet')\n"
+            "os.write(1, b'[Gloo] from C\\n'); print('from Python', flush=True)\n")
+    out = {}
+    for role in ("worker", "quiet", "control"):
+        out[role] = subprocess.run([sys.executable, "-c", code, role], cwd=ROOT, text=True,
+                                   capture_output=True, timeout=120, check=True,
+                                   env=pipeline_env(tmp_path))
+    assert out["worker"].stdout == "" and out["quiet"].stdout == "", out
+    assert "[Gloo] from C" in out["worker"].stderr and "from Python" in out["worker"].stderr
+    assert "[Gloo]" not in out["quiet"].stderr, out["quiet"].stderr
+    assert "[Gloo] from C" in out["control"].stdout

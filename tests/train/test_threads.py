@@ -3,11 +3,11 @@ the project ships (the digits MLP, the CNN, the charlm transformer), the
 thread count recorded and not keyed. The control: the same runs with stock
 intra-op threads (PIPELINE_TEST_INTRAOP_THREADS) give other bits wherever the
 model's stock kernels depend on the thread count here, so the suite would see
-a thread-dependent kernel come back. Whether they do is measured, not assumed
-(``_stock_grads_vary``): MKL under the profile's MKL_CBWR=AVX2,STRICT is
-thread-invariant on Intel CPUs (the digits MLP's GEMMs then cannot vary), not
-on others, and OpenBLAS at these sizes neither; ATen's LayerNorm backward and
-oneDNN's convolution gradients vary everywhere measured."""
+a thread-dependent kernel come back. Whether they can is decided from torch's
+build configuration (its BLAS) and measured (``_control_skip``,
+``_stock_grads_vary``): the digits MLP varies only under MKL, and there not on
+Intel CPUs under the profile's MKL_CBWR=AVX2,STRICT; ATen's LayerNorm backward
+and oneDNN's convolution gradients vary everywhere measured."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.environment import blas_of_torch, load_profile
 from pipeline.train import threads as threads_mod
 from pipeline.train.pinned import PinnedNet, _ShardGenerator
 from pipeline.train.threads import ShardRunner
@@ -61,15 +62,49 @@ def test_one_hash_at_1_2_and_7_threads(model: str, tmp_path: Path,
     assert [r["threads"]["requested"] for r in runs.values()] == [1, 2, 7]
     assert runs[2]["threads"]["shard_threads"] == 2
     assert all(r["threads"]["op_threads"] == 1 for r in runs.values())
-    # The control: stock kernels on 7 threads give other bits, where this
-    # machine's stock kernels for the model depend on the thread count at all.
+
+
+@pytest.mark.process
+@pytest.mark.determinism
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_stock_threads_change_the_bits(model: str, tmp_path: Path,
+                                       suite_env: dict[str, str]) -> None:
+    """The control for the test above: the same run with 7 stock intra-op threads
+    gives other bits, so that test compares runs that could differ. Only where the
+    model's stock kernels depend on the thread count here (``_control_skip``)."""
+    why = _control_skip(model, suite_env)
+    if why:
+        pytest.skip(why)
+    args = MODELS[model]
+    one = _train(args, 1, tmp_path, suite_env)
     stock = _train(args, 7, tmp_path, suite_env, control=True)
     assert stock["threads"]["op_threads"] == 7
     assert stock["test_switches"] == {"intraop_threads": 7}
-    if _stock_grads_vary(model, suite_env):
-        assert stock["weights_sha256"] != runs[1]["weights_sha256"]
-    else:  # nothing to control here: the model's kernels are thread-invariant
-        assert model == "mlp", f"{model}'s stock gradients no longer vary with threads"
+    assert stock["weights_sha256"] != one["weights_sha256"]
+
+
+def _control_skip(model: str, env: dict[str, str]) -> str | None:
+    """Why 7 stock threads cannot change ``model``'s bits here, or None.
+
+    The digits MLP's only thread-dependent kernels are its GEMMs, and those
+    split their sums by thread in MKL alone: OpenBLAS at these sizes gives the
+    same bits at 1, 2 and 4 threads (the design note; tests/system/
+    test_determinism.py), so on any other BLAS -- read from torch's build
+    configuration, ``BLAS_INFO`` -- the control does not apply. Under MKL it
+    applies where the probe sees the gradients vary (MKL_CBWR=AVX2,STRICT makes
+    them thread-invariant on Intel CPUs). The CNN (oneDNN's convolution
+    gradients) and charlm (LayerNorm's backward) vary on every BLAS."""
+    if model != "mlp":
+        return None
+    blas = blas_of_torch()
+    if blas != "mkl":
+        return (f"the MLP's thread control needs MKL's thread-dependent GEMM; this torch is "
+                f"built against BLAS_INFO={blas} (torch.__config__.show()), whose GEMMs at "
+                f"these sizes are thread-invariant")
+    if not _stock_grads_vary("mlp", env):
+        return ("MKL here gives the MLP's stock gradients the same bits at 1 and 7 threads "
+                "(measured by the probe; MKL_CBWR on an Intel CPU): nothing to control")
+    return None
 
 
 # One shard's stock forward and backward at 1 and 7 threads under the pinned
@@ -99,13 +134,7 @@ print(grads[0] != grads[1])
 def _stock_grads_vary(kind: str, env: dict[str, str]) -> bool:
     """Whether ``kind``'s stock gradients change with the thread count on this
     machine, under the pinned profile's environment (``mlp``: the digits MLP's
-    shard; ``layernorm``: a LayerNorm backward, which splits its sums by thread).
-    The CNN and the charlm transformer are taken to vary (oneDNN's convolution
-    and LayerNorm gradients: every machine measured)."""
-    if kind in ("cnn", "charlm"):
-        return True
-    from pipeline.core.environment import load_profile
-
+    shard; ``layernorm``: a LayerNorm backward, which splits its sums by thread)."""
     p = subprocess.run([sys.executable, "-c", _PROBE, kind], cwd=ROOT,
                        env={**env, **load_profile().env}, capture_output=True, text=True,
                        timeout=120, check=False)
@@ -241,3 +270,54 @@ def test_a_random_op_without_a_generator_argument_falls_back_to_shards_in_order(
     assert rec["shard_threads"] == 1 and "aten.native_dropout" in rec["fallback"]
     want = [job(s)() for s in range(8)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize(("blas", "model", "skips"), [
+    ("open", "mlp", True), ("generic", "mlp", True), ("unknown", "mlp", True),
+    ("open", "cnn", False), ("open", "charlm", False), ("mkl", "cnn", False)])
+def test_the_mlp_control_is_skipped_off_mkl_naming_the_blas(
+        monkeypatch: pytest.MonkeyPatch, blas: str, model: str, skips: bool) -> None:
+    """The MLP's stock-thread control applies only to an MKL torch: on another BLAS
+    (read from the build configuration) it is skipped with a reason naming
+    BLAS_INFO; the CNN's and charlm's controls apply on every BLAS."""
+    import sys as _sys
+
+    here = _sys.modules[__name__]
+    monkeypatch.setattr(here, "blas_of_torch", lambda: blas)
+    why = _control_skip(model, {})
+    if skips:
+        assert why is not None and f"BLAS_INFO={blas}" in why, why
+    else:
+        assert why is None
+
+
+def test_the_mlp_control_under_mkl_asks_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under MKL the MLP's control applies exactly where the probe sees its stock
+    gradients vary with the thread count."""
+    import sys as _sys
+
+    here = _sys.modules[__name__]
+    monkeypatch.setattr(here, "blas_of_torch", lambda: "mkl")
+    for varies in (True, False):
+        monkeypatch.setattr(here, "_stock_grads_vary", lambda kind, env, v=varies: v)
+        assert (_control_skip("mlp", {}) is None) is varies
+
+
+def test_an_explicit_thread_count_is_recorded_whatever_the_cores(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --threads N, run.json's thread record does not depend on how many cores
+    the machine has (packages.model passes one, so `nix build --rebuild` on a builder
+    with other cores writes the same run.json); with auto it does (the control)."""
+    records = {}
+    for cores in (1, 16):
+        monkeypatch.setattr(threads_mod, "available_cores", lambda c=cores: c)
+        for requested in (2, None):
+            runner = ShardRunner(_net(), requested, 8, pins_threads=True)
+            runner.run([lambda i=i: (time.sleep(2 * threads_mod.MIN_SHARD_SECONDS), i)[1]
+                        for i in range(8)])
+            runner.run([lambda i=i: i for i in range(8)])
+            records[cores, requested] = runner.record()
+            runner.close()
+    assert records[1, 2] == records[16, 2] == {"requested": 2, "shard_threads": 2,
+                                               "op_threads": torch.get_num_threads()}
+    assert records[1, None] != records[16, None]
