@@ -135,6 +135,7 @@ class _Exact(Mode):
         initialised by the spec and checked under the guard (LayerNet).
         The built-in loss only. Refuses a process that flushes subnormals
         (pipeline.exact.fpenv; exit 4)."""
+        self.check_process()  # the process's own setting is the clearer reason
         self._check_device(device)
         net = self._make_net(cfg, ds, device, parts)
         self.check_process()  # after the model's own code has been imported
