@@ -198,17 +198,22 @@ def _log_model(mlflow: Any, uri: str, run_id: str, model: Any, ds: Any) -> tuple
         inputs=Schema([TensorSpec(np.dtype(str(x.dtype).removeprefix("torch.")),
                                   (-1, *x.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *want.shape[1:]))]))
-    mlflow.set_tracking_uri(uri)
-    # torch.export traces the exact layers' torch implementations (native kernels: the same bits)
-    with native.torch_only(), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model.module.eval(), name="model", serialization_format="pt2",
-            input_example=x[:2].numpy(), signature=sig,
-            pip_requirements=[f"torch=={torch.__version__}", f"mlflow-skinny=={mlflow.__version__}"],
-            metadata={RUN_KEY_TAG: model.record.run_key,
-                      "pipeline.weights_sha256": model.record.weights_sha256})
-    with torch.no_grad():
-        got = mlflow.pytorch.load_model(info.model_uri)(x)
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)  # log_model logs to the active run of the global URI
+    try:
+        # torch.export traces exact layers' torch implementations (native kernels: same bits)
+        with native.torch_only(), mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model.module.eval(), name="model", serialization_format="pt2",
+                input_example=x[:2].numpy(), signature=sig,
+                pip_requirements=[f"torch=={torch.__version__}",
+                                  f"mlflow-skinny=={mlflow.__version__}"],
+                metadata={RUN_KEY_TAG: model.record.run_key,
+                          "pipeline.weights_sha256": model.record.weights_sha256})
+        with torch.no_grad():
+            got = mlflow.pytorch.load_model(info.model_uri)(x)
+    finally:
+        mlflow.set_tracking_uri(before)
     return info.model_uri, _check(got, want, info.model_uri)
 
 
