@@ -37,10 +37,10 @@ from ..core.config import Config, config_from_dict
 from ..core.errors import CheckpointError, ConfigError, DataIntegrityError, UsageError
 from ..data import manifest
 from ..models import Parts, resolve
+from ..recipe import data_fields, manifest_path
 from ..record import runs
 from ..record.diff import differences
 from ..record.schema import RunRecord
-from ..recipe import data_fields, manifest_path
 
 if TYPE_CHECKING:
     from ..data.dataset import Dataset
@@ -108,9 +108,9 @@ def _parts(cfg: Config, base: Path, record: RunRecord, run_dir: Path) -> Parts:
     try:
         parts = resolve(cfg.model.factory, cfg.train.loss, base)
     except ConfigError as e:
-        raise ConfigError(e.source, [*e.problems, f"run.json says the run's config was in "
-                                     f"{record.config_dir}: name that project "
-                                     f"(--project DIR) if you trust its code"]) from None
+        hint = (f"run.json says the run's config was in {record.config_dir}: name that "
+                f"project (--project DIR) if you trust its code")
+        raise ConfigError(e.source, [*e.problems, hint]) from None
     if parts.record() != record.model:
         raise CheckpointError(f"{run_dir / 'run.json'} [model]", "the model code it records",
                               f"{_first_difference(record.model, parts.record(), 'model')} "

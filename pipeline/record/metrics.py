@@ -9,6 +9,7 @@ an earlier line is not, and ``pipeline verify`` retrains to find it).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def read_metrics(run_dir: Path, record: RunRecord) -> list[Epoch]:
     except UnicodeDecodeError as e:
         raise CheckpointError(str(path), "UTF-8 JSON lines", f"invalid UTF-8 ({e.reason})") from None
     epochs = [_epoch(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1)]
-    for i, (a, b) in enumerate(zip(epochs, epochs[1:]), 2):
+    for i, (a, b) in enumerate(itertools.pairwise(epochs), 2):
         if b.step <= a.step:
             raise CheckpointError(f"{path}:{i}", f"a step after {a.step}", str(b.step))
     _check_last(epochs, record, path)

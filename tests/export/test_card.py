@@ -41,7 +41,7 @@ def test_card_says_what_was_trained_on_what(run: Path, monkeypatch: pytest.Monke
                  f"{rec['metrics']['test_accuracy']:.4f}", rec["toolchain"]["lock"],
                  f"pipeline verify runs/{rec['run_key']}"):
         assert want in text, want
-    assert len(re.findall(r"^\| (\d+) \|", text, re.M)) == 2  # one row per epoch
+    assert len(re.findall(r"^\| (\d+) \|", text, re.MULTILINE)) == 2  # one row per epoch
 
 
 def test_card_config_reads_back_to_the_runs_config(run: Path, monkeypatch: pytest.MonkeyPatch,
@@ -49,7 +49,7 @@ def test_card_config_reads_back_to_the_runs_config(run: Path, monkeypatch: pytes
     """The TOML block is the run's config: parsed and validated, its canonical
     hash is run.json's config_sha256."""
     text = _card(run, monkeypatch, capsys)
-    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    block = re.search(r"```toml\n(.*?)```", text, re.DOTALL)
     assert block is not None
     cfg = config_from_dict(tomllib.loads(block.group(1)), "card")
     assert config_sha256(cfg) == json.loads((run / "run.json").read_text())["config_sha256"]

@@ -133,7 +133,7 @@ def run_pipeline_python(code: str, arg: Path, env: dict[str, str], cwd: Path) ->
     import sys
 
     p = subprocess.run([sys.executable, "-c", code, str(arg)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout.strip()
 
