@@ -101,6 +101,10 @@ def test_a_hostile_record_cannot_make_load_import_its_code(
     elsewhere = tmp_path / "project"
     elsewhere.mkdir()
     monkeypatch.delitem(sys.modules, "model", raising=False)
+    # No other project's model.py on sys.path (an earlier test's import may have put
+    # examples/charlm there): the only one is the hostile copy's.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".") / "model.py")
+                                      .exists()])
     with pytest.raises(ConfigError, match="cannot import module 'model'") as e:
         pipeline.load(run, elsewhere)
     assert e.value.exit_code == 2 and str(run) in str(e.value)  # the hint quotes config_dir
