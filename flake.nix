@@ -62,7 +62,7 @@
           # Trained inside the sandbox: `nix build .#model --rebuild` is the Nix-native bitwise
           # check. stdenv's setup.sh exports SOURCE_DATE_EPOCH (315532800 unless set), and with
           # it run.json holds that time and no duration, so every copied file is a pure
-          # function of the inputs (tests/test_nix.py trains twice and compares these files).
+          # function of the inputs (tests/system/test_nix.py trains twice and compares these files).
           model = pkgs.runCommand "pipeline-model" { nativeBuildInputs = [ pipeline ]; } ''
             export HOME=$TMPDIR  # data cache (~/.cache/pipeline); the sandbox HOME is read-only
             pipeline train --runs-dir "$TMPDIR/runs" --quiet
@@ -93,7 +93,7 @@
           checks = {
             # The determinism suite in the sandbox: no network, data from the source tree.
             # util-linux: taskset and unshare for the one-core and hostname machines; glibc's
-            # bin output: localedef for the locale machines (tests/machines.py).
+            # bin output: localedef for the locale machines (tests/support/machines.py).
             determinism = pkgs.runCommand "pipeline-determinism" {
               nativeBuildInputs = [ devPython (lib.getBin pkgs.util-linux) (lib.getBin pkgs.glibc) ];
               LOCALE_ARCHIVE = "${pkgs.glibcLocales}/lib/locale/locale-archive";

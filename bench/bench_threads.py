@@ -1,7 +1,7 @@
 """Pinned-mode training time at 1 thread and at N threads (`--threads`): the
 speed-up of running a step's shards on a pool of threads, each op on one
 thread (pipeline/threads.py). The weights are the same at every N (checked
-here on every run, and by tests/test_threads.py). Prints a table.
+here on every run, and by tests/train/test_threads.py). Prints a table.
 
     .venv/bin/python bench/bench_threads.py [--repeats 3] [--threads 1,2] [--quick]
 

@@ -3,7 +3,7 @@
 # Run on a CUDA host with the project's environment (any torch with CUDA):
 #   bash bench/gpu_check.sh [CONFIG [KEY=VALUE ...]]
 # Default: the exact digits MLP (configs/digits-exact.toml), then the charlm
-# transformer in exact mode, the suite's short run (tests/test_charlm.py's
+# transformer in exact mode, the suite's short run (tests/system/test_charlm.py's
 # EXACT_LM: 8 steps, a small test split). Exit 0: every CUDA-trained run equals
 # tests/golden/weights.json's exact entry for its config (recorded on CPU).
 # Exit 1: one differs (both hashes printed).

@@ -8,7 +8,7 @@ the seconds it took inside the process, from building the model to the end
 of training, evaluating on the test split where the pipeline does (each
 epoch's end and the last step), and the trained weights. The user's loop is built from the pipeline's own parts
 where they are the same by definition: the factory's module initialised by
-``pinned.build_module``, the optimiser by ``pinned.TorchOptimizer``.
+``pinned.build_module``, the optimiser by ``stock_optim.TorchOptimizer``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class UserLoop:
         """The torch.optim optimiser the pipeline builds from the config (at
         the base rate: the plain loop does not follow a warm-up or cosine
         schedule, nor clip)."""
-        from pipeline.train.pinned import TorchOptimizer
+        from pipeline.train.stock_optim import TorchOptimizer
 
         t = self.cfg.train
         total = self.per_epoch * t.epochs if not t.max_steps else min(

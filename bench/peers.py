@@ -25,7 +25,7 @@ the table gives medians over rounds.
 
 The contenders: the plain loop and the Lightning module use the config's
 factory (initialised as the pipeline initialises it), its optimiser
-(``pinned.TorchOptimizer``), whole batches in one shuffled order, the stock
+(``stock_optim.TorchOptimizer``), whole batches in one shuffled order, the stock
 mean cross-entropy, and evaluate where the pipeline does (bench/loops.py);
 each table says whether their warm-up runs ended with the same weights, bit
 for bit (they do: the same work). Lightning gets the batches as an iterable

@@ -10,6 +10,8 @@ from __future__ import annotations
 from .core._lazy import exports
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "__version__"]
+__all__ = ["load", "Model", "pretrained", "__version__"]
 
-__getattr__ = exports(__name__, {"load": "inference", "Model": "inference"})
+# A model factory's pretrained weights, verified like data (pipeline/data/pretrained.py).
+__getattr__ = exports(__name__, {"load": "inference", "Model": "inference",
+                                 "pretrained": "data.pretrained"})

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="HOST:PORT of a c10d rendezvous (instead of --master-addr/-port)")
     v = sub.add_parser("verify", help="retrain a run and compare its weights bit for bit")
     v.add_argument("run_dir", type=Path, help="a run directory (runs/<run_key>)")
+    v.add_argument("--project", type=Path, default=None,
+                   help="the project whose model code and manifest to use (default: the one "
+                        "around the working directory; never a path the record names)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     d = sub.add_parser("diff", help="which inputs differ, and where the trails diverge")
     d.add_argument("run_a", type=Path, help="a run directory")
@@ -229,7 +232,8 @@ def _metric(record: RunRecord) -> str:
 def _verify(args: argparse.Namespace, argv: list[str]) -> int:
     from . import recipe
 
-    record, differences = recipe.verify_run(args.run_dir, argv, quiet=args.quiet)
+    record, differences = recipe.verify_run(args.run_dir, argv, project=args.project,
+                                            quiet=args.quiet)
     if differences:
         print("note: this environment's inputs differ from the record's:", file=sys.stderr)
         for line in differences:

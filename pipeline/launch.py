@@ -181,7 +181,9 @@ def _failed(failures: dict[int, Any], results: dict[int, dict[str, Any]], runs_d
     errors = sorted((r, res) for r, res in results.items() if res["exit_code"])
     for r, res in errors:
         if res["exit_code"] != DistributedError.exit_code:
-            raise WorkerError(f"rank {r}: {res['error']}", int(res["exit_code"]))
+            same = [q for q, other in errors if q != r and other["error"] == res["error"]]
+            also = f" (ranks {same} the same)" if same else ""
+            raise WorkerError(f"rank {r}{also}: {res['error']}", int(res["exit_code"]))
     died = [f"rank {r} ({_how(f)})" for r, f in sorted(failures.items()) if r not in results]
     said = [f"rank {r}: {res['error']}" for r, res in errors]
     raise DistributedError(
@@ -209,9 +211,8 @@ def _worker_main() -> int:
     try:
         spec = Spec(**json.loads((out / "spec.json").read_text(encoding="utf-8")))
         result: dict[str, Any] = {"exit_code": 0, **_work(spec, rank)}
-    except Exception as e:  # noqa: BLE001 - reported by the launcher, one line
+    except Exception as e:  # noqa: BLE001 - reported by the launcher, one line for all ranks
         code, line = exit_status(e)
-        print(f"rank {rank}: {line}", file=sys.stderr)
         result = {"exit_code": code, "error": line.removeprefix("error: ")}
     atomic.write_text(out / f"rank-{rank}.json", json.dumps(result, sort_keys=True))
     return int(result["exit_code"])

@@ -7,28 +7,30 @@ modelling (``input_shape`` is then ``(T,)`` and ``num_classes`` the
 vocabulary size). ``mlp`` and ``cnn`` below are factories of that kind.
 
 A user's module is imported with the config file's directory first on
-``sys.path`` (a project is a config beside its model.py). Its source (the
-module file, or the whole directory of its top-level package) is hashed into
-the run key, so a changed line changes the key. A loss ``module:function``
+``sys.path`` (a project is a config beside its model.py). The sources of the
+user modules it runs (what importing it, calling it and a forward pass
+imported: pipeline.core.usercode) are hashed into the run key, so a changed
+line changes the key, from whatever directory it runs. Its failures, a
+``sys.exit`` included, are a UserCodeError (exit 2) naming where. A loss ``module:function``
 is loaded the same way: ``loss(logits, targets)`` returns the per-example
 (or per-position) losses, unreduced.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core import usercode
 from .core.errors import ConfigError
 
-__all__ = ["mlp", "cnn", "Loaded", "Parts", "load", "resolve", "source_sha256", "BUILTINS"]
+__all__ = ["mlp", "cnn", "Loaded", "Parts", "load", "resolve", "BUILTINS"]
 
 BUILTINS = ("pipeline.models:mlp", "pipeline.models:cnn")
 
@@ -94,54 +96,41 @@ def _Sequence(named: Any, layers: list[Any]) -> Any:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A loaded ``module:function`` and the sha256 of its source."""
+    """A loaded ``module:function``, and the modules loading it imported."""
 
     name: str
     function: Callable[..., Any]
-    source: str          # the file or package directory hashed
-    sha256: str
+    module: str                                    # the module it comes from
+    imported: set[str] = field(default_factory=set)  # modules its import added
+    # Modules user code added later: the factory's call, a forward pass (usercode.track).
+    seen: set[str] = field(default_factory=set)
 
-
-def _source(module: Any) -> Path:
-    """The file of a top-level module, or the directory of its top-level package."""
-    top = sys.modules[module.__name__.split(".")[0]]
-    path = Path(top.__file__ or "")
-    return path.parent if path.name == "__init__.py" else path
-
-
-def source_sha256(path: Path) -> str:
-    """sha256 over a file, or over a directory's .py files (sorted relative
-    paths and contents), so that any changed line changes it."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if p.is_file())
-    for f in files:
-        rel = f.name if f == path else f.relative_to(path).as_posix()
-        data = f.read_bytes()
-        h.update(len(rel).to_bytes(8, "little") + rel.encode())
-        h.update(len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
+    def user_modules(self) -> dict[str, Path]:
+        """The user modules it runs: module name -> source file (pipeline.core.usercode)."""
+        return usercode.closure({self.module, *self.imported, *self.seen})
 
 
 def load(spec: str, base: Path | None, key: str = "model.factory") -> Loaded:
     """Import ``module:function`` (``base`` first on sys.path); ConfigError
-    (exit 2) naming ``key`` and the spec if it cannot be imported or called."""
+    (exit 2) naming ``key`` and the spec if it cannot be imported, exits or is
+    not a function."""
     mod_name, _, fn_name = spec.partition(":")
     where = str(base) if base is not None else "sys.path"
     if base is not None and str(base) not in sys.path:
         sys.path.insert(0, str(base))
+    imported: set[str] = set()
     try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure of user code is a config error
-        raise ConfigError(f"{key} = {spec!r}", [
-            f"{key}: cannot import module {mod_name!r} (looked in {where} first): "
-            f"{type(e).__name__}: {e}"]) from None
+        with usercode.track(imported):
+            module = importlib.import_module(mod_name)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure of user code is theirs
+        raise usercode.user_error(key, f"cannot import module {mod_name!r} (looked in {where} "
+                                       f"first):", e) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"{key} = {spec!r}", [
             f"{key}: module {mod_name!r} ({getattr(module, '__file__', '?')}) has no function "
             f"{fn_name!r}"])
-    src = _source(module)
-    return Loaded(spec, fn, str(src), source_sha256(src))
+    return Loaded(spec, fn, mod_name, imported)
 
 
 @dataclass(frozen=True)
@@ -152,10 +141,17 @@ class Parts:
     loss: Loaded | None
 
     def record(self) -> dict[str, Any]:
-        """What the run key and run.json hold of them: names and source hashes."""
-        out = {"factory": self.factory.name, "factory_sha256": self.factory.sha256}
+        """What the run key and run.json hold of them: names, the user modules
+        each runs and the sha256 of their sources (empty for the built-ins,
+        which the code hash covers)."""
+        mods = self.factory.user_modules()
+        out: dict[str, Any] = {"factory": self.factory.name,
+                               "factory_sha256": usercode.modules_sha256(mods)}
         if self.loss is not None:
-            out.update(loss=self.loss.name, loss_sha256=self.loss.sha256)
+            loss_mods = self.loss.user_modules()
+            out.update(loss=self.loss.name, loss_sha256=usercode.modules_sha256(loss_mods))
+            mods = {**mods, **loss_mods}
+        out["modules"] = sorted(mods)
         return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .core import environment as env
+from .core import usercode
 from .core.config import Config
 from .core.errors import ConfigError, ProfileError, UsageError
 
@@ -52,6 +53,11 @@ class Mode:
     def how_it_ran(self) -> dict[str, Any]:
         """What run.json records of how this mode computed (not keyed)."""
         return {}
+
+    def check_process(self) -> None:
+        """Raise unless this process still computes as the mode needs (the
+        loop asks after building the net and after its last step: libraries
+        loaded meanwhile may have changed the floating-point environment)."""
 
     def make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
@@ -96,13 +102,14 @@ class _Pinned(Mode):
         from .train.pinned import PinnedNet, build_module
 
         shape, classes = ds.shapes(cfg.data.context)
-        module = build_module(parts.factory.function, parts.factory.name, shape, classes,
-                              cfg.model.args, cfg.seed)
+        with usercode.track(parts.factory.seen):
+            module = build_module(parts.factory.function, parts.factory.name, shape, classes,
+                                  cfg.model.args, cfg.seed)
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
-        from .train.pinned import TorchOptimizer
-        return TorchOptimizer(cfg.optim, net.params, total_steps)
+        from .train.stock_optim import TorchOptimizer
+        return TorchOptimizer(cfg.optim, net.trainable, total_steps)
 
 
 class _Exact(Mode):
@@ -128,14 +135,16 @@ class _Exact(Mode):
         The built-in loss only. Refuses a process that flushes subnormals
         (pipeline.exact.fpenv; exit 4)."""
         net = self._make_net(cfg, ds, device, parts)
-        if device.type == "cpu":
-            from .exact.fpenv import subnormal_problem
-
-            problem = subnormal_problem()  # after the model's own code has been imported
-            if problem:
-                raise ProfileError(f"exact mode needs IEEE-754 subnormals: {problem}; "
-                                   f"remove that setting or library")
+        self.check_process()  # after the model's own code has been imported
         return net
+
+    def check_process(self) -> None:
+        from .exact.fpenv import subnormal_problem
+
+        problem = subnormal_problem()
+        if problem:
+            raise ProfileError(f"exact mode needs IEEE-754 subnormals: {problem}; remove that "
+                               f"setting or library")
 
     def _make_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         import inspect
@@ -162,19 +171,29 @@ class _Exact(Mode):
     def _layer_net(self, cfg: Config, ds: Dataset, device: torch.device, parts: Parts) -> Net:
         import torch
 
+        from .data.pretrained import loaded_tensors
         from .exact import LayerNet, from_torch
+        from .exact.convert import seed_free_values
         from .train.pinned import build_module
 
         shape, classes = ds.shapes(cfg.data.context)
-        stock = build_module(parts.factory.function, parts.factory.name, shape, classes,
-                             cfg.model.args, cfg.seed)
+        builds = []
+        # Two builds under two seeds: what the factory sets whatever the seed
+        # (pretrained weights, constants) is kept; what it draws, the spec draws.
+        for seed in (cfg.seed, cfg.seed ^ _OTHER_SEED):
+            with usercode.track(parts.factory.seen):
+                builds.append(build_module(parts.factory.function, parts.factory.name, shape,
+                                           classes, cfg.model.args, seed))
+        keep = seed_free_values(builds[0], builds[1], loaded_tensors())
         sample = torch.zeros((2, *shape), dtype=getattr(torch, ds.task.x_dtype))
-        return LayerNet(from_torch(stock), cfg.seed, device, sample)
+        return LayerNet(from_torch(builds[0]), cfg.seed, device, sample, keep=keep)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .exact import make_exact_optimizer
-        return make_exact_optimizer(cfg.optim, net.params, total_steps)
+        return make_exact_optimizer(cfg.optim, net.trainable, total_steps)
 
+
+_OTHER_SEED = 0x5DEECE66D  # exact mode's second build (seed-free values): another seed
 
 PINNED, EXACT = _Pinned(), _Exact()
 _MODES = {m.name: m for m in (PINNED, EXACT)}

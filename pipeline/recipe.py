@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import modes
-from .core import _testing
+from .core import _testing, usercode
 from .core.config import Config, config_from_dict
 from .core.environment import project_root
 from .core.errors import CheckpointError, ConfigError, DataIntegrityError, MismatchError, UsageError
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .models import Parts
     from .train.loop import TrainResult
 
-__all__ = ["Prepared", "Outcome", "prepare", "check_device", "check_existing", "get_or_train",
+__all__ = ["Prepared", "Outcome", "prepare", "find_project", "check_device", "check_existing", "get_or_train",
            "rebuild", "verify_run", "manifest_path", "data_fields", "check_caches",
            "train_in_process"]
 
@@ -87,16 +87,20 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     mode = modes.of(cfg.mode)
     profile = mode.prepare(argv)  # may re-execute: nothing heavy before it
     from .data import dataset  # numpy: only once pinned
+    from .data.pretrained import loaded, set_verified
     from .models import resolve
 
     parts = resolve(cfg.model.factory, cfg.train.loss, base)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
     verified = manifest.verify(manifest_path(base), stat_cache_dir=cache)
+    set_verified(verified)  # the files a factory may load with pipeline.pretrained
     ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
     _check_fit(cfg, ds)
     _check_model(cfg, ds, parts)
     data = data_fields(verified, cfg.data.dataset)
+    if pretrained := loaded():  # files the model check's factory loaded (pipeline.pretrained)
+        data["pretrained"] = pretrained
     switches = _testing.keyed(_testing.SWITCHES, threads=threads, world_size=world_size)
     inputs = run_inputs(cfg, mode.key_fields, data, profile, parts.record(),
                         {ds.name: ds.decoded_sha256()}, switches)
@@ -142,12 +146,9 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     x, _ = examples_of(ds, ctx, torch.device("cpu")).get(np.arange(n))  # the loop's own inputs
     shape, classes = ds.shapes(ctx)
     want = ds.task.logits_shape(n, ctx, classes)
-    try:
+    with usercode.track(parts.factory.seen), usercode.guarded(
+            f"forward on a batch of {n} inputs of shape {shape}", "model.factory"):
         got = tuple(net.predict(x).shape)
-    except Exception as e:  # noqa: BLE001 - user code: any failure is the factory's
-        raise ConfigError(f"model.factory = {parts.factory.name!r}", [
-            f"model.factory: forward on a batch of {n} inputs of shape {shape} failed: "
-            f"{type(e).__name__}: {e}"]) from None
     if got != want:
         raise ConfigError(f"model.factory = {parts.factory.name!r}", [
             f"model.factory: expected logits of shape {want} for {n} examples, found {got}"])
@@ -290,15 +291,18 @@ def rebuild(prep: Prepared, record: RunRecord, *, device: str = "cpu",
                             f"rebuilt sha256:{again.weights_sha256}")
 
 
-def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
-               ) -> tuple[RunRecord, list[str]]:
+def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
+               quiet: bool = False) -> tuple[RunRecord, list[str]]:
     """Retrain the run in ``run_dir`` from its recorded config and compare its
-    weights bit for bit. Returns (its record, the inputs that differ here)."""
+    weights bit for bit. Returns (its record, the inputs that differ here).
+    The model's code and the data manifest come from ``project`` (else the
+    project around the working directory: ``find_project``), never from a
+    path the record names: a record is data, and importing what it points to
+    would run whatever code sits there."""
     record = runs.read_run(run_dir)
     cfg = config_from_dict(record.config, f"{run_dir}/run.json")
-    base = record.config_dir
-    prep = prepare(cfg, argv, Path(base) if base is not None else None,
-                   trust_cache=False)  # verify trusts no cache
+    base = _verify_base(record, cfg, run_dir, project)
+    prep = prepare(cfg, argv, base, trust_cache=False)  # verify trusts no cache
     _check_decoded(prep, record)
     differences = []
     if prep.inputs.key != record.run_key:
@@ -314,6 +318,35 @@ def verify_run(run_dir: Path, argv: list[str], *, quiet: bool = False
         raise MismatchError(f"verify failed: {run_dir}/run.json [metrics] records "
                             f"{record.metrics}, the retrained run gives {again.metrics}")
     return record, differences
+
+
+def find_project(start: Path) -> Path | None:
+    """The nearest directory from ``start`` upwards holding a ``config.toml``
+    or a ``data-manifest.json`` (as git finds ``.git``), or None."""
+    for d in (start.resolve(), *start.resolve().parents):
+        if (d / "config.toml").is_file() or (d / "data-manifest.json").is_file():
+            return d
+    return None
+
+
+def _verify_base(record: RunRecord, cfg: Config, run_dir: Path,
+                 project: Path | None) -> Path | None:
+    """Where ``verify`` imports the model's code from: the project the user
+    names or stands in, never the record's ``config_dir`` and never inside the
+    run directory. A user factory or loss with no project is a UsageError."""
+    from .core.config import LOSSES
+    from .models import BUILTINS
+
+    base = project.resolve() if project is not None else find_project(Path.cwd())
+    if base is not None and base.is_relative_to(Path(run_dir).resolve()):
+        raise UsageError(f"--project {base}: a run directory holds data, not code; name the "
+                         f"project the run was trained from")
+    user_code = cfg.model.factory not in BUILTINS or cfg.train.loss not in LOSSES
+    if user_code and base is None:
+        raise UsageError(f"{run_dir}/run.json: model.factory {cfg.model.factory!r} is the "
+                         f"user's code, and no project was given or found here; pass --project "
+                         f"DIR (run.json says it was trained from {record.config_dir})")
+    return base
 
 
 def _check_decoded(prep: Prepared, record: RunRecord) -> None:

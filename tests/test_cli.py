@@ -13,6 +13,8 @@ from pipeline.record.schema import record_digest
 
 from .support import copy_source, pipeline_env, run_pipeline, start_pipeline, train_json
 
+pytestmark = pytest.mark.process
+
 SHORT = ["train.epochs=2"]
 HASH_LINE = re.compile(r"^weights sha256:[0-9a-f]{64}$")
 

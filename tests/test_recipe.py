@@ -1,7 +1,7 @@
 """Tests for pipeline/recipe.py: prepare verifies once, get-or-train reuses a
 complete run, rebuild and verify compare bit for bit (and fail when the bits
 differ). In this process, with the no-pinning control: the recipe's logic,
-not the profile, is under test here (the profile: tests/test_determinism.py)."""
+not the profile, is under test here (the profile: tests/system/test_determinism.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def test_second_call_reuses_and_rebuild_agrees(tmp_path: Path) -> None:
     recipe.rebuild(prep, first.record, quiet=True)
 
 
+@pytest.mark.slow
 def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
     """Control: a record whose weight hash is not what training gives is a
     mismatch for rebuild; verify of a record edited that way fails too."""

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline import scaffold
 
 from .support import ROOT, pipeline_env, run_pipeline
+
+pytestmark = pytest.mark.process
 
 
 def test_new_project_trains_and_matches_the_tutorial(tmp_path: Path) -> None:

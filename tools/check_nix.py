@@ -58,6 +58,8 @@ NIXPKGS_PYTHON_ATTRS = (
     "pytest", "pytest-xdist", "hypothesis", "setuptools",
     # pkgs/development/python-modules/pytest-timeout/default.nix (python3Packages.pytest-timeout)
     "pytest-timeout",
+    # pkgs/development/python-modules/pillow/default.nix (python3Packages.pillow)
+    "pillow",
 )
 
 # The argument names each nixpkgs builder the flake calls accepts, read from the nixpkgs
@@ -398,7 +400,7 @@ def _check_sandbox_scripts(got: dict[str, Any]) -> Problems:
     want = ["weights.safetensors", "run.json", "metrics.jsonl", "curves.png", "trail.bin"]
     if copied is None or sorted(copied.group(1).split(",")) != sorted(want):
         p.append(f"packages.model: expected `cp .../runs/*/{{{','.join(want)}}} $out/` "
-                 f"(the files tests/test_nix.py proves identical across trainings), found "
+                 f"(the files tests/system/test_nix.py proves identical across trainings), found "
                  f"{got['model']!r}")
     return p
 

@@ -45,7 +45,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, context: int, vocab: int, n_layer: int, n_head: int,
-                 d_model: int, dropout: float) -> None:
+                 d_model: int, dropout: float, tie_embeddings: bool = False) -> None:
         super().__init__()
         self.context = context
         self.tok = nn.Embedding(vocab, d_model)
@@ -54,6 +54,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
+        if tie_embeddings:  # GPT-2's way: the head reads out with the token embedding
+            self.head.weight = self.tok.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
@@ -67,7 +69,7 @@ class GPT(nn.Module):
 
 
 def gpt(input_shape: tuple[int, ...], num_classes: int, *, n_layer: int = 2, n_head: int = 4,
-        d_model: int = 128, dropout: float = 0.1) -> nn.Module:
+        d_model: int = 128, dropout: float = 0.1, tie_embeddings: bool = False) -> nn.Module:
     """Build a causal character-level transformer.
 
     ``input_shape`` is ``(context,)``, the tokens per example; ``num_classes``
@@ -75,7 +77,8 @@ def gpt(input_shape: tuple[int, ...], num_classes: int, *, n_layer: int = 2, n_h
     context``, to next-token logits ``(B, T, num_classes)``: token + learned
     position embeddings, ``n_layer`` pre-norm blocks (causal multi-head
     self-attention, then a 4x GELU MLP, each with dropout and a residual),
-    a final LayerNorm and a linear head.
+    a final LayerNorm and a linear head; ``tie_embeddings``: the head's weight
+    is the token embedding's (one tensor, trained and saved once).
     """
     if len(input_shape) != 1 or int(input_shape[0]) < 1:
         raise ValueError(f"input_shape must be (context,) with context >= 1, got {input_shape!r}")
@@ -87,4 +90,5 @@ def gpt(input_shape: tuple[int, ...], num_classes: int, *, n_layer: int = 2, n_h
         raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_head ({n_head})")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return GPT(int(input_shape[0]), num_classes, n_layer, n_head, d_model, dropout)
+    return GPT(int(input_shape[0]), num_classes, n_layer, n_head, d_model, dropout,
+               bool(tie_embeddings))

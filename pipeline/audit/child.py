@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from typing import Any
 
 from ..core.environment import Profile, host_isa_levels
 from ..core.errors import UsageError
+from . import contain
 from . import machines as mach
 
 __all__ = ["Plan", "Outcome", "REFERENCE", "plan", "run_child", "places", "boot_dir",
@@ -156,31 +156,18 @@ def run_child(p: Plan, cmd: list[str], work: Path, places: mach.Places, steps: i
     started = time.monotonic()
     with open(scratch / "stdout", "wb") as so, open(scratch / "stderr", "wb") as se:
         try:
-            proc = subprocess.Popen(mach.wrap(p.machine, cmd), cwd=cwd, env=env, stdout=so,
-                                    stderr=se, stdin=subprocess.DEVNULL, start_new_session=True)
+            code, out.timed_out = contain.run(mach.wrap(p.machine, cmd), timeout=timeout,
+                                              cwd=cwd, env=env, stdout=so, stderr=se,
+                                              stdin=subprocess.DEVNULL)
+            out.returncode = None if out.timed_out else code
         except OSError as e:
             se.write(f"cannot start {cmd[0]!r}: {e.strerror}\n".encode())
             out.returncode = 127  # the shell's "command not found"
-        else:
-            try:
-                out.returncode = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                out.timed_out = True
-            finally:
-                _end_session(proc)
     out.seconds = round(time.monotonic() - started, 2)
     out.stderr_tail = (scratch / "stderr").read_text(errors="replace").splitlines()[-15:]
     if (scratch / "record.json").is_file():
         out.record = json.loads((scratch / "record.json").read_text(encoding="utf-8"))
     return out
-
-
-def _end_session(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def places(work: Path, chosen: list[Plan]) -> mach.Places:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from ..core.environment import Profile, check_host, load_profile
 from ..core.errors import ProfileError, UsageError
+from . import contain
 from .child import (
     REFERENCE,
     Outcome,
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if args.command == "exec":
         return exec_script(cmd, args.record, args.timeout)
-    if args.steps < 1 or args.timeout <= 0 or args.jobs < 1:
+    if args.steps < 1 or not 0 < args.timeout < 1e9 or args.jobs < 1:
         raise UsageError("pipeline audit: --steps and --jobs must be at least 1, --timeout "
                          "positive")
     names = [n.strip() for n in args.machines.split(",") if n.strip()] if args.machines \
@@ -128,6 +128,9 @@ def exec_script(cmd: list[str], record_path: Path, timeout: float | None) -> int
     if not cmd:
         raise UsageError("pipeline exec: no command; usage: pipeline exec -- python "
                          "your_train.py ARGS")
+    if timeout is not None and not 0 < timeout < 1e9:
+        raise UsageError(f"pipeline exec: --timeout must be a positive number of seconds, "
+                         f"found {timeout}")
     profile = load_profile()
     check_host(profile)
     with tempfile.TemporaryDirectory(prefix="pipeline-exec-") as tmp:
@@ -135,11 +138,11 @@ def exec_script(cmd: list[str], record_path: Path, timeout: float | None) -> int
         env = capture_env(boot_dir(Path(tmp) / "boot"), rec, os.environ)
         env.update(pinned_env(profile))
         sys.stdout.flush()
-        try:
-            status = subprocess.run(cmd, env=env, timeout=timeout, check=False).returncode
-        except FileNotFoundError as e:
+        try:  # its own session, ended with everything it started (pipeline.audit.contain)
+            status, timed_out = contain.run(cmd, timeout=timeout, env=env)
+        except OSError as e:
             raise UsageError(f"pipeline exec: cannot run {cmd[0]!r}: {e.strerror}") from None
-        except subprocess.TimeoutExpired:
+        if timed_out:
             print(f"pipeline exec: killed after --timeout {timeout} s", file=sys.stderr)
             status = 124  # timeout(1)'s code
         captured = json.loads(rec.read_text(encoding="utf-8")) if rec.is_file() else {}

@@ -86,6 +86,7 @@ MAX_CONFIG_BYTES = MIB   # a config file larger than this is refused unparsed
 # "package.module:function": dotted identifiers, one colon.
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 LOSSES = ("cross_entropy",)
+MODES = ("pinned", "exact")  # pipeline.modes.of maps each to its Mode
 OPTIMISERS = ("sgd", "adam", "adamw")
 
 
@@ -96,7 +97,7 @@ def _is_pow2(n: int) -> bool:
 # (key, predicate, what was expected): checked after types are right.
 _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
-    ("mode", lambda v: v in ("pinned", "exact"), 'one of "pinned", "exact"'),
+    ("mode", lambda v: v in MODES, 'one of "pinned", "exact"'),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     ("data.context", lambda v: 0 <= v <= 1 << 20, "an integer in [0, 2^20]"),
     ("model.factory", lambda v: _FACTORY.fullmatch(v) is not None,
@@ -169,16 +170,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = k.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            if not isinstance(node, dict) or isinstance(node, _Table):
                 raise ConfigError("<overrides>", [f"{k}: {p} is not a table"])
-        node[parts[-1]] = value
+        # A table given whole (``model.args={}``, ``model.args={hidden=[64]}``)
+        # replaces the config's; dotted keys (``model.args.hidden=[64]``) merge.
+        node[parts[-1]] = _Table(value) if isinstance(value, dict) else value
     return nested
+
+
+class _Table(dict):  # type: ignore[type-arg]
+    """A table value given whole in an override: it replaces, never merges."""
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, _Table):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
     return out
 
 

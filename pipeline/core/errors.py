@@ -78,6 +78,19 @@ class DistributedError(PipelineError, RuntimeError):
     exit_code = 6
 
 
+class DivergedError(PipelineError, ArithmeticError):
+    """Training diverged: a non-finite loss or weight. Nothing is recorded
+    (run directory or golden entry); the checkpoints before it remain."""
+
+    exit_code = 7
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"training diverged at step {step}: {what} is not finite (NaN or "
+                         f"inf); nothing was recorded. Lower optim.lr, clip with optim."
+                         f"clip_norm, or check the data")
+        self.step = step
+
+
 class WorkerError(PipelineError):
     """A launched worker's own error, passed on with the worker's exit code."""
 
@@ -110,6 +123,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (CheckpointError.exit_code, "a bad checkpoint, weights or run file: corrupt, pickled, "
                                 "edited, another run's"),
     (DistributedError.exit_code, "distributed failure: a peer died or timed out"),
+    (DivergedError.exit_code, "training diverged: a non-finite loss or weight; nothing "
+                              "recorded"),
     (EXIT_INTERNAL, "internal error: an exception no check anticipated (a bug); one line "
                     "naming it, --debug for the traceback"),
     (EXIT_IO, "file-system error: permission, no space, a read-only or missing directory; "

@@ -4,13 +4,19 @@ written, never a half-written manifest.
 The file's sha256 and size are computed here; its path is stored relative to
 the manifest's directory (the data root), which must contain it. With
 ``--format`` the file also becomes a part (train or test) of a dataset, with
-the decode options given; the dataset is decoded once to prove the entry
-works before the manifest is replaced (atomically). An existing entry that
-differs is only replaced with ``--force``.
+the decode options given. The manifest as edited is checked in memory before
+anything is written: its schema (a bad option is a usage error, exit 2), its
+files (verified), and every dataset the change touches (a dataset edited, or
+one that reads a file entry whose path, size or sha256 changes) is decoded
+once (exit 3 naming the dataset, if one no longer decodes). Only then is the
+manifest replaced, atomically; a manifest that is a symbolic link is written
+through (its target replaced, the link kept). An existing entry that differs
+is only replaced with ``--force``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from pathlib import Path
@@ -18,7 +24,9 @@ from typing import Any
 
 from ..core import atomic
 from ..core.errors import DataIntegrityError, UsageError
+from ..core.safeio import describe, read_regular
 from . import schema
+from .schema import Manifest
 from .task import for_format
 
 __all__ = ["add", "parse_options"]
@@ -40,7 +48,11 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 
 def _relative(file: Path, root: Path) -> str:
-    resolved = file.resolve(strict=True)
+    try:
+        resolved = file.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # missing, a dangling link, a link loop
+        raise UsageError(f"{file}: expected an existing regular file, found none "
+                         f"({describe(e) if isinstance(e, OSError) else e})") from None
     if not resolved.is_file():
         raise UsageError(f"{file}: expected a regular file, found something else")
     if not resolved.is_relative_to(root):
@@ -64,27 +76,89 @@ def _put(table: dict[str, Any], key: str, value: Any, where: str, force: bool) -
     return "replaced"
 
 
+def _current(manifest: Path) -> dict[str, Any]:
+    """The manifest as it is (it must be valid before it is edited), or a new one."""
+    from .manifest import MAX_MANIFEST_BYTES, load_manifest
+
+    if not manifest.exists():
+        return {"version": schema.MANIFEST_VERSION, "files": {}, "datasets": {}}
+    load_manifest(manifest)  # exit 3 naming the key if it is not
+    raw = json.loads(read_regular(manifest, MAX_MANIFEST_BYTES))
+    raw.setdefault("datasets", {})
+    return dict(raw)
+
+
+def _edited(raw: dict[str, Any], manifest: Path) -> Manifest:
+    """The edited manifest parsed: its problems are this command line's (the
+    manifest was valid before), so they are a usage error, all named."""
+    if problems := schema.problems(raw):
+        lines = "; ".join(f"{k}: expected {x}, found {f}" for k, x, f in problems)
+        raise UsageError(f"{manifest}: the entry this command makes is invalid: {lines}; "
+                         "nothing was written (decode keys: docs/reference/manifest.md)")
+    return schema.parse(raw, str(manifest))
+
+
+def _content(entry: object) -> object:
+    """What identifies a file entry's bytes: its path, size and sha256."""
+    return {k: entry.get(k) for k in ("path", "size", "sha256")} if isinstance(entry, dict) \
+        else None
+
+
+def _touched(old: dict[str, Any], new: dict[str, Any], parsed: Manifest
+             ) -> dict[str, list[str]]:
+    """dataset -> the changed files it reads, for each dataset edited or reading a
+    file entry whose content changes."""
+    changed = {n for n, e in new["files"].items() if _content(old["files"].get(n)) != _content(e)}
+    return {d: sorted(changed & set(e.files())) for d, e in parsed.datasets.items()
+            if old["datasets"].get(d) != new["datasets"][d] or changed & set(e.files())}
+
+
+def _prove(manifest: Path, parsed: Manifest, touched: dict[str, list[str]]) -> None:
+    """Verify every file of the edited manifest and decode each touched dataset
+    once (no cache read or written); DataIntegrityError naming the dataset."""
+    from .dataset import check_decodes
+    from .manifest import verify_parsed
+
+    try:
+        verified = verify_parsed(parsed, manifest)
+    except DataIntegrityError as e:
+        raise DataIntegrityError(str(manifest), "entries whose files verify", f"{e}",
+                                 "nothing was written") from None
+    for name, files in touched.items():
+        try:
+            check_decodes(verified, name)
+        except DataIntegrityError as e:
+            reads = f" (it reads {', '.join(f'files.{f}' for f in files)}, which this " \
+                    "command changes)" if files else ""
+            raise DataIntegrityError(f"{manifest} [datasets.{name}]",
+                                     f"a dataset that decodes after this change{reads}",
+                                     f"{e}", "nothing was written") from None
+
+
+def _target(manifest: Path) -> Path:
+    """Where the new manifest goes: a symbolic link is written through, so the
+    link stays a link (the data root stays the link's directory, as verify reads it)."""
+    return manifest.resolve() if manifest.is_symlink() else manifest
+
+
 def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
         description: str, fmt: str | None = None, dataset: str | None = None,
         part: str = "train", task: str | None = None, options: dict[str, Any] | None = None,
         force: bool = False) -> list[str]:
     """Add ``file`` (and, with ``fmt``, a dataset part) to ``manifest``; return
     what happened, one line per entry."""
-    from . import dataset as dataset_mod
-    from .manifest import file_sha256, load_manifest, verify
+    from .manifest import file_sha256
 
     manifest = Path(manifest)
-    raw: dict[str, Any] = {"version": schema.MANIFEST_VERSION, "files": {}, "datasets": {}}
-    if manifest.exists():
-        load_manifest(manifest)  # it must be valid before it is edited
-        raw = json.loads(manifest.read_text(encoding="utf-8"))
-        raw.setdefault("datasets", {})
+    old = _current(manifest)
+    raw = copy.deepcopy(old)
     root = manifest.parent.resolve()
+    path = _relative(file, root)
     size = file.stat().st_size
-    entry = {"path": _relative(file, root), "sha256": file_sha256(file, size), "size": size,
+    entry = {"path": path, "sha256": file_sha256(file, size), "size": size,
              "source": source, "licence": licence, "description": description}
-    done = [f"{_put(raw['files'], name, entry, f'files.{name}', force)}: files.{name} "
-            f"sha256:{entry['sha256']} ({entry['size']} bytes)"]
+    done = [(f"{_put(raw['files'], name, entry, f'files.{name}', force)}: files.{name} "
+             f"sha256:{entry['sha256']} ({entry['size']} bytes)")]
     if fmt is not None:
         ds = dataset or name
         spec = {"format": fmt, **({} if fmt in ("npy", "idx") else {"file": name}),
@@ -97,19 +171,10 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
         current["task"] = kind
         done.append(f"{_put(current, part, spec, f'datasets.{ds}.{part}', force)}: "
                     f"datasets.{ds}.{part} ({fmt})")
-    blob = (json.dumps(raw, indent=2) + "\n").encode()
-    tmp = manifest.with_name(f".{manifest.name}.check")
-    try:  # the new manifest parses, verifies and decodes before it replaces the old
-        tmp.write_bytes(blob)
-        verified = verify(tmp)
-        if fmt is not None:
-            import tempfile
-            with tempfile.TemporaryDirectory() as cache:
-                dataset_mod.load(verified, dataset or name, Path(cache))
-    except DataIntegrityError as e:
-        raise DataIntegrityError(str(manifest), "an entry that verifies and decodes",
-                                 f"{e}", "nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic.write_bytes(manifest, blob)
+    parsed = _edited(raw, manifest)
+    _prove(manifest, parsed, _touched(old, raw, parsed))
+    target = _target(manifest)
+    if target != manifest:
+        done.append(f"{manifest} is a symbolic link: wrote its target {target}")
+    atomic.write_bytes(target, (json.dumps(raw, indent=2) + "\n").encode())
     return done

@@ -37,7 +37,9 @@ __all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_pat
 
 # Bump whenever decoding changes: it is part of every key. 3: npy and IDX inputs mapped,
 # an npy file's size checked exactly, entries of mapped datasets hold metadata only.
-DECODER_VERSION = 3
+# 4: what decodes is narrower (a csv header that parses as data, npy shapes of bools,
+# content past max_bytes are refused), so entries decoded before are decoded again.
+DECODER_VERSION = 4
 MAX_CACHE_ENTRY = 16 << 30  # bytes: a decode-cache entry larger than this is refused
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

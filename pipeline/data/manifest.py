@@ -26,7 +26,7 @@ from . import schema
 from .schema import DatasetEntry, FileEntry, Manifest
 
 __all__ = ["FileEntry", "DatasetEntry", "Manifest", "Verified", "load_manifest", "verify",
-           "open_in_root", "file_sha256", "stat_key", "default_cache_dir"]
+           "verify_parsed", "open_in_root", "file_sha256", "stat_key", "default_cache_dir"]
 
 STAT_CACHE_NAME = "verify-stat-cache.json"
 _CHUNK = 1 << 20
@@ -202,19 +202,27 @@ def verify(manifest_path: Path, *, names: list[str] | None = None, full: bool = 
     only thing ever written, and only after every file passed.
     """
     manifest_path = Path(manifest_path)
-    parsed = load_manifest(manifest_path)
+    return verify_parsed(load_manifest(manifest_path), manifest_path, names=names, full=full,
+                         stat_cache_dir=stat_cache_dir)
+
+
+def verify_parsed(parsed: Manifest, manifest_path: Path, *, names: list[str] | None = None,
+                  full: bool = False, stat_cache_dir: Path | None = None) -> Verified:
+    """``verify`` of a manifest already parsed, as if it were ``manifest_path``
+    (whose directory is the data root): ``data add`` checks the manifest it is
+    about to write before writing it."""
     manifest = parsed.files
-    root = manifest_path.parent.resolve()
+    root = Path(manifest_path).parent.resolve()
     cache = None  # full: hash every file, and rewrite the stat cache's records
     if stat_cache_dir is not None and not full:
         cache = _read_stat_cache(Path(stat_cache_dir) / STAT_CACHE_NAME)
     records: dict[str, dict[str, Any]] = {}
     stats: dict[str, dict[str, int]] = {}
     found = {e.name: _verify_one(e, root, cache, records, stats)
-             for e in _select(manifest, names, manifest_path)}
+             for e in _select(manifest, names, Path(manifest_path))}
     if stat_cache_dir is not None and records:
         _update_stat_cache(Path(stat_cache_dir), records)
-    return Verified(manifest_path, root, manifest, parsed.datasets, found, stats)
+    return Verified(Path(manifest_path), root, manifest, parsed.datasets, found, stats)
 
 
 def default_cache_dir() -> Path:

@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
 
 from ..core.errors import DataIntegrityError
+from .arrays import NO_PICKLE, Header, idx_header, npy_header
 
 __all__ = ["map_npy", "map_idx", "Rows", "to_float32", "check_finite", "CHUNK_BYTES"]
 
@@ -44,10 +44,6 @@ CHUNK_BYTES = 16 << 20  # float32 bytes per chunk of a whole-dataset pass (hash,
 # unmaps its pages (they stay in the page cache).
 FAULT_AROUND = 64 << 10
 RELEASE_BYTES = 64 << 20
-_NO_PICKLE = "a NumPy array without Python objects (pickles are never loaded)"
-# IDX type byte -> element type, big-endian (yann.lecun.com/exdb/mnist, "THE IDX FILE FORMAT")
-IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
-             0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 def to_float32(raw: np.ndarray, divisor: float) -> np.ndarray:
@@ -70,55 +66,34 @@ def _stat(f: BinaryIO) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _map(f: BinaryIO, where: str, head: int, dtype: np.dtype, shape: tuple[int, ...],
-         order: str = "C", dims: str = "shape") -> np.memmap:
-    """The data after ``head`` header bytes, mapped read-only, once the file's
-    size is exactly what the header promises."""
+def _map(f: BinaryIO, where: str, head: Header, dims: str = "shape") -> np.memmap:
+    """The data after the header, mapped read-only, once the file's size is
+    exactly what the header promises."""
     size = os.fstat(f.fileno()).st_size
-    want = head + math.prod(shape) * dtype.itemsize
-    if size != want:
-        why = "truncated" if size < want else "trailing bytes"
-        raise DataIntegrityError(where, f"{want} bytes (header {head} + {dims} {shape} x "
-                                 f"{dtype.itemsize} bytes)", f"{size} bytes ({why})")
-    return np.memmap(f, dtype=dtype, mode="r", offset=head, shape=shape, order=order)
+    if size != head.offset + head.nbytes:
+        why = "truncated" if size < head.offset + head.nbytes else "trailing bytes"
+        raise DataIntegrityError(where, f"{head.offset + head.nbytes} bytes "
+                                 f"({head.layout(dims)})", f"{size} bytes ({why})")
+    return np.memmap(f, dtype=head.dtype, mode="r", offset=head.offset, shape=head.shape,
+                     order="F" if head.fortran else "C")
 
 
 def map_npy(f: BinaryIO, where: str) -> np.memmap:
-    """A .npy file (format 1.0 or 2.0) mapped read-only; never unpickles."""
-    fmt = np.lib.format
+    """A .npy file (format 1.0 or 2.0) mapped read-only; never unpickles. Its
+    shape must be integers (no bools) NumPy can describe (pipeline.data.arrays)."""
     try:
         f.seek(0)
-        version = fmt.read_magic(f)  # ValueError for a pickle, a zip, anything else
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"npy format {version[0]}.{version[1]} is not read here "
-                             "(1.0 and 2.0 are; 3.0 only adds unicode field names)")
-        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, fortran, dtype = read(f)  # a literal, at most 10000 characters: no code runs
-        if dtype.hasobject:
-            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"a negative dimension in shape {shape}")
-        head = f.tell()
+        head = npy_header(f.read)  # a literal of bounded length: no code runs
     except (ValueError, OSError, EOFError, SyntaxError) as e:
-        raise DataIntegrityError(where, _NO_PICKLE, f"{type(e).__name__}: {e}") from e
-    return _map(f, where, head, dtype, tuple(shape), "F" if fortran else "C")
+        raise DataIntegrityError(where, NO_PICKLE, f"{type(e).__name__}: {e}") from e
+    return _map(f, where, head)
 
 
 def map_idx(f: BinaryIO, where: str) -> np.memmap:
     """An uncompressed IDX file: magic (0, 0, type, ndim), ndim big-endian uint32
     dims, then the data, mapped read-only in its big-endian type."""
     f.seek(0)
-    magic = f.read(4)
-    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in IDX_TYPES or magic[3] == 0:
-        raise DataIntegrityError(where, "IDX magic 00 00, a type byte (08 09 0b 0c 0d 0e), "
-                                 "ndim >= 1", f"bytes {magic.hex(' ')!r}")
-    ndim, dtype = magic[3], IDX_TYPES[magic[2]]
-    dims = f.read(4 * ndim)
-    if len(dims) < 4 * ndim:
-        size = os.fstat(f.fileno()).st_size
-        raise DataIntegrityError(where, f"at least {4 + 4 * ndim} bytes (header with {ndim} "
-                                 "dims)", f"{size} bytes (truncated)")
-    return _map(f, where, 4 + 4 * ndim, dtype, struct.unpack(f">{ndim}I", dims), dims="dims")
+    return _map(f, where, idx_header(f.read, where), dims="dims")
 
 
 class _Part:

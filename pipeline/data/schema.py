@@ -23,7 +23,7 @@ from ..core.errors import DataIntegrityError
 from . import task
 from .task import Task
 
-__all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "reject_duplicates",
+__all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "problems", "reject_duplicates",
            "spec_problems", "files_of", "MANIFEST_VERSION", "FORMATS"]
 
 MANIFEST_VERSION = 2
@@ -142,7 +142,8 @@ def _dataset_problems(name: str, raw: object, files: dict[str, Any]) -> list[tup
     return probs
 
 
-def _problems(raw: object) -> list[tuple[str, str, str]]:
+def problems(raw: object) -> list[tuple[str, str, str]]:
+    """Every problem of a manifest (parsed JSON) as (dotted key, expected, found)."""
     if not isinstance(raw, dict):
         return [("(top level)", "an object", _kind(raw))]
     probs = [(k, "only the keys version, files, datasets", "an unknown key")
@@ -165,7 +166,7 @@ def _problems(raw: object) -> list[tuple[str, str, str]]:
 def parse(raw: object, source: str) -> Manifest:
     """The manifest in ``raw`` (parsed JSON), or DataIntegrityError naming
     ``source`` and the first problem's key (the others in the hint)."""
-    probs = _problems(raw)
+    probs = problems(raw)
     if probs:
         key, expected, found = probs[0]
         rest = "; ".join(f"{k}: expected {x}, found {f}" for k, x, f in probs[1:])
@@ -217,16 +218,21 @@ _KINDS: dict[str, tuple[str, Callable[[Any, Collection[str]], bool]]] = {
 }
 _F, _CLASSES, _DIV = ("file", True), ("count", True), ("divisor", False)
 _GZ = ("compression", False)
+# The most bytes of content a decode reads into memory, after decompression
+# (pipeline.data.bounded; default 256 MiB): what bounds a gzip or zip bomb.
+_MAX = ("count", False)
 _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, required)
     "csv": {"file": _F, "compression": _GZ, "header": ("bool", False),
             "features": ("features", True), "label": ("column", True), "shape": ("shape", False),
             "value_range": ("range", False), "divisor": _DIV, "classes": _CLASSES,
-            "rows": ("count", False)},
+            "rows": ("count", False), "max_bytes": _MAX},
     "npy": {"x": _F, "y": _F, "divisor": _DIV, "classes": _CLASSES},
     "npz": {"file": _F, "x": ("key", True), "y": ("key", True), "divisor": _DIV,
-            "classes": _CLASSES},
-    "idx": {"x": _F, "y": _F, "compression": _GZ, "divisor": _DIV, "classes": _CLASSES},
-    "text": {"file": _F, "vocabulary": ("vocabulary", True), "compression": _GZ},
+            "classes": _CLASSES, "max_bytes": _MAX},
+    "idx": {"x": _F, "y": _F, "compression": _GZ, "divisor": _DIV, "classes": _CLASSES,
+            "max_bytes": _MAX},
+    "text": {"file": _F, "vocabulary": ("vocabulary", True), "compression": _GZ,
+             "max_bytes": _MAX},
 }
 
 

@@ -23,3 +23,7 @@ ERFC_C = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.278868
           -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 INV_SQRT_2PI = 0.3989422804014327  # 0x3FD9884533D43651
 SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi), the tanh form
+
+# ATen's GRAIN_SIZE: elements below which an elementwise call runs on one thread
+# (the native kernels split work the same way; fpenv gives every thread a chunk).
+GRAIN = 32768

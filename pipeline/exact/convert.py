@@ -1,13 +1,27 @@
 """``from_torch``: a stock module tree converted to exact layers
-(docs/exact-spec.md, sections 13-14), parameters copied.
+(docs/exact-spec.md, sections 13-14), parameters copied: the same model, or
+a refusal, never a different one.
 
 Every ``torch.nn`` layer it knows becomes its exact twin; containers
 (``Sequential``, ``ModuleList``, ``ModuleDict``) and a user's own module
 classes keep their structure and forward code, with their children
 converted (that code then runs under the guard, pipeline.exact.guard, which
 routes its arithmetic and ``scaled_dot_product_attention`` to exact ops and
-refuses the rest). Everything else is refused, all at once: a ConfigError
-listing each unsupported module path, its type and why.
+refuses the rest). What the stock tree says beyond its layers is kept:
+
+- tied parameters stay one parameter (the exact layers share it);
+- a frozen parameter (``requires_grad`` False) stays frozen;
+- forward hooks and pre-hooks of a converted layer move to its exact twin
+  (and run under the guard, like the forward code); those of kept modules
+  stay;
+- constant buffers of a user's module stay, if their values are the same on
+  every machine by construction (booleans, integers, floats that are whole
+  numbers or infinities; computed floats, e.g. a ``torch.cos`` table, are
+  refused); one that forward updates is refused by LayerNet's check.
+
+Refused, all at once (a ConfigError listing each module path, its type and
+why): a layer with no exact version, a parametrization (weight_norm,
+spectral_norm), a backward hook.
 """
 
 from __future__ import annotations
@@ -17,11 +31,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
 from . import layers as L
 
-__all__ = ["from_torch", "SUPPORTED"]
+__all__ = ["from_torch", "SUPPORTED", "seed_free_values"]
 
 # Data movement only: kept as they are.
 _KEEP = (nn.Flatten, nn.Unflatten, nn.Identity)
@@ -69,20 +84,76 @@ SUPPORTED: dict[type[nn.Module], Callable[..., nn.Module | str]] = {
     nn.Dropout: _dropout}
 
 
-def _convert(mod: nn.Module, path: str, problems: list[str]) -> nn.Module:
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _structural_problems(mod: nn.Module, label: str) -> list[str]:
+    out = []
+    if parametrize.is_parametrized(mod):
+        out.append(f"{label}: parametrized ({', '.join(mod.parametrizations)}: weight_norm, "
+                   f"spectral_norm or parametrize.register_parametrization); exact mode has no "
+                   f"parametrizations: train the plain weight, or train in pinned mode")
+    if getattr(mod, "_backward_hooks", None) or getattr(mod, "_backward_pre_hooks", None):
+        out.append(f"{label}: a backward hook; exact mode's backward is the spec's alone: "
+                   f"remove it, or train in pinned mode")
+    return out
+
+
+def _converted(mod: nn.Module, new: nn.Module, shared: dict[int, nn.Parameter]) -> nn.Module:
+    """``new`` (``mod``'s exact twin) with ``mod``'s parameter values, frozen
+    flags and tying (``shared``: the twin parameter of each stock one seen),
+    and its forward hooks."""
+    for name, p in mod.named_parameters(recurse=False):
+        if p is None:
+            continue
+        if id(p) in shared:  # tied to a parameter converted before: the same one
+            setattr(new, name, shared[id(p)])
+            continue
+        twin = getattr(new, name)
+        with torch.no_grad():
+            twin.copy_(p.detach().to(torch.float32))
+        twin.requires_grad_(p.requires_grad)
+        shared[id(p)] = twin
+    for attr in _HOOKS:
+        if hasattr(mod, attr):
+            getattr(new, attr).update(getattr(mod, attr))
+    return new
+
+
+def _buffer_problem(buf: torch.Tensor) -> str | None:
+    """Why a constant buffer's values may differ between machines, or None."""
+    if not buf.is_floating_point():
+        return None
+    finite = buf[torch.isfinite(buf)]
+    if bool((finite == finite.round()).all()):
+        return None
+    return ("holds computed float values, which torch's kernels may round differently on "
+            "another machine (e.g. a cos/exp table): build it from integers, or train in "
+            "pinned mode")
+
+
+def _convert(mod: nn.Module, path: str, problems: list[str],
+             shared: dict[int, nn.Parameter]) -> nn.Module:
     """The exact version of ``mod`` (children converted in place on a copy)."""
     label = f"{path or '<model>'} ({type(mod).__module__}.{type(mod).__qualname__})"
+    if found := _structural_problems(mod, label):
+        problems += found
+        return mod
     make = SUPPORTED.get(type(mod))
     if make is not None:
         new = make(mod)
         if isinstance(new, str):
             problems.append(f"{label}: {new}")
             return mod
-        with torch.no_grad():
-            for name, p in mod.named_parameters(recurse=False):
-                if p is not None:
-                    getattr(new, name).copy_(p.detach().to(torch.float32))
-        return new
+        theirs = {n for n, _ in mod.named_parameters(recurse=False)}
+        if odd := sorted(theirs - {n for n, _ in new.named_parameters(recurse=False)}):
+            problems.append(f"{label}: parameters {odd} are not the layer's own (registered "
+                            f"on it by hand?); exact mode trains the layer's weight and bias "
+                            f"only: move them to a module of their own, or train in pinned "
+                            f"mode")
+            return mod
+        return _converted(mod, new, shared)
     if isinstance(mod, L.EXACT_LAYERS) or isinstance(mod, _KEEP):
         return mod
     stock = type(mod).__module__.startswith("torch.")
@@ -94,10 +165,11 @@ def _convert(mod: nn.Module, path: str, problems: list[str]) -> nn.Module:
     for name, p in mod.named_parameters(recurse=False):
         problems.append(f"{label}: parameter {name!r} {tuple(p.shape)} held by the module "
                         f"itself; exact mode initialises and trains only its layers' parameters")
-    for name, _ in mod.named_buffers(recurse=False):
-        problems.append(f"{label}: buffer {name!r}: exact layers keep no training-time state")
+    for name, buf in mod.named_buffers(recurse=False):
+        if (why := _buffer_problem(buf)) is not None:
+            problems.append(f"{label}: buffer {name!r} {why}")
     for name, child in list(mod.named_children()):
-        new = _convert(child, f"{path}.{name}" if path else name, problems)
+        new = _convert(child, f"{path}.{name}" if path else name, problems, shared)
         if new is not child:
             setattr(mod, name, new)
     return mod
@@ -112,7 +184,47 @@ def from_torch(module: nn.Module) -> nn.Module:
         raise ConfigError("from_torch", [f"expected a torch.nn.Module, found "
                                          f"{type(module).__name__}"])
     problems: list[str] = []
-    out = _convert(copy.deepcopy(module), "", problems)
+    try:
+        clone = copy.deepcopy(module)
+    except RuntimeError as e:  # torch's deepcopy refuses non-leaf parameters
+        raise ConfigError("exact mode (from_torch)", [
+            f"<model>: cannot be copied ({str(e).splitlines()[0][:160]}): the old "
+            f"torch.nn.utils.weight_norm? exact mode has no parametrizations: train the "
+            f"plain weight, or train in pinned mode"]) from None
+    out = _convert(clone, "", problems, {})
     if problems:
         raise ConfigError("exact mode (from_torch)", problems)
     return out
+
+
+def seed_free_values(a: nn.Module, b: nn.Module, known: list[torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """Of two builds of one factory under different seeds, the parameters it
+    set the same whatever the seed, which exact mode keeps as the factory set
+    them (LayerNet); the others it drew from torch's generator, and exact mode
+    draws from its own (spec section 16), the same on every machine. Kept
+    only where the values are the same on every machine by construction: a
+    fill (every element equal), or a tensor loaded with
+    ``pipeline.pretrained`` (``known``: a file the manifest verifies). Any
+    other seed-free value (a generator seeded inside the factory, a table
+    computed with torch's kernels, a file read past the manifest) is refused."""
+    kept, problems = {}, []
+    others = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        q = others.get(name)
+        if q is None or q.shape != p.shape or not torch.equal(p.detach(), q.detach()):
+            continue  # drawn from the seed: the spec draws it
+        v = p.detach().to(torch.float32)
+        if v.numel() == 0 or bool((v == v.reshape(-1)[0]).all()) or any(
+                k.shape == v.shape and torch.equal(k.to(torch.float32), v) for k in known):
+            kept[name] = v.clone()
+        else:
+            problems.append(f"{name}: the factory sets it the same whatever the seed, but it "
+                            f"is neither a constant nor loaded with pipeline.pretrained(), so "
+                            f"exact mode cannot tell it is the same on every machine (torch's "
+                            f"own draws and kernels are not): load pretrained weights with "
+                            f"pipeline.pretrained(name) from a file in the data manifest, "
+                            f"draw it from the seed, or train in pinned mode")
+    if problems:
+        raise ConfigError("exact mode (the factory's initial values)", problems)
+    return kept

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused import GRAIN
+from .consts import GRAIN
 
 __all__ = ["subnormal_problem"]
 
@@ -29,11 +29,11 @@ def _filled(n: int, bits: int, dtype: torch.dtype, view: torch.dtype) -> torch.T
     return torch.full((n,), bits, dtype=view).view(dtype)
 
 
-def subnormal_problem() -> str | None:
+def subnormal_problem(every_thread: bool = True) -> str | None:
     """None if float32 and float64 subnormals are produced and read as IEEE
-    says on every CPU thread torch runs elementwise work on, else what is
-    wrong."""
-    n = 2 * GRAIN * max(1, torch.get_num_threads())  # a chunk for every thread
+    says on every CPU thread torch runs elementwise work on (``every_thread``
+    False: on this thread only, starting no pool thread), else what is wrong."""
+    n = 2 * GRAIN * max(1, torch.get_num_threads()) if every_thread else 64
     for dtype, view, x, y, s, one in _CASES:
         sub = _filled(n, s, dtype, view)
         if not torch.equal(_filled(n, x, dtype, view).mul_(_filled(n, y, dtype, view)).view(view),

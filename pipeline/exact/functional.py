@@ -64,7 +64,16 @@ class _Linear(Function):
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight^T + bias`` over the last dim, exactly (spec section 14)."""
+    """``x @ weight^T + bias`` over the last dim, exactly (spec section 14).
+    Shapes are checked as torch checks them (the blocked product pads the
+    inner dimension to 64, so a mismatch would otherwise pass)."""
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied "
+                           f"({math.prod(x.shape[:-1])}x{x.shape[-1] if x.dim() else 0} and "
+                           f"{'x'.join(str(d) for d in weight.shape[::-1])})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"linear: expected a bias of shape ({weight.shape[0]},), found "
+                           f"{tuple(bias.shape)}")
     return apply_trusted(_Linear, x, weight, bias)
 
 
@@ -108,6 +117,12 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 
            padding: int = 0) -> Tensor:
     """2-D convolution (one stride and padding for both dims, no dilation,
     one group) by im2col and ``xmmb`` (spec sections 6 and 14)."""
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise RuntimeError(f"conv2d: expected input (N, {weight.shape[1]}, H, W) for weight of "
+                           f"shape {tuple(weight.shape)}, found {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"conv2d: expected a bias of shape ({weight.shape[0]},), found "
+                           f"{tuple(bias.shape)}")
     return apply_trusted(_Conv2d, x, weight, bias, stride, padding)
 
 
@@ -174,6 +189,10 @@ class _LayerNorm(Function):
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm over the last dim (spec section 14); ``eps`` is rounded to f32."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (x.dim() < 1 or tuple(t.shape) != (x.shape[-1],)):
+            raise RuntimeError(f"layer_norm: expected a {name} of shape "
+                               f"({x.shape[-1] if x.dim() else 0},), found {tuple(t.shape)}")
     return apply_trusted(_LayerNorm, x, weight, bias, rn32(eps))
 
 

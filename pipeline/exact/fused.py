@@ -13,13 +13,13 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import native
+from . import consts, native
 
 __all__ = ["gelu", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_norm",
            "layer_norm_grad", "index_tree"]
 
 _MAXS = 4096  # kernels.c's MAXS: the longest row the row kernels take
-GRAIN = 32768  # ATen's GRAIN_SIZE: elements below which a call runs on one thread
+GRAIN = consts.GRAIN
 
 
 def usable(group: str, *xs: Tensor) -> ctypes.CDLL | None:

@@ -29,10 +29,10 @@ from torch.overrides import TorchFunctionMode, resolve_name
 from ..core.errors import ConfigError
 from . import arith
 from . import functional as XF
-from .attention import attention
+from .attention import _Attention, attention
 from .context import is_trusted, step_context
 
-__all__ = ["Guard", "check_graph", "check_module", "EXACT_NODES"]
+__all__ = ["Guard", "check_graph", "check_module", "EXACT_NODES", "EXACT_FUNCTIONS"]
 
 _T = "torch.Tensor."
 _META = {f"{_T}{n}.__get__" for n in (
@@ -184,11 +184,16 @@ class Guard(TorchFunctionMode):
 
 # Backward nodes whose arithmetic is the spec's: the exact layers' Functions
 # and data movement (their backward moves data or converts dtype back).
+# torch's own (C++) backward nodes that move data exactly, by name; a Python
+# autograd.Function's node is never taken by its name, only by its class.
 EXACT_NODES = frozenset({
-    "_Linear", "_Conv2d", "_Embedding", "_LayerNorm", "_GELU", "_Select", "_Attention",
-    "_Binary", "AccumulateGrad", "View", "ReshapeAlias", "UnsafeView", "Transpose", "T",
+    "AccumulateGrad", "View", "ReshapeAlias", "UnsafeView", "Transpose", "T",
     "Permute", "Split", "SplitWithSizes", "UnsafeSplit", "UnsafeSplitWithSizes", "Cat", "Stack",
     "Select", "Slice", "Unbind", "Squeeze", "Unsqueeze", "Clone", "ToCopy", "Alias"})
+# The exact layers' own autograd Functions (spec sections 12-18), by identity.
+EXACT_FUNCTIONS: frozenset[type] = frozenset({
+    XF._Linear, XF._Conv2d, XF._Embedding, XF._LayerNorm, XF._GELU, XF._Select,
+    arith._Binary, _Attention})
 
 
 def check_graph(out: Tensor) -> list[str]:
@@ -199,8 +204,9 @@ def check_graph(out: Tensor) -> list[str]:
     seen, stack = {out.grad_fn}, [out.grad_fn]
     while stack:
         node = stack.pop()
+        fwd = getattr(node, "_forward_cls", None)  # set on a Python Function's nodes only
         kind = re.sub(r"Backward\d*$", "", type(node).__name__)
-        if kind not in EXACT_NODES:
+        if (fwd not in EXACT_FUNCTIONS) if fwd is not None else (kind not in EXACT_NODES):
             problems.append(f"the backward of {type(node).__name__} is not defined by "
                             f"docs/exact-spec.md")
         for nxt, nr in node.next_functions:

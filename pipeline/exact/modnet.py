@@ -12,6 +12,8 @@ detached views of the same memory.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -36,24 +38,40 @@ class LayerNet:
     # at 2 threads 171-177 ms a step against 160-162 ms on 2 intra-op threads).
 
     def __init__(self, module: nn.Module, seed: int, device: torch.device | str,
-                 sample: Tensor | None = None) -> None:
+                 sample: Tensor | None = None,
+                 keep: dict[str, Tensor] | None = None) -> None:
         self.seed, self.device = seed, torch.device(device)
         init_exact(module, seed)
+        with torch.no_grad():  # values the factory set whatever the seed (convert.seed_free_values)
+            for name, p in module.named_parameters():
+                if keep and name in keep:
+                    p.copy_(keep[name])
         module = module.to(self.device)
-        named = dict(module.named_parameters())
+        named = dict(module.named_parameters())  # a tied parameter once, under its first name
         flat = flat_views({k: p.detach() for k, p in named.items()}, self.device)
         for k, p in named.items():
             p.data = flat[k]  # the parameter now lives in the flat buffer
         self.module = module
         self.params = {k: p.detach() for k, p in named.items()}
-        self._leaves = list(named.values())
-        self.buffers: dict[str, Tensor] = {}
+        self.trainable = {k: self.params[k] for k, p in named.items() if p.requires_grad}
+        self._leaves = [p for p in named.values() if p.requires_grad]
+        first = {id(p): k for k, p in named.items()}
+        self.aliases = {k: first[id(p)] for k, p in module.named_parameters(remove_duplicate=False)
+                        if first[id(p)] != k}
+        persistent = set(module.state_dict(keep_vars=True))
+        self.buffers = {k: b for k, b in module.named_buffers() if k in persistent}
         # Quantised weights, kept while no parameter's version counter moved
         # (every in-place update of a parameter or of a view of it moves one).
         self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         self._versions: tuple[int, ...] = ()
         if sample is not None:
+            before = {k: b._version for k, b in module.named_buffers()}
             check_module(module, sample.to(self.device))
+            if moved := sorted(k for k, b in module.named_buffers() if b._version != before[k]):
+                raise ConfigError("exact mode", [
+                    f"{k}: a buffer the forward updates (training-time state, as BatchNorm's "
+                    f"running statistics); exact mode keeps none: train in pinned mode"
+                    for k in moved])
 
     def _valid_cache(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
         versions = tuple(p._version for p in self._leaves)
@@ -80,10 +98,14 @@ class LayerNet:
         flat = logits.detach().reshape(-1, logits.shape[-1])
         lse, g = softmax_xent(flat, y.reshape(-1), n_global)
         grads = torch.autograd.grad(logits, self._leaves, g.view(logits.shape),
-                                    allow_unused=True)
-        out = {k: (gr if gr is not None else torch.zeros_like(p))
-               for (k, p), gr in zip(self.params.items(), grads)}
-        return tree_sum(lse, 0), out
+                                    allow_unused=True) if self._leaves else ()
+        # None: this shard did not use the parameter (the step's sum decides).
+        return tree_sum(lse, 0), dict(zip(self.trainable, grads))
+
+    def structure(self) -> dict[str, Any]:
+        """Frozen parameters, tied names (alias -> the name saved), buffers."""
+        return {"frozen": sorted(k for k in self.params if k not in self.trainable),
+                "tied": dict(sorted(self.aliases.items())), "buffers": sorted(self.buffers)}
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

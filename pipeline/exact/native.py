@@ -43,13 +43,15 @@ from torch import Tensor
 
 from . import consts
 
-__all__ = ["kernels", "register", "status", "check_values", "same", "torch_only"]
+__all__ = ["kernels", "register", "status", "check_values", "same", "elf_problem", "torch_only"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _BASE_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC",
                "-shared"]
 _OPTIONAL = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 
+_COMPILE_TIMEOUT_S = 120   # one compile of kernels.c takes a few seconds
+_MAX_LIBRARY_BYTES = 64 << 20
 _lock = threading.RLock()  # a group's check may load another group
 _state: dict[str, Any] = {}  # "lib": CDLL | None, "status": str, "verdicts": {group: problem}
 _checks: dict[str, Callable[[ctypes.CDLL], str | None]] = {}
@@ -82,11 +84,13 @@ def _cache_dir() -> Path | None:
 
 
 def _private_dir() -> Path:
-    """A directory of this process's own, removed at exit (a loaded library
-    stays mapped after its file is gone)."""
-    path = Path(tempfile.mkdtemp(prefix="pipeline-native-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+    """A directory of this process's own (mode 0700), removed at exit (a
+    loaded library stays mapped after its file is gone)."""
+    if "private" not in _state:
+        path = Path(tempfile.mkdtemp(prefix="pipeline-native-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _state["private"] = path
+    return Path(_state["private"])
 
 
 def _cpu_flags() -> str:
@@ -132,39 +136,111 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     machine = _cpu_flags() + "\0" + platform.machine()
     for extra in _OPTIONAL:
         flags = [*_BASE_FLAGS, *extra]
-        key = hashlib.sha256("\0".join([source, " ".join(flags), version, machine])
+        # The whole of $CC is in the key: flags given inside it change the build.
+        key = hashlib.sha256("\0".join([source, cc_text, " ".join(flags), version, machine])
                              .encode()).hexdigest()[:32]
         lib_path = cache / f"kernels-{key}.so"
-        with FileLock(str(cache / f"kernels-{key}.lock")):
-            for _ in range(2):  # a cached build that fails its checks is rebuilt once
-                if not _intact(lib_path):
-                    problem = _compile(cc, flags, source, lib_path)
-                    if problem:
-                        errors.append(problem)
-                        break
-                try:
-                    lib = ctypes.CDLL(str(lib_path))
-                    _declare(lib)
-                    return lib, f"on ({cc_text}, {' '.join(extra) or 'baseline flags'})"
-                except (OSError, AttributeError) as e:  # not a library, or not ours
-                    errors.append(str(e))
-                    lib_path.unlink(missing_ok=True)
-    return None, f"off: {cc_text} could not build kernels.c ({errors[-1] if errors else '?'})"
+        with FileLock(str(cache / f"kernels-{key}.lock"), timeout=_COMPILE_TIMEOUT_S * 2):
+            lib, problem = _cached_or_built(cc, flags, source, lib_path)
+        if lib is not None:
+            return lib, f"on ({cc_text}, {' '.join(extra) or 'baseline flags'})"
+        errors.append(problem)
+        if problem.startswith(("timed out", "flushes")):
+            break  # no other flags will help
+    why = f"off: {cc_text} could not build kernels.c ({errors[-1] if errors else '?'})"
+    print(f"warning: exact mode's native kernels are off: {why[5:]} (the torch implementation "
+          f"runs: same bits, slower)", file=sys.stderr)
+    return None, why
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _cached_or_built(cc: list[str], flags: list[str], source: str,
+                     lib_path: Path) -> tuple[ctypes.CDLL | None, str]:
+    """The library at ``lib_path`` (built if missing or not whole), loaded;
+    or None and why. A cached build that fails its checks is rebuilt once."""
+    problem = "?"
+    for _ in range(2):
+        blob, problem = _whole_build(lib_path)
+        if blob is None:
+            if (failed := _compile(cc, flags, source, lib_path)) is not None:
+                return None, failed
+            blob, problem = _whole_build(lib_path)
+            if blob is None:
+                return None, problem
+        lib, problem = _load_copy(blob)
+        if lib is not None:
+            return lib, ""
+        if problem.startswith("flushes"):
+            return None, problem
+        lib_path.unlink(missing_ok=True)
+    return None, problem
 
 
-def _intact(lib_path: Path) -> bool:
-    """Whether ``lib_path`` is a whole build: its sha256, recorded beside it
-    when it was written, matches (a truncated library must never reach
-    dlopen, which maps it and dies of SIGBUS)."""
-    sums = lib_path.with_suffix(".sha256")
+def _whole_build(lib_path: Path) -> tuple[bytes | None, str]:
+    """The bytes of a cached build, read like every file the pipeline did not
+    just write (pipeline.core.safeio: a regular file within a bound, never a
+    FIFO), if they hash to the sha256 recorded beside them and form a whole
+    ELF file; else None and why."""
+    from ..core.safeio import read_regular
+
     try:
-        return sums.read_text().strip() == _digest(lib_path)
-    except OSError:
-        return False
+        recorded = read_regular(lib_path.with_suffix(".sha256"), 256).decode().strip()
+        blob = read_regular(lib_path, _MAX_LIBRARY_BYTES)
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"no whole cached build ({e})"
+    if hashlib.sha256(blob).hexdigest() != recorded:
+        return None, "the cached build does not match its recorded sha256"
+    if (bad := elf_problem(blob)) is not None:
+        return None, f"the cached build is not a whole library: {bad}"
+    return blob, ""
+
+
+def elf_problem(blob: bytes) -> str | None:
+    """Why ``blob`` is not a whole 64-bit little-endian ELF file (every
+    segment and the tables inside the file), or None. dlopen maps a file's
+    segments without checking them against its size: a short file dies of
+    SIGBUS on first touch."""
+    if blob[:4] != b"\x7fELF" or len(blob) < 64:
+        return "no ELF header"
+    if blob[4] != 2 or blob[5] != 1:
+        return "not a 64-bit little-endian ELF file"
+    u16, u64 = (lambda o: int.from_bytes(blob[o:o + 2], "little")), \
+        (lambda o: int.from_bytes(blob[o:o + 8], "little"))
+    phoff, shoff, phsize, phnum, shsize, shnum = u64(32), u64(40), u16(54), u16(56), u16(58), \
+        u16(60)
+    if phoff + phsize * phnum > len(blob) or shoff + shsize * shnum > len(blob):
+        return f"its header tables end past its {len(blob)} bytes"
+    for i in range(phnum):
+        h = phoff + i * phsize
+        if u16(h) == 1 and u64(h + 8) + u64(h + 32) > len(blob):  # PT_LOAD: offset + filesz
+            return f"segment {i} ends at byte {u64(h + 8) + u64(h + 32)} of {len(blob)}"
+    return None
+
+
+def _load_copy(blob: bytes) -> tuple[ctypes.CDLL | None, str]:
+    """dlopen a private copy of ``blob`` (a cache file truncated or replaced
+    later cannot touch the mapping), then check that loading it left this
+    process's floating-point environment as exact mode needs it: a build that
+    turns on flush-to-zero (a ``CC`` with -ffast-math or
+    -funsafe-math-optimizations links start-up code that does) is refused and
+    the setting undone."""
+    from .fpenv import subnormal_problem
+
+    fd, name = tempfile.mkstemp(prefix="kernels-", suffix=".so", dir=_private_dir())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        lib = ctypes.CDLL(name)
+        _declare(lib)
+    except (OSError, AttributeError) as e:  # not a library, or not ours
+        return None, str(e)
+    finally:
+        os.unlink(name)  # the mapping stays
+    # Start-up code runs on this thread; threads started later inherit its
+    # setting, so it is checked and undone here before any pool thread starts.
+    if (problem := subnormal_problem(every_thread=False)) is not None:
+        torch.set_flush_denormal(False)
+        return None, f"flushes subnormals once loaded ({problem}): check $CC's flags"
+    return lib, ""
 
 
 def _compile(cc: list[str], flags: list[str], source: str, lib_path: Path) -> str | None:
@@ -175,7 +251,10 @@ def _compile(cc: list[str], flags: list[str], source: str, lib_path: Path) -> st
         src.write_text(source)
         try:
             p = subprocess.run([*cc, *flags, "-o", str(out), str(src)], capture_output=True,
-                               text=True, timeout=300, check=False)
+                               text=True, timeout=_COMPILE_TIMEOUT_S, check=False,
+                               start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return f"timed out after {_COMPILE_TIMEOUT_S} s ({' '.join(cc)})"
         except (OSError, subprocess.SubprocessError) as e:
             return str(e)
         if p.returncode != 0:
@@ -183,7 +262,7 @@ def _compile(cc: list[str], flags: list[str], source: str, lib_path: Path) -> st
         if not out.is_file():
             return f"{cc[0]} exited 0 but wrote no library"
         sums = Path(tmp) / "kernels.sha256"
-        sums.write_text(_digest(out) + "\n")
+        sums.write_text(hashlib.sha256(out.read_bytes()).hexdigest() + "\n")
         for f in (out, sums):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -115,6 +115,7 @@ class ExactNet:
         # Views of one flat buffer, end to end in this order: the optimisers
         # then update every parameter with one op per formula step.
         self.params = flat_views(init, self.device)
+        self.trainable = self.params  # the spec's nets freeze nothing
         self.buffers: dict[str, Tensor] = {}  # the spec's nets keep no training-time state
         self._qcache: dict[tuple[str, int], tuple[Tensor, int, int, Tensor]] = {}
 
@@ -210,6 +211,10 @@ class ExactNet:
         logits, cache = self.forward(x.reshape(x.shape[0], -1), keep)
         lse, g = softmax_xent(logits, y, n_global)
         return tree_sum(lse, 0), self.backward(cache, g)
+
+    def structure(self) -> dict[str, list[str] | dict[str, str]]:
+        """Nothing frozen, tied or buffered in the spec's networks."""
+        return {"frozen": [], "tied": {}, "buffers": []}
 
     def predict(self, x: Tensor) -> Tensor:
         """Logits without dropout."""

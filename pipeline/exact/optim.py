@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..core.config import OptimConfig
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, ConfigError
 from ..core.schedule import Schedule, schedule_of
 from .flat import F32 as _F32
 from .flat import flat_of, flat_views, rn32
@@ -92,6 +92,13 @@ class _Optimizer:
     def step(self, grads: dict[str, Tensor]) -> None:
         """One update from step ``t``'s summed gradients: clipped (section
         9.2) when ``clip_norm > 0``, at the rate ``lr(t)`` (9.1)."""
+        unused = sorted(k for k, g in grads.items() if g is None)
+        if unused:  # the spec's update has no "skip" (pinned mode skips them, as torch does)
+            raise ConfigError(f"exact mode, step {self.t + 1}", [
+                f"{k}: no shard of step {self.t + 1} used this trainable parameter (a branch "
+                f"not taken, an unused head); exact mode updates every trainable parameter "
+                f"every step: freeze it (requires_grad_(False)), or train in pinned mode"
+                for k in unused])
         scale = clip_scale(grads, self.clip_norm) if self.clip_norm > 0 else None
         self._begin(self.schedule(self.t))
         self._apply(grads, scale)

@@ -37,7 +37,7 @@ from ..core.config import Config, config_from_dict
 from ..core.errors import CheckpointError, ConfigError, DataIntegrityError, UsageError
 from ..data import manifest
 from ..models import Parts, resolve
-from ..recipe import data_fields, manifest_path
+from ..recipe import data_fields, find_project, manifest_path
 from ..record import runs
 from ..record.diff import differences
 from ..record.schema import RunRecord
@@ -70,7 +70,9 @@ def load_with_data(run_dir: str | Path, project: str | Path | None = None, *,
     cfg = run_config(record, run_dir)
     parts = _parts(cfg, base, record, run_dir)
     ds = dataset_for(cfg, base, record, run_dir)
-    return _build(record, cfg, parts, ds, run_dir, device), ds, base
+    model = _build(record, cfg, parts, ds, run_dir, device)
+    _check_model_code(parts, record, run_dir, base)  # after building and a forward pass
+    return model, ds, base
 
 
 def run_config(record: RunRecord, run_dir: Path) -> Config:
@@ -80,9 +82,11 @@ def run_config(record: RunRecord, run_dir: Path) -> Config:
 
 def project_base(project: str | Path | None, run_dir: Path) -> Path:
     """The directory user modules and the data manifest are found in: ``project``
-    (a directory, or a config file's directory), else the current directory.
+    (a directory, or a config file's directory), else the project around the
+    current directory (``recipe.find_project``: a config.toml or
+    data-manifest.json from there upwards), else the current directory.
     UsageError if it is the run directory or inside it."""
-    base = Path.cwd() if project is None else Path(project)
+    base = Path(project) if project is not None else find_project(Path.cwd()) or Path.cwd()
     if base.is_file():
         base = base.parent
     if not base.is_dir():
@@ -111,14 +115,18 @@ def _parts(cfg: Config, base: Path, record: RunRecord, run_dir: Path) -> Parts:
         hint = (f"run.json says the run's config was in {record.config_dir}: name that "
                 f"project (--project DIR) if you trust its code")
         raise ConfigError(e.source, [*e.problems, hint]) from None
+    return parts
+
+
+def _check_model_code(parts: Parts, record: RunRecord, run_dir: Path, base: Path) -> None:
+    """The user modules the factory (and loss) ran, and their sources' hash, are
+    the record's (pipeline.core.usercode): else CheckpointError, not a module
+    that may compute another function."""
     if parts.record() != record.model:
         raise CheckpointError(f"{run_dir / 'run.json'} [model]", "the model code it records",
                               f"{_first_difference(record.model, parts.record(), 'model')} "
-                              f"in {base}",
-                              "the model code changed since the run (a built-in factory's "
-                              "source is the whole pipeline package); load it with the code "
-                              "that trained it, or retrain")
-    return parts
+                              f"in {base}", "the model code changed since the run; load it "
+                              "with the code that trained it, or retrain")
 
 
 def _refuse_from_run_dir(spec: str, base: Path, run_dir: Path, record: RunRecord) -> None:
@@ -149,8 +157,11 @@ def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path
     """``cfg``'s dataset from the project's manifest, its files verified; with
     ``record``, its decode specs, file hashes and decoded arrays must be the
     record's (DataIntegrityError naming run.json's field), so the shapes and
-    vocabulary are the ones the run trained with."""
+    vocabulary are the ones the run trained with, and the pretrained files the
+    run's factory loaded are verified too and may be loaded again
+    (pipeline.pretrained; ``_build`` checks it loads the same)."""
     from ..data import dataset
+    from ..data.pretrained import set_verified
 
     cache = manifest.default_cache_dir()
     path = manifest_path(base)
@@ -160,16 +171,39 @@ def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path
         raise DataIntegrityError(str(path), f"a dataset {cfg.data.dataset!r}",
                                  f"datasets {sorted(parsed.datasets)}",
                                  "name the project that trained the run (--project)")
-    verified = manifest.verify(path, names=list(entry.files()), stat_cache_dir=cache)
+    pretrained = record.data.get("pretrained", {}) if record is not None else {}
+    if not isinstance(pretrained, dict):
+        raise CheckpointError(f"{run_dir / 'run.json'} [data.pretrained]",
+                              "an object of file names and hashes", repr(pretrained)[:80])
+    verified = manifest.verify(path, names=[*entry.files(), *pretrained], stat_cache_dir=cache)
     if record is not None:
-        _same(f"{run_dir / 'run.json'} [data]", record.data, data_fields(verified, entry.name),
-              f"the data in {path}")
+        now = {**data_fields(verified, entry.name),
+               **({"pretrained": {k: verified.hashes[k] for k in pretrained}} if pretrained
+                  else {})}
+        _same(f"{run_dir / 'run.json'} [data]", record.data, now, f"the data in {path}")
+        set_verified(verified)  # what the factory may load with pipeline.pretrained
     ds = dataset.load(verified, entry.name, cache)
     if record is not None:
         want = (record.data_decoded or {}).get(entry.name)
         _same(f"{run_dir / 'run.json'} [data_decoded.{entry.name}]", want,
               ds.decoded_sha256(), f"the arrays decoded from {path}")
     return ds
+
+
+def _forward(model: Model, ds: Dataset, cfg: Config, parts: Parts) -> None:
+    """Two examples through the model, as the recipe's model check runs them: the
+    user modules a forward pass imports are the factory's too (usercode.track)."""
+    import numpy as np
+    import torch
+
+    from ..core import usercode
+    from ..train.loop import examples_of
+
+    n = min(2, ds.counts(cfg.data.context)[0])
+    x, _ = examples_of(ds, cfg.data.context, torch.device("cpu")).get(np.arange(n))
+    with usercode.track(parts.factory.seen), usercode.guarded(
+            f"forward on a batch of {n} inputs", "model.factory"):
+        model.predict(x)
 
 
 def _same(where: str, recorded: object, now: object, what: str) -> None:
@@ -196,7 +230,12 @@ def _build(record: RunRecord, cfg: Config, parts: Parts, ds: Dataset, run_dir: P
     from ..train.checkpoint import read_safetensors
     from .model import Model, Shapes
 
+    from ..data.pretrained import loaded
+
     net = modes.of(record.mode).make_net(cfg, ds, torch.device(device), parts)
+    if loaded() != record.data.get("pretrained", {}):
+        _same(f"{run_dir / 'run.json'} [data.pretrained]", record.data.get("pretrained", {}),
+              loaded(), "the files the factory loads now")
     path = run_dir / "weights.safetensors"
     tensors, _ = read_safetensors(path)
     held = {**net.params, **net.buffers}
@@ -212,6 +251,7 @@ def _build(record: RunRecord, cfg: Config, parts: Parts, ds: Dataset, run_dir: P
             t.copy_(src)
     shape, classes = ds.shapes(cfg.data.context)
     model = Model(net, record, run_dir, Shapes(ds.task, shape, classes, ds.vocabulary))
+    _forward(model, ds, cfg, parts)
     if (got := model.weights_sha256()) != record.weights_sha256:
         raise CheckpointError(str(path), f"weights sha256:{record.weights_sha256} (run.json)",
                               f"sha256:{got} once loaded", "the weights file changed")

@@ -31,9 +31,9 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def diff_runs(a: RunRecord, b: RunRecord, trail_a: bytes, trail_b: bytes) -> list[str]:
     """Lines naming the differing inputs, then where the trails diverge."""
     lines = input_differences(input_fields(a), input_fields(b))
-    if a.trail.kind != b.trail.kind:  # two definitions of the per-step fingerprint
-        return [*lines, f"trails not comparable: fingerprints of kinds {a.trail.kind} and "
-                        f"{b.trail.kind}"]
+    if a.trail.fingerprint != b.trail.fingerprint:  # two definitions of the fingerprint
+        return [*lines, f"trails not comparable: fingerprints of kinds {a.trail.fingerprint} "
+                        f"and {b.trail.fingerprint}"]
     names, d = list(a.trail.tensors), a.trail.digest_bytes
     steps = min(len(trail_a), len(trail_b)) // (len(names) * d)
     where = first_divergence(names, d, trail_a, trail_b)

@@ -121,8 +121,8 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float, *,
         weights = save(result.params)
         atomic.write_bytes(tmp / "weights.safetensors", weights)
         atomic.write_bytes(tmp / "trail.bin", result.trail)
-        atomic.write_text(tmp / "metrics.jsonl",
-                          "".join(json.dumps(m, sort_keys=True) + "\n" for m in result.metrics))
+        atomic.write_text(tmp / "metrics.jsonl", "".join(
+            json.dumps(m, sort_keys=True, allow_nan=False) + "\n" for m in result.metrics))
         plot_curves(tmp / "curves.png", result.metrics)
         last = result.metrics[-1] if result.metrics else {}
         f = inputs.fields()
@@ -133,17 +133,18 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float, *,
             profile=f["profile"], key_inputs=tuple(f["key_inputs"]),
             metrics={**{k: v for k, v in last.items() if k.startswith("test_")},
                      "train_loss": last.get("train_loss"), "steps": result.steps},
-            trail=Trail(tuple(result.trail_names), 8, FINGERPRINT_KIND),
+            trail=Trail(tuple(result.trail_names), 8, FINGERPRINT_KIND, "trail.bin"),
             config_sha256=config_sha256(inputs.config), code_sha256=f["code_sha256"],
             model=f["model"], data_decoded=f["data_decoded"],
             test_switches=f.get("test_switches", {}),
             files={"weights.safetensors": hashlib.sha256(weights).hexdigest()},
             resumed_from_step=result.resumed_from, device=device, world_size=world_size,
             config_dir=str(config_dir) if config_dir is not None else None,
-            threads=result.threads,
+            threads=result.threads, parameters=result.structure,
             **_when(started, result.loop_s))  # kept out of the key: when and how long
         atomic.write_text(tmp / "run.json",
-                          json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
+                          json.dumps(record.to_json(), indent=2, sort_keys=True,
+                                     allow_nan=False) + "\n")
         os.chmod(tmp, 0o755)
         remove_slot(final)  # checked (or --force) before training
         atomic.check_owner()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.config import MODES
 from ..core.errors import CheckpointError
 from ..core.safeio import MIB, read_regular
 
@@ -40,8 +42,13 @@ class Trail:
 
     tensors: tuple[str, ...]
     digest_bytes: int
-    kind: str = "sha1-8"  # records written before kinds were recorded
-    file: str = "trail.bin"
+    kind: str | None = None   # absent from records written before kinds were recorded
+    file: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint's definition (SHA-1 prefixes for the oldest records)."""
+        return self.kind or "sha1-8"
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class RunRecord:
     device: str | None = None
     world_size: int | None = None
     threads: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None  # frozen, tied (alias -> saved name), buffers
     # Fields this version does not know (a newer writer's): kept as they are.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,9 +105,9 @@ class RunRecord:
             v = getattr(self, f.name)
             if f.name == "extra" or v is None:
                 continue
-            out[f.name] = (dataclasses.asdict(v) if isinstance(v, Trail)
-                           else list(v) if isinstance(v, tuple) else v)
-        out["trail"]["tensors"] = list(self.trail.tensors)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        out["trail"] = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in dataclasses.asdict(self.trail).items() if v is not None}
         out["record_sha256"] = record_digest(out)
         return out
 
@@ -112,8 +120,8 @@ class RunRecord:
                                   "rerun with --force to replace the run")
         known = {k: v for k, v in raw.items() if k in _NAMES and k != "extra"}
         t = raw["trail"]
-        known["trail"] = Trail(tuple(t["tensors"]), t["digest_bytes"],
-                               t.get("kind", "sha1-8"), t.get("file", "trail.bin"))
+        known["trail"] = Trail(tuple(t["tensors"]), t["digest_bytes"], t.get("kind"),
+                               t.get("file"))
         known["key_inputs"] = tuple(raw["key_inputs"])
         extra = {k: v for k, v in raw.items() if k not in _NAMES and k != "record_sha256"}
         return cls(**known, extra=extra)
@@ -136,7 +144,8 @@ _OPTIONAL: dict[str, tuple[type | tuple[type, ...], str]] = {
     "resumed_from_step": (int, "an integer"), "created_utc": (str, "a time"),
     "duration_s": ((int, float), "a number"), "loop_s": ((int, float), "a number"),
     "config_dir": (str, "a directory"), "device": (str, "a device"),
-    "world_size": (int, "an integer"), "threads": (dict, "an object")}
+    "world_size": (int, "an integer"), "threads": (dict, "an object"),
+    "parameters": (dict, "an object")}
 
 
 def _schema_problem(record: dict[str, Any]) -> tuple[str, str] | None:
@@ -149,11 +158,14 @@ def _schema_problem(record: dict[str, Any]) -> tuple[str, str] | None:
             return k, what
     if not all(isinstance(k, str) for k in record["key_inputs"]):
         return "key_inputs", "a list of input names"
+    if record["mode"] not in MODES:
+        return "mode", f"one of {list(MODES)}"
     m, t = record["metrics"], record["trail"]
     for k, v in m.items():  # test_accuracy, test_loss, train_loss: printed as numbers
         if k != "steps" and v is not None and (isinstance(v, bool)
-                                               or not isinstance(v, (int, float))):
-            return "metrics", f"{k} a number"
+                                               or not isinstance(v, (int, float))
+                                               or not math.isfinite(v)):
+            return "metrics", f"{k} a finite number"
     if type(m.get("steps")) is not int or m["steps"] < 0:
         return "metrics", "steps a non-negative integer"
     names, width = t.get("tensors"), t.get("digest_bytes")

@@ -25,7 +25,8 @@ from ..core.errors import DistributedError
 
 __all__ = ["tree_reduce", "add_grads", "LocalComm", "TorchComm"]
 
-Grads = tuple[torch.Tensor, dict[str, torch.Tensor]]
+# (summed loss, gradients by name; None: no shard of this part used the parameter)
+Grads = tuple[torch.Tensor, dict[str, "torch.Tensor | None"]]
 
 T = TypeVar("T")
 
@@ -43,11 +44,16 @@ def tree_reduce(items: Sequence[T], add: Callable[[T, T], T]) -> T:
     return level[0]
 
 
-def add_grads(a: tuple[torch.Tensor, dict[str, torch.Tensor]],
-              b: tuple[torch.Tensor, dict[str, torch.Tensor]]
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Elementwise f32 sum of two (loss, grads) pairs: one IEEE add each."""
-    return a[0] + b[0], {k: a[1][k] + b[1][k] for k in a[1]}
+def add_grads(a: Grads, b: Grads) -> Grads:
+    """Elementwise f32 sum of two (loss, grads) pairs: one IEEE add each. A
+    gradient None (no shard of that side used the parameter) adds nothing:
+    the other side's tensor is taken as it is, not added to a zero, whose
+    sign could change a -0.0."""
+    return a[0] + b[0], {k: _add(a[1][k], b[1][k]) for k in a[1]}
+
+
+def _add(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    return y if x is None else x if y is None else x + y
 
 
 class LocalComm:
@@ -55,9 +61,11 @@ class LocalComm:
 
     rank, size = 0, 1
 
-    def combine(self, partial: tuple[torch.Tensor, dict[str, torch.Tensor]]
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(self, partial: Grads) -> Grads:
         return partial
+
+    def expect(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Nothing to exchange: see TorchComm.expect."""
 
     def decide(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank."""
@@ -79,24 +87,40 @@ class TorchComm:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.device = device
         self.plain = plain
+        # The tensors a partial's names refer to (the net's trainable parameters
+        # and float buffers): the shape of a gradient this rank did not compute.
+        self.like: dict[str, torch.Tensor] = {}
+
+    def expect(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The tensors whose gradients a partial may hold (the net's
+        trainable parameters): a rank that has None for one still sends its
+        shape's worth of zeros, flagged absent."""
+        self.like = dict(tensors)
 
     def combine(self, partial: Grads) -> Grads:
         import torch.distributed as dist
 
         loss, grads = partial
-        flat = _flatten(partial)                            # (1 + sum of numels,)
+        shapes = self._shapes(grads)
+        flat = _flatten(partial, shapes)   # (1 + sum of numels + one presence flag per name,)
         try:
             if self.plain:  # the control: the backend's own summation order
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                return _unflatten(flat, loss, grads)
+                return _unflatten(flat, loss, shapes)
             gathered = flat.new_empty(self.size * flat.numel())
-            dist.all_gather_single(gathered, flat)          # W x (1 + sum of numels,)
+            dist.all_gather_single(gathered, flat)  # W x that
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
-        # The add of add_grads, elementwise on the flat buffers: an IEEE f32
-        # add of two elements does not depend on how the tensor is laid out.
-        return _unflatten(tree_reduce(gathered.view(self.size, -1).unbind(0), torch.add),
-                         loss, grads)
+        # Each rank's partial, its absent gradients None again, summed in the
+        # same tree as the shards (add_grads): the bits of one process.
+        parts = [_unflatten(f, loss, shapes) for f in gathered.view(self.size, -1).unbind(0)]
+        return tree_reduce(parts, add_grads)
+
+    def _shapes(self, grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Size]:
+        """Every gradient's shape, also where this rank has None (a parameter
+        its shards did not use): the net's tensors of those names give it."""
+        return {k: (g.shape if g is not None else self.like[k].shape)
+                for k, g in grads.items()}
 
     def decide(self, flag: bool) -> bool:
         import torch.distributed as dist
@@ -116,17 +140,25 @@ class TorchComm:
             f"at any world size, to resume from the last checkpoint")
 
 
-def _flatten(partial: Grads) -> torch.Tensor:
+def _flatten(partial: Grads, shapes: dict[str, torch.Size]) -> torch.Tensor:
+    """Loss, gradients (zeros where None) and a presence flag (1 or 0) per name."""
     loss, grads = partial
-    parts = [loss.reshape(1), *(g.reshape(-1) for g in grads.values())]
+    parts = [loss.reshape(1)]
+    for k, g in grads.items():
+        parts.append(g.reshape(-1) if g is not None
+                     else loss.new_zeros(int(torch.Size(shapes[k]).numel())))
+    parts.append(loss.new_tensor([0.0 if g is None else 1.0 for g in grads.values()]))
     # One dtype, or torch.cat would promote and change the bits of the sum.
     assert len({t.dtype for t in parts}) == 1, "loss and grads must share one dtype"
     return torch.cat(parts)
 
 
-def _unflatten(flat: torch.Tensor, loss: torch.Tensor, grads: dict[str, torch.Tensor]) -> Grads:
-    out, at = {}, 1
-    for k, g in grads.items():
-        out[k] = flat[at:at + g.numel()].view(g.shape)
-        at += g.numel()
+def _unflatten(flat: torch.Tensor, loss: torch.Tensor, shapes: dict[str, torch.Size]) -> Grads:
+    out: dict[str, torch.Tensor | None] = {}
+    at = 1
+    present = flat[flat.numel() - len(shapes):].tolist()
+    for (k, shape), there in zip(shapes.items(), present):
+        n = int(torch.Size(shape).numel())
+        out[k] = flat[at:at + n].view(shape) if there != 0.0 else None
+        at += n
     return flat[0].reshape(loss.shape), out

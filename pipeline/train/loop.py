@@ -3,6 +3,7 @@ top to bottom; helpers below carry detail out of it, never control flow."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import _testing, rng
+from ..core import _testing, rng, usercode
 from ..core.config import Config
-from ..core.errors import ConfigError, Interrupted
+from ..core.errors import DivergedError, Interrupted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
@@ -24,7 +25,7 @@ from . import checkpoint
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, add_grads, tree_reduce
-from .net import LoopMasks, Maker, Net
+from .net import LoopMasks, Maker, Net, StepState
 from .threads import ShardRunner
 
 __all__ = ["train", "TrainResult", "examples_of", "score"]
@@ -39,6 +40,7 @@ class TrainResult:
     steps: int
     resumed_from: int = 0
     threads: dict[str, Any] | None = None  # how the cores were used (pipeline.train.threads)
+    structure: dict[str, Any] | None = None  # frozen, tied, buffers (Net.structure)
     loop_s: float = 0.0  # wall time of the loop (steps, metrics, checkpoints), not the setup
 
 
@@ -68,7 +70,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
 
     # Model, optimiser, the dropout stream; then whatever a checkpoint restores.
     net = mode.make_net(cfg, ds, dev, parts)
-    _check_world_size(net, comm.size)
+    comm.expect(net.trainable)
     opt = mode.make_optimizer(cfg, net, total)  # the schedule spans the run's steps
     dropout = DropoutStream(cfg.seed)
     st = Progress()
@@ -87,11 +89,17 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                 order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
             x, y = examples.get(order[b])
             masks = _loop_masks(net, dropout, bsz)
-            loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
-                                      runner)
+            with usercode.guarded("a training step", "model.factory", step=st.step + 1,
+                                  always=False):  # a failure in the user's forward or loss
+                loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
+                                          runner)
+            if isinstance(net, StepState):
+                grads = net.end_step(grads, cfg.train.shards)
+            if not math.isfinite(step_loss := float(loss)):
+                raise DivergedError(st.step + 1, f"the loss ({step_loss})")
             opt.step(grads)
             st.step += 1
-            st.loss_sum += float(loss) / n_global
+            st.loss_sum += step_loss / n_global
             st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
             bar.update(1)
             if st.step % steps_per_epoch == 0 or st.step == total:
@@ -101,6 +109,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                                  if k.startswith("test_")})
             if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
                                                               last_save):
+                _check_finite(net, st.step)  # a checkpoint never holds what diverged
                 writer.save(net, opt, dropout, st)
                 last_save = time.monotonic()
             _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
@@ -112,11 +121,14 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
             writer.close()  # every checkpoint on disk (or its error raised) before returning
         bar.close()
     loop_s = time.perf_counter() - loop_started
+    _check_finite(net, st.step)
+    mode.check_process()  # whatever the run loaded since the net was built
 
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed, {**runner.record(), **mode.how_it_ran()}, loop_s)
+                       resumed, {**runner.record(), **mode.how_it_ran()}, net.structure(),
+                       loop_s)
 
 
 class _Examples:
@@ -172,22 +184,19 @@ def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: flo
     return bool(at) and time.monotonic() - last_save >= cfg.train.checkpoint_seconds
 
 
+def _check_finite(net: Net, step: int) -> None:
+    """DivergedError naming the first parameter or buffer holding NaN or inf."""
+    for name, t in {**net.params, **net.buffers}.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DivergedError(step, f"{name}")
+
+
 def _loop_masks(net: Net, dropout: DropoutStream, bsz: int) -> list[np.ndarray]:
     """This step's dropout masks, drawn from the run's stream, for a net that
     takes them from the loop (LoopMasks); none for the others."""
     if not isinstance(net, LoopMasks):
         return []
     return [dropout.keep_mask(net.dropout_rate, bsz, w) for w in net.dropout_widths()]
-
-
-def _check_world_size(net: Net, size: int) -> None:
-    """Training-time buffers (BatchNorm running statistics) are updated by each
-    rank from its own shards, so ranks would disagree: world size 1 only."""
-    if size > 1 and net.buffers:
-        raise ConfigError("--nproc/--nnodes", [
-            f"world size {size}: the model has buffers {sorted(net.buffers)[:4]} (e.g. "
-            f"BatchNorm running statistics) that each rank would update from its own "
-            f"shards; train it in one process (--nproc 1)"])
 
 
 def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarray],

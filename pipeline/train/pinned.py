@@ -1,7 +1,7 @@
-"""Pinned mode's network and optimiser: a stock ``nn.Module`` from a model
-factory (pipeline.models), autograd and ``torch.optim``, reproducible under
-the pinned numeric profile (pipeline.core.environment). They implement the Net and
-Optimizer protocols of pipeline.modes.
+"""Pinned mode's network: a stock ``nn.Module`` from a model factory
+(pipeline.models) with autograd, reproducible under the pinned numeric
+profile (pipeline.core.environment), behind the loop's Net protocol
+(pipeline.train.net); its optimiser is pipeline.train.stock_optim.
 
 Randomness inside the module (``nn.Dropout``, ``torch.rand`` in forward) is
 world-size and thread-count invariant: each shard's forward and backward draw
@@ -11,12 +11,11 @@ runs it. On one thread that generator is torch's default one, re-seeded per
 shard; when shards run on several threads at once (a ShardRunner's pool), each
 shard gets its own ``torch.Generator`` with the same seed, handed to every
 random op that was given none (``_ShardGenerator``): the same draws, as the
-default CPU generator is the same MT19937 (tests/test_threads.py).
+default CPU generator is the same MT19937 (tests/train/test_threads.py).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..core import _testing
-from ..core.config import OptimConfig
+from ..core import _testing, usercode
 from ..core.errors import ConfigError
-from ..core.schedule import schedule_of
 from .threads import SharedGeneratorOp, on_pool_thread
 
-__all__ = ["PinnedNet", "TorchOptimizer", "build_module"]
+__all__ = ["PinnedNet", "build_module", "BUFFER"]
 
 
 def build_module(factory: Callable[..., Any], name: str, input_shape: tuple[int, ...],
@@ -39,14 +36,11 @@ def build_module(factory: Callable[..., Any], name: str, input_shape: tuple[int,
     """``factory(input_shape, n_classes, **args)`` with torch's generators
     seeded from ``seed`` for its initialisation (and restored after), or
     ConfigError (exit 2) naming the factory."""
+    call = f"{name}(input_shape={tuple(input_shape)}, num_classes={n_classes}, **{args})"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # nn's default init draws from the default generator
-        try:
+        with usercode.guarded(call, "model.factory"):  # model.args that do not fit are caught here
             module = factory(tuple(input_shape), n_classes, **args)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.factory = {name!r}", [
-                f"model.args: {name}(input_shape={tuple(input_shape)}, num_classes={n_classes},"
-                f" **{args}) failed: {type(e).__name__}: {e}"]) from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.factory = {name!r}", [
             f"model.factory: expected a torch.nn.Module, found {type(module).__name__}"])
@@ -105,27 +99,59 @@ def _route(func: Any) -> Any:
     return str(func)
 
 
+BUFFER = "buffer:"  # prefix of a buffer's per-shard value among a shard's gradients
+
+
 class PinnedNet:
-    """A stock module; stock kernels under the pinned profile."""
+    """A stock module; stock kernels under the pinned profile; the module's
+    features kept as PyTorch defines them:
+
+    - tied parameters (one tensor under two names) are one tensor: trained,
+      checkpointed, saved and hashed once, under the first name
+      ``named_parameters()`` gives (``aliases`` maps the others to it);
+    - a frozen parameter (``requires_grad`` False) is saved and hashed but
+      never differentiated nor given to the optimiser (``trainable``);
+    - a parameter a shard does not use gets no gradient from it (None); if no
+      shard of a step uses it, the optimiser skips it, as torch does;
+    - hooks run (the module is the user's, as built);
+    - buffers that forward updates (BatchNorm's running statistics) are
+      per-shard, "ghost batch" style: every shard of a step starts from the
+      step's values and normalises with its own rows' statistics; the new
+      float32 values are the mean over the step's shards of each shard's
+      update, summed in the fixed tree with the gradients and divided by the
+      shard count (a power of two: exact), so every world size agrees; other
+      buffers (counters such as ``num_batches_tracked``) take the value the
+      step's first shard on each rank left (every shard moves them alike).
+    """
 
     def __init__(self, module: nn.Module, device: torch.device,
                  loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
         self.module, self.device = module.to(device), device
-        self.params = dict(self.module.named_parameters())
-        # Persistent buffers (BatchNorm statistics): saved with the weights.
-        self.buffers = {k: v for k, v in self.module.state_dict(keep_vars=True).items()
-                        if k not in self.params}
+        self.params = dict(self.module.named_parameters())   # a tied tensor once
+        self.trainable = {k: p for k, p in self.params.items() if p.requires_grad}
+        first = {id(p): k for k, p in self.params.items()}
+        self.aliases = {k: first[id(p)] for k, p in
+                        self.module.named_parameters(remove_duplicate=False)
+                        if first[id(p)] != k}
+        # Persistent buffers (those state_dict holds): saved with the weights.
+        persistent = set(self.module.state_dict(keep_vars=True))
+        self.buffers = {k: b for k, b in self.module.named_buffers() if k in persistent}
         self._user_loss = loss
+        self._step_start: dict[str, torch.Tensor] | None = None
+        self._step: int | None = None
+        self._first: dict[str, torch.Tensor] = {}
 
     @property
     def threadable(self) -> bool:
         """Whether shards may run on several threads at once: on the CPU, and
-        with no buffers that forward updates in place (BatchNorm statistics,
-        whose order of updates would then depend on the threads)."""
+        with no buffers (each shard's forward updates them in place)."""
         return self.device.type == "cpu" and not self.buffers
 
-    def dropout_widths(self) -> list[int]:
-        return []  # randomness lives inside the module (see the module docstring)
+    def structure(self) -> dict[str, Any]:
+        """What run.json records of the parameters: the frozen ones, the tied
+        names and the name each is saved under, the buffers."""
+        return {"frozen": sorted(k for k in self.params if k not in self.trainable),
+                "tied": dict(sorted(self.aliases.items())), "buffers": sorted(self.buffers)}
 
     def _loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._user_loss is None:
@@ -134,11 +160,14 @@ class PinnedNet:
 
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
                     keep: list[torch.Tensor] | None, stream: int = 0, *, step: int = 0,
-                    row0: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the shard's summed loss, gradients of that sum / n_global);
-        ``stream`` seeds the module's draws (``step``, ``row0``: unused)."""
+                    row0: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """(the shard's summed loss, gradients of that sum / n_global, None
+        for a trainable parameter it does not use; with buffers, their values
+        after this shard under ``BUFFER + name``); ``stream`` seeds the
+        module's draws (``row0``: unused)."""
         if not self.module.training:
             self.module.train()  # recursive: only on a switch from predict()
+        self._begin_shard(step)
         if _testing.SWITCHES.no_shard_streams:  # (the test-only control)
             return self._grads(x, y, n_global)
         if on_pool_thread():
@@ -153,11 +182,47 @@ class PinnedNet:
             torch.cuda.manual_seed(stream)
         return self._grads(x, y, n_global)
 
+    def _begin_shard(self, step: int) -> None:
+        """Every shard of step ``step`` starts from the buffers the step began with."""
+        if not self.buffers:
+            return
+        if step != self._step:
+            self._step, self._first = step, {}
+            self._step_start = {k: b.detach().clone() for k, b in self.buffers.items()}
+            return
+        assert self._step_start is not None
+        with torch.no_grad():
+            for k, b in self.buffers.items():
+                b.copy_(self._step_start[k])
+
     def _grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         loss = self._loss_sum(self.module(x), y)
-        grads = torch.autograd.grad(loss / n_global, list(self.params.values()))
-        return loss.detach(), dict(zip(self.params, grads))
+        grads = torch.autograd.grad(loss / n_global, list(self.trainable.values()),
+                                    allow_unused=True) if self.trainable else ()
+        out: dict[str, torch.Tensor | None] = dict(zip(self.trainable, grads))
+        for k, b in self.buffers.items():
+            if b.dtype == torch.float32:
+                out[BUFFER + k] = b.detach().clone()
+            elif k not in self._first:
+                self._first[k] = b.detach().clone()
+        return loss.detach(), out
+
+    def end_step(self, combined: dict[str, torch.Tensor | None], shards: int
+                 ) -> dict[str, torch.Tensor | None]:
+        """Set the buffers from the step's combined shard values (float32: the
+        tree sum over all ``shards`` divided by their count; others: this
+        rank's first shard's); return the gradients alone."""
+        grads = {k: v for k, v in combined.items() if not k.startswith(BUFFER)}
+        with torch.no_grad():
+            for k, b in self.buffers.items():
+                summed = combined.get(BUFFER + k)
+                if summed is not None:
+                    b.copy_(summed / shards)
+                elif k in self._first:
+                    b.copy_(self._first[k])
+        self._step = None  # the next step snapshots the values set here
+        return grads
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,99 +233,3 @@ class PinnedNet:
     def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         """Summed cross-entropy of ``logits`` against ``y`` (the test loss)."""
         return float(_cross_entropy(logits, y))
-
-
-def _undecorated(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """``cls`` whose ``add_param_group`` and ``step`` skip torch's dynamo decorators.
-
-    torch 2.13 imports ``torch._dynamo`` (about 1 s, as long as ``import torch``
-    itself: bench/bench_startup.py) in ``Optimizer.add_param_group``'s
-    ``torch._disable_dynamo`` wrapper and in ``_use_grad_for_differentiable``
-    around every ``step`` (torch/optim/optimizer.py), for graph breaks that only
-    a ``torch.compile`` tracing the optimizer needs; the pipeline never compiles
-    it. The same bodies run, undecorated (``inspect.unwrap``), step under
-    ``no_grad`` as ``_use_grad`` sets it (``differentiable`` is False); the step
-    hooks and profiler label that Optimizer wraps around ``step`` are kept.
-    tests/test_pinned.py checks equal bits against the stock classes."""
-    add_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
-    step = inspect.unwrap(cls.step)
-
-    def add_param_group(self: Any, param_group: dict[str, Any]) -> None:
-        add_group(self, param_group)
-
-    @torch.no_grad()
-    def undecorated_step(self: Any, closure: Any = None) -> Any:
-        return step(self, closure)
-    return type(cls.__name__, (cls,), {"add_param_group": add_param_group,
-                                       "step": undecorated_step, "__module__": __name__})
-
-
-_SGD, _ADAM = _undecorated(torch.optim.SGD), _undecorated(torch.optim.Adam)
-_ADAMW = _undecorated(torch.optim.AdamW)
-
-
-class TorchOptimizer:
-    """torch.optim behind the Optimizer interface; state keyed by param name.
-    SGD (momentum, Nesterov, weight decay), Adam, AdamW, all with
-    ``foreach=False``; ``clip_norm > 0``: ``torch.nn.utils.clip_grad_norm_``
-    (``foreach=False``) before each step, which scales the given gradient
-    tensors in place; the rate of step ``t`` is the
-    schedule's ``lr(t)`` (pipeline.core.schedule, as ``LambdaLR`` would set it),
-    so the step count is state too."""
-
-    _STATE = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step"),
-              "adamw": ("exp_avg", "exp_avg_sq", "step")}
-
-    def __init__(self, cfg: OptimConfig, params: dict[str, torch.Tensor],
-                 total_steps: int) -> None:
-        self.cfg, self.params = cfg, params
-        self.schedule, self.t = schedule_of(cfg, total_steps), 0
-        plist = list(params.values())
-        if cfg.name == "sgd":
-            self.opt: torch.optim.Optimizer = _SGD(
-                plist, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                nesterov=cfg.nesterov, foreach=False)
-        else:
-            cls = _ADAMW if cfg.name == "adamw" else _ADAM
-            self.opt = cls(plist, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, foreach=False)
-
-    def step(self, grads: dict[str, torch.Tensor]) -> None:
-        for name, p in self.params.items():
-            p.grad = grads[name]
-        if self.cfg.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.clip_norm,
-                                           foreach=False)
-        for group in self.opt.param_groups:
-            group["lr"] = self.schedule(self.t)
-        self.opt.step()
-        self.t += 1
-        for p in self.params.values():
-            p.grad = None
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, p in self.params.items():
-            for k, v in self.opt.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    out[f"{k}.{name}"] = v.detach().reshape(p.shape if k != "step" else ())
-        return out
-
-    def state_scalars(self) -> dict[str, Any]:
-        return {"step": self.t}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-        expected = {f"{k}.{n}" for n in self.params for k in self._STATE[self.cfg.name]}
-        if tensors and set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ValueError(f"optimiser state: missing {missing}, unexpected {extra}")
-        step = scalars.get("step")
-        if set(scalars) != {"step"} or isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"optimiser state: expected scalars {{'step': an integer}}, "
-                             f"found {sorted(scalars)}")
-        self.opt.state.clear()
-        self.t = step
-        for name, p in self.params.items():
-            if tensors:
-                self.opt.state[p] = {k: tensors[f"{k}.{name}"].clone().to(p.device)
-                                     for k in self._STATE[self.cfg.name]}

@@ -39,6 +39,7 @@ def _row(rep: dict[str, Any], run: str, pinned: bool = False) -> dict[str, Any]:
     return next(r for r in rep["pinned" if pinned else "stock"] if r["run"] == run)
 
 
+@pytest.mark.process
 def test_plain_loop_isa_divergence_is_found_and_located(tmp_path: Path) -> None:
     """Stock plain loop: the ISA machine without AVX2 differs from this machine,
     and the report names the step, the parameter and the cause (ISA); the
@@ -58,6 +59,7 @@ def test_plain_loop_isa_divergence_is_found_and_located(tmp_path: Path) -> None:
     assert "not reproducible across: ISA (isa-default" in words, words
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not PINNABLE, reason="this CPU cannot run the pinned profile")
 def test_plain_loop_is_reproducible_pinned_on_capable_machines(tmp_path: Path) -> None:
     """Every machine whose stock run diverged and that can run the profile
@@ -72,6 +74,7 @@ def test_plain_loop_is_reproducible_pinned_on_capable_machines(tmp_path: Path) -
     assert rep["verdict"]["not_reproducible"] == []
 
 
+@pytest.mark.process
 def test_unseeded_script_differs_run_to_run_and_exec_seeds_it(tmp_path: Path) -> None:
     """A script that never seeds differs between two plain runs here (cause:
     run-to-run, at step 0: the initial weights), and under the pinned profile,
@@ -85,6 +88,7 @@ def test_unseeded_script_differs_run_to_run_and_exec_seeds_it(tmp_path: Path) ->
         assert "run-2" in rep["verdict"]["pinning_fixes"]
 
 
+@pytest.mark.process
 def test_dataloader_workers_do_not_record_and_the_audit_completes(tmp_path: Path) -> None:
     """DataLoader with shuffle and two forked workers: the reference records
     exactly --steps steps from the main process only, the two plain runs agree
@@ -98,6 +102,7 @@ def test_dataloader_workers_do_not_record_and_the_audit_completes(tmp_path: Path
     assert code == 1
 
 
+@pytest.mark.process
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
                     reason="lightning is not installed (the bench extra: pip install "
                            "--require-hashes -r bench/requirements-bench.lock)")
@@ -113,6 +118,7 @@ def test_lightning_script_is_captured(tmp_path: Path) -> None:
     assert code == 1
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("script, words", [
     ("no_optimizer.py", "never called torch.optim.Optimizer.step"),
     ("crashes.py", "exited with status 1"),
@@ -130,6 +136,7 @@ def test_script_that_cannot_be_audited_gets_a_clear_report(script: str, words: s
     assert p.stdout.count("run-1") >= 1 and "isa-default" not in p.stdout, p.stdout
 
 
+@pytest.mark.process
 def test_hanging_script_is_killed_at_the_timeout(tmp_path: Path) -> None:
     """A script that never returns is killed at --timeout and reported; the
     audit ends in about that time (exit 3)."""
@@ -142,6 +149,7 @@ def test_hanging_script_is_killed_at_the_timeout(tmp_path: Path) -> None:
     assert took < 40, took
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("args", [["audit"], ["audit", "--machines", "no-such", "--", "true"],
                                   ["exec"], ["audit", "--steps", "0", "--", "true"]])
 def test_usage_errors_exit_2(args: list[str], tmp_path: Path) -> None:
@@ -151,6 +159,7 @@ def test_usage_errors_exit_2(args: list[str], tmp_path: Path) -> None:
     assert "error:" in p.stderr
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not PINNABLE, reason="this CPU cannot run the pinned profile")
 def test_exec_gives_one_hash_whatever_the_parents_threads(tmp_path: Path) -> None:
     """`pipeline exec` started with OMP_NUM_THREADS 2 and 7 in the parent records
@@ -172,6 +181,7 @@ def test_exec_gives_one_hash_whatever_the_parents_threads(tmp_path: Path) -> Non
     assert hashes[0] == hashes[1] and len(hashes[0]) == 64
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not PINNABLE, reason="this CPU cannot run the pinned profile")
 def test_exec_spawned_workers_record_nothing(tmp_path: Path) -> None:
     """DataLoader workers started with spawn load the capture too but do not
@@ -189,6 +199,7 @@ def test_exec_spawned_workers_record_nothing(tmp_path: Path) -> None:
     assert hashes[0] == hashes[1]
 
 
+@pytest.mark.process
 def test_capture_does_not_change_the_script_numerics(tmp_path: Path) -> None:
     """The plain loop's printed final loss (every digit) is the same with and
     without the capture loaded (the child started the way the audit starts

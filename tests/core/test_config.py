@@ -148,3 +148,16 @@ def test_optimiser_options_key_only_when_set() -> None:
     assert config_sha256(load_config(None, defaults)) == base
     hashes = {config_sha256(load_config(None, [o])) for o in NEW_OPTIONS}
     assert base not in hashes and len(hashes) == len(NEW_OPTIONS)
+
+
+def test_a_table_given_whole_replaces_and_dotted_keys_merge() -> None:
+    """Issue 21: `model.args={}` changed nothing (it was merged into the
+    config's table); a table value now replaces the table, while dotted keys
+    still merge into it."""
+    from pipeline.core.config import load_config
+
+    charlm = ROOT / "examples" / "charlm" / "config.toml"
+    assert load_config(charlm, ["model.args={}"]).model.args == {}
+    assert load_config(charlm, ["model.args={n_layer=1}"]).model.args == {"n_layer": 1}
+    merged = load_config(charlm, ["model.args.n_layer=1"]).model.args
+    assert merged["n_layer"] == 1 and merged["d_model"] == 128  # control: dotted merges

@@ -59,6 +59,7 @@ def test_needs_reexec_compares_every_variable() -> None:
     assert env.needs_reexec(p, {k: v for k, v in p.env.items() if k != "MKL_CBWR"})
 
 
+@pytest.mark.process
 def test_reexec_sets_the_profile_before_torch_starts(tmp_path: Path) -> None:
     """`pipeline env` in a process with stray values reports the process as
     unpinned, while training re-executes: its run records the pinned profile
@@ -79,6 +80,7 @@ def test_reexec_sets_the_profile_before_torch_starts(tmp_path: Path) -> None:
     assert observed["blas"] == blas_of_torch()
 
 
+@pytest.mark.process
 def test_code_hash_covers_every_source_file(tmp_path: Path) -> None:
     """Editing any file of the package changes the code hash."""
     copy = tmp_path / "pipeline"

@@ -89,6 +89,7 @@ _PRINT = ("from pipeline.core.schedule import Schedule; s = Schedule(0.003, 'cos
           "print(' '.join(s(t).hex() for t in range(997)))")
 
 
+@pytest.mark.process
 def test_schedule_bits_equal_across_thread_counts() -> None:
     """The schedule's values are the same bits in processes started with 1 and
     2 OpenMP/MKL threads (and equal to this process's)."""

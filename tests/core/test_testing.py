@@ -29,6 +29,7 @@ def test_read_parses_every_switch_and_defaults_off() -> None:
                                    7, 5, (1, 15), True, True)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(("env", "call", "killed"), [
     ({"PIPELINE_TEST_KILL_AT_STEP": "3"}, "'step', 3", True),
     ({"PIPELINE_TEST_KILL_AT_STEP": "3"}, "'step', 4", False),

@@ -129,6 +129,7 @@ print(hashlib.sha256(ds.x.tobytes() + ds.y.tobytes()).hexdigest())
 """
 
 
+@pytest.mark.process
 def test_concurrent_processes_decode_once(manifest: Path, tmp_path: Path) -> None:
     """Four processes loading at once share one decode and get identical arrays."""
     log = tmp_path / "decodes.log"

@@ -258,6 +258,7 @@ print("numpy" in sys.modules)
 """
 
 
+@pytest.mark.process
 def test_data_verify_of_a_mapped_dataset_imports_no_numpy(
         tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
     """verify + the cache check of a mapped dataset with a cache entry load no
@@ -292,6 +293,7 @@ print((peak - before) // 1024)
 """
 
 
+@pytest.mark.process
 def test_scattered_reads_keep_rss_bounded(tmp_path: Path) -> None:
     """Gathering every row of a 64 MiB mapped file in random batches never has
     much more than RELEASE_BYTES of it resident in the process (the pages are

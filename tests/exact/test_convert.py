@@ -181,6 +181,7 @@ print(" ".join(out))
 """
 
 
+@pytest.mark.process
 def test_transformer_training_bit_identical_across_threads_and_isa() -> None:
     """4 Adam steps of a 1-block transformer with dropout, two shards, give the
     same weights under (1 thread, no SIMD) and (2 threads, AVX2), each set
@@ -200,3 +201,168 @@ def test_transformer_training_bit_identical_across_threads_and_isa() -> None:
     assert (cap1, cap2) == ("DEFAULT", "AVX2")
     assert h1 == h2
     assert h1[0] != h1[1]
+
+
+# ------------------------------------------------- issue 21: faithful or refused
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6),
+                         nn.Linear(6, 3))
+
+
+def test_from_torch_keeps_tied_parameters_one_tensor() -> None:
+    """Two layers sharing one weight stay sharing one (after LayerNet too, and
+    its gradient is the sum of both uses); control: an untied model has two."""
+    m = _mlp()
+    m[4].weight = nn.Parameter(torch.zeros(3, 6))
+    m[3].weight = m[1].weight if m[1].weight.shape == m[3].weight.shape else m[3].weight
+    tied = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    tied[2].weight = tied[0].weight
+    ex = from_torch(tied)
+    assert ex[2].weight is ex[0].weight
+    assert len(list(ex.parameters())) == 3  # one weight, two biases
+    net = LayerNet(ex, 0, "cpu", torch.zeros(2, 6))
+    assert net.aliases == {"2.weight": "0.weight"} and "2.weight" not in net.params
+    loss, grads = net.shard_grads(torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), 4, None)
+    assert set(grads) == {"0.weight", "0.bias", "2.bias"}
+    untied = from_torch(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6)))
+    assert untied[2].weight is not untied[0].weight
+
+
+def test_from_torch_keeps_frozen_parameters_frozen() -> None:
+    """requires_grad False survives conversion: LayerNet neither differentiates
+    nor hands it to the optimiser; control: the unfrozen layer is trainable."""
+    m = _mlp()
+    m[1].requires_grad_(False)
+    ex = from_torch(m)
+    assert not ex[1].weight.requires_grad and ex[3].weight.requires_grad
+    net = LayerNet(ex, 0, "cpu", torch.zeros(2, 1, 8))
+    assert sorted(net.structure()["frozen"]) == ["1.bias", "1.weight"]
+    assert "1.weight" in net.params and "1.weight" not in net.trainable
+    _, grads = net.shard_grads(torch.randn(4, 1, 8), torch.tensor([0, 1, 2, 0]), 4, None)
+    assert "1.weight" not in grads and grads["3.weight"] is not None
+
+
+def test_from_torch_moves_forward_hooks_to_the_exact_layer() -> None:
+    """A forward hook on a converted layer runs on its exact twin (it zeroes
+    the output here); control: without the hook the output is not zero."""
+    m = _mlp()
+    m[1].register_forward_hook(lambda mod, inp, out: out * 0)
+    x = torch.randn(2, 1, 8)
+    hooked, plain = from_torch(m), from_torch(_mlp())
+    with Guard():
+        h, p = hooked[:3](x), plain[:3](x)
+    assert torch.equal(h, torch.zeros_like(h))
+    assert not torch.equal(p, torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("what,needle", [
+    ("parametrization", "parametrized (weight"),
+    ("old weight_norm", "the old torch.nn.utils.weight_norm"),
+    ("backward hook", "a backward hook"),
+    ("computed buffer", "holds computed float values"),
+])
+def test_from_torch_refuses_what_it_cannot_keep_by_path(what: str, needle: str) -> None:
+    """Parametrizations, the old weight_norm's extra parameters, backward
+    hooks and a float table computed by torch's kernels are refused, naming
+    the module path (exit 2 in a run), never converted into another model."""
+    m = _mlp()
+    if what == "parametrization":
+        m[1] = nn.utils.parametrizations.weight_norm(m[1])
+    elif what == "old weight_norm":
+        m[1] = torch.nn.utils.weight_norm(m[1])
+    elif what == "backward hook":
+        m[3].register_full_backward_hook(lambda mod, gi, go: None)
+    else:
+        class Table(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.register_buffer("cos", torch.cos(torch.arange(8.0)))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x
+        m.add_module("table", Table())
+    with pytest.raises(ConfigError, match="exact mode") as e:
+        from_torch(m)
+    assert needle in str(e.value)
+
+
+def test_constant_buffers_are_kept_and_training_state_is_refused() -> None:
+    """A mask of whole numbers is a constant (kept, saved as a buffer); a
+    buffer the forward updates is training-time state (refused by LayerNet)."""
+    class Masked(nn.Module):
+        def __init__(self, update: bool) -> None:
+            super().__init__()
+            self.lin, self.update = nn.Linear(4, 4), update
+            self.register_buffer("mask", torch.tensor([1.0, 0.0, 1.0, float("-inf")]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.update:
+                self.mask.add_(0.0)
+            return self.lin(x)
+    net = LayerNet(from_torch(Masked(False)), 0, "cpu", torch.zeros(2, 4))
+    assert list(net.buffers) == ["mask"]
+    with pytest.raises(ConfigError, match="calls torch.Tensor.add_"):  # the guard's refusal
+        LayerNet(from_torch(Masked(True)), 0, "cpu", torch.zeros(2, 4))
+
+
+def test_a_custom_function_named_like_an_exact_one_is_refused() -> None:
+    """The backward check knows exact nodes by their Function class, not by
+    name: a user's ``_Linear`` Function is refused; control: the real one passes."""
+    from pipeline.exact import functional as XF
+
+    class _Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            return g * 2
+
+    fake = _Linear.apply(torch.ones(3, requires_grad=True))
+    assert check_graph(fake) == ["the backward of _LinearBackward is not defined by "
+                                 "docs/exact-spec.md"]
+    real = XF.linear(torch.ones(2, 3), torch.ones(4, 3, requires_grad=True))
+    assert check_graph(real) == []
+
+
+def test_exact_layers_check_shapes_as_torch_does() -> None:
+    """The blocked product pads the inner dimension to 64, so a Linear fed the
+    wrong width used to compute something; it now raises as torch does."""
+    from pipeline.exact import functional as XF
+
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        XF.linear(torch.randn(2, 10), torch.randn(10, 32))
+    with pytest.raises(RuntimeError, match="conv2d: expected input"):
+        XF.conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 1, 3, 3))
+    assert XF.linear(torch.randn(2, 32), torch.randn(10, 32)).shape == (2, 10)  # control
+
+
+def test_seed_free_values_keep_constants_and_pretrained_and_refuse_the_rest() -> None:
+    """Of two builds under two seeds: values drawn from the seed are the
+    spec's to draw; a fill and a tensor loaded with pipeline.pretrained are
+    kept; a value the factory fixed otherwise (its own seeded generator) is
+    refused, since torch's draws are not the same on every machine."""
+    from pipeline.exact.convert import seed_free_values
+
+    loaded = torch.randn(6, 8)
+
+    def build(seed: int, own: bool) -> nn.Module:
+        torch.manual_seed(seed)
+        m = _mlp()  # its own manual_seed(0): every value seed-free...
+        torch.manual_seed(seed)
+        m[3] = nn.Linear(6, 6)  # ... but this layer's, drawn from the seed
+        with torch.no_grad():
+            m[1].weight.copy_(loaded)
+            m[1].bias.fill_(0.5)
+        if not own:
+            torch.manual_seed(seed)
+            m[4] = nn.Linear(6, 3)
+        return m
+
+    kept = seed_free_values(build(1, False), build(2, False), [loaded])
+    assert sorted(kept) == ["1.bias", "1.weight"]
+    assert torch.equal(kept["1.weight"], loaded)
+    with pytest.raises(ConfigError, match="4.weight: the factory sets it the same"):
+        seed_free_values(build(1, True), build(2, True), [loaded])

@@ -43,6 +43,7 @@ def _python(code: str, tmp: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.process
 def test_flushing_subnormals_stops_an_exact_run_before_it_trains(tmp_path: Path) -> None:
     """torch.set_flush_denormal(True) before `pipeline train mode=exact`:
     exit 4 with one line saying why, and no run directory. The same process
@@ -62,6 +63,7 @@ def test_flushing_subnormals_stops_an_exact_run_before_it_trains(tmp_path: Path)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+@pytest.mark.process
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None,
                     reason="sets the x86 MXCSR with a C helper (needs cc)")
 def test_denormals_are_zero_alone_is_detected(tmp_path: Path) -> None:

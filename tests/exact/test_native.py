@@ -9,10 +9,14 @@ runs and gives the same products."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +27,7 @@ from pipeline.exact import fused, native, product
 from pipeline.exact.product import _quantised_torch
 from pipeline.exact.refs import gelu_parts_torch
 
-from ..support import ROOT
-
+from ..support import ROOT, run_pipeline
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
 
@@ -280,9 +283,12 @@ def test_kernels_do_not_depend_on_the_thread_count() -> None:
         assert torch.equal(_bits(sm), _bits(got[0][3]))
 
 
-def _status_in_a_new_process(build_dir: Path) -> str:
+def _status_in_a_new_process(build_dir: Path, cc: str | None = None) -> str:
     env = {**os.environ, "PIPELINE_NATIVE_DIR": str(build_dir)}
     env.pop("PIPELINE_EXACT_NATIVE", None)
+    env.pop("CC", None)
+    if cc is not None:
+        env["CC"] = cc
     p = subprocess.run([sys.executable, "-c", "from pipeline.exact import native; "
                         "print(native.status())"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300, check=False)
@@ -290,6 +296,7 @@ def _status_in_a_new_process(build_dir: Path) -> str:
     return p.stdout.strip()
 
 
+@pytest.mark.process
 def test_the_build_is_cached_and_a_corrupt_one_is_rebuilt(tmp_path: Path) -> None:
     """Separate processes (a loaded library is never replaced under a running
     one: builds are renamed into place)."""
@@ -361,6 +368,7 @@ def test_switched_off_or_without_a_compiler_the_torch_path_runs(
     assert torch.equal(_bits(product.xmmb(a, b)), _bits(on))
 
 
+@pytest.mark.process
 def test_an_unusable_build_directory_builds_in_a_private_one(tmp_path: Path) -> None:
     """PIPELINE_NATIVE_DIR naming a file (or any place that cannot be made a
     writable directory): the process builds in a temporary directory of its
@@ -391,6 +399,7 @@ def test_a_tensor_that_needs_a_gradient_keeps_its_graph() -> None:
 
 
 # ---------------------------------------------------------------- hostile builds and inputs
+@pytest.mark.process
 def test_a_truncated_cached_build_is_rebuilt_not_loaded(tmp_path: Path) -> None:
     """A build cut short (a crash mid-write, a full disk) must never reach
     dlopen, which maps the file and dies of SIGBUS: its recorded sha256 no
@@ -416,6 +425,7 @@ def _fake_cc(tmp_path: Path, body: str) -> str:
     return str(script)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("body,why", [
     ("exit 0\n", "wrote no library"),
     ("printf 'int nothing(void) { return 0; }\\n' > \"$out.c\" && "
@@ -475,6 +485,7 @@ def test_wrappers_refuse_what_their_kernels_cannot_take() -> None:
     assert torch.equal(batched, torch.full((3,), 5.0))
 
 
+@pytest.mark.process
 def test_self_tests_do_not_depend_on_the_default_dtype(tmp_path: Path) -> None:
     env = {**os.environ, "PIPELINE_NATIVE_DIR": str(tmp_path / "native")}
     env.pop("PIPELINE_EXACT_NATIVE", None)
@@ -485,3 +496,96 @@ def test_self_tests_do_not_depend_on_the_default_dtype(tmp_path: Path) -> None:
                        check=False)
     assert p.returncode == 0 and p.stdout.startswith("on (") and "not used" not in p.stdout, \
         p.stdout + p.stderr
+
+
+@pytest.mark.process
+def test_a_truncated_build_with_a_matching_sha256_is_rebuilt_not_loaded(tmp_path: Path) -> None:
+    """Issue 27: a library cut short together with its recorded sha256 (so the
+    digest matches) killed every exact run with SIGBUS at dlopen. The ELF
+    check sees segments past the end of the file; it is rebuilt."""
+    build_dir = tmp_path / "native"
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    (built,) = build_dir.glob("kernels-*.so")
+    whole = built.read_bytes()
+    cut = whole[: len(whole) // 2]
+    built.write_bytes(cut)
+    built.with_suffix(".sha256").write_text(hashlib.sha256(cut).hexdigest() + "\n")
+    assert native.elf_problem(cut) is not None and native.elf_problem(whole) is None
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    assert built.read_bytes() == whole
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("which", ["library", "sha256"])
+def test_a_fifo_planted_in_the_cache_is_replaced_not_read(tmp_path: Path, which: str) -> None:
+    """Issue 27: a FIFO at the cached library's (or its digest's) path hung
+    exact mode forever. Cache files are read like every other file the
+    pipeline did not write (regular files only, never blocking)."""
+    build_dir = tmp_path / "native"
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    (built,) = build_dir.glob("kernels-*.so")
+    target = built if which == "library" else built.with_suffix(".sha256")
+    target.unlink()
+    os.mkfifo(target)
+    assert _status_in_a_new_process(build_dir).startswith("on")  # timeout=300 would fire
+    assert target.is_file() and not stat.S_ISFIFO(target.stat().st_mode)
+
+
+@pytest.mark.process
+def test_flags_inside_cc_are_part_of_the_cache_key(tmp_path: Path) -> None:
+    """CC="cc -O1" and CC="cc" are two builds, never one served for the other."""
+    build_dir = tmp_path / "native"
+    assert _status_in_a_new_process(build_dir).startswith("on")
+    assert _status_in_a_new_process(build_dir, cc="cc -O1").startswith("on (cc -O1")
+    assert len(list(build_dir.glob("kernels-*.so"))) == 2
+
+
+@pytest.mark.process
+def test_a_build_that_flushes_subnormals_is_refused_and_undone(tmp_path: Path) -> None:
+    """Issue 27: CC="cc -funsafe-math-optimizations" links start-up code that
+    turns on flush-to-zero when the library loads, after exact mode's first
+    subnormal check. Loading it is now followed by a check: the kernels are
+    refused with one warning, the setting is undone, and an exact run gives
+    the weights of the torch path."""
+    env = {**os.environ, "PIPELINE_NATIVE_DIR": str(tmp_path / "native"),
+           "CC": "cc -funsafe-math-optimizations"}
+    env.pop("PIPELINE_EXACT_NATIVE", None)
+    code = ("from pipeline.exact import native, fpenv; print(native.status()); "
+            "print(fpenv.subnormal_problem())")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    status, problem = p.stdout.strip().splitlines()
+    assert status.startswith("off: ") and "flushes subnormals" in status, status
+    assert problem == "None" and p.stderr.count("warning: exact mode's native kernels") == 1
+    # Control: the same library loaded with no check leaves the process flushing.
+    (built,) = (tmp_path / "native").glob("kernels-*.so")
+    check = ("import ctypes, sys; ctypes.CDLL(sys.argv[1]); from pipeline.exact import fpenv; "
+             "print(fpenv.subnormal_problem() is not None)")
+    q = subprocess.run([sys.executable, "-c", check, str(built)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert q.stdout.strip() == "True", q.stderr
+    hashes = []
+    for extra in ({}, {"PIPELINE_EXACT_NATIVE": "0"}):
+        t = run_pipeline(["train", "configs/digits.toml", "mode=exact", "train.epochs=1",
+                          "--runs-dir", str(tmp_path / f"runs{len(extra)}"), "--json", "--quiet"],
+                         {**env, **extra, "PIPELINE_CACHE_DIR": str(tmp_path / "cache")})
+        assert t.returncode == 0, t.stderr[-2000:]
+        hashes.append(json.loads(t.stdout)["weights_sha256"])
+    assert hashes[0] == hashes[1]
+
+
+def test_a_compiler_that_hangs_is_stopped_at_the_timeout(fresh: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """Issue 27: a CC that never returns stalled exact mode for about 20
+    minutes (a 300 s timeout per flag set). One timeout now switches the
+    kernels off, with one warning, and tries no other flags."""
+    monkeypatch.setattr(native, "_COMPILE_TIMEOUT_S", 2)
+    monkeypatch.setenv("CC", _fake_cc(tmp_path, "sleep 60\n"))
+    started = time.monotonic()
+    assert native.kernels("gelu") is None
+    assert time.monotonic() - started < 30
+    assert native.status().startswith("off: ") and "timed out" in native.status()
+    assert capsys.readouterr().err.count("warning: exact mode's native kernels are off") == 1

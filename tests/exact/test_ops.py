@@ -473,6 +473,7 @@ print(" ".join(out))
 """
 
 
+@pytest.mark.process
 def test_training_bit_identical_across_threads_and_isa() -> None:
     """30 exact SGD steps of a dropout MLP and 6 Adam steps of the CNN, two
     shards each, give the same weight hashes under (1 thread, no SIMD) and

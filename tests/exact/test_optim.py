@@ -32,7 +32,7 @@ from pipeline.data import dataset, manifest
 from pipeline.exact import make_exact_optimizer
 from pipeline.exact.flat import flat_views
 from pipeline.recipe import train_in_process
-from pipeline.train.pinned import TorchOptimizer
+from pipeline.train.stock_optim import TorchOptimizer
 
 from ..support import ROOT
 from ..support.data import DIGITS, SHA
@@ -475,6 +475,7 @@ print(" ".join(out))
 """
 
 
+@pytest.mark.process
 def test_optimisers_give_one_hash_across_threads_and_isa() -> None:
     """AdamW and Nesterov SGD with clipping and a schedule, on 200k-element
     tensors (large enough for torch to split elementwise ops across

@@ -22,11 +22,11 @@ import sys
 import numpy as np
 import pytest
 
-from ..support.data import DIGITS as DATA
-from ..support.data import SHA as DATA_SHA
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
 from ..support import run_pipeline
+from ..support.data import DIGITS as DATA
+from ..support.data import SHA as DATA_SHA
 from ..twin import numpy_twin as tw
 from ..twin import twin_optim
 
@@ -482,6 +482,7 @@ def _twin_run(overrides, config=CONFIG):
     return tw.train(cfg, str(DATA), DATA_SHA)
 
 
+@pytest.mark.slow
 def test_twin_full_default_run_accuracy_and_stability():
     """The full default exact run (30 epochs, 660 steps) reaches >= 0.97 test
     accuracy, its hash is identical across two runs, and seed=1 changes it."""
@@ -494,6 +495,7 @@ def test_twin_full_default_run_accuracy_and_stability():
     assert tw.weights_sha256(p3) != tw.weights_sha256(p1)
 
 
+@pytest.mark.process
 def test_twin_cli():
     """The CLI prints 'weights sha256:<hex>' equal to train()'s hash."""
     res = subprocess.run(
@@ -648,6 +650,7 @@ def _pipeline_hash(config, overrides, tmp_path):
     return run["weights_sha256"], run
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.slow) if n in SLOW_RUNS else n for n in sorted(FULL_RUNS)])
 def test_pipeline_full_run_hash_matches_twin(name, tmp_path):

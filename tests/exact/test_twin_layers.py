@@ -614,6 +614,7 @@ def _no_clip(monkeypatch):
     monkeypatch.setattr(to, "clip_grads", lambda grads, c: F32(1.0))
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name,overrides,control", [
     pytest.param("small", SMALL, _swap_drop_sites, id="small"),
     pytest.param("options", SMALL + OPTIONS, _no_clip, id="small_adamw_clip_cosine"),
@@ -636,6 +637,7 @@ def test_charlm_hash_and_test_loss_match_pipeline(name, overrides, control, tmp_
         assert tw.weights_sha256(other) != want, f"{name}: the control changed nothing"
 
 
+@pytest.mark.process
 def test_new_project_convnet_hash_matches_pipeline(tmp_path, suite_env):
     """The project ``pipeline new`` writes (a stock Conv2d/ReLU/Flatten/Dropout/
     Linear Sequential) trained in exact mode, 3 steps on 8 shards: the twin's

@@ -18,11 +18,11 @@ import math
 import numpy as np
 import pytest
 
-from ..support.data import DIGITS as DATA
-from ..support.data import SHA as DATA_SHA
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
 from ..support import run_pipeline
+from ..support.data import DIGITS as DATA
+from ..support.data import SHA as DATA_SHA
 from ..twin import numpy_twin as tw
 from ..twin import twin_optim as to
 
@@ -289,6 +289,7 @@ class _AdamL2InF64(to.Adam):
 CONTROLS = {"adam_wd": _AdamL2InF64, "adamw_wd": _AdamWDecayInF32}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", list(OPTION_RUNS))
 def test_option_run_hash_matches_pipeline(name, tmp_path, suite_env, monkeypatch):
     """20 steps of configs/digits-exact.toml with one optimiser option: the

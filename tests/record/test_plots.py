@@ -65,9 +65,10 @@ def test_curves_png_is_valid_and_draws_the_metrics() -> None:
 
 
 def test_curves_png_reads_back_with_pillow() -> None:
-    """An independent decoder (Pillow, where installed) reads the same pixels."""
-    image_mod = pytest.importorskip("PIL.Image")
+    """An independent decoder (Pillow, the test extra) reads the same pixels."""
     import io
+
+    from PIL import Image as image_mod
 
     png = render_curves(_metrics())
     _, _, rows = _decode(png)
@@ -103,6 +104,7 @@ def test_plot_curves_writes_the_file_alone(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").read_bytes() == render_curves(_metrics())
 
 
+@pytest.mark.process
 def test_plots_import_no_plotting_library() -> None:
     """Drawing curves.png loads neither matplotlib nor PIL (nor numpy, nor torch)."""
     code = ("import sys; from pipeline.record.plots import render_curves; "

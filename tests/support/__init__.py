@@ -62,11 +62,22 @@ def train_json(overrides: list[str], runs: Path, env: dict[str, str],
 
 
 def cli_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp: Path | None = None) -> int:
-    """``pipeline ARGV`` in this process, unpinned (``unpin``); its exit status."""
+    """``pipeline ARGV`` in this process, unpinned (``unpin``); its exit status.
+    The user modules it imports are forgotten afterwards (sys.path and
+    sys.modules as before), so that another test's project of the same module
+    name is imported afresh, as a new process would."""
     from pipeline import cli
+    from pipeline.core.usercode import is_user_file
 
     unpin(monkeypatch, tmp)
-    return cli.main(argv)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    try:
+        return cli.main(argv)
+    finally:
+        for name in set(sys.modules) - before:
+            if is_user_file(getattr(sys.modules[name], "__file__", None)):
+                del sys.modules[name]
 
 
 def unpin(monkeypatch: pytest.MonkeyPatch, tmp: Path | None = None) -> None:

@@ -106,6 +106,7 @@ def test_table_and_last_line(peers: ModuleType) -> None:
     assert peers.summary(no_exact).endswith("exact/plain=n/a")
 
 
+@pytest.mark.process
 @pytest.mark.skipif(HAS_LIGHTNING, reason="the bench extra is installed: the tiny real run runs instead")
 def test_without_the_bench_extra_it_says_how_to_install() -> None:
     """Without Lightning the script refuses in one line naming the bench lock
@@ -116,6 +117,7 @@ def test_without_the_bench_extra_it_says_how_to_install() -> None:
     assert "bench/requirements-bench.lock" in p.stderr and p.stdout == "", p.stderr
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="lightning is not installed (the bench extra: "
                     "pip install --require-hashes -r bench/requirements-bench.lock)")

@@ -18,7 +18,7 @@ from pipeline.core.environment import load_profile
 from ..support import build_once, run_pipeline
 from ..support.machines import MACHINES, ROOT, TRAIN_TIMEOUT_S, Machine, Places, Run, finish, start
 
-pytestmark = pytest.mark.determinism
+pytestmark = [pytest.mark.determinism, pytest.mark.process]
 
 CONFIG = "examples/charlm/config.toml"
 # Short: 6 steps of 32 windows of 64 characters, checkpoints at 3 (and resumable).
@@ -136,7 +136,7 @@ def test_rebuild_of_the_example_is_identical(suite_env: dict[str, str], tmp_path
 
 # Exact mode: the same example converted to exact layers (pipeline.exact.from_torch).
 # 8 steps, a small test split so that evaluation stays short. (ATen's default ISA,
-# several times slower, is covered by tests/test_exact_convert.py's transformer.)
+# several times slower, is covered by tests/exact/test_convert.py's transformer.)
 EXACT_LM = ["mode=exact", "train.max_steps=8", "train.checkpoint_every=4",
             "data.test_fraction=0.002"]
 

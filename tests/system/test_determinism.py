@@ -15,7 +15,7 @@ data, config and seed (the design note, "The determinism suite").
 Every training is a fresh `python -m pipeline train` process, compared with a
 reference run built once per session (tests/conftest.py) by weight hash,
 per-step trail and run key: on identical machines at once, on simulated
-different machines (tests/machines.py), against golden hashes from real
+different machines (tests/support/machines.py), against golden hashes from real
 machines; and controls that must differ or fail. Run it with `pytest -n auto -m
 determinism`.
 """
@@ -50,7 +50,7 @@ from ..support.machines import (
     train_argv,
 )
 
-pytestmark = pytest.mark.determinism
+pytestmark = [pytest.mark.determinism, pytest.mark.process]
 
 GOLDEN = ROOT / "tests" / "golden" / "weights.json"
 NO_PIN = {"PIPELINE_TEST_NO_PIN": "1"}  # test-only: no re-exec, no profile (the control)

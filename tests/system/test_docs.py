@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..support import ROOT
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MAX_README_LINES = 250

@@ -1,8 +1,8 @@
 """Issue 13: integrity under hostile inputs, across modules, through the CLI.
 
 Each numbered case of the issue has a test here (case 5's stat cache and
-case 4's data files also in tests/test_manifest.py; case 6 in
-tests/test_distributed.py). Most run the CLI in this process
+case 4's data files also in tests/data/test_manifest.py; case 6 in
+tests/train/test_distributed.py). Most run the CLI in this process
 (``cli.main(argv)``) with the no-pinning control, so the recipe's logic, not
 the profile, is under test; a few start processes where only a process shows
 the behaviour (exit status, traceback, signals).
@@ -231,6 +231,7 @@ def test_unexpected_exception_is_an_internal_error_70_traceback_only_with_debug(
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_subprocess_exit_codes_and_no_traceback(tmp_path: Path) -> None:
     """Case 3, as a user sees it: a directory as config is exit 2, a runs
     directory under a file exit 74, each one line, no traceback."""
@@ -376,6 +377,7 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes_to_the_same_hash(
     assert code == 0 and "resuming from" in err and out.strip().endswith(want), err
 
 
+@pytest.mark.process
 def test_sigint_to_a_training_process_exits_130_with_one_line(tmp_path: Path) -> None:
     """Ctrl-C as a terminal sends it, to a real `pipeline train`: exit 130, one
     line, no traceback. The run is far longer than the test (100000 epochs), so
@@ -418,3 +420,59 @@ def test_debug_flag_is_ours_only_before_a_double_dash() -> None:
     assert split_debug(["train", "--debug", "seed=1"]) == (True, ["train", "seed=1"])
     assert split_debug(["exec", "--", "s.py", "--debug"]) == (False,
                                                             ["exec", "--", "s.py", "--debug"])
+
+
+# --------------------------------------------------------------- issue 27: a record is data
+_NET = '''
+from torch import nn
+
+
+def small(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, num_classes))
+'''
+_PLANTED = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from torch import nn
+
+
+def small(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, num_classes))
+'''
+
+
+@pytest.mark.process
+def test_verify_never_imports_code_a_record_points_to(tmp_path: Path) -> None:
+    """Issue 27: `pipeline verify DIR` imported and ran a model file inside DIR
+    named by DIR/run.json's config_dir (its digest recomputed), then said
+    "verified". Now verify imports the model only from the project the user
+    names (--project) or stands in: from elsewhere it refuses (exit 2) and
+    the planted file never runs; with --project it verifies."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "usernet.py").write_text(_NET)
+    (proj / "config.toml").write_text('[model]\nfactory = "usernet:small"\n'
+                                      "[train]\nmax_steps = 3\n")
+    env = pipeline_env(tmp_path)
+    p = run_pipeline(["train", str(proj / "config.toml"), "--runs-dir", str(tmp_path / "runs"),
+                      "--json", "--quiet"], env, cwd=proj)
+    assert p.returncode == 0, p.stderr[-2000:]
+    key = json.loads(p.stdout)["run_key"]
+    run = tmp_path / "runs" / key
+    marker = tmp_path / "planted-code-ran"
+    (run / "usernet.py").write_text(_PLANTED.format(marker=str(marker)))
+    rec = json.loads((run / "run.json").read_text())
+    rec["config_dir"] = str(run)
+    rec["record_sha256"] = record_digest(rec)
+    (run / "run.json").write_text(json.dumps(rec))
+    neutral = tmp_path / "neutral"
+    neutral.mkdir()
+    v = run_pipeline(["verify", str(run), "--quiet"], env, cwd=neutral)
+    assert v.returncode == 2 and "--project" in v.stderr, v.stderr[-2000:]
+    inside = run_pipeline(["verify", str(run), "--quiet", "--project", str(run)], env,
+                          cwd=neutral)
+    assert inside.returncode == 2 and "holds data, not code" in inside.stderr
+    assert not marker.exists()
+    ok = run_pipeline(["verify", str(run), "--quiet", "--project", str(proj)], env, cwd=neutral)
+    assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr[-2000:]
+    assert not marker.exists()

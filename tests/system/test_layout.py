@@ -196,6 +196,7 @@ def test_architecture_notes_list_every_unit() -> None:
     assert missing == []
 
 
+@pytest.mark.process
 def test_cli_path_imports_no_torch_before_pinning() -> None:
     """The modules a command loads before the pinned re-exec import neither
     torch nor numpy (their thread and ISA settings are read when they load), nor
@@ -259,6 +260,7 @@ def test_import_parser_splits_processes() -> None:
     assert _imports_per_process(text) == [{"os"}, {"torch._dynamo"}]
 
 
+@pytest.mark.process
 def test_train_imports_torch_once_and_only_after_the_reexec(tmp_path: Path) -> None:
     """`pipeline train` (pinned, the default config) runs in two processes: the
     one started re-executes itself with the profile having imported none of
@@ -266,13 +268,18 @@ def test_train_imports_torch_once_and_only_after_the_reexec(tmp_path: Path) -> N
     imported once per process) but not torch._dynamo or torch._inductor,
     whose import costs as much again, nor matplotlib (curves.png is drawn by
     pipeline/plots.py), nor MLflow, TensorBoard or the loader (links outward
-    read finished runs); nothing else is started."""
+    read finished runs); nothing else is started. One thread: with shards on
+    the thread pool, torch's dispatch-mode machinery imports torch._dynamo
+    itself (the shard generators route random ops through a dispatch mode),
+    and "auto" picks the pool when the first step is slow, as on a loaded
+    machine."""
     from pipeline.audit.machines import clean_env
     from pipeline.core.environment import host_isa_levels, load_profile
 
     env = {**clean_env(tmp_path / "cache"), "PYTHONPROFILEIMPORTTIME": "1"}
     p = subprocess.run([sys.executable, "-m", "pipeline", "train", "configs/digits.toml",
-                        "train.max_steps=2", "--runs-dir", str(tmp_path / "runs"), "--quiet"],
+                        "train.max_steps=2", "--threads", "1", "--runs-dir",
+                        str(tmp_path / "runs"), "--quiet"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if p.returncode == 4 and load_profile().requires_isa not in host_isa_levels():
         pytest.skip(f"this CPU cannot run the pinned profile: {p.stderr[-300:]}")

@@ -105,6 +105,7 @@ def test_input_reader_agrees_with_nix() -> None:
     assert check_nix._inputs_from_text(text) == check_nix.flake_inputs(REPO, NIX)
 
 
+@pytest.mark.process
 def test_cli_passes() -> None:
     """`python tools/check_nix.py` exits 0 on this tree."""
     args = [] if NIX else ["--allow-missing-nix"]
@@ -114,6 +115,7 @@ def test_cli_passes() -> None:
     assert "FAIL" not in out.stdout
 
 
+@pytest.mark.process
 def test_cli_without_nix(tmp_path: Path) -> None:
     """Without nix-instantiate the checker refuses (exit 2) unless --allow-missing-nix, and then
     says which checks it skipped."""
@@ -309,6 +311,7 @@ def _train(cmd: list[str], runs: Path, env: dict[str, str], cwd: Path,
     return dict(json.loads(p.stdout))
 
 
+@pytest.mark.process
 def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) -> None:
     """With SOURCE_DATE_EPOCH set (nixpkgs' stdenv sets it in packages.model's sandbox),
     two trainings of one run write byte-identical files, every file the model derivation
@@ -327,6 +330,7 @@ def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) ->
         assert a == b, f"{name}: differs between two trainings with SOURCE_DATE_EPOCH set"
 
 
+@pytest.mark.process
 def test_source_date_epoch_must_be_an_integer(tmp_path: Path) -> None:
     """A malformed SOURCE_DATE_EPOCH is a usage error (exit 2) naming the variable."""
     env = dict(pipeline_env(tmp_path, clean=True), SOURCE_DATE_EPOCH="yesterday")
@@ -380,6 +384,7 @@ def _wrap_python(tmp: Path, env_set: dict[str, str]) -> Path:
     return wrapper
 
 
+@pytest.mark.process
 def test_wrapped_like_wrap_python_train_reexecs_into_the_profile(tmp_path: Path) -> None:
     """Under a wrap-python wrapper without the profile, `pipeline train` re-executes itself
     (sys.executable -m pipeline) into the pinned profile: the child gets the dependencies'
@@ -394,6 +399,7 @@ def test_wrapped_like_wrap_python_train_reexecs_into_the_profile(tmp_path: Path)
     assert wrapped["weights_sha256"] == plain["weights_sha256"]
 
 
+@pytest.mark.process
 def test_wrapped_like_wrap_python_nproc_2_workers_import_the_package(tmp_path: Path) -> None:
     """Under a wrap-python wrapper that sets the profile (as flake.nix's makeWrapperArgs do,
     so nothing re-executes), `pipeline train --nproc 2` starts torchrun's workers
@@ -407,6 +413,7 @@ def test_wrapped_like_wrap_python_nproc_2_workers_import_the_package(tmp_path: P
     assert record["world_size"] == 2, record.get("world_size")
 
 
+@pytest.mark.process
 def test_golden_check_require_fails_without_an_entry(tmp_path: Path) -> None:
     """`golden check` passes with "no golden entry" (exit 0); with --require (what
     checks.golden runs) no entry is exit 1; a matching entry is exit 0 and a differing one

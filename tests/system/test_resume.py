@@ -29,6 +29,8 @@ from pipeline.record.runs import read_run
 from ..support import run_pipeline, start_pipeline
 from ..support.machines import EXACT, SHORT, TRAIN_TIMEOUT_S, Run, copy_checkout, train_argv
 
+pytestmark = pytest.mark.process
+
 # (overrides, steps per run, the steps that write a checkpoint: every interval
 # and every epoch end, never the last step). 22 steps per epoch.
 PINNED = (SHORT + ["train.checkpoint_every=7", "train.checkpoint_seconds=0"], 66,

@@ -4,7 +4,7 @@ untrusted one is refused.
 
 These train in this process, unpinned, with one torch thread: each test
 compares runs made in the same process, so the profile does not matter.
-The kill-and-resume tests across processes are in tests/test_resume.py.
+The kill-and-resume tests across processes are in tests/system/test_resume.py.
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ def _hash(p: subprocess.CompletedProcess[str]) -> str:
     return m.group(1)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_pinned_weights_are_the_same_at_world_size_1_2_4(
         frozen: dict[str, Any], tmp_path: Path) -> None:
@@ -154,6 +155,7 @@ def test_pinned_weights_are_the_same_at_world_size_1_2_4(
     assert _hash(again) == ref["weights_sha256"] and "reused" in again.stdout
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_exact_weights_are_the_same_at_world_size_1_2_4(
         frozen: dict[str, Any], tmp_path: Path) -> None:
@@ -165,6 +167,7 @@ def test_exact_weights_are_the_same_at_world_size_1_2_4(
     assert hashes[0] == hashes[1] == hashes[2], hashes
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_control_plain_all_reduce_changes_the_weights(
         frozen: dict[str, Any], tmp_path: Path) -> None:
@@ -180,6 +183,7 @@ def test_control_plain_all_reduce_changes_the_weights(
     assert rec["run_key"] != frozen["record"]["run_key"]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_killed_rank_stops_the_run_which_resumes_at_another_world_size(
         frozen: dict[str, Any], tmp_path: Path) -> None:
@@ -227,6 +231,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
         frozen: dict[str, Any], tmp_path: Path) -> None:
@@ -264,6 +269,7 @@ def test_sigkilled_launcher_takes_its_workers_and_a_rerun_resumes(
     assert rec["weights_sha256"] == ref["weights_sha256"]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_ctrl_c_of_a_multi_process_run_prints_one_line(
         frozen: dict[str, Any], tmp_path: Path) -> None:

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from pipeline.core.config import OptimConfig
-from pipeline.train.pinned import TorchOptimizer
+from pipeline.train.stock_optim import TorchOptimizer
 
 from ..support import ROOT
-
 
 CASES = [OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.01),
          OptimConfig(name="sgd", lr=0.05, momentum=0.0),
@@ -87,7 +86,7 @@ _PROBE = """
 import sys, torch
 from pipeline.core.config import OptimConfig
 from pipeline.train.determinism import strict_torch
-from pipeline.train.pinned import TorchOptimizer
+from pipeline.train.stock_optim import TorchOptimizer
 if sys.argv[1] == "strict":
     strict_torch()
 params = {"w": torch.nn.Parameter(torch.ones(3))}
@@ -119,6 +118,7 @@ def _probe(strict: bool) -> list[str]:
     return out.stdout.split("\n")[:3]
 
 
+@pytest.mark.process
 def test_training_steps_and_determinism_switches_load_no_dynamo() -> None:
     """In a fresh process, strict_torch and TorchOptimizer's SGD, Adam and
     AdamW steps (clipping and the cosine schedule included) import neither torch._dynamo nor torch._inductor (each costs about
@@ -129,6 +129,58 @@ def test_training_steps_and_determinism_switches_load_no_dynamo() -> None:
     assert _probe(strict=True) == ["no-dynamo no-inductor True", "dynamo", "True"]
 
 
+@pytest.mark.process
 def test_determinism_probe_sees_the_switches_off() -> None:
     """Control: without strict_torch the same probe finds both flags off."""
     assert _probe(strict=False) == ["no-dynamo no-inductor False", "dynamo", "False"]
+
+
+# --------------------------------------------------- issue 21: model features
+def test_batchnorm_shards_start_from_the_step_and_average_in_the_tree() -> None:
+    """Every shard of a step starts from the step's running statistics (the
+    second shard's update is not applied on top of the first's), and the
+    step's new statistics are the shards' updates summed and divided by the
+    shard count; the counter takes the first shard's value."""
+    from pipeline.train.distributed import add_grads, tree_reduce
+    from pipeline.train.pinned import BUFFER, PinnedNet
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    net = PinnedNet(module, torch.device("cpu"), None)
+    start = net.buffers["1.running_mean"].clone()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    parts = [net.shard_grads(x[i:i + 4], y[i:i + 4], 8, None, i, step=0) for i in (0, 4)]
+    each = [p[1][BUFFER + "1.running_mean"] for p in parts]
+    alone = PinnedNet(module, torch.device("cpu"), None)  # the second shard from the start
+    with torch.no_grad():
+        alone.buffers["1.running_mean"].copy_(start)
+    assert torch.equal(each[1], alone.shard_grads(x[4:], y[4:], 8, None, 4, step=7)[1][
+        BUFFER + "1.running_mean"])
+    _, combined = tree_reduce(parts, add_grads)
+    grads = net.end_step(combined, 2)
+    assert not any(k.startswith(BUFFER) for k in grads)
+    assert torch.equal(net.buffers["1.running_mean"], (each[0] + each[1]) / 2)
+    assert int(net.buffers["1.num_batches_tracked"]) == 1
+
+
+def test_a_parameter_without_a_gradient_is_skipped_and_its_state_optional() -> None:
+    """TorchOptimizer skips a None gradient as torch.optim does (no update,
+    no state), and a checkpointed state without that parameter restores;
+    control: the one with a gradient moves and has state."""
+    from pipeline.core.config import OptimConfig
+    from pipeline.train.stock_optim import TorchOptimizer
+
+    params = {"a": torch.nn.Parameter(torch.ones(2)), "b": torch.nn.Parameter(torch.ones(2))}
+    opt = TorchOptimizer(OptimConfig(name="adam", lr=0.1), params, 10)
+    opt.step({"a": torch.ones(2), "b": None})
+    assert torch.equal(params["b"].detach(), torch.ones(2))
+    assert not torch.equal(params["a"].detach(), torch.ones(2))
+    state = opt.state_tensors()
+    assert sorted(state) == ["exp_avg.a", "exp_avg_sq.a", "step.a"]
+    assert opt.state_scalars() == {"step": 1, "stateless": ["b"]}
+    again = TorchOptimizer(OptimConfig(name="adam", lr=0.1), params, 10)
+    again.load_state(state, opt.state_scalars())
+    with pytest.raises(ValueError, match="missing"):  # a lost state is not a missing one
+        again.load_state({"exp_avg.a": state["exp_avg.a"]}, opt.state_scalars())
+    with pytest.raises(ValueError, match="missing"):
+        again.load_state(state, {"step": 1})

@@ -48,6 +48,7 @@ def _train(args: list[str], n: int, runs: Path, env: dict[str, str],
     return json.loads(p.stdout)
 
 
+@pytest.mark.process
 @pytest.mark.determinism
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_one_hash_at_1_2_and_7_threads(model: str, tmp_path: Path,
@@ -112,12 +113,14 @@ def _stock_grads_vary(kind: str, env: dict[str, str]) -> bool:
     return p.stdout.strip() == "True"
 
 
+@pytest.mark.process
 def test_the_thread_probe_sees_a_thread_dependent_kernel(suite_env: dict[str, str]) -> None:
     """Control for ``_stock_grads_vary``: a LayerNorm over 4096 features, whose
     stock backward splits its sums by thread, is reported as varying."""
     assert _stock_grads_vary("layernorm", suite_env) is True
 
 
+@pytest.mark.process
 def test_bad_thread_count_is_a_usage_error(tmp_path: Path, suite_env: dict[str, str]) -> None:
     p = run_pipeline(["train", "--threads", "0", "--runs-dir", str(tmp_path)], suite_env,
                      timeout=60)

@@ -1,12 +1,11 @@
-"""Tests for pipeline/record/inputs.py (the run key) and pipeline/record/diff.py
-(the differences between two records). Reading and writing run directories
-(record/runs.py) is exercised by tests/test_checkpoint.py (tampered weights),
+"""Tests for pipeline/record/inputs.py: the run key (the differences between
+two records: tests/record/test_diff.py). Reading and writing run directories
+(record/runs.py) is exercised by tests/train/test_checkpoint.py (tampered weights),
 tests/test_cli.py and the determinism suite; the recipe that calls them by
 tests/test_recipe.py."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import pytest
@@ -14,9 +13,7 @@ import pytest
 from pipeline import modes
 from pipeline.core import _testing
 from pipeline.core.config import Config, load_config
-from pipeline.record.diff import diff_runs
 from pipeline.record.inputs import RunInputs
-from pipeline.record.schema import RunRecord, Trail
 
 BASE: dict[str, Any] = {"data": {"digits": "d" * 64}, "code": "c" * 64,
                         "toolchain": {"torch": "2.13.0"}, "profile": {"name": "p"}}
@@ -90,33 +87,3 @@ def test_switches_that_change_nothing_here_are_not_keyed() -> None:
     sw = _testing.Switches(plain_allreduce=True, intraop_threads=True, kill_at_step=3,
                            decode_log="/tmp/x", sim_isa="avx2")
     assert _testing.keyed(sw, threads=None, world_size=1) == {}
-
-
-def _record(config: dict[str, Any], tensors: tuple[str, ...], kind: str = "sha1-8") -> RunRecord:
-    return RunRecord(run_key="k", weights_sha256="w", weights_layout={}, mode="pinned",
-                     config=config, data={}, toolchain={}, profile={}, key_inputs=("config",),
-                     metrics={"steps": 3}, trail=Trail(tensors, 8, kind))
-
-
-def _trail(steps: list[list[bytes]]) -> bytes:
-    return b"".join(hashlib.sha1(t).digest()[:8] for step in steps for t in step)
-
-
-def test_diff_runs_names_the_first_divergent_step_and_tensor() -> None:
-    """Trails equal for two steps, then tensor b differs: step 3, tensor b."""
-    rec = _record({"seed": 0}, ("a", "b"))
-    same = [[b"1", b"2"], [b"3", b"4"]]
-    ta = _trail([*same, [b"5", b"6"]])
-    tb = _trail([*same, [b"5", b"X"]])
-    lines = diff_runs(rec, _record({"seed": 1}, ("a", "b")), ta, tb)
-    assert lines == ["config.seed: 0 != 1", "trails diverge at step 3 (of 3), first tensor b"]
-    assert diff_runs(rec, rec, ta, ta) == ["trails identical for all 3 steps"]
-
-
-def test_diff_refuses_to_compare_trails_of_two_kinds() -> None:
-    """A trail of SHA-1 digests (older runs) and one of sampled fingerprints
-    are not compared step by step: the diff says so instead of naming a step."""
-    old = _record({}, ("a",))
-    new = _record({}, ("a",), "sampled-int64-v1")
-    lines = diff_runs(old, new, b"\0" * 8, b"\1" * 8)
-    assert lines == ["trails not comparable: fingerprints of kinds sha1-8 and sampled-int64-v1"]
