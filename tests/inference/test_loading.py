@@ -175,3 +175,28 @@ def test_import_pipeline_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "True"]
+
+
+@pytest.mark.process
+def test_a_run_with_pretrained_weights_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """examples/finetune (a factory that loads a pretrained backbone from its
+    manifest, data.pretrained): pipeline.load from the project round-trips the
+    weight hash and eval gives the recorded accuracy, in fresh processes."""
+    from ..support import pipeline_env, run_pipeline
+
+    env = pipeline_env(tmp_path)
+    p = run_pipeline(["train", "examples/finetune/config.toml", "train.max_steps=5", "--runs-dir",
+                      str(tmp_path / "runs"), "--json", "--quiet"], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
+    run = tmp_path / "runs" / rec["run_key"]
+    assert rec["data"]["pretrained"]  # the backbone, keyed
+    code = "import pipeline, sys; print(pipeline.load(sys.argv[1]).weights_sha256())"
+    got = subprocess.run([sys.executable, "-c", code, str(run)], cwd=ROOT / "examples" /
+                         "finetune", env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.strip() == rec["weights_sha256"]
+    p = run_pipeline(["eval", str(run), "--project", "examples/finetune", "--json"], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["value"] == rec["metrics"]["test_accuracy"]
