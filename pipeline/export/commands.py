@@ -13,8 +13,9 @@ from ..core.errors import UsageError
 __all__ = ["add_commands", "run"]
 
 _PROJECT_HELP = ("the project the run was trained in (the directory of its config, or the "
-                 "config file): its model code and data manifest; default: the current "
-                 "directory. Code is never imported from the run directory")
+                 "config file): its model code and data manifest; default: the project "
+                 "around the current directory. Code is never imported from the run "
+                 "directory")
 
 
 def add_commands(sub: Any) -> None:
@@ -37,7 +38,7 @@ def add_commands(sub: Any) -> None:
                    help="write the card here (atomically) instead of to stdout")
     c.add_argument("--project", type=Path, default=None,
                    help="the project whose data-manifest.json gives each file's source and "
-                        "licence (default: the current directory)")
+                        "licence (default: the project around the current directory)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,13 +76,13 @@ def _tensorboard(args: argparse.Namespace, logdir: Path) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from ..recipe import manifest_path
+    from ..recipe import find_project, manifest_path
     from ..record.metrics import read_metrics
     from ..record.runs import read_run
     from .card import card, manifest_entries
 
     record = read_run(args.run_dir)
-    base = Path.cwd() if args.project is None else args.project
+    base = args.project or find_project(Path.cwd()) or Path.cwd()
     base = base.parent if base.is_file() else base
     text = card(record, read_metrics(args.run_dir, record),
                 manifest_entries(manifest_path(base), record))

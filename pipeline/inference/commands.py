@@ -23,7 +23,8 @@ __all__ = ["add_commands", "run"]
 
 _PROJECT_HELP = ("the project the run was trained in: the directory of its config (or the "
                  "config file), where its model code and data manifest are; default: the "
-                 "current directory. Code is never imported from the run directory")
+                 "project around the current directory. Code is never imported from the run "
+                 "directory")
 
 
 def add_commands(sub: Any) -> None:

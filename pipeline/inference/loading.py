@@ -5,12 +5,13 @@ What is loaded is the trained model or nothing:
   layout and hash: pipeline.record.runs.read_run);
 - the model factory (and a custom loss) is imported from ``project``, the
   directory the user names (the directory of the config that trained the
-  run; default: the current directory), **never from a path the record
-  names**: run.json's ``config_dir`` is only quoted in an error's hint. A
-  project inside the run directory, or a factory module found there, is
-  refused before anything is imported (a run directory is data someone may
-  have handed you; a hostile run.json cannot make load run its code). The
-  imported factory's source hash must be the one run.json records;
+  run; default: the project around the current directory), **never from a
+  path the record names**: run.json's ``config_dir`` is only quoted in an
+  error's hint. A project inside the run directory, or a factory module
+  found there, is refused before anything is imported (a run directory is
+  data someone may have handed you; a hostile run.json cannot make load run
+  its code). Once the model is built and has run a forward pass, the user
+  modules it ran and their sources' hash must be the ones run.json records;
 - the dataset's shapes (and a text dataset's vocabulary) come from the
   project's data, verified against the hashes run.json records;
 - the mode's network is built as training built it, the weights file's
