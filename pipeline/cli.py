@@ -1,6 +1,6 @@
-"""``pipeline train|verify|diff|data|new|env|runs|golden|audit|exec``: argument
-parsing and printing; the work is pipeline.recipe's (and the record, data and
-audit packages'). Every failure is one line on stderr (``--debug`` adds the
+"""``pipeline train|verify|diff|data|new|env|runs|golden|audit|exec|eval|predict|
+export|card``: argument parsing and printing; the work is pipeline.recipe's (and
+the record, data, audit, inference and export packages'). Every failure is one line on stderr (``--debug`` adds the
 traceback) and an exit code from ``pipeline.core.errors.EXIT_CODES``; ``exec``
 returns the script's own status. torch is imported only after the numeric
 profile is in place (re-exec).
@@ -19,6 +19,10 @@ from .audit.commands import run as _audit
 from .core.config import load_config
 from .core.errors import EXIT_CODES, UsageError, report, split_debug
 from .data.task import TASKS
+from .export.commands import add_commands as _export_commands
+from .export.commands import run as _export
+from .inference.commands import add_commands as _inference_commands
+from .inference.commands import run as _inference
 
 if TYPE_CHECKING:
     from .record.schema import RunRecord
@@ -109,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--require", action="store_true",
                            help="no entry for this run's key is a failure (exit 1), not a pass")
     _audit_commands(sub)
+    _inference_commands(sub)
+    _export_commands(sub)
     return p
 
 
@@ -118,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(plain)
     # KEY=VALUE overrides may follow options: `train --quiet train.epochs=3`.
-    if args.command == "train" and extra and all("=" in a and not a.startswith("-")
-                                                 for a in extra):
+    if args.command in ("train", "eval") and extra and all("=" in a and not a.startswith("-")
+                                                           for a in extra):
         args.args += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -133,11 +139,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = args.command
     if cmd in ("train", "verify"):
         return (_train if cmd == "train" else _verify)(args, argv)
+    if cmd in ("eval", "predict"):
+        return _inference(args, argv)
     if cmd == "data":
         return _data_verify(args) if args.data_cmd == "verify" else _data_add(args)
     if cmd == "env":
         return _env()
-    handlers = {"diff": _diff, "new": _new, "runs": _runs, "audit": _audit, "exec": _audit}
+    handlers = {"diff": _diff, "new": _new, "runs": _runs, "audit": _audit, "exec": _audit,
+                "export": _export, "card": _export}
     return handlers.get(cmd, _golden)(args)
 
 

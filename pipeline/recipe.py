@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from .train.loop import TrainResult
 
 __all__ = ["Prepared", "Outcome", "prepare", "find_project", "check_device", "check_existing", "get_or_train",
-           "rebuild", "verify_run", "manifest_path", "check_caches", "train_in_process"]
+           "rebuild", "verify_run", "manifest_path", "data_fields", "check_caches",
+           "train_in_process"]
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,21 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
     _check_fit(cfg, ds)
     _check_model(cfg, ds, parts)
-    entry = verified.datasets[cfg.data.dataset]
-    data = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
-            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    data = data_fields(verified, cfg.data.dataset)
     if pretrained := loaded():  # files the model check's factory loaded (pipeline.pretrained)
         data["pretrained"] = pretrained
     switches = _testing.keyed(_testing.SWITCHES, threads=threads, world_size=world_size)
     inputs = run_inputs(cfg, mode.key_fields, data, profile, parts.record(),
                         {ds.name: ds.decoded_sha256()}, switches)
     return Prepared(inputs, ds, parts, base, verified)
+
+
+def data_fields(verified: manifest.Verified, name: str) -> dict[str, Any]:
+    """run.json's ``data`` for dataset ``name`` of ``verified``: its task, decode
+    specs and each file's sha256 (keyed: the run key covers them)."""
+    entry = verified.datasets[name]
+    return {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
+            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
 
 
 def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = False) -> None:

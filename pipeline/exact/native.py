@@ -23,6 +23,7 @@ implementations: the same bits, slower. ``status()`` says which, for run.json.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from . import consts
 
-__all__ = ["kernels", "register", "status", "check_values", "same", "elf_problem"]
+__all__ = ["kernels", "register", "status", "check_values", "same", "elf_problem", "torch_only"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _BASE_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC",
@@ -319,7 +320,7 @@ def kernels(group: str) -> ctypes.CDLL | None:
     caller gets None, so the torch references it compares against are the
     torch implementations."""
     lib = _library()
-    if lib is None:
+    if lib is None or _state.get("torch_only"):
         return None
     verdicts: dict[str, str | None] = _state["verdicts"]
     if group not in verdicts:
@@ -337,6 +338,20 @@ def kernels(group: str) -> ctypes.CDLL | None:
                           file=sys.stderr)
                 verdicts[group] = problem
     return lib if verdicts[group] is None else None
+
+
+@contextlib.contextmanager
+def torch_only() -> Iterator[None]:
+    """Within: every group runs its torch implementation (the same bits), in
+    every thread. For tracing: torch.export cannot see into a ctypes call
+    (the MLflow export, pipeline.export.to_mlflow)."""
+    with _lock:
+        _state["torch_only"] = _state.get("torch_only", 0) + 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["torch_only"] -= 1
 
 
 def status() -> str:

@@ -28,7 +28,7 @@ from .distributed import LocalComm, add_grads, tree_reduce
 from .net import LoopMasks, Maker, Net, StepState
 from .threads import ShardRunner
 
-__all__ = ["train", "TrainResult", "examples_of"]
+__all__ = ["train", "TrainResult", "examples_of", "score"]
 
 
 @dataclass
@@ -162,6 +162,16 @@ class _Examples:
 def examples_of(ds: Dataset, context: int, dev: torch.device) -> _Examples:
     """The dataset's examples as the loop draws them (also the recipe's model check)."""
     return _Examples(ds, context, dev)
+
+
+def score(net: Net, ds: Dataset, cfg: Config, device: str = "cpu") -> tuple[str, float, int]:
+    """(the task's test metric, its value, the test examples) of ``net`` on the
+    test split ``cfg`` draws from ``ds``, computed as the loop computes it at an
+    epoch's end (``pipeline eval``: the recorded metric again, or another dataset's)."""
+    ctx = cfg.data.context
+    _, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, ctx)
+    metric, examples = ds.task.metric, examples_of(ds, ctx, torch.device(device))
+    return metric, _SCORES[metric](net, examples, test_ids), len(test_ids)
 
 
 def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: float) -> bool:

@@ -127,3 +127,43 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def train_here(runs: Path, overrides: list[str], tmp: Path,
+               config: str = "configs/digits.toml") -> Path:
+    """A run of ``config`` with ``overrides`` trained in this process (unpinned,
+    one torch thread, the data cache under ``tmp`` as ``cli_main``'s), for tests
+    of what reads finished runs (pipeline.inference, pipeline.export); its run
+    directory."""
+    import contextlib
+    import io
+
+    import torch
+
+    out, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+            code = cli_main(["train", str(ROOT / config), *overrides, "--runs-dir", str(runs),
+                             "--json", "--quiet"], mp, tmp)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, f"training {config} {overrides} in-process: exit {code}"
+    return runs / json.loads(out.getvalue())["run_key"]
+
+
+CHARLM_SHORT = ["examples/charlm/config.toml", "train.max_steps=20"]
+
+
+def charlm_run(shared: Path, env: dict[str, str]) -> Path:
+    """A short charlm run (20 steps, pinned), trained by `pipeline train` in a
+    fresh process once per session (``build_once`` in ``shared``); its run
+    directory. For the tests of what reads a language model's run."""
+    def build() -> dict[str, Any]:
+        runs = shared / "charlm-short"
+        p = run_pipeline(["train", *CHARLM_SHORT, "--runs-dir", str(runs), "--json",
+                          "--quiet"], env, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return {"dir": str(runs / json.loads(p.stdout)["run_key"])}
+
+    return Path(build_once(shared, "charlm-short", build)["dir"])

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),           # model factories
     ("modes",),            # pinned and exact: nets and optimisers for the loop
     ("recipe", "scaffold"),
-    ("launch",),
+    ("launch", "inference"),  # inference: load a finished run's model, eval, predict
+    ("export",),           # read-only links outward: MLflow, TensorBoard, the model card
     ("cli",),
     ("__main__", "__init__"),
 ]
@@ -210,6 +211,28 @@ def test_cli_path_imports_no_torch_before_pinning() -> None:
 
 
 _HEAVY = ("torch", "numpy", "matplotlib")
+# The export extra and what reads a finished run: never loaded by a run (DESIGN.md,
+# "Links outward are read-only"). The CLI registers the commands of pipeline.export and
+# pipeline.inference (their ``commands`` modules, which import nothing heavy); nothing
+# else of those packages is loaded.
+_EXTRA = ("mlflow", "tensorboard", "tensorboardX", "pandas", "sqlalchemy", "alembic")
+_READERS = ("pipeline.export.", "pipeline.inference.")
+
+
+def _never_in_training(modules: set[str]) -> list[str]:
+    """The modules of the export extra, and of the packages that read a finished
+    run (but their CLI registration), among ``modules``."""
+    return sorted(m for m in modules if m.split(".")[0] in _EXTRA
+                  or (m.startswith(_READERS) and not m.endswith(".commands")))
+
+
+def test_never_in_training_finds_the_extra() -> None:
+    """Control: the check names mlflow, tensorboard and the loader; not the CLI's
+    registration of their commands, nor torch."""
+    mods = {"mlflow.pytorch", "tensorboard", "pipeline.inference.loading",
+            "pipeline.export.commands", "pipeline.inference.commands", "torch"}
+    assert _never_in_training(mods) == ["mlflow.pytorch", "pipeline.inference.loading",
+                                        "tensorboard"]
 # Parts of torch that cost about as much as ``import torch`` again, and that a
 # run which compiles nothing need not load (pipeline/determinism.py, pinned.py).
 _SECOND_TORCH = ("torch._dynamo", "torch._inductor")
@@ -244,7 +267,8 @@ def test_train_imports_torch_once_and_only_after_the_reexec(tmp_path: Path) -> N
     torch, numpy, matplotlib; the pinned one imports torch (once: a module is
     imported once per process) but not torch._dynamo or torch._inductor,
     whose import costs as much again, nor matplotlib (curves.png is drawn by
-    pipeline/plots.py); nothing else is started. One thread: with shards on
+    pipeline/plots.py), nor MLflow, TensorBoard or the loader (links outward
+    read finished runs); nothing else is started. One thread: with shards on
     the thread pool, torch's dispatch-mode machinery imports torch._dynamo
     itself (the shard generators route random ops through a dispatch mode),
     and "auto" picks the pool when the first step is slow, as on a loaded
@@ -268,4 +292,5 @@ def test_train_imports_torch_once_and_only_after_the_reexec(tmp_path: Path) -> N
     assert sorted(m for m in parent if m.split(".")[0] in _HEAVY) == []
     assert sorted(m for m in child if m.split(".")[0] == "matplotlib"
                   or m.startswith(_SECOND_TORCH)) == []
+    assert _never_in_training(parent | child) == []
     assert any((tmp_path / "runs").glob("*/curves.png"))

@@ -1,0 +1,178 @@
+"""``pipeline predict RUN_DIR FILE``: predictions of a run's model for an input
+file, one JSON object a line.
+
+Inputs are raw, as the run's data files hold them, and go through the run's
+own decoding (its decode spec), so the model sees what it was trained on:
+- classification: ``.npy`` (an array ``(N, *input_shape)`` or ``(N, F)``;
+  never unpickled) or ``.csv`` (N rows of F comma-separated numbers, no label,
+  no header); each value becomes ``float32(value) / float32(divisor)`` as the
+  dataset decodes it, and must lie in the spec's ``value_range`` if it has one
+  (raw digits pixels are 0..16, divided by 16). Output per row:
+  ``{"row", "class", "probability"}``.
+- language model: a text file, tokenised with the run's vocabulary (UTF-8
+  characters, or bytes); a character the vocabulary lacks is an error naming
+  its position. The text is cut into windows of ``data.context`` tokens as in
+  training (the last window ends at the text's end); output per position
+  ``t``: ``{"position", "token", "next", "probability"}``, the most likely
+  token to follow ``t`` given the tokens before it in its window.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..core.errors import DataIntegrityError, UsageError
+from ..core.safeio import GIB, read_regular
+from .model import Model
+
+__all__ = ["predict_file", "read_inputs", "MAX_INPUT_BYTES"]
+
+MAX_INPUT_BYTES = 2 * GIB
+_BATCH = 256
+
+
+def predict_file(model: Model, path: Path, out: TextIO) -> int:
+    """Write ``model``'s predictions for ``path`` to ``out``; the number of lines."""
+    x = read_inputs(model, Path(path))
+    lines = _lm_lines(model, x) if model.shapes.task.windows else _class_lines(model, x)
+    n = 0
+    for line in lines:
+        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def read_inputs(model: Model, path: Path) -> np.ndarray:
+    """The file's inputs decoded as the run's dataset decodes: float32 rows
+    ``(N, *input_shape)``, or int64 tokens ``(T,)`` for a language model."""
+    try:
+        blob = read_regular(path, MAX_INPUT_BYTES)
+    except OSError as e:
+        raise DataIntegrityError(str(path), "a readable input file (a regular file)",
+                                 e.strerror or str(e)) from None
+    spec = model.record.data["train"]
+    if model.shapes.task.windows:
+        return _tokens(blob, spec, model, path)
+    if path.suffix == ".npy":
+        raw = _npy(blob, path)
+    elif path.suffix == ".csv":
+        raw = _csv(blob, path)
+    else:
+        raise UsageError(f"{path}: expected a .npy or .csv file of inputs, found "
+                         f"{path.suffix or 'no suffix'!r}")
+    return _rows(raw, spec, model.shapes.input_shape, path)
+
+
+def _npy(blob: bytes, path: Path) -> np.ndarray:
+    try:
+        a = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # ValueError: a pickled array, refused
+        raise DataIntegrityError(str(path), "a .npy array of numbers (never unpickled)",
+                                 f"{type(e).__name__}: {e}") from None
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf" or a.ndim < 1:
+        raise DataIntegrityError(str(path), "a numeric array (N, ...)",
+                                 f"dtype {getattr(a, 'dtype', '?')}")
+    return a
+
+
+def _csv(blob: bytes, path: Path) -> np.ndarray:
+    try:
+        text = blob.decode("ascii")
+        return np.loadtxt(io.StringIO(text), delimiter=",", comments=None, ndmin=2,
+                          dtype=np.float64)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataIntegrityError(str(path), "rows of comma-separated numbers (no header, no "
+                                 "label)", f"{type(e).__name__}: {e}") from None
+
+
+def _rows(raw: np.ndarray, spec: dict[str, Any], shape: tuple[int, ...],
+          path: Path) -> np.ndarray:
+    """``raw`` (N, ...) checked against the spec's range, divided, reshaped."""
+    n, width = len(raw), math.prod(shape)
+    if raw.size != n * width or n == 0:
+        raise DataIntegrityError(str(path), f"N rows of {width} values (an input of shape "
+                                 f"{shape})", f"an array of shape {raw.shape}")
+    if "value_range" in spec:
+        lo, hi = spec["value_range"]
+        bad = ~((raw >= lo) & (raw <= hi) & (raw == np.round(raw))).reshape(n, -1).all(axis=1)
+        if bad.any():
+            raise DataIntegrityError(str(path), f"raw integer values in {lo}..{hi} as the "
+                                     f"training data holds them (they are divided by "
+                                     f"{spec.get('divisor', 1)} here)",
+                                     f"row {int(np.argmax(bad))}: {raw[int(np.argmax(bad))]}"[:160])
+    with np.errstate(over="ignore"):
+        x = np.asarray(raw, np.float32) / np.float32(spec.get("divisor", 1))
+    finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
+    if not finite.all():
+        raise DataIntegrityError(str(path), "finite values", f"row {int(np.argmin(finite))}")
+    return x.reshape(n, *shape)
+
+
+def _tokens(blob: bytes, spec: dict[str, Any], model: Model, path: Path) -> np.ndarray:
+    """Token ids of a text file in the run's vocabulary (chars or bytes)."""
+    if spec.get("vocabulary") == "bytes":
+        tokens = np.frombuffer(blob, np.uint8).astype(np.int64)
+    else:
+        try:
+            text = blob.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataIntegrityError(str(path), "UTF-8 text",
+                                     f"invalid byte at offset {e.start}") from None
+        index = {c: i for i, c in enumerate(model.shapes.vocabulary or ())}
+        missing = next((i for i, c in enumerate(text) if c not in index), None)
+        if missing is not None:
+            raise DataIntegrityError(str(path), "characters of the run's vocabulary "
+                                     f"({len(index)} characters)",
+                                     f"{text[missing]!r} at character {missing}")
+        tokens = np.fromiter((index[c] for c in text), np.int64, len(text))
+    if len(tokens) < model.context:
+        raise DataIntegrityError(str(path), f"at least {model.context} tokens (data.context)",
+                                 f"{len(tokens)}")
+    return tokens
+
+
+def _probabilities(logits: Any) -> np.ndarray:
+    """Softmax over the last axis, in float64."""
+    z = logits.double().numpy()
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def _class_lines(model: Model, x: np.ndarray) -> Iterator[dict[str, Any]]:
+    for i in range(0, len(x), _BATCH):
+        p = _probabilities(model.predict(x[i:i + _BATCH]))
+        for j, row in enumerate(p):
+            k = int(row.argmax())
+            yield {"row": i + j, "class": k, "probability": float(row[k])}
+
+
+def _lm_lines(model: Model, tokens: np.ndarray) -> Iterator[dict[str, Any]]:
+    """Non-overlapping windows of ``context`` tokens from the start; the last
+    window is the text's final ``context`` tokens, of which only the
+    positions not yet predicted are written."""
+    ctx, vocab = model.context, model.shapes.vocabulary
+    starts = list(range(0, len(tokens) - ctx + 1, ctx))
+    if starts[-1] + ctx < len(tokens):
+        starts.append(len(tokens) - ctx)
+    done = 0
+    for b in range(0, len(starts), _BATCH):
+        batch = starts[b:b + _BATCH]
+        windows = np.stack([tokens[s:s + ctx] for s in batch])             # (B, T)
+        p = _probabilities(model.predict(windows))                         # (B, T, V)
+        for s, rows in zip(batch, p):
+            for t in range(max(done - s, 0), ctx):
+                k = int(rows[t].argmax())
+                yield {"position": s + t, "token": _token(tokens[s + t], vocab),
+                       "next": _token(k, vocab), "probability": float(rows[t][k])}
+            done = s + ctx
+
+
+def _token(i: Any, vocab: tuple[str, ...] | None) -> Any:
+    return vocab[int(i)] if vocab is not None else int(i)
