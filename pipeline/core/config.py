@@ -35,6 +35,7 @@ class DataConfig:
     dataset: str = "digits"
     test_fraction: float = 0.2   # used when the dataset has no test part of its own
     context: int = 0             # language modelling: tokens per example (0: classification)
+    standardize: bool = False    # per-column, statistics of the training split (pipeline.data.standardize)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 # Keys added after configs were first hashed: left out of the canonical dict (run
 # key, config_sha256, golden keys) at their default, so older configs keep their hash.
-_KEYED_WHEN_SET = {("train", "checkpoint_seconds"): 60.0,
+_KEYED_WHEN_SET = {("train", "checkpoint_seconds"): 60.0, ("data", "standardize"): False,
                    ("optim", "nesterov"): False, ("optim", "clip_norm"): 0.0,
                    ("optim", "schedule"): "constant", ("optim", "warmup_steps"): 0}
 
