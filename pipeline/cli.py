@@ -252,9 +252,11 @@ def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path) -> N
 def _metric(record: RunRecord) -> str:
     """The record's test metric: accuracy (classification) or loss (language model)."""
     m = record.metrics
+    val = "".join(f", validation {k[4:]} {v:.4f}" for k, v in m.items()
+                  if k.startswith("val_") and isinstance(v, (int, float)))
     if m.get("test_accuracy") is not None:
-        return f"test accuracy {m['test_accuracy']:.4f}"
-    return f"validation loss {m['test_loss']:.4f}" if "test_loss" in m else "no test metric"
+        return f"test accuracy {m['test_accuracy']:.4f}{val}"
+    return f"test loss {m['test_loss']:.4f}{val}" if "test_loss" in m else "no test metric"
 
 
 def _verify(args: argparse.Namespace, argv: list[str]) -> int:

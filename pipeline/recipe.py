@@ -137,11 +137,11 @@ def standardize_for(cfg: Config, ds: Dataset, stats: Standardizer | None = None
     if not cfg.data.standardize:
         return ds, None
     from .data import standardize
-    from .data.sampling import split
+    from .data.sampling import split3
 
-    if stats is None:
-        stats = standardize.fit(ds, split(ds, cfg.seed, cfg.data.test_fraction,
-                                          cfg.data.context)[0])
+    if stats is None:  # the examples that train: neither test nor validation
+        stats = standardize.fit(ds, split3(ds, cfg.seed, cfg.data.test_fraction,
+                                           cfg.data.val_fraction, cfg.data.context)[0])
     return standardize.standardized(ds, stats), stats
 
 
@@ -199,11 +199,16 @@ def _check_fit(cfg: Config, ds: Dataset) -> None:
     if (wrong := ds.task.context_problem(cfg.data.context, ds.name)) is not None:
         problems.append(wrong)
     if not problems:
-        from .data.sampling import split
-        train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
+        from .data.sampling import split3
+        train_ids, val_ids, test_ids = split3(ds, cfg.seed, cfg.data.test_fraction,
+                                              cfg.data.val_fraction, cfg.data.context)
         if len(test_ids) == 0:
             problems.append(f"data.test_fraction: {cfg.data.test_fraction} of "
                             f"{len(train_ids)} examples is an empty test split")
+        if cfg.data.val_fraction > 0 and len(val_ids) == 0:
+            problems.append(f"data.val_fraction: {cfg.data.val_fraction} of "
+                            f"{len(train_ids)} training examples is an empty validation "
+                            f"split")
         if len(train_ids) < cfg.train.batch_size:
             problems.append(f"train.batch_size: expected at most the {len(train_ids)} "
                             f"training examples of {ds.name!r}, found {cfg.train.batch_size}")
