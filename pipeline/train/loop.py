@@ -24,7 +24,7 @@ from ..data.sampling import batches, epoch_order, split, split3
 from . import checkpoint
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
-from .distributed import LocalComm, add_grads, tree_reduce
+from .distributed import LocalComm, TreeFold, add_grads
 from .net import LoopMasks, Maker, Net, StepState
 from .threads import ShardRunner
 
@@ -219,8 +219,10 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
         return lambda: net.shard_grads(x[sl], y[sl], n_global, keep, stream, step=step,
                                        row0=s * rows)
 
-    parts = runner.run([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)])
-    return comm.combine(tree_reduce(parts, add_grads))
+    fold = TreeFold(add_grads)  # the tree, folded as the shards finish: O(log S) sums held
+    runner.run_into([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)],
+                    fold.push)
+    return comm.combine(fold.result())
 
 
 def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
