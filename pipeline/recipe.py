@@ -109,7 +109,7 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
     _check_fit(cfg, ds)
     _check_model(cfg, ds, parts)
-    data = data_fields(verified, cfg.data.dataset)
+    data = data_fields(verified, cfg.data.dataset, ds.decoded_sha256())
     if pretrained := loaded():  # files the model check's factory loaded (pipeline.pretrained)
         data["pretrained"] = pretrained
     switches = _testing.keyed(_testing.SWITCHES, threads=threads, world_size=world_size)
@@ -118,12 +118,19 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     return Prepared(inputs, ds, parts, base, verified)
 
 
-def data_fields(verified: manifest.Verified, name: str) -> dict[str, Any]:
+def data_fields(verified: manifest.Verified, name: str, decoded: str | None = None
+                ) -> dict[str, Any]:
     """run.json's ``data`` for dataset ``name`` of ``verified``: its task, decode
-    specs and each file's sha256 (keyed: the run key covers them)."""
+    specs and each file's sha256 (keyed: the run key covers them). A dataset of
+    image files also keys its decoder (Pillow and its codecs) and the decoded
+    arrays' hash ``decoded``: another JPEG decoder is another run, never the same."""
     entry = verified.datasets[name]
-    return {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
-            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    out = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
+           "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    from .data.images import decoder_identity, uses_images
+    if uses_images([entry.train, entry.test]):
+        out.update(decoder=decoder_identity(), decoded_sha256=decoded)
+    return out
 
 
 def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = False) -> None:

@@ -50,6 +50,9 @@ def key(verified: Verified, name: str) -> str:
     spec = {"task": entry.task.name, "train": entry.train, "test": entry.test,
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
+    from .images import decoder_identity, uses_images
+    if uses_images([entry.train, entry.test]):  # another Pillow or codec: another entry
+        spec["decoder"] = decoder_identity()
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 

@@ -178,7 +178,7 @@ def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path
                               "an object of file names and hashes", repr(pretrained)[:80])
     verified = manifest.verify(path, names=[*entry.files(), *pretrained], stat_cache_dir=cache)
     if record is not None:
-        now = {**data_fields(verified, entry.name),
+        now = {**data_fields(verified, entry.name, record.data.get("decoded_sha256")),
                **({"pretrained": {k: verified.hashes[k] for k in pretrained}} if pretrained
                   else {})}
         _same(f"{run_dir / 'run.json'} [data]", record.data, now, f"the data in {path}")
