@@ -101,7 +101,7 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     from .data.pretrained import loaded, set_verified
     from .models import resolve
 
-    parts = resolve(cfg.model.factory, cfg.train.loss, base)
+    parts = resolve(cfg.model.factory, cfg.train.loss, base, cfg.data.augment.transform)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
     verified = manifest.verify(manifest_path(base), stat_cache_dir=cache)
@@ -277,7 +277,7 @@ def train_in_process(cfg: Config, ds: Dataset, *, run_key: str = "in-process",
     from .models import resolve
     from .train.loop import train
 
-    parts = resolve(cfg.model.factory, cfg.train.loss, None)
+    parts = resolve(cfg.model.factory, cfg.train.loss, None, cfg.data.augment.transform)
     return train(cfg, ds, modes.of(cfg.mode), parts, run_key=run_key, ckpt_dir=ckpt_dir, **kw)
 
 

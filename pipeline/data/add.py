@@ -210,6 +210,9 @@ def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, l
                            stat_cache_dir=default_cache_dir())
     counts: dict[str, int] = {}
     for n, e in entries.items():
+        if _content(raw["files"].get(n)) == _content(e):  # the same bytes: keep its metadata
+            counts["unchanged"] = counts.get("unchanged", 0) + 1
+            continue
         how = _put(raw["files"], n, e, f"files.{n}", force)
         counts[how] = counts.get(how, 0) + 1
     spec = {"format": "images", "root": folder.root,

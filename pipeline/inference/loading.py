@@ -111,7 +111,7 @@ def _parts(cfg: Config, base: Path, record: RunRecord, run_dir: Path) -> Parts:
     for spec in (cfg.model.factory, cfg.train.loss):
         _refuse_from_run_dir(spec, base, run_dir, record)
     try:
-        parts = resolve(cfg.model.factory, cfg.train.loss, base)
+        parts = resolve(cfg.model.factory, cfg.train.loss, base, cfg.data.augment.transform)
     except ConfigError as e:
         hint = (f"run.json says the run's config was in {record.config_dir}: name that "
                 f"project (--project DIR) if you trust its code")

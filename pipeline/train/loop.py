@@ -20,6 +20,7 @@ from ..core.errors import DivergedError, Interrupted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
+from ..data.augment import Augmenter, augmenter
 from ..data.sampling import batches, epoch_order, split
 from . import checkpoint
 from .checkpoint import Progress
@@ -80,6 +81,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
 
     bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
                desc="train", unit="step", leave=False)
+    aug = augmenter(cfg.data.augment, cfg.seed, parts.transform.function
+                    if getattr(parts, "transform", None) else None)
     order, last_save = None, time.monotonic()
     loop_started = time.perf_counter()
     try:
@@ -88,6 +91,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
             if order is None or b == 0:
                 order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
             x, y = examples.get(order[b])
+            if aug is not None:  # by (seed, epoch, example): pipeline.data.augment
+                x = _augmented(aug, x, order[b], epoch)
             masks = _loop_masks(net, dropout, bsz)
             with usercode.guarded("a training step", "model.factory", step=st.step + 1,
                                   always=False):  # a failure in the user's forward or loss
@@ -157,6 +162,15 @@ class _Examples:
         starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
         pos = starts[:, None] + self.offsets                   # (B, T) token positions
         return self.x[pos], self.x[pos + 1]
+
+
+def _augmented(aug: Augmenter, x: torch.Tensor, ids: np.ndarray, epoch: int) -> torch.Tensor:
+    """The batch's inputs augmented on the CPU (the user's transform guarded as
+    user code), back on ``x``'s device."""
+    with usercode.guarded("an augmentation transform", "data.augment.transform",
+                          always=False):
+        out = aug.batch(x.cpu().numpy(), ids, epoch)
+    return torch.from_numpy(out).to(x.device)
 
 
 def examples_of(ds: Dataset, context: int, dev: torch.device) -> _Examples:
