@@ -79,8 +79,12 @@ def encode_arrays(arrays: dict[str, Any], meta: dict[str, str]) -> bytes:
     The data section does not depend on the header, so hash it from a first
     serialisation, then serialise again with the digest in the metadata.
     """
+    import numpy as np
     from safetensors.numpy import save
 
+    # safetensors.numpy.save writes a non-contiguous array's memory as it lies, not
+    # its C-order elements (a transposed stack read back as other values): copy first.
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     digest = hashlib.sha256(st_data(save(arrays, meta))[1]).hexdigest()
     return save(arrays, {**meta, "data_sha256": digest})
 

@@ -234,7 +234,7 @@ def _pixels(order: Sequence[str], paths: Mapping[str, Path], spec: Mapping[str, 
                                      f"pixels, as {paths[order[0]]}", f"{a.shape[2]}x"
                                      f"{a.shape[1]}", 'give the decode spec a "size" to '
                                      "resize every image to")
-    return np.stack(arrays)
+    return np.ascontiguousarray(np.stack(arrays))  # stack keeps the transposed layout
 
 
 def decode(spec: Mapping[str, Any], names: Sequence[str], entries: Mapping[str, FileEntry],

@@ -199,3 +199,14 @@ def test_hash_files_matches_and_uses_the_stat_cache(tmp_path: Path,
     monkeypatch.setattr(manifest, "_RACY_NS", -10**18)  # every record trusted
     monkeypatch.setattr(manifest, "_sha256_file", lambda f, n: "0" * 64)
     assert manifest.hash_files(files, tmp_path / "sc") == got
+
+
+def test_a_cached_decode_is_the_fresh_decode(proj: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RGB pixels are transposed to (C, H, W): the arrays read back from the
+    decode cache equal the fresh decode, bit for bit, and so do their hashes
+    (safetensors.numpy.save alone writes a non-contiguous array's memory order)."""
+    assert _add(proj, monkeypatch, tmp_path) == 0
+    fresh, cached = _load(proj, tmp_path), _load(proj, tmp_path)
+    assert fresh.x.tobytes() == cached.x.tobytes()
+    assert fresh.decoded_sha256() == cached.decoded_sha256()
