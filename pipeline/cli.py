@@ -75,12 +75,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="the manifest to check (default: the project's data-manifest.json)")
     ver.add_argument("--full", action="store_true", help="ignore the stat cache")
     add = dv.add_parser("add", help="add a file (and a dataset part) to data-manifest.json")
-    add.add_argument("file", type=Path, help="the data file (inside the manifest's directory)")
+    add.add_argument("file", type=Path, help="the data file, or a folder of images (inside the manifest's directory)")
     add.add_argument("--name", required=True, help="the file entry's name")
     add.add_argument("--manifest", type=Path, default=None,
                      help="default: ./data-manifest.json if present, else the project's")
     add.add_argument("--format", dest="fmt", default=None,
-                     help="csv, npy, npz, idx or text: also make it a dataset part")
+                     help="csv, npy, npz, idx or text: also make it a dataset part (a folder is "
+                          "always an images part)")
     add.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
                      help="a decode option (pipeline/data/formats.py), value parsed as TOML")
     add.add_argument("--dataset", default=None, help="the dataset (default: --name)")

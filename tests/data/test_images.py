@@ -210,3 +210,26 @@ def test_a_cached_decode_is_the_fresh_decode(proj: Path, tmp_path: Path,
     fresh, cached = _load(proj, tmp_path), _load(proj, tmp_path)
     assert fresh.x.tobytes() == cached.x.tobytes()
     assert fresh.decoded_sha256() == cached.decoded_sha256()
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "images"
+
+
+def test_real_jpeg_photographs_decode_and_a_reencoded_one_is_changed_data(
+        tmp_path: Path) -> None:
+    """The example's JPEG photographs decode (resized to 32x32 RGB); the same
+    photograph re-encoded is reported as changed data, naming the file."""
+    import shutil
+    d = tmp_path / "ex"
+    shutil.copytree(EXAMPLE / "photos", d / "photos")
+    raw = json.loads((EXAMPLE / "data-manifest.json").read_text())
+    raw["files"] = {k: v for k, v in raw["files"].items() if k.startswith("photos/")}
+    raw["datasets"] = {"photos": raw["datasets"]["photos"]}
+    (d / "data-manifest.json").write_text(json.dumps(raw))
+    v = manifest.verify(d / "data-manifest.json")
+    ds = dataset.load(v, "photos", tmp_path / "cache")
+    assert ds.x.shape == (2, 3, 32, 32) and ds.y.tolist() == [0, 1]
+    p = d / "photos" / "person" / "hopper.jpg"
+    Image.open(p).save(p, format="JPEG", quality=90)
+    with pytest.raises(manifest.DataIntegrityError, match="photos/person/hopper.jpg"):
+        manifest.verify(d / "data-manifest.json")
