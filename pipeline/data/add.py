@@ -217,11 +217,12 @@ def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, l
         counts[how] = counts.get(how, 0) + 1
     spec = {"format": "images", "root": folder.root,
             **({} if "index" in options else {"classes": folder.classes}), **options}
-    current = raw["datasets"].setdefault(dataset, {"task": "classification"})
-    if current.get("task") != "classification" and not force:
+    kind = for_format("images").name
+    current = raw["datasets"].setdefault(dataset, {"task": kind})
+    if current.get("task") != kind and not force:
         raise UsageError(f"datasets.{dataset}.task: is {current.get('task')!r}, an images part "
-                         "needs 'classification'; use --force to replace it")
-    current["task"] = "classification"
+                         f"needs {kind!r}; use --force to replace it")
+    current["task"] = kind
     done = [f"{how}: {k} image file entries under {folder.root}/"
             for how, k in sorted(counts.items())]
     if folder.skipped:

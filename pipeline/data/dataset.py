@@ -168,7 +168,9 @@ def _decode_part(verified: Verified, members: tuple[str, ...], spec: dict[str, A
     members), every other format through pipeline.data.formats."""
     if spec.get("format") == "images":
         from . import images
-        return images.decode(spec, members, verified.entries, paths, verified.root)
+        x, y, shape, classes = images.decode(spec, members, verified.entries, paths,
+                                             verified.root)
+        return formats.Decoded(x=x, y=y, input_shape=shape, n_classes=classes, vocabulary=None)
     return formats.decode(spec, paths, opened)
 
 

@@ -37,7 +37,8 @@ from ..core.errors import DataIntegrityError
 if TYPE_CHECKING:
     import numpy as np
 
-    from .schema import FileEntry
+# a manifest file entry (pipeline.data.schema.FileEntry: schema imports this module)
+FileEntry = Any
 
 __all__ = ["EXTENSIONS", "MAX_PIXELS", "members", "decoder_identity", "decode", "uses_images"]
 
@@ -238,11 +239,12 @@ def _pixels(order: Sequence[str], paths: Mapping[str, Path], spec: Mapping[str, 
 
 
 def decode(spec: Mapping[str, Any], names: Sequence[str], entries: Mapping[str, FileEntry],
-           paths: Mapping[str, Path], data_root: Path) -> Any:
-    """Decode an images part (``names``: its members): a ``formats.Decoded``."""
+           paths: Mapping[str, Path], data_root: Path
+           ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], int]:
+    """Decode an images part (``names``: its members): (x (n, C, H, W) float32,
+    y (n,) int64, input shape, classes)."""
     import numpy as np
 
-    from .formats import Decoded
     from .mapped import check_finite, to_float32
 
     if not names:
@@ -255,5 +257,4 @@ def decode(spec: Mapping[str, Any], names: Sequence[str], entries: Mapping[str, 
     raw = _pixels(order, paths, spec)
     x = to_float32(raw, spec.get("divisor", 255))
     check_finite(x, str(data_root / spec["root"]))
-    return Decoded(x=x, y=np.array(labels, dtype=np.int64), input_shape=tuple(raw.shape[1:]),
-                   n_classes=len(spec["classes"]), vocabulary=None)
+    return x, np.array(labels, dtype=np.int64), tuple(raw.shape[1:]), len(spec["classes"])
