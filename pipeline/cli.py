@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     t.add_argument("--threads", type=int, default=None, metavar="N",
                    help="cores to use (default: all); the weights do not depend on N")
+    t.add_argument("--loader-workers", type=int, default=0, metavar="N",
+                   help="threads preparing batches (gather, augmentation) ahead of the step "
+                        "(default 0: in the step); the weights do not depend on N")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes (torch.distributed; a power of two dividing train.shards)")
     # Multi-node, passed through to torchrun (docs/how-to/distributed.md):
@@ -173,13 +176,17 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     path, overrides = _config_args(args.args)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected an integer >= 1, found {args.threads}")
+    if not 0 <= args.loader_workers <= 256:
+        raise UsageError(f"--loader-workers: expected an integer in [0, 256], found "
+                         f"{args.loader_workers}")
     cfg = load_config(path, overrides)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
     prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,
                           threads=args.threads, device=args.device)
     out = recipe.get_or_train(prep, args.runs_dir, device=args.device, quiet=args.quiet,
-                              force=args.force or args.rebuild, threads=args.threads)
+                              force=args.force or args.rebuild, threads=args.threads,
+                              loader_workers=args.loader_workers)
     assert out.record is not None  # one process: rank 0
     reused = out.reused
     if args.rebuild:
@@ -199,7 +206,8 @@ def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
                          "are the same at every world size)")
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
-                args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads)
+                args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads,
+                loader_workers=args.loader_workers)
     out = launch(spec, argv, cfg)
     if out.record is None:
         print(out.note)

@@ -219,7 +219,7 @@ def check_device(device: str) -> None:
 
 def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
                  quiet: bool = False, force: bool = False,
-                 threads: int | None = None) -> Outcome:
+                 threads: int | None = None, loader_workers: int = 0) -> Outcome:
     """The run for ``prep.inputs``: reused if complete and re-derived
     (runs.reusable: its recorded inputs are the ones computed now, its weights
     its record's), else trained, resuming from its checkpoints, and recorded.
@@ -254,7 +254,7 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
         result = _train(prep, ckpt_dir=ckpt_dir, comm=comm, device=device, quiet=quiet,
-                        threads=threads)
+                        threads=threads, loader_workers=loader_workers)
         if rank != 0:
             return Outcome(None, weights_sha256(result.params), False)
         record = runs.write_run(final, prep.inputs, result, started, device=device,

@@ -1,5 +1,5 @@
 """examples/images end to end: the image folder trains with augmentation to one
-hash at --nproc 1 and 2 and --threads 1 (keyed draws); controls: another seed
+hash at --nproc 1 and 2, --threads 1 and --loader-workers 3 (keyed draws); controls: another seed
 gives another hash, and the augmentation changes the weights."""
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ def _hash(tmp_path: Path, name: str, *args: str) -> str:
 
 
 def test_images_example_same_hash_at_any_world_size_and_thread_count(tmp_path: Path) -> None:
-    """--nproc 1, --nproc 2 and --threads 1 give one hash; seed 1 another; no
+    """--nproc 1, --nproc 2, --threads 1 and --loader-workers 3 give one hash; seed 1 another; no
     augmentation another (the augmentation is applied)."""
     one = _hash(tmp_path, "a", "--threads", "1")
     assert _hash(tmp_path, "b", "--nproc", "2") == one
     assert _hash(tmp_path, "c") == one
+    assert _hash(tmp_path, "f", "--loader-workers", "3") == one
     assert _hash(tmp_path, "d", "seed=1") != one
     assert _hash(tmp_path, "e", "data.augment={}") != one
