@@ -387,7 +387,10 @@ def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     want = (record.data_decoded or {}).get(name)
     found = prep.inputs.decoded[name]
     if want != found:
+        then, now = record.data.get("decoder"), prep.inputs.data.get("decoder")
+        why = (f"the image decoder differs: {then} then, {now} here" if then != now
+               else "a forged or corrupt decode cache?")
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",
                                  f"the hash of {name} decoded from its file, {found}",
-                                 str(want), "the run was trained on other arrays (a forged or "
-                                 "corrupt decode cache?); retrain it with --force")
+                                 str(want), f"the run was trained on other arrays ({why}); "
+                                 "retrain it with --force")

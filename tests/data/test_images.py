@@ -233,3 +233,34 @@ def test_real_jpeg_photographs_decode_and_a_reencoded_one_is_changed_data(
     Image.open(p).save(p, format="JPEG", quality=90)
     with pytest.raises(manifest.DataIntegrityError, match="photos/person/hopper.jpg"):
         manifest.verify(d / "data-manifest.json")
+
+
+@pytest.mark.slow
+def test_another_decoder_is_another_run_and_verify_reports_it(
+        proj: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A run on an image folder, then a decoder that gives other pixels (another
+    libjpeg, simulated): the same config is another run key (never the memoised
+    run), and `pipeline verify` of the first run fails naming the decoded data."""
+    assert _add(proj, monkeypatch, tmp_path) == 0
+    capsys.readouterr()
+    (proj / "config.toml").write_text(
+        'seed = 0\n[data]\ndataset = "pics"\ntest_fraction = 0.2\n[model]\n'
+        'factory = "pipeline.models:cnn"\n[train]\nepochs = 1\nbatch_size = 2\nshards = 1\n')
+    runs = tmp_path / "runs"
+    train = ["train", str(proj / "config.toml"), "--runs-dir", str(runs), "--quiet", "--json"]
+    assert cli_main(train, monkeypatch, tmp_path) == 0
+    first = json.loads(capsys.readouterr().out)
+    one = images._one
+    monkeypatch.setattr(images, "_one", lambda p, s: one(p, s) // 2)  # other pixels
+    monkeypatch.setattr(images, "decoder_identity",
+                        lambda: {**first["data"]["decoder"], "zlib": "other"})
+    assert cli_main(train, monkeypatch, tmp_path) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["run_key"] != first["run_key"]
+    assert second["data"]["decoded_sha256"] != first["data"]["decoded_sha256"]
+    assert cli_main(["verify", str(runs / first["run_key"]), "--quiet", "--project", str(proj)],
+                    monkeypatch,
+                    tmp_path) != 0
+    err = capsys.readouterr().err
+    assert "data_decoded.pics" in err and "the image decoder differs" in err, err

@@ -21,7 +21,10 @@ def _hash(tmp_path: Path, name: str, *args: str) -> str:
     p = run_pipeline(["train", CONFIG, *SHORT, *args, "--runs-dir", str(tmp_path / name),
                       "--json", "--quiet"], pipeline_env(tmp_path))
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    run = json.loads(p.stdout)
+    try:
+        run = json.loads(p.stdout)
+    except ValueError:
+        pytest.fail(f"{args}: {p.stdout[130900:131300]!r} {p.stderr[-2000:]}")
     assert run["data"]["decoder"]["pillow"] and run["data"]["decoded_sha256"]
     return str(run["weights_sha256"])
 
