@@ -216,7 +216,8 @@ def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, l
         how = _put(raw["files"], n, e, f"files.{n}", force)
         counts[how] = counts.get(how, 0) + 1
     spec = {"format": "images", "root": folder.root,
-            **({} if "index" in options else {"classes": folder.classes}), **options}
+            "classes": _index_classes(raw, root, options) if "index" in options
+            else folder.classes, **options}
     kind = for_format("images").name
     current = raw["datasets"].setdefault(dataset, {"task": kind})
     if current.get("task") != kind and not force:
@@ -231,3 +232,17 @@ def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, l
     done.append(f"{_put(current, part, spec, f'datasets.{dataset}.{part}', force)}: "
                 f"datasets.{dataset}.{part} (images, {len(spec.get('classes', []))} classes)")
     return done + _write(manifest, old, raw)
+
+
+def _index_classes(raw: dict[str, Any], root: Path, options: dict[str, Any]) -> list[str]:
+    """The sorted labels an index names (the spec's ``classes`` unless given)."""
+    from .images import index_rows
+
+    if "classes" in options:
+        return list(options["classes"])
+    entry = raw["files"].get(options["index"])
+    if not isinstance(entry, dict):
+        raise UsageError(f"--decode index={options['index']!r}: expected the name of a file "
+                         f"entry (add the index with `pipeline data add FILE --name NAME` "
+                         f"first), found none")
+    return sorted({label for _, label, _ in index_rows(root / entry["path"])})

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 # a manifest file entry (pipeline.data.schema.FileEntry: schema imports this module)
 FileEntry = Any
 
-__all__ = ["EXTENSIONS", "MAX_PIXELS", "members", "decoder_identity", "decode", "uses_images"]
+__all__ = ["EXTENSIONS", "MAX_PIXELS", "members", "decoder_identity", "decode", "uses_images",
+           "index_rows", "is_image"]
 
 # extension -> the one Pillow format a file so named may be
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -99,7 +100,7 @@ def _labels_from_folders(spec: Mapping[str, Any], names: Sequence[str],
     return list(names), labels
 
 
-def _index_rows(path: Path) -> list[tuple[str, str, str]]:
+def index_rows(path: Path) -> list[tuple[str, str, str]]:
     """(path, label, where) of each row of an index file, CSV or JSON."""
     from ..core.safeio import read_regular
 
@@ -143,7 +144,7 @@ def _labels_from_index(spec: Mapping[str, Any], names: Sequence[str],
     classes, root = spec["classes"], spec["root"]
     by_rel = {_rel(entries[n].path, root): n for n in names}
     order, labels, seen = [], [], set()
-    for rel, label, where in _index_rows(paths[spec["index"]]):
+    for rel, label, where in index_rows(paths[spec["index"]]):
         if rel not in by_rel:
             raise DataIntegrityError(where, f"the path (relative to {root}) of an image file "
                                      "the manifest lists", repr(rel),

@@ -35,7 +35,9 @@ _CHUNK = 1 << 20
 # a cache record is trusted only if the file last changed this long before
 # hashing began; 2 s covers FAT's mtime resolution, NFS and coarse clocks.
 _RACY_NS = 2_000_000_000
-MAX_MANIFEST_BYTES = 16 * MIB  # the manifest and the stat cache
+# the manifest and the stat cache: an image folder lists every file (about 300 bytes an
+# entry), so 128 MiB holds a few hundred thousand images
+MAX_MANIFEST_BYTES = 128 * MIB
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 HASH_THREADS = min(8, os.cpu_count() or 1)  # files hashed at once (64 files or more)
 

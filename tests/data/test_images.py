@@ -84,8 +84,9 @@ def test_index_gives_order_and_labels(proj: Path, tmp_path: Path,
     m = str(proj / "data-manifest.json")
     assert cli_main(["data", "add", str(proj / "pics" / "index.csv"), "--name", "idx",
                      "--manifest", m], monkeypatch, tmp_path) == 0
-    assert _add(proj, monkeypatch, tmp_path, "--decode", "index='idx'",
-                "--decode", "classes=['x', 'y']") == 0
+    assert _add(proj, monkeypatch, tmp_path, "--decode", "index='idx'") == 0  # classes: its labels
+    raw = json.loads((proj / "data-manifest.json").read_text())
+    assert raw["datasets"]["pics"]["train"]["classes"] == ["x", "y"]
     ds = _load(proj, tmp_path)
     assert ds.y.tolist() == [0, 1] and len(ds.x) == 2
     assert np.array_equal(ds.x[0], _pixels(4).transpose(2, 0, 1) / np.float32(255))
