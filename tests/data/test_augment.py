@@ -132,3 +132,32 @@ def test_control_torch_global_generator_changes_with_world_size() -> None:
     aug, ids = Augmenter(AugmentConfig(hflip=True), 0, None), np.arange(16)
     keyed_two = np.concatenate([aug.batch(x[:8], ids[:8], 0), aug.batch(x[8:], ids[8:], 0)])
     assert np.array_equal(aug.batch(x, ids, 0), keyed_two)
+
+
+def test_control_per_worker_generators_change_with_the_worker_count() -> None:
+    """Control: as a stock DataLoader does, worker w draws from a torch generator
+    seeded seed + w and batch b goes to worker b % N: the flips then change with
+    N. The keyed augmentation through pipeline.data.loader does not."""
+    from pipeline.data.loader import Loader
+
+    x, n_batches = _x(8), 6
+
+    def stock(workers: int) -> list[np.ndarray]:
+        gens = [torch.Generator().manual_seed(100 + w) for w in range(workers)]
+        out = []
+        for b in range(n_batches):
+            flips = torch.rand(len(x), generator=gens[b % workers]) < 0.5
+            out.append(np.stack([r[:, :, ::-1] if f else r for r, f in zip(x, flips.tolist())]))
+        return out
+
+    assert any(not np.array_equal(a, b) for a, b in zip(stock(1), stock(3)))
+    aug = Augmenter(AugmentConfig(hflip=True), 0, None)
+
+    def keyed(workers: int) -> list[np.ndarray]:
+        loader = Loader(lambda b: aug.batch(x, np.arange(8) + 8 * b, 0), 0, n_batches, workers)
+        try:
+            return [loader.get(b) for b in range(n_batches)]
+        finally:
+            loader.close()
+
+    assert all(np.array_equal(a, b) for a, b in zip(keyed(0), keyed(3)))
