@@ -63,6 +63,7 @@ class Spec:
     force: bool = False      # replace a runs/<key> that fails its checks
     threads: int | None = None  # per worker (pipeline.train.threads); None: 1, as W workers use W cores
     manifest: str | None = None  # the project's data manifest (None: recipe.manifest_path's)
+    loader_workers: int = 0  # per worker (pipeline.data.loader)
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,8 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
     runs_dir = Path(spec.runs_dir)
     _agree(comm, prep.inputs.key, runs_dir)
     out = recipe.get_or_train(prep, runs_dir, comm=comm, device=str(comm.device),
-                              quiet=spec.quiet or rank != 0, threads=worker_threads(spec.threads))
+                              quiet=spec.quiet or rank != 0, threads=worker_threads(spec.threads),
+                              loader_workers=spec.loader_workers)
     dist.destroy_process_group()
     return {"record": out.record.to_json() if out.record is not None else None,
             "weights_sha256": out.weights_sha256, "reused": out.reused}
