@@ -78,10 +78,23 @@ def _dropout(m: nn.Dropout) -> nn.Module | str:
     return L.Dropout(m.p)
 
 
+def _softmax(m: nn.Softmax | nn.LogSoftmax) -> nn.Module | str:
+    if m.dim is None:
+        return ("dim is None (torch then picks a dim from the input's rank, a deprecated "
+                "rule): give dim explicitly")
+    return (L.Softmax if isinstance(m, nn.Softmax) else L.LogSoftmax)(m.dim)
+
+
+def _rms_norm(m: nn.RMSNorm) -> nn.Module | str:
+    return L.RMSNorm(tuple(m.normalized_shape), m.eps, m.elementwise_affine)
+
+
 SUPPORTED: dict[type[nn.Module], Callable[..., nn.Module | str]] = {
     nn.Linear: _linear, nn.Conv2d: _conv2d, nn.Embedding: _embedding,
     nn.LayerNorm: _layer_norm, nn.GELU: _gelu, nn.ReLU: lambda m: L.ReLU(),
-    nn.Dropout: _dropout}
+    nn.Dropout: _dropout, nn.SiLU: lambda m: L.SiLU(), nn.Sigmoid: lambda m: L.Sigmoid(),
+    nn.Tanh: lambda m: L.Tanh(), nn.Softmax: _softmax, nn.LogSoftmax: _softmax,
+    nn.RMSNorm: _rms_norm}
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",

@@ -27,10 +27,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from ..core.errors import ConfigError
+from . import activations as XA
 from . import arith
 from . import functional as XF
+from . import norms as XN
+from . import reduce as XR
 from .attention import _Attention, attention
-from .context import is_trusted, step_context
+from .context import is_trusted, step_context, trusted
 
 __all__ = ["Guard", "check_graph", "check_module", "EXACT_NODES", "EXACT_FUNCTIONS"]
 
@@ -106,6 +109,36 @@ def _embedding(input: Tensor, weight: Tensor, padding_idx: Any = None, max_norm:
     return XF.embedding(input, weight)
 
 
+def _silu(input: Tensor, inplace: bool = False) -> Tensor:
+    return XA.silu(input)
+
+
+def _rms_norm(input: Tensor, normalized_shape: Any, weight: Tensor | None = None,
+              eps: float | None = None) -> Tensor:
+    return XN.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _softmax(log: bool) -> Any:
+    f = XR.log_softmax if log else XR.softmax
+
+    def route(input: Tensor, dim: Any = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+        return f(input, dim, dtype)
+    return route
+
+
+def _reduction(mean: bool) -> Any:
+    f = XR.xmean if mean else XR.xsum
+
+    def route(input: Tensor, dim: Any = None, keepdim: bool = False, *,
+              dtype: Any = None) -> Tensor:
+        if not input.is_floating_point() and not mean:  # integers: exact in any order
+            with trusted():
+                return input.sum(dim, keepdim, dtype=dtype) if dim is not None else \
+                    input.sum(dtype=dtype)
+        return f(input, dim, keepdim, dtype=dtype)
+    return route
+
+
 def _no_alpha(f: Any, swap: bool = False) -> Any:
     def route(a: Any, b: Any, *, alpha: Any = 1, rounding_mode: Any = None) -> Tensor:
         if alpha != 1 or rounding_mode is not None:
@@ -122,7 +155,17 @@ _ROUTES: dict[str, Any] = {
     "torch.nn.functional.embedding": _embedding,
     f"{_T}__rsub__": _no_alpha(arith.sub, swap=True),
     f"{_T}__rtruediv__": _no_alpha(arith.div, swap=True),
-    f"{_T}neg": arith.neg, f"{_T}__neg__": arith.neg, "torch.neg": arith.neg}
+    f"{_T}neg": arith.neg, f"{_T}__neg__": arith.neg, "torch.neg": arith.neg,
+    "torch.nn.functional.silu": _silu, "torch.nn.functional.rms_norm": _rms_norm}
+for _n in ("torch.sigmoid", f"{_T}sigmoid", "torch.special.expit"):
+    _ROUTES[_n] = XA.sigmoid
+for _n in ("torch.tanh", f"{_T}tanh"):
+    _ROUTES[_n] = XA.tanh
+for _n, _log in (("softmax", False), ("log_softmax", True)):
+    for _p in ("torch.nn.functional.", "torch.", _T, "torch.special."):
+        _ROUTES[f"{_p}{_n}"] = _softmax(_log)
+for _n, _mean in (("sum", False), ("mean", True)):
+    _ROUTES[f"torch.{_n}"] = _ROUTES[f"{_T}{_n}"] = _reduction(_mean)
 for _names, _f in ((("add", "__add__", "__radd__"), arith.add), (("sub", "__sub__"), arith.sub),
                    (("mul", "__mul__", "__rmul__", "multiply"), arith.mul),
                    (("div", "__truediv__", "true_divide", "divide"), arith.div)):
@@ -193,7 +236,7 @@ EXACT_NODES = frozenset({
 # The exact layers' own autograd Functions (spec sections 12-18), by identity.
 EXACT_FUNCTIONS: frozenset[type] = frozenset({
     XF._Linear, XF._Conv2d, XF._Embedding, XF._LayerNorm, XF._GELU, XF._Select,
-    arith._Binary, _Attention})
+    arith._Binary, _Attention, XA._Activation, XR._Sum, XR._Softmax, XN._RMSNorm})
 
 
 def check_graph(out: Tensor) -> list[str]:

@@ -70,7 +70,7 @@ def test_from_torch_refuses_every_unsupported_module_by_path() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.scale = nn.Parameter(torch.ones(4))
-            self.inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+            self.inner = nn.Sequential(nn.Linear(4, 4), nn.Mish())
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), Custom(),
                           nn.Conv2d(1, 2, 3, dilation=2), nn.MultiheadAttention(4, 2))
@@ -78,7 +78,7 @@ def test_from_torch_refuses_every_unsupported_module_by_path() -> None:
         from_torch(model)
     text = str(e.value)
     for needle in ("1 (torch.nn.modules.batchnorm.BatchNorm1d)", "2.inner.1 (torch.nn.modules."
-                   "activation.Tanh)", "parameter 'scale'", "3 (torch.nn.modules.conv.Conv2d)"
+                   "activation.Mish)", "parameter 'scale'", "3 (torch.nn.modules.conv.Conv2d)"
                    ": dilation", "4 (torch.nn.modules.activation.MultiheadAttention)"):
         assert needle in text
     assert "5 problem(s)" in text
@@ -95,10 +95,10 @@ class _Uses(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lin(x)
-        if self.what == "tanh":
-            return torch.tanh(h)
-        if self.what == "sum":
-            return h - h.sum(-1, keepdim=True)
+        if self.what == "erf":
+            return torch.erf(h)
+        if self.what == "prod":
+            return h - h.prod(-1, keepdim=True)
         if self.what == "gather":
             return h[:, torch.tensor([0, 0, 1, 2])]
         if self.what == "three":
@@ -107,7 +107,7 @@ class _Uses(nn.Module):
 
 
 @pytest.mark.parametrize("what,needle", [
-    ("tanh", "calls torch.tanh"), ("sum", "calls torch.Tensor.sum"),
+    ("erf", "calls torch.erf"), ("prod", "calls torch.Tensor.prod"),
     ("gather", "__getitem__, which docs/exact-spec.md does not define with a gradient"),
     ("three", "feeds 3 consumers"), ("ok", None)])
 def test_guard_refuses_what_the_spec_does_not_define(what: str, needle: str | None) -> None:
