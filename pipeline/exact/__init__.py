@@ -9,8 +9,8 @@ the torch version, ISA, thread count or device.
   follows the operands' range: at least fp32's accuracy for any K;
 - ``functional``, ``attention``, ``arith``: layers as autograd Functions
   (sections 13-15); ``activations`` (SiLU, Sigmoid, Tanh), ``reduce``
-  (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm):
-  sections 20-22; ``layers``: them as nn.Modules, ``init_exact``;
+  (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm),
+  ``pooling`` (max, average, adaptive average): sections 20-23; ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
 - ``context``: the step context of dropout masks; ``modnet``: ``LayerNet``;
@@ -30,6 +30,8 @@ from .functional import conv2d, dropout, embedding, gelu, layer_norm, linear, re
 from .guard import Guard, check_graph, check_module
 from .layers import (
     GELU,
+    AdaptiveAvgPool2d,
+    AvgPool2d,
     CausalSelfAttention,
     Conv2d,
     Dropout,
@@ -37,6 +39,7 @@ from .layers import (
     LayerNorm,
     Linear,
     LogSoftmax,
+    MaxPool2d,
     ReLU,
     RMSNorm,
     Sigmoid,
@@ -65,6 +68,7 @@ from .ops import (
 )
 from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
 from .norms import rms_norm
+from .pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .product import xmmb
 from .reduce import log_softmax, softmax, xmean, xsum
 
@@ -78,4 +82,5 @@ __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "CausalSelfAttention", "init_exact", "from_torch", "Guard", "check_graph",
            "check_module", "step_context", "LayerNet", "silu", "sigmoid", "tanh", "xsum",
            "xmean", "softmax", "log_softmax", "rms_norm", "SiLU", "Sigmoid", "Tanh", "Softmax",
-           "LogSoftmax", "RMSNorm"]
+           "LogSoftmax", "RMSNorm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]

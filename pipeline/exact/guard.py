@@ -31,6 +31,7 @@ from . import activations as XA
 from . import arith
 from . import functional as XF
 from . import norms as XN
+from . import pooling as XP
 from . import reduce as XR
 from .attention import _Attention, attention
 from .context import is_trusted, step_context, trusted
@@ -139,6 +140,23 @@ def _reduction(mean: bool) -> Any:
     return route
 
 
+def _max_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
+    if XP.pair(dilation, "dilation") != (1, 1) or ceil_mode or return_indices:
+        raise ValueError("max_pool2d: exact mode supports no dilation, ceil_mode or "
+                         "return_indices")
+    return XP.max_pool2d(input, kernel_size, stride, padding)
+
+
+def _avg_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                ceil_mode: bool = False, count_include_pad: bool = True,
+                divisor_override: Any = None) -> Tensor:
+    if ceil_mode:
+        raise ValueError("avg_pool2d: exact mode supports no ceil_mode")
+    return XP.avg_pool2d(input, kernel_size, stride, padding, count_include_pad,
+                         divisor_override)
+
+
 def _no_alpha(f: Any, swap: bool = False) -> Any:
     def route(a: Any, b: Any, *, alpha: Any = 1, rounding_mode: Any = None) -> Tensor:
         if alpha != 1 or rounding_mode is not None:
@@ -156,7 +174,10 @@ _ROUTES: dict[str, Any] = {
     f"{_T}__rsub__": _no_alpha(arith.sub, swap=True),
     f"{_T}__rtruediv__": _no_alpha(arith.div, swap=True),
     f"{_T}neg": arith.neg, f"{_T}__neg__": arith.neg, "torch.neg": arith.neg,
-    "torch.nn.functional.silu": _silu, "torch.nn.functional.rms_norm": _rms_norm}
+    "torch.nn.functional.silu": _silu, "torch.nn.functional.rms_norm": _rms_norm,
+    "torch.nn.functional.max_pool2d": _max_pool2d, "torch.max_pool2d": _max_pool2d,
+    "torch.nn.functional.avg_pool2d": _avg_pool2d,
+    "torch.nn.functional.adaptive_avg_pool2d": XP.adaptive_avg_pool2d}
 for _n in ("torch.sigmoid", f"{_T}sigmoid", "torch.special.expit"):
     _ROUTES[_n] = XA.sigmoid
 for _n in ("torch.tanh", f"{_T}tanh"):
@@ -236,7 +257,8 @@ EXACT_NODES = frozenset({
 # The exact layers' own autograd Functions (spec sections 12-18), by identity.
 EXACT_FUNCTIONS: frozenset[type] = frozenset({
     XF._Linear, XF._Conv2d, XF._Embedding, XF._LayerNorm, XF._GELU, XF._Select,
-    arith._Binary, _Attention, XA._Activation, XR._Sum, XR._Softmax, XN._RMSNorm})
+    arith._Binary, _Attention, XA._Activation, XR._Sum, XR._Softmax, XN._RMSNorm,
+    XP._MaxPool, XP._AvgPool, XP._AdaptiveAvg})
 
 
 def check_graph(out: Tensor) -> list[str]:

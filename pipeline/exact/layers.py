@@ -20,12 +20,13 @@ from ..core import rng
 from . import activations as XA
 from . import functional as XF
 from . import norms as XN
+from . import pooling as XP
 from . import reduce as XR
 from .attention import attention
 
 __all__ = ["Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",
            "CausalSelfAttention", "SiLU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "RMSNorm",
-           "init_exact", "EXACT_LAYERS"]
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "init_exact", "EXACT_LAYERS"]
 
 
 def _uniform(seed: int, layer: int, which: int, shape: tuple[int, ...], fan_in: int) -> Tensor:
@@ -244,8 +245,47 @@ class RMSNorm(nn.Module):
                f"elementwise_affine={self.weight is not None}"
 
 
+class MaxPool2d(nn.Module):
+    """Max pooling, no dilation, floor mode (spec section 23)."""
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None
+                 = None, padding: int | tuple[int, int] = 0) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XP.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(nn.Module):
+    """Average pooling, floor mode (spec section 23)."""
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None
+                 = None, padding: int | tuple[int, int] = 0, count_include_pad: bool = True,
+                 divisor_override: int | None = None) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XP.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                             self.count_include_pad, self.divisor_override)
+
+
+class AdaptiveAvgPool2d(nn.Module):
+    """Adaptive average pooling to ``output_size`` (spec section 23)."""
+
+    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XP.adaptive_avg_pool2d(x, self.output_size)
+
+
 EXACT_LAYERS = (Linear, Conv2d, Embedding, LayerNorm, GELU, ReLU, Dropout, CausalSelfAttention,
-                SiLU, Sigmoid, Tanh, Softmax, LogSoftmax, RMSNorm)
+                SiLU, Sigmoid, Tanh, Softmax, LogSoftmax, RMSNorm, MaxPool2d, AvgPool2d,
+                AdaptiveAvgPool2d)
 
 
 def init_exact(model: nn.Module, seed: int) -> nn.Module:
