@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from .context import apply_trusted
+from .context import apply_trusted, trusted
 from .context import trusted_backward as _trusted_backward
 from .flat import select
 from .ops import _scalar, tree_sum
@@ -144,16 +144,18 @@ def avg_pool2d(x: Tensor, kernel_size: int | Sequence[int], stride: Any = None,
         else pair(stride, "stride")
     p = pair(padding, "padding")
     _check(x, k, s, p, "avg_pool2d")
-    if divisor_override is not None:
-        if isinstance(divisor_override, bool) or int(divisor_override) < 1:
-            raise ValueError(f"exact avg_pool2d: divisor_override must be a positive int, "
-                             f"found {divisor_override!r}")
-        div = _scalar(x, float(divisor_override))
-    elif count_include_pad:
-        div = _scalar(x, float(k[0] * k[1]))
-    else:
-        div = _counts(x.shape, k, s, p, x.device).to(torch.float32)
-    return apply_trusted(_AvgPool, x, k, s, p, div)
+    if divisor_override is not None and (isinstance(divisor_override, bool)
+                                         or int(divisor_override) < 1):
+        raise ValueError(f"exact avg_pool2d: divisor_override must be a positive int, "
+                         f"found {divisor_override!r}")
+    with trusted():
+        if divisor_override is not None:
+            div = _scalar(x, float(divisor_override))
+        elif count_include_pad:
+            div = _scalar(x, float(k[0] * k[1]))
+        else:
+            div = _counts(x.shape, k, s, p, x.device).to(torch.float32)
+        return _AvgPool.apply(x, k, s, p, div)
 
 
 # ---------------------------------------------------------------- AdaptiveAvgPool2d

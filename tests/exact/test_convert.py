@@ -482,10 +482,25 @@ class _NewOps(nn.Module):
         return F.log_softmax(z, dim=-1)
 
 
+class _Pooled(nn.Module):
+    """A small CNN with the pooling of spec section 23 (on 1 x 16 x 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.SiLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+            nn.Tanh(), nn.AdaptiveAvgPool2d((3, 3)), nn.Flatten(), nn.Linear(72, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.view(-1, 1, 16, 16)) + F.avg_pool2d(x.view(-1, 1, 16, 16), 4).sum(
+            (1, 2, 3)).unsqueeze(1)
+
+
 _TRAIN_NEW = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from tests.exact.test_convert import _NewOps
+from tests.exact.test_convert import _NewOps, _Pooled
 from pipeline.exact import LayerNet, ExactAdam, from_torch
 from pipeline.train.distributed import tree_reduce
 from pipeline.core.hashing import weights_sha256
@@ -496,8 +511,10 @@ rng = np.random.default_rng(0)
 x = torch.from_numpy((rng.standard_normal((512, 64)) * 2).astype(np.float32))
 y = torch.from_numpy(rng.integers(0, 10, 512))
 out = [torch.backends.cpu.get_cpu_capability()]
-for seed in (5, 6):
-    net = LayerNet(from_torch(_NewOps()), seed, "cpu", x[:2])
+x16 = torch.from_numpy(rng.standard_normal((512, 256)).astype(np.float32))
+for make, data, seed in ((_NewOps, x, 5), (_NewOps, x, 6), (_Pooled, x16, 5)):
+    x = data
+    net = LayerNet(from_torch(make()), seed, "cpu", x[:2])
     opt = ExactAdam(net.params, 0.01)
     for t in range(3):
         parts = [net.shard_grads(x[s:s + 256], y[s:s + 256], 512, None, step=t, row0=s)
@@ -511,9 +528,10 @@ print(" ".join(out))
 @pytest.mark.process
 def test_new_ops_training_bit_identical_across_threads_and_isa() -> None:
     """3 Adam steps of a net using every new function (two shards of 256
-    rows: the elementwise work is above ATen's grain size) give the same
-    weights under (1 thread, no SIMD) and (2 threads, AVX2), each set before
-    its interpreter starts; the control: seed 6 gives other weights."""
+    rows: the elementwise work is above ATen's grain size), and of a CNN
+    with every pooling, give the same weights under (1 thread, no SIMD) and
+    (2 threads, AVX2), each set before its interpreter starts; the control:
+    seed 6 gives other weights."""
     procs = []
     for threads, isa in ((1, "default"), (2, "avx2")):
         env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, PYTHONPATH=str(ROOT))
@@ -529,3 +547,12 @@ def test_new_ops_training_bit_identical_across_threads_and_isa() -> None:
     assert (cap1, cap2) == ("DEFAULT", "AVX2")
     assert h1 == h2
     assert h1[0] != h1[1]
+
+
+def test_nets_of_the_new_layers_pass_the_module_check() -> None:
+    """check_module (the guard in training and evaluation, and the graph
+    check) accepts the converted nets of the ISA test above, run in this
+    process: every torch call the new layers make is inside their trusted
+    regions."""
+    check_module(from_torch(_NewOps()), torch.ones(2, 64))
+    check_module(from_torch(_Pooled()), torch.ones(2, 256))
