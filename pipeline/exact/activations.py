@@ -17,24 +17,17 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from . import fused
 from .blocks import by_rows
+from .consts import TANH_C, TANH_SMALL
 from .context import apply_trusted
 from .context import trusted_backward as _trusted_backward
 from .flat import select
 from .ops import exp64
 
-__all__ = ["silu", "sigmoid", "tanh", "activation_parts_torch", "TANH_SMALL", "TANH_C"]
+__all__ = ["silu", "sigmoid", "tanh", "activation_parts_torch", "KINDS"]
 
 _F32, _F64 = torch.float32, torch.float64
-
-# Section 20, tanh: below TANH_SMALL the odd Taylor series (no cancellation of
-# 1 - exp(-2a)); TANH_C[n] is the coefficient of d^(2n+1): 2^(2n+2) (2^(2n+2)
-# - 1) B_(2n+2) / (2n+2)!, written as the correctly rounded quotient of two
-# integers (Python's int / int is correctly rounded).
-TANH_SMALL = 0.0625
-TANH_C = (1 / 1, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
-          -929569 / 638512875)
-
 
 def _logistic(d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(E, p, q)`` of section 20: ``E = exp64(-|d|)``, ``t = 1 + E``,
@@ -89,6 +82,7 @@ def _tanh_parts(d: Tensor, grad: bool) -> tuple[Tensor, ...]:
 
 
 _PARTS = {"silu": _silu_parts, "sigmoid": _sigmoid_parts, "tanh": _tanh_parts}
+KINDS = tuple(_PARTS)  # the native kernel's kind numbers: 0, 1, 2
 
 
 def activation_parts_torch(kind: str, x: Tensor, grad: bool) -> tuple[Tensor, ...]:
@@ -105,8 +99,9 @@ class _Activation(Function):
         grad = ctx.needs_input_grad[0]
         if x.numel() == 0:
             out: tuple[Tensor, ...] = (x.clone(), x.clone())
-        else:
-            out = activation_parts_torch(kind, x, grad)
+        else:  # the same bits in one pass where the native kernel runs
+            got = fused.activation(KINDS.index(kind), x, grad)
+            out = got if got is not None else activation_parts_torch(kind, x, grad)
         ctx.save_for_backward(out[1] if grad else None)
         return out[0]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.exact import sigmoid, silu, tanh
+from pipeline.exact import fused, sigmoid, silu, tanh
 
 from ..support import f32_bits
 from ..twin import twin_layers as tl
@@ -67,12 +67,17 @@ def _np_parts(kind: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _FUNCS = {"silu": (silu, F.silu), "sigmoid": (sigmoid, torch.sigmoid), "tanh": (tanh, torch.tanh)}
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("kind", ["silu", "sigmoid", "tanh"])
-def test_activation_is_the_spec_read_with_numpy_bit_for_bit(kind: str) -> None:
+def test_activation_is_the_spec_read_with_numpy_bit_for_bit(kind: str, native: bool,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
     """y and the input gradient (g * dy) equal section 20 written with NumPy
     f64 ops and the twin's exp64, bit for bit, on normal values of four
     scales and the edges (zeros of both signs, the series' threshold,
-    exp64's clamps, huge values)."""
+    exp64's clamps, huge values), with the native kernel and without."""
+    if not native:
+        monkeypatch.setattr(fused, "activation", lambda *a: None)
     x = _inputs()
     xr = x.clone().requires_grad_()
     y = _FUNCS[kind][0](xr)
