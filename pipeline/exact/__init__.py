@@ -10,7 +10,8 @@ the torch version, ISA, thread count or device.
 - ``functional``, ``attention``, ``arith``: layers as autograd Functions
   (sections 13-15); ``activations`` (SiLU, Sigmoid, Tanh), ``reduce``
   (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm),
-  ``pooling`` (max, average, adaptive average): sections 20-23; ``layers``: them as nn.Modules, ``init_exact``;
+  ``pooling`` (max, average, adaptive average): sections 20-23;
+  ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
 - ``context``: the step context of dropout masks; ``modnet``: ``LayerNet``;

@@ -25,7 +25,8 @@ def _rand(shape: tuple[int, ...], seed: int, spread: float = 6.0) -> torch.Tenso
     return torch.from_numpy((g.standard_normal(shape) * row).astype(F32))
 
 
-def _np_rms(x: np.ndarray, k: int, w: np.ndarray | None, eps: float, g: np.ndarray):
+def _np_rms(x: np.ndarray, k: int, w: np.ndarray | None, eps: float,
+            g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Section 22 in NumPy f32 ops (np.sqrt is IEEE's correctly rounded
     sqrt): (y, gx, gw)."""
     d = int(np.prod(x.shape[x.ndim - k:]))
@@ -49,7 +50,8 @@ CASES = [((6, 5, 24), (24,), True, 1e-6), ((6, 5, 24), (24,), False, None),
 
 @pytest.mark.parametrize("shape,norm,weight,eps", CASES,
                          ids=["weight-eps", "no-weight-default-eps", "two-dims", "wide"])
-def test_rms_norm_is_the_spec_bit_for_bit(shape, norm, weight, eps) -> None:  # type: ignore[no-untyped-def]
+def test_rms_norm_is_the_spec_bit_for_bit(shape: tuple[int, ...], norm: tuple[int, ...],
+                                          weight: bool, eps: float | None) -> None:
     """Forward, input gradient and weight gradient equal section 22 written
     with NumPy f32 ops, bit for bit, on rows of very different scales."""
     x = _rand(shape, 1)

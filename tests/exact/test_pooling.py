@@ -7,6 +7,7 @@ count."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from ..support import f32_bits
 from ..twin import numpy_twin as tw
 
 F32 = np.float32
+Pair = tuple[int, int]
 
 
 def _rand(shape: tuple[int, ...], seed: int, spread: float = 10.0) -> torch.Tensor:
@@ -39,14 +41,16 @@ def _rand(shape: tuple[int, ...], seed: int, spread: float = 10.0) -> torch.Tens
     return torch.from_numpy(np.asarray(x, dtype=F32))
 
 
-def _grad(f, x: torch.Tensor, seed: int = 50):  # type: ignore[no-untyped-def]
+def _grad(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+          seed: int = 50) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xr = x.clone().requires_grad_()
     y = f(xr)
     g = _rand(tuple(y.shape), seed, 4.0)
     return y.detach(), torch.autograd.grad(y, xr, g)[0], g
 
 
-def _np_pool(x: np.ndarray, g: np.ndarray, k, s, p, kind: str, div=None):  # type: ignore[no-untyped-def]
+def _np_pool(x: np.ndarray, g: np.ndarray, k: Pair, s: Pair, p: Pair, kind: str,
+             div: object = None) -> tuple[np.ndarray, np.ndarray]:
     """Section 23 with NumPy loops: windows, max/first argmax or the tree
     and a division, then the fold in (i, j) order. Returns (y, gx)."""
     n, c, h, w = x.shape
@@ -82,7 +86,7 @@ GEOMS = [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((3, 2), (1, 2), (1
 
 
 @pytest.mark.parametrize("k,s,p", GEOMS, ids=["2x2", "3x3s2p1", "3x2s12p10", "3x3s1p1"])
-def test_max_pool_is_the_spec_bit_for_bit(k, s, p) -> None:  # type: ignore[no-untyped-def]
+def test_max_pool_is_the_spec_bit_for_bit(k: Pair, s: Pair, p: Pair) -> None:
     """Forward and backward of max pooling equal section 23 with NumPy loops,
     bit for bit, also with overlapping windows (stride below the kernel,
     where one input collects several gradients) and repeated values (ties)."""
@@ -95,7 +99,7 @@ def test_max_pool_is_the_spec_bit_for_bit(k, s, p) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize("include", [True, False, 5], ids=["with-pad", "without-pad", "div5"])
 @pytest.mark.parametrize("k,s,p", GEOMS[:3], ids=["2x2", "3x3s2p1", "3x2s12p10"])
-def test_avg_pool_is_the_spec_bit_for_bit(k, s, p, include) -> None:  # type: ignore[no-untyped-def]
+def test_avg_pool_is_the_spec_bit_for_bit(k: Pair, s: Pair, p: Pair, include: bool | int) -> None:
     """Average pooling: the tree over each window divided by KH * KW, by the
     count inside the input, or by divisor_override, and the fold of the
     shares, bit for bit with NumPy loops."""
@@ -117,7 +121,7 @@ def test_avg_pool_is_the_spec_bit_for_bit(k, s, p, include) -> None:  # type: ig
 
 
 @pytest.mark.parametrize("out", [(1, 1), (4, 3), (None, 5), (9, 11)], ids=str)
-def test_adaptive_avg_pool_is_the_spec_bit_for_bit(out) -> None:  # type: ignore[no-untyped-def]
+def test_adaptive_avg_pool_is_the_spec_bit_for_bit(out: tuple[int | None, int]) -> None:
     """Adaptive average pooling over torch's windows [floor(a H / Ho),
     ceil((a + 1) H / Ho)): the tree over each window in C order divided by
     its size; the backward adds the shares output by output in C order

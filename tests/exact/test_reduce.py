@@ -7,6 +7,7 @@ kernels, and at 1 and 2 threads."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ def _np_sum(x: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
     return tw.tree_sum(flat, flat.ndim - 1)
 
 
-def _grad(f, x: torch.Tensor, g: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+def _grad(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+          g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xr = x.clone().requires_grad_()
     y = f(xr)
     if g is None:
@@ -50,7 +52,8 @@ DIMS = [None, 0, 2, -1, (0, 2), (1, 3), (3, 0), (0, 1, 2, 3), ()]
 
 @pytest.mark.parametrize("dims", DIMS, ids=str)
 @pytest.mark.parametrize("keepdim", [False, True])
-def test_sum_and_mean_are_the_spec_bit_for_bit(dims, keepdim: bool) -> None:  # type: ignore[no-untyped-def]
+def test_sum_and_mean_are_the_spec_bit_for_bit(dims: int | tuple[int, ...] | None,
+                                                keepdim: bool) -> None:
     """sum and mean over any dims (one, several, unordered, all, none given,
     an empty list) equal one tree over the reduced entries in C order, then
     ``/ f32(n)``; the backward is g broadcast (sum) or g / f32(n) broadcast
