@@ -3,10 +3,11 @@ sections 20-23 (a CNN branch with max, average and adaptive average
 pooling; RMSNorm, SiLU, a sigmoid gate, tanh, a mean, a softmax over an
 inner dim, a sum, log-softmax) trains in exact mode from its stock
 PyTorch code with one hash at --threads 1 and 2 and --nproc 1 and 2; the
-controls: another seed gives another hash, and the model learns in both
-modes (exact mode initialises from its own generator, spec section 16, so
-the two modes' losses after a few steps differ as two seeds' do: measured
-1.57 and 1.30 for exact seeds 0 and 1, 1.32 pinned)."""
+controls: another seed gives another hash, and the model learns (exact
+mode initialises from its own generator, spec section 16, so its loss after
+a few steps differs from pinned mode's as two seeds' do: measured 1.57 and
+1.30 for exact seeds 0 and 1, 1.32 pinned; from one initialisation the
+modes' losses agree to 5 digits, tests/exact/test_convert.py)."""
 
 from __future__ import annotations
 
@@ -73,15 +74,14 @@ def _train(project: Path, tmp: Path, *args: str) -> Any:
 def test_new_functions_train_to_one_hash_over_threads_and_world_sizes(project: Path,
                                                                      tmp_path: Path) -> None:
     """Exact mode: the same weights at 1 thread, 2 threads and 2 processes;
-    seed 1 gives other weights; exact and pinned mode both learn (loss well
-    below ln 10 = 2.30, test accuracy well above chance)."""
+    seed 1 gives other weights; both seeds learn (loss well below ln 10 =
+    2.30, test accuracy well above chance)."""
     one = _train(project, tmp_path / "1", "mode=exact", "--threads", "1")
     for extra, where in ((["--threads", "2"], "2t"), (["--nproc", "2"], "2p")):
         rec = _train(project, tmp_path / where, "mode=exact", *extra)
         assert rec["weights_sha256"] == one["weights_sha256"], extra
     other = _train(project, tmp_path / "seed", "mode=exact", "seed=1")
     assert other["weights_sha256"] != one["weights_sha256"]
-    pinned = _train(project, tmp_path / "pinned", "mode=pinned")
-    for rec in (one, other, pinned):
+    for rec in (one, other):
         assert rec["metrics"]["train_loss"] < 1.8 and rec["metrics"]["test_accuracy"] > 0.3, \
             rec["metrics"]
