@@ -62,6 +62,7 @@ class Spec:
     rdzv_endpoint: str | None = None
     force: bool = False      # replace a runs/<key> that fails its checks
     threads: int | None = None  # per worker (pipeline.train.threads); None: 1, as W workers use W cores
+    manifest: str | None = None  # the project's data manifest (None: recipe.manifest_path's)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class Outcome:
     record: RunRecord | None
     reused: bool = False
     note: str = ""
+
+
+def _manifest(spec: Spec) -> Path | None:
+    return Path(spec.manifest) if spec.manifest else None
 
 
 def world_size(spec: Spec, cfg: Config) -> int:
@@ -100,7 +105,7 @@ def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
                          "--rdzv-endpoint HOST:PORT")
     os.environ.update(worker_environment(modes.of(cfg.mode).pins_threads()))
     prep = recipe.prepare(cfg, argv, Path(spec.config).parent,  # pinned: re-exec first
-                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
+                          manifest_file=_manifest(spec), threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
                           device=spec.device)
     runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # Node 0 holds the run lock for the whole launch, so the workers need none.
@@ -260,7 +265,7 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
     cfg = load_config(spec.config, spec.overrides)
     modes.of(cfg.mode).require_prepared()
     prep = recipe.prepare(cfg, [], Path(spec.config).parent,  # pinned already: no re-exec
-                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
+                          manifest_file=_manifest(spec), threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
                           device=spec.device)
     comm = _init_comm(spec.device)
     runs_dir = Path(spec.runs_dir)

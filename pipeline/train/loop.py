@@ -20,7 +20,7 @@ from ..core.errors import DivergedError, Interrupted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
-from ..data.sampling import batches, epoch_order, split
+from ..data.sampling import batches, epoch_order, split, split3
 from . import checkpoint
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
@@ -59,7 +59,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
 
     # Data: the split and every epoch's order come from the seed and the data hash.
     ctx = cfg.data.context
-    train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, ctx)
+    train_ids, val_ids, test_ids = split3(ds, cfg.seed, cfg.data.test_fraction,
+                                          cfg.data.val_fraction, ctx)
     examples = examples_of(ds, ctx, dev)
     bsz = cfg.train.batch_size
     steps_per_epoch = len(train_ids) // bsz
@@ -103,10 +104,11 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
             st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
             bar.update(1)
             if st.step % steps_per_epoch == 0 or st.step == total:
-                st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch))
+                st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch,
+                                           val_ids))
                 st.loss_sum = 0.0
                 bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
-                                 if k.startswith("test_")})
+                                 if k.startswith(("test_", "val_"))})
             if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
                                                               last_save):
                 _check_finite(net, st.step)  # a checkpoint never holds what diverged
@@ -222,14 +224,18 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
 
 
 def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
-             steps_per_epoch: int) -> dict[str, Any]:
+             steps_per_epoch: int, val_ids: np.ndarray) -> dict[str, Any]:
     """At an epoch's end (or the last step): the mean train loss since the last
-    record, and the test split's accuracy (classification) or loss per token."""
+    record, and the test split's accuracy (classification) or loss per token;
+    the validation split's too (``val_accuracy``, ``val_loss``), if there is one."""
     since = st.metrics[-1]["step"] if st.metrics else 0
     metric = examples.ds.task.metric
-    return {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
-            "train_loss": st.loss_sum / max(st.step - since, 1),
-            metric: _SCORES[metric](net, examples, test_ids)}
+    out = {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
+           "train_loss": st.loss_sum / max(st.step - since, 1),
+           metric: _SCORES[metric](net, examples, test_ids)}
+    if len(val_ids):
+        out[metric.replace("test_", "val_", 1)] = _SCORES[metric](net, examples, val_ids)
+    return out
 
 
 @torch.no_grad()
