@@ -83,6 +83,9 @@ BENCHES = (
     Bench("exact-layers", ("bench/bench_exact_layers.py", "--repeats", "2"),
           "exact / stock and exact / pinned step time and memory, charlm", "<= 3; memory <= 1.5",
           5),
+    Bench("exact-ops", ("bench/bench_exact_ops.py", "--repeats", "5"),
+          "each exact function of spec sections 20-23: error vs fp64 (exact and stock fp32), "
+          "forward + backward time / stock at 1 and 2 threads", "error <= 2x fp32's", 1),
     Bench("stream", ("bench/bench_stream.py", "--mib", "256", "--runs", "3", "--steps", "50"),
           "a memory-mapped npy dataset: verify cold and warm, training RSS mapped vs in memory",
           "warm verify <= 50 ms", 1.5),
