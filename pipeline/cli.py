@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import modes
 from .audit.commands import add_commands as _audit_commands
 from .audit.commands import run as _audit
 from .core.config import load_config
@@ -170,11 +172,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _config_args(items: list[str], explicit: Path | None) -> tuple[Path, list[str], Project]:
     """(CONFIG, overrides, project) from ``train``'s positional arguments and
-    ``--project``. CONFIG defaults to the project's config.toml (the shipped
-    project's configs/digits.toml where none is found); a relative CONFIG
-    missing here is looked up in the shipped project too."""
+    ``--project`` (pipeline.project.resolve). CONFIG defaults to the project's
+    config.toml (the shipped project's configs/digits.toml where none is
+    found). A relative CONFIG that is not here is looked up in the shipped
+    project only where no project is around the working directory (it then
+    trains as the shipped project, runs in ./runs): inside a user's project a
+    missing config is an error, never the shipped one trained in its place."""
     from .core.environment import project_root
-    from .project import resolve
+    from .project import Project, resolve
 
     config = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
@@ -183,8 +188,11 @@ def _config_args(items: list[str], explicit: Path | None) -> tuple[Path, list[st
                          f"{config}")
     if config:
         path = Path(config[0])
-        if not path.exists() and not path.is_absolute() and (project_root() / path).exists():
-            path = project_root() / path
+        shipped = project_root() / path
+        if (explicit is None and not os.path.lexists(path) and not path.is_absolute()
+                and shipped.exists() and not resolve().found):
+            return shipped, overrides, Project(project_root().resolve(), found=False,
+                                               origin=Path.cwd())
         return path, overrides, resolve(explicit, config=path)
     project = resolve(explicit)
     if project.config is None:
@@ -206,7 +214,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(path, overrides)
     if args.runs_dir is None:
         args.runs_dir = project.runs
-    say(project)  # only where it fell back on the shipped project or manifest
+    if not modes.of(cfg.mode).will_reexec():  # else the re-executed process says it
+        say(project)  # only where it fell back on the shipped project or manifest
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides, project)
     prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,

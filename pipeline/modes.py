@@ -43,6 +43,10 @@ class Mode:
         """Make this process fit to train; return its profile record."""
         raise NotImplementedError
 
+    def will_reexec(self) -> bool:
+        """Whether ``prepare`` will replace this process (pinned mode's re-exec)."""
+        return False
+
     def require_prepared(self) -> None:
         """Raise unless this process (a launched worker) inherited ``prepare``'s work."""
 
@@ -85,6 +89,11 @@ class _Pinned(Mode):
             env.reexec(profile, argv)  # does not return
         env.apply_in_process(profile)
         return env.profile_record(profile)
+
+    def will_reexec(self) -> bool:
+        if env.pinning_disabled():
+            return False
+        return env.needs_reexec(env.load_profile())
 
     def require_prepared(self) -> None:
         if env.pinning_disabled():

@@ -15,6 +15,7 @@ code is still its own (``model.factory`` resolves beside the config).
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 from .core.environment import project_root
 from .core.errors import UsageError
 
-__all__ = ["MARKERS", "Project", "find", "resolve", "say"]
+__all__ = ["MARKERS", "Project", "find", "resolve", "say", "check_out"]
 
 MARKERS = ("config.toml", "data-manifest.json")
 MANIFEST = "data-manifest.json"
@@ -44,17 +45,21 @@ class Project:
 
     @property
     def config(self) -> Path | None:
-        """Its default config: ``config.toml``; the shipped project's is
+        """Its default config: ``config.toml`` (there, even if it is not a
+        readable file: reading it then says why); the shipped project's is
         ``configs/digits.toml``."""
         for path in (self.root / "config.toml",
                      *((self.root / "configs" / "digits.toml",) if self.shipped else ())):
-            if path.is_file():
+            if os.path.lexists(path):
                 return path
         return None
 
     @property
     def own_manifest(self) -> bool:
-        return (self.root / MANIFEST).is_file()
+        """Whether it has a manifest: a ``data-manifest.json`` there, even a
+        dangling link or a directory (verify then refuses it, never the shipped
+        manifest in its place)."""
+        return os.path.lexists(self.root / MANIFEST)
 
     @property
     def manifest(self) -> Path:
@@ -64,8 +69,8 @@ class Project:
     @property
     def runs(self) -> Path:
         """Where its runs live: ``<project>/runs``; ``./runs`` for the shipped
-        fallback (the shipped tree may be read-only: a Nix store path)."""
-        return self.root / "runs" if self.found else Path("runs")
+        project (its tree may be read-only: a Nix store path, a site-packages)."""
+        return self.root / "runs" if self.found and not self.shipped else Path("runs")
 
     def describe(self) -> str:
         """One line: which project, and where its manifest is from."""
@@ -79,36 +84,70 @@ class Project:
 
 
 def find(start: Path) -> Path | None:
-    """The nearest directory from ``start`` upwards holding a project marker."""
-    start = start.resolve()
+    """The nearest directory from ``start`` upwards holding a project marker
+    (present even if it is a dangling link, a directory or a FIFO: a marker
+    that cannot be read is an error when read, never a reason to look higher)."""
+    start = _resolved(start, "the directory")
     for d in (start, *start.parents):
-        if any((d / m).is_file() for m in MARKERS):
+        if any(os.path.lexists(d / m) for m in MARKERS):
             return d
     return None
 
 
 def resolve(explicit: Path | None = None, config: Path | None = None,
             start: Path | None = None) -> Project:
-    """``--project DIR`` (a directory holding a marker), else the project of
-    ``config`` (from its directory upwards), else the project around ``start``
-    (default: the working directory), else the shipped one (``found`` False)."""
+    """``--project DIR`` (a directory, or a config file in it), else the
+    project of ``config`` (from its directory upwards: a config belongs to the
+    project it sits in), else the project around ``start`` (default: the
+    working directory), else the shipped one (``found`` False). A ``config``
+    outside ``--project`` is refused: a run's code and data would then come
+    from two projects, which nothing that uses the run can find again."""
     if explicit is not None:
         root = Path(explicit)
+        if root.is_file():
+            root = root.parent
         if not root.is_dir():
-            raise UsageError(f"--project {explicit}: expected a project directory, found "
-                             f"{'a file' if root.exists() else 'nothing'}")
-        if not any((root / m).is_file() for m in MARKERS):
-            raise UsageError(f"--project {explicit}: expected a directory holding "
-                             f"{' or '.join(MARKERS)}, found neither (`pipeline new DIR` "
-                             f"writes a project)")
-        return Project(root.resolve())
-    origin = (config.resolve().parent if config is not None else (start or Path.cwd())).resolve()
+            raise UsageError(f"--project {explicit}: expected a project directory (or its "
+                             f"config file), found {'a file' if root.exists() else 'nothing'}")
+        project = Project(_resolved(root, "--project"))
+        if config is not None:
+            where = _resolved(config, "CONFIG").parent
+            if not where.is_relative_to(project.root):
+                raise UsageError(f"CONFIG {config}: expected a config inside --project "
+                                 f"{project.root}, found one in {where}; move it into the "
+                                 f"project, or drop --project")
+        return project
+    origin = (_resolved(config, "CONFIG").parent if config is not None
+              else _resolved(start or Path.cwd(), "the working directory"))
     found = find(origin)
     if found is None:
         if config is not None:  # a lone config: its directory is the project
             return Project(origin)
         return Project(project_root().resolve(), found=False, origin=origin)
     return Project(found)
+
+
+def _resolved(path: Path, what: str) -> Path:
+    """``path`` made absolute with its links resolved; UsageError for a link loop."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before 3.13)
+        raise UsageError(f"{what} {path}: expected a path that resolves, found "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def check_out(out: Path, run_dir: Path) -> Path:
+    """An ``--out FILE`` of a command that reads run ``run_dir``: a file path,
+    outside every run directory (writing there would destroy the run);
+    UsageError otherwise."""
+    text, path = str(out), _resolved(Path(out), "--out")
+    if text.endswith(os.sep) or path.is_dir():
+        raise UsageError(f"--out {out}: expected a file to write, found a directory")
+    run = _resolved(Path(run_dir), "the run directory")
+    if path.is_relative_to(run) or (path.parent / "run.json").exists():
+        raise UsageError(f"--out {out}: expected a file outside the run directory "
+                         f"{path.parent} (it would change the run)")
+    return path
 
 
 def say(project: Project) -> None:

@@ -383,22 +383,18 @@ def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
 
 
 def _verify_base(record: RunRecord, cfg: Config, run_dir: Path,
-                 project: Path | None) -> Path | None:
+                 project: Path | None) -> Path:
     """Where ``verify`` imports the model's code from: the project the user
-    names or stands in, never the record's ``config_dir`` and never inside the
-    run directory. A user factory or loss with no project is a UsageError."""
-    from .core.config import LOSSES
-    from .models import BUILTINS
-
-    base = project.resolve() if project is not None else projects.find(Path.cwd())
-    if base is not None and base.is_relative_to(Path(run_dir).resolve()):
+    names (``--project``: a directory or its config file, as every command
+    takes it), else the project around the working directory, else the
+    working directory (a lone config's, as train and eval take it); never
+    the record's ``config_dir`` and never inside the run directory."""
+    base = (projects.resolve(project).root if project is not None
+            else projects.find(Path.cwd()) or Path.cwd().resolve())
+    if base.is_relative_to(Path(run_dir).resolve()):
         raise UsageError(f"--project {base}: a run directory holds data, not code; name the "
-                         f"project the run was trained from")
-    user_code = cfg.model.factory not in BUILTINS or cfg.train.loss not in LOSSES
-    if user_code and base is None:
-        raise UsageError(f"{run_dir}/run.json: model.factory {cfg.model.factory!r} is the "
-                         f"user's code, and no project was given or found here; pass --project "
-                         f"DIR (run.json says it was trained from {record.config_dir})")
+                         f"project the run was trained from (run.json says "
+                         f"{record.config_dir})")
     return base
 
 

@@ -65,18 +65,38 @@ def test_a_config_belongs_to_its_own_project_not_the_working_directorys(
     assert project.resolve(config=cfg).root == root.resolve()
 
 
-def test_explicit_project_wins_and_must_be_a_project(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_project_wins_and_must_hold_the_config(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--project DIR (or its config file) is the project; a CONFIG outside it
+    is refused (its code and data would come from two projects); a missing
+    path and a symlink loop are usage errors."""
     root = _project(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert project.resolve(root, config=ROOT / "configs" / "digits.toml").root == root.resolve()
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    with pytest.raises(UsageError, match="expected a directory holding config.toml or "
-                                         "data-manifest.json, found neither"):
-        project.resolve(plain)
+    assert project.resolve(root).root == root.resolve()
+    assert project.resolve(root / "config.toml").root == root.resolve()
+    assert project.resolve(root, config=root / "config.toml").root == root.resolve()
+    with pytest.raises(UsageError, match="expected a config inside --project"):
+        project.resolve(root, config=ROOT / "configs" / "digits.toml")
     with pytest.raises(UsageError, match="found nothing"):
         project.resolve(tmp_path / "missing")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match="expected a path that resolves"):
+        project.resolve(config=loop / "config.toml")
+
+
+def test_a_marker_that_cannot_be_read_is_still_the_projects(tmp_path: Path) -> None:
+    """A dangling config.toml link or a data-manifest.json directory marks
+    the project (reading it then fails, naming it); the project above it or
+    the shipped manifest is never used in its place."""
+    outer = _project(tmp_path)
+    inner = outer / "inner"
+    inner.mkdir()
+    (inner / "config.toml").symlink_to(tmp_path / "gone.toml")
+    (inner / "data-manifest.json").mkdir()
+    p = project.resolve(start=inner)
+    assert p.root == inner.resolve() and p.config == inner.resolve() / "config.toml"
+    assert p.own_manifest and p.manifest == inner.resolve() / "data-manifest.json"
 
 
 def test_no_project_found_is_the_shipped_one_with_runs_here(tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "ok"),
     (MismatchError.exit_code, "mismatch: rebuild, verify, golden check or diff found other "
-                              "weights; `golden check --require` found no entry; audit: a "
+                              "weights; `golden check --require` found no entry; eval scored "
+                              "the run's own split otherwise than recorded; audit: a "
                               "divergence"),
     (ConfigError.exit_code, "usage or config error (also a model feature that cannot be "
                             "trained as written); nothing was trained"),

@@ -27,7 +27,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 __all__ = ["track", "closure", "modules_sha256", "is_user_file", "UserCodeError", "guarded",
-           "user_error", "raised_in_user_code"]
+           "user_error", "raised_in_user_code", "LateImports"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
 
@@ -99,6 +99,36 @@ def modules_sha256(modules: dict[str, Path]) -> str:
         h.update(len(name).to_bytes(8, "little") + name.encode())
         h.update(len(data).to_bytes(8, "little") + data)
     return h.hexdigest()
+
+
+class LateImports:
+    """User modules imported after the run key was computed (a model's
+    forward that imports on a path the check forward did not take: a larger
+    batch, training mode, a data-dependent branch): their code would not be
+    in the key, so a memoised run could be served after they change.
+    ``check`` raises UserCodeError naming them (exit 2, nothing written);
+    it costs a length comparison while nothing new was imported."""
+
+    def __init__(self) -> None:
+        self.before = set(sys.modules)
+        self.count = len(self.before)
+
+    def check(self, what: str, step: int | None = None) -> None:
+        if len(sys.modules) == self.count:
+            return
+        new = set(sys.modules) - self.before
+        self.before |= new
+        self.count = len(sys.modules)
+        late = {n: getattr(sys.modules.get(n), "__file__", None) for n in sorted(new)}
+        late = {n: f for n, f in late.items() if is_user_file(f)}
+        if late:
+            names = ", ".join(f"{n} ({f})" for n, f in late.items())
+            raise UserCodeError("model.factory", (
+                f"model.factory: {what}{f' at step {step}' if step is not None else ''} "
+                f"imported {names}, which building the "
+                f"model and its first forward pass did not import, so its code is not in the "
+                f"run key; import it at the top of the model's module (or in the factory) so "
+                f"that it is hashed"))
 
 
 class UserCodeError(ConfigError):

@@ -25,12 +25,13 @@ import numpy as np
 from ..core.errors import DataIntegrityError
 from .bounded import Content
 
-__all__ = ["decode_csv", "integers"]
+__all__ = ["decode_csv", "integers", "FEATURE_PATTERNS"]
 
 _INT = r"[+-]?[0-9]{1,18}"  # at most 18 digits: always fits int64
 _DEC = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _ANY = r"[^,]*"  # a column that is neither a feature nor the label is not read
 _MEANS = {_INT: "an integer (at most 18 digits)", _DEC: "a decimal number", _ANY: "a field"}
+FEATURE_PATTERNS = {True: _INT, False: _DEC}  # integers(spec) -> what a feature field must be
 MAX_LINE = 16 << 20  # bytes: a longer line is refused, not buffered
 
 
@@ -63,6 +64,8 @@ def _row_error(where: str, line: str, spec: Mapping[str, Any], first: bool = Fal
     cols, fields = _columns(spec), line.split(",")
     hint = ("line 1 looks like a header: if it is one, set header = true"
             if first and not spec.get("header", False) and _looks_like_header(line, spec) else "")
+    if first and line.startswith("\xef\xbb\xbf"):  # latin-1 of a UTF-8 byte-order mark
+        hint = "the file starts with a UTF-8 byte-order mark; save it without one"
     if len(fields) != len(cols):
         return DataIntegrityError(where, f"{len(cols)} comma-separated fields",
                                   f"{len(fields)} fields", hint)

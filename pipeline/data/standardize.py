@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, DataIntegrityError
 from .dataset import Dataset
 
 __all__ = ["Standardizer", "fit", "standardized", "MAX_COLUMNS"]
@@ -46,12 +46,25 @@ class Standardizer:
     std: np.ndarray
     rows: int
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """``x`` (N, *shape) float32 standardised column by column (float32)."""
+    def apply(self, x: np.ndarray, where: str = "the inputs") -> np.ndarray:
+        """``x`` (N, *shape) float32 standardised column by column (float32).
+        ConfigError if ``x`` has another number of columns than the statistics;
+        DataIntegrityError naming ``where``, the row and the column if a value
+        leaves float32's range (it would train or predict on inf)."""
         flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         if flat.shape[1] != len(self.mean):
-            raise ValueError(f"{flat.shape[1]} columns, the statistics have {len(self.mean)}")
-        return ((flat - self.mean) / self.std).astype(np.float32).reshape(np.shape(x))
+            raise ConfigError("data.standardize", [
+                f"{where}: expected rows of {len(self.mean)} values (the columns the "
+                f"statistics were computed over), found {flat.shape[1]}"])
+        with np.errstate(over="ignore"):  # an overflow to inf is found below
+            out = ((flat - self.mean) / self.std).astype(np.float32)
+        if not (finite := np.isfinite(out)).all():
+            row, col = (int(v[0]) for v in np.nonzero(~finite))
+            raise DataIntegrityError(where, f"values whose standardised form (x - mean) / "
+                                     f"std fits in float32", f"row {row}, column {col}: "
+                                     f"{flat[row, col]!r} -> {out[row, col]} (mean "
+                                     f"{self.mean[col]!r}, std {self.std[col]!r})")
+        return out.reshape(np.shape(x))
 
     def to_json(self) -> dict[str, Any]:
         return {"rows": self.rows, "mean": [float(v) for v in self.mean],
@@ -105,7 +118,8 @@ def standardized(ds: Dataset, st: Standardizer) -> Dataset:
     ``decoded`` hash stays the decode's: the data a run depends on is the
     files' decode; the statistics are recorded beside it."""
     x = _rows(ds, np.arange(len(ds.x), dtype=np.int64))
-    return dataclasses.replace(ds, x=st.apply(x), decoded=ds.decoded_sha256())
+    return dataclasses.replace(ds, x=st.apply(x, f"dataset {ds.name!r} (standardised)"),
+                               decoded=ds.decoded_sha256())
 
 
 def _rows(ds: Dataset, ids: np.ndarray) -> np.ndarray:

@@ -76,20 +76,21 @@ def _tensorboard(args: argparse.Namespace, logdir: Path) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from ..project import find
+    from ..inference.loading import project_base
+    from ..project import check_out
     from ..recipe import manifest_path
     from ..record.metrics import read_metrics
     from ..record.runs import read_run
     from .card import card, manifest_entries
 
+    out = check_out(args.out, args.run_dir) if args.out is not None else None
     record = read_run(args.run_dir)
-    base = args.project or find(Path.cwd()) or Path.cwd()
-    base = base.parent if base.is_file() else base
+    base = project_base(args.project, args.run_dir)  # as load's: validated, never the run's
     text = card(record, read_metrics(args.run_dir, record),
                 manifest_entries(manifest_path(base), record))
-    if args.out is None:
+    if out is None:
         print(text, end="")
     else:
-        atomic.write_text(args.out, text)
+        atomic.write_text(out, text)
         print(f"wrote {args.out}")
     return 0

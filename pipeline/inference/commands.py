@@ -70,30 +70,35 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     got = evaluate(args.run_dir, args.args, args.project)
+    # The run's own split scored otherwise than recorded is a mismatch (exit 1),
+    # as verify's: the same weights and data must give the same bits.
+    differs = got.recorded is not None and got.recorded != got.value
     if args.json:
         print(json.dumps(got.to_json(), indent=2, sort_keys=True))
-        return 0
+        return 1 if differs else 0
     name = got.metric.removeprefix("test_").replace("_", " ")
     print(f"run {got.run_key} on {got.dataset}: test {name} {got.value:.4f} "
           f"({got.examples} test examples)")
     if got.recorded is not None:
-        same = "identical" if got.recorded == got.value else "differs"
+        same = "differs" if differs else "identical"
         print(f"recorded {got.recorded:.4f}: {same} ({got.value!r} vs {got.recorded!r})")
-    return 0
+    return 1 if differs else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     import io
 
+    from ..project import check_out
     from .loading import load
     from .predict import predict_file
 
+    out = check_out(args.out, args.run_dir) if args.out is not None else None
     model = load(args.run_dir, args.project)
     if args.out is None:
         predict_file(model, args.file, sys.stdout)
         return 0
     buf = io.StringIO()
     n = predict_file(model, args.file, buf)
-    atomic.write_text(args.out, buf.getvalue())
+    atomic.write_text(out, buf.getvalue())
     print(f"wrote {n} predictions: {args.out}")
     return 0

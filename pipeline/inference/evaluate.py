@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import Config, config_from_dict, parse_overrides
+from ..core import usercode
 from ..core.errors import ConfigError, UsageError
 from .loading import dataset_for, load_with_data
 
@@ -62,7 +63,9 @@ def evaluate(run_dir: Path, overrides: list[str], project: Path | None) -> Evalu
     if cfg.data.dataset != ds.name:
         ds = dataset_for(cfg, base, None, Path(run_dir), model.standardizer)
     _check_fits(model.shapes, ds, cfg)
+    late = usercode.LateImports()
     metric, value, n = score(model.net, ds, cfg)
+    late.check("scoring")  # code the run's key never covered would have computed this
     recorded = record.metrics.get(metric) if own else None
     return Evaluation(record.run_key, ds.name, metric, value, n, recorded)
 

@@ -22,15 +22,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from ..core import usercode
 from ..core.errors import DataIntegrityError, UsageError
 from ..core.safeio import GIB, read_regular
-from ..data.delimited import integers
+from ..data.delimited import FEATURE_PATTERNS, integers
 from .model import Model
 
 __all__ = ["predict_file", "read_inputs", "MAX_INPUT_BYTES"]
@@ -42,12 +44,12 @@ _BATCH = 256
 def predict_file(model: Model, path: Path, out: TextIO) -> int:
     """Write ``model``'s predictions for ``path`` to ``out``; the number of lines."""
     x = read_inputs(model, Path(path))
-    lines = _lm_lines(model, x) if model.shapes.task.windows else _class_lines(model, x)
-    n = 0
+    late = usercode.LateImports()
+    lines = list(_lm_lines(model, x) if model.shapes.task.windows else _class_lines(model, x))
+    late.check("predicting")  # before a line is written: code the run's key never covered
     for line in lines:
-        out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        n += 1
-    return n
+        out.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
+    return len(lines)
 
 
 def read_inputs(model: Model, path: Path) -> np.ndarray:
@@ -64,13 +66,13 @@ def read_inputs(model: Model, path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         raw = _npy(blob, path)
     elif path.suffix == ".csv":
-        raw = _csv(blob, path)
+        raw = _csv(blob, path, spec)
     else:
         raise UsageError(f"{path}: expected a .npy or .csv file of inputs, found "
                          f"{path.suffix or 'no suffix'!r}")
     x = _rows(raw, spec, model.shapes.input_shape, path)
     st = model.standardizer  # the run's inputs were standardised: these are too
-    return st.apply(x) if st is not None else x
+    return st.apply(x, str(path)) if st is not None else x
 
 
 def _npy(blob: bytes, path: Path) -> np.ndarray:
@@ -85,14 +87,34 @@ def _npy(blob: bytes, path: Path) -> np.ndarray:
     return a
 
 
-def _csv(blob: bytes, path: Path) -> np.ndarray:
-    try:
-        text = blob.decode("ascii")
-        return np.loadtxt(io.StringIO(text), delimiter=",", comments=None, ndmin=2,
-                          dtype=np.float64)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DataIntegrityError(str(path), "rows of comma-separated numbers (no header, no "
-                                 "label)", f"{type(e).__name__}: {e}") from None
+def _csv(blob: bytes, path: Path, spec: dict[str, Any]) -> np.ndarray:
+    """Rows of comma-separated numbers, each field what the training data's
+    decode takes (pipeline.data.delimited: an integer where the run's CSV
+    features are integers, parsed as int64, else a decimal), so a value is
+    converted to float32 as training converted it."""
+    ints = spec.get("format") == "csv" and integers(spec)
+    field = re.compile(FEATURE_PATTERNS[ints])
+    if blob.startswith(b"\xef\xbb\xbf"):
+        raise DataIntegrityError(str(path), "rows of comma-separated numbers",
+                                 "a UTF-8 byte-order mark at the start", "save it without one")
+    lines = blob.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    rows: list[list[str]] = []
+    for i, line in enumerate(lines):
+        text = (line[:-1] if line.endswith(b"\r") else line).decode("latin-1")
+        fields = text.split(",")
+        bad = next((f for f in fields if not field.fullmatch(f)), None)
+        if bad is not None or (rows and len(fields) != len(rows[0])):
+            want = (f"{len(rows[0])} fields" if bad is None else
+                    "an integer (at most 18 digits)" if ints else "a decimal number")
+            raise DataIntegrityError(f"{path}:{i + 1}", f"rows of comma-separated numbers (no "
+                                     f"header, no label), each field {want}",
+                                     repr(bad if bad is not None else text)[:80])
+        rows.append(fields)
+    if not rows:
+        raise DataIntegrityError(str(path), "at least one row of numbers", "no rows")
+    return np.array(rows, dtype=np.int64 if ints else np.float64)
 
 
 def _rows(raw: np.ndarray, spec: dict[str, Any], shape: tuple[int, ...],
@@ -109,11 +131,11 @@ def _rows(raw: np.ndarray, spec: dict[str, Any], shape: tuple[int, ...],
         ok = (flat >= lo) & (flat <= hi) & ((flat == np.round(flat)) if integral else True)
         bad = ~ok.all(axis=1)
         if bad.any():
-            kind = "integer" if integral else "real"
+            kind, i = "integer" if integral else "real", int(np.argmax(bad))
             raise DataIntegrityError(str(path), f"raw {kind} values in {lo}..{hi} as the "
                                      f"training data holds them (they are divided by "
                                      f"{spec.get('divisor', 1)} here)",
-                                     f"row {int(np.argmax(bad))}: {raw[int(np.argmax(bad))]}"[:160])
+                                     f"row {i}: {flat[i].tolist()}"[:160])
     with np.errstate(over="ignore"):
         x = np.asarray(raw, np.float32) / np.float32(spec.get("divisor", 1))
     finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
@@ -155,6 +177,11 @@ def _probabilities(logits: Any) -> np.ndarray:
 def _class_lines(model: Model, x: np.ndarray) -> Iterator[dict[str, Any]]:
     for i in range(0, len(x), _BATCH):
         p = _probabilities(model.predict(x[i:i + _BATCH]))
+        if not np.isfinite(p).all():
+            row_at = i + int(np.argmin(np.isfinite(p).all(axis=1)))
+            raise DataIntegrityError(f"row {row_at}", "inputs the model gives finite "
+                                     "probabilities for", "NaN or inf (an input far outside "
+                                     "the training data's range?)")
         for j, row in enumerate(p):
             k = int(row.argmax())
             yield {"row": i + j, "class": k, "probability": float(row[k])}

@@ -70,4 +70,9 @@ def differences(va: Any, vb: Any, path: str) -> list[tuple[str, Any, Any]]:
         for k in sorted(set(va) | set(vb)):
             out += differences(va.get(k), vb.get(k), f"{path}.{k}")
         return out
+    if isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb) and va != vb:
+        out = []  # lists of one length: the elements that differ, by index
+        for i, (a, b) in enumerate(zip(va, vb)):
+            out += differences(a, b, f"{path}[{i}]")
+        return out
     return [] if va == vb else [(path, va, vb)]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import atomic, locks
-from ..core.config import config_sha256
+from ..core.config import canonical_json, config_sha256
 from ..core.errors import CheckpointError, UsageError
 from .diff import differences
 from .inputs import INPUT_FIELDS, RunInputs
@@ -53,15 +53,18 @@ def check_slot(final: Path) -> None:
                           "remove it, or rerun with --force to replace it")
 
 
-def read_run(run_dir: Path) -> RunRecord:
-    """run.json of a run directory, checked against itself (record_sha256),
-    its directory name (the run key) and its weights file."""
+def read_run(run_dir: Path, *, check_key: bool = True) -> RunRecord:
+    """run.json of a run directory, checked against itself (record_sha256 and,
+    with ``check_key``, its run key against the keyed inputs it records), its
+    directory name (the run key) and its weights file."""
     from ..core.hashing import weights_sha256
     from ..train.checkpoint import read_safetensors
 
     run_dir = Path(run_dir)
     path = run_dir / "run.json"
     record = load_record(path)
+    if check_key:
+        _check_key(record, path)
     if _KEY.fullmatch(run_dir.name) and record.run_key != run_dir.name:
         raise CheckpointError(f"{path} [run_key]", f"the directory's key {run_dir.name}",
                               record.run_key, "a run copied under another key")
@@ -80,12 +83,31 @@ def read_run(run_dir: Path) -> RunRecord:
     return record
 
 
+def _check_key(record: RunRecord, path: Path) -> None:
+    """The record's run key is the hash of the keyed inputs it records
+    (``key_inputs``), as RunInputs.key computes it: a record edited with its
+    digest recomputed (another dataset, config or model written in) is not
+    a record of that run. CheckpointError otherwise."""
+    unknown = [n for n in record.key_inputs if n not in INPUT_FIELDS]
+    if unknown:
+        raise CheckpointError(f"{path} [key_inputs]", f"input names among "
+                              f"{sorted(INPUT_FIELDS)}", f"{unknown}")
+    keyed = {name: record.field(INPUT_FIELDS[name]) for name in record.key_inputs}
+    key = hashlib.sha256(canonical_json(keyed)).hexdigest()
+    if key != record.run_key:
+        raise CheckpointError(f"{path} [run_key]", f"the hash of the keyed inputs the record "
+                              f"holds ({', '.join(record.key_inputs)}), {key}",
+                              record.run_key, "the record was edited after the run; "
+                              "retrain it (train --force) or restore its run.json")
+
+
 def reusable(run_dir: Path, inputs: RunInputs) -> RunRecord:
     """The record of complete run ``run_dir`` if it is the run of ``inputs``:
     read_run's checks, then the key, the list of keyed inputs, every keyed
     input and the decoded data's hash equal to those computed now (not
-    trusted from its key). Else CheckpointError naming run.json and the field."""
-    record = read_run(run_dir)
+    trusted from its key). Else CheckpointError naming run.json and the field
+    (the fields first, so that an edited record names what differs)."""
+    record = read_run(run_dir, check_key=False)
     now = inputs.fields()
     keyed = [INPUT_FIELDS[name] for name in sorted(inputs.keyed())]
     for name in ["run_key", "key_inputs", *keyed, "data_decoded"]:
@@ -98,6 +120,7 @@ def reusable(run_dir: Path, inputs: RunInputs) -> RunRecord:
             raise CheckpointError(f"{run_dir / 'run.json'} [{name}]",
                                   f"the {name} computed now", found,
                                   "not this run's record; rerun with --force to replace it")
+    _check_key(record, run_dir / "run.json")
     return record
 
 

@@ -92,6 +92,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                     st.step, total, loader_workers)  # the bits never depend on the workers
     last_save = time.monotonic()
     loop_started = time.perf_counter()
+    late = usercode.LateImports()  # user modules the key did not see: refused when imported
     try:
         while st.step < total:
             x, y = loader.get(st.step)  # this step's batch, augmented by key
@@ -99,7 +100,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
             with usercode.guarded("a training step", "model.factory", step=st.step + 1,
                                   always=False):  # a failure in the user's forward or loss
                 loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
-                                          runner)
+                                          runner, late)
             if isinstance(net, StepState):
                 grads = net.end_step(grads, cfg.train.shards)
             if not math.isfinite(step_loss := float(loss)):
@@ -112,6 +113,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
             if st.step % steps_per_epoch == 0 or st.step == total:
                 st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch,
                                            val_ids))
+                late.check("scoring the test split", st.step)
                 st.loss_sum = 0.0
                 bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
                                  if k.startswith(("test_", "val_"))})
@@ -243,7 +245,8 @@ def _loop_masks(net: Net, dropout: DropoutStream, bsz: int) -> list[np.ndarray]:
 
 def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarray],
                 cfg: Config, step: int, n_global: int, comm: Any, dev: torch.device,
-                runner: ShardRunner) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                runner: ShardRunner, late: usercode.LateImports | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's shards, each on its own rows and with its own random stream
     (key(seed, FORWARD, step, shard)), run by ``runner`` (in order, or at once
     on threads), summed in the fixed tree in shard order; then the ranks'
@@ -262,6 +265,8 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
     fold = TreeFold(add_grads)  # the tree, folded as the shards finish: O(log S) sums held
     runner.run_into([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)],
                     fold.push)
+    if late is not None:  # before the exchange: a rank that refuses stops its peers there
+        late.check("a training step", step + 1)
     return comm.combine(fold.result())
 
 

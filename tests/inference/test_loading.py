@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.core.errors import CheckpointError, ConfigError, UsageError
+from pipeline.core.errors import CheckpointError, ConfigError, DataIntegrityError, UsageError
 from pipeline.record.schema import record_digest
 
-from ..support import ROOT, train_here
+from ..support import ROOT, forge_record, train_here
 
 SHORT = ["train.epochs=2"]
 
@@ -85,8 +85,7 @@ def _hostile(run: Path, dest: Path) -> tuple[Path, Path]:
     raw["config"]["model"] = {"factory": "model:evil", "args": {}}
     raw["model"] = {"factory": "model:evil", "factory_sha256": "0" * 64}
     raw["config_dir"] = str(copy)
-    raw["record_sha256"] = record_digest(raw)
-    (copy / "run.json").write_text(json.dumps(raw))
+    (copy / "run.json").write_text(json.dumps(forge_record(raw)))  # key and digest made to fit
     return copy, marker
 
 
@@ -160,11 +159,35 @@ def test_another_factory_source_is_refused(runs: dict[str, Path], tmp_path: Path
     shutil.copytree(runs["pinned"], copy)
     raw = _record(copy)
     raw["model"]["factory_sha256"] = "f" * 64
-    raw["record_sha256"] = record_digest(raw)
-    (copy / "run.json").write_text(json.dumps(raw))
+    (copy / "run.json").write_text(json.dumps(forge_record(raw)))  # key and digest made to fit
     with pytest.raises(CheckpointError, match=r"run.json \[model\].*f{64}") as e:
         pipeline.load(copy)
     assert e.value.exit_code == 5
+
+
+def test_a_record_whose_key_does_not_fit_its_inputs_is_refused(
+        runs: dict[str, Path], tmp_path: Path) -> None:
+    """An edit with only the digest recomputed (another data file's hash and
+    standardisation written in): its run key no longer is the hash of the keyed
+    inputs it holds, exit 5 naming run.json [run_key], before anything is
+    built; control: the same edit with the key recomputed too reaches the data
+    check, which refuses it as other data (exit 3)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs["pinned"], copy)
+    raw = _record(copy)
+    raw["data"]["files"] = {k: "0" * 64 for k in raw["data"]["files"]}
+    raw["record_sha256"] = record_digest(raw)
+    (copy / "run.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"run.json \[run_key\]: expected the hash of "
+                                              r"the keyed inputs") as e:
+        pipeline.load(copy)
+    assert e.value.exit_code == 5
+    (copy / "run.json").write_text(json.dumps(forge_record(raw)))
+    with pytest.raises(DataIntegrityError, match=r"run.json \[data\]") as e2:
+        pipeline.load(copy)
+    assert e2.value.exit_code == 3
 
 
 def test_import_pipeline_stays_light() -> None:
