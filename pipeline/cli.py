@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,6 +174,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected an integer >= 1, found {args.threads}")
     cfg = load_config(path, overrides)
+    from .cluster import detect
+
+    if (worker := detect(os.environ)) is not None:  # started by torchrun, srun, a PyTorchJob
+        return _launch(args, argv, cfg, path, overrides, worker)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides)
     prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,
@@ -190,21 +195,38 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
-            overrides: list[str]) -> int:
-    from .launch import Spec, launch
+            overrides: list[str], worker: Any = None) -> int:
+    """``--nproc``/``--nnodes``: start the workers; ``worker`` (pipeline.cluster):
+    be one, started by another launcher."""
+    from .launch import Spec, launch, serve
 
     if args.rebuild:
-        raise UsageError("--rebuild trains in one process: drop --nproc/--nnodes (the bits "
-                         "are the same at every world size)")
+        raise UsageError("--rebuild trains in one process: drop --nproc/--nnodes, or run it "
+                         "outside the launcher (the bits are the same at every world size)")
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
                 args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads)
-    out = launch(spec, argv, cfg)
+    if worker is not None:
+        given = [f"--{k.replace('_', '-')}" for k in _LAUNCH_OPTIONS
+                 if getattr(args, k) != _parser_default(k)]
+        if given:
+            raise UsageError(f"{' '.join(given)}: this process was started by "
+                             f"{worker.launcher} (rank {worker.rank} of "
+                             f"{worker.world_size}), which sets the world; drop them, or "
+                             f"unset the launcher's variables to launch workers here")
+    out = serve(worker, spec, argv, cfg) if worker is not None else launch(spec, argv, cfg)
     if out.record is None:
         print(out.note)
     else:
         _report(out.record, args.json, out.reused, args.runs_dir)
     return 0
+
+
+_LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint")
+
+
+def _parser_default(dest: str) -> Any:
+    return {"nproc": 1, "nnodes": 1, "node_rank": 0}.get(dest)
 
 
 def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path) -> None:

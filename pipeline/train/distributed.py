@@ -10,7 +10,8 @@ the W partial sums and finishing the same tree gives the bits of W = 1.
 
 ``TorchComm`` does that over torch.distributed: one all_gather of each rank's
 flattened partial, then the tree over ranks in rank order, on every rank, so
-every rank ends with the same bits. (An all_reduce would leave the order of
+every rank ends with the same bits. The same message carries each rank's stop
+request (preemption, pipeline.train.preempt). (An all_reduce would leave the order of
 the additions to the backend's algorithm: ring or halving-doubling, chunked.)
 """
 
@@ -64,6 +65,10 @@ class LocalComm:
     def combine(self, partial: Grads) -> Grads:
         return partial
 
+    def exchange(self, partial: Grads, stop: bool) -> tuple[Grads, bool]:
+        """The whole sum, and whether any rank asked to stop: this one's ``stop``."""
+        return partial, stop
+
     def expect(self, tensors: dict[str, torch.Tensor]) -> None:
         """Nothing to exchange: see TorchComm.expect."""
 
@@ -98,23 +103,30 @@ class TorchComm:
         self.like = dict(tensors)
 
     def combine(self, partial: Grads) -> Grads:
+        return self.exchange(partial, False)[0]
+
+    def exchange(self, partial: Grads, stop: bool) -> tuple[Grads, bool]:
+        """The whole sum of the ranks' partials, and whether any rank asked to
+        stop (pipeline.train.preempt): the flag travels with the gradients, so
+        every rank learns it at the same step, at no extra message."""
         import torch.distributed as dist
 
         loss, grads = partial
         shapes = self._shapes(grads)
-        flat = _flatten(partial, shapes)   # (1 + sum of numels + one presence flag per name,)
+        flat = _flatten(partial, shapes, stop)  # (1 + numels + a flag per name + stop,)
         try:
             if self.plain:  # the control: the backend's own summation order
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                return _unflatten(flat, loss, shapes)
+                return _unflatten(flat, loss, shapes), bool(flat[-1].item() != 0.0)
             gathered = flat.new_empty(self.size * flat.numel())
             _all_gather(dist)(gathered, flat)  # W x that
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
         # Each rank's partial, its absent gradients None again, summed in the
         # same tree as the shards (add_grads): the bits of one process.
-        parts = [_unflatten(f, loss, shapes) for f in gathered.view(self.size, -1).unbind(0)]
-        return tree_reduce(parts, add_grads)
+        rows = gathered.view(self.size, -1)
+        parts = [_unflatten(f, loss, shapes) for f in rows.unbind(0)]
+        return tree_reduce(parts, add_grads), bool((rows[:, -1] != 0.0).any().item())
 
     def _shapes(self, grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Size]:
         """Every gradient's shape, also where this rank has None (a parameter
@@ -150,14 +162,17 @@ def _all_gather(dist: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _flatten(partial: Grads, shapes: dict[str, torch.Size]) -> torch.Tensor:
-    """Loss, gradients (zeros where None) and a presence flag (1 or 0) per name."""
+def _flatten(partial: Grads, shapes: dict[str, torch.Size], stop: bool = False
+             ) -> torch.Tensor:
+    """Loss, gradients (zeros where None), a presence flag (1 or 0) per name,
+    and last this rank's stop request (1 or 0)."""
     loss, grads = partial
     parts = [loss.reshape(1)]
     for k, g in grads.items():
         parts.append(g.reshape(-1) if g is not None
                      else loss.new_zeros(int(torch.Size(shapes[k]).numel())))
-    parts.append(loss.new_tensor([0.0 if g is None else 1.0 for g in grads.values()]))
+    parts.append(loss.new_tensor([0.0 if g is None else 1.0 for g in grads.values()]
+                                 + [1.0 if stop else 0.0]))
     # One dtype, or torch.cat would promote and change the bits of the sum.
     assert len({t.dtype for t in parts}) == 1, "loss and grads must share one dtype"
     return torch.cat(parts)
@@ -166,7 +181,7 @@ def _flatten(partial: Grads, shapes: dict[str, torch.Size]) -> torch.Tensor:
 def _unflatten(flat: torch.Tensor, loss: torch.Tensor, shapes: dict[str, torch.Size]) -> Grads:
     out: dict[str, torch.Tensor | None] = {}
     at = 1
-    present = flat[flat.numel() - len(shapes):].tolist()
+    present = flat[flat.numel() - 1 - len(shapes):flat.numel() - 1].tolist()
     for (k, shape), there in zip(shapes.items(), present):
         n = int(torch.Size(shape).numel())
         out[k] = flat[at:at + n].view(shape) if there != 0.0 else None
