@@ -194,10 +194,10 @@ def _stop(writer: checkpoint.Writer | None, net: Net, opt: Any, dropout: Dropout
     if writer:
         _check_finite(net, st.step)
         writer.save(net, opt, dropout, st)
-    why = preempt.requested() or "a peer's SIGTERM/SIGUSR1"
-    raise Preempted(f"preempted by {why} after step {st.step}; "
-                    + ("rank 0 checkpointed it" if writer or rank else "no checkpoint directory")
-                    + ": rerun the same command to resume", st.step)
+    why = preempt.requested() or "SIGTERM/SIGUSR1 to another rank"
+    saved = "rank 0 checkpointed it" if writer or rank else "no checkpoint directory"
+    raise Preempted(f"preempted after step {st.step} ({why}); {saved}: rerun the same "
+                    f"command to resume", st.step)
 
 
 def _check_finite(net: Net, step: int) -> None:
