@@ -21,6 +21,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import pytest
 from pipeline.core.errors import EXIT_PREEMPTED
 from pipeline.launch import Spec, rdzv_id
 
-from ..support import build_once, pipeline_argv, pipeline_env, start_pipeline
+from ..support import ROOT, build_once, pipeline_argv, pipeline_env, start_pipeline
 from .test_distributed import SHORT, TIMEOUT_S, _hash, _train, frozen  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.distributed
@@ -155,32 +156,99 @@ def test_a_node_that_dies_stops_the_job_and_the_rerun_resumes(
 
 # --- other launchers ------------------------------------------------------------------
 
-def _as_workers(src: Path, runs: Path, tmp: Path, envs: list[dict[str, str]]
-                ) -> list[tuple[int, str, str]]:
-    """`pipeline train` once per environment in ``envs``, all at once, as the
-    launcher would start its tasks."""
-    return _wait([_start(src, [*ARGS, "--runs-dir", str(runs)],
-                         pipeline_env(tmp, clean=True, **e)) for e in envs])
+def _fake_slurm(bin_dir: Path) -> Path:
+    """``srun`` (each of SLURM_NTASKS tasks with its SLURM_STEP_ID, SLURM_PROCID
+    and SLURM_LOCALID, on this machine; the highest exit code, as srun's),
+    ``scontrol`` (appends its arguments to scontrol.log) and ``pipeline``
+    (this interpreter's ``-m pipeline``) on a PATH; the log."""
+    bin_dir.mkdir()
+    log = bin_dir / "scontrol.log"
+    scripts = {
+        "srun": f"#!{sys.executable}\nimport os, subprocess, sys\n"
+                "n = int(os.environ['SLURM_NTASKS'])\n"
+                "tasks = [subprocess.Popen(sys.argv[1:], env={**os.environ, 'SLURM_STEP_ID': '0',"
+                " 'SLURM_PROCID': str(r), 'SLURM_LOCALID': str(r)}) for r in range(n)]\n"
+                "sys.exit(max(t.wait() for t in tasks))\n",
+        "scontrol": f'#!/bin/sh\necho "$@" >> {log}\n',
+        "pipeline": f'#!/bin/sh\nexec {sys.executable} -m pipeline "$@"\n',
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text, encoding="utf-8")
+        (bin_dir / name).chmod(0o755)
+    return log
 
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_srun_and_pytorchjob_workers_give_the_one_process_hash(
+def test_the_sbatch_example_trains_requeues_and_resumes(frozen: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    """examples/cluster/train.sbatch as sbatch runs it (SLURM_JOB_ID,
+    SLURM_NTASKS=2, a compressed SLURM_JOB_NODELIST whose first host is this
+    machine), srun faked: SIGUSR1 to a task at a seeded step (Slurm's
+    --signal) makes it exit 143 and requeue the job with scontrol; the
+    requeued script resumes from rank 0's checkpoint to the hash of one process."""
+    log = _fake_slurm(tmp_path / "bin")
+    at = STEPS.randrange(2, 18)
+    env = pipeline_env(tmp_path, clean=True, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+                       SLURM_JOB_ID="2424", SLURM_NTASKS="2",
+                       SLURM_JOB_NODELIST="127.0.0.[1-2]", MASTER_PORT=str(_free_port()),
+                       RUNS_DIR=str(tmp_path / "runs"))
+    script = ["bash", str(ROOT / "examples" / "cluster" / "train.sbatch"), "configs/digits.toml",
+              *SHORT]
+
+    def batch(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(script, cwd=frozen["src"], env={**env, **extra}, text=True,
+                              capture_output=True, timeout=TIMEOUT_S)
+
+    first = batch(PIPELINE_TEST_SIGNAL_AT_STEP=f"1:{at}:SIGUSR1")
+    step = _preempted(first, tmp_path / "runs", frozen["record"]["run_key"])
+    assert step == at + 1 and log.read_text() == "requeue 2424\n", (at, step, first.stderr)
+    again = batch()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from ckpt-{step:09d}.safetensors" in again.stderr
+    assert _one_hash([(0, o, "") for o in _split_tasks(again.stdout)]) == \
+        frozen["record"]["weights_sha256"]
+    assert log.read_text() == "requeue 2424\n"
+
+
+def _split_tasks(stdout: str) -> list[str]:
+    """The tasks' outputs, interleaved in one stream: rank 0's record (three
+    lines) and each other rank's note (one line)."""
+    notes = [ln for ln in stdout.splitlines() if NOTE.search(ln)]
+    rest = "\n".join(ln for ln in stdout.splitlines() if not NOTE.search(ln))
+    return [rest, *notes]
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_the_pytorchjob_example_trains_as_the_operator_starts_it(
         frozen: dict[str, Any], tmp_path: Path) -> None:
-    """srun's environment (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, rank 0
-    the first host of a compressed SLURM_JOB_NODELIST, the port from
-    MASTER_PORT) and a PyTorchJob's (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT), two tasks each: the hash of world size 1."""
-    port = _free_port()
-    slurm = [{"SLURM_STEP_ID": "0", "SLURM_PROCID": str(r), "SLURM_NTASKS": "2",
-              "SLURM_LOCALID": str(r), "SLURM_JOB_NODELIST": "127.0.0.[1-2]",
-              "SLURM_JOB_ID": "24", "MASTER_PORT": str(port)} for r in range(2)]
-    ref = frozen["record"]["weights_sha256"]
-    assert _one_hash(_as_workers(frozen["src"], tmp_path / "slurm", tmp_path, slurm)) == ref
-    port = _free_port()
-    job = [{"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port)} for r in range(2)]
-    assert _one_hash(_as_workers(frozen["src"], tmp_path / "job", tmp_path, job)) == ref
+    """examples/cluster/pytorchjob.yaml's replicas started as the training
+    operator starts them (RANK 0 the Master, then the Workers; WORLD_SIZE the
+    replicas; MASTER_ADDR the Master's service, here this machine; MASTER_PORT
+    its pytorchjob-port), each its container's command and args: the hash of
+    one process. Its restart policy retries the preempted exit code."""
+    import yaml
+
+    job = yaml.safe_load((ROOT / "examples" / "cluster" / "pytorchjob.yaml").read_text())
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    pods = [specs[kind]["template"]["spec"]["containers"][0]
+            for kind in ("Master", "Worker") for _ in range(specs[kind]["replicas"])]
+    assert all(specs[k]["restartPolicy"] == "ExitCode" for k in specs)
+    assert 128 <= EXIT_PREEMPTED <= 255  # ExitCode: 128-255 are retried, 1-127 are not
+    port = str(_free_port())
+    assert [p["name"] for p in pods[0]["ports"]] == ["pytorchjob-port"]
+    runs = str(tmp_path / "runs")
+    procs = []
+    for rank, pod in enumerate(pods):
+        argv = [a.replace("/runs", runs) for a in pod["command"] + pod["args"]] + SHORT
+        assert argv[:3] == ["python", "-m", "pipeline"]
+        env = pipeline_env(tmp_path, clean=True, RANK=str(rank), WORLD_SIZE=str(len(pods)),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="0")
+        procs.append(subprocess.Popen([sys.executable, *argv[1:]], cwd=frozen["src"], env=env,
+                                      text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    assert _one_hash(_wait(procs)) == frozen["record"]["weights_sha256"]
 
 
 @pytest.mark.process
@@ -189,8 +257,6 @@ def test_torchrun_workers_give_the_one_process_hash(frozen: dict[str, Any],
                                                     tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 -m pipeline train ...` (torch's own
     launcher, started by the user): the hash of world size 1, printed by rank 0."""
-    import sys
-
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node", "2", "-m", "pipeline", *ARGS, "--runs-dir",
                         str(tmp_path / "runs")], cwd=frozen["src"],
