@@ -285,14 +285,15 @@ def _preempted(p: subprocess.CompletedProcess[str], runs: Path, key: str) -> int
 @pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize(("world", "sig", "rank"), [(1, "SIGTERM", 0), (1, "SIGUSR1", 0),
-                                                    (2, "SIGUSR1", 1), (2, "SIGTERM", 0)])
+                                                    (2, "SIGUSR1", 1)])
 def test_preempted_run_checkpoints_and_the_rerun_gives_the_same_hash(
         world: int, sig: str, rank: int, frozen: dict[str, Any], tmp_path: Path) -> None:
     """``sig`` reaches rank ``rank`` alone after a seeded step S (as Slurm
     signals a task, or Kubernetes a pod): every rank finishes step S + 1,
     whose gradients carry the request, rank 0 checkpoints it, the command
     exits 143; the same command resumes from it to the uninterrupted hash.
-    The control: without the signal the run goes to its end (exit 0)."""
+    At world size 2 the signal reaches rank 1 only: rank 0 stops at the same
+    step because the request travels with the gradients."""
     at = STEPS.randrange(2, 18)  # of 22
     runs, key = tmp_path / "runs", frozen["record"]["run_key"]
     env = pipeline_env(tmp_path, clean=True, PIPELINE_TEST_SIGNAL_AT_STEP=f"{rank}:{at}:{sig}")
