@@ -4,11 +4,9 @@
 
 Not a test: prints a table. W ranks (gloo on 127.0.0.1, one thread each) run
 the training step of pipeline.train.loop on a pinned-mode MLP: their shards'
-gradients, the fixed tree, ``TorchComm.combine`` (the tree over ranks: one
-all_gather of every rank's flat buffer where they are small together,
-``TorchComm.gather_bytes``, else recursive halving and an all-gather of the
-pieces, ``--gather-bytes 0`` forcing it; or with plain=True
-``all_reduce(SUM)``), the optimiser. The two reductions alternate in blocks of 10 steps in the same
+gradients, the fixed tree, ``TorchComm.combine`` (all_gather of one flat
+buffer per rank + the tree over ranks, or with plain=True ``all_reduce(SUM)``),
+the optimiser. The two reductions alternate in blocks of 10 steps in the same
 processes; the numbers are rank 0's medians per step. Rows: the digits model
 (configs/digits.toml) and a wide one, where the gradient buffer dominates.
 The target is step(invariant) / step(plain) <= 1.3 at world size 2.
