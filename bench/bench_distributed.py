@@ -57,7 +57,7 @@ def _net(cfg: Config, dev: torch.device) -> modes.Net:
 
 
 def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int, steps: int,
-          out: str, gather_bytes: int | None) -> None:
+          out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -67,8 +67,7 @@ def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int
     net, gen = _net(cfg, dev), torch.Generator().manual_seed(0)
     opt = modes.of(cfg.mode).make_optimizer(cfg, net, steps)
     x, y = torch.rand(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-    comms = {"invariant": TorchComm(dev, plain=False, gather_bytes=gather_bytes),
-             "plain": TorchComm(dev, plain=True)}
+    comms = {"invariant": TorchComm(dev, plain=False), "plain": TorchComm(dev, plain=True)}
     rows, per = 64 // shards, shards // world
     times: dict[str, dict[str, list[float]]] = {m: {"step": [], "reduce": []} for m in comms}
     for block in range(2 * (steps // BLOCK) + 2):  # the first two blocks warm up
@@ -94,12 +93,10 @@ def _rank(rank: int, world: int, port: int, hidden: tuple[int, ...], shards: int
     dist.destroy_process_group()
 
 
-def _measure(world: int, hidden: tuple[int, ...], shards: int, steps: int,
-             gather_bytes: int | None) -> Any:
+def _measure(world: int, hidden: tuple[int, ...], shards: int, steps: int) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result")
-        mp.spawn(_rank, args=(world, _free_port(), hidden, shards, steps, out, gather_bytes),
-                 nprocs=world)
+        mp.spawn(_rank, args=(world, _free_port(), hidden, shards, steps, out), nprocs=world)
         return json.loads(Path(out).read_text())
 
 
@@ -108,8 +105,6 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--steps", type=int, default=150, help="measured steps per reduction")
-    ap.add_argument("--gather-bytes", type=int, default=None,
-                    help="TorchComm's gather_bytes (default: its own; 0: always halving)")
     a = ap.parse_args()
     print(f"world size {a.world}, train.shards={a.shards}, batch 64, {a.steps} steps per "
           f"reduction, gloo on 127.0.0.1, 1 thread per rank, rank 0's medians\n")
@@ -118,7 +113,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for name, hidden in (("digits 64-128-10", (128,)), ("wide 64-1024-1024-10", (1024, 1024))):
-        n, med = _measure(a.world, hidden, a.shards, a.steps, a.gather_bytes)
+        n, med = _measure(a.world, hidden, a.shards, a.steps)
         inv, plain = med["invariant"], med["plain"]
         print(f"{name:<22} {n:>9} {inv['reduce']:>14.3f} {plain['reduce']:>16.3f} "
               f"{inv['step']:>12.3f} {plain['step']:>14.3f} "

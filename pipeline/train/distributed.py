@@ -11,9 +11,7 @@ the W partial sums and finishing the same tree gives the bits of W = 1.
 ``TorchComm`` does that over torch.distributed: the tree over ranks by
 recursive halving (each level's sums exchanged half by half between partner
 ranks), then an all-gather of the pieces, so every rank ends with the same
-bits and holds O(model), never every rank's partial; where all the partials
-together are small (GATHER_BYTES), one all-gather of them and the tree on
-every rank (one round trip instead of log2(W) + 1). The same bits either way. The same message carries each rank's stop
+bits, and holds O(model), never every rank's partial. The same message carries each rank's stop
 request (preemption, pipeline.train.preempt). (An all_reduce would leave the order of
 the additions to the backend's algorithm: ring or halving-doubling, chunked.)
 """
@@ -33,7 +31,6 @@ __all__ = ["tree_reduce", "add_grads", "LocalComm", "TorchComm"]
 Grads = tuple[torch.Tensor, dict[str, "torch.Tensor | None"]]
 
 T = TypeVar("T")
-GATHER_BYTES = 4 << 20  # TorchComm: all the ranks' partials up to this size are gathered
 
 
 def tree_reduce(items: Sequence[T], add: Callable[[T, T], T]) -> T:
@@ -90,18 +87,12 @@ class TorchComm:
     control, ``dist.all_reduce(SUM)`` in the backend's own order.
     """
 
-    def __init__(self, device: torch.device, plain: bool = False,
-                 gather_bytes: int | None = None) -> None:
+    def __init__(self, device: torch.device, plain: bool = False) -> None:
         import torch.distributed as dist
 
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.device = device
         self.plain = plain
-        # Up to this many bytes of all the ranks' partials together, one
-        # all-gather of them (one round trip: latency rules small models);
-        # above it, recursive halving (memory and traffic per rank O(model)).
-        # Both are the same tree: the choice never changes a bit.
-        self.gather_bytes = GATHER_BYTES if gather_bytes is None else gather_bytes
         # The tensors a partial's names refer to (the net's trainable parameters
         # and float buffers): the shape of a gradient this rank did not compute.
         self.like: dict[str, torch.Tensor] = {}
@@ -128,18 +119,10 @@ class TorchComm:
             if self.plain:  # the control: the backend's own summation order
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 return _unflatten(flat, loss, shapes), bool(flat[-1].item() != 0.0)
-            if self.size * flat.numel() * flat.element_size() > self.gather_bytes:
-                total = _tree_all_reduce(dist, flat, shapes, self.rank, self.size)
-                return _unflatten(total, loss, shapes), bool(total[-1].item() != 0.0)
-            gathered = flat.new_empty(self.size * flat.numel())
-            _all_gather(dist)(gathered, flat)  # W x that
+            total = _tree_all_reduce(dist, flat, shapes, self.rank, self.size)
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
-        # Each rank's partial, its absent gradients None again, summed in the
-        # same tree as the shards (add_grads): the bits of one process.
-        rows = gathered.view(self.size, -1)
-        parts = [_unflatten(f, loss, shapes) for f in rows.unbind(0)]
-        return tree_reduce(parts, add_grads), bool((rows[:, -1] != 0.0).any().item())
+        return _unflatten(total, loss, shapes), bool(total[-1].item() != 0.0)
 
     def _shapes(self, grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Size]:
         """Every gradient's shape, also where this rank has None (a parameter
@@ -183,13 +166,16 @@ def _tree_all_reduce(dist: Any, flat: torch.Tensor, shapes: dict[str, torch.Size
     levels each rank holds 1/W of the whole sum; an all-gather gives it all."""
     n_names = len(shapes)
     body = flat.numel() - n_names - 1  # loss and gradients; then the flags, then stop
+    # Which flag each element's presence is: 0 (the loss, always there) or 1 + its name.
+    owner = torch.repeat_interleave(
+        torch.arange(n_names + 1),
+        torch.tensor([1] + [int(torch.Size(sh).numel()) for sh in shapes.values()]))
     present = torch.cat([flat.new_ones(1), flat[body:body + n_names]]) != 0.0
     stop = flat[-1:].clone()
     chunk = -(-body // size)
     vec = flat.new_zeros(chunk * size)
     vec[:body] = flat[:body]
-    sizes = [1] + [int(torch.Size(sh).numel()) for sh in shapes.values()] + [chunk * size - body]
-    own: torch.Tensor | None = None  # built only where a gradient is absent somewhere
+    own = torch.cat([owner, owner.new_zeros(chunk * size - body)])  # padding: "present" zeros
     lo, hi, level = 0, chunk * size, 0
     while (1 << level) < size:
         peer, half = rank ^ (1 << level), (hi - lo) // 2
@@ -205,23 +191,16 @@ def _tree_all_reduce(dist: Any, flat: torch.Tensor, shapes: dict[str, torch.Size
         if bool(present.all()) and bool(their_present.all()):
             vec[keep[0]:keep[1]] = mine + theirs
         else:
-            if own is None:  # each element's flag: 0 (the loss; padding) or 1 + its name's
-                own = torch.repeat_interleave(torch.arange(n_names + 2) % (n_names + 1),
-                                              torch.tensor(sizes))
             a, b = present[own[keep[0]:keep[1]]], their_present[own[keep[0]:keep[1]]]
             vec[keep[0]:keep[1]] = torch.where(a & b, mine + theirs, torch.where(a, mine, theirs))
         present, stop = present | their_present, torch.maximum(stop, recv[-1:])
         lo, hi, level = keep[0], keep[1], level + 1
     gathered = flat.new_empty(chunk * size)
     _all_gather(dist)(gathered, vec[lo:hi].contiguous())  # rank q's piece is piece rev(q)
-    rows, bits = gathered.view(size, chunk), size.bit_length() - 1
-    out = flat.new_empty(flat.numel())
-    for j in range(size):  # piece j, from rank rev(j); the padding dropped
-        end = min((j + 1) * chunk, body)
-        if end > j * chunk:
-            out[j * chunk:end] = rows[_reverse(j, bits), :end - j * chunk]
-    out[body:body + n_names], out[-1:] = present[1:].to(flat.dtype), stop
-    return out
+    rows = gathered.view(size, chunk)
+    bits = size.bit_length() - 1
+    out = torch.cat([rows[_reverse(j, bits)] for j in range(size)])[:body]
+    return torch.cat([out, present[1:].to(flat.dtype), stop])
 
 
 def _reverse(i: int, bits: int) -> int:
