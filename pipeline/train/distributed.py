@@ -8,10 +8,9 @@ dividing the shard count) rank r holds the contiguous, aligned shards
 [r*S/W, (r+1)*S/W) -- a subtree -- so summing its shards locally, gathering
 the W partial sums and finishing the same tree gives the bits of W = 1.
 
-``TorchComm`` does that over torch.distributed: the tree over ranks by
-recursive halving (each level's sums exchanged half by half between partner
-ranks), then an all-gather of the pieces, so every rank ends with the same
-bits, and holds O(model), never every rank's partial. The same message carries each rank's stop
+``TorchComm`` does that over torch.distributed: one all_gather of each rank's
+flattened partial, then the tree over ranks in rank order, on every rank, so
+every rank ends with the same bits. The same message carries each rank's stop
 request (preemption, pipeline.train.preempt). (An all_reduce would leave the order of
 the additions to the backend's algorithm: ring or halving-doubling, chunked.)
 """
@@ -119,10 +118,15 @@ class TorchComm:
             if self.plain:  # the control: the backend's own summation order
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 return _unflatten(flat, loss, shapes), bool(flat[-1].item() != 0.0)
-            total = _tree_all_reduce(dist, flat, shapes, self.rank, self.size)
+            gathered = flat.new_empty(self.size * flat.numel())
+            _all_gather(dist)(gathered, flat)  # W x that
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
-        return _unflatten(total, loss, shapes), bool(total[-1].item() != 0.0)
+        # Each rank's partial, its absent gradients None again, summed in the
+        # same tree as the shards (add_grads): the bits of one process.
+        rows = gathered.view(self.size, -1)
+        parts = [_unflatten(f, loss, shapes) for f in rows.unbind(0)]
+        return tree_reduce(parts, add_grads), bool((rows[:, -1] != 0.0).any().item())
 
     def _shapes(self, grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Size]:
         """Every gradient's shape, also where this rank has None (a parameter
@@ -146,67 +150,6 @@ class TorchComm:
             f"rank {self.rank} of {self.size}: {what} failed ({first}): a peer process died, "
             f"or did not answer within the process group's timeout. Rerun the same command, "
             f"at any world size, to resume from the last checkpoint")
-
-
-def _tree_all_reduce(dist: Any, flat: torch.Tensor, shapes: dict[str, torch.Size],
-                     rank: int, size: int) -> torch.Tensor:
-    """The neighbour-pairing tree over the ranks' flat partials (_flatten's
-    layout), its result on every rank, without gathering every partial:
-    memory and traffic per rank O(model), not O(world x model).
-
-    Recursive halving with the distance doubling: at level l rank r and its
-    partner r xor 2^l hold the sums of two neighbouring aligned blocks of 2^l
-    ranks, over the same segment of the vector; each keeps one half of the
-    segment (bit l of its rank says which), receives the partner's sums of
-    that half and adds them, so it then holds its aligned block of 2^(l+1)
-    ranks -- the tree's next level, one IEEE add per element as add_grads
-    does (addition commutes, so which side is first does not matter). A
-    gradient absent from one block (presence flag 0) is taken from the other
-    as it is, never added to the zeros that stand for it. After log2(W)
-    levels each rank holds 1/W of the whole sum; an all-gather gives it all."""
-    n_names = len(shapes)
-    body = flat.numel() - n_names - 1  # loss and gradients; then the flags, then stop
-    # Which flag each element's presence is: 0 (the loss, always there) or 1 + its name.
-    owner = torch.repeat_interleave(
-        torch.arange(n_names + 1),
-        torch.tensor([1] + [int(torch.Size(sh).numel()) for sh in shapes.values()]))
-    present = torch.cat([flat.new_ones(1), flat[body:body + n_names]]) != 0.0
-    stop = flat[-1:].clone()
-    chunk = -(-body // size)
-    vec = flat.new_zeros(chunk * size)
-    vec[:body] = flat[:body]
-    own = torch.cat([owner, owner.new_zeros(chunk * size - body)])  # padding: "present" zeros
-    lo, hi, level = 0, chunk * size, 0
-    while (1 << level) < size:
-        peer, half = rank ^ (1 << level), (hi - lo) // 2
-        keep, give = ((lo, lo + half), (lo + half, hi)) if not rank >> level & 1 else \
-            ((lo + half, hi), (lo, lo + half))
-        send = torch.cat([vec[give[0]:give[1]], present.to(flat.dtype), stop])
-        recv = torch.empty_like(send)
-        reqs = [dist.isend(send, peer), dist.irecv(recv, peer)]
-        for req in reqs:
-            req.wait()
-        theirs, their_present = recv[:half], recv[half:half + n_names + 1] != 0.0
-        mine = vec[keep[0]:keep[1]]
-        if bool(present.all()) and bool(their_present.all()):
-            vec[keep[0]:keep[1]] = mine + theirs
-        else:
-            a, b = present[own[keep[0]:keep[1]]], their_present[own[keep[0]:keep[1]]]
-            vec[keep[0]:keep[1]] = torch.where(a & b, mine + theirs, torch.where(a, mine, theirs))
-        present, stop = present | their_present, torch.maximum(stop, recv[-1:])
-        lo, hi, level = keep[0], keep[1], level + 1
-    gathered = flat.new_empty(chunk * size)
-    _all_gather(dist)(gathered, vec[lo:hi].contiguous())  # rank q's piece is piece rev(q)
-    rows = gathered.view(size, chunk)
-    bits = size.bit_length() - 1
-    out = torch.cat([rows[_reverse(j, bits)] for j in range(size)])[:body]
-    return torch.cat([out, present[1:].to(flat.dtype), stop])
-
-
-def _reverse(i: int, bits: int) -> int:
-    """``i``'s lowest ``bits`` bits in reverse order: the piece of the vector
-    that rank ``i`` ends with, after halving by its bits from the lowest."""
-    return int(f"{i:0{bits}b}"[::-1], 2) if bits else 0
 
 
 def _all_gather(dist: Any) -> Callable[[torch.Tensor, torch.Tensor], Any]:

@@ -86,62 +86,6 @@ def test_local_comm_is_the_identity() -> None:
     assert LocalComm().combine(part) is part and LocalComm().decide(True)
 
 
-def _rank_partial(r: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """Rank ``r``'s partial: spread magnitudes; "u" only on odd ranks, "z" (all
-    -0.0) only on rank 0, so absent gradients and the sign of zero show."""
-    loss, g = _grads(r)
-    u = torch.randn(5, generator=torch.Generator().manual_seed(100 + r)) * 10.0 ** r
-    return loss, {**g, "u": u if r % 2 else None,
-                  "z": torch.full((4,), -0.0) if r == 0 else None}
-
-
-def _comm_rank(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    from pipeline.train.distributed import TorchComm
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    comm = TorchComm(torch.device("cpu"))
-    comm.expect({"w": torch.zeros(33), "b": torch.zeros(3), "u": torch.zeros(5),
-                 "z": torch.zeros(4)})
-    total, stop = comm.exchange(_rank_partial(rank), stop=rank == world - 1)
-    _, quiet = comm.exchange(_rank_partial(rank), stop=False)
-    bits = [total[0].numpy().tobytes().hex()] + [
-        None if v is None else v.numpy().tobytes().hex() for _, v in sorted(total[1].items())]
-    Path(out, f"rank-{rank}.json").write_text(json.dumps([bits, stop, quiet]))
-    dist.destroy_process_group()
-
-
-@pytest.mark.process
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_the_ranks_tree_gives_one_process_bits_on_every_rank(world: int,
-                                                            tmp_path: Path) -> None:
-    """TorchComm.exchange over gloo (recursive halving, then an all-gather of
-    the pieces: no rank holds every partial) gives every rank the bits of
-    tree_reduce over the ranks' partials in one process: absent gradients
-    taken as they are (rank 0's -0.0 stays -0.0), present ones summed in the
-    tree; a stop request from the last rank reaches all."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    mp.spawn(_comm_rank, args=(world, port, str(tmp_path)), nprocs=world)
-    loss, grads = tree_reduce([_rank_partial(r) for r in range(world)], add_grads)
-    want = [loss.numpy().tobytes().hex()] + [
-        None if v is None else v.numpy().tobytes().hex() for _, v in sorted(grads.items())]
-    assert grads["z"] is not None and str(grads["z"][0].item()) == "-0.0"
-    for r in range(world):
-        bits, stop, quiet = json.loads((tmp_path / f"rank-{r}.json").read_text())
-        assert bits == want, r
-        assert stop is True and quiet is False
-
-
 @pytest.mark.parametrize("nproc, shards", [(3, 4), (8, 4), (2, 1), (0, 4)])
 def test_world_size_must_be_a_power_of_two_dividing_shards(
         nproc: int, shards: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
