@@ -86,6 +86,9 @@ BENCHES = (
     Bench("peers", ("bench/peers.py", "--quick"),
           "plain loop, Lightning, pinned and exact side by side", "pinned/plain <= 1.05",
           1.5, needs="lightning"),
+    Bench("model-features", ("bench/model_features.py",),
+          "tied, frozen, unused, hooked, BatchNorm, parametrized models in both modes at "
+          "1/2 threads and 2 processes (issue 21)", "one hash per mode, or a refusal", 5),
 )
 BY_NAME = {b.name: b for b in BENCHES}
 _SECTION = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n.*?<!-- /bench:(?P=name) -->\n",

@@ -26,6 +26,7 @@ from .inference.commands import add_commands as _inference_commands
 from .inference.commands import run as _inference
 
 if TYPE_CHECKING:
+    from .project import Project
     from .record.schema import RunRecord
 
 __all__ = ["main"]
@@ -40,9 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a config (memoised by run key)")
     t.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
-                   help="a TOML config (default configs/digits.toml) and overrides")
-    t.add_argument("--runs-dir", type=Path, default=Path("runs"),
-                   help="where run directories live (default: runs)")
+                   help="a TOML config (default: the project's config.toml) and overrides")
+    _project_option(t, "whose manifest and runs/ to use (default: the CONFIG's project, "
+                       "else the one around the working directory)")
+    t.add_argument("--runs-dir", type=Path, default=None,
+                   help="where run directories live (default: the project's runs/)")
     t.add_argument("--rebuild", action="store_true",
                    help="retrain from the data files (no cache) and compare; implies --force")
     t.add_argument("--force", action="store_true", help="replace a runs/<key> that fails checks")
@@ -72,14 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     dv = sub.add_parser("data", help="data commands").add_subparsers(dest="data_cmd",
                                                                      required=True)
     ver = dv.add_parser("verify", help="check every file against data-manifest.json")
+    _project_option(ver, "whose data-manifest.json to check (default: the one around the "
+                         "working directory)")
     ver.add_argument("--manifest", type=Path, default=None,
                      help="the manifest to check (default: the project's data-manifest.json)")
     ver.add_argument("--full", action="store_true", help="ignore the stat cache")
     add = dv.add_parser("add", help="add a file (and a dataset part) to data-manifest.json")
     add.add_argument("file", type=Path, help="the data file (inside the manifest's directory)")
     add.add_argument("--name", required=True, help="the file entry's name")
+    _project_option(add, "whose data-manifest.json to write (default: the one around the "
+                         "working directory; written there if it has none)")
     add.add_argument("--manifest", type=Path, default=None,
-                     help="default: ./data-manifest.json if present, else the project's")
+                     help="the manifest to write (default: the project's data-manifest.json)")
     add.add_argument("--format", dest="fmt", default=None,
                      help="csv, npy, npz, idx or text: also make it a dataset part")
     add.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
@@ -97,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("dir", type=Path, help="a new or empty directory")
     sub.add_parser("env", help="print the toolchain fingerprint and numeric profile")
     r = sub.add_parser("runs", help="list runs")
-    r.add_argument("--runs-dir", type=Path, default=Path("runs"),
-                   help="where run directories live (default: runs)")
+    _project_option(r, "whose runs/ to list (default: the one around the working directory)")
+    r.add_argument("--runs-dir", type=Path, default=None,
+                   help="where run directories live (default: the project's runs/)")
     g = sub.add_parser("golden", help="golden weight hashes (tests/golden/weights.json)")
     gs = g.add_subparsers(dest="golden_cmd", required=True)
     for name in ("add", "check"):
@@ -117,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     _inference_commands(sub)
     _export_commands(sub)
     return p
+
+
+def _project_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--project", type=Path, default=None, metavar="DIR",
+                   help=f"the project (a directory holding config.toml or "
+                        f"data-manifest.json) {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,37 +165,51 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     return handlers.get(cmd, _golden)(args)
 
 
-def _config_args(items: list[str]) -> tuple[Path, list[str]]:
-    """(CONFIG, overrides) from ``train``'s positional arguments; CONFIG
-    defaults to configs/digits.toml and is looked up in the project root too."""
+def _config_args(items: list[str], explicit: Path | None) -> tuple[Path, list[str], Project]:
+    """(CONFIG, overrides, project) from ``train``'s positional arguments and
+    ``--project``. CONFIG defaults to the project's config.toml (the shipped
+    project's configs/digits.toml where none is found); a relative CONFIG
+    missing here is looked up in the shipped project too."""
     from .core.environment import project_root
+    from .project import resolve
 
     config = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
     if len(config) > 1:
         raise UsageError(f"expected at most one CONFIG before KEY=VALUE overrides, found "
                          f"{config}")
-    path = Path(config[0]) if config else project_root() / "configs" / "digits.toml"
-    if not path.exists() and not path.is_absolute() and (project_root() / path).exists():
-        path = project_root() / path
-    return path, overrides
+    if config:
+        path = Path(config[0])
+        if not path.exists() and not path.is_absolute() and (project_root() / path).exists():
+            path = project_root() / path
+        return path, overrides, resolve(explicit, config=path)
+    project = resolve(explicit)
+    if project.config is None:
+        raise UsageError(f"no CONFIG given, and the project at {project.root} has no "
+                         f"config.toml; name one: pipeline train CONFIG")
+    return project.config, overrides, project
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from . import recipe
+    from .project import say
 
-    path, overrides = _config_args(args.args)
+    path, overrides, project = _config_args(args.args, args.project)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected an integer >= 1, found {args.threads}")
     cfg = load_config(path, overrides)
+    if args.runs_dir is None:
+        args.runs_dir = project.runs
+    say(project)  # only where it fell back on the shipped project or manifest
     from .cluster import detect
 
     if (worker := detect(os.environ)) is not None:  # started by torchrun, srun, a PyTorchJob
-        return _launch(args, argv, cfg, path, overrides, worker)
+        return _launch(args, argv, cfg, path, overrides, project, worker)
     if args.nproc != 1 or args.nnodes != 1:
-        return _launch(args, argv, cfg, path, overrides)
+        return _launch(args, argv, cfg, path, overrides, project)
     prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,
-                          threads=args.threads, device=args.device)
+                          threads=args.threads, device=args.device,
+                          manifest_file=project.manifest)
     out = recipe.get_or_train(prep, args.runs_dir, device=args.device, quiet=args.quiet,
                               force=args.force or args.rebuild, threads=args.threads)
     assert out.record is not None  # one process: rank 0
@@ -195,7 +223,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
-            overrides: list[str], worker: Any = None) -> int:
+            overrides: list[str], project: Project, worker: Any = None) -> int:
     """``--nproc``/``--nnodes``: start the workers; ``worker`` (pipeline.cluster):
     be one, started by another launcher."""
     from .launch import Spec, launch, serve
@@ -205,7 +233,8 @@ def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
                          "outside the launcher (the bits are the same at every world size)")
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
-                args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads)
+                args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads,
+                manifest=str(project.manifest.resolve()))
     if worker is not None:
         given = [f"--{k.replace('_', '-')}" for k in _LAUNCH_OPTIONS
                  if getattr(args, k) != _parser_default(k)]
@@ -245,9 +274,11 @@ def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path) -> N
 def _metric(record: RunRecord) -> str:
     """The record's test metric: accuracy (classification) or loss (language model)."""
     m = record.metrics
+    val = "".join(f", validation {k[4:]} {v:.4f}" for k, v in m.items()
+                  if k.startswith("val_") and isinstance(v, (int, float)))
     if m.get("test_accuracy") is not None:
-        return f"test accuracy {m['test_accuracy']:.4f}"
-    return f"validation loss {m['test_loss']:.4f}" if "test_loss" in m else "no test metric"
+        return f"test accuracy {m['test_accuracy']:.4f}{val}"
+    return f"test loss {m['test_loss']:.4f}{val}" if "test_loss" in m else "no test metric"
 
 
 def _verify(args: argparse.Namespace, argv: list[str]) -> int:
@@ -278,11 +309,32 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _manifest_of(args: argparse.Namespace) -> Path:
+    """``--manifest``, else the project's (``--project``, else the one around
+    the working directory; the shipped one where none is found, said on
+    stderr)."""
+    from .project import resolve, say
+
+    if args.manifest is not None:
+        return Path(args.manifest)
+    project = resolve(args.project)
+    if args.data_cmd == "add":
+        if not project.found:
+            raise UsageError(f"data add: no project found from {Path.cwd()} upwards (no "
+                             f"config.toml or data-manifest.json) to add the file to; "
+                             f"`pipeline new DIR` writes one, or pass --project DIR or "
+                             f"--manifest FILE")
+        return project.root / "data-manifest.json"  # its own, written if it has none
+    say(project)
+    return project.manifest
+
+
 def _data_verify(args: argparse.Namespace) -> int:
     from . import recipe
     from .data import manifest
 
-    path = args.manifest or recipe.manifest_path()
+    path = _manifest_of(args)
+    print(f"manifest: {path}")
     verified = manifest.verify(path, full=args.full, stat_cache_dir=manifest.default_cache_dir())
     for name, sha in verified.hashes.items():
         print(f"ok {name} sha256:{sha}")
@@ -292,10 +344,9 @@ def _data_verify(args: argparse.Namespace) -> int:
 
 
 def _data_add(args: argparse.Namespace) -> int:
-    from . import recipe
     from .data import add as manifest_edit
 
-    path = args.manifest or recipe.manifest_path(Path.cwd())
+    path = _manifest_of(args)
     lines = manifest_edit.add(path, args.file, name=args.name, source=args.source,
                               licence=args.licence, description=args.description,
                               fmt=args.fmt, dataset=args.dataset, part=args.part,
@@ -328,8 +379,11 @@ def _env() -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    from .project import resolve
     from .record import runs
 
+    if args.runs_dir is None:
+        args.runs_dir = resolve(args.project).runs
     if not args.runs_dir.is_dir():
         return 0
     for name, rec, why in runs.list_runs(args.runs_dir):  # BAD: fails read_run's checks

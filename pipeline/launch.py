@@ -75,6 +75,7 @@ class Spec:
     rdzv_endpoint: str | None = None
     force: bool = False      # replace a runs/<key> that fails its checks
     threads: int | None = None  # per worker (pipeline.train.threads); None: 1, as W workers use W cores
+    manifest: str | None = None  # the project's data manifest (None: recipe.manifest_path's)
     worker_lock: bool = False  # global rank 0's worker takes the run lock (ranks from rendezvous)
 
 
@@ -86,6 +87,10 @@ class Outcome:
     record: RunRecord | None
     reused: bool = False
     note: str = ""
+
+
+def _manifest(spec: Spec) -> Path | None:
+    return Path(spec.manifest) if spec.manifest else None
 
 
 def world_size(spec: Spec, cfg: Config) -> int:
@@ -126,8 +131,8 @@ def launch(spec: Spec, argv: list[str], cfg: Config) -> Outcome:
                          "--rdzv-endpoint HOST:PORT")
     os.environ.update(worker_environment(modes.of(cfg.mode).pins_threads()))
     prep = recipe.prepare(cfg, argv, Path(spec.config).parent,  # pinned: re-exec first
-                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
-                          device=spec.device)
+                          manifest_file=_manifest(spec), threads=worker_threads(spec.threads),
+                          world_size=world_size(spec, cfg), device=spec.device)
     runs_dir, key = Path(spec.runs_dir), prep.inputs.key
     # With static ranks node 0 holds the run lock for the whole launch, so the
     # workers need none. With a rendezvous every node leaves out --node-rank (0):
@@ -324,8 +329,8 @@ def _work(spec: Spec, rank: int) -> dict[str, Any]:
     cfg = load_config(spec.config, spec.overrides)
     modes.of(cfg.mode).require_prepared()
     prep = recipe.prepare(cfg, [], Path(spec.config).parent,  # pinned already: no re-exec
-                          threads=worker_threads(spec.threads), world_size=world_size(spec, cfg),
-                          device=spec.device)
+                          manifest_file=_manifest(spec), threads=worker_threads(spec.threads),
+                          world_size=world_size(spec, cfg), device=spec.device)
     out = _train_rank(spec, prep, rank)
     return {"record": out.record.to_json() if out.record is not None else None,
             "weights_sha256": out.weights_sha256, "reused": out.reused}
@@ -361,7 +366,7 @@ def serve(worker: Worker, spec: Spec, argv: list[str], cfg: Config) -> Outcome:
     # and torch.distributed's env:// variables (Slurm's are translated).
     os.environ.update(worker_environment(modes.of(cfg.mode).pins_threads()))
     os.environ.update(worker.torch_env())
-    prep = recipe.prepare(cfg, argv, Path(spec.config).parent,
+    prep = recipe.prepare(cfg, argv, Path(spec.config).parent, manifest_file=_manifest(spec),
                           threads=worker_threads(spec.threads), world_size=w, device=spec.device)
     spec = dataclasses.replace(spec, nproc=w, worker_lock=True)
     out = _train_rank(spec, prep, worker.rank)

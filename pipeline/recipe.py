@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import modes
+from . import project as projects
 from .core import _testing, usercode
 from .core.config import Config, config_from_dict
 from .core.environment import device_identity, project_root
@@ -44,12 +45,13 @@ from .record.schema import RunRecord
 
 if TYPE_CHECKING:
     from .data.dataset import Dataset
+    from .data.standardize import Standardizer
     from .models import Parts
     from .train.loop import TrainResult
 
-__all__ = ["Prepared", "Outcome", "prepare", "find_project", "check_device", "check_existing", "get_or_train",
-           "rebuild", "verify_run", "manifest_path", "data_fields", "check_caches",
-           "train_in_process"]
+__all__ = ["Prepared", "Outcome", "prepare", "check_device", "check_existing", "get_or_train",
+           "rebuild", "verify_run", "manifest_path", "data_fields", "standardize_for",
+           "check_caches", "train_in_process"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,19 @@ class Outcome:
 
 
 def manifest_path(base: Path | None = None) -> Path:
-    """``data-manifest.json`` beside the config (a user's project), else the project root's."""
-    if base is not None and (base / "data-manifest.json").is_file():
-        return base / "data-manifest.json"
-    return project_root() / "data-manifest.json"
+    """The data manifest of the project around ``base`` (pipeline.project:
+    the nearest directory upwards holding a config.toml or data-manifest.json;
+    one without a manifest of its own reads the shipped one), else the
+    shipped project's."""
+    if base is None:
+        return project_root() / "data-manifest.json"
+    return projects.resolve(start=base).manifest
 
 
 def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
             trust_cache: bool = True, threads: int | None = None,
-            world_size: int = 1, device: str = "cpu") -> Prepared:
+            world_size: int = 1, device: str = "cpu",
+            manifest_file: Path | None = None) -> Prepared:
     """Pin (the mode's way; pinned mode may re-execute with ``argv``), load the
     model factory from ``base`` (the config's directory), verify every data
     file before anything is written, decode the config's dataset
@@ -92,7 +98,9 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     any training). ``threads`` and ``world_size`` matter to the key only
     under a test-only switch whose bits depend on them (pipeline.core._testing);
     ``device`` (checked here: exit 2 if this machine lacks it) is part of the
-    profile record, so pinned mode's key covers it and exact mode's does not."""
+    profile record, so pinned mode's key covers it and exact mode's does not.
+    ``manifest_file``: the data manifest (default: ``manifest_path(base)``,
+    the project's)."""
     mode = modes.of(cfg.mode)
     profile = mode.prepare(argv)  # may re-execute: nothing heavy before it
     check_device(device)
@@ -104,18 +112,37 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     parts = resolve(cfg.model.factory, cfg.train.loss, base)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
-    verified = manifest.verify(manifest_path(base), stat_cache_dir=cache)
+    verified = manifest.verify(manifest_file or manifest_path(base), stat_cache_dir=cache)
     set_verified(verified)  # the files a factory may load with pipeline.pretrained
     ds = dataset.load(verified, cfg.data.dataset, cache, trust_cache=trust_cache)
     _check_fit(cfg, ds)
+    ds, stats = standardize_for(cfg, ds)
     _check_model(cfg, ds, parts)
     data = data_fields(verified, cfg.data.dataset)
+    if stats is not None:
+        data["standardize"] = stats.to_json()
     if pretrained := loaded():  # files the model check's factory loaded (pipeline.pretrained)
         data["pretrained"] = pretrained
     switches = _testing.keyed(_testing.SWITCHES, threads=threads, world_size=world_size)
     inputs = run_inputs(cfg, mode.key_fields, data, profile, parts.record(),
                         {ds.name: ds.decoded_sha256()}, switches)
     return Prepared(inputs, ds, parts, base, verified)
+
+
+def standardize_for(cfg: Config, ds: Dataset, stats: Standardizer | None = None
+                    ) -> tuple[Dataset, Standardizer | None]:
+    """``ds`` standardised per column (``data.standardize``) by ``stats``, or
+    by the statistics of its training split under ``cfg`` (the loop's split),
+    and the statistics; ``ds`` itself, None when the config does not ask."""
+    if not cfg.data.standardize:
+        return ds, None
+    from .data import standardize
+    from .data.sampling import split3
+
+    if stats is None:  # the examples that train: neither test nor validation
+        stats = standardize.fit(ds, split3(ds, cfg.seed, cfg.data.test_fraction,
+                                           cfg.data.val_fraction, cfg.data.context)[0])
+    return standardize.standardized(ds, stats), stats
 
 
 def data_fields(verified: manifest.Verified, name: str) -> dict[str, Any]:
@@ -172,11 +199,16 @@ def _check_fit(cfg: Config, ds: Dataset) -> None:
     if (wrong := ds.task.context_problem(cfg.data.context, ds.name)) is not None:
         problems.append(wrong)
     if not problems:
-        from .data.sampling import split
-        train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, cfg.data.context)
+        from .data.sampling import split3
+        train_ids, val_ids, test_ids = split3(ds, cfg.seed, cfg.data.test_fraction,
+                                              cfg.data.val_fraction, cfg.data.context)
         if len(test_ids) == 0:
             problems.append(f"data.test_fraction: {cfg.data.test_fraction} of "
                             f"{len(train_ids)} examples is an empty test split")
+        if cfg.data.val_fraction > 0 and len(val_ids) == 0:
+            problems.append(f"data.val_fraction: {cfg.data.val_fraction} of "
+                            f"{len(train_ids)} training examples is an empty validation "
+                            f"split")
         if len(train_ids) < cfg.train.batch_size:
             problems.append(f"train.batch_size: expected at most the {len(train_ids)} "
                             f"training examples of {ds.name!r}, found {cfg.train.batch_size}")
@@ -315,7 +347,7 @@ def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
     """Retrain the run in ``run_dir`` from its recorded config and compare its
     weights bit for bit. Returns (its record, the inputs that differ here).
     The model's code and the data manifest come from ``project`` (else the
-    project around the working directory: ``find_project``), never from a
+    project around the working directory: ``pipeline.project``), never from a
     path the record names: a record is data, and importing what it points to
     would run whatever code sits there."""
     record = runs.read_run(run_dir)
@@ -343,15 +375,6 @@ def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
     return record, differences
 
 
-def find_project(start: Path) -> Path | None:
-    """The nearest directory from ``start`` upwards holding a ``config.toml``
-    or a ``data-manifest.json`` (as git finds ``.git``), or None."""
-    for d in (start.resolve(), *start.resolve().parents):
-        if (d / "config.toml").is_file() or (d / "data-manifest.json").is_file():
-            return d
-    return None
-
-
 def _verify_base(record: RunRecord, cfg: Config, run_dir: Path,
                  project: Path | None) -> Path | None:
     """Where ``verify`` imports the model's code from: the project the user
@@ -360,7 +383,7 @@ def _verify_base(record: RunRecord, cfg: Config, run_dir: Path,
     from .core.config import LOSSES
     from .models import BUILTINS
 
-    base = project.resolve() if project is not None else find_project(Path.cwd())
+    base = project.resolve() if project is not None else projects.find(Path.cwd())
     if base is not None and base.is_relative_to(Path(run_dir).resolve()):
         raise UsageError(f"--project {base}: a run directory holds data, not code; name the "
                          f"project the run was trained from")

@@ -35,6 +35,8 @@ class DataConfig:
     dataset: str = "digits"
     test_fraction: float = 0.2   # used when the dataset has no test part of its own
     context: int = 0             # language modelling: tokens per example (0: classification)
+    val_fraction: float = 0.0    # of the training examples, held out for validation (0: none)
+    standardize: bool = False    # per-column, statistics of the training split (pipeline.data.standardize)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
     ("mode", lambda v: v in MODES, 'one of "pinned", "exact"'),
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0: no validation split)"),
     ("data.context", lambda v: 0 <= v <= 1 << 20, "an integer in [0, 2^20]"),
     ("model.factory", lambda v: _FACTORY.fullmatch(v) is not None,
      '"package.module:function" (dotted Python names)'),
@@ -123,7 +126,8 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 # Keys added after configs were first hashed: left out of the canonical dict (run
 # key, config_sha256, golden keys) at their default, so older configs keep their hash.
-_KEYED_WHEN_SET = {("train", "checkpoint_seconds"): 60.0,
+_KEYED_WHEN_SET = {("train", "checkpoint_seconds"): 60.0, ("data", "standardize"): False,
+                   ("data", "val_fraction"): 0.0,
                    ("optim", "nesterov"): False, ("optim", "clip_norm"): 0.0,
                    ("optim", "schedule"): "constant", ("optim", "warmup_steps"): 0}
 

@@ -15,6 +15,7 @@ says so.
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 from ..core.errors import DataIntegrityError
 from .bounded import Content
 
-__all__ = ["decode_csv"]
+__all__ = ["decode_csv", "integers"]
 
 _INT = r"[+-]?[0-9]{1,18}"  # at most 18 digits: always fits int64
 _DEC = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -33,10 +34,16 @@ _MEANS = {_INT: "an integer (at most 18 digits)", _DEC: "a decimal number", _ANY
 MAX_LINE = 16 << 20  # bytes: a longer line is refused, not buffered
 
 
+def integers(spec: Mapping[str, Any]) -> bool:
+    """Whether the features are integers: ``values = "integer"``, the default
+    where a ``value_range`` is given (``values = "real"`` takes decimals)."""
+    return spec.get("values", "integer" if "value_range" in spec else "real") == "integer"
+
+
 def _columns(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(role, pattern) of each column of a row, in order."""
     (start, stop), label = spec["features"], spec["label"]
-    feature = _INT if "value_range" in spec else _DEC
+    feature = _INT if integers(spec) else _DEC
     return [("feature", feature) if start <= c < stop else ("label", _INT) if c == label
             else ("unused", _ANY) for c in range(max(stop, label + 1))]
 
@@ -59,15 +66,18 @@ def _row_error(where: str, line: str, spec: Mapping[str, Any], first: bool = Fal
     if len(fields) != len(cols):
         return DataIntegrityError(where, f"{len(cols)} comma-separated fields",
                                   f"{len(fields)} fields", hint)
-    lo, hi = spec.get("value_range", (0, 0))  # read only for integer features
+    lo, hi = spec.get("value_range", (-math.inf, math.inf))
     divisor = np.float32(spec.get("divisor", 1))
     for c, ((role, pat), s) in enumerate(zip(cols, fields)):
         if not re.fullmatch(pat, s):
             want = _MEANS[pat]
+            if pat == _INT and role == "feature" and re.fullmatch(_DEC, s):
+                hint = hint or ('the features are integers (value_range without values = '
+                                '"real"); for real-valued columns set values = "real"')
         elif role == "label" and not 0 <= int(s) < spec["classes"]:
             want = f"in 0..{spec['classes'] - 1}"
-        elif role == "feature" and pat == _INT and not lo <= int(s) <= hi:
-            want = f"in {lo}..{hi}"
+        elif role == "feature" and not lo <= (int(s) if pat == _INT else float(s)) <= hi:
+            want = f"in {lo}..{hi} (value_range)"
         elif role == "feature" and not np.isfinite(np.float32(float(s)) / divisor):
             want = "finite in float32 after dividing by the divisor"
         else:
@@ -104,7 +114,7 @@ def _parse(rows: list[str], first: int, spec: Mapping[str, Any], where: str
     # loadtxt's C parser is ~5x faster than int() per field and reads only checked text;
     # integers parse exactly as int64 (18 digits at most), decimals as float64.
     table = np.loadtxt(io.StringIO("\n".join(rows)), delimiter=",", comments=None, ndmin=2,
-                       dtype=np.int64 if "value_range" in spec else np.float64,
+                       dtype=np.int64 if integers(spec) else np.float64,
                        usecols=[*range(start, stop), spec["label"]])  # (n, F + 1)
     feats, labels = table[:, :-1], table[:, -1]
     lo, hi = spec.get("value_range", (-np.inf, np.inf))

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core import rng
 
-__all__ = ["split", "epoch_order", "batches"]
+__all__ = ["split", "validation", "split3", "epoch_order", "batches"]
 
 
 class _Data(Protocol):
@@ -46,6 +46,34 @@ def split(ds: _Data, seed: int, test_fraction: float,
     perm = rng.permutation(rng.key(seed, rng.SPLIT, int(ds.sha256[:16], 16)), n)
     n_test = math.floor(n * float(test_fraction))  # f64 product, as specified
     return perm[n_test:].astype(np.int64), perm[:n_test].astype(np.int64)
+
+
+def validation(ds: _Data, train_ids: np.ndarray, seed: int, val_fraction: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(train_ids, val_ids): ``floor(len(train_ids) * val_fraction)`` of the
+    training examples (an f64 product, as the test split's) held out for
+    validation, drawn by the permutation keyed ``(seed, SPLIT, data, 1)``
+    (the test split's key with one more word); both keep ``train_ids``'
+    relative order. ``val_fraction`` 0: every example trains (no key drawn)."""
+    _check_seed(seed)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    train_ids = np.asarray(train_ids, dtype=np.int64)
+    n = len(train_ids)
+    n_val = math.floor(n * float(val_fraction))
+    if n_val == 0:
+        return train_ids, np.empty(0, dtype=np.int64)
+    perm = rng.permutation(rng.key(seed, rng.SPLIT, int(ds.sha256[:16], 16), 1), n)
+    return train_ids[np.sort(perm[n_val:])], train_ids[np.sort(perm[:n_val])]
+
+
+def split3(ds: _Data, seed: int, test_fraction: float, val_fraction: float,
+           context: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train_ids, val_ids, test_ids): ``split``, then ``validation`` of its
+    training examples."""
+    train_ids, test_ids = split(ds, seed, test_fraction, context)
+    train_ids, val_ids = validation(ds, train_ids, seed, val_fraction)
+    return train_ids, val_ids, test_ids
 
 
 def epoch_order(train_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:

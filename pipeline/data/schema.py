@@ -189,6 +189,10 @@ def _ints(v: object, n: int | None = None) -> bool:
     return isinstance(v, list) and (n is None or len(v) == n) and all(map(_int, v))
 
 
+def _number(v: object) -> bool:
+    return _int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
 def _divisor(v: Any, _: object) -> bool:
     """A number > 0 that stays finite and non-zero in float32 (the division is f32)."""
     if not (_int(v) or isinstance(v, float)):
@@ -211,7 +215,10 @@ _KINDS: dict[str, tuple[str, Callable[[Any, Collection[str]], bool]]] = {
     "column": ("an integer >= 0 (a column index)", lambda v, _: _int(v) and v >= 0),
     "features": ("[start, stop], integers with 0 <= start < stop",
                  lambda v, _: _ints(v, 2) and 0 <= v[0] < v[1]),
-    "range": ("[lo, hi], integers with lo <= hi", lambda v, _: _ints(v, 2) and v[0] <= v[1]),
+    "range": ("[lo, hi], finite numbers with lo <= hi",
+              lambda v, _: isinstance(v, list) and len(v) == 2 and all(map(_number, v))
+              and v[0] <= v[1]),
+    "values": ('"integer" or "real"', lambda v, _: v in ("integer", "real")),
     "shape": ("a non-empty list of integers >= 1",
               lambda v, _: _ints(v) and min(v, default=0) >= 1),
     "divisor": ("a number > 0, finite and non-zero in float32", _divisor),
@@ -224,7 +231,8 @@ _MAX = ("count", False)
 _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, required)
     "csv": {"file": _F, "compression": _GZ, "header": ("bool", False),
             "features": ("features", True), "label": ("column", True), "shape": ("shape", False),
-            "value_range": ("range", False), "divisor": _DIV, "classes": _CLASSES,
+            "value_range": ("range", False), "values": ("values", False), "divisor": _DIV,
+            "classes": _CLASSES,
             "rows": ("count", False), "max_bytes": _MAX},
     "npy": {"x": _F, "y": _F, "divisor": _DIV, "classes": _CLASSES},
     "npz": {"file": _F, "x": ("key", True), "y": ("key", True), "divisor": _DIV,

@@ -76,13 +76,14 @@ def _tensorboard(args: argparse.Namespace, logdir: Path) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from ..recipe import find_project, manifest_path
+    from ..project import find
+    from ..recipe import manifest_path
     from ..record.metrics import read_metrics
     from ..record.runs import read_run
     from .card import card, manifest_entries
 
     record = read_run(args.run_dir)
-    base = args.project or find_project(Path.cwd()) or Path.cwd()
+    base = args.project or find(Path.cwd()) or Path.cwd()
     base = base.parent if base.is_file() else base
     text = card(record, read_metrics(args.run_dir, record),
                 manifest_entries(manifest_path(base), record))

@@ -42,6 +42,10 @@ def eval_config(record_config: dict[str, Any], overrides: list[str], where: str)
     if other:
         raise UsageError(f"{other[0]}: eval takes data.* overrides only (the model is the "
                          f"run's: its model, train and optim keys are fixed)")
+    if any(o.partition("=")[0].strip() == "data.standardize" for o in overrides):
+        raise UsageError("data.standardize: the model's inputs are standardised as the run's "
+                         "were (its statistics, from its own training split); it is not an "
+                         "eval override")
     data = {**record_config["data"], **parse_overrides(overrides).get("data", {})}
     return config_from_dict({**record_config, "data": data}, f"{where} with {overrides}")
 
@@ -56,7 +60,7 @@ def evaluate(run_dir: Path, overrides: list[str], project: Path | None) -> Evalu
     cfg = eval_config(record.config, overrides, str(Path(run_dir) / "run.json"))
     own = cfg.data == config_from_dict(record.config, "run.json").data
     if cfg.data.dataset != ds.name:
-        ds = dataset_for(cfg, base, None, Path(run_dir))
+        ds = dataset_for(cfg, base, None, Path(run_dir), model.standardizer)
     _check_fits(model.shapes, ds, cfg)
     metric, value, n = score(model.net, ds, cfg)
     recorded = record.metrics.get(metric) if own else None

@@ -38,13 +38,15 @@ from ..core.config import Config, config_from_dict
 from ..core.errors import CheckpointError, ConfigError, DataIntegrityError, UsageError
 from ..data import manifest
 from ..models import Parts, resolve
-from ..recipe import data_fields, find_project, manifest_path
+from ..project import find
+from ..recipe import data_fields, manifest_path, standardize_for
 from ..record import runs
 from ..record.diff import differences
 from ..record.schema import RunRecord
 
 if TYPE_CHECKING:
     from ..data.dataset import Dataset
+    from ..data.standardize import Standardizer
     from .model import Model
 
 __all__ = ["load", "load_with_data", "project_base", "run_config", "dataset_for"]
@@ -84,10 +86,10 @@ def run_config(record: RunRecord, run_dir: Path) -> Config:
 def project_base(project: str | Path | None, run_dir: Path) -> Path:
     """The directory user modules and the data manifest are found in: ``project``
     (a directory, or a config file's directory), else the project around the
-    current directory (``recipe.find_project``: a config.toml or
+    current directory (``pipeline.project.find``: a config.toml or
     data-manifest.json from there upwards), else the current directory.
     UsageError if it is the run directory or inside it."""
-    base = Path(project) if project is not None else find_project(Path.cwd()) or Path.cwd()
+    base = Path(project) if project is not None else find(Path.cwd()) or Path.cwd()
     if base.is_file():
         base = base.parent
     if not base.is_dir():
@@ -154,13 +156,16 @@ def _refuse_from_run_dir(spec: str, base: Path, run_dir: Path, record: RunRecord
                          f"from the project that trained it")
 
 
-def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path) -> Dataset:
+def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path,
+                stats: Standardizer | None = None) -> Dataset:
     """``cfg``'s dataset from the project's manifest, its files verified; with
-    ``record``, its decode specs, file hashes and decoded arrays must be the
-    record's (DataIntegrityError naming run.json's field), so the shapes and
-    vocabulary are the ones the run trained with, and the pretrained files the
-    run's factory loaded are verified too and may be loaded again
-    (pipeline.pretrained; ``_build`` checks it loads the same)."""
+    ``record``, its decode specs, file hashes, standardisation statistics and
+    decoded arrays must be the record's (DataIntegrityError naming run.json's
+    field), so the shapes and vocabulary are the ones the run trained with,
+    and the pretrained files the run's factory loaded are verified too and may
+    be loaded again (pipeline.pretrained; ``_build`` checks it loads the same).
+    ``data.standardize``: standardised by ``stats`` (another dataset scored
+    by a run's model), else by its training split's (pipeline.data.standardize)."""
     from ..data import dataset
     from ..data.pretrained import set_verified
 
@@ -177,17 +182,22 @@ def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path
         raise CheckpointError(f"{run_dir / 'run.json'} [data.pretrained]",
                               "an object of file names and hashes", repr(pretrained)[:80])
     verified = manifest.verify(path, names=[*entry.files(), *pretrained], stat_cache_dir=cache)
+    now = {**data_fields(verified, entry.name),
+           **({"pretrained": {k: verified.hashes[k] for k in pretrained}} if pretrained else {})}
     if record is not None:
-        now = {**data_fields(verified, entry.name),
-               **({"pretrained": {k: verified.hashes[k] for k in pretrained}} if pretrained
-                  else {})}
-        _same(f"{run_dir / 'run.json'} [data]", record.data, now, f"the data in {path}")
+        recorded = {k: v for k, v in record.data.items() if k != "standardize"}
+        _same(f"{run_dir / 'run.json'} [data]", recorded, now, f"the data in {path}")
         set_verified(verified)  # what the factory may load with pipeline.pretrained
     ds = dataset.load(verified, entry.name, cache)
     if record is not None:
         want = (record.data_decoded or {}).get(entry.name)
         _same(f"{run_dir / 'run.json'} [data_decoded.{entry.name}]", want,
               ds.decoded_sha256(), f"the arrays decoded from {path}")
+    ds, fitted = standardize_for(cfg, ds, stats)
+    if record is not None:
+        _same(f"{run_dir / 'run.json'} [data.standardize]", record.data.get("standardize"),
+              fitted.to_json() if fitted is not None else None,
+              f"the statistics of the training split of {entry.name!r}")
     return ds
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ..core.hashing import weights_sha256
 from ..data.task import Task
 from ..record.schema import RunRecord
 from ..train.net import Net
+
+if TYPE_CHECKING:
+    from ..data.standardize import Standardizer
 
 __all__ = ["Model", "ExactModule", "Shapes"]
 
@@ -81,10 +84,23 @@ class Model(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.predict(x)
 
+    @property
+    def standardizer(self) -> Standardizer | None:
+        """The per-column statistics the run's inputs were standardised by
+        (``data.standardize``; checked by ``pipeline.load``), or None. Its
+        ``apply`` maps raw rows into the model's input space."""
+        raw = self.record.data.get("standardize")
+        if raw is None:
+            return None
+        from ..data.standardize import Standardizer
+
+        return Standardizer.from_json(raw, f"{self.run_dir / 'run.json'} [data.standardize]")
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Logits for a batch of inputs in the model's input space: float32
-        ``(N, *input_shape)`` (classification), int64 token ids ``(N, T)``
+        ``(N, *input_shape)`` (classification; standardised by ``standardizer``
+        where the run's data was), int64 token ids ``(N, T)``
         (language model; logits ``(N, T, classes)``). A NumPy array is
         converted to the task's dtype first."""
         if isinstance(x, np.ndarray):

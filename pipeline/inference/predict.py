@@ -30,6 +30,7 @@ import numpy as np
 
 from ..core.errors import DataIntegrityError, UsageError
 from ..core.safeio import GIB, read_regular
+from ..data.delimited import integers
 from .model import Model
 
 __all__ = ["predict_file", "read_inputs", "MAX_INPUT_BYTES"]
@@ -67,7 +68,9 @@ def read_inputs(model: Model, path: Path) -> np.ndarray:
     else:
         raise UsageError(f"{path}: expected a .npy or .csv file of inputs, found "
                          f"{path.suffix or 'no suffix'!r}")
-    return _rows(raw, spec, model.shapes.input_shape, path)
+    x = _rows(raw, spec, model.shapes.input_shape, path)
+    st = model.standardizer  # the run's inputs were standardised: these are too
+    return st.apply(x) if st is not None else x
 
 
 def _npy(blob: bytes, path: Path) -> np.ndarray:
@@ -99,11 +102,15 @@ def _rows(raw: np.ndarray, spec: dict[str, Any], shape: tuple[int, ...],
     if raw.size != n * width or n == 0:
         raise DataIntegrityError(str(path), f"N rows of {width} values (an input of shape "
                                  f"{shape})", f"an array of shape {raw.shape}")
-    if "value_range" in spec:
-        lo, hi = spec["value_range"]
-        bad = ~((raw >= lo) & (raw <= hi) & (raw == np.round(raw))).reshape(n, -1).all(axis=1)
+    integral = spec.get("format") == "csv" and integers(spec)
+    if "value_range" in spec or integral:
+        lo, hi = spec.get("value_range", (-math.inf, math.inf))
+        flat = raw.reshape(n, -1)
+        ok = (flat >= lo) & (flat <= hi) & ((flat == np.round(flat)) if integral else True)
+        bad = ~ok.all(axis=1)
         if bad.any():
-            raise DataIntegrityError(str(path), f"raw integer values in {lo}..{hi} as the "
+            kind = "integer" if integral else "real"
+            raise DataIntegrityError(str(path), f"raw {kind} values in {lo}..{hi} as the "
                                      f"training data holds them (they are divided by "
                                      f"{spec.get('divisor', 1)} here)",
                                      f"row {int(np.argmax(bad))}: {raw[int(np.argmax(bad))]}"[:160])

@@ -20,12 +20,14 @@ from typing import Any
 
 from ..core import atomic
 
-__all__ = ["plot_curves", "render_curves", "WIDTH", "HEIGHT", "PLOT_BOX", "BLUE", "RED"]
+__all__ = ["plot_curves", "render_curves", "WIDTH", "HEIGHT", "PLOT_BOX", "BLUE", "RED",
+           "GREEN"]
 
 WIDTH, HEIGHT = 600, 400
 PLOT_BOX = (96, 40, WIDTH - 96, HEIGHT - 60)   # left, top, right, bottom (pixels)
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (225, 225, 225)
 BLUE, RED = (31, 119, 180), (214, 39, 40)       # matplotlib's tab:blue and tab:red
+GREEN = (44, 160, 44)                            # tab:green: the validation split
 _SCALE = 2                                      # each font pixel is 2 x 2
 
 # 5x7 glyphs (the HD44780's shapes), one int per row, bit 4 leftmost.
@@ -42,7 +44,7 @@ _FONT: dict[str, tuple[int, ...]] = {
     "o": (0, 0, 14, 17, 17, 17, 14), "p": (0, 0, 30, 17, 30, 16, 16),
     "r": (0, 0, 22, 25, 16, 16, 16), "s": (0, 0, 14, 16, 14, 1, 30),
     "t": (8, 8, 28, 8, 8, 9, 6), "u": (0, 0, 17, 17, 17, 19, 13),
-    "y": (0, 0, 17, 17, 15, 1, 14),
+    "v": (0, 0, 17, 17, 17, 10, 4), "y": (0, 0, 17, 17, 15, 1, 14),
 }
 _BOX = (31, 17, 17, 17, 17, 17, 31)  # any other character
 
@@ -105,13 +107,14 @@ def _range(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _series(canvas: _Canvas, points: list[tuple[float, float]], xr: tuple[float, float],
-            color: tuple[int, int, int], right: bool) -> None:
-    """One series, scaled to the plot box on its own y range; its range's ends
-    labelled on its side of the box."""
+            color: tuple[int, int, int], right: bool,
+            yr: tuple[float, float] | None = None, labels: bool = True) -> None:
+    """One series, scaled to the plot box on its own y range (or ``yr``); its
+    range's ends labelled on its side of the box."""
     left, top, rgt, bottom = PLOT_BOX
     if not points:
         return
-    yr = _range([y for _, y in points])
+    yr = yr or _range([y for _, y in points])
 
     def at(x: float, y: float) -> tuple[int, int]:
         return (round(left + (x - xr[0]) / (xr[1] - xr[0]) * (rgt - left)),
@@ -121,7 +124,7 @@ def _series(canvas: _Canvas, points: list[tuple[float, float]], xr: tuple[float,
         canvas.line(a, b, color, 2)
     for p in pixels:
         canvas.dot(p[0] - 2, p[1] - 2, color, 5)
-    for value, y in ((yr[1], top), (yr[0], bottom)):
+    for value, y in ((yr[1], top), (yr[0], bottom)) if labels else ():
         label = f"{value:.4g}"
         x = rgt + 6 if right else max(0, left - 6 - text_width(label))
         canvas.text(x, y - 7, label, color)
@@ -147,10 +150,17 @@ def render_curves(metrics: list[dict[str, Any]]) -> bytes:
     steps = [float(m["step"]) for m in metrics]
     xr = _range(steps) if steps else (0.0, 1.0)
     _series(canvas, points("train_loss"), xr, BLUE, right=False)
-    _series(canvas, points(test), xr, RED, right=True)
+    val = test.replace("test_", "val_", 1)
+    both = [y for _, y in points(test) + points(val)]
+    yr = _range(both) if both else None  # test and validation on one scale
+    _series(canvas, points(test), xr, RED, right=True, yr=yr)
+    _series(canvas, points(val), xr, GREEN, right=True, yr=yr, labels=False)  # test's scale
     canvas.text(left, top - 26, "train loss", BLUE)
     label = test.replace("_", " ")
     canvas.text(right - text_width(label), top - 26, label, RED)
+    if points(val):
+        vlabel = val.replace("_", " ")
+        canvas.text(right - text_width(vlabel), bottom + 30, vlabel, GREEN)
     if steps:
         first, last = f"{xr[0]:.6g}", f"{xr[1]:.6g}"
         canvas.text(left, bottom + 8, first, BLACK)

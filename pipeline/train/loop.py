@@ -20,11 +20,11 @@ from ..core.errors import DivergedError, Interrupted, Preempted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
-from ..data.sampling import batches, epoch_order, split
+from ..data.sampling import batches, epoch_order, split, split3
 from . import checkpoint, preempt
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
-from .distributed import LocalComm, add_grads, tree_reduce
+from .distributed import LocalComm, TreeFold, add_grads
 from .net import LoopMasks, Maker, Net, StepState
 from .threads import ShardRunner
 
@@ -59,7 +59,8 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
 
     # Data: the split and every epoch's order come from the seed and the data hash.
     ctx = cfg.data.context
-    train_ids, test_ids = split(ds, cfg.seed, cfg.data.test_fraction, ctx)
+    train_ids, val_ids, test_ids = split3(ds, cfg.seed, cfg.data.test_fraction,
+                                          cfg.data.val_fraction, ctx)
     examples = examples_of(ds, ctx, dev)
     bsz = cfg.train.batch_size
     steps_per_epoch = len(train_ids) // bsz
@@ -104,10 +105,11 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
                 st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
                 bar.update(1)
                 if st.step % steps_per_epoch == 0 or st.step == total:
-                    st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch))
+                    st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch,
+                                               val_ids))
                     st.loss_sum = 0.0
                     bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
-                                     if k.startswith("test_")})
+                                     if k.startswith(("test_", "val_"))})
                 if stop and st.step < total:  # every rank learnt it with this step's gradients
                     _stop(writer, net, opt, dropout, st, comm.rank)
                 if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
@@ -234,19 +236,25 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
         return lambda: net.shard_grads(x[sl], y[sl], n_global, keep, stream, step=step,
                                        row0=s * rows)
 
-    parts = runner.run([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)])
-    return comm.exchange(tree_reduce(parts, add_grads), preempt.requested() is not None)
+    fold = TreeFold(add_grads)  # the tree, folded as the shards finish: O(log S) sums held
+    runner.run_into([job(s) for s in range(comm.rank * per_rank, (comm.rank + 1) * per_rank)],
+                    fold.push)
+    return comm.exchange(fold.result(), preempt.requested() is not None)
 
 
 def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,
-             steps_per_epoch: int) -> dict[str, Any]:
+             steps_per_epoch: int, val_ids: np.ndarray) -> dict[str, Any]:
     """At an epoch's end (or the last step): the mean train loss since the last
-    record, and the test split's accuracy (classification) or loss per token."""
+    record, and the test split's accuracy (classification) or loss per token;
+    the validation split's too (``val_accuracy``, ``val_loss``), if there is one."""
     since = st.metrics[-1]["step"] if st.metrics else 0
     metric = examples.ds.task.metric
-    return {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
-            "train_loss": st.loss_sum / max(st.step - since, 1),
-            metric: _SCORES[metric](net, examples, test_ids)}
+    out = {"epoch": -(-st.step // steps_per_epoch), "step": st.step,
+           "train_loss": st.loss_sum / max(st.step - since, 1),
+           metric: _SCORES[metric](net, examples, test_ids)}
+    if len(val_ids):
+        out[metric.replace("test_", "val_", 1)] = _SCORES[metric](net, examples, val_ids)
+    return out
 
 
 @torch.no_grad()

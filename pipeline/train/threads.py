@@ -149,6 +149,17 @@ class ShardRunner:
         self._auto_width = 0
         return out
 
+    def run_into(self, jobs: Sequence[Callable[[], T]], take: Callable[[T], None]) -> None:
+        """The jobs' results handed to ``take`` in job order, a wave of as many
+        jobs as there are shard threads at a time (one, in order, without a
+        pool): so a step holds a wave's results, not every shard's."""
+        i = 0
+        while i < len(jobs):
+            wave = jobs[i:i + (self.used if self.pool is not None else 1)]
+            for result in self.run(wave):
+                take(result)
+            i += len(wave)
+
     def record(self) -> dict[str, Any]:
         """What run.json keeps (``threads``): recorded, not keyed."""
         out = {"requested": self.requested if self.requested else "auto",

@@ -66,7 +66,7 @@ def _train(capsys: pytest.CaptureFixture[str], runs_dir: Path, *extra: str
 
 def _key(*extra: str) -> str:
     """The run key `pipeline train` computes for TINY plus ``extra``."""
-    path, overrides = cli._config_args([*TINY, *extra])
+    path, overrides, _ = cli._config_args([*TINY, *extra], None)
     return recipe.prepare(load_config(path, overrides), ["train"],
                           path.resolve().parent).inputs.key
 
@@ -406,7 +406,7 @@ def test_verify_and_data_verify_read_no_cache_entry(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """verify's and --rebuild's decode never take arrays from the cache: with
     trust_cache=False a cache read is only a comparison."""
-    path, overrides = cli._config_args(TINY)
+    path, overrides, _ = cli._config_args(TINY, None)
     prep = recipe.prepare(load_config(path, overrides), ["train"], path.resolve().parent,
                           trust_cache=False)
     fresh = dataset.load(prep.verified, "digits", manifest.default_cache_dir())

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train",),            # the loop, checkpoints, threads, the shard reduction, pinned nets
     ("record",),           # run.json, run directories, the key's inputs, diff, golden
     ("audit",),            # audit and exec of a user's script
-    ("models",),           # model factories
+    ("models", "project"),  # model factories; the user's project (manifest, config, runs/)
     ("modes",),            # pinned and exact: nets and optimisers for the loop
     ("recipe", "scaffold", "cluster"),  # cluster: which launcher started this process
     ("launch", "inference"),  # inference: load a finished run's model, eval, predict

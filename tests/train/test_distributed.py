@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.train.distributed import LocalComm, add_grads, tree_reduce
+from pipeline.train.distributed import LocalComm, TorchComm, TreeFold, add_grads, tree_reduce
 
 from ..support import (
     ROOT,
@@ -78,6 +78,84 @@ def test_control_left_to_right_sum_has_other_bits() -> None:
     for s in shards[1:]:
         seq = add_grads(seq, s)
     assert _bits(seq) != _bits(tree_reduce(shards, add_grads))
+
+
+def test_tree_fold_adds_as_the_tree_does_holding_log_n_sums() -> None:
+    """Items pushed one at a time give tree_reduce's additions in its order
+    (a non-associative add that writes the parentheses), for 1..70 items,
+    holding at most log2(n) + 1 sums."""
+    def paren(a: str, b: str) -> str:
+        return f"({a}+{b})"
+    for n in range(1, 71):
+        fold: TreeFold[str] = TreeFold(paren)
+        most = 0
+        for i in range(n):
+            fold.push(str(i))
+            most = max(most, len(fold.stack))
+        assert fold.result() == tree_reduce([str(i) for i in range(n)], paren), n
+        assert most <= n.bit_length()
+    # control: a left-to-right fold writes other parentheses from 3 items on
+    assert tree_reduce(["0", "1", "2", "3"], paren) != "(((0+1)+2)+3)"
+
+
+def _comm_worker(rank: int, world: int, port: int, out: str, gather_below: int) -> None:
+    """One rank of a gloo group: combine() of its partial (some gradients None)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loss, grads = _rank_partial(rank)
+        comm = TorchComm(torch.device("cpu"), gather_below=gather_below)
+        comm.expect({k: torch.zeros_like(v) for k, v in _grads(0)[1].items()}
+                    | {"c": torch.zeros(5)})
+        total = comm.combine((loss, grads))
+        # Preemption: the last rank's stop request reaches every rank; none, none.
+        _, stop = comm.exchange((loss, grads), stop=rank == world - 1)
+        _, quiet = comm.exchange((loss, grads), stop=False)
+        torch.save({"loss": total[0], "stop": torch.tensor([stop, quiet]),
+                    **{k: (v if v is not None else "none") for k, v in total[1].items()}},
+                   f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_partial(rank: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Rank r's partial: 'b' only on even ranks, 'c' on rank 1 alone."""
+    loss, g = _grads(100 + rank)
+    return loss, {"w": g["w"], "b": g["b"] if rank % 2 == 0 else None,
+                  "c": torch.full((5,), -0.0) if rank == 1 else None}
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.parametrize("world, gather_below", [(2, 0), (8, 0), (4, 1 << 20)])
+def test_torch_comm_gives_the_trees_bits_on_every_rank(world: int, gather_below: int,
+                                                       tmp_path: Path) -> None:
+    """TorchComm.combine over gloo equals tree_reduce of the W partials on
+    every rank, bit for bit, with gradients some ranks lack taken as they are
+    (rank 1's -0.0 stays -0.0: never added to a zero): by the reduce-scatter
+    and its mirror all-gather (gather_below 0: no rank holds W partials), and
+    by one all-gather of the partials (a small buffer). A stop request
+    (preemption) from the last rank reaches every rank with the gradients."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_comm_worker, args=(world, port, str(tmp_path), gather_below),
+                       nprocs=world,
+                       start_method="spawn")
+    want = tree_reduce([_rank_partial(r) for r in range(world)], add_grads)
+    for r in range(world):
+        got = torch.load(tmp_path / f"{r}.pt")
+        assert got["loss"].numpy().tobytes() == want[0].numpy().tobytes()
+        for k in ("w", "b", "c"):
+            assert got[k].numpy().tobytes() == want[1][k].numpy().tobytes(), (r, k)
+        assert torch.signbit(got["c"]).all()  # -0.0, as rank 1 sent it
+        assert got["stop"].tolist() == [True, False], r
 
 
 def test_local_comm_is_the_identity() -> None:
