@@ -27,7 +27,7 @@ import loops  # bench/loops.py: the script's directory is first on sys.path
 # The loop's parts, by the function whose cumulative time is the part's.
 PARTS = {
     "shard forward+backward (Net.shard_grads, all shards)": "shard_grads",
-    "the shards' tree (tree_reduce, add_grads)": "tree_reduce",
+    "the shards' tree (add_grads)": "add_grads",
     "the ranks' exchange (LocalComm.exchange)": "exchange",
     "optimiser step": "step",
     "trail: a fingerprint of every parameter": "fingerprints",
@@ -39,6 +39,7 @@ PARTS = {
 
 def per_step(run: object, b: loops.Loaded, short: int, long: int, rounds: int) -> float:
     """Median over rounds of (long - short) / (long - short steps) seconds."""
+    run(b, short)  # type: ignore[operator]  # warm-up: first calls, caches
     out = []
     for _ in range(rounds):
         t_short = run(b, short).seconds  # type: ignore[operator]
