@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     t.add_argument("--threads", type=int, default=None, metavar="N",
                    help="cores to use (default: all); the weights do not depend on N")
+    t.add_argument("--loader-workers", type=int, default=0, metavar="N",
+                   help="threads preparing batches (gather, augmentation) ahead of the step "
+                        "(default 0: in the step); the weights do not depend on N")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes (torch.distributed; a power of two dividing train.shards)")
     # Multi-node, passed through to torchrun (docs/how-to/distributed.md):
@@ -81,14 +84,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="the manifest to check (default: the project's data-manifest.json)")
     ver.add_argument("--full", action="store_true", help="ignore the stat cache")
     add = dv.add_parser("add", help="add a file (and a dataset part) to data-manifest.json")
-    add.add_argument("file", type=Path, help="the data file (inside the manifest's directory)")
+    add.add_argument("file", type=Path, help="the data file, or a folder of images (inside the manifest's directory)")
     add.add_argument("--name", required=True, help="the file entry's name")
     _project_option(add, "whose data-manifest.json to write (default: the one around the "
                          "working directory; written there if it has none)")
     add.add_argument("--manifest", type=Path, default=None,
                      help="the manifest to write (default: the project's data-manifest.json)")
     add.add_argument("--format", dest="fmt", default=None,
-                     help="csv, npy, npz, idx or text: also make it a dataset part")
+                     help="csv, npy, npz, idx or text: also make it a dataset part (a folder is "
+                          "always an images part)")
     add.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
                      help="a decode option (pipeline/data/formats.py), value parsed as TOML")
     add.add_argument("--dataset", default=None, help="the dataset (default: --name)")
@@ -197,6 +201,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     path, overrides, project = _config_args(args.args, args.project)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected an integer >= 1, found {args.threads}")
+    if not 0 <= args.loader_workers <= 256:
+        raise UsageError(f"--loader-workers: expected an integer in [0, 256], found "
+                         f"{args.loader_workers}")
     cfg = load_config(path, overrides)
     if args.runs_dir is None:
         args.runs_dir = project.runs
@@ -211,7 +218,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
                           threads=args.threads, device=args.device,
                           manifest_file=project.manifest)
     out = recipe.get_or_train(prep, args.runs_dir, device=args.device, quiet=args.quiet,
-                              force=args.force or args.rebuild, threads=args.threads)
+                              force=args.force or args.rebuild, threads=args.threads,
+                              loader_workers=args.loader_workers)
     assert out.record is not None  # one process: rank 0
     reused = out.reused
     if args.rebuild:
@@ -234,7 +242,7 @@ def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
                 args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads,
-                manifest=str(project.manifest.resolve()))
+                manifest=str(project.manifest.resolve()), loader_workers=args.loader_workers)
     if worker is not None:
         given = [f"--{k.replace('_', '-')}" for k in _LAUNCH_OPTIONS
                  if getattr(args, k) != _parser_default(k)]

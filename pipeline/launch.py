@@ -76,6 +76,7 @@ class Spec:
     force: bool = False      # replace a runs/<key> that fails its checks
     threads: int | None = None  # per worker (pipeline.train.threads); None: 1, as W workers use W cores
     manifest: str | None = None  # the project's data manifest (None: recipe.manifest_path's)
+    loader_workers: int = 0  # per worker (pipeline.data.loader)
     worker_lock: bool = False  # global rank 0's worker takes the run lock (ranks from rendezvous)
 
 
@@ -350,7 +351,8 @@ def _train_rank(spec: Spec, prep: recipe.Prepared, rank: int) -> recipe.Outcome:
         out = recipe.get_or_train(prep, runs_dir, comm=comm, device=str(comm.device),
                                   quiet=spec.quiet or rank != 0,
                                   force=spec.force and spec.worker_lock,
-                                  threads=worker_threads(spec.threads))
+                                  threads=worker_threads(spec.threads),
+                                  loader_workers=spec.loader_workers)
         dist.destroy_process_group()
     return out
 

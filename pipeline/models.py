@@ -139,6 +139,7 @@ class Parts:
 
     factory: Loaded
     loss: Loaded | None
+    transform: Loaded | None = None  # data.augment.transform (pipeline.data.augment)
 
     def record(self) -> dict[str, Any]:
         """What the run key and run.json hold of them: names, the user modules
@@ -151,13 +152,20 @@ class Parts:
             loss_mods = self.loss.user_modules()
             out.update(loss=self.loss.name, loss_sha256=usercode.modules_sha256(loss_mods))
             mods = {**mods, **loss_mods}
+        if self.transform is not None:
+            t_mods = self.transform.user_modules()
+            out.update(transform=self.transform.name,
+                       transform_sha256=usercode.modules_sha256(t_mods))
+            mods = {**mods, **t_mods}
         out["modules"] = sorted(mods)
         return out
 
 
-def resolve(factory: str, loss: str, base: Path | None) -> Parts:
-    """Load ``factory`` and (when not a built-in loss name) ``loss``."""
+def resolve(factory: str, loss: str, base: Path | None, transform: str = "") -> Parts:
+    """Load ``factory``, (when not a built-in loss name) ``loss`` and (if given)
+    the augmentation ``transform``: each user module they import enters the key."""
     from .core.config import LOSSES
 
     return Parts(load(factory, base),
-                 None if loss in LOSSES else load(loss, base, key="train.loss"))
+                 None if loss in LOSSES else load(loss, base, key="train.loss"),
+                 load(transform, base, key="data.augment.transform") if transform else None)

@@ -109,7 +109,7 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     from .data.pretrained import loaded, set_verified
     from .models import resolve
 
-    parts = resolve(cfg.model.factory, cfg.train.loss, base)
+    parts = resolve(cfg.model.factory, cfg.train.loss, base, cfg.data.augment.transform)
     cache = manifest.default_cache_dir()
     # Every file, hashed once; the stat cache spares a repeated run the hashing.
     verified = manifest.verify(manifest_file or manifest_path(base), stat_cache_dir=cache)
@@ -118,7 +118,7 @@ def prepare(cfg: Config, argv: list[str], base: Path | None = None, *,
     _check_fit(cfg, ds)
     ds, stats = standardize_for(cfg, ds)
     _check_model(cfg, ds, parts)
-    data = data_fields(verified, cfg.data.dataset)
+    data = data_fields(verified, cfg.data.dataset, ds.decoded_sha256())
     if stats is not None:
         data["standardize"] = stats.to_json()
     if pretrained := loaded():  # files the model check's factory loaded (pipeline.pretrained)
@@ -145,12 +145,19 @@ def standardize_for(cfg: Config, ds: Dataset, stats: Standardizer | None = None
     return standardize.standardized(ds, stats), stats
 
 
-def data_fields(verified: manifest.Verified, name: str) -> dict[str, Any]:
+def data_fields(verified: manifest.Verified, name: str, decoded: str | None = None
+                ) -> dict[str, Any]:
     """run.json's ``data`` for dataset ``name`` of ``verified``: its task, decode
-    specs and each file's sha256 (keyed: the run key covers them)."""
+    specs and each file's sha256 (keyed: the run key covers them). A dataset of
+    image files also keys its decoder (Pillow and its codecs) and the decoded
+    arrays' hash ``decoded``: another JPEG decoder is another run, never the same."""
     entry = verified.datasets[name]
-    return {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
-            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    out = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
+           "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
+    from .data.images import decoder_identity, uses_images
+    if uses_images([entry.train, entry.test]):
+        out.update(decoder=decoder_identity(), decoded_sha256=decoded)
+    return out
 
 
 def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = False) -> None:
@@ -244,7 +251,7 @@ def check_device(device: str) -> None:
 
 def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: str = "cpu",
                  quiet: bool = False, force: bool = False,
-                 threads: int | None = None) -> Outcome:
+                 threads: int | None = None, loader_workers: int = 0) -> Outcome:
     """The run for ``prep.inputs``: reused if complete and re-derived
     (runs.reusable: its recorded inputs are the ones computed now, its weights
     its record's), else trained, resuming from its checkpoints, and recorded.
@@ -279,7 +286,7 @@ def get_or_train(prep: Prepared, runs_dir: Path, *, comm: Any = None, device: st
         started = time.time()
         ckpt_dir = runs_dir / f".ckpt-{key}"
         result = _train(prep, ckpt_dir=ckpt_dir, comm=comm, device=device, quiet=quiet,
-                        threads=threads)
+                        threads=threads, loader_workers=loader_workers)
         if rank != 0:
             return Outcome(None, weights_sha256(result.params), False)
         record = runs.write_run(final, prep.inputs, result, started, device=device,
@@ -302,7 +309,7 @@ def train_in_process(cfg: Config, ds: Dataset, *, run_key: str = "in-process",
     from .models import resolve
     from .train.loop import train
 
-    parts = resolve(cfg.model.factory, cfg.train.loss, None)
+    parts = resolve(cfg.model.factory, cfg.train.loss, None, cfg.data.augment.transform)
     return train(cfg, ds, modes.of(cfg.mode), parts, run_key=run_key, ckpt_dir=ckpt_dir, **kw)
 
 
@@ -403,7 +410,10 @@ def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     want = (record.data_decoded or {}).get(name)
     found = prep.inputs.decoded[name]
     if want != found:
+        then, now = record.data.get("decoder"), prep.inputs.data.get("decoder")
+        why = (f"the image decoder differs: {then} then, {now} here" if then != now
+               else "a forged or corrupt decode cache?")
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",
                                  f"the hash of {name} decoded from its file, {found}",
-                                 str(want), "the run was trained on other arrays (a forged or "
-                                 "corrupt decode cache?); retrain it with --force")
+                                 str(want), f"the run was trained on other arrays ({why}); "
+                                 "retrain it with --force")

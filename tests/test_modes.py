@@ -92,7 +92,7 @@ def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path)
         "def net(input_shape, num_classes):\n"
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n"
         "def bad(input_shape, num_classes):\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Tanh(),\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Mish(),\n"
         "                               torch.nn.Linear(64, num_classes))\n"
         "def loss(logits, y):\n"
         "    return torch.nn.functional.cross_entropy(logits, y, reduction='none')\n")
@@ -109,5 +109,5 @@ def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path)
         modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]
     cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:bad"])
     parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
-    with pytest.raises(ConfigError, match=r"1 \(torch.nn.modules.activation.Tanh\)"):
+    with pytest.raises(ConfigError, match=r"1 \(torch.nn.modules.activation.Mish\)"):
         modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]

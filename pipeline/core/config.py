@@ -26,8 +26,22 @@ from .errors import ConfigError
 from .safeio import MIB, read_regular
 from .strict import build, short
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig",
+__all__ = ["Config", "AugmentConfig", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig",
            "load_config", "parse_overrides", "config_sha256", "config_to_dict"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """``[data.augment]``: training inputs transformed per (seed, epoch, example)
+    (pipeline.data.augment, docs/reference/augment.md); all off by default."""
+
+    resized_crop_scale: tuple[float, ...] = ()          # [lo, hi] of the area (empty: off)
+    resized_crop_ratio: tuple[float, ...] = (0.75, 4.0 / 3.0)  # [lo, hi] of width / height
+    crop_padding: int = 0        # random crop after this many zeros on each side (0: off)
+    hflip: bool = False          # flip left-right with probability 1/2
+    brightness: float = 0.0      # x * f, f uniform in [1 - b, 1 + b] (0: off)
+    contrast: float = 0.0        # (x - 0.5) * f + 0.5, f uniform in [1 - c, 1 + c] (0: off)
+    transform: str = ""          # "module:function": the user's own, last (pipeline.data.augment)
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,7 @@ class DataConfig:
     context: int = 0             # language modelling: tokens per example (0: classification)
     val_fraction: float = 0.0    # of the training examples, held out for validation (0: none)
     standardize: bool = False    # per-column, statistics of the training split (pipeline.data.standardize)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,15 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0: no validation split)"),
     ("data.context", lambda v: 0 <= v <= 1 << 20, "an integer in [0, 2^20]"),
+    ("data.augment.resized_crop_scale", lambda v: v == () or (
+        len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0), "[] (off) or [lo, hi] with 0 < lo <= hi <= 1"),
+    ("data.augment.resized_crop_ratio", lambda v: len(v) == 2 and 0.0 < v[0] <= v[1] <= 100.0,
+     "[lo, hi] with 0 < lo <= hi <= 100"),
+    ("data.augment.crop_padding", lambda v: 0 <= v <= 4096, "an integer in [0, 4096]"),
+    ("data.augment.brightness", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("data.augment.contrast", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("data.augment.transform", lambda v: v == "" or _FACTORY.fullmatch(v) is not None,
+     '"" (none) or "package.module:function"'),
     ("model.factory", lambda v: _FACTORY.fullmatch(v) is not None,
      '"package.module:function" (dotted Python names)'),
     ("train.epochs", lambda v: 1 <= v <= 100000, "an integer in [1, 100000]"),
@@ -128,6 +152,10 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 # key, config_sha256, golden keys) at their default, so older configs keep their hash.
 _KEYED_WHEN_SET = {("train", "checkpoint_seconds"): 60.0, ("data", "standardize"): False,
                    ("data", "val_fraction"): 0.0,
+                   ("data", "augment"): {"resized_crop_scale": [],
+                                         "resized_crop_ratio": [0.75, 4.0 / 3.0],
+                                         "crop_padding": 0, "hflip": False, "brightness": 0.0,
+                                         "contrast": 0.0, "transform": ""},
                    ("optim", "nesterov"): False, ("optim", "clip_norm"): 0.0,
                    ("optim", "schedule"): "constant", ("optim", "warmup_steps"): 0}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SPLIT", "SHUFFLE", "INIT", "DROPOUT", "FORWARD", "EXEC", "MASK", "key", "outputs", "u24",
+__all__ = ["SPLIT", "SHUFFLE", "INIT", "DROPOUT", "FORWARD", "EXEC", "MASK", "AUGMENT", "key", "outputs", "u24",
            "permutation",
            "DropoutStream"]
 
@@ -19,6 +19,7 @@ SPLIT, SHUFFLE, INIT, DROPOUT = 1, 2, 3, 4
 FORWARD = 5  # key(seed, FORWARD, step, shard): torch's generator state for one shard's pass
 EXEC = 6  # key(seed, EXEC, i): `pipeline exec`'s seeds for a script's unseeded global generators
 MASK = 7  # key(seed, MASK, step, site): exact layers' dropout masks (docs/exact-spec.md, 15)
+AUGMENT = 8  # key(seed, AUGMENT, epoch, example, stream): augmentation (pipeline.data.augment)
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -113,14 +113,15 @@ def _touched(old: dict[str, Any], new: dict[str, Any], parsed: Manifest
             if old["datasets"].get(d) != new["datasets"][d] or changed & set(e.files())}
 
 
-def _prove(manifest: Path, parsed: Manifest, touched: dict[str, list[str]]) -> None:
+def _prove(manifest: Path, parsed: Manifest, touched: dict[str, list[str]],
+           stat_cache_dir: Path | None = None) -> None:
     """Verify every file of the edited manifest and decode each touched dataset
     once (no cache read or written); DataIntegrityError naming the dataset."""
     from .dataset import check_decodes
     from .manifest import verify_parsed
 
     try:
-        verified = verify_parsed(parsed, manifest)
+        verified = verify_parsed(parsed, manifest, stat_cache_dir=stat_cache_dir)
     except DataIntegrityError as e:
         raise DataIntegrityError(str(manifest), "entries whose files verify", f"{e}",
                                  "nothing was written") from None
@@ -128,8 +129,9 @@ def _prove(manifest: Path, parsed: Manifest, touched: dict[str, list[str]]) -> N
         try:
             check_decodes(verified, name)
         except DataIntegrityError as e:
-            reads = f" (it reads {', '.join(f'files.{f}' for f in files)}, which this " \
-                    "command changes)" if files else ""
+            named = ", ".join(f"files.{f}" for f in files[:3]) + (
+                f" and {len(files) - 3} more" if len(files) > 3 else "")
+            reads = f" (it reads {named}, which this command changes)" if files else ""
             raise DataIntegrityError(f"{manifest} [datasets.{name}]",
                                      f"a dataset that decodes after this change{reads}",
                                      f"{e}", "nothing was written") from None
@@ -150,6 +152,10 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
     from .manifest import file_sha256
 
     manifest = Path(manifest)
+    if Path(file).is_dir():
+        return _add_folder(manifest, Path(file), dataset=dataset or name, source=source,
+                           licence=licence, description=description, part=part,
+                           options=options or {}, force=force)
     old = _current(manifest)
     raw = copy.deepcopy(old)
     root = manifest.parent.resolve()
@@ -171,10 +177,72 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
         current["task"] = kind
         done.append(f"{_put(current, part, spec, f'datasets.{ds}.{part}', force)}: "
                     f"datasets.{ds}.{part} ({fmt})")
+    return done + _write(manifest, old, raw)
+
+
+def _write(manifest: Path, old: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """Check the edited manifest (schema, files, touched datasets decode), then
+    replace it atomically."""
+    from .manifest import default_cache_dir
+
+    done = []
     parsed = _edited(raw, manifest)
-    _prove(manifest, parsed, _touched(old, raw, parsed))
+    _prove(manifest, parsed, _touched(old, raw, parsed), default_cache_dir())
     target = _target(manifest)
     if target != manifest:
         done.append(f"{manifest} is a symbolic link: wrote its target {target}")
     atomic.write_bytes(target, (json.dumps(raw, indent=2) + "\n").encode())
     return done
+
+
+def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, licence: str,
+                description: str, part: str, options: dict[str, Any], force: bool) -> list[str]:
+    """``data add DIR``: every image file's entry, and the images part of ``dataset``
+    (pipeline.data.folders)."""
+    from .folders import file_entries, scan
+    from .manifest import default_cache_dir
+
+    old = _current(manifest)
+    raw = copy.deepcopy(old)
+    root = manifest.parent.resolve()
+    folder = scan(directory, root, indexed="index" in options)
+    entries = file_entries(folder, source=source, licence=licence, description=description,
+                           stat_cache_dir=default_cache_dir())
+    counts: dict[str, int] = {}
+    for n, e in entries.items():
+        if _content(raw["files"].get(n)) == _content(e):  # the same bytes: keep its metadata
+            counts["unchanged"] = counts.get("unchanged", 0) + 1
+            continue
+        how = _put(raw["files"], n, e, f"files.{n}", force)
+        counts[how] = counts.get(how, 0) + 1
+    spec = {"format": "images", "root": folder.root,
+            "classes": _index_classes(raw, root, options) if "index" in options
+            else folder.classes, **options}
+    kind = for_format("images").name
+    current = raw["datasets"].setdefault(dataset, {"task": kind})
+    if current.get("task") != kind and not force:
+        raise UsageError(f"datasets.{dataset}.task: is {current.get('task')!r}, an images part "
+                         f"needs {kind!r}; use --force to replace it")
+    current["task"] = kind
+    done = [f"{how}: {k} image file entries under {folder.root}/"
+            for how, k in sorted(counts.items())]
+    if folder.skipped:
+        done.append(f"skipped {folder.skipped} files without an image extension "
+                    "(.png, .jpg, .jpeg, .webp)")
+    done.append(f"{_put(current, part, spec, f'datasets.{dataset}.{part}', force)}: "
+                f"datasets.{dataset}.{part} (images, {len(spec.get('classes', []))} classes)")
+    return done + _write(manifest, old, raw)
+
+
+def _index_classes(raw: dict[str, Any], root: Path, options: dict[str, Any]) -> list[str]:
+    """The sorted labels an index names (the spec's ``classes`` unless given)."""
+    from .images import index_rows
+
+    if "classes" in options:
+        return list(options["classes"])
+    entry = raw["files"].get(options["index"])
+    if not isinstance(entry, dict):
+        raise UsageError(f"--decode index={options['index']!r}: expected the name of a file "
+                         f"entry (add the index with `pipeline data add FILE --name NAME` "
+                         f"first), found none")
+    return sorted({label for _, label, _ in index_rows(root / entry["path"])})

@@ -50,6 +50,9 @@ def key(verified: Verified, name: str) -> str:
     spec = {"task": entry.task.name, "train": entry.train, "test": entry.test,
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
+    from .images import decoder_identity, uses_images
+    if uses_images([entry.train, entry.test]):  # another Pillow or codec: another entry
+        spec["decoder"] = decoder_identity()
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
@@ -76,8 +79,12 @@ def encode_arrays(arrays: dict[str, Any], meta: dict[str, str]) -> bytes:
     The data section does not depend on the header, so hash it from a first
     serialisation, then serialise again with the digest in the metadata.
     """
+    import numpy as np
     from safetensors.numpy import save
 
+    # safetensors.numpy.save writes a non-contiguous array's memory as it lies, not
+    # its C-order elements (a transposed stack read back as other values): copy first.
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     digest = hashlib.sha256(st_data(save(arrays, meta))[1]).hexdigest()
     return save(arrays, {**meta, "data_sha256": digest})
 

@@ -139,7 +139,8 @@ def _decode(verified: Verified, name: str) -> tuple[dict[str, Any], dict[str, An
                 opened[n] = stack.enter_context(f)
             else:
                 f.close()
-        parts = [formats.decode(s, paths, opened) for s in specs]
+        parts = [_decode_part(verified, entry.members.get(p, ()), s, paths, opened)
+                 for p, s in zip(("train", "test"), specs)]
         for n, f in opened.items():
             _same_file(verified, n, f)
     _still_verified(verified, {n: p for n, p in paths.items() if n not in opened})
@@ -159,6 +160,18 @@ def _decode(verified: Verified, name: str) -> tuple[dict[str, Any], dict[str, An
     meta = {"input_shape": list(first.input_shape), "n_classes": first.n_classes,
             "n_train": len(first.x), "vocabulary": first.vocabulary}
     return arrays, meta
+
+
+def _decode_part(verified: Verified, members: tuple[str, ...], spec: dict[str, Any],
+                 paths: dict[str, Path], opened: dict[str, Any]) -> formats.Decoded:
+    """One part: an images part through pipeline.data.images (it reads its
+    members), every other format through pipeline.data.formats."""
+    if spec.get("format") == "images":
+        from . import images
+        x, y, shape, classes = images.decode(spec, members, verified.entries, paths,
+                                             verified.root)
+        return formats.Decoded(x=x, y=y, input_shape=shape, n_classes=classes, vocabulary=None)
+    return formats.decode(spec, paths, opened)
 
 
 def load(verified: Verified, name: str, cache_dir: Path, *, trust_cache: bool = True

@@ -15,7 +15,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -27,7 +27,7 @@ __all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "problems", "reject
            "spec_problems", "files_of", "MANIFEST_VERSION", "FORMATS"]
 
 MANIFEST_VERSION = 2
-FORMATS = ("csv", "npy", "npz", "idx", "text")  # decoded by pipeline.data.formats
+FORMATS = ("csv", "npy", "npz", "idx", "text", "images")  # decoded by pipeline.data.formats
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
                             "licence": str, "description": str}
@@ -56,10 +56,15 @@ class DatasetEntry:
     train: dict[str, Any]
     test: dict[str, Any] | None
     description: str = ""
+    # part -> the image files under its ``root`` (format images; pipeline.data.images)
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def files(self) -> list[str]:
-        """The file names its parts read, train first."""
-        names = files_of(self.train) + (files_of(self.test) if self.test else [])
+        """The file names its parts read, train first (an images part: its index,
+        then its image files in path order)."""
+        names = files_of(self.train) + list(self.members.get("train", ()))
+        if self.test:
+            names += files_of(self.test) + list(self.members.get("test", ()))
         return list(dict.fromkeys(names))
 
 
@@ -174,9 +179,19 @@ def parse(raw: object, source: str) -> Manifest:
         raise DataIntegrityError(f"{source} [{key}]", expected, found, hint)
     assert isinstance(raw, dict)
     files = {n: FileEntry(name=n, **e) for n, e in raw["files"].items()}
-    datasets = {n: DatasetEntry(n, task.of(e["task"]), e["train"], e.get("test"), e.get("description", ""))
+    datasets = {n: DatasetEntry(n, task.of(e["task"]), e["train"], e.get("test"),
+                                e.get("description", ""), _members(e, files))
                 for n, e in raw.get("datasets", {}).items()}
     return Manifest(files, datasets)
+
+
+def _members(dataset: dict[str, Any], files: dict[str, FileEntry]) -> dict[str, tuple[str, ...]]:
+    """part -> the file entries an images part reads: every entry whose path lies
+    under its ``root`` and ends in an image extension, in path order."""
+    from .images import members  # no NumPy or Pillow: a path filter
+
+    return {p: members(dataset[p]["root"], files) for p in ("train", "test")
+            if isinstance(dataset.get(p), dict) and dataset[p].get("format") == "images"}
 
 
 # --- decode specs (pipeline.data.formats decodes them) ----------------------------
@@ -222,6 +237,15 @@ _KINDS: dict[str, tuple[str, Callable[[Any, Collection[str]], bool]]] = {
     "shape": ("a non-empty list of integers >= 1",
               lambda v, _: _ints(v) and min(v, default=0) >= 1),
     "divisor": ("a number > 0, finite and non-zero in float32", _divisor),
+    "dir": ("a relative directory inside the data root",
+            lambda v, _: isinstance(v, str) and (v == "." or _path_problem(v) is None)),
+    "names": ("a non-empty list of distinct class names (non-empty strings without '/')",
+              lambda v, _: isinstance(v, list) and len(v) >= 1 and len(set(map(str, v))) == len(v)
+              and all(isinstance(c, str) and c and "/" not in c and c not in (".", "..")
+                      for c in v)),
+    "size": ("[height, width], integers in 1..4096",
+             lambda v, _: _ints(v, 2) and all(1 <= d <= 4096 for d in v)),
+    "channels": ("1 (grey) or 3 (RGB)", lambda v, _: _int(v) and v in (1, 3)),
 }
 _F, _CLASSES, _DIV = ("file", True), ("count", True), ("divisor", False)
 _GZ = ("compression", False)
@@ -241,6 +265,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, r
             "max_bytes": _MAX},
     "text": {"file": _F, "vocabulary": ("vocabulary", True), "compression": _GZ,
              "max_bytes": _MAX},
+    # pipeline.data.images: root/<class>/<file>, or an index (csv/json) of path and label
+    "images": {"root": ("dir", True), "classes": ("names", True), "index": ("file", False),
+               "size": ("size", False), "channels": ("channels", False), "divisor": _DIV,
+               "max_pixels": ("count", False)},
 }
 
 
@@ -293,5 +321,7 @@ def spec_problems(spec: object, where: str,
 
 def files_of(spec: Mapping[str, Any]) -> list[str]:
     """The manifest file names a (valid) spec reads, in a fixed order (x before y)."""
+    if spec["format"] == "images":  # its image files: DatasetEntry.members
+        return [spec["index"]] if "index" in spec else []
     keys = ("x", "y") if spec["format"] in ("npy", "idx") else ("file",)
     return list(dict.fromkeys(spec[k] for k in keys))  # once each, even if x and y are one

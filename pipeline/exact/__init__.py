@@ -8,7 +8,10 @@ the torch version, ISA, thread count or device.
 - ``matmul``: ``matmul``, the multi-slice (Ozaki) product whose slice count
   follows the operands' range: at least fp32's accuracy for any K;
 - ``functional``, ``attention``, ``arith``: layers as autograd Functions
-  (sections 13-15); ``layers``: them as nn.Modules, ``init_exact``;
+  (sections 13-15); ``activations`` (SiLU, Sigmoid, Tanh), ``reduce``
+  (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm),
+  ``pooling`` (max, average, adaptive average): sections 20-23;
+  ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
 - ``context``: the step context of dropout masks; ``modnet``: ``LayerNet``;
@@ -19,6 +22,7 @@ the torch version, ISA, thread count or device.
 
 from __future__ import annotations
 
+from .activations import sigmoid, silu, tanh
 from .arith import add, div, mul, neg, sub
 from .attention import attention
 from .context import step_context
@@ -27,13 +31,22 @@ from .functional import conv2d, dropout, embedding, gelu, layer_norm, linear, re
 from .guard import Guard, check_graph, check_module
 from .layers import (
     GELU,
+    AdaptiveAvgPool2d,
+    AvgPool2d,
     CausalSelfAttention,
     Conv2d,
     Dropout,
     Embedding,
     LayerNorm,
     Linear,
+    LogSoftmax,
+    MaxPool2d,
     ReLU,
+    RMSNorm,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
     init_exact,
 )
 from .matmul import matmul
@@ -55,7 +68,10 @@ from .ops import (
     xmm,
 )
 from .optim import ExactAdam, ExactAdamW, ExactSGD, clip_scale, make_exact_optimizer
+from .norms import rms_norm
+from .pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .product import xmmb
+from .reduce import log_softmax, softmax, xmean, xsum
 
 __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
@@ -65,4 +81,7 @@ __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "attention", "add", "sub", "mul", "div", "neg",
            "Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",
            "CausalSelfAttention", "init_exact", "from_torch", "Guard", "check_graph",
-           "check_module", "step_context", "LayerNet"]
+           "check_module", "step_context", "LayerNet", "silu", "sigmoid", "tanh", "xsum",
+           "xmean", "softmax", "log_softmax", "rms_norm", "SiLU", "Sigmoid", "Tanh", "Softmax",
+           "LogSoftmax", "RMSNorm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["LOG2E", "LN2_HI", "LN2_LO", "SQRT_HALF", "EXP_C", "LOG_C", "ERFC_C",
-           "INV_SQRT_2PI", "SQRT_2_PI"]
+           "INV_SQRT_2PI", "SQRT_2_PI", "TANH_SMALL", "TANH_C"]
 
 # Section 7. EXP_C[n] = 1/n!, LOG_C[n] = 1/(2n+1): Python's float / int
 # division is correctly rounded (n! < 2^53 is exact as a float).
@@ -23,6 +23,14 @@ ERFC_C = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.278868
           -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 INV_SQRT_2PI = 0.3989422804014327  # 0x3FD9884533D43651
 SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi), the tanh form
+
+# Section 20, tanh: below TANH_SMALL the odd Taylor series (no cancellation of
+# 1 - exp(-2a)); TANH_C[n] is the coefficient of d^(2n+1), 2^(2n+2) (2^(2n+2)
+# - 1) B_(2n+2) / (2n+2)!, the correctly rounded quotient of two integers
+# (Python's int / int is correctly rounded).
+TANH_SMALL = 0.0625
+TANH_C = (1 / 1, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
+          -929569 / 638512875)
 
 # ATen's GRAIN_SIZE: elements below which an elementwise call runs on one thread
 # (the native kernels split work the same way; fpenv gives every thread a chunk).

@@ -78,10 +78,37 @@ def _dropout(m: nn.Dropout) -> nn.Module | str:
     return L.Dropout(m.p)
 
 
+def _softmax(m: nn.Softmax | nn.LogSoftmax) -> nn.Module | str:
+    if m.dim is None:
+        return ("dim is None (torch then picks a dim from the input's rank, a deprecated "
+                "rule): give dim explicitly")
+    return (L.Softmax if isinstance(m, nn.Softmax) else L.LogSoftmax)(m.dim)
+
+
+def _rms_norm(m: nn.RMSNorm) -> nn.Module | str:
+    return L.RMSNorm(tuple(m.normalized_shape), m.eps, m.elementwise_affine)
+
+
+def _max_pool(m: nn.MaxPool2d) -> nn.Module | str:
+    if m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices:
+        return "dilation, ceil_mode and return_indices must be the defaults"
+    return L.MaxPool2d(m.kernel_size, m.stride, m.padding)
+
+
+def _avg_pool(m: nn.AvgPool2d) -> nn.Module | str:
+    if m.ceil_mode:
+        return "ceil_mode must be False"
+    return L.AvgPool2d(m.kernel_size, m.stride, m.padding, m.count_include_pad,
+                       m.divisor_override)
+
+
 SUPPORTED: dict[type[nn.Module], Callable[..., nn.Module | str]] = {
     nn.Linear: _linear, nn.Conv2d: _conv2d, nn.Embedding: _embedding,
     nn.LayerNorm: _layer_norm, nn.GELU: _gelu, nn.ReLU: lambda m: L.ReLU(),
-    nn.Dropout: _dropout}
+    nn.Dropout: _dropout, nn.SiLU: lambda m: L.SiLU(), nn.Sigmoid: lambda m: L.Sigmoid(),
+    nn.Tanh: lambda m: L.Tanh(), nn.Softmax: _softmax, nn.LogSoftmax: _softmax,
+    nn.RMSNorm: _rms_norm, nn.MaxPool2d: _max_pool, nn.AvgPool2d: _avg_pool,
+    nn.AdaptiveAvgPool2d: lambda m: L.AdaptiveAvgPool2d(m.output_size)}
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",

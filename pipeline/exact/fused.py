@@ -15,7 +15,7 @@ from torch.autograd import forward_ad
 
 from . import consts, native
 
-__all__ = ["gelu", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_norm",
+__all__ = ["gelu", "activation", "quantise", "softmax", "softmax_grad", "tree_sum", "layer_norm",
            "layer_norm_grad", "index_tree"]
 
 _MAXS = 4096  # kernels.c's MAXS: the longest row the row kernels take
@@ -64,6 +64,26 @@ def gelu(x: Tensor, tanh: bool, grad: bool) -> tuple[Tensor, Tensor | None] | No
     """``refs.gelu_parts_torch`` natively (shape of ``x``), or None."""
     lib = usable("gelu", x)
     return None if lib is None else _gelu(lib, x, tanh, grad)
+
+
+def _activation(lib: ctypes.CDLL, kind: int, x: Tensor,
+                grad: bool) -> tuple[Tensor, Tensor | None]:
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    dy = torch.empty_like(xc) if grad else None
+    lib.px_activation(xc.data_ptr(), y.data_ptr(), _ptr(dy), xc.numel(), kind,
+                      _threads(xc.numel()))
+    return y, dy
+
+
+def activation(kind: int, x: Tensor, grad: bool) -> tuple[Tensor, ...] | None:
+    """``activations.activation_parts_torch`` (kind 0 SiLU, 1 sigmoid, 2 tanh)
+    natively: ``(y,)`` or ``(y, dy)`` of ``x``'s shape, or None."""
+    lib = usable("activation", x)
+    if lib is None:
+        return None
+    y, dy = _activation(lib, kind, x, grad)
+    return (y, dy) if dy is not None else (y,)
 
 
 def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:

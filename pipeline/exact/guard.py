@@ -27,10 +27,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from ..core.errors import ConfigError
+from . import activations as XA
 from . import arith
 from . import functional as XF
+from . import norms as XN
+from . import pooling as XP
+from . import reduce as XR
 from .attention import _Attention, attention
-from .context import is_trusted, step_context
+from .context import is_trusted, step_context, trusted
 
 __all__ = ["Guard", "check_graph", "check_module", "EXACT_NODES", "EXACT_FUNCTIONS"]
 
@@ -106,6 +110,53 @@ def _embedding(input: Tensor, weight: Tensor, padding_idx: Any = None, max_norm:
     return XF.embedding(input, weight)
 
 
+def _silu(input: Tensor, inplace: bool = False) -> Tensor:
+    return XA.silu(input)
+
+
+def _rms_norm(input: Tensor, normalized_shape: Any, weight: Tensor | None = None,
+              eps: float | None = None) -> Tensor:
+    return XN.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _softmax(log: bool) -> Any:
+    f = XR.log_softmax if log else XR.softmax
+
+    def route(input: Tensor, dim: Any = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+        return f(input, dim, dtype)
+    return route
+
+
+def _reduction(mean: bool) -> Any:
+    f = XR.xmean if mean else XR.xsum
+
+    def route(input: Tensor, dim: Any = None, keepdim: bool = False, *,
+              dtype: Any = None) -> Tensor:
+        if not input.is_floating_point() and not mean:  # integers: exact in any order
+            with trusted():
+                return input.sum(dim, keepdim, dtype=dtype) if dim is not None else \
+                    input.sum(dtype=dtype)
+        return f(input, dim, keepdim, dtype=dtype)
+    return route
+
+
+def _max_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
+    if XP.pair(dilation, "dilation") != (1, 1) or ceil_mode or return_indices:
+        raise ValueError("max_pool2d: exact mode supports no dilation, ceil_mode or "
+                         "return_indices")
+    return XP.max_pool2d(input, kernel_size, stride, padding)
+
+
+def _avg_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                ceil_mode: bool = False, count_include_pad: bool = True,
+                divisor_override: Any = None) -> Tensor:
+    if ceil_mode:
+        raise ValueError("avg_pool2d: exact mode supports no ceil_mode")
+    return XP.avg_pool2d(input, kernel_size, stride, padding, count_include_pad,
+                         divisor_override)
+
+
 def _no_alpha(f: Any, swap: bool = False) -> Any:
     def route(a: Any, b: Any, *, alpha: Any = 1, rounding_mode: Any = None) -> Tensor:
         if alpha != 1 or rounding_mode is not None:
@@ -122,7 +173,20 @@ _ROUTES: dict[str, Any] = {
     "torch.nn.functional.embedding": _embedding,
     f"{_T}__rsub__": _no_alpha(arith.sub, swap=True),
     f"{_T}__rtruediv__": _no_alpha(arith.div, swap=True),
-    f"{_T}neg": arith.neg, f"{_T}__neg__": arith.neg, "torch.neg": arith.neg}
+    f"{_T}neg": arith.neg, f"{_T}__neg__": arith.neg, "torch.neg": arith.neg,
+    "torch.nn.functional.silu": _silu, "torch.nn.functional.rms_norm": _rms_norm,
+    "torch.nn.functional.max_pool2d": _max_pool2d, "torch.max_pool2d": _max_pool2d,
+    "torch.nn.functional.avg_pool2d": _avg_pool2d,
+    "torch.nn.functional.adaptive_avg_pool2d": XP.adaptive_avg_pool2d}
+for _n in ("torch.sigmoid", f"{_T}sigmoid", "torch.special.expit"):
+    _ROUTES[_n] = XA.sigmoid
+for _n in ("torch.tanh", f"{_T}tanh"):
+    _ROUTES[_n] = XA.tanh
+for _n, _log in (("softmax", False), ("log_softmax", True)):
+    for _p in ("torch.nn.functional.", "torch.", _T, "torch.special."):
+        _ROUTES[f"{_p}{_n}"] = _softmax(_log)
+for _n, _mean in (("sum", False), ("mean", True)):
+    _ROUTES[f"torch.{_n}"] = _ROUTES[f"{_T}{_n}"] = _reduction(_mean)
 for _names, _f in ((("add", "__add__", "__radd__"), arith.add), (("sub", "__sub__"), arith.sub),
                    (("mul", "__mul__", "__rmul__", "multiply"), arith.mul),
                    (("div", "__truediv__", "true_divide", "divide"), arith.div)):
@@ -193,7 +257,8 @@ EXACT_NODES = frozenset({
 # The exact layers' own autograd Functions (spec sections 12-18), by identity.
 EXACT_FUNCTIONS: frozenset[type] = frozenset({
     XF._Linear, XF._Conv2d, XF._Embedding, XF._LayerNorm, XF._GELU, XF._Select,
-    arith._Binary, _Attention})
+    arith._Binary, _Attention, XA._Activation, XR._Sum, XR._Softmax, XN._RMSNorm,
+    XP._MaxPool, XP._AvgPool, XP._AdaptiveAvg})
 
 
 def check_graph(out: Tensor) -> list[str]:

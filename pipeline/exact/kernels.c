@@ -123,6 +123,77 @@ void px_gelu(const float *restrict x, float *restrict y, float *restrict dy, int
     }
 }
 
+/* ---------------------------------------------------------------- SiLU, sigmoid, tanh */
+/* activations.activation_parts_torch (docs/exact-spec.md, section 20). */
+static const double TANH_C[8] = PX_TANH_C;
+
+/* One span per kind, every branch computed and selected (a select picks one
+ * value, so the results are those of the torch code), dy in its own loop: no
+ * branch inside a loop, which vectorises. The body sets yv and dv from d. */
+#define ACT_SPAN(name, ...)                                                           \
+    static void name(const float *restrict x, float *restrict y, float *restrict dy, \
+                     int64_t i0, int64_t i1) {                                        \
+        if (!dy) {                                                                    \
+            for (int64_t i = i0; i < i1; i++) {                                       \
+                double d = (double)x[i], yv, dv;                                      \
+                __VA_ARGS__                                                           \
+                (void)dv;                                                             \
+                y[i] = (float)yv;                                                     \
+            }                                                                         \
+            return;                                                                   \
+        }                                                                             \
+        for (int64_t i = i0; i < i1; i++) {                                           \
+            double d = (double)x[i], yv, dv;                                          \
+            __VA_ARGS__                                                               \
+            y[i] = (float)yv;                                                         \
+            dy[i] = (float)dv;                                                        \
+        }                                                                             \
+    }
+
+ACT_SPAN(silu_span, {
+    double e = exp64(-__builtin_fabs(d)), t = e + 1.0;
+    double p = 1.0 / t, q = e / t;
+    double sg = d >= 0 ? p : q, sc = d >= 0 ? q : p;
+    yv = d * sg;
+    dv = (d * sc + 1.0) * sg;
+})
+
+ACT_SPAN(sigmoid_span, {
+    double e = exp64(-__builtin_fabs(d)), t = e + 1.0;
+    double p = 1.0 / t, q = e / t;
+    yv = d >= 0 ? p : q;
+    dv = p * q;
+})
+
+ACT_SPAN(tanh_span, {
+    double a = __builtin_fabs(d), z = d * d;
+    double w = z * TANH_C[7] + TANH_C[6];
+    for (int n = 5; n >= 0; n--) w = w * z + TANH_C[n];
+    double th_s = d * w;
+    double e = exp64(a * -2.0), u = e + 1.0;
+    double th_b = (1.0 - e) / u;
+    th_b = d < 0 ? -th_b : th_b;
+    int small = a < PX_TANH_SMALL;
+    yv = small ? th_s : th_b;
+    dv = small ? 1.0 - th_s * th_s : (e * 4.0) / (u * u);
+})
+
+/* kind 0 SiLU, 1 sigmoid, 2 tanh of n elements; dy may be NULL. */
+void px_activation(const float *restrict x, float *restrict y, float *restrict dy, int64_t n,
+                   int kind, int nt) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    PARALLEL_FOR
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i0 = c * CHUNK, i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        if (kind == 0)
+            silu_span(x, y, dy, i0, i1);
+        else if (kind == 1)
+            sigmoid_span(x, y, dy, i0, i1);
+        else
+            tanh_span(x, y, dy, i0, i1);
+    }
+}
+
 /* ---------------------------------------------------------------- xmmb's quantisation */
 /* product._magic: 1.5 * 2^(52 + e - p) from the block maximum r (f32 >= 0,
  * or NaN/inf: the same bit arithmetic, wrapping as int64 does). */

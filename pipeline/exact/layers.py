@@ -17,11 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from ..core import rng
+from . import activations as XA
 from . import functional as XF
+from . import norms as XN
+from . import pooling as XP
+from . import reduce as XR
 from .attention import attention
 
 __all__ = ["Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",
-           "CausalSelfAttention", "init_exact", "EXACT_LAYERS"]
+           "CausalSelfAttention", "SiLU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "RMSNorm",
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "init_exact", "EXACT_LAYERS"]
 
 
 def _uniform(seed: int, layer: int, which: int, shape: tuple[int, ...], fan_in: int) -> Tensor:
@@ -172,7 +177,115 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
-EXACT_LAYERS = (Linear, Conv2d, Embedding, LayerNorm, GELU, ReLU, Dropout, CausalSelfAttention)
+class SiLU(nn.Module):
+    """``x * sigmoid(x)`` (spec section 20)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XA.silu(x)
+
+
+class Sigmoid(nn.Module):
+    """The logistic function (spec section 20)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XA.sigmoid(x)
+
+
+class Tanh(nn.Module):
+    """The hyperbolic tangent (spec section 20)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XA.tanh(x)
+
+
+class Softmax(nn.Module):
+    """Softmax along ``dim`` (spec section 21)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XR.softmax(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(Softmax):
+    """Log-softmax along ``dim`` (spec section 21)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XR.log_softmax(x, self.dim)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation over the last ``len(normalized_shape)``
+    dims, with an optional weight (``torch.nn.RMSNorm``; spec section 22);
+    ``eps`` None is float32's machine epsilon, as in torch."""
+
+    def __init__(self, normalized_shape: int | tuple[int, ...], eps: float | None = None,
+                 elementwise_affine: bool = True) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) \
+            else tuple(normalized_shape)
+        self.normalized_shape, self.eps = shape, eps
+        self.weight = nn.Parameter(torch.ones(shape)) if elementwise_affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XN.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def reset_exact(self, seed: int, layer: int) -> None:
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, " \
+               f"elementwise_affine={self.weight is not None}"
+
+
+class MaxPool2d(nn.Module):
+    """Max pooling, no dilation, floor mode (spec section 23)."""
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None
+                 = None, padding: int | tuple[int, int] = 0) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XP.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(nn.Module):
+    """Average pooling, floor mode (spec section 23)."""
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None
+                 = None, padding: int | tuple[int, int] = 0, count_include_pad: bool = True,
+                 divisor_override: int | None = None) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XP.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                             self.count_include_pad, self.divisor_override)
+
+
+class AdaptiveAvgPool2d(nn.Module):
+    """Adaptive average pooling to ``output_size`` (spec section 23)."""
+
+    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XP.adaptive_avg_pool2d(x, self.output_size)
+
+
+EXACT_LAYERS = (Linear, Conv2d, Embedding, LayerNorm, GELU, ReLU, Dropout, CausalSelfAttention,
+                SiLU, Sigmoid, Tanh, Softmax, LogSoftmax, RMSNorm, MaxPool2d, AvgPool2d,
+                AdaptiveAvgPool2d)
 
 
 def init_exact(model: nn.Module, seed: int) -> nn.Module:

@@ -66,7 +66,8 @@ def _constants() -> str:
             "PX_LN2_LO": consts.LN2_LO.hex(), "PX_EXP_C": arr(consts.EXP_C),
             "PX_ERFC_C": arr(consts.ERFC_C), "PX_SQRT_HALF": consts.SQRT_HALF.hex(),
             "PX_INV_SQRT_2PI": consts.INV_SQRT_2PI.hex(),
-            "PX_SQRT_2_PI": consts.SQRT_2_PI.hex()}
+            "PX_SQRT_2_PI": consts.SQRT_2_PI.hex(), "PX_TANH_SMALL": consts.TANH_SMALL.hex(),
+            "PX_TANH_C": arr(consts.TANH_C)}
     return "".join(f"#define {k} {v}\n" for k, v in defs.items())
 
 
@@ -276,6 +277,7 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # kernels.c's exported functions and their arguments (all return void).
 _SIGNATURES = {
     "px_gelu": [_P, _P, _P, _I64, _I32, _I32],
+    "px_activation": [_P, _P, _P, _I64, _I32, _I32],
     "px_quantise_rows": [_P, _I64, _I64, _I64, _P, _I64, _I32, _I32],
     "px_quantise_cols": [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I32, _I32],
     "px_softmax": [_P, _P, _I64, _I64, _I64, _I32, _I32],

@@ -5,7 +5,8 @@ pipeline/exact/native.py when the package is imported).
 A reference is the spec's arithmetic as torch ops (docs/exact-spec.md,
 section 14): the implementation the NumPy twin was checked against, the path
 that runs without the kernels, and what a kernel must equal bit for bit. Here
-live the references that have no other home: GELU and LayerNorm (the
+live the references that have no other home: GELU and LayerNorm (SiLU,
+sigmoid and tanh: ``activations.activation_parts_torch``; the
 quantisation's is ``product._quantised_torch``, the fixed tree's
 ``ops._tree_sum_torch``, the softmax's ``attention._softmax``).
 """
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import fused, native
+from .activations import KINDS, activation_parts_torch
 from .attention import _allowed, _softmax, _softmax_grad
 from .consts import ERFC_C, INV_SQRT_2PI, SQRT_2_PI, SQRT_HALF
 from .flat import select
@@ -191,7 +193,20 @@ def _check_index_tree(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+def _check_activation(lib: ctypes.CDLL) -> str | None:
+    x = native.check_values()
+    for k, kind in enumerate(KINDS):
+        for grad in (False, True):
+            want = activation_parts_torch(kind, x, grad)
+            got = fused._activation(lib, k, x, grad)
+            if not (native.same(want[0], got[0]) and native.same(want[1] if grad else None,
+                                                                   got[1])):
+                return f"{kind} differs from its torch reference"
+    return None
+
+
 native.register("gelu", _check_gelu)
+native.register("activation", _check_activation)
 native.register("quantise", _check_quantise)
 native.register("tree", _check_tree)
 native.register("layer_norm", _check_layer_norm)

@@ -113,7 +113,7 @@ def _parts(cfg: Config, base: Path, record: RunRecord, run_dir: Path) -> Parts:
     for spec in (cfg.model.factory, cfg.train.loss):
         _refuse_from_run_dir(spec, base, run_dir, record)
     try:
-        parts = resolve(cfg.model.factory, cfg.train.loss, base)
+        parts = resolve(cfg.model.factory, cfg.train.loss, base, cfg.data.augment.transform)
     except ConfigError as e:
         hint = (f"run.json says the run's config was in {record.config_dir}: name that "
                 f"project (--project DIR) if you trust its code")
@@ -182,7 +182,8 @@ def dataset_for(cfg: Config, base: Path, record: RunRecord | None, run_dir: Path
         raise CheckpointError(f"{run_dir / 'run.json'} [data.pretrained]",
                               "an object of file names and hashes", repr(pretrained)[:80])
     verified = manifest.verify(path, names=[*entry.files(), *pretrained], stat_cache_dir=cache)
-    now = {**data_fields(verified, entry.name),
+    decoded = record.data.get("decoded_sha256") if record is not None else None
+    now = {**data_fields(verified, entry.name, decoded),
            **({"pretrained": {k: verified.hashes[k] for k in pretrained}} if pretrained else {})}
     if record is not None:
         recorded = {k: v for k, v in record.data.items() if k != "standardize"}

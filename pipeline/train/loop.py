@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from ..core.errors import DivergedError, Interrupted, Preempted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
+from ..data.augment import Augmenter, augmenter
+from ..data.loader import Loader
 from ..data.sampling import batches, epoch_order, split, split3
 from . import checkpoint, preempt
 from .checkpoint import Progress
@@ -46,12 +49,14 @@ class TrainResult:
 
 def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
           ckpt_dir: Path | None, comm: Any = None, device: str = "cpu",
-          quiet: bool = False, threads: int | None = None) -> TrainResult:
+          quiet: bool = False, threads: int | None = None,
+          loader_workers: int = 0) -> TrainResult:
     """Train ``cfg`` on ``ds`` in numeric ``mode`` (pipeline.modes) with the
     model ``parts`` (pipeline.models.Parts); resume from ``ckpt_dir``'s newest
     valid checkpoint of this run, and write checkpoints there (rank 0).
     ``threads``: cores to use, None for all (pipeline.train.threads; the bits
-    do not depend on it)."""
+    do not depend on it); ``loader_workers``: threads preparing batches ahead
+    (pipeline.data.loader; nor do the bits depend on it)."""
     comm = comm or LocalComm()
     dev = torch.device(device)
     seed_everything(cfg.seed)
@@ -81,15 +86,16 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
 
     bar = tqdm(total=total, initial=st.step, disable=quiet or not sys.stderr.isatty(),
                desc="train", unit="step", leave=False)
-    order, last_save = None, time.monotonic()
+    aug = augmenter(cfg.data.augment, cfg.seed, parts.transform.function
+                    if getattr(parts, "transform", None) else None)
+    loader = Loader(_batch_maker(examples, aug, train_ids, cfg.seed, bsz, steps_per_epoch),
+                    st.step, total, loader_workers)  # the bits never depend on the workers
+    last_save = time.monotonic()
     loop_started = time.perf_counter()
     with preempt.watch():  # SIGTERM/SIGUSR1: stop after a step, checkpointed
         try:
             while st.step < total:
-                epoch, b = divmod(st.step, steps_per_epoch)
-                if order is None or b == 0:
-                    order = batches(epoch_order(train_ids, cfg.seed, epoch), bsz)
-                x, y = examples.get(order[b])
+                x, y = loader.get(st.step)  # this step's batch, augmented by key
                 masks = _loop_masks(net, dropout, bsz)
                 with usercode.guarded("a training step", "model.factory", step=st.step + 1,
                                       always=False):  # a failure in the user's forward or loss
@@ -121,6 +127,7 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
         except KeyboardInterrupt:
             raise Interrupted(st.step) from None  # the CLI prints one line: rerun to resume
         finally:
+            loader.close()
             runner.close()
             if writer:
                 writer.close()  # every checkpoint on disk (or its error raised) before returning
@@ -132,7 +139,9 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
     state = {**net.params, **net.buffers}
     weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return TrainResult(weights, st.metrics, bytes(st.trail), sorted(net.params), st.step,
-                       resumed, {**runner.record(), **mode.how_it_ran()}, net.structure(),
+                       resumed, {**runner.record(), **mode.how_it_ran(),
+                                 **({"loader_workers": loader_workers} if loader_workers else {})},
+                       net.structure(),
                        loop_s)
 
 
@@ -162,6 +171,37 @@ class _Examples:
         starts = torch.from_numpy(self.ds.starts(ids, self.context)).to(self.dev)
         pos = starts[:, None] + self.offsets                   # (B, T) token positions
         return self.x[pos], self.x[pos + 1]
+
+
+def _batch_maker(examples: _Examples, aug: Augmenter | None, train_ids: np.ndarray, seed: int,
+                 bsz: int, steps_per_epoch: int) -> Any:
+    """``make(step)``: step's (x, y), its examples from the epoch's order, augmented
+    by (seed, epoch, example); a pure function of the step, safe on loader threads."""
+    lock, orders = threading.Lock(), {}
+
+    def make(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, b = divmod(step, steps_per_epoch)
+        with lock:  # one epoch order computed once; gathers one at a time (mapped rows)
+            if epoch not in orders:
+                if len(orders) > 2:  # workers ahead span at most a few epochs; pure anyway
+                    orders.clear()
+                orders[epoch] = batches(epoch_order(train_ids, seed, epoch), bsz)
+            ids = orders[epoch][b]
+            x, y = examples.get(ids)
+        if aug is not None:  # by (seed, epoch, example): pipeline.data.augment
+            x = _augmented(aug, x, ids, epoch)
+        return x, y
+
+    return make
+
+
+def _augmented(aug: Augmenter, x: torch.Tensor, ids: np.ndarray, epoch: int) -> torch.Tensor:
+    """The batch's inputs augmented on the CPU (the user's transform guarded as
+    user code), back on ``x``'s device."""
+    with usercode.guarded("an augmentation transform", "data.augment.transform",
+                          always=False):
+        out = aug.batch(x.cpu().numpy(), ids, epoch)
+    return torch.from_numpy(out).to(x.device)
 
 
 def examples_of(ds: Dataset, context: int, dev: torch.device) -> _Examples:

@@ -377,4 +377,4 @@ def test_files_of_is_ordered() -> None:
     assert formats.files_of({**NPY, "x": "b", "y": "a"}) == ["b", "a"]
     assert formats.files_of({**IDX, "x": "a", "y": "a"}) == ["a"]
     assert formats.files_of(DIGITS_SPEC) == ["digits"]
-    assert formats.FORMATS == ("csv", "npy", "npz", "idx", "text")
+    assert formats.FORMATS == ("csv", "npy", "npz", "idx", "text", "images")

@@ -90,6 +90,22 @@ def test_gelu_kernel_equals_the_torch_implementation(tanh: bool, grad: bool) -> 
         assert got[1] is None
 
 
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["silu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_activation_kernel_equals_the_torch_implementation(kind: int, grad: bool) -> None:
+    """SiLU, sigmoid and tanh (spec section 20) natively: the torch
+    implementation's bits on every binade, specials and random patterns."""
+    from pipeline.exact.activations import KINDS, activation_parts_torch
+    x = _values(1 << 18, 2)
+    want = activation_parts_torch(KINDS[kind], x, grad)
+    got = fused._activation(_lib("activation"), kind, x, grad)
+    assert _same(got[0], want[0])
+    if grad:
+        assert got[1] is not None and _same(got[1], want[1])
+    else:
+        assert got[1] is None
+
+
 SHAPES = [((512, 128), -1), ((512, 128), -2), ((7, 5), -1), ((7, 5), -2), ((1, 1), -1),
           ((3, 64), -1), ((65, 3), -2), ((3, 70, 130), -1), ((3, 130, 70), -2),
           ((2, 2, 100, 9), -2), ((300, 1000), -1)]
