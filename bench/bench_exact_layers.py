@@ -99,7 +99,8 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
         t0 = time.perf_counter()
         masks = [dropout.keep_mask(net.dropout_rate, cfg.train.batch_size, w)
                  for w in net.dropout_widths()]
-        _, grads = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev, runner)
+        (_, grads), _ = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev,
+                                    runner)
         opt.step(grads)
         times.append(time.perf_counter() - t0)
     runner.close()

@@ -216,6 +216,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         args.runs_dir = project.runs
     if not modes.of(cfg.mode).will_reexec():  # else the re-executed process says it
         say(project)  # only where it fell back on the shipped project or manifest
+    from .cluster import detect
+
+    if (worker := detect(os.environ)) is not None:  # started by torchrun, srun, a PyTorchJob
+        return _launch(args, argv, cfg, path, overrides, project, worker)
     if args.nproc != 1 or args.nnodes != 1:
         return _launch(args, argv, cfg, path, overrides, project)
     prep = recipe.prepare(cfg, argv, path.resolve().parent, trust_cache=not args.rebuild,
@@ -235,22 +239,39 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _launch(args: argparse.Namespace, argv: list[str], cfg: Any, path: Path,
-            overrides: list[str], project: Project) -> int:
-    from .launch import Spec, launch
+            overrides: list[str], project: Project, worker: Any = None) -> int:
+    """``--nproc``/``--nnodes``: start the workers; ``worker`` (pipeline.cluster):
+    be one, started by another launcher."""
+    from .launch import Spec, launch, serve
 
     if args.rebuild:
-        raise UsageError("--rebuild trains in one process: drop --nproc/--nnodes (the bits "
-                         "are the same at every world size)")
+        raise UsageError("--rebuild trains in one process: drop --nproc/--nnodes, or run it "
+                         "outside the launcher (the bits are the same at every world size)")
     spec = Spec(str(path.resolve()), overrides, str(args.runs_dir.resolve()), args.device,
                 args.quiet, args.nproc, args.nnodes, args.node_rank, args.master_addr,
                 args.master_port, args.rdzv_endpoint, force=args.force, threads=args.threads,
                 manifest=str(project.manifest.resolve()), loader_workers=args.loader_workers)
-    out = launch(spec, argv, cfg)
+    if worker is not None:
+        given = [f"--{k.replace('_', '-')}" for k in _LAUNCH_OPTIONS
+                 if getattr(args, k) != _parser_default(k)]
+        if given:
+            raise UsageError(f"{' '.join(given)}: this process was started by "
+                             f"{worker.launcher} (rank {worker.rank} of "
+                             f"{worker.world_size}), which sets the world; drop them, or "
+                             f"unset the launcher's variables to launch workers here")
+    out = serve(worker, spec, argv, cfg) if worker is not None else launch(spec, argv, cfg)
     if out.record is None:
         print(out.note)
     else:
         _report(out.record, args.json, out.reused, args.runs_dir)
     return 0
+
+
+_LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint")
+
+
+def _parser_default(dest: str) -> Any:
+    return {"nproc": 1, "nnodes": 1, "node_rank": 0}.get(dest)
 
 
 def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path) -> None:

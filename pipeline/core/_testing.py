@@ -14,6 +14,9 @@ Never set these for real runs (docs/reference/environment.md):
 - ``PIPELINE_TEST_KILL_IN_CHECKPOINT=N``: SIGKILL while checkpoint N is half
   written (temp file synced, not yet renamed);
 - ``PIPELINE_TEST_KILL_RANK_AT_STEP=R:S``: SIGKILL rank R after step S;
+- ``PIPELINE_TEST_SIGNAL_AT_STEP=R:S:SIG[:launcher]``: rank R sends SIG
+  (SIGTERM, SIGUSR1) to itself, or to its parent (the ``--nproc`` launcher),
+  after step S: a preemption at a chosen step;
 - ``PIPELINE_TEST_PLAIN_ALLREDUCE=1``: ``dist.all_reduce(SUM)`` instead of
   the fixed tree (the world-size control);
 - ``PIPELINE_TEST_NO_SHARD_STREAMS=1``: pinned modules draw from torch's
@@ -57,11 +60,19 @@ class Switches:
     plain_allreduce: bool = False
     no_shard_streams: bool = False
     intraop_threads: bool = False
+    signal_at_step: tuple[int, int, str, bool] | None = None  # rank, step, signal, to parent
 
 
 def _int(environ: Mapping[str, str], name: str) -> int | None:
     v = environ.get(name)
     return int(v) if v else None
+
+
+def _signal_at(value: str | None) -> tuple[int, int, str, bool] | None:
+    if not value:
+        return None
+    r, s, name, *to = value.split(":")
+    return int(r), int(s), name, to == ["launcher"]
 
 
 def read(environ: Mapping[str, str]) -> Switches:
@@ -77,6 +88,7 @@ def read(environ: Mapping[str, str]) -> Switches:
         kill_at_step=_int(environ, "PIPELINE_TEST_KILL_AT_STEP"),
         kill_in_checkpoint=_int(environ, "PIPELINE_TEST_KILL_IN_CHECKPOINT"),
         kill_rank_at_step=(int(r), int(s)) if rank_step else None,
+        signal_at_step=_signal_at(environ.get("PIPELINE_TEST_SIGNAL_AT_STEP")),
         plain_allreduce=environ.get("PIPELINE_TEST_PLAIN_ALLREDUCE") == "1",
         no_shard_streams=environ.get("PIPELINE_TEST_NO_SHARD_STREAMS") == "1",
         intraop_threads=environ.get("PIPELINE_TEST_INTRAOP_THREADS") == "1",
@@ -120,6 +132,12 @@ def fault(point: str, step: int, rank: int = 0,
         return
     if sw.kill_rank_at_step == (rank, step):
         _kill(f"rank {rank} at step {step}")
+    if sw.signal_at_step and sw.signal_at_step[:2] == (rank, step):
+        name, to_parent = sw.signal_at_step[2:]
+        target = os.getppid() if to_parent else os.getpid()
+        print(f"test: {name} to pid {target} from rank {rank} after step {step}",
+              file=sys.stderr, flush=True)
+        os.kill(target, signal.Signals[name])
     if sw.kill_at_step == step:
         if flush is not None:
             flush()

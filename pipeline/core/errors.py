@@ -91,6 +91,19 @@ class DivergedError(PipelineError, ArithmeticError):
         self.step = step
 
 
+class Preempted(PipelineError):
+    """SIGTERM or SIGUSR1 (how Slurm and Kubernetes preempt, or warn before a
+    time limit): every rank finished its step, rank 0 wrote a checkpoint, and
+    the job stops with EXIT_PREEMPTED, which the schedulers' retry policies
+    rerun (docs/how-to/cluster.md); the rerun resumes to the same bits."""
+
+    exit_code = 143  # EXIT_PREEMPTED below: 128 + SIGTERM, as a shell reports it
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class WorkerError(PipelineError):
     """A launched worker's own error, passed on with the worker's exit code."""
 
@@ -104,6 +117,10 @@ class WorkerError(PipelineError):
 EXIT_INTERNAL = 70
 EXIT_IO = 74
 EXIT_INTERRUPTED = 130
+# Preempted: in 128..255, which a PyTorchJob's `restartPolicy: ExitCode` retries
+# (1..127 are permanent there); 128 + SIGTERM, what a shell reports for a
+# process that SIGTERM stopped.
+EXIT_PREEMPTED = Preempted.exit_code
 
 # Every exit code a command can return, and what it means: the one source for
 # `pipeline --help` and docs/reference/exit-codes.md (tools/gen_reference.py).
@@ -131,6 +148,9 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_IO, "file-system error: permission, no space, a read-only or missing directory; "
               "one line naming the path"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); rerun the same command to resume"),
+    (EXIT_PREEMPTED, "preempted: SIGTERM or SIGUSR1 stopped the run after a step and "
+                     "rank 0's checkpoint of it; retry (Slurm --requeue, Kubernetes "
+                     "restart policies): the same command resumes to the same weights"),
 )
 
 

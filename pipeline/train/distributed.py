@@ -16,8 +16,10 @@ partner's half to it as the tree's node does (the left subtree's sum + the
 right subtree's, whichever rank computes it), so after log2 W levels rank r
 holds the whole tree's sum of one segment; an all-gather of the segments
 then gives every rank every bit. The same additions as the tree over the W
-partials, so the same bits; a gradient some ranks lack (None) is taken from
-the subtree that has it, never added to zeros. (An all_reduce would leave
+partials, so the same bits; each rank's stop request (preemption,
+pipeline.train.preempt) travels with its presence flags; a gradient some
+ranks lack (None) is taken from the subtree that has it, never added to
+zeros. (An all_reduce would leave
 the order of the additions to the backend's algorithm: ring or
 halving-doubling, chunked.)
 
@@ -108,6 +110,10 @@ class LocalComm:
     def combine(self, partial: Grads) -> Grads:
         return partial
 
+    def exchange(self, partial: Grads, stop: bool) -> tuple[Grads, bool]:
+        """The whole sum, and whether any rank asked to stop: this one's ``stop``."""
+        return partial, stop
+
     def expect(self, tensors: dict[str, torch.Tensor]) -> None:
         """Nothing to exchange: see TorchComm.expect."""
 
@@ -146,26 +152,35 @@ class TorchComm:
         self.like = dict(tensors)
 
     def combine(self, partial: Grads) -> Grads:
+        return self.exchange(partial, False)[0]
+
+    def exchange(self, partial: Grads, stop: bool) -> tuple[Grads, bool]:
+        """The whole sum of the ranks' partials, and whether any rank asked to
+        stop (pipeline.train.preempt): the request travels last among the
+        presence flags, so every rank learns it at the same step, at no extra
+        message."""
         import torch.distributed as dist
 
         loss, grads = partial
         shapes = self._shapes(grads)
         flat = _flatten(partial, shapes)   # (1 + sum of numels,): absent gradients as zeros
-        here = flat.new_tensor([1.0] + [0.0 if g is None else 1.0 for g in grads.values()])
+        here = flat.new_tensor([1.0] + [0.0 if g is None else 1.0 for g in grads.values()]
+                               + [1.0 if stop else 0.0])  # the loss, each name, the stop
         try:
             if self.plain:  # the control: the backend's own summation order
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 dist.all_reduce(here, op=dist.ReduceOp.SUM)
-                return _unflatten(flat, loss, shapes, here[1:] > 0)
+                return (_unflatten(flat, loss, shapes, here[1:-1] > 0),
+                        bool(here[-1].item() > 0))
             if self.size * flat.numel() <= self.gather_below:  # small: one collective
                 return self._gather_tree(dist, flat, here, loss, shapes)
             total, present = self._reduce_scatter_gather(dist, flat, here > 0, shapes)
         except RuntimeError as e:  # gloo/nccl errors (DistBackendError) subclass it
             raise self.failed("exchanging step gradients", e) from None
-        return _unflatten(total, loss, shapes, present[1:])
+        return _unflatten(total, loss, shapes, present[1:-1]), bool(present[-1].item())
 
     def _gather_tree(self, dist: Any, flat: torch.Tensor, here: torch.Tensor,
-                     loss: torch.Tensor, shapes: dict[str, torch.Size]) -> Grads:
+                     loss: torch.Tensor, shapes: dict[str, torch.Size]) -> tuple[Grads, bool]:
         """The same sum for a small buffer: every rank's partial and flags
         gathered in one all-gather (W x the buffer, at most ``gather_below``
         elements), then the tree over the partials in rank order (add_grads:
@@ -174,9 +189,9 @@ class TorchComm:
         gathered = both.new_empty(self.size * both.numel())
         _all_gather(dist)(gathered, both)
         n = flat.numel()
-        parts = [_unflatten(row[:n], loss, shapes, row[n + 1:] > 0)
-                 for row in gathered.view(self.size, -1).unbind(0)]
-        return tree_reduce(parts, add_grads)
+        rows = gathered.view(self.size, -1)
+        parts = [_unflatten(row[:n], loss, shapes, row[n + 1:-1] > 0) for row in rows.unbind(0)]
+        return tree_reduce(parts, add_grads), bool((rows[:, -1] > 0).any().item())
 
     def _reduce_scatter_gather(self, dist: Any, flat: torch.Tensor, here: torch.Tensor,
                                shapes: dict[str, torch.Size]) -> tuple[torch.Tensor,
@@ -201,7 +216,7 @@ class TorchComm:
             other = got[keep[1] - keep[0]:] > 0
             a, b = (mine, theirs) if left else (theirs, mine)  # left subtree + right subtree
             has_l, has_r = (has, other) if left else (other, has)
-            if bool((has_l & has_r).all()):  # every part on both sides: the usual step
+            if bool((has_l & has_r)[:-1].all()):  # every part on both sides (the last: stop)
                 held = a + b
             else:  # a part one side lacks is the other side's, never added to its zeros
                 el, er = has_l[owner[keep[0]:keep[1]]], has_r[owner[keep[0]:keep[1]]]

@@ -17,14 +17,14 @@ from tqdm import tqdm
 
 from ..core import _testing, rng, usercode
 from ..core.config import Config
-from ..core.errors import DivergedError, Interrupted
+from ..core.errors import DivergedError, Interrupted, Preempted
 from ..core.hashing import fingerprints
 from ..core.rng import DropoutStream
 from ..data.dataset import Dataset
 from ..data.augment import Augmenter, augmenter
 from ..data.loader import Loader
 from ..data.sampling import batches, epoch_order, split, split3
-from . import checkpoint
+from . import checkpoint, preempt
 from .checkpoint import Progress
 from .determinism import seed_everything, strict_torch
 from .distributed import LocalComm, TreeFold, add_grads
@@ -93,44 +93,47 @@ def train(cfg: Config, ds: Dataset, mode: Maker, parts: Any, *, run_key: str,
     last_save = time.monotonic()
     loop_started = time.perf_counter()
     late = usercode.LateImports()  # user modules the key did not see: refused when imported
-    try:
-        while st.step < total:
-            x, y = loader.get(st.step)  # this step's batch, augmented by key
-            masks = _loop_masks(net, dropout, bsz)
-            with usercode.guarded("a training step", "model.factory", step=st.step + 1,
-                                  always=False):  # a failure in the user's forward or loss
-                loss, grads = _step_grads(net, x, y, masks, cfg, st.step, n_global, comm, dev,
-                                          runner, late)
-            if isinstance(net, StepState):
-                grads = net.end_step(grads, cfg.train.shards)
-            if not math.isfinite(step_loss := float(loss)):
-                raise DivergedError(st.step + 1, f"the loss ({step_loss})")
-            opt.step(grads)
-            st.step += 1
-            st.loss_sum += step_loss / n_global
-            st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
-            bar.update(1)
-            if st.step % steps_per_epoch == 0 or st.step == total:
-                st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch,
-                                           val_ids))
-                late.check("scoring the test split", st.step)
-                st.loss_sum = 0.0
-                bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
-                                 if k.startswith(("test_", "val_"))})
-            if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
-                                                              last_save):
-                _check_finite(net, st.step)  # a checkpoint never holds what diverged
-                writer.save(net, opt, dropout, st)
-                last_save = time.monotonic()
-            _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
-    except KeyboardInterrupt:
-        raise Interrupted(st.step) from None  # the CLI prints one line: rerun to resume
-    finally:
-        loader.close()
-        runner.close()
-        if writer:
-            writer.close()  # every checkpoint on disk (or its error raised) before returning
-        bar.close()
+    with preempt.watch():  # SIGTERM/SIGUSR1: stop after a step, checkpointed
+        try:
+            while st.step < total:
+                x, y = loader.get(st.step)  # this step's batch, augmented by key
+                masks = _loop_masks(net, dropout, bsz)
+                with usercode.guarded("a training step", "model.factory", step=st.step + 1,
+                                      always=False):  # a failure in the user's forward or loss
+                    (loss, grads), stop = _step_grads(net, x, y, masks, cfg, st.step, n_global,
+                                                      comm, dev, runner, late)
+                if isinstance(net, StepState):
+                    grads = net.end_step(grads, cfg.train.shards)
+                if not math.isfinite(step_loss := float(loss)):
+                    raise DivergedError(st.step + 1, f"the loss ({step_loss})")
+                opt.step(grads)
+                st.step += 1
+                st.loss_sum += step_loss / n_global
+                st.trail += fingerprints(net.params)  # checkpoint.TRAIL_DIGEST bytes a tensor
+                bar.update(1)
+                if st.step % steps_per_epoch == 0 or st.step == total:
+                    st.metrics.append(_metrics(net, examples, test_ids, st, steps_per_epoch,
+                                               val_ids))
+                    late.check("scoring the test split", st.step)
+                    st.loss_sum = 0.0
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in st.metrics[-1].items()
+                                     if k.startswith(("test_", "val_"))})
+                if stop and st.step < total:  # every rank learnt it with this step's gradients
+                    _stop(writer, net, opt, dropout, st, comm.rank)
+                if writer and st.step < total and _checkpoint_due(cfg, st.step, steps_per_epoch,
+                                                                  last_save):
+                    _check_finite(net, st.step)  # a checkpoint never holds what diverged
+                    writer.save(net, opt, dropout, st)
+                    last_save = time.monotonic()
+                _testing.fault("step", st.step, comm.rank, writer.wait if writer else None)
+        except KeyboardInterrupt:
+            raise Interrupted(st.step) from None  # the CLI prints one line: rerun to resume
+        finally:
+            loader.close()
+            runner.close()
+            if writer:
+                writer.close()  # every checkpoint on disk (or its error raised) before returning
+            bar.close()
     loop_s = time.perf_counter() - loop_started
     _check_finite(net, st.step)
     mode.check_process()  # whatever the run loaded since the net was built
@@ -228,6 +231,19 @@ def _checkpoint_due(cfg: Config, step: int, steps_per_epoch: int, last_save: flo
     return bool(at) and time.monotonic() - last_save >= cfg.train.checkpoint_seconds
 
 
+def _stop(writer: checkpoint.Writer | None, net: Net, opt: Any, dropout: DropoutStream,
+          st: Progress, rank: int) -> None:
+    """Preempted after step ``st.step``: rank 0 checkpoints it (the loop's
+    ``finally`` waits for the write), every rank raises Preempted."""
+    if writer:
+        _check_finite(net, st.step)
+        writer.save(net, opt, dropout, st)
+    why = preempt.requested() or "SIGTERM/SIGUSR1 to another rank"
+    saved = "rank 0 checkpointed it" if writer or rank else "no checkpoint directory"
+    raise Preempted(f"preempted after step {st.step} ({why}); {saved}: rerun the same "
+                    f"command to resume", st.step)
+
+
 def _check_finite(net: Net, step: int) -> None:
     """DivergedError naming the first parameter or buffer holding NaN or inf."""
     for name, t in {**net.params, **net.buffers}.items():
@@ -246,11 +262,12 @@ def _loop_masks(net: Net, dropout: DropoutStream, bsz: int) -> list[np.ndarray]:
 def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarray],
                 cfg: Config, step: int, n_global: int, comm: Any, dev: torch.device,
                 runner: ShardRunner, late: usercode.LateImports | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                ) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor]], bool]:
     """This rank's shards, each on its own rows and with its own random stream
     (key(seed, FORWARD, step, shard)), run by ``runner`` (in order, or at once
     on threads), summed in the fixed tree in shard order; then the ranks'
-    partial sums finish the same tree (pipeline.train.distributed)."""
+    partial sums finish the same tree (pipeline.train.distributed); with them,
+    whether any rank was asked to stop (pipeline.train.preempt)."""
     bsz, shards = cfg.train.batch_size, cfg.train.shards
     rows = bsz // shards
     per_rank = shards // comm.size
@@ -267,7 +284,7 @@ def _step_grads(net: Net, x: torch.Tensor, y: torch.Tensor, masks: list[np.ndarr
                     fold.push)
     if late is not None:  # before the exchange: a rank that refuses stops its peers there
         late.check("a training step", step + 1)
-    return comm.combine(fold.result())
+    return comm.exchange(fold.result(), preempt.requested() is not None)
 
 
 def _metrics(net: Net, examples: _Examples, test_ids: np.ndarray, st: Progress,

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("audit",),            # audit and exec of a user's script
     ("models", "project"),  # model factories; the user's project (manifest, config, runs/)
     ("modes",),            # pinned and exact: nets and optimisers for the loop
-    ("recipe", "scaffold"),
+    ("recipe", "scaffold", "cluster"),  # cluster: which launcher started this process
     ("launch", "inference"),  # inference: load a finished run's model, eval, predict
     ("export",),           # read-only links outward: MLflow, TensorBoard, the model card
     ("cli",),

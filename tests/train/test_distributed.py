@@ -110,8 +110,12 @@ def _comm_worker(rank: int, world: int, port: int, out: str, gather_below: int) 
         comm.expect({k: torch.zeros_like(v) for k, v in _grads(0)[1].items()}
                     | {"c": torch.zeros(5)})
         total = comm.combine((loss, grads))
-        torch.save({"loss": total[0], **{k: (v if v is not None else "none")
-                                         for k, v in total[1].items()}}, f"{out}/{rank}.pt")
+        # Preemption: the last rank's stop request reaches every rank; none, none.
+        _, stop = comm.exchange((loss, grads), stop=rank == world - 1)
+        _, quiet = comm.exchange((loss, grads), stop=False)
+        torch.save({"loss": total[0], "stop": torch.tensor([stop, quiet]),
+                    **{k: (v if v is not None else "none") for k, v in total[1].items()}},
+                   f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -132,7 +136,8 @@ def test_torch_comm_gives_the_trees_bits_on_every_rank(world: int, gather_below:
     every rank, bit for bit, with gradients some ranks lack taken as they are
     (rank 1's -0.0 stays -0.0: never added to a zero): by the reduce-scatter
     and its mirror all-gather (gather_below 0: no rank holds W partials), and
-    by one all-gather of the partials (a small buffer)."""
+    by one all-gather of the partials (a small buffer). A stop request
+    (preemption) from the last rank reaches every rank with the gradients."""
     import socket
 
     import torch.multiprocessing as mp
@@ -150,6 +155,7 @@ def test_torch_comm_gives_the_trees_bits_on_every_rank(world: int, gather_below:
         for k in ("w", "b", "c"):
             assert got[k].numpy().tobytes() == want[1][k].numpy().tobytes(), (r, k)
         assert torch.signbit(got["c"]).all()  # -0.0, as rank 1 sent it
+        assert got["stop"].tolist() == [True, False], r
 
 
 def test_local_comm_is_the_identity() -> None:
