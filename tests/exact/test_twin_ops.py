@@ -280,6 +280,44 @@ def test_sum_mean_float64_match_pipeline():
             _same_bits(gx, getattr(to, f"{fn}_bwd")(g, x.shape, dims), f"f64 {fn} {dims} gx")
 
 
+def test_integer_sums_and_refusals_match_spec():
+    """Section 21's other rules through the guard: an integer tensor's sum is
+    integer arithmetic (wrapping as int64 does, as the twin's); a dtype other
+    than the input's is refused (sum, mean), as is a softmax without dim and a
+    log_softmax of an f64 tensor; an f64 tensor without a gradient sums by the
+    f64 tree (the twin's bits)."""
+    import torch
+
+    from pipeline import exact
+
+    rng = np.random.default_rng(215)
+    xi = rng.integers(-2**62, 2**62, (3, 5, 4))
+    xi[0, 0, :2] = 2**62                         # partial sums that wrap
+    xd = rng.standard_normal((3, 5, 4)) * np.exp(rng.uniform(-200, 200, (3, 5, 4)))
+
+    class Sums(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.sum(a, (0, 2)), a.sum(), torch.sum(b, 1), b.mean((0, 2), keepdim=True)
+
+    m = exact.from_torch(Sums())
+    with exact.Guard():
+        out = m(torch.from_numpy(xi), torch.from_numpy(xd))
+    with np.errstate(over="ignore"):
+        want = [to.sum_fwd(xi, (0, 2)), to.sum_fwd(xi), to.sum_fwd(xd, 1),
+                to.mean_fwd(xd, (0, 2), True)]
+    for o, w, what in zip(out, want, ["int (0, 2)", "int all", "f64 1", "f64 mean"]):
+        _same_bits(o.numpy(), w, what)
+    z = torch.zeros(2, 3)
+    refused = {"sum dtype": lambda: exact.xsum(z, 1, dtype=torch.float64),
+               "mean dtype": lambda: exact.xmean(z, 1, dtype=torch.float64),
+               "softmax no dim": lambda: exact.softmax(z),
+               "log_softmax f64": lambda: exact.log_softmax(z.double(), 1)}
+    for what, f in refused.items():
+        with pytest.raises((TypeError, ValueError)):
+            f()
+            pytest.fail(f"{what} was not refused")
+
+
 # ------------------------------------------------------------------ 21. softmax, log-softmax
 
 def _softmax_input(rng):
@@ -440,7 +478,7 @@ def torch_rms(d):
 
 def _pool_x(rng, shape=(2, 3, 7, 8), ties=False):
     if ties:      # few distinct values: ties inside windows, and +0 / -0 ties
-        x = rng.integers(-2, 3, shape).astype(F32)
+        x = rng.choice(np.array([-2, -1, 0, 0, 0, 1], F32), shape)
         x[x == 0] = np.where(rng.random(np.count_nonzero(x == 0)) < 0.5, F32(0.0), F32(-0.0))
         return x
     return (rng.standard_normal(shape) * np.exp(rng.uniform(-20, 20, shape[:2] + (1, 1)))
@@ -527,6 +565,12 @@ def test_max_pool_matches_pipeline(ties):
     for args in MAX_ARGS:
         (k, s, p), _ = _twin_args(args)
         want, cache = to.max_pool2d_fwd(x, k, s, p)
+        if ties:     # the case is real: windows whose maximum 0 is held by +0 and -0
+            win = to._windows(x, *to.pool_args(k, s, p), F32(-np.inf))[0]
+            zero = (win == 0) & (want[..., None] == 0)
+            both = (zero & np.signbit(win)).any(-1) & (zero & ~np.signbit(win)).any(-1)
+            assert both.sum() >= 3 and np.signbit(want[both]).any() and \
+                (~np.signbit(want[both])).any(), args
         g = (rng.standard_normal(want.shape) * 100).astype(F32)
         wgx = to.max_pool2d_bwd(g, cache)
         for label, mod in [("nn", torch.nn.MaxPool2d(**args)),
@@ -609,3 +653,59 @@ def test_adaptive_avg_pool_matches_pipeline():
                                          (rs[::-1], cs[::-1], shape))
         differs |= bool(np.any(_bits(rev) != _bits(wgx)))
     assert differs, "the reversed order gave the same bits on every case"
+
+
+# ------------------------------------------------------------------ a training run
+
+def _last_tie_max_pool(x, kernel, stride=None, padding=0):
+    """A misreading for the control: the last entry equal to the maximum."""
+    y, (a, shape, K, S, P) = _REAL_MAX_POOL(x, kernel, stride, padding)
+    win, _, _ = to._windows(np.asarray(x, F32), K, S, P, F32(-np.inf))
+    rev = win[..., ::-1] == y[..., None]
+    return y, (win.shape[-1] - 1 - np.argmax(rev, axis=-1), shape, K, S, P)
+
+
+_REAL_MAX_POOL = to.max_pool2d_fwd
+OPSNET_RUN = ["mode=exact", "train.max_steps=6", "optim.lr=0.02"]
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_opsnet_project_hash_matches_pipeline(tmp_path, suite_env, monkeypatch):
+    """A project (``pipeline new``, then its model.py replaced by
+    twin_opsnet.MODEL_PY: Conv2d, SiLU, softmax over channels, MaxPool2d with
+    padding and overlapping windows, AvgPool2d without counting the padding,
+    AdaptiveAvgPool2d with overlapping windows, a mean over (2, 3) broadcast
+    back, RMSNorm, Tanh times Sigmoid, a sum over dim 1 times a Python number,
+    LogSoftmax) trained in exact mode for 6 steps on 8 shards by ``python -m
+    pipeline train`` and by the twin: equal weight hashes and test accuracy.
+    Control: the twin sending max pooling's gradient to the last of tied
+    entries (the digits' blank margins tie everywhere) gives another hash."""
+    import re
+
+    from ..twin import twin_opsnet as tn
+
+    proj = tmp_path / "proj"
+    p = run_pipeline(["new", str(proj)], suite_env)
+    assert p.returncode == 0, p.stderr
+    (proj / "model.py").write_text(tn.MODEL_PY, encoding="utf-8")
+    cfg_text = (proj / "config.toml").read_text(encoding="utf-8")
+    cfg_text = cfg_text.replace('"model:convnet"', '"model:opsnet"')
+    cfg_text, n = re.subn(r"\[model\.args\]\n(?:.*\n)*?\n", "[model.args]\nchannels = 4\n\n",
+                          cfg_text)
+    assert n == 1 and '"model:opsnet"' in cfg_text
+    (proj / "config.toml").write_text(cfg_text, encoding="utf-8")
+    cfg = tw.load_config(str(proj / "config.toml"), OPSNET_RUN)
+    data = proj / "data" / "digits.csv.gz"
+    params, metrics = tn.train(cfg, str(data), tw.file_sha256(str(data)))
+    want = tw.weights_sha256(params)
+    p = run_pipeline(["train", str(proj / "config.toml"), *OPSNET_RUN, "--runs-dir",
+                      str(tmp_path / "runs"), "--json", "--quiet"], suite_env, timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stderr[-3000:]}"
+    run = json.loads(p.stdout)
+    assert run["weights_sha256"] == want, (run["weights_sha256"], want)
+    assert run["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["test_accuracy"] > 0.3          # it learns: the gradients are real
+    monkeypatch.setattr(tn.P, "max_pool2d_fwd", _last_tie_max_pool)
+    other, _ = tn.train(cfg, str(data), tw.file_sha256(str(data)))
+    assert tw.weights_sha256(other) != want, "the control changed nothing"
