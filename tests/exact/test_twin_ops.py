@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -443,9 +442,8 @@ def test_rmsnorm_matches_pipeline():
     """nn.RMSNorm (eps none = 2^-23 or given; one or two normalised dims; with
     and without a weight) and F.rms_norm, converted by from_torch: y, gx and
     gw bit for bit equal to the twin's, on rows of wide-ranging scale, a zero
-    row and a subnormal row. Control: eps taken as float64 2^-23 added in
-    f64 would be another reading; here the twin with eps 1e-5 in place of
-    none differs on the zero row."""
+    row and a subnormal row. Control: the twin with eps 1e-5 in place of none
+    (2^-23) gives other bits, so the comparison can fail."""
     import torch.nn.functional as F
 
     rng = np.random.default_rng(207)
@@ -464,11 +462,11 @@ def test_rmsnorm_matches_pipeline():
             _same_bits(grads["weight"], wgw, f"{label} gw")
         else:
             assert grads == {}
-    y, _, _ = _pipeline(torch_rms(6), x, g)
+    y, _, _ = _pipeline(_torch_rms(6), x, g)
     assert np.any(_bits(y) != _bits(to.rmsnorm_fwd(x, (6,), None, 1e-5)[0])), "control"
 
 
-def torch_rms(d):
+def _torch_rms(d):
     import torch
 
     return torch.nn.RMSNorm(d, elementwise_affine=False)
