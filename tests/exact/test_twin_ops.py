@@ -653,6 +653,55 @@ def test_adaptive_avg_pool_matches_pipeline():
     assert differs, "the reversed order gave the same bits on every case"
 
 
+# ------------------------------------------------------------------ larger shapes, 2 threads
+
+def _check(label, mod, x, fwd, bwd, rng):
+    want, cache = fwd(x)
+    g = rng.standard_normal(want.shape).astype(F32)
+    y, gx, _ = _pipeline(mod, x, g)
+    _same_bits(y, want, f"{label} y")
+    _same_bits(gx, bwd(g, cache), f"{label} gx")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_larger_shapes_match_pipeline(threads):
+    """Each op on tensors large enough for the pipeline's vectorised and
+    threaded paths (rows of 2000 entries, trees over 64000, 40x44 planes of 16
+    channels), with torch at 1 and 2 threads: bit for bit the twin's."""
+    import torch
+
+    rng = np.random.default_rng(216)
+    x = (rng.standard_normal((32, 2000)) * np.exp(rng.uniform(-5, 5, (32, 1)))).astype(F32)
+    xi = rng.standard_normal((4, 16, 40, 44)).astype(F32)
+    nn = torch.nn
+    cases = [(n, M(), x, lambda v, n=n: (getattr(to, f"{n}_fwd")(v), v),
+              lambda g, v, n=n: getattr(to, f"{n}_bwd")(g, v))
+             for n, M in [("silu", nn.SiLU), ("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh)]]
+    cases += [("softmax -1", nn.Softmax(-1), x, lambda v: to.softmax_fwd(v, -1), to.softmax_bwd),
+              ("log_softmax 0", nn.LogSoftmax(0), x, lambda v: to.log_softmax_fwd(v, 0),
+               to.log_softmax_bwd),
+              ("sum", _fn_module(lambda t: t.sum()), x, lambda v: (to.sum_fwd(v), v.shape),
+               to.sum_bwd),
+              ("mean 1", _fn_module(lambda t: t.mean(1)), x,
+               lambda v: (to.mean_fwd(v, 1), v.shape), lambda g, s: to.mean_bwd(g, s, 1)),
+              ("rms (2, 1000)", nn.RMSNorm((2, 1000), elementwise_affine=False),
+               x.reshape(32, 2, 1000), lambda v: to.rmsnorm_fwd(v, (2, 1000)),
+               lambda g, c: to.rmsnorm_bwd(g, c)[0]),
+              ("max pool", nn.MaxPool2d(3, 2, 1), xi, lambda v: to.max_pool2d_fwd(v, 3, 2, 1),
+               to.max_pool2d_bwd),
+              ("avg pool", nn.AvgPool2d(3, 2, 1, count_include_pad=False), xi,
+               lambda v: to.avg_pool2d_fwd(v, 3, 2, 1, False), to.avg_pool2d_bwd),
+              ("adaptive", nn.AdaptiveAvgPool2d((7, 9)), xi,
+               lambda v: to.adaptive_avg_pool2d_fwd(v, (7, 9)), to.adaptive_avg_pool2d_bwd)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for label, mod, xx, fwd, bwd in cases:
+            _check(label, mod, xx, fwd, bwd, rng)
+    finally:
+        torch.set_num_threads(old)
+
+
 # ------------------------------------------------------------------ a training run
 
 def _last_tie_max_pool(x, kernel, stride=None, padding=0):
@@ -669,14 +718,16 @@ OPSNET_RUN = ["mode=exact", "train.max_steps=6", "optim.lr=0.02"]
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_opsnet_project_hash_matches_pipeline(tmp_path, suite_env, monkeypatch):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch-path"])
+def test_opsnet_project_hash_matches_pipeline(native, tmp_path, suite_env, monkeypatch):
     """A project (``pipeline new``, then its model.py replaced by
     twin_opsnet.MODEL_PY: Conv2d, SiLU, softmax over channels, MaxPool2d with
     padding and overlapping windows, AvgPool2d without counting the padding,
     AdaptiveAvgPool2d with overlapping windows, a mean over (2, 3) broadcast
     back, RMSNorm, Tanh times Sigmoid, a sum over dim 1 times a Python number,
     LogSoftmax) trained in exact mode for 6 steps on 8 shards by ``python -m
-    pipeline train`` and by the twin: equal weight hashes and test accuracy.
+    pipeline train`` (its native kernels, or PIPELINE_EXACT_NATIVE=0) and by
+    the twin: equal weight hashes and test accuracy.
     Control: the twin sending max pooling's gradient to the last of tied
     entries (the digits' blank margins tie everywhere) gives another hash."""
     import re
@@ -697,13 +748,16 @@ def test_opsnet_project_hash_matches_pipeline(tmp_path, suite_env, monkeypatch):
     data = proj / "data" / "digits.csv.gz"
     params, metrics = tn.train(cfg, str(data), tw.file_sha256(str(data)))
     want = tw.weights_sha256(params)
+    env = {**suite_env, "PIPELINE_EXACT_NATIVE": native}
     p = run_pipeline(["train", str(proj / "config.toml"), *OPSNET_RUN, "--runs-dir",
-                      str(tmp_path / "runs"), "--json", "--quiet"], suite_env, timeout=600)
+                      str(tmp_path / "runs"), "--json", "--quiet"], env, timeout=600)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stderr[-3000:]}"
     run = json.loads(p.stdout)
     assert run["weights_sha256"] == want, (run["weights_sha256"], want)
     assert run["metrics"]["test_accuracy"] == metrics["test_accuracy"]
     assert metrics["test_accuracy"] > 0.3          # it learns: the gradients are real
+    if native == "0":
+        assert run["threads"]["exact_kernels"].startswith("off"), run["threads"]
     monkeypatch.setattr(tn.P, "max_pool2d_fwd", _last_tie_max_pool)
     other, _ = tn.train(cfg, str(data), tw.file_sha256(str(data)))
     assert tw.weights_sha256(other) != want, "the control changed nothing"
