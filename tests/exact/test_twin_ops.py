@@ -123,6 +123,14 @@ def test_activation_check_values():
     assert float(torch.sigmoid(torch.tensor([-100.0]))[0]) == 0.0
     y, _ = to.tanh_parts(np.array([-0.0], F32))
     assert _bits(y).tolist() == [0x80000000]            # d = -0 takes the series: -0
+    # A consequence of exp64's clamp at -110, kept literally (the pipeline agrees:
+    # these inputs are in test_activations_match_pipeline): below about -414,
+    # SiLU's y = RN32(d * E / (1 + E)) with E = exp64(-110) is no longer -0
+    # (stock torch gives -0), and so is its derivative.
+    y, dy = to.silu_parts(np.array([-1e30, -3e38, -400.0], F32))
+    E = float(to.exp64(np.array([-110.0]))[0])
+    assert y[0] == F32(float(F32(-1e30)) * (E / (1.0 + E))) == dy[0] and float(y[0]) < -1e-18
+    assert float(y[1]) < -5e-10 and _bits(y[2]) == 0x80000000
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "silu", "tanh"])
