@@ -318,11 +318,17 @@ def test_integer_sums_and_refusals_match_spec():
     refused = {"sum dtype": lambda: exact.xsum(z, 1, dtype=torch.float64),
                "mean dtype": lambda: exact.xmean(z, 1, dtype=torch.float64),
                "softmax no dim": lambda: exact.softmax(z),
-               "log_softmax f64": lambda: exact.log_softmax(z.double(), 1)}
+               "log_softmax f64": lambda: exact.log_softmax(z.double(), 1),
+               "softmax f64": lambda: exact.softmax(z.double(), 1),
+               "softmax dtype f64": lambda: exact.softmax(z, 1, dtype=torch.float64)}
     for what, f in refused.items():
         with pytest.raises((TypeError, ValueError)):
             f()
             pytest.fail(f"{what} was not refused")
+    xs = torch.from_numpy(rng.standard_normal((4, 9)).astype(F32))  # dtype= its own
+    for f in (exact.softmax, exact.log_softmax):
+        _same_bits(f(xs, 1, dtype=torch.float32).numpy(), f(xs, 1).numpy(), f.__name__)
+    _same_bits(exact.xsum(xs, 1, dtype=torch.float32).numpy(), to.sum_fwd(xs.numpy(), 1), "sum")
 
 
 # ------------------------------------------------------------------ 21. softmax, log-softmax
