@@ -13,8 +13,11 @@ and CNN, ``xmm``, trees, exp/log, cross-entropy, the training loop, the hash,
 the CLI); ``twin_optim.py`` (9: SGD, Nesterov, Adam, AdamW, clipping, the
 schedule); ``twin_layers.py`` (12-16: ``xmmb``, Linear, Conv2d, Embedding,
 LayerNorm, GELU, dropout masks, attention, ``sum_to``, initialisation);
-``twin_charlm.py`` (17-19: examples/charlm as layers, its text data);
-``twin_convnet.py`` (the model ``pipeline new`` writes, as layers).
+``twin_ops.py`` (20-23: SiLU, Sigmoid, Tanh, sum and mean over dims, softmax
+and log-softmax on any dim, RMSNorm, max/avg/adaptive-avg pooling and their
+fold); ``twin_charlm.py`` (17-19: examples/charlm as layers, its text data);
+``twin_convnet.py`` (the model ``pipeline new`` writes, as layers);
+``twin_opsnet.py`` (a project model using every op of sections 20-23).
 
 Usage::
 
