@@ -15,6 +15,7 @@ from typing import Any
 from .. import modes
 from ..core.errors import DataIntegrityError
 from ..data.manifest import FileEntry, load_manifest
+from ..data.task import of as task_of
 from ..record.metrics import Epoch
 from ..record.schema import RunRecord
 
@@ -73,8 +74,8 @@ def manifest_entries(path: Path, record: RunRecord) -> dict[str, FileEntry | str
 
 def card(record: RunRecord, epochs: list[Epoch], files: dict[str, FileEntry | str]) -> str:
     """The card's Markdown."""
-    parts = [_head(record), _trained(record), _data(record, files), _metrics(record, epochs),
-             _reproduce(record), _toolchain(record), _limits(record)]
+    parts = [_head(record), _trained(record), _data(record, files), _inputs(record),
+             _metrics(record, epochs), _reproduce(record), _toolchain(record), _limits(record)]
     return "\n\n".join(p.strip() for p in parts) + "\n"
 
 
@@ -126,6 +127,29 @@ Decoded arrays sha256 `{decoded}`.
 | file | path | sha256 | bytes | licence | source |
 |---|---|---|---|---|---|
 """ + "\n".join(rows)
+
+
+def input_space(r: RunRecord) -> str:
+    """One line: what the model's forward takes, from the raw data's values."""
+    if task_of(str(r.data.get("task"))).windows:
+        return ("int64 token ids (N, T): indices into the run's vocabulary "
+                f"({r.data['train'].get('vocabulary', '?')})")
+    spec = r.data["train"]
+    how = (f"pixel / {spec.get('divisor', 255)} (images decoded by Pillow)"
+           if spec.get("format") == "images" else f"float32(raw) / {spec.get('divisor', 1)}")
+    if r.data.get("standardize"):
+        how += (", then standardised column by column: (x - mean) / std with the training "
+                "split's statistics in run.json `data.standardize` (float64; "
+                "`pipeline.load(...).standardizer.apply`)")
+    return f"float32 rows: {how}"
+
+
+def _inputs(r: RunRecord) -> str:
+    return f"""## Inputs
+
+The model's forward (and the exported model) takes {input_space(r)}. `pipeline
+predict` maps raw rows to these itself; anything else feeding the model must
+do the same, or it computes on other inputs than it was trained on."""
 
 
 def _metrics(r: RunRecord, epochs: list[Epoch]) -> str:

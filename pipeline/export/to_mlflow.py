@@ -42,7 +42,7 @@ from ..recipe import manifest_path
 from ..record.metrics import Epoch, read_metrics
 from ..record.runs import read_run
 from ..record.schema import RunRecord
-from .card import card, config_toml, manifest_entries, reproduce_command
+from .card import card, config_toml, input_space, manifest_entries, reproduce_command
 from .extras import require
 from .to_tensorboard import created_s
 
@@ -141,6 +141,7 @@ def _tags(record: RunRecord, note: str) -> dict[str, str]:
             "pipeline.code_sha256": record.code_sha256 or "",
             "pipeline.config_sha256": record.config_sha256 or "",
             "pipeline.mode": record.mode, "pipeline.profile": str(record.profile.get("name")),
+            "pipeline.inputs": input_space(record)[:500],
             "pipeline.toolchain_sha256": hashlib.sha256(canonical_json(record.toolchain))
             .hexdigest(),
             "pipeline.command": reproduce_command(record),
@@ -209,7 +210,10 @@ def _log_model(mlflow: Any, uri: str, run_id: str, model: Any, ds: Any) -> tuple
                 pip_requirements=[f"torch=={torch.__version__}",
                                   f"mlflow-skinny=={mlflow.__version__}"],
                 metadata={RUN_KEY_TAG: model.record.run_key,
-                          "pipeline.weights_sha256": model.record.weights_sha256})
+                          "pipeline.weights_sha256": model.record.weights_sha256,
+                          "pipeline.inputs": input_space(model.record),
+                          **({"pipeline.standardize": model.record.data["standardize"]}
+                             if model.record.data.get("standardize") else {})})
         with torch.no_grad():
             got = mlflow.pytorch.load_model(info.model_uri)(x)
     finally:

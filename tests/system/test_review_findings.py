@@ -139,7 +139,9 @@ def test_d8_d10_card_and_predict_refuse_bad_project_and_out_paths(
     assert "expected a file outside the run directory" in capsys.readouterr().err
     assert cli_main(["card", str(tab_run), "--out", str(tmp_path / "card.md")],
                     monkeypatch, tmp_path) == 0
-    assert (tmp_path / "card.md").read_text().startswith("#")
+    text = (tmp_path / "card.md").read_text()
+    assert text.startswith("#") and "## Inputs" in text  # D4: the card says what the model takes
+    assert "standardised column by column" in text and "data.standardize" in text
 
 
 def test_eval_of_the_runs_own_split_scoring_otherwise_exits_1(
