@@ -389,8 +389,19 @@ def _verify_base(record: RunRecord, cfg: Config, run_dir: Path,
     takes it), else the project around the working directory, else the
     working directory (a lone config's, as train and eval take it); never
     the record's ``config_dir`` and never inside the run directory."""
+    from .core.config import LOSSES
+    from .models import BUILTINS
+
     base = (projects.resolve(project).root if project is not None
             else projects.find(Path.cwd()) or Path.cwd().resolve())
+    user = [spec for spec in (cfg.model.factory, cfg.train.loss)
+            if spec not in BUILTINS and spec not in LOSSES]
+    module = user[0].partition(":")[0].split(".")[0] if user else ""
+    if (user and project is None and projects.find(Path.cwd()) is None
+            and not ((base / f"{module}.py").exists() or (base / module).is_dir())):
+        raise UsageError(f"{run_dir}/run.json: model.factory {cfg.model.factory!r} is the "
+                         f"user's code, and no project was given or found here; pass --project "
+                         f"DIR (run.json says it was trained from {record.config_dir})")
     if base.is_relative_to(Path(run_dir).resolve()):
         raise UsageError(f"--project {base}: a run directory holds data, not code; name the "
                          f"project the run was trained from (run.json says "

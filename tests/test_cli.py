@@ -154,7 +154,7 @@ def test_bad_data_stops_before_training_with_exit_3(tmp_path: Path, mutate: str,
     root = _bad_tree(tmp_path, mutate)
     runs = tmp_path / "runs"
     p = run_pipeline(["train", *SHORT, "--runs-dir", str(runs)],
-                     pipeline_env(tmp_path, PIPELINE_ROOT=str(root)))
+                     pipeline_env(tmp_path, PIPELINE_ROOT=str(root)), cwd=root)
     assert p.returncode == 3, p.stderr
     assert needle in p.stderr and "expected" in p.stderr, p.stderr
     assert _no_run_dirs(runs)
@@ -163,7 +163,8 @@ def test_bad_data_stops_before_training_with_exit_3(tmp_path: Path, mutate: str,
 def test_flipped_byte_message_names_both_hashes(tmp_path: Path) -> None:
     """The data-integrity message carries the expected and the actual sha256."""
     root = _bad_tree(tmp_path, "flip")
-    p = run_pipeline(["data", "verify"], pipeline_env(tmp_path, PIPELINE_ROOT=str(root)))
+    p = run_pipeline(["data", "verify"], pipeline_env(tmp_path, PIPELINE_ROOT=str(root)),
+                     cwd=root)
     assert p.returncode == 3
     assert "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22" in p.stderr
     assert re.search(r"found [^\n]*[0-9a-f]{64}", p.stderr), p.stderr

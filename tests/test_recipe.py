@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pipeline.core.errors import CheckpointError, MismatchError
 from pipeline.data import manifest
 from pipeline.record.schema import record_digest
 
-from .support import unpin
+from .support import forge_record, unpin
 
 SHORT = ["train.epochs=1", "model.args.hidden=[16]"]
 
@@ -74,8 +75,13 @@ def test_rebuild_and_verify_fail_on_different_bits(tmp_path: Path) -> None:
         recipe.verify_run(run_json.parent, ["verify"], quiet=True)
     rec["record_sha256"] = record_digest(rec)  # a forger recomputes the digest
     run_json.write_text(json.dumps(rec))
-    with pytest.raises(MismatchError, match="verify failed"):
+    with pytest.raises(CheckpointError, match=r"\[run_key\]"):  # its key no longer fits
         recipe.verify_run(run_json.parent, ["verify"], quiet=True)
+    forged = tmp_path / "forged" / "run"  # and the key too, under a name that is no key
+    shutil.copytree(run_json.parent, forged)
+    (forged / "run.json").write_text(json.dumps(forge_record(rec)))
+    with pytest.raises(MismatchError, match="verify failed"):
+        recipe.verify_run(forged, ["verify"], quiet=True)
 
 
 def test_verify_retrains_on_the_recorded_device_or_refuses_with_exit_4(tmp_path: Path) -> None:

@@ -101,6 +101,14 @@ def modules_sha256(modules: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
+def _installed(path: str | None) -> bool:
+    """A file of an installed distribution (under a site-packages or
+    dist-packages directory), wherever that environment lies: a library the
+    lock pins, lazily imported (torch.profiler under a wrapped interpreter
+    whose prefixes do not hold the environment), not the user's own code."""
+    return any(p in ("site-packages", "dist-packages") for p in Path(path or "").parts)
+
+
 class LateImports:
     """User modules imported after the run key was computed (a model's
     forward that imports on a path the check forward did not take: a larger
@@ -120,7 +128,7 @@ class LateImports:
         self.before |= new
         self.count = len(sys.modules)
         late = {n: getattr(sys.modules.get(n), "__file__", None) for n in sorted(new)}
-        late = {n: f for n, f in late.items() if is_user_file(f)}
+        late = {n: f for n, f in late.items() if is_user_file(f) and not _installed(f)}
         if late:
             names = ", ".join(f"{n} ({f})" for n, f in late.items())
             raise UserCodeError("model.factory", (

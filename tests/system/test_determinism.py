@@ -213,7 +213,8 @@ def test_flipped_data_byte_stops_the_run_before_training(suite_env: dict[str, st
     blob[len(blob) // 2] ^= 0x01
     (tree / entry["path"]).write_bytes(bytes(blob))
     runs = tmp_path / "runs"
-    p = run_pipeline(train_argv(SHORT, runs), {**suite_env, "PIPELINE_ROOT": str(tree)})
+    p = run_pipeline(train_argv(SHORT, runs), {**suite_env, "PIPELINE_ROOT": str(tree)},
+                     cwd=tree)  # the project is the one commands stand in
     assert p.returncode == 3, f"exit {p.returncode}\n{p.stderr}"
     assert entry["path"] in p.stderr, p.stderr
     assert entry["sha256"] in p.stderr, p.stderr
