@@ -79,7 +79,7 @@ def _slurm(environ: Mapping[str, str]) -> Worker | None:
     addr = environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"])
     if environ.get("MASTER_PORT"):
         port = _int(environ, "MASTER_PORT")
-    elif environ.get("SLURM_JOB_ID", "").isdigit():
+    elif re.fullmatch(r"[0-9]+", environ.get("SLURM_JOB_ID", "")):  # ASCII digits only
         port = SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"][-4:])
     else:
         raise UsageError(f"srun: expected MASTER_PORT, or a numeric SLURM_JOB_ID to derive "
@@ -140,7 +140,7 @@ def first_host(nodelist: str) -> str:
     if ranges is None:
         return prefix
     first = ranges.split(",")[0].split("-")[0].strip()
-    if not first.isdigit():
+    if not re.fullmatch(r"[0-9]+", first):
         raise UsageError(f"SLURM_JOB_NODELIST: expected numbers inside [...], found "
                          f"{nodelist!r}")
     return prefix + first + suffix  # zero padding kept: node[01-04] -> node01

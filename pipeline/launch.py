@@ -344,7 +344,9 @@ def _train_rank(spec: Spec, prep: recipe.Prepared, rank: int) -> recipe.Outcome:
     import torch.distributed as dist
 
     runs_dir = Path(spec.runs_dir)
-    take = spec.worker_lock and rank == 0
+    # World size 1 (a launcher's single task): recipe.get_or_train takes the lock
+    # itself, as one process does; taking it here too would wait on ourselves.
+    take = spec.worker_lock and rank == 0 and spec.nproc * spec.nnodes > 1
     with runs.run_lock(runs_dir, prep.inputs.key) if take else contextlib.nullcontext():
         comm = _init_comm(spec.device)
         _agree(comm, prep.inputs.key, runs_dir)

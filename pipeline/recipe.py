@@ -205,6 +205,10 @@ def _check_fit(cfg: Config, ds: Dataset) -> None:
     problems = []
     if (wrong := ds.task.context_problem(cfg.data.context, ds.name)) is not None:
         problems.append(wrong)
+    aug = cfg.data.augment
+    if (aug.resized_crop_scale or aug.crop_padding or aug.hflip) and len(ds.input_shape) != 3:
+        problems.append(f"data.augment: crops and flips need (C, H, W) inputs, found "
+                        f"{ds.name!r} with input shape {ds.input_shape}")
     if not problems:
         from .data.sampling import split3
         train_ids, val_ids, test_ids = split3(ds, cfg.seed, cfg.data.test_fraction,
@@ -370,6 +374,16 @@ def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
     if prep.inputs.key != record.run_key:
         from .record.diff import input_fields
         differences = input_differences(input_fields(record), prep.inputs.fields())
+        # The environment may differ (another toolchain, profile or pipeline code:
+        # that is what verify is for); the run may not: a record claiming other
+        # data, model code or config than the project gives is not this run's.
+        run = [d for d in differences if d.split(".", 1)[0].split(":", 1)[0]
+               in ("config", "data", "model")]
+        if run:
+            raise CheckpointError(f"{run_dir}/run.json", "the data, model code and config "
+                                  "the project gives now", run[0][:300],
+                                  "verify retrains what the project holds, and that is not "
+                                  "what this record says it was trained from")
     again = _retrain(prep, device=device, quiet=quiet, what="verify")
     if again.weights_sha256 != record.weights_sha256:
         why = "".join(f"\n  {line}" for line in differences)

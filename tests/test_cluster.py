@@ -123,3 +123,12 @@ def test_train_refuses_a_launcher_it_cannot_serve(
     err = capsys.readouterr().err
     assert code == 2 and says in err, err
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("job_id, nodelist", [("\u00b2", "node[01-04]"), ("123", "n[\u0661-3]")])
+def test_non_ascii_digits_are_refused_not_a_crash(job_id: str, nodelist: str) -> None:
+    """Hostile review round 2: `'²'.isdigit()` is True and int('²') raises, so
+    such a SLURM_JOB_ID was exit 70; any non-ASCII digit is a usage error."""
+    env = {**SLURM, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": nodelist}
+    with pytest.raises(UsageError):
+        detect(env)

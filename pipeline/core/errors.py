@@ -149,8 +149,9 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
               "one line naming the path"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); rerun the same command to resume"),
     (EXIT_PREEMPTED, "preempted: SIGTERM or SIGUSR1 stopped the run after a step and "
-                     "rank 0's checkpoint of it; retry (Slurm --requeue, Kubernetes "
-                     "restart policies): the same command resumes to the same weights"),
+                     "rank 0's checkpoint of it (or before its first step, with nothing to "
+                     "keep); retry (Slurm --requeue, Kubernetes restart policies): the same "
+                     "command resumes to the same weights"),
 )
 
 

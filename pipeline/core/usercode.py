@@ -131,12 +131,12 @@ class LateImports:
         late = {n: f for n, f in late.items() if is_user_file(f) and not _installed(f)}
         if late:
             names = ", ".join(f"{n} ({f})" for n, f in late.items())
-            raise UserCodeError("model.factory", (
-                f"model.factory: {what}{f' at step {step}' if step is not None else ''} "
-                f"imported {names}, which building the "
-                f"model and its first forward pass did not import, so its code is not in the "
-                f"run key; import it at the top of the model's module (or in the factory) so "
-                f"that it is hashed"))
+            raise UserCodeError("user code", (
+                f"user code (model.factory, train.loss or data.augment.transform): {what}"
+                f"{f' at step {step}' if step is not None else ''} imported {names}, which "
+                f"loading that code and the model's first forward pass did not import, so its "
+                f"code is not in the run key; import it at the top of the module that uses it "
+                f"(the model's, the loss's or the transform's) so that it is hashed"))
 
 
 class UserCodeError(ConfigError):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core import rng
+from ..core.usercode import UserCodeError
 from ..core.config import AugmentConfig
 
 __all__ = ["Augmenter", "Draws", "augmenter", "SLOTS"]
@@ -93,12 +94,19 @@ def _factor(u: int, spread: float) -> np.float32:
     return np.float32(1.0 - spread + 2.0 * spread * (u / _TWO24))
 
 
+# The user's transform runs twice for this many examples of each process, and
+# must give the same bits both times (a transform drawing from a global
+# generator or the clock is refused at its first examples, exit 2).
+CHECK_TWICE = 64
+
+
 class Augmenter:
     """The configured transforms of ``seed``'s run; ``user`` the loaded
     ``transform`` function, or None."""
 
     def __init__(self, cfg: AugmentConfig, seed: int, user: Callable[..., Any] | None) -> None:
         self.cfg, self.seed, self.user = cfg, seed, user
+        self.checked = 0  # user transforms run twice and compared, for the first examples
 
     def one(self, img: np.ndarray, example: int, epoch: int) -> np.ndarray:
         """Example ``example``'s input (C, H, W) float32 as epoch ``epoch`` sees it."""
@@ -125,12 +133,30 @@ class Augmenter:
 
     def _user(self, img: np.ndarray, example: int, epoch: int) -> np.ndarray:
         key = rng.key(self.seed, rng.AUGMENT, epoch, example, 1)
-        out = self.user(img.copy(), key, Draws(key))  # type: ignore[misc]
+        out = self._call(img, key)
+        if self.checked < CHECK_TWICE:  # the same key must give the same bits, always
+            self.checked += 1
+            again = self._call(img, key)
+            if out.tobytes() != again.tobytes():
+                raise UserCodeError("data.augment.transform", (
+                    f"data.augment.transform: example {example} of epoch {epoch}, transformed "
+                    f"twice with the same key and generator, came out different: it draws "
+                    f"from somewhere else (Python's random, NumPy's or torch's global "
+                    f"generator, the clock, state it keeps); draw only from the generator it "
+                    f"is given, so that the weights do not depend on when it runs"))
+        return out
+
+    def _call(self, img: np.ndarray, key: int) -> np.ndarray:
+        from ..core.usercode import guarded
+
+        with guarded("transforming an example", "data.augment.transform"):
+            out = self.user(img.copy(), key, Draws(key))  # type: ignore[misc]
         if not (isinstance(out, np.ndarray) and out.dtype == np.float32
                 and out.shape == img.shape):
             got = f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}"
-            raise TypeError(f"data.augment.transform must return a float32 array of shape "
-                            f"{img.shape}, returned {got}")
+            raise UserCodeError("data.augment.transform", (
+                f"data.augment.transform: expected a float32 array of shape {img.shape} "
+                f"returned, found {got}"))
         return out
 
     def batch(self, x: np.ndarray, ids: np.ndarray, epoch: int) -> np.ndarray:

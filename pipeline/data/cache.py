@@ -39,7 +39,8 @@ __all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_pat
 # an npy file's size checked exactly, entries of mapped datasets hold metadata only.
 # 4: what decodes is narrower (a csv header that parses as data, npy shapes of bools,
 # content past max_bytes are refused), so entries decoded before are decoded again.
-DECODER_VERSION = 4
+# 5: images narrower again (animations and PNGs of more than 8 bits per sample refused).
+DECODER_VERSION = 5
 MAX_CACHE_ENTRY = 16 << 30  # bytes: a decode-cache entry larger than this is refused
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -172,6 +172,13 @@ def _check_classes(spec: Mapping[str, Any], labels: list[int], data_root: Path,
                                      "add images of the class, or remove it from classes")
 
 
+def _png_bit_depth(path: Path) -> int:
+    """The bit depth a PNG's header declares (IHDR: byte 24 of the file)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 else 0
+
+
 def _one(path: Path, spec: Mapping[str, Any]) -> np.ndarray:
     """One image's pixels, uint8 (C, H, W), as the module docstring specifies."""
     import numpy as np
@@ -192,6 +199,12 @@ def _one(path: Path, spec: Mapping[str, Any]) -> np.ndarray:
             if im.mode not in _MODES_OK:
                 raise DataIntegrityError(str(path), f"an 8-bit image (modes {_MODES_OK})",
                                          f"mode {im.mode}")
+            if getattr(im, "n_frames", 1) > 1:  # APNG, animated WebP: which frame is the image?
+                raise DataIntegrityError(str(path), "a still image (one frame)",
+                                         f"{im.n_frames} frames (an animation)")
+            if fmt == "PNG" and _png_bit_depth(path) > 8:  # Pillow would cut it to 8 bits
+                raise DataIntegrityError(str(path), "an 8-bit image",
+                                         f"{_png_bit_depth(path)} bits per sample")
             im.load()
             out = im.convert("L" if spec.get("channels", 3) == 1 else "RGB")
     except DataIntegrityError:

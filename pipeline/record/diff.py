@@ -23,7 +23,10 @@ def input_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     or ``RunInputs.fields``), naming the dotted key and both values."""
     lines = []
     for name, fld in INPUT_FIELDS.items():
-        for path, va, vb in differences(a.get(fld), b.get(fld), name):
+        va, vb = a.get(fld), b.get(fld)
+        if name == "switches":  # absent and empty are the same: no test switch
+            va, vb = va or {}, vb or {}
+        for path, va, vb in differences(va, vb, name):
             lines.append(f"{path}: {json.dumps(va)} != {json.dumps(vb)}")
     return lines
 

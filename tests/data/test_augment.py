@@ -14,7 +14,8 @@ import torch
 from pipeline.core import rng
 from pipeline.core.config import AugmentConfig, load_config
 from pipeline.core.errors import ConfigError
-from pipeline.data.augment import SLOTS, Augmenter, Draws, augmenter
+from pipeline.core.usercode import UserCodeError
+from pipeline.data.augment import CHECK_TWICE, SLOTS, Augmenter, Draws, augmenter
 
 ALL = AugmentConfig(resized_crop_scale=(0.5, 1.0), crop_padding=2, hflip=True, brightness=0.3,
                     contrast=0.3)
@@ -91,11 +92,43 @@ def test_user_transform_gets_its_key_and_draws() -> None:
 
     aug = Augmenter(AugmentConfig(transform="m:t"), 4, t)
     out = aug.one(np.zeros((1, 2, 2), np.float32), 9, 1)
-    assert seen == [rng.key(4, rng.AUGMENT, 1, 9, 1)]
+    assert seen == [rng.key(4, rng.AUGMENT, 1, 9, 1)] * 2  # run twice: the same bits
     assert out[0, 0, 0] == (rng.u24(seen[0], 0, 1)[0] * 3) >> 24
     bad = Augmenter(AugmentConfig(transform="m:t"), 4, lambda x, k, d: x.astype(np.float64))
-    with pytest.raises(TypeError, match="float32 array"):
+    with pytest.raises(UserCodeError, match="expected a float32 array") as e:
         bad.one(np.zeros((1, 2, 2), np.float32), 0, 0)
+    assert e.value.exit_code == 2
+
+
+def _global_numpy(x: np.ndarray, key: int, draws: Draws) -> np.ndarray:
+    return x + np.float32(np.random.rand())
+
+
+def _clock(x: np.ndarray, key: int, draws: Draws) -> np.ndarray:
+    import time
+
+    return x + np.float32(time.perf_counter_ns() % 997)
+
+
+def _counter(x: np.ndarray, key: int, draws: Draws, seen: list[int] = []) -> np.ndarray:  # noqa: B006
+    seen.append(1)
+    return x + np.float32(len(seen))
+
+
+@pytest.mark.parametrize("t", [_global_numpy, _clock, _counter])
+def test_a_transform_that_draws_elsewhere_is_refused(t: object) -> None:
+    """A transform drawing from a global generator, the clock or its own state
+    gives other bits for the same key, so the weights would depend on when it
+    ran (loader workers, world size): the twice-run check refuses it, exit 2.
+    Control: one drawing only from its generator passes the same check."""
+    with pytest.raises(UserCodeError, match="came out different"):
+        Augmenter(AugmentConfig(transform="m:t"), 0, t).one(  # type: ignore[arg-type]
+            np.zeros((1, 2, 2), np.float32), 3, 0)
+    ok = Augmenter(AugmentConfig(transform="m:t"), 0,
+                   lambda x, k, d: x + np.float32(d.integers(5, 2)[1]))
+    for i in range(CHECK_TWICE + 3):
+        ok.one(np.zeros((1, 2, 2), np.float32), i, 0)
+    assert ok.checked == CHECK_TWICE
 
 
 def test_nothing_configured_is_no_augmenter_and_keeps_the_config_hash() -> None:

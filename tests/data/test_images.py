@@ -265,3 +265,41 @@ def test_another_decoder_is_another_run_and_verify_reports_it(
                     tmp_path) != 0
     err = capsys.readouterr().err
     assert "data_decoded.pics" in err and "the image decoder differs" in err, err
+
+
+def _png16(path: Path) -> None:
+    """A 2x2 RGB PNG of 16 bits per sample (Pillow reads it as 8-bit RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    rows = b"".join(b"\0" + bytes(range(12)) for _ in range(2))  # filter 0, 2 px x 3 x 2 bytes
+    blob = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+
+
+def test_animations_and_deep_pngs_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """An animated PNG (which frame would be the image?) and a PNG of 16 bits per
+    sample (Pillow would cut it to 8 bits): exit 3 naming the file. Control: a
+    still 8-bit PNG decodes."""
+    from pipeline.core.errors import DataIntegrityError
+
+    still = tmp_path / "a" / "still.png"
+    _png(still, _pixels(0))
+    assert images._one(still, {"channels": 3}).shape == (3, 6, 5)
+    anim = tmp_path / "a" / "anim.png"
+    frames = [Image.fromarray(_pixels(i)) for i in range(3)]
+    frames[0].save(anim, format="PNG", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataIntegrityError, match="a still image.*3 frames") as e:
+        images._one(anim, {"channels": 3})
+    assert str(anim) in str(e.value) and e.value.exit_code == 3
+    deep = tmp_path / "a" / "deep.png"
+    _png16(deep)
+    with Image.open(deep) as im:
+        assert im.mode == "RGB"  # what Pillow would silently give
+    with pytest.raises(DataIntegrityError, match="16 bits per sample"):
+        images._one(deep, {"channels": 3})

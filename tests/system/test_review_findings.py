@@ -183,3 +183,52 @@ def test_d13_a_list_difference_names_its_index() -> None:
     """D13: differing lists of one length are compared element by element."""
     a, b = {"std": [1.0, 2.0, 3.0]}, {"std": [1.0, 2.0, 3.5]}
     assert differences(a, b, "data.standardize") == [("data.standardize.std[2]", 3.0, 3.5)]
+
+
+# --- round 2: images, augmentation, launchers, preemption ---------------------------
+
+@pytest.mark.process
+def test_r2_world_size_1_under_an_outside_launcher_trains(tmp_path: Path) -> None:
+    """Round 2, 1 (a hang): RANK=0 WORLD_SIZE=1 (a PyTorchJob or srun of one
+    task) waited forever on its own run lock; it trains, as one process does."""
+    from ..support import pipeline_env, run_pipeline
+
+    env = pipeline_env(tmp_path, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT="29581")
+    p = run_pipeline(["train", "configs/digits.toml", "train.max_steps=2", "--runs-dir",
+                      str(tmp_path / "runs"), "--quiet"], env, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines()[-1].startswith("weights sha256:")
+
+
+def test_r2_verify_refuses_a_record_forged_with_its_key(
+        tab_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Round 2, 3: a record whose data (here the standardisation) was edited and
+    its run key and digest recomputed names other inputs than the project
+    gives: verify refuses it (exit 5) instead of retraining the project's and
+    saying "verified"; control: the untouched run verifies."""
+    from ..support import forge_record
+
+    monkeypatch.chdir(tab_run.parents[1])
+    assert cli_main(["verify", str(tab_run), "--quiet"], monkeypatch, tmp_path) == 0
+    forged = tmp_path / "forged" / "run"
+    shutil.copytree(tab_run, forged)
+    raw = json.loads((forged / "run.json").read_text())
+    raw["data"]["standardize"]["std"][2] *= 100
+    (forged / "run.json").write_text(json.dumps(forge_record(raw)))
+    capsys.readouterr()
+    assert cli_main(["verify", str(forged), "--quiet"], monkeypatch, tmp_path) == 5
+    assert "data.standardize.std[2]" in capsys.readouterr().err
+
+
+def test_r2_crops_on_flat_inputs_are_refused_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Round 2, 5: crops or flips on a table (input shape (30,)): exit 2 before
+    training (it was exit 70 at step 1)."""
+    monkeypatch.chdir(TABULAR)
+    assert cli_main(["train", "data.augment.hflip=true", "--runs-dir",
+                     str(tmp_path / "runs"), "--quiet"], monkeypatch, tmp_path) == 2
+    assert "crops and flips need (C, H, W) inputs" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
