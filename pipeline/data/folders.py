@@ -45,6 +45,13 @@ def scan(directory: Path, data_root: Path, *, indexed: bool) -> Folder:
     for dirpath, dirnames, filenames in os.walk(resolved):
         dirnames.sort()
         here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        if links:  # os.walk does not follow them: their images would be left out, silently
+            raise DataIntegrityError(str(here / links[0]), "a folder (class folders and "
+                                     "image files only)", "a symbolic link to a folder",
+                                     "replace the link with the folder itself; links are not "
+                                     "followed, so its images would be left out; nothing was "
+                                     "written")
         images = [f for f in sorted(filenames) if is_image(f) and (here / f).is_file()]
         skipped += len(filenames) - len(images)
         if here != resolved and here.parent == resolved and not indexed and not any(

@@ -303,3 +303,21 @@ def test_animations_and_deep_pngs_are_refused_naming_the_file(tmp_path: Path) ->
         assert im.mode == "RGB"  # what Pillow would silently give
     with pytest.raises(DataIntegrityError, match="16 bits per sample"):
         images._one(deep, {"channels": 3})
+
+
+def test_a_linked_class_folder_is_refused_not_left_out(proj: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """Hostile review round 2: `ln -s ../b pics/c` dropped class c silently
+    (os.walk does not follow links) with a message about one skipped file;
+    now `data add` refuses it naming the link, exit 3, nothing written.
+    Control: without the link the folder is added."""
+    (proj / "pics" / "c").symlink_to(proj / "pics" / "b")
+    monkeypatch.chdir(proj)
+    (proj / "config.toml").write_text("")
+    assert cli_main(["data", "add", "pics", "--name", "pics"], monkeypatch, tmp_path) == 3
+    assert "pics/c: expected a folder" in capsys.readouterr().err
+    assert not (proj / "data-manifest.json").exists()
+    (proj / "pics" / "c").unlink()
+    assert cli_main(["data", "add", "pics", "--name", "pics"], monkeypatch, tmp_path) == 0
