@@ -15,6 +15,7 @@ process: the numeric profile must be in place before torch loads.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -372,16 +373,21 @@ def verify_run(run_dir: Path, argv: list[str], *, project: Path | None = None,
     _check_decoded(prep, record)
     differences = []
     if prep.inputs.key != record.run_key:
+        from .record.diff import differences as field_differences
         from .record.diff import input_fields
-        differences = input_differences(input_fields(record), prep.inputs.fields())
+        now = prep.inputs.fields()
+        differences = input_differences(input_fields(record), now)
         # The environment may differ (another toolchain, profile or pipeline code:
         # that is what verify is for); the run may not: a record claiming other
         # data, model code or config than the project gives is not this run's.
-        run = [d for d in differences if d.split(".", 1)[0].split(":", 1)[0]
-               in ("config", "data", "model")]
+        run = [d for name in ("config", "data", "model")
+               for d in field_differences(record.field(name), now[name], name)]
         if run:
+            where, was, found = run[0]
             raise CheckpointError(f"{run_dir}/run.json", "the data, model code and config "
-                                  "the project gives now", run[0][:300],
+                                  "the project gives now",
+                                  f"{where}: {json.dumps(was)[:140]} != "
+                                  f"{json.dumps(found)[:140]}",
                                   "verify retrains what the project holds, and that is not "
                                   "what this record says it was trained from")
     again = _retrain(prep, device=device, quiet=quiet, what="verify")
@@ -406,12 +412,12 @@ def _verify_base(record: RunRecord, cfg: Config, run_dir: Path,
     from .core.config import LOSSES
     from .models import BUILTINS
 
-    base = (projects.resolve(project).root if project is not None
-            else projects.find(Path.cwd()) or Path.cwd().resolve())
+    found = projects.find(Path.cwd()) if project is None else None
+    base = projects.resolve(project).root if project is not None else found or Path.cwd().resolve()
     user = [spec for spec in (cfg.model.factory, cfg.train.loss)
             if spec not in BUILTINS and spec not in LOSSES]
     module = user[0].partition(":")[0].split(".")[0] if user else ""
-    if (user and project is None and projects.find(Path.cwd()) is None
+    if (user and project is None and found is None
             and not ((base / f"{module}.py").exists() or (base / module).is_dir())):
         raise UsageError(f"{run_dir}/run.json: model.factory {cfg.model.factory!r} is the "
                          f"user's code, and no project was given or found here; pass --project "

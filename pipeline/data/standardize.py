@@ -32,6 +32,7 @@ import numpy as np
 
 from ..core.errors import CheckpointError, ConfigError, DataIntegrityError
 from .dataset import Dataset
+from .mapped import Rows
 
 __all__ = ["Standardizer", "fit", "standardized", "MAX_COLUMNS"]
 
@@ -123,5 +124,5 @@ def standardized(ds: Dataset, st: Standardizer) -> Dataset:
 
 
 def _rows(ds: Dataset, ids: np.ndarray) -> np.ndarray:
-    x = ds.x
-    return x.take(ids) if hasattr(x, "take") and not isinstance(x, np.ndarray) else x[ids]
+    """Rows ``ids`` as float32, from memory or from a mapped file (Rows.take)."""
+    return ds.x.take(ids) if isinstance(ds.x, Rows) else ds.x[ids]
