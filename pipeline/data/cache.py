@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from .manifest import Verified
 if TYPE_CHECKING:
     from .task import Task
 
-__all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_path",
+__all__ = ["DECODER_VERSION", "decoder_of", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_path",
            "encode_arrays", "read_arrays", "st_data", "read_meta", "write_meta", "triage"]
 
 # Bump whenever decoding changes: it is part of every key. 3: npy and IDX inputs mapped,
@@ -51,10 +52,25 @@ def key(verified: Verified, name: str) -> str:
     spec = {"task": entry.task.name, "train": entry.train, "test": entry.test,
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
-    from .images import decoder_identity, uses_images
-    if uses_images([entry.train, entry.test]):  # another Pillow or codec: another entry
-        spec["decoder"] = decoder_identity()
+    if (decoder := decoder_of([entry.train, entry.test])) is not None:
+        spec["decoder"] = decoder  # another Pillow, codec or tokenizers: another entry
     return hashlib.sha256(canonical_json(spec)).hexdigest()
+
+
+def decoder_of(specs: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The libraries that decide a dataset's decoded arrays beyond its files and
+    this code (keyed, recorded): Pillow and its codecs for images
+    (pipeline.data.images), tokenizers for tokenized text (pipeline.data.tokenize);
+    None for the formats this code decodes alone."""
+    from .images import decoder_identity, uses_images
+    from .tokenize import identity, uses_tokenizer
+
+    out: dict[str, Any] = {}
+    if uses_images(specs):
+        out.update(decoder_identity())
+    if uses_tokenizer(specs):
+        out.update(identity())
+    return out or None
 
 
 def arrays_path(cache_dir: Path, k: str) -> Path:
