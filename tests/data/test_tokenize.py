@@ -210,6 +210,10 @@ def test_a_user_project_trains_records_the_decoder_and_predicts_with_the_tokeniz
     tok = tokenizers.Tokenizer.from_file(str(root / "data" / "tok.json"))
     ids = tok.encode("a single man in possession of a good fortune").ids
     assert [x["token"] for x in lines] == [tok.id_to_token(i) for i in ids]
+    from pipeline.export.card import input_space
+    from pipeline.record.schema import load_record
+    assert f"the tokenizer file 'tok', Hugging Face tokenizers {tokenizers.__version__}" in \
+        input_space(load_record(run / "run.json"))
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
     assert cli_main(["predict", str(run), str(tmp_path / "bad.txt")], monkeypatch, tmp_path) == 3
 
