@@ -114,6 +114,18 @@ def test_the_library_version_keys_the_cache_and_the_run(tmp_path: Path,
     assert data_fields(verified, "novel", "d")["decoder"] != fields["decoder"]
 
 
+def test_a_tokenizer_files_truncation_and_padding_do_not_cut_the_text(tmp_path: Path) -> None:
+    """A model's tokenizer.json often asks for truncation to its length: the
+    corpus is one stream, so it is turned off (it cut the text to 16 tokens)."""
+    tok = tokenizers.Tokenizer.from_str(_bpe(TEXT))
+    whole = tok.encode(TEXT, add_special_tokens=False).ids
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(length=16)
+    assert len(tok.encode(TEXT, add_special_tokens=False).ids) == 16  # what it would do
+    path = _project(tmp_path / "p", tok.to_str())
+    assert dataset.load(manifest.verify(path), "novel", tmp_path / "cache").x.tolist() == whole
+
+
 def test_another_tokenizer_gives_other_ids(tmp_path: Path) -> None:
     """Control: the tokenizer file decides the ids (and so the run)."""
     a = dataset.load(manifest.verify(_project(tmp_path / "a", _bpe(TEXT, 300))), "novel",
