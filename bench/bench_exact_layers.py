@@ -76,7 +76,8 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
     from pipeline.core.rng import DropoutStream
     from pipeline.data.sampling import batches, epoch_order, split
     from pipeline.train.distributed import LocalComm
-    from pipeline.train.loop import _step_grads, examples_of
+    from pipeline.train.loop import _loop_masks, _step_grads, examples_of
+    from pipeline.train.net import StepState
     from pipeline.train.threads import ShardRunner
 
     cfg = load_config(config, [*overrides, f"mode={mode}"])
@@ -97,10 +98,11 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
     for step in range(steps + 2):
         x, y = examples.get(order[step])
         t0 = time.perf_counter()
-        masks = [dropout.keep_mask(net.dropout_rate, cfg.train.batch_size, w)
-                 for w in net.dropout_widths()]
+        masks = _loop_masks(net, dropout, cfg.train.batch_size)
         (_, grads), _ = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev,
                                     runner)
+        if isinstance(net, StepState):  # BatchNorm's running statistics (as the loop)
+            grads = net.end_step(grads, cfg.train.shards)
         opt.step(grads)
         times.append(time.perf_counter() - t0)
     runner.close()
