@@ -118,6 +118,13 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     given, moves them by ``momentum`` (in place; ``momentum`` None is the
     layer's cumulative average, given here as ``1 / count`` by the layer);
     otherwise the running statistics normalise."""
+    with trusted():  # our own checks: not the user's forward code
+        return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                weight: Tensor | None, bias: Tensor | None, training: bool,
+                momentum: float | None, eps: float) -> Tensor:
     if x.dtype != _F32 or x.dim() < 2:
         raise TypeError(f"exact batch_norm: expected a float32 input (N, C, ...), found "
                         f"{x.dtype} of shape {tuple(x.shape)}")

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from .context import apply_trusted
+from .context import apply_trusted, cached, trusted
 from .context import trusted_backward as _trusted_backward
 from .ops import tree_sum
-from .product import xmmb
+from .product import mm_blocks, quantise_a, quantise_b, xmmb
 
 __all__ = ["conv2d", "conv1d", "im2col_nd", "col2im_nd", "conv_geometry"]
 
@@ -69,6 +69,7 @@ class _ConvNd(Function):
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, s: Pair, p: Pair, d: Pair,
                 groups: int) -> Tensor:
         one_d = x.dim() == 3
+        w0 = w  # the parameter itself: the key of its cached blocks
         if one_d:  # Conv1d: Conv2d on a height of one
             x, w = x.unsqueeze(2), w.unsqueeze(2)
         n, c, h, wd = x.shape
@@ -76,15 +77,19 @@ class _ConvNd(Function):
         k = (kh, kw)
         ho, wo = conv_geometry((h, wd), k, s, p, d)
         cols = im2col_nd(x.permute(0, 2, 3, 1), k, s, p, d)   # (R, C*KH*KW)
+        # xmmb(cols_g, Wm_g^T), the weight's blocks kept while it is unchanged
+        # (the step's shards share them: pipeline.exact.context.weight_cache)
+        wm = w.reshape(groups, o // groups, -1)                            # (G, Og, Cg*KK)
+        qw = cached(w0, "conv blocks of W^T", lambda: quantise_b(wm.transpose(1, 2)))
         if groups == 1:
-            y = xmmb(cols, w.reshape(o, -1).t())
+            y = mm_blocks(quantise_a(cols), qw[0], cols.shape[1])
         else:
             cg_cols = cols.view(cols.shape[0], groups, -1).transpose(0, 1)  # (G, R, Cg*KK)
-            wm = w.reshape(groups, o // groups, -1)                        # (G, Og, Cg*KK)
-            y = xmmb(cg_cols, wm.transpose(1, 2)).transpose(0, 1).reshape(-1, o)
+            y = mm_blocks(quantise_a(cg_cols), qw, cg_cols.shape[-1]).transpose(0, 1) \
+                .reshape(-1, o)
         if b is not None:
             y = y + b
-        ctx.save_for_backward(cols, w)
+        ctx.save_for_backward(cols, w0)
         ctx.geom = (n, h, wd, c, k, s, p, d, (ho, wo), groups, one_d)
         ctx.has_b = b is not None
         out = y.view(n, ho, wo, o).permute(0, 3, 1, 2)
@@ -93,24 +98,27 @@ class _ConvNd(Function):
     @staticmethod
     @_trusted_backward
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        cols, w = ctx.saved_tensors
+        cols, w0 = ctx.saved_tensors
         n, h, wd, c, k, s, p, d, out, groups, one_d = ctx.geom
+        w = w0.unsqueeze(2) if one_d else w0
         if one_d:
             g = g.unsqueeze(2)
         o = w.shape[0]
         g2 = g.permute(0, 2, 3, 1).reshape(-1, o)           # (R, O)
         gx = gw = gb = None
+        if ctx.needs_input_grad[0] and o:
+            qw = cached(w0, "conv blocks of W", lambda: quantise_b(w.reshape(groups, o // groups,
+                                                                              -1)))
         if groups == 1:
-            wm = w.reshape(o, -1)
             if ctx.needs_input_grad[0]:
-                gcols = xmmb(g2, wm)
+                gcols = mm_blocks(quantise_a(g2), qw[0], o) if o else xmmb(g2, w.reshape(o, -1))
             if ctx.needs_input_grad[1]:
                 gw = xmmb(g2.t(), cols).view(w.shape)
         else:
             gg = g2.view(-1, groups, o // groups).transpose(0, 1)          # (G, R, Og)
-            wm = w.reshape(groups, o // groups, -1)                         # (G, Og, Cg*KK)
             if ctx.needs_input_grad[0]:
-                gcols = xmmb(gg, wm).transpose(0, 1).reshape(cols.shape)    # (R, C*KK)
+                gcols = mm_blocks(quantise_a(gg), qw, o // groups).transpose(0, 1) \
+                    .reshape(cols.shape)                                    # (R, C*KK)
             if ctx.needs_input_grad[1]:
                 cg_cols = cols.view(cols.shape[0], groups, -1).transpose(0, 1)
                 gw = xmmb(gg.transpose(1, 2), cg_cols).reshape(w.shape)
@@ -149,6 +157,12 @@ def _same(k: tuple[int, ...], d: tuple[int, ...], s: tuple[int, ...]) -> tuple[i
 
 def _conv(what: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any,
           padding: Any, dilation: Any, groups: int, dims: int) -> Tensor:
+    with trusted():  # our own checks: not the user's forward code
+        return _checked_conv(what, x, weight, bias, stride, padding, dilation, groups, dims)
+
+
+def _checked_conv(what: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any,
+                  padding: Any, dilation: Any, groups: int, dims: int) -> Tensor:
     if x.dim() != dims + 2 or weight.dim() != dims + 2 or x.dtype != torch.float32:
         raise RuntimeError(f"exact {what}: expected a float32 input of {dims + 2} dims and a "
                            f"weight of {dims + 2} dims, found input {x.dtype} "

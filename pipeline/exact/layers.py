@@ -337,12 +337,16 @@ class _BatchNorm(nn.Module):
             self.register_buffer("num_batches_tracked", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        with trusted():  # the layer's own code: the spec's (section 24)
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._dims:
             raise ValueError(f"{type(self).__name__}: expected a {' or '.join(map(str, self._dims))}"
                              f"-dim input, found {x.dim()} dims")
         factor = self.momentum
         if self.training and self.track_running_stats:
-            with trusted(), torch.no_grad():
+            with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:  # the cumulative average
                     factor = 1.0 / float(self.num_batches_tracked)
