@@ -73,9 +73,15 @@ class _BatchNorm(Function):
             mu = sq = xc.new_zeros(0)  # (no batch statistics in evaluation)
         s = sqrt32(var + _scalar(var, eps))
         xh = d / _col(s)
-        y = xh * _col(w) if w is not None else xh
+        # The output in f64 with one rounding (stock's error or below):
+        # RN32(((f64(x) - f64(m)) / f64(s)) * f64(w) + f64(b)), m the mean used.
+        m = rm if rm is not None else mu
+        y64 = (xc.to(_F64) - _col(m).to(_F64)).div_(_col(s).to(_F64))
+        if w is not None:
+            y64.mul_(_col(w).to(_F64))
         if b is not None:
-            y = y + _col(b)
+            y64.add_(_col(b).to(_F64))
+        y = y64.to(_F32)
         ctx.save_for_backward(xh, s, w)
         ctx.batch, ctx.shape, ctx.has_b = rm is None, x.shape, b is not None
         ctx.mark_non_differentiable(mu, sq)

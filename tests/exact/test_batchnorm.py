@@ -72,7 +72,9 @@ def _np_bn_train(x: np.ndarray, g: np.ndarray, w: np.ndarray | None, b: np.ndarr
         var = sq / F32(n)
         s = _sqrt32(np.asarray(var + ep))
         xh = d / s
-        out["y"][r] = (xh * w[r] + b[r]) if w is not None else xh
+        y64 = (xr.astype(F64) - F64(mu)) / F64(s)
+        out["y"][r] = (y64 * F64(w[r]) + F64(b[r])).astype(F32) if w is not None \
+            else y64.astype(F32)
         gxh = G[r] * w[r] if w is not None else G[r]
         m1 = tw.tree_sum(gxh, 0) / F32(n)
         m2 = tw.tree_sum(gxh * xh, 0) / F32(n)
@@ -143,7 +145,9 @@ def test_batch_norm_evaluation_is_the_spec_bit_for_bit() -> None:
                                                    layer.weight, layer.bias))
     s = _sqrt32(rv + F32(1e-5))[:, None]
     xh = (X - rm[:, None]) / s
-    assert (f32_bits(y.detach()) == f32_bits(_unrows(xh * w[:, None] + b[:, None], x.shape))).all()
+    y64 = ((X.astype(F64) - rm[:, None].astype(F64)) / s.astype(F64)) * w[:, None].astype(F64) \
+        + b[:, None].astype(F64)
+    assert (f32_bits(y.detach()) == f32_bits(_unrows(y64.astype(F32), x.shape))).all()
     assert (f32_bits(gx) == f32_bits(_unrows((G * w[:, None]) / s, x.shape))).all()
     assert (f32_bits(gw) == f32_bits(tw.tree_sum(G * xh, 1))).all()
     assert (f32_bits(gb) == f32_bits(tw.tree_sum(G, 1))).all()
@@ -157,7 +161,8 @@ def test_batch_norm_evaluation_is_the_spec_bit_for_bit() -> None:
 
 def test_batch_norm_reading_can_fail() -> None:
     """Control: the channel's entries summed left to right (not the tree),
-    or the variance taken as E[x^2] - E[x]^2, give other bits."""
+    the variance taken as E[x^2] - E[x]^2, or the output rounded step by
+    step in f32 give other bits; the spec's reading gives the same."""
     x = _rand((8, 2, 7, 7), 7, shift=100.0)
     y = BatchNorm2d(2, affine=False)(x)
     X = _rows(x.numpy())
@@ -167,18 +172,35 @@ def test_batch_norm_reading_can_fail() -> None:
         mu_seq = mu_seq + v
     mu_seq = mu_seq / F32(n)
     d = X - mu_seq[:, None]
-    xh_seq = d / _sqrt32(tw.tree_sum(d * d, 1) / F32(n) + F32(1e-5))[:, None]
-    assert (f32_bits(_unrows(xh_seq, x.shape)) != f32_bits(y.detach())).any()
+    s_seq = _sqrt32(tw.tree_sum(d * d, 1) / F32(n) + F32(1e-5))[:, None]
+    y_seq = ((X.astype(F64) - mu_seq[:, None].astype(F64)) / s_seq.astype(F64)).astype(F32)
+    assert (f32_bits(_unrows(y_seq, x.shape)) != f32_bits(y.detach())).any()
     mu = tw.tree_sum(X, 1) / F32(n)
     var_alt = tw.tree_sum(X * X, 1) / F32(n) - mu * mu
-    xh = (X - mu[:, None]) / _sqrt32(var_alt + F32(1e-5))[:, None]
-    assert (f32_bits(_unrows(xh, x.shape)) != f32_bits(y.detach())).any()
+    s_alt = _sqrt32(var_alt + F32(1e-5))[:, None]
+    y_alt = ((X.astype(F64) - mu[:, None].astype(F64)) / s_alt.astype(F64)).astype(F32)
+    assert (f32_bits(_unrows(y_alt, x.shape)) != f32_bits(y.detach())).any()
+    d = X - mu[:, None]
+    s_ok = _sqrt32(tw.tree_sum(d * d, 1) / F32(n) + F32(1e-5))[:, None]
+    y_ok = ((X.astype(F64) - mu[:, None].astype(F64)) / s_ok.astype(F64)).astype(F32)
+    assert (f32_bits(_unrows(y_ok, x.shape)) == f32_bits(y.detach())).all()  # the reading
+    aff = BatchNorm2d(2)
+    with torch.no_grad():
+        aff.weight.copy_(torch.tensor([0.7, -1.3]))
+        aff.bias.copy_(torch.tensor([0.1, 2.5]))
+    w, b = aff.weight.detach().numpy()[:, None], aff.bias.detach().numpy()[:, None]
+    ya = aff(x).detach()
+    y64 = ((X.astype(F64) - mu[:, None].astype(F64)) / s_ok.astype(F64)) * w.astype(F64) \
+        + b.astype(F64)
+    assert (f32_bits(_unrows(y64.astype(F32), x.shape)) == f32_bits(ya)).all()
+    assert (f32_bits(_unrows((d / s_ok) * w + b, x.shape)) != f32_bits(ya)).any()  # f32 steps
 
 
 def test_batch_norm_matches_float64_at_least_as_well_as_stock() -> None:
-    """Forward and backward within stock fp32's error of float64 torch (a
-    mean far from zero, as real activations have): the worst relative error
-    at most 2x stock's and below 1e-6, in training and evaluation."""
+    """Forward and backward against float64 torch (a mean far from zero, as
+    real activations have): the worst relative error at or below stock
+    fp32's (a 1.25x margin for the draw) and below 1e-6, in training and
+    evaluation."""
     x = _rand((16, 8, 6, 6), 11, 1.0, shift=50.0)
     g = _rand((16, 8, 6, 6), 12, 1.0)
     for training in (True, False):
@@ -201,7 +223,7 @@ def test_batch_norm_matches_float64_at_least_as_well_as_stock() -> None:
         for y, gx in outs[:2]:
             errs.append(max(float((y - outs[2][0]).abs().max() / outs[2][0].abs().max()),
                             float((gx - outs[2][1]).abs().max() / outs[2][1].abs().max())))
-        assert errs[1] <= max(2 * errs[0], 2e-7) and errs[1] < 1e-6, (training, errs)
+        assert errs[1] <= errs[0] * 1.25 and errs[1] < 1e-6, (training, errs)
 
 
 def test_var_is_the_spec_bit_for_bit_and_routed() -> None:
