@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd import Function
@@ -51,6 +52,21 @@ def _col(t: Tensor) -> Tensor:
     return t.unsqueeze(1)
 
 
+_SMALL = 4096  # per-channel vectors up to this long take the NumPy square root
+
+
+def sqrt32_small(v: Tensor) -> Tensor:
+    """``ops.sqrt32`` of an f32 vector, the same bits: on the CPU for a short
+    vector (a channel's statistics) by NumPy's float64 square root (IEEE's
+    correctly rounded ``sqrt``) rounded to f32, which is the correctly
+    rounded f32 root since 53 >= 2 * 24 + 2 (double rounding is innocuous
+    for the square root); one call instead of ``sqrt32``'s dozen torch ops."""
+    if v.device.type != "cpu" or v.dtype != _F32 or v.numel() > _SMALL:
+        return sqrt32(v)
+    with np.errstate(invalid="ignore"):
+        return torch.from_numpy(np.sqrt(v.numpy().astype(np.float64)).astype(np.float32))
+
+
 class _BatchNorm(Function):
     """Training (``stats`` None: the batch's mean and biased variance) or
     evaluation (``stats`` = (running mean, running var)) normalisation of
@@ -71,16 +87,17 @@ class _BatchNorm(Function):
             var = rv
             d = xc - _col(rm)
             mu = sq = xc.new_zeros(0)  # (no batch statistics in evaluation)
-        s = sqrt32(var + _scalar(var, eps))
+        s = sqrt32_small(var + _scalar(var, eps))
         xh = d / _col(s)
         # The output in f64 with one rounding (stock's error or below):
         # RN32(((f64(x) - f64(m)) / f64(s)) * f64(w) + f64(b)), m the mean used.
         m = rm if rm is not None else mu
-        y64 = (xc.to(_F64) - _col(m).to(_F64)).div_(_col(s).to(_F64))
+        per = torch.stack([t for t in (m, s, w, b) if t is not None], 1).to(_F64)  # (C, 2-4)
+        y64 = (xc.to(_F64) - per[:, :1]).div_(per[:, 1:2])
         if w is not None:
-            y64.mul_(_col(w).to(_F64))
+            y64.mul_(per[:, 2:3])
         if b is not None:
-            y64.add_(_col(b).to(_F64))
+            y64.add_(per[:, 3:4] if w is not None else per[:, 2:3])
         y = y64.to(_F32)
         ctx.save_for_backward(xh, s, w)
         ctx.batch, ctx.shape, ctx.has_b = rm is None, x.shape, b is not None
@@ -108,11 +125,13 @@ class _BatchNorm(Function):
         return gx, gw, gb, None, None, None
 
 
-def _update(running: Tensor, stat: Tensor, factor: float) -> None:
-    """``running = RN32((1.0 - f) * f64(running) + f * f64(stat))`` (f64, in
-    this order), in place."""
-    new = (1.0 - factor) * running.to(_F64) + factor * stat.to(_F64)
-    running.copy_(new.to(_F32))
+def _update(rm: Tensor, rv: Tensor, mu: Tensor, vu: Tensor, factor: float) -> None:
+    """``r = RN32((1.0 - f) * f64(r) + f * f64(stat))`` (f64, in this order)
+    for the running mean and variance, in place (both in one pass)."""
+    new = torch.stack((rm, rv)).to(_F64).mul_(1.0 - factor).add_(
+        torch.stack((mu, vu)).to(_F64).mul_(factor)).to(_F32)
+    rm.copy_(new[0])
+    rv.copy_(new[1])
 
 
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -153,8 +172,8 @@ def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | No
         y, mu, sq = apply_trusted(_BatchNorm, x, weight, bias, ep, None, None)
         if running_mean is not None and momentum is not None:
             with trusted(), torch.no_grad():
-                _update(running_mean, mu, float(momentum))
-                _update(running_var, sq / _scalar(sq, float(n - 1)), float(momentum))
+                _update(running_mean, running_var, mu, sq / _scalar(sq, float(n - 1)),
+                        float(momentum))
         return y
     y, _, _ = apply_trusted(_BatchNorm, x, weight, bias, ep, running_mean.detach(),
                             running_var.detach())

@@ -365,3 +365,21 @@ def test_batch_norm_does_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert all((a == b).all() for a, b in zip(*outs))
+
+
+def test_the_short_square_root_is_sqrt32() -> None:
+    """BatchNorm's square root of a channel vector (NumPy's f64 root rounded
+    to f32) gives ops.sqrt32's bits on every f32 exponent, subnormals,
+    exact squares, their neighbours, 0, -0 and inf (correct rounding both)."""
+    from pipeline.exact.batchnorm import sqrt32_small
+    from pipeline.exact.ops import sqrt32
+
+    g = np.random.default_rng(3)
+    v = np.concatenate([
+        np.ldexp(g.uniform(1.0, 2.0, 3000), g.integers(-149, 128, 3000)),
+        np.arange(1, 1000, dtype=F64) ** 2, np.nextafter(np.arange(1, 1000, dtype=F32) ** 2,
+                                                        F32(np.inf)).astype(F64),
+        [0.0, -0.0, np.inf, 1e-45, 3.4e38]]).astype(F32)
+    for i in range(0, len(v), 4096):
+        t = torch.from_numpy(v[i:i + 4096])
+        assert (f32_bits(sqrt32_small(t)) == f32_bits(sqrt32(t))).all()
