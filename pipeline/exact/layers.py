@@ -342,8 +342,9 @@ class _BatchNorm(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._dims:
-            raise ValueError(f"{type(self).__name__}: expected a {' or '.join(map(str, self._dims))}"
-                             f"-dim input, found {x.dim()} dims")
+            dims = " or ".join(map(str, self._dims))
+            raise ValueError(f"{type(self).__name__}: expected a {dims}-dim input, found "
+                             f"{x.dim()} dims")
         factor = self.momentum
         if self.training and self.track_running_stats:
             with torch.no_grad():

@@ -70,10 +70,11 @@ def _np_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: np.ndarray
     for i in range(kh):
         for j in range(kw):
             gpad[:, :, i * d[0]:i * d[0] + s[0] * (ho - 1) + 1:s[0],
-                 j * d[1]:j * d[1] + s[1] * (wo - 1) + 1:s[1]] += g6[..., i, j].transpose(0, 3, 1, 2)
+                 j * d[1]:j * d[1] + s[1] * (wo - 1) + 1:s[1]] += \
+                g6[..., i, j].transpose(0, 3, 1, 2)
     gb = tw.tree_sum(gy, 0) if b is not None else None
-    return (y.reshape(n, ho, wo, o).transpose(0, 3, 1, 2), gpad[:, :, p[0]:p[0] + h, p[1]:p[1] + wd],
-            gw.reshape(w.shape), gb)
+    return (y.reshape(n, ho, wo, o).transpose(0, 3, 1, 2),
+            gpad[:, :, p[0]:p[0] + h, p[1]:p[1] + wd], gw.reshape(w.shape), gb)
 
 
 GEOMS = [  # (C, O, kernel, stride, padding, dilation, groups)
@@ -168,7 +169,8 @@ def test_conv_matches_float64_at_least_as_well_as_stock() -> None:
             y = m(xi)
             gs = torch.autograd.grad(y, [xi, m.weight, m.bias], y.detach().to(dt))
             res.append([t.detach().double() for t in (y, *gs)])
-        err = [max(float((a - r).norm() / r.norm()) for a, r in zip(res[j], res[2])) for j in (0, 1)]
+        err = [max(float((a - r).norm() / r.norm()) for a, r in zip(res[j], res[2]))
+               for j in (0, 1)]
         assert err[1] <= max(2 * err[0], 2e-7), (type(stock).__name__, err)
 
 
