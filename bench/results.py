@@ -86,6 +86,14 @@ BENCHES = (
     Bench("exact-ops", ("bench/bench_exact_ops.py", "--repeats", "5"),
           "each exact function of spec sections 20-23: error vs fp64 (exact and stock fp32), "
           "forward + backward time / stock at 1 and 2 threads", "error <= 2x fp32's", 1),
+    Bench("exact-cnn", ("bench/bench_exact_cnn.py", "--repeats", "5"),
+          "BatchNorm, var, Conv1d and the general Conv2d (spec sections 24-25): error vs fp64 "
+          "(exact and stock fp32), forward + backward time / stock at 1 and 2 threads",
+          "error <= fp32's", 2),
+    Bench("exact-resnet", ("bench/bench_exact_layers.py", "--config",
+                           "examples/resnet/config.toml", "--repeats", "3"),
+          "exact / stock and exact / pinned step time (wall and CPU) and memory, the ResNet "
+          "example", "<= 3; memory <= 1.5", 3),
     Bench("stream", ("bench/bench_stream.py", "--mib", "256", "--runs", "3", "--steps", "50"),
           "a memory-mapped npy dataset: verify cold and warm, training RSS mapped vs in memory",
           "warm verify <= 50 ms", 1.5),

@@ -11,6 +11,7 @@ the torch version, ISA, thread count or device.
   (sections 13-15); ``activations`` (SiLU, Sigmoid, Tanh), ``reduce``
   (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm),
   ``pooling`` (max, average, adaptive average): sections 20-23;
+  ``batchnorm`` (BatchNorm, var), ``conv`` (Conv1d, general Conv2d): 24-25;
   ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
@@ -25,6 +26,8 @@ from __future__ import annotations
 from .activations import sigmoid, silu, tanh
 from .arith import add, div, mul, neg, sub
 from .attention import attention
+from .batchnorm import batch_norm, xvar
+from .conv import conv1d
 from .context import step_context
 from .convert import from_torch
 from .functional import conv2d, dropout, embedding, gelu, layer_norm, linear, relu
@@ -33,7 +36,10 @@ from .layers import (
     GELU,
     AdaptiveAvgPool2d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
     CausalSelfAttention,
+    Conv1d,
     Conv2d,
     Dropout,
     Embedding,
@@ -84,4 +90,5 @@ __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "check_module", "step_context", "LayerNet", "silu", "sigmoid", "tanh", "xsum",
            "xmean", "softmax", "log_softmax", "rms_norm", "SiLU", "Sigmoid", "Tanh", "Softmax",
            "LogSoftmax", "RMSNorm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+           "batch_norm", "xvar", "conv1d", "BatchNorm1d", "BatchNorm2d", "Conv1d"]

@@ -47,14 +47,30 @@ def _linear(m: nn.Linear) -> nn.Module | str:
     return L.Linear(m.in_features, m.out_features, m.bias is not None)
 
 
-def _conv2d(m: nn.Conv2d) -> nn.Module | str:
-    stride, pad = m.stride, m.padding
-    if isinstance(pad, str) or len(set(stride)) != 1 or len(set(pad)) != 1:
-        return "stride and padding must be one integer for both dims"
-    if m.dilation != (1, 1) or m.groups != 1 or m.padding_mode != "zeros":
-        return "dilation, groups and padding_mode must be the defaults"
-    return L.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride[0], pad[0],
-                    m.bias is not None)
+def _conv(m: nn.Conv1d | nn.Conv2d) -> nn.Module | str:
+    """Conv1d/Conv2d: any stride, padding (numbers, "valid", an even "same"),
+    dilation and groups (spec section 25); zero padding only."""
+    if m.padding_mode != "zeros":
+        return f"padding_mode {m.padding_mode!r}: exact mode pads with zeros only"
+    if m.padding == "same" and any(d * (k - 1) % 2 for k, d in zip(m.kernel_size, m.dilation)):
+        return "padding='same' pads unevenly here (one side more): give the padding as numbers"
+    make = L.Conv1d if isinstance(m, nn.Conv1d) else L.Conv2d
+    return make(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                m.bias is not None, m.dilation, m.groups)
+
+
+def _batch_norm(m: nn.BatchNorm1d | nn.BatchNorm2d) -> nn.Module | str:
+    """BatchNorm1d/2d (spec section 24), with the stock layer's running
+    statistics and counter copied (the pipeline's initialisation then resets
+    them as torch's constructor sets them)."""
+    make = L.BatchNorm1d if isinstance(m, nn.BatchNorm1d) else L.BatchNorm2d
+    new = make(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if m.track_running_stats:
+        with torch.no_grad():
+            new.running_mean.copy_(m.running_mean.detach().to(torch.float32))
+            new.running_var.copy_(m.running_var.detach().to(torch.float32))
+            new.num_batches_tracked.copy_(m.num_batches_tracked.detach())
+    return new
 
 
 def _embedding(m: nn.Embedding) -> nn.Module | str:
@@ -103,12 +119,13 @@ def _avg_pool(m: nn.AvgPool2d) -> nn.Module | str:
 
 
 SUPPORTED: dict[type[nn.Module], Callable[..., nn.Module | str]] = {
-    nn.Linear: _linear, nn.Conv2d: _conv2d, nn.Embedding: _embedding,
+    nn.Linear: _linear, nn.Conv2d: _conv, nn.Embedding: _embedding,
     nn.LayerNorm: _layer_norm, nn.GELU: _gelu, nn.ReLU: lambda m: L.ReLU(),
     nn.Dropout: _dropout, nn.SiLU: lambda m: L.SiLU(), nn.Sigmoid: lambda m: L.Sigmoid(),
     nn.Tanh: lambda m: L.Tanh(), nn.Softmax: _softmax, nn.LogSoftmax: _softmax,
     nn.RMSNorm: _rms_norm, nn.MaxPool2d: _max_pool, nn.AvgPool2d: _avg_pool,
-    nn.AdaptiveAvgPool2d: lambda m: L.AdaptiveAvgPool2d(m.output_size)}
+    nn.AdaptiveAvgPool2d: lambda m: L.AdaptiveAvgPool2d(m.output_size),
+    nn.Conv1d: _conv, nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm}
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",

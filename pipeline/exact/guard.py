@@ -28,6 +28,8 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from ..core.errors import ConfigError
 from . import activations as XA
+from . import batchnorm as XB
+from . import conv as XC
 from . import arith
 from . import functional as XF
 from . import norms as XN
@@ -157,6 +159,32 @@ def _avg_pool2d(input: Tensor, kernel_size: Any, stride: Any = None, padding: An
                          divisor_override)
 
 
+def _batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                weight: Tensor | None = None, bias: Tensor | None = None,
+                training: bool = False, momentum: float | None = 0.1,
+                eps: float = 1e-5) -> Tensor:
+    return XB.batch_norm(input, running_mean, running_var, weight, bias, bool(training),
+                         momentum, eps)
+
+
+def _var(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
+         correction: Any = None) -> Tensor:
+    if isinstance(dim, bool):  # torch.var(x, unbiased)
+        dim, unbiased = None, dim
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    elif unbiased is not None:
+        raise ValueError("var: give unbiased or correction, not both")
+    return XB.xvar(input, dim, correction=correction, keepdim=keepdim)
+
+
+def _conv_route(f: Any) -> Any:
+    def route(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+              padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
+        return f(input, weight, bias, stride, padding, dilation, groups)
+    return route
+
+
 def _no_alpha(f: Any, swap: bool = False) -> Any:
     def route(a: Any, b: Any, *, alpha: Any = 1, rounding_mode: Any = None) -> Tensor:
         if alpha != 1 or rounding_mode is not None:
@@ -178,6 +206,11 @@ _ROUTES: dict[str, Any] = {
     "torch.nn.functional.max_pool2d": _max_pool2d, "torch.max_pool2d": _max_pool2d,
     "torch.nn.functional.avg_pool2d": _avg_pool2d,
     "torch.nn.functional.adaptive_avg_pool2d": XP.adaptive_avg_pool2d}
+# Spec sections 24-25: batch normalisation, variance, Conv1d/Conv2d.
+_ROUTES["torch.nn.functional.batch_norm"] = _batch_norm
+_ROUTES["torch.var"] = _ROUTES[f"{_T}var"] = _var
+for _n, _f in (("conv1d", XC.conv1d), ("conv2d", XC.conv2d)):
+    _ROUTES[f"torch.nn.functional.{_n}"] = _ROUTES[f"torch.{_n}"] = _conv_route(_f)
 for _n in ("torch.sigmoid", f"{_T}sigmoid", "torch.special.expit"):
     _ROUTES[_n] = XA.sigmoid
 for _n in ("torch.tanh", f"{_T}tanh"):
@@ -258,7 +291,7 @@ EXACT_NODES = frozenset({
 EXACT_FUNCTIONS: frozenset[type] = frozenset({
     XF._Linear, XF._Conv2d, XF._Embedding, XF._LayerNorm, XF._GELU, XF._Select,
     arith._Binary, _Attention, XA._Activation, XR._Sum, XR._Softmax, XN._RMSNorm,
-    XP._MaxPool, XP._AvgPool, XP._AdaptiveAvg})
+    XP._MaxPool, XP._AvgPool, XP._AdaptiveAvg, XB._BatchNorm, XB._Var, XC._ConvNd})
 
 
 def check_graph(out: Tensor) -> list[str]:

@@ -18,15 +18,19 @@ from torch import Tensor, nn
 
 from ..core import rng
 from . import activations as XA
+from . import batchnorm as XB
+from . import conv as XC
 from . import functional as XF
 from . import norms as XN
 from . import pooling as XP
 from . import reduce as XR
 from .attention import attention
+from .context import trusted
 
 __all__ = ["Linear", "Conv2d", "Embedding", "LayerNorm", "GELU", "ReLU", "Dropout",
            "CausalSelfAttention", "SiLU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "RMSNorm",
-           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "init_exact", "EXACT_LAYERS"]
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "init_exact", "EXACT_LAYERS",
+           "Conv1d", "BatchNorm1d", "BatchNorm2d"]
 
 
 def _uniform(seed: int, layer: int, which: int, shape: tuple[int, ...], fan_in: int) -> Tensor:
@@ -69,25 +73,49 @@ class Linear(nn.Module):
 
 
 class Conv2d(nn.Module):
-    """2-D convolution, one stride and padding for both dims (spec section 14)."""
+    """2-D convolution: a stride, padding and dilation per dim, groups
+    (spec sections 14 and 25)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 stride: int = 1, padding: int = 0, bias: bool = True) -> None:
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 bias: bool = True, dilation: int | tuple[int, int] = 1,
+                 groups: int = 1) -> None:
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        self.stride, self.padding = stride, padding
-        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, kh, kw))
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: in_channels {in_channels} and out_channels "
+                             f"{out_channels} must be divisible by groups {groups}")
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, kh, kw))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return XF.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return XC.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
 
     def reset_exact(self, seed: int, layer: int) -> None:
-        fan_in = math.prod(self.weight.shape[1:])
+        fan_in = math.prod(self.weight.shape[1:])  # (C / groups) * KH * KW, as torch
         with torch.no_grad():
             self.weight.copy_(_uniform(seed, layer, 0, tuple(self.weight.shape), fan_in))
             if self.bias is not None:
                 self.bias.copy_(_uniform(seed, layer, 1, tuple(self.bias.shape), fan_in))
+
+
+class Conv1d(Conv2d):
+    """1-D convolution on ``(N, C, L)``: Conv2d on a height of one (spec
+    section 25); the weight is ``(O, C / groups, K)`` as torch's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int],
+                 stride: int | tuple[int] = 1, padding: int | tuple[int] | str = 0,
+                 bias: bool = True, dilation: int | tuple[int] = 1, groups: int = 1) -> None:
+        k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
+        super().__init__(in_channels, out_channels, (1, k), stride, padding, bias, dilation,
+                         groups)
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return XC.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
 
 
 class Embedding(nn.Module):
@@ -283,9 +311,82 @@ class AdaptiveAvgPool2d(nn.Module):
         return XP.adaptive_avg_pool2d(x, self.output_size)
 
 
+class _BatchNorm(nn.Module):
+    """Batch normalisation over dim 1 (spec section 24), torch's parameters
+    and buffers under torch's names: in training the batch's statistics (in
+    the pipeline: the shard's rows) and, with ``track_running_stats``, the
+    running statistics moved by ``momentum`` (None: the cumulative average);
+    in evaluation the running statistics."""
+
+    _dims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with trusted():  # the layer's own code: the spec's (section 24)
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in self._dims:
+            dims = " or ".join(map(str, self._dims))
+            raise ValueError(f"{type(self).__name__}: expected a {dims}-dim input, found "
+                             f"{x.dim()} dims")
+        factor = self.momentum
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # the cumulative average
+                    factor = 1.0 / float(self.num_batches_tracked)
+        batch = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        return XB.batch_norm(x, self.running_mean if track else None,
+                             self.running_var if track else None, self.weight, self.bias,
+                             batch, factor, self.eps)
+
+    def reset_exact(self, seed: int, layer: int) -> None:
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+            if self.running_mean is not None:
+                self.running_mean.zero_()
+                self.running_var.fill_(1.0)
+                self.num_batches_tracked.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """``nn.BatchNorm1d`` on ``(N, C)`` or ``(N, C, L)`` (spec section 24)."""
+
+    _dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """``nn.BatchNorm2d`` on ``(N, C, H, W)`` (spec section 24)."""
+
+    _dims = (4,)
+
+
 EXACT_LAYERS = (Linear, Conv2d, Embedding, LayerNorm, GELU, ReLU, Dropout, CausalSelfAttention,
                 SiLU, Sigmoid, Tanh, Softmax, LogSoftmax, RMSNorm, MaxPool2d, AvgPool2d,
-                AdaptiveAvgPool2d)
+                AdaptiveAvgPool2d, Conv1d, BatchNorm1d, BatchNorm2d)
 
 
 def init_exact(model: nn.Module, seed: int) -> nn.Module:

@@ -8,6 +8,15 @@ depend on (seed, step, site, row) alone; the graph is checked before each
 backward. Parameters are views of one flat f32 buffer (the optimisers then
 update them with one op per formula step), handed to the optimiser as
 detached views of the same memory.
+
+BatchNorm's running statistics (spec section 24) are per shard, as pinned
+mode keeps them: every shard of a step starts from the step's values and
+moves them by its own rows' statistics; a shard returns its float32 values
+with its gradients (under ``BUFFER + name``), the fixed tree sums them with
+the gradients, and ``end_step`` sets each to that sum divided by the shard
+count (a power of two: exact), so every world size gives the same bits; the
+counter ``num_batches_tracked`` takes the value the step's first shard on
+this rank left (every shard moves it alike).
 """
 
 from __future__ import annotations
@@ -21,10 +30,12 @@ from ..core.errors import ConfigError
 from .context import step_context, weight_cache
 from .flat import flat_views
 from .guard import Guard, check_graph, check_module
-from .layers import init_exact
+from .layers import _BatchNorm, init_exact
 from .ops import softmax_xent, tree_sum
 
-__all__ = ["LayerNet"]
+__all__ = ["LayerNet", "BUFFER"]
+
+BUFFER = "buffer:"  # a buffer's per-shard value among a shard's gradients (as pinned mode's)
 
 
 class LayerNet:
@@ -64,14 +75,27 @@ class LayerNet:
         # (every in-place update of a parameter or of a view of it moves one).
         self._cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         self._versions: tuple[int, ...] = ()
+        # The buffers exact layers update in training (BatchNorm's running statistics).
+        self._stateful = {f"{path}.{n}" if path else n for path, mod in module.named_modules()
+                          if isinstance(mod, _BatchNorm)
+                          for n, b in mod.named_buffers(recurse=False) if b is not None}
+        self._step: int | None = None
+        self._step_start: dict[str, Tensor] = {}
+        self._first: dict[str, Tensor] = {}
         if sample is not None:
             before = {k: b._version for k, b in module.named_buffers()}
+            start = {k: b.detach().clone() for k, b in module.named_buffers()}
             check_module(module, sample.to(self.device))
-            if moved := sorted(k for k, b in module.named_buffers() if b._version != before[k]):
+            moved = sorted(k for k, b in module.named_buffers() if b._version != before[k])
+            if odd := [k for k in moved if k not in self._stateful]:
                 raise ConfigError("exact mode", [
-                    f"{k}: a buffer the forward updates (training-time state, as BatchNorm's "
-                    f"running statistics); exact mode keeps none: train in pinned mode"
-                    for k in moved])
+                    f"{k}: a buffer the forward updates (training-time state) outside exact "
+                    f"mode's BatchNorm; exact mode keeps no other: train in pinned mode"
+                    for k in odd])
+            with torch.no_grad():  # the check's forward moved the running statistics back
+                for k, b in module.named_buffers():
+                    if k in moved:
+                        b.copy_(start[k])
 
     def _valid_cache(self) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
         versions = tuple(p._version for p in self._leaves)
@@ -89,6 +113,7 @@ class LayerNet:
         over the logits' rows, backward through the exact layers."""
         if not self.module.training:
             self.module.train()
+        self._begin_shard(step)
         with torch.enable_grad(), step_context(self.seed, step, row0), \
                 weight_cache(self._valid_cache()), Guard():
             logits = self.module(x.to(self.device))
@@ -100,7 +125,43 @@ class LayerNet:
         grads = torch.autograd.grad(logits, self._leaves, g.view(logits.shape),
                                     allow_unused=True) if self._leaves else ()
         # None: this shard did not use the parameter (the step's sum decides).
-        return tree_sum(lse, 0), dict(zip(self.trainable, grads))
+        out: dict[str, Tensor | None] = dict(zip(self.trainable, grads))
+        for k in sorted(self._stateful):
+            b = self.buffers[k]
+            if b.dtype == torch.float32:
+                out[BUFFER + k] = b.detach().clone()
+            elif k not in self._first:
+                self._first[k] = b.detach().clone()
+        return tree_sum(lse, 0), out
+
+    def _begin_shard(self, step: int) -> None:
+        """Every shard of step ``step`` starts from the buffers the step began with."""
+        if not self._stateful:
+            return
+        if step != self._step:
+            self._step, self._first = step, {}
+            self._step_start = {k: self.buffers[k].detach().clone() for k in self._stateful}
+            return
+        with torch.no_grad():
+            for k in self._stateful:
+                self.buffers[k].copy_(self._step_start[k])
+
+    def end_step(self, combined: dict[str, Tensor | None], shards: int
+                 ) -> dict[str, Tensor | None]:
+        """Set the running statistics from the step's combined shard values
+        (float32: the tree sum over all ``shards`` divided by their count, a
+        power of two; the counter: this rank's first shard's); return the
+        gradients alone."""
+        grads = {k: v for k, v in combined.items() if not k.startswith(BUFFER)}
+        with torch.no_grad():
+            for k in self._stateful:
+                summed = combined.get(BUFFER + k)
+                if summed is not None:
+                    self.buffers[k].copy_(summed / shards)
+                elif k in self._first:
+                    self.buffers[k].copy_(self._first[k])
+        self._step = None  # the next step snapshots the values set here
+        return grads
 
     def structure(self) -> dict[str, Any]:
         """Frozen parameters, tied names (alias -> the name saved), buffers."""

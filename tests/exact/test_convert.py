@@ -73,14 +73,15 @@ def test_from_torch_refuses_every_unsupported_module_by_path() -> None:
             self.scale = nn.Parameter(torch.ones(4))
             self.inner = nn.Sequential(nn.Linear(4, 4), nn.Mish())
 
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), Custom(),
-                          nn.Conv2d(1, 2, 3, dilation=2), nn.MultiheadAttention(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm3d(4), Custom(),
+                          nn.Conv2d(1, 2, 3, padding_mode="circular"),
+                          nn.MultiheadAttention(4, 2))
     with pytest.raises(ConfigError) as e:
         from_torch(model)
     text = str(e.value)
-    for needle in ("1 (torch.nn.modules.batchnorm.BatchNorm1d)", "2.inner.1 (torch.nn.modules."
+    for needle in ("1 (torch.nn.modules.batchnorm.BatchNorm3d)", "2.inner.1 (torch.nn.modules."
                    "activation.Mish)", "parameter 'scale'", "3 (torch.nn.modules.conv.Conv2d)"
-                   ": dilation", "4 (torch.nn.modules.activation.MultiheadAttention)"):
+                   ": padding_mode", "4 (torch.nn.modules.activation.MultiheadAttention)"):
         assert needle in text
     assert "5 problem(s)" in text
     ok = from_torch(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.2), nn.Flatten()))
