@@ -233,8 +233,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.rebuild:
         recipe.rebuild(prep, out.record, device=args.device, quiet=args.quiet)
         print(f"rebuild identical: run {out.record.run_key}")
-        reused = True
-    _report(out.record, args.json, reused, args.runs_dir)
+    _report(out.record, args.json, reused, args.runs_dir,
+            "kept (a fresh retrain gave the same weights)" if args.rebuild else None)
     return 0
 
 
@@ -274,11 +274,12 @@ def _parser_default(dest: str) -> Any:
     return {"nproc": 1, "nnodes": 1, "node_rank": 0}.get(dest)
 
 
-def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path) -> None:
+def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path,
+            state: str | None = None) -> None:
     if as_json:
         print(json.dumps(record.to_json(), indent=2, sort_keys=True))
         return
-    state = "reused (memoised)" if reused else "trained"
+    state = state or ("reused (memoised)" if reused else "trained")
     print(f"run {record.run_key} {state}: {runs_dir / record.run_key}")
     print(f"mode {record.mode}, profile {record.profile.get('name')}, {_metric(record)}")
     print(f"weights sha256:{record.weights_sha256}")

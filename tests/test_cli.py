@@ -83,6 +83,7 @@ def test_memoised_run_is_reused_and_rebuild_and_verify_agree(tmp_path: Path) -> 
     rebuild = run_pipeline(["train", *SHORT, "--runs-dir", str(runs), "--rebuild", "--quiet"],
                            env)
     assert rebuild.returncode == 0 and "rebuild identical" in rebuild.stdout
+    assert "kept (a fresh retrain gave the same weights)" in rebuild.stdout
     verify = run_pipeline(["verify", str(run_dir), "--quiet"], env)
     assert verify.returncode == 0 and "verified" in verify.stdout
 
