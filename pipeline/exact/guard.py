@@ -69,11 +69,10 @@ _NO_GRAD = {*(f"{_T}{n}" for n in (
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,
           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
           enable_gqa: bool = False) -> Tensor:
-    if attn_mask is not None or enable_gqa:
-        raise ValueError("scaled_dot_product_attention: exact mode supports is_causal or no "
-                         "mask (attn_mask=None) and enable_gqa=False")
+    if enable_gqa:
+        raise ValueError("scaled_dot_product_attention: exact mode supports enable_gqa=False")
     return attention(query, key, value, causal=bool(is_causal), dropout_p=float(dropout_p),
-                     scale=scale)
+                     scale=scale, attn_mask=attn_mask)
 
 
 def _gelu(input: Tensor, approximate: str = "none") -> Tensor:
