@@ -86,7 +86,8 @@ def test_prepare_exact_pins_nothing_and_pinned_control_is_unpinned(
 def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path) -> None:
     """Exact mode converts a user factory's module with from_torch (a Linear
     trains); a user loss other than torch's cross-entropy (section 27), or a
-    module with a layer it has no exact version of, is a ConfigError (exit 2) naming the key or the module path."""
+    module with a layer it has no exact version of, is a ConfigError (exit
+    2) naming the key or the module path."""
     (tmp_path / "usernet_exact.py").write_text(
         "import torch\n"
         "def net(input_shape, num_classes):\n"
