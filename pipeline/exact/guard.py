@@ -213,6 +213,22 @@ def _basic_index(index: Any) -> bool:
     return all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in items)
 
 
+_NAMES: dict[Any, str] = {}  # resolve_name's answers (it costs a warnings filter per call)
+
+
+def _name(func: Any) -> str:
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+    try:
+        if len(_NAMES) < 4096:
+            _NAMES[func] = name
+    except TypeError:  # unhashable: not kept
+        pass
+    return name
+
+
 class Guard(TorchFunctionMode):
     """Route or refuse every torch call outside exact layers (module docstring).
     ``found`` (a list) collects refusals instead of raising, with the module
@@ -227,7 +243,7 @@ class Guard(TorchFunctionMode):
         kwargs = kwargs or {}
         if is_trusted():
             return func(*args, **kwargs)
-        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        name = _name(func)
         route = _ROUTES.get(name)
         if route is not None:
             return route(*args, **kwargs)

@@ -152,6 +152,18 @@ class MultiheadAttention(nn.Module):
         if is_causal and attn_mask is None:
             raise ValueError("MultiheadAttention: is_causal needs attn_mask (a hint that the "
                              "mask is causal), as torch")
+        # The spec's own code (exact functions and data movement, no user code):
+        # a trusted region of the guard, its graph checked all the same.
+        with trusted():
+            y, w = self._forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                 average_attn_weights, bool(is_causal))
+        y = self.out_proj(y)  # a child module: its hooks run under the guard
+        return (y if self.batch_first else y.transpose(0, 1)), w
+
+    def _forward(self, query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Tensor | None, need_weights: bool,
+                 attn_mask: Tensor | None, average_attn_weights: bool,
+                 is_causal: bool) -> tuple[Tensor, Tensor | None]:
         q, k, v = self._project(query, key, value)
         if not self.batch_first:  # (L, N, E) -> (N, L, E)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -162,24 +174,20 @@ class MultiheadAttention(nn.Module):
         causal = bool(is_causal) and key_padding_mask is None and not need_weights
         mask = None if causal else merge_masks(attn_mask, key_padding_mask, n, h, t, s)
         if need_weights and mask is not None:
-            with trusted():
-                rows = mask.any(-1) if mask.dtype == torch.bool else (mask != -math.inf).any(-1)
-                if not bool(rows.all()):
-                    raise ValueError(
-                        "MultiheadAttention: a query row whose every key is masked, with "
-                        "need_weights=True: torch's weights path gives NaN there (its "
-                        "need_weights=False path, and exact mode's attention, +0); exact mode "
-                        "refuses it: pass need_weights=False or leave a key unmasked")
+            rows = mask.any(-1) if mask.dtype == torch.bool else (mask != -math.inf).any(-1)
+            if not bool(rows.all()):
+                raise ValueError(
+                    "MultiheadAttention: a query row whose every key is masked, with "
+                    "need_weights=True: torch's weights path gives NaN there (its "
+                    "need_weights=False path, and exact mode's attention, +0); exact mode "
+                    "refuses it: pass need_weights=False or leave a key unmasked")
         p = self.dropout if self.training else 0.0
         out = attention(q, k, v, causal=causal, dropout_p=p, attn_mask=mask,
                         weights=need_weights)
         y, w = out if need_weights else (out, None)
-        y = self.out_proj(y.transpose(1, 2).reshape(n, t, self.embed_dim))
-        if not self.batch_first:
-            y = y.transpose(0, 1)
         if w is not None and average_attn_weights:
             w = XR.xmean(w, 1)
-        return y, w
+        return y.transpose(1, 2).reshape(n, t, self.embed_dim), w
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, " \
