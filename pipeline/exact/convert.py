@@ -132,6 +132,7 @@ SUPPORTED.update({
     nn.modules.linear.NonDynamicallyQuantizableLinear: _linear,  # MultiheadAttention.out_proj
     nn.MultiheadAttention: _mha, nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerEncoder: _encoder})
+_ALIASES = (nn.modules.linear.NonDynamicallyQuantizableLinear,)  # not listed
 _COMPOSITE = (XT.MultiheadAttention, XT.TransformerEncoderLayer, XT.TransformerEncoder)
 
 
@@ -214,7 +215,8 @@ def _convert(mod: nn.Module, path: str, problems: list[str],
     stock = type(mod).__module__.startswith("torch.")
     if stock and not isinstance(mod, _CONTAINERS):
         problems.append(f"{label}: no exact version (supported: "
-                        f"{', '.join(t.__name__ for t in SUPPORTED)}, Flatten, Unflatten, "
+                        f"{', '.join(t.__name__ for t in SUPPORTED if t not in _ALIASES)}, "
+                        f"Flatten, Unflatten, "
                         f"Identity, Sequential, ModuleList, ModuleDict)")
         return mod
     for name, p in mod.named_parameters(recurse=False):
