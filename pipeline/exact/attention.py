@@ -89,7 +89,7 @@ class _Attention(Function):
     def backward(ctx: Any, g: Tensor | None, gw: Tensor | None = None
                  ) -> tuple[Tensor | None, ...]:
         q, k, v, p, pd, keep, allowed = ctx.saved_tensors
-        none = (None,) * 8
+        none = (None,) * 7  # causal, c, keep, scale_a, allowed, bias, weights
         if g is None and gw is None:
             return (None, None, None, *none)
         gv = gpd = None

@@ -479,3 +479,23 @@ def test_ops_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_multihead_attention_dropout_is_the_step_contexts_mask() -> None:
+    """In training, MultiheadAttention drops attention weights with section
+    15's mask: the same in two runs of one step context, another in another
+    step; kept weights are the evaluation weights times RN32(1 / (1 - q))."""
+    _, ex = _mha_pair(0, embed_dim=16, num_heads=4, dropout=0.5, batch_first=True)
+    x = _rand((3, 6, 16), 1)
+    ex.eval()
+    with Guard():
+        _, w0 = ex(x, x, x, need_weights=True, average_attn_weights=False)
+    ex.train()
+    runs = []
+    for step in (0, 0, 1):
+        with Guard(), step_context(7, step, 0):
+            runs.append(ex(x, x, x, need_weights=True, average_attn_weights=False)[1].detach())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    kept = runs[0] != 0
+    assert 0.3 < float(kept.float().mean()) < 0.7
+    assert torch.equal(runs[0][kept], (w0.detach() * 2.0)[kept])
