@@ -86,6 +86,10 @@ BENCHES = (
     Bench("exact-ops", ("bench/bench_exact_ops.py", "--repeats", "5"),
           "each exact function of spec sections 20-23: error vs fp64 (exact and stock fp32), "
           "forward + backward time / stock at 1 and 2 threads", "error <= 2x fp32's", 1),
+    Bench("exact-vit", ("bench/bench_vit.py", "--steps", "20"),
+          "examples/vit (nn.TransformerEncoderLayer, label smoothing): exact / stock step time "
+          "at 1 and 2 threads (alternated), peak memory; where exact's time goes",
+          "<= 3; memory <= 1.5", 3),
     Bench("stream", ("bench/bench_stream.py", "--mib", "256", "--runs", "3", "--steps", "50"),
           "a memory-mapped npy dataset: verify cold and warm, training RSS mapped vs in memory",
           "warm verify <= 50 ms", 1.5),
