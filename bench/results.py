@@ -94,6 +94,10 @@ BENCHES = (
                            "examples/resnet/config.toml", "--repeats", "3"),
           "exact / stock and exact / pinned step time (wall and CPU) and memory, the ResNet "
           "example", "<= 3; memory <= 1.5", 3),
+    Bench("exact-vit", ("bench/bench_vit.py", "--steps", "20"),
+          "examples/vit (nn.TransformerEncoderLayer, label smoothing): exact / stock step time "
+          "at 1 and 2 threads (alternated), peak memory; where exact's time goes",
+          "<= 3; memory <= 1.5", 3),
     Bench("stream", ("bench/bench_stream.py", "--mib", "256", "--runs", "3", "--steps", "50"),
           "a memory-mapped npy dataset: verify cold and warm, training RSS mapped vs in memory",
           "warm verify <= 50 ms", 1.5),

@@ -179,10 +179,11 @@ class _Exact(Mode):
 
         name, args = parts.factory.name, cfg.model.args
         shape, classes = ds.shapes(cfg.data.context)
-        if parts.loss is not None:
+        if parts.loss is not None and name in BUILTINS:
             raise ConfigError(f"mode = {self.name!r}", [
-                f"train.loss: exact mode computes cross_entropy only, found "
-                f"{parts.loss.name!r}"])
+                f"train.loss: exact mode's built-in networks compute cross_entropy only, found "
+                f"{parts.loss.name!r} (a model factory of your own takes torch's "
+                f"cross-entropy with label smoothing; docs/exact-spec.md section 27)"])
         if name not in BUILTINS:
             return self._layer_net(cfg, ds, device, parts)
         try:
@@ -211,7 +212,14 @@ class _Exact(Mode):
                                            classes, cfg.model.args, seed))
         keep = seed_free_values(builds[0], builds[1], loaded_tensors())
         sample = torch.zeros((2, *shape), dtype=getattr(torch, ds.task.x_dtype))
-        return LayerNet(from_torch(builds[0]), cfg.seed, device, sample, keep=keep)
+        loss = None
+        if parts.loss is not None:  # torch's cross-entropy (label smoothing), or refused
+            from .exact.losses import recognise_loss
+            with usercode.track(parts.loss.seen):
+                loss = recognise_loss(parts.loss.function,
+                                      ds.task.logits_shape(2, cfg.data.context, classes),
+                                      parts.loss.name)
+        return LayerNet(from_torch(builds[0]), cfg.seed, device, sample, keep=keep, loss=loss)
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .exact import make_exact_optimizer

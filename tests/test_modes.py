@@ -85,8 +85,9 @@ def test_prepare_exact_pins_nothing_and_pinned_control_is_unpinned(
 
 def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path) -> None:
     """Exact mode converts a user factory's module with from_torch (a Linear
-    trains); a user loss, or a module with a layer it has no exact version
-    of, is a ConfigError (exit 2) naming the key or the module path."""
+    trains); a user loss other than torch's cross-entropy (section 27), or a
+    module with a layer it has no exact version of, is a ConfigError (exit
+    2) naming the key or the module path."""
     (tmp_path / "usernet_exact.py").write_text(
         "import torch\n"
         "def net(input_shape, num_classes):\n"
@@ -95,7 +96,8 @@ def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path)
         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Mish(),\n"
         "                               torch.nn.Linear(64, num_classes))\n"
         "def loss(logits, y):\n"
-        "    return torch.nn.functional.cross_entropy(logits, y, reduction='none')\n")
+        "    return torch.nn.functional.cross_entropy(logits, y, reduction='none') * 2\n"
+        "smoothed = torch.nn.CrossEntropyLoss(reduction='none', label_smoothing=0.1)\n")
     shapes = SimpleNamespace(shapes=lambda context: ((1, 8, 8), 10), task=CLASSIFICATION)
     cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:net"])
     parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
@@ -107,6 +109,12 @@ def test_exact_mode_converts_a_user_factory_and_refuses_its_loss(tmp_path: Path)
     parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
     with pytest.raises(ConfigError, match="train.loss"):
         modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]
+    # torch's cross-entropy itself (label smoothing: spec section 27) is taken
+    cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:net",
+                             "train.loss=usernet_exact:smoothed"])
+    parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
+    net = modes.EXACT.make_net(cfg, shapes, torch.device("cpu"), parts)  # type: ignore[arg-type]
+    assert net._xent.smoothing == 0.1
     cfg = load_config(None, ["mode=exact", "model.factory=usernet_exact:bad"])
     parts = resolve(cfg.model.factory, cfg.train.loss, tmp_path)
     with pytest.raises(ConfigError, match=r"1 \(torch.nn.modules.activation.Mish\)"):

@@ -12,6 +12,9 @@ the torch version, ISA, thread count or device.
   (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm),
   ``pooling`` (max, average, adaptive average): sections 20-23;
   ``batchnorm`` (BatchNorm, var), ``conv`` (Conv1d, general Conv2d): 24-25;
+  ``transformer`` (MultiheadAttention, TransformerEncoder(Layer); the
+  attention masks are ``attention``'s), ``losses`` (label-smoothed
+  cross-entropy, a project's loss recognised): sections 26-27;
   ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
@@ -78,6 +81,8 @@ from .norms import rms_norm
 from .pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .product import xmmb
 from .reduce import log_softmax, softmax, xmean, xsum
+from .losses import smoothed_xent
+from .transformer import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
@@ -92,3 +97,5 @@ __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "LogSoftmax", "RMSNorm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
            "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
            "batch_norm", "xvar", "conv1d", "BatchNorm1d", "BatchNorm2d", "Conv1d"]
+__all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
+            "smoothed_xent"]  # sections 26-27

@@ -35,6 +35,7 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import ConfigError
 from . import layers as L
+from . import transformer as XT
 
 __all__ = ["from_torch", "SUPPORTED", "seed_free_values"]
 
@@ -118,6 +119,23 @@ def _avg_pool(m: nn.AvgPool2d) -> nn.Module | str:
                        m.divisor_override)
 
 
+def _mha(m: nn.MultiheadAttention) -> nn.Module | str:
+    if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+        return "add_bias_kv and add_zero_attn must be False"
+    if not 0.0 <= m.dropout < 1.0:
+        return f"dropout must be in [0, 1), found {m.dropout}"
+    return XT.MultiheadAttention(m.embed_dim, m.num_heads, m.dropout,
+                                 m.in_proj_bias is not None, m.kdim, m.vdim, m.batch_first)
+
+
+def _encoder_layer(m: nn.TransformerEncoderLayer) -> nn.Module | str:
+    return XT.TransformerEncoderLayer(m.norm_first, m.activation)
+
+
+def _encoder(m: nn.TransformerEncoder) -> nn.Module | str:
+    return XT.TransformerEncoder()
+
+
 SUPPORTED: dict[type[nn.Module], Callable[..., nn.Module | str]] = {
     nn.Linear: _linear, nn.Conv2d: _conv, nn.Embedding: _embedding,
     nn.LayerNorm: _layer_norm, nn.GELU: _gelu, nn.ReLU: lambda m: L.ReLU(),
@@ -126,6 +144,13 @@ SUPPORTED: dict[type[nn.Module], Callable[..., nn.Module | str]] = {
     nn.RMSNorm: _rms_norm, nn.MaxPool2d: _max_pool, nn.AvgPool2d: _avg_pool,
     nn.AdaptiveAvgPool2d: lambda m: L.AdaptiveAvgPool2d(m.output_size),
     nn.Conv1d: _conv, nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm}
+# Section 26: layers with children (converted in turn, under their own names).
+SUPPORTED.update({
+    nn.modules.linear.NonDynamicallyQuantizableLinear: _linear,  # MultiheadAttention.out_proj
+    nn.MultiheadAttention: _mha, nn.TransformerEncoderLayer: _encoder_layer,
+    nn.TransformerEncoder: _encoder})
+_ALIASES = (nn.modules.linear.NonDynamicallyQuantizableLinear,)  # not listed
+_COMPOSITE = (XT.MultiheadAttention, XT.TransformerEncoderLayer, XT.TransformerEncoder)
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -197,13 +222,18 @@ def _convert(mod: nn.Module, path: str, problems: list[str],
                             f"only: move them to a module of their own, or train in pinned "
                             f"mode")
             return mod
-        return _converted(mod, new, shared)
-    if isinstance(mod, L.EXACT_LAYERS) or isinstance(mod, _KEEP):
+        new = _converted(mod, new, shared)
+        for name, child in mod.named_children():  # section 26's composite layers
+            setattr(new, name, _convert(child, f"{path}.{name}" if path else name, problems,
+                                        shared))
+        return new
+    if isinstance(mod, L.EXACT_LAYERS) or isinstance(mod, _KEEP + _COMPOSITE):
         return mod
     stock = type(mod).__module__.startswith("torch.")
     if stock and not isinstance(mod, _CONTAINERS):
         problems.append(f"{label}: no exact version (supported: "
-                        f"{', '.join(t.__name__ for t in SUPPORTED)}, Flatten, Unflatten, "
+                        f"{', '.join(t.__name__ for t in SUPPORTED if t not in _ALIASES)}, "
+                        f"Flatten, Unflatten, "
                         f"Identity, Sequential, ModuleList, ModuleDict)")
         return mod
     for name, p in mod.named_parameters(recurse=False):

@@ -71,11 +71,10 @@ _NO_GRAD = {*(f"{_T}{n}" for n in (
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any = None,
           dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
           enable_gqa: bool = False) -> Tensor:
-    if attn_mask is not None or enable_gqa:
-        raise ValueError("scaled_dot_product_attention: exact mode supports is_causal or no "
-                         "mask (attn_mask=None) and enable_gqa=False")
+    if enable_gqa:
+        raise ValueError("scaled_dot_product_attention: exact mode supports enable_gqa=False")
     return attention(query, key, value, causal=bool(is_causal), dropout_p=float(dropout_p),
-                     scale=scale)
+                     scale=scale, attn_mask=attn_mask)
 
 
 def _gelu(input: Tensor, approximate: str = "none") -> Tensor:
@@ -247,6 +246,22 @@ def _basic_index(index: Any) -> bool:
     return all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in items)
 
 
+_NAMES: dict[Any, str] = {}  # resolve_name's answers (it costs a warnings filter per call)
+
+
+def _name(func: Any) -> str:
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+    try:
+        if len(_NAMES) < 4096:
+            _NAMES[func] = name
+    except TypeError:  # unhashable: not kept
+        pass
+    return name
+
+
 class Guard(TorchFunctionMode):
     """Route or refuse every torch call outside exact layers (module docstring).
     ``found`` (a list) collects refusals instead of raising, with the module
@@ -261,7 +276,7 @@ class Guard(TorchFunctionMode):
         kwargs = kwargs or {}
         if is_trusted():
             return func(*args, **kwargs)
-        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        name = _name(func)
         route = _ROUTES.get(name)
         if route is not None:
             return route(*args, **kwargs)

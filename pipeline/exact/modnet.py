@@ -50,8 +50,10 @@ class LayerNet:
 
     def __init__(self, module: nn.Module, seed: int, device: torch.device | str,
                  sample: Tensor | None = None,
-                 keep: dict[str, Tensor] | None = None) -> None:
+                 keep: dict[str, Tensor] | None = None, loss: Any = None) -> None:
         self.seed, self.device = seed, torch.device(device)
+        # The training loss: section 7's cross-entropy, or section 27's (losses.Xent).
+        self._xent = loss if loss is not None else softmax_xent
         init_exact(module, seed)
         with torch.no_grad():  # values the factory set whatever the seed (convert.seed_free_values)
             for name, p in module.named_parameters():
@@ -121,7 +123,7 @@ class LayerNet:
         if problems:
             raise ConfigError("exact mode (the model's backward graph)", problems)
         flat = logits.detach().reshape(-1, logits.shape[-1])
-        lse, g = softmax_xent(flat, y.reshape(-1), n_global)
+        lse, g = self._xent(flat, y.reshape(-1), n_global)
         grads = torch.autograd.grad(logits, self._leaves, g.view(logits.shape),
                                     allow_unused=True) if self._leaves else ()
         # None: this shard did not use the parameter (the step's sum decides).

@@ -75,13 +75,14 @@ def test_from_torch_refuses_every_unsupported_module_by_path() -> None:
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm3d(4), Custom(),
                           nn.Conv2d(1, 2, 3, padding_mode="circular"),
-                          nn.MultiheadAttention(4, 2))
+                          nn.MultiheadAttention(4, 2, add_bias_kv=True))
     with pytest.raises(ConfigError) as e:
         from_torch(model)
     text = str(e.value)
     for needle in ("1 (torch.nn.modules.batchnorm.BatchNorm3d)", "2.inner.1 (torch.nn.modules."
                    "activation.Mish)", "parameter 'scale'", "3 (torch.nn.modules.conv.Conv2d)"
-                   ": padding_mode", "4 (torch.nn.modules.activation.MultiheadAttention)"):
+                   ": padding_mode",
+                   "4 (torch.nn.modules.activation.MultiheadAttention): add_bias_kv"):
         assert needle in text
     assert "5 problem(s)" in text
     ok = from_torch(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.2), nn.Flatten()))
