@@ -191,15 +191,23 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     net = modes.of(cfg.mode).make_net(cfg, ds, torch.device("cpu"), parts)
     ctx = cfg.data.context
     n = min(2, ds.counts(ctx)[0])
-    x, _ = examples_of(ds, ctx, torch.device("cpu")).get(np.arange(n))  # the loop's own inputs
+    x, y = examples_of(ds, ctx, torch.device("cpu")).get(np.arange(n))  # the loop's own inputs
     shape, classes = ds.shapes(ctx)
     want = ds.task.logits_shape(n, ctx, classes)
     with usercode.track(parts.factory.seen), usercode.guarded(
             f"forward on a batch of {n} inputs of shape {shape}", "model.factory"):
-        got = tuple(net.predict(x).shape)
+        logits = net.predict(x)
+    got = tuple(logits.shape)
     if got != want:
         raise ConfigError(f"model.factory = {parts.factory.name!r}", [
             f"model.factory: expected logits of shape {want} for {n} examples, found {got}"])
+    if parts.loss is not None and cfg.mode == "pinned":  # exact mode recognises its loss
+        from .train.pinned import loss_shape_problem
+        with usercode.track(parts.loss.seen), usercode.guarded(
+                f"the loss of {n} examples' logits", "train.loss"):
+            out = parts.loss.function(logits.float(), y)
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+            raise ConfigError(f"train.loss = {parts.loss.name!r}", [loss_shape_problem(out, y)])
 
 
 def _check_fit(cfg: Config, ds: Dataset) -> None:

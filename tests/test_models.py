@@ -73,6 +73,14 @@ def nan_loss(logits, y):
     return logits.sum(dim=-1) * float("nan")
 
 
+def mean_loss(logits, y):  # reduction="mean": one number, not one per example
+    return nn.functional.cross_entropy(logits, y)
+
+
+def as_float(logits, y):
+    return 1.5
+
+
 def squared_error(logits, y):
     one_hot = nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
     return ((logits - one_hot) ** 2).sum(dim=-1)
@@ -105,6 +113,9 @@ def project(tmp_path: Path) -> Path:
     ("model.factory=usernet:recurses", "RecursionError"),
     ("model.factory=exits_on_import:f", "called sys.exit(3)"),
     ("model.factory=usernet:fails_later", "a training step at step 3 raised RuntimeError: boom"),
+    ("train.loss=usernet:mean_loss", "train.loss: expected one loss per target, shape (2,) "
+                                     "(unreduced"),
+    ("train.loss=usernet:as_float", "found float"),
 ])
 def test_bad_factory_exits_2_naming_it_and_writes_nothing(
         override: str, found: str, project: Path, tmp_path: Path,

@@ -156,7 +156,10 @@ class PinnedNet:
     def _loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._user_loss is None:
             return _cross_entropy(logits, y)
-        return self._user_loss(logits, y).sum()
+        out = self._user_loss(logits, y)
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+            raise ConfigError("train.loss", [loss_shape_problem(out, y)])
+        return out.sum()
 
     def shard_grads(self, x: torch.Tensor, y: torch.Tensor, n_global: int,
                     keep: list[torch.Tensor] | None, stream: int = 0, *, step: int = 0,
@@ -233,3 +236,13 @@ class PinnedNet:
     def loss_sum(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         """Summed cross-entropy of ``logits`` against ``y`` (the test loss)."""
         return float(_cross_entropy(logits, y))
+
+
+def loss_shape_problem(out: object, y: torch.Tensor) -> str:
+    """Why a project loss's result is refused: it must be unreduced, one loss per
+    target (a mean, reduction="mean", would train on the shard's mean divided by
+    the batch: other gradients than written, silently)."""
+    found = (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+             else type(out).__name__)
+    return (f"train.loss: expected one loss per target, shape {tuple(y.shape)} (unreduced: "
+            f"reduction=\"none\"; the pipeline sums them in its fixed tree), found {found}")
