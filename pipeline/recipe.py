@@ -150,14 +150,15 @@ def data_fields(verified: manifest.Verified, name: str, decoded: str | None = No
                 ) -> dict[str, Any]:
     """run.json's ``data`` for dataset ``name`` of ``verified``: its task, decode
     specs and each file's sha256 (keyed: the run key covers them). A dataset of
-    image files also keys its decoder (Pillow and its codecs) and the decoded
-    arrays' hash ``decoded``: another JPEG decoder is another run, never the same."""
+    image files or tables also keys its decoder (Pillow and its codecs, pyarrow)
+    and the decoded arrays' hash ``decoded``: another JPEG decoder or pyarrow is
+    another run, never the same."""
     entry = verified.datasets[name]
     out = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
-    from .data.images import decoder_identity, uses_images
-    if uses_images([entry.train, entry.test]):
-        out.update(decoder=decoder_identity(), decoded_sha256=decoded)
+    from .data.cache import decoder_of
+    if (decoder := decoder_of([entry.train, entry.test])) is not None:
+        out.update(decoder=decoder, decoded_sha256=decoded)
     return out
 
 
@@ -438,7 +439,8 @@ def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     found = prep.inputs.decoded[name]
     if want != found:
         then, now = record.data.get("decoder"), prep.inputs.data.get("decoder")
-        why = (f"the image decoder differs: {then} then, {now} here" if then != now
+        which = "image" if "pillow" in (now or {}) else "table"
+        why = (f"the {which} decoder differs: {then} then, {now} here" if then != now
                else "a forged or corrupt decode cache?")
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",
                                  f"the hash of {name} decoded from its file, {found}",

@@ -32,7 +32,7 @@ from .manifest import Verified
 if TYPE_CHECKING:
     from .task import Task
 
-__all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_path",
+__all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "decoder_of", "arrays_path", "meta_path",
            "encode_arrays", "read_arrays", "st_data", "read_meta", "write_meta", "triage"]
 
 # Bump whenever decoding changes: it is part of every key. 3: npy and IDX inputs mapped,
@@ -51,10 +51,26 @@ def key(verified: Verified, name: str) -> str:
     spec = {"task": entry.task.name, "train": entry.train, "test": entry.test,
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
-    from .images import decoder_identity, uses_images
-    if uses_images([entry.train, entry.test]):  # another Pillow or codec: another entry
-        spec["decoder"] = decoder_identity()
+    if (decoder := decoder_of([entry.train, entry.test])) is not None:
+        spec["decoder"] = decoder  # another Pillow, codec or pyarrow: another entry
     return hashlib.sha256(canonical_json(spec)).hexdigest()
+
+
+def decoder_of(specs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The libraries that decode these parts, by version, where a library's
+    version can decide the decoded values: Pillow and its codecs for images
+    (pipeline.data.images), pyarrow for parquet and arrow tables
+    (pipeline.data.tables); None for the formats decoded by this package alone."""
+    from .images import decoder_identity, uses_images
+    from .tables import decoder_identity as table_decoder
+    from .tables import uses_tables
+
+    out: dict[str, Any] = {}
+    if uses_images(specs):
+        out.update(decoder_identity())
+    if uses_tables(specs):
+        out.update(table_decoder())
+    return out or None
 
 
 def arrays_path(cache_dir: Path, k: str) -> Path:
