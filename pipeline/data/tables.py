@@ -208,23 +208,26 @@ def decode(spec: Mapping[str, Any], path: Path
             if n == 0 or n != spec.get("rows", n):
                 raise DataIntegrityError(where, f"{spec.get('rows', 'at least 1')} data rows",
                                          f"{n}")
-            labels = _values(pa, column(spec["label"]), spec["label"], "label", where)
-            if (bad := (labels < 0) | (labels >= spec["classes"])).any():
+            raw = _values(pa, column(spec["label"]), spec["label"], "label", where)
+            if (bad := (raw < 0) | (raw >= spec["classes"])).any():
                 row = int(np.argmax(bad))
                 raise DataIntegrityError(f"{where} [column {spec['label']!r}]",
                                          f"labels in 0..{spec['classes'] - 1}",
-                                         f"{labels[row]} in row {row} (a label outside the "
+                                         f"{raw[row]} in row {row} (a label outside the "
                                          "classes)")
+            # a copy: a zero-copy column is the map, which would change with the file
+            labels = np.array(raw, dtype=np.int64)
+            del raw
             x = np.empty((n, len(spec["features"])), dtype=np.float32)
             for j, col in enumerate(spec["features"]):
                 values = _values(pa, column(col), col, "feature", where)
                 x[:, j] = _feature(values, col, spec, where)
                 del values
-    except DataIntegrityError:
+    except (DataIntegrityError, MemoryError):  # MemoryError: formats.decode names the files
         raise
     except (pa.ArrowException, OSError, ValueError, EOFError) as e:  # not the format, corrupt
         raise DataIntegrityError(where, f"{_WHAT[fmt]} (format {fmt})",
                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
                                  "restore the file, or name its real format") from None
     shape = tuple(spec.get("shape", [len(spec["features"])]))
-    return x.reshape(n, *shape), labels.astype(np.int64), shape
+    return x.reshape(n, *shape), labels, shape
