@@ -28,7 +28,8 @@ __all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "problems", "reject
            "spec_problems", "files_of", "MANIFEST_VERSION", "FORMATS"]
 
 MANIFEST_VERSION = 2
-FORMATS = ("csv", "npy", "npz", "idx", "text", "images", "parquet", "arrow")  # decoded by pipeline.data.formats
+# decoded by pipeline.data.formats (images: pipeline.data.images)
+FORMATS = ("csv", "npy", "npz", "idx", "text", "images", "parquet", "arrow")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
                             "licence": str, "description": str}

@@ -226,8 +226,9 @@ def decode(spec: Mapping[str, Any], path: Path
     except (DataIntegrityError, MemoryError):  # MemoryError: formats.decode names the files
         raise
     except (pa.ArrowException, OSError, ValueError, EOFError) as e:  # not the format, corrupt
+        text = str(e).splitlines()[0][:200] if str(e) else ""
         raise DataIntegrityError(where, f"{_WHAT[fmt]} (format {fmt})",
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                                 f"{type(e).__name__}: {text}",
                                  "restore the file, or name its real format") from None
     shape = tuple(spec.get("shape", [len(spec["features"])]))
     return x.reshape(n, *shape), labels, shape
