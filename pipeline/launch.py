@@ -403,18 +403,25 @@ def _init_comm(device: str) -> Any:
 
 
 def _agree(comm: Any, key: str, runs_dir: Path) -> None:
-    """Every rank has the same run key and sees the same newest checkpoint."""
+    """Every rank has the same run key and sees the same newest checkpoint.
+    Exchanged as an int64 tensor (the key's 32 bytes, the step), never as a
+    pickled object: all_gather_object unpickles what every peer sends."""
+    import torch
     import torch.distributed as dist
 
     from .train.checkpoint import latest_valid
 
     found = latest_valid(runs_dir / f".ckpt-{key}")  # recipe.get_or_train's checkpoint dir
-    mine = (key, found[2]["step"] if found else 0)
-    views: list[Any] = [None] * comm.size
+    raw = bytes.fromhex(key)  # a run key is a sha256 in hex
+    mine = torch.tensor([*raw, found[2]["step"] if found else 0], dtype=torch.int64,
+                        device=comm.device)
+    got = [torch.empty_like(mine) for _ in range(comm.size)]
     try:
-        dist.all_gather_object(views, mine)
+        dist.all_gather(got, mine)
     except RuntimeError as e:
         raise comm.failed("comparing run keys", e) from None
+    views = [(bytes(v[:len(raw)].tolist()).hex(), int(v[len(raw)])) for v in
+             (t.cpu() for t in got)]
     if len({v[0] for v in views}) > 1:
         raise DistributedError(f"ranks disagree on the run key ({[v[0][:16] for v in views]}):"
                                f" code, data, toolchain or profile differ between nodes")

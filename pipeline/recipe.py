@@ -38,6 +38,7 @@ from .core.errors import (
     ProfileError,
     UsageError,
 )
+from .data import cache as datacache
 from .data import manifest
 from .record import runs
 from .record.diff import input_differences
@@ -150,14 +151,13 @@ def data_fields(verified: manifest.Verified, name: str, decoded: str | None = No
                 ) -> dict[str, Any]:
     """run.json's ``data`` for dataset ``name`` of ``verified``: its task, decode
     specs and each file's sha256 (keyed: the run key covers them). A dataset of
-    image files or tables also keys its decoder (Pillow and its codecs, pyarrow)
-    and the decoded arrays' hash ``decoded``: another JPEG decoder or pyarrow is
-    another run, never the same."""
+    image files, tokenized text or tables also keys its decoder (Pillow and its
+    codecs, tokenizers, pyarrow) and the decoded arrays' hash ``decoded``: another
+    JPEG decoder, tokenizers or pyarrow version is another run, never the same."""
     entry = verified.datasets[name]
     out = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
-    from .data.cache import decoder_of
-    if (decoder := decoder_of([entry.train, entry.test])) is not None:
+    if (decoder := datacache.decoder_of([entry.train, entry.test])) is not None:
         out.update(decoder=decoder, decoded_sha256=decoded)
     return out
 
@@ -167,7 +167,6 @@ def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = F
     entries that need it are compared with a fresh decode (NumPy is imported
     only then). DataIntegrityError naming the first entry that differs, or is
     corrupt (every such entry removed)."""
-    from .data import cache as datacache
 
     fresh, problems = datacache.triage(verified, cache_dir, full=full)
     if fresh:
@@ -439,8 +438,7 @@ def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     found = prep.inputs.decoded[name]
     if want != found:
         then, now = record.data.get("decoder"), prep.inputs.data.get("decoder")
-        which = "image" if "pillow" in (now or {}) else "table"
-        why = (f"the {which} decoder differs: {then} then, {now} here" if then != now
+        why = (f"the decoder differs: {then} then, {now} here" if then != now
                else "a forged or corrupt decode cache?")
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",
                                  f"the hash of {name} decoded from its file, {found}",

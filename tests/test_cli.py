@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.record.schema import record_digest
 
-from .support import copy_source, pipeline_env, run_pipeline, start_pipeline, train_json
+from .support import (copy_source, pipeline_argv, pipeline_env, run_pipeline, start_pipeline,
+                      train_json)
 
 pytestmark = pytest.mark.process
 
@@ -204,3 +205,25 @@ def test_runs_lists_and_diff_names_the_seed(tmp_path: Path) -> None:
     assert d.returncode == 1
     assert "config.seed: 0 != 3" in d.stdout
     assert "trails diverge at step 1" in d.stdout
+
+
+@pytest.mark.process
+def test_a_closed_output_pipe_is_exit_141_without_a_message(tmp_path: Path) -> None:
+    """`pipeline ... | head`: the reader went away. It was exit 74, "file system
+    error ... Broken pipe"; now 128 + SIGPIPE and nothing on stderr, as a shell
+    tool stopped by SIGPIPE. Control: a full disk is still a file-system error."""
+    import os
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)  # no reader: the first write fails with EPIPE
+    try:
+        p = subprocess.run(pipeline_argv("env"), stdout=write, stderr=subprocess.PIPE,
+                           text=True, env=pipeline_env(tmp_path), timeout=120)
+    finally:
+        os.close(write)
+    assert (p.returncode, p.stderr) == (141, "")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(pipeline_argv("env"), stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=pipeline_env(tmp_path), timeout=120)
+    assert p.returncode == 74 and "No space left on device" in p.stderr

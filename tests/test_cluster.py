@@ -132,3 +132,42 @@ def test_non_ascii_digits_are_refused_not_a_crash(job_id: str, nodelist: str) ->
     env = {**SLURM, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": nodelist}
     with pytest.raises(UsageError):
         detect(env)
+
+
+_AGREE = r'''
+import sys, torch.distributed as dist
+from pathlib import Path
+from pipeline.launch import _agree
+from pipeline.train.distributed import TorchComm
+from pipeline.core.errors import DistributedError
+import torch
+rank, key = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[3]}", rank=rank, world_size=2)
+try:
+    _agree(TorchComm(torch.device("cpu")), key, Path(sys.argv[4]))
+    print("agreed")
+except DistributedError as e:
+    print("refused:", e)
+'''
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("same", [True, False])
+def test_ranks_compare_run_keys_as_tensors_and_refuse_a_disagreement(tmp_path: Path,
+                                                                     same: bool) -> None:
+    """_agree exchanges the key and step as an int64 tensor (all_gather_object
+    unpickled every peer's bytes); two ranks with other keys are refused."""
+    import subprocess
+    import sys
+
+    keys = ["ab" * 32, "ab" * 32 if same else "cd" * 32]
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, str(r), keys[r],
+                               str(tmp_path / "store"), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    if same:
+        assert outs == ["agreed\n", "agreed\n"]
+    else:
+        assert all(o.startswith("refused: ranks disagree on the run key (['abababababababab', "
+                                "'cdcdcdcdcdcdcdcd'])") for o in outs), outs

@@ -117,6 +117,9 @@ class WorkerError(PipelineError):
 EXIT_INTERNAL = 70
 EXIT_IO = 74
 EXIT_INTERRUPTED = 130
+# The reader of standard output went away (`pipeline predict ... | head`):
+# 128 + SIGPIPE, what a shell reports for a tool that SIGPIPE stopped.
+EXIT_PIPE = 141
 # Preempted: in 128..255, which a PyTorchJob's `restartPolicy: ExitCode` retries
 # (1..127 are permanent there); 128 + SIGTERM, what a shell reports for a
 # process that SIGTERM stopped.
@@ -149,6 +152,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_IO, "file-system error: permission, no space, a read-only or missing directory; "
               "one line naming the path"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); rerun the same command to resume"),
+    (EXIT_PIPE, "standard output was closed early (a pipe into `head`): the output was cut "
+                "short; nothing else is printed"),
     (EXIT_PREEMPTED, "preempted: SIGTERM or SIGUSR1 stopped the run after a step and "
                      "rank 0's checkpoint of it (or before its first step, with nothing to "
                      "keep); retry (Slurm --requeue, Kubernetes restart policies): the same "
@@ -178,6 +183,8 @@ def exit_status(e: BaseException) -> tuple[int, str]:
     if isinstance(e, KeyboardInterrupt):
         at = f" at step {e.step}" if isinstance(e, Interrupted) else ""
         return EXIT_INTERRUPTED, f"interrupted{at}; rerun the same command to resume"
+    if isinstance(e, BrokenPipeError) and stdout_gone():
+        return EXIT_PIPE, ""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" in {frames[-1].name}()" if frames else ""
     if isinstance(e, OSError):
@@ -191,6 +198,28 @@ def exit_status(e: BaseException) -> tuple[int, str]:
                            f"traceback)")
 
 
+def stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (and it is
+    then pointed at /dev/null, so the interpreter's last flush does not fail
+    again): a BrokenPipeError from anything else is a file-system error."""
+    import os
+    import select
+    import sys
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+    if gone:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    return gone
+
+
 def report(e: BaseException, debug: bool = False) -> int:
     """Print ``e``'s one line (and with ``debug`` its traceback) on stderr;
     return its exit code."""
@@ -200,7 +229,8 @@ def report(e: BaseException, debug: bool = False) -> int:
     code, line = exit_status(e)
     if debug:
         traceback.print_exception(e)
-    print(line, file=sys.stderr)
+    if line:
+        print(line, file=sys.stderr)
     return code
 
 

@@ -149,9 +149,36 @@ def add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
         force: bool = False) -> list[str]:
     """Add ``file`` (and, with ``fmt``, a dataset part) to ``manifest``; return
     what happened, one line per entry."""
+    manifest = Path(manifest)
+    with _locked(manifest):  # read, edit, prove, write: one data add at a time
+        return _add(manifest, Path(file), name=name, source=source, licence=licence,
+                    description=description, fmt=fmt, dataset=dataset, part=part, task=task,
+                    options=options, force=force)
+
+
+def _locked(manifest: Path) -> Any:
+    """An exclusive lock for editing ``manifest`` (its resolved target), held in
+    the cache directory (nothing is left beside the manifest): two ``data add``
+    runs at once would each write the manifest they read, and the first one's
+    entries would be lost, silently."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from .manifest import default_cache_dir
+
+    target = _target(manifest).resolve()
+    locks = default_cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(target).encode()).hexdigest()[:24]
+    return FileLock(str(locks / f"manifest-{digest}.lock"))
+
+
+def _add(manifest: Path, file: Path, *, name: str, source: str, licence: str,
+         description: str, fmt: str | None, dataset: str | None, part: str,
+         task: str | None, options: dict[str, Any] | None, force: bool) -> list[str]:
     from .manifest import file_sha256
 
-    manifest = Path(manifest)
     if Path(file).is_dir():
         return _add_folder(manifest, Path(file), dataset=dataset or name, source=source,
                            licence=licence, description=description, part=part,
@@ -209,6 +236,14 @@ def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, l
     entries = file_entries(folder, source=source, licence=licence, description=description,
                            stat_cache_dir=default_cache_dir())
     counts: dict[str, int] = {}
+    gone = _gone(raw["files"], folder, entries)
+    if gone and not force:
+        raise UsageError(f"files.{gone[0]}: its image {raw['files'][gone[0]]['path']} is no "
+                         f"longer under {folder.root}/ ({len(gone)} such entries); use --force "
+                         f"to remove their entries")
+    for n in gone:
+        del raw["files"][n]
+        counts["removed"] = counts.get("removed", 0) + 1
     for n, e in entries.items():
         if _content(raw["files"].get(n)) == _content(e):  # the same bytes: keep its metadata
             counts["unchanged"] = counts.get("unchanged", 0) + 1
@@ -232,6 +267,15 @@ def _add_folder(manifest: Path, directory: Path, *, dataset: str, source: str, l
     done.append(f"{_put(current, part, spec, f'datasets.{dataset}.{part}', force)}: "
                 f"datasets.{dataset}.{part} (images, {len(spec.get('classes', []))} classes)")
     return done + _write(manifest, old, raw)
+
+
+def _gone(files: dict[str, Any], folder: Any, entries: dict[str, Any]) -> list[str]:
+    """Entries of image files under the folder's root that it no longer holds."""
+    from .images import is_image
+
+    prefix = "" if folder.root == "." else folder.root + "/"
+    return sorted(n for n, e in files.items() if isinstance(e, dict) and n not in entries
+                  and str(e.get("path", "")).startswith(prefix) and is_image(str(e["path"])))
 
 
 def _index_classes(raw: dict[str, Any], root: Path, options: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from .manifest import Verified
 if TYPE_CHECKING:
     from .task import Task
 
-__all__ = ["DECODER_VERSION", "MAX_CACHE_ENTRY", "key", "decoder_of", "arrays_path", "meta_path",
+__all__ = ["DECODER_VERSION", "decoder_of", "MAX_CACHE_ENTRY", "key", "arrays_path", "meta_path",
            "encode_arrays", "read_arrays", "st_data", "read_meta", "write_meta", "triage"]
 
 # Bump whenever decoding changes: it is part of every key. 3: npy and IDX inputs mapped,
@@ -52,22 +53,26 @@ def key(verified: Verified, name: str) -> str:
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
     if (decoder := decoder_of([entry.train, entry.test])) is not None:
-        spec["decoder"] = decoder  # another Pillow, codec or pyarrow: another entry
+        spec["decoder"] = decoder  # another Pillow, codec, tokenizers or pyarrow: another entry
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
-def decoder_of(specs: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """The libraries that decode these parts, by version, where a library's
-    version can decide the decoded values: Pillow and its codecs for images
-    (pipeline.data.images), pyarrow for parquet and arrow tables
-    (pipeline.data.tables); None for the formats decoded by this package alone."""
+def decoder_of(specs: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The libraries that decide a dataset's decoded arrays beyond its files and
+    this code (keyed, recorded): Pillow and its codecs for images
+    (pipeline.data.images), tokenizers for tokenized text (pipeline.data.tokenize),
+    pyarrow for parquet and arrow tables (pipeline.data.tables); None for the
+    formats this code decodes alone."""
     from .images import decoder_identity, uses_images
     from .tables import decoder_identity as table_decoder
     from .tables import uses_tables
+    from .tokenize import identity, uses_tokenizer
 
     out: dict[str, Any] = {}
     if uses_images(specs):
         out.update(decoder_identity())
+    if uses_tokenizer(specs):
+        out.update(identity())
     if uses_tables(specs):
         out.update(table_decoder())
     return out or None

@@ -66,6 +66,9 @@ class Dataset:
     n_train: int
     vocabulary: tuple[str, ...] | None = None
     decoded: str | None = None
+    # tokenized text: the tokenizer file (verified) and its sha256, which
+    # pipeline predict applies to new text (pipeline.data.tokenize)
+    tokenizer: tuple[Path, str] | None = None
 
     def decoded_sha256(self) -> str:
         """The canonical hash (pipeline.core.hashing) of the decoded arrays {x, y}:
@@ -238,10 +241,13 @@ def _dataset(verified: Verified, name: str, got: tuple[dict[str, Any], dict[str,
     entry = verified.datasets[name]
     arrays, info = got
     vocab = info.get("vocabulary")
+    tok = entry.train.get("tokenizer")
     return Dataset(name=name, sha256=verified.hashes[entry.files()[0]], task=entry.task,
                    x=arrays["x"], y=arrays.get("y"), input_shape=tuple(info["input_shape"]),
                    n_classes=int(info["n_classes"]), n_train=int(info["n_train"]),
-                   vocabulary=tuple(vocab) if vocab is not None else None, decoded=decoded)
+                   vocabulary=tuple(vocab) if vocab is not None else None, decoded=decoded,
+                   tokenizer=(verified.root / verified.entries[tok].path, verified.hashes[tok])
+                   if tok is not None else None)
 
 
 def check_decodes(verified: Verified, name: str) -> None:

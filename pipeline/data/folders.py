@@ -85,3 +85,4 @@ def file_entries(folder: Folder, *, source: str, licence: str, description: str,
     sums = hash_files([f for _, f in folder.files], stat_cache_dir)
     return {p: {"path": p, "sha256": sha, "size": size, "source": source, "licence": licence,
                 "description": description} for (p, _), (sha, size) in zip(folder.files, sums)}
+

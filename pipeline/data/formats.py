@@ -128,8 +128,11 @@ def _decode_table(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded
 
 
 def _decode_text(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
-    """A token stream: raw bytes (256 classes) or UTF-8 characters (sorted vocabulary)."""
+    """A token stream: raw bytes (256 classes), UTF-8 characters (sorted vocabulary),
+    or the ids of a tokenizer file (pipeline.data.tokenize; its tokens the vocabulary)."""
     path = paths[spec["file"]]
+    if "tokenizer" in spec:
+        return _decode_tokenized(spec, path, paths[spec["tokenizer"]])
     with Content(path, spec.get("compression", "none"), Budget(max_bytes(spec)),
                  measure=True) as content:
         x, vocabulary = tokens(content, spec["vocabulary"])
@@ -137,6 +140,26 @@ def _decode_text(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
         raise DataIntegrityError(str(path), "at least 2 tokens", f"{len(x)}")
     n_classes = 256 if vocabulary is None else len(vocabulary)
     return Decoded(x=x, y=None, input_shape=(), n_classes=n_classes, vocabulary=vocabulary)
+
+
+def _decode_tokenized(spec: Mapping[str, Any], path: Path, tok_path: Path) -> Decoded:
+    from . import tokenize
+
+    tok = tokenize.load(tok_path)  # before the text: a bad tokenizer is named first
+    vocabulary = tokenize.vocabulary(tok, str(tok_path))
+    with Content(path, spec.get("compression", "none"), Budget(max_bytes(spec)),
+                 measure=True) as content:
+        blob = b"".join(content.chunks())
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataIntegrityError(str(path), "UTF-8 text", f"invalid byte 0x{blob[e.start]:02x} "
+                                 f"at byte offset {e.start} ({e.reason})") from None
+    del blob
+    x = tokenize.encode(tok, text, f"{path} (tokenized by {tok_path})", len(vocabulary))
+    if len(x) < 2:  # one input token and its next-token target at least
+        raise DataIntegrityError(str(path), "at least 2 tokens", f"{len(x)}")
+    return Decoded(x=x, y=None, input_shape=(), n_classes=len(vocabulary), vocabulary=vocabulary)
 
 
 _DECODERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Path]], Decoded]] = {

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -272,6 +273,7 @@ def verify_parsed(parsed: Manifest, manifest_path: Path, *, names: list[str] | N
         digests = list(pool.map(lambda e: _verify_one(e, root, cache, records, stats),
                                 selected))
     found = {e.name: d for e, d in zip(selected, digests)}
+    check_listed(parsed.datasets, manifest, root, names)
     if stat_cache_dir is not None and records:
         _update_stat_cache(Path(stat_cache_dir), records)
     return Verified(Path(manifest_path), root, manifest, parsed.datasets, found, stats)
@@ -285,3 +287,43 @@ def default_cache_dir() -> Path:
     if xdg and Path(xdg).is_absolute():  # the XDG spec ignores relative values
         return Path(xdg) / "pipeline"
     return Path.home() / ".cache" / "pipeline"
+
+
+def check_listed(datasets: Mapping[str, DatasetEntry], files: Mapping[str, FileEntry],
+                 data_root: Path, selected: Collection[str] | None) -> None:
+    """Every image file on disk under a folder-layout images part's root is in
+    the manifest (whose members are the part's examples): an image copied
+    into a class folder after ``data add`` would otherwise be left out of the
+    next run, silently. DataIntegrityError naming the first unlisted file and
+    how to add it (or a part's index, which decides its examples). Only the
+    datasets some of whose files are ``selected`` (None: all) are checked."""
+    listed = {posixpath.normpath(e.path) for e in files.values()}
+    for name, entry in sorted(datasets.items()):
+        if selected is not None and not set(entry.files()) & set(selected):
+            continue
+        for spec in (entry.train, entry.test):
+            if spec is None or spec.get("format") != "images" or "index" in spec:
+                continue
+            top = data_root / spec["root"]
+            unlisted = sorted(p for p in _image_paths(top, data_root) if p not in listed)
+            if unlisted:
+                more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+                raise DataIntegrityError(str(data_root / unlisted[0]), f"only the images of "
+                                         f"dataset {name!r} that the manifest lists under "
+                                         f"{spec['root']}/", f"an image file the manifest "
+                                         f"does not list{more}",
+                                         f"add them: pipeline data add {spec['root']} --name "
+                                         f"{name} --force (or move them out of the folder); "
+                                         f"a run would leave them out")
+
+
+def _image_paths(top: Path, data_root: Path) -> list[str]:
+    """The image files under ``top``, relative to the data root (POSIX)."""
+    from .images import is_image
+
+    out = []
+    for dirpath, _, filenames in os.walk(top):
+        here = Path(dirpath)
+        out += [(here / f).relative_to(data_root).as_posix() for f in filenames
+                if is_image(f) and (here / f).is_file()]
+    return out

@@ -270,8 +270,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, r
             "classes": _CLASSES, "max_bytes": _MAX},
     "idx": {"x": _F, "y": _F, "compression": _GZ, "divisor": _DIV, "classes": _CLASSES,
             "max_bytes": _MAX},
-    "text": {"file": _F, "vocabulary": ("vocabulary", True), "compression": _GZ,
-             "max_bytes": _MAX},
+    # vocabulary (characters or bytes), or a tokenizer file (pipeline.data.tokenize)
+    "text": {"file": _F, "vocabulary": ("vocabulary", False), "tokenizer": ("file", False),
+             "compression": _GZ, "max_bytes": _MAX},
     # pipeline.data.images: root/<class>/<file>, or an index (csv/json) of path and label
     "images": {"root": ("dir", True), "classes": ("names", True), "index": ("file", False),
                "size": ("size", False), "channels": ("channels", False), "divisor": _DIV,
@@ -318,6 +319,17 @@ def _table_problems(spec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _text_problems(spec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Text takes its tokens from exactly one of vocabulary and tokenizer."""
+    if ("vocabulary" in spec) == ("tokenizer" in spec):
+        found = "both" if "vocabulary" in spec else "neither"
+        return [("vocabulary", 'one of "vocabulary" ("chars" or "bytes") or "tokenizer" (a '
+                 'tokenizer JSON file of the manifest)', found)]
+    if spec.get("tokenizer") is not None and spec.get("tokenizer") == spec.get("file"):
+        return [("tokenizer", "a file other than the text's", _show(spec["tokenizer"]))]
+    return []
+
+
 def spec_problems(spec: object, where: str,
                   file_names: Collection[str]) -> list[tuple[str, str, str]]:
     """Schema check of one decode spec: a list of (key, expected, found), empty if fine.
@@ -343,14 +355,14 @@ def spec_problems(spec: object, where: str,
         if (key in spec and not ok(spec[key], names)) or (key not in spec and required):
             problems.append((at(key), expected.format(names=names),
                              _show(spec[key]) if key in spec else "missing"))
-    cross = (_csv_problems(spec) if fmt == "csv" else
-             _table_problems(spec) if fmt in ("parquet", "arrow") else [])
-    return problems + [(at(k), e, f) for k, e, f in cross]
+    extra = (_csv_problems(spec) if fmt == "csv" else _text_problems(spec) if fmt == "text"
+             else _table_problems(spec) if fmt in ("parquet", "arrow") else [])
+    return problems + [(at(k), e, f) for k, e, f in extra]
 
 
 def files_of(spec: Mapping[str, Any]) -> list[str]:
     """The manifest file names a (valid) spec reads, in a fixed order (x before y)."""
     if spec["format"] == "images":  # its image files: DatasetEntry.members
         return [spec["index"]] if "index" in spec else []
-    keys = ("x", "y") if spec["format"] in ("npy", "idx") else ("file",)
-    return list(dict.fromkeys(spec[k] for k in keys))  # once each, even if x and y are one
+    keys = ("x", "y") if spec["format"] in ("npy", "idx") else ("file", "tokenizer")
+    return list(dict.fromkeys(spec[k] for k in keys if k in spec))  # once each, even if x and y are one

@@ -132,8 +132,11 @@ Decoded arrays sha256 `{decoded}`.
 def input_space(r: RunRecord) -> str:
     """One line: what the model's forward takes, from the raw data's values."""
     if task_of(str(r.data.get("task"))).windows:
-        return ("int64 token ids (N, T): indices into the run's vocabulary "
-                f"({r.data['train'].get('vocabulary', '?')})")
+        train = r.data["train"]
+        vocab = (f"the tokenizer file {train['tokenizer']!r}, Hugging Face tokenizers "
+                 f"{(r.data.get('decoder') or {}).get('tokenizers', '?')}"
+                 if "tokenizer" in train else train.get("vocabulary", "?"))
+        return f"int64 token ids (N, T): indices into the run's vocabulary ({vocab})"
     spec = r.data["train"]
     how = (f"pixel / {spec.get('divisor', 255)} (images decoded by Pillow)"
            if spec.get("format") == "images" else f"float32(raw) / {spec.get('divisor', 1)}")

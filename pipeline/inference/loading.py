@@ -262,7 +262,8 @@ def _build(record: RunRecord, cfg: Config, parts: Parts, ds: Dataset, run_dir: P
                                       f"{src.dtype} {tuple(src.shape)}")
             t.copy_(src)
     shape, classes = ds.shapes(cfg.data.context)
-    model = Model(net, record, run_dir, Shapes(ds.task, shape, classes, ds.vocabulary))
+    model = Model(net, record, run_dir, Shapes(ds.task, shape, classes, ds.vocabulary,
+                                                   ds.tokenizer))
     _forward(model, ds, cfg, parts)
     if (got := model.weights_sha256()) != record.weights_sha256:
         raise CheckpointError(str(path), f"weights sha256:{record.weights_sha256} (run.json)",

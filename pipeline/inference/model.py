@@ -36,12 +36,14 @@ __all__ = ["Model", "ExactModule", "Shapes"]
 class Shapes:
     """What the model was built for, from the run's dataset: one example's
     input shape, the classes (the vocabulary's size for a language model),
-    the task, and the vocabulary of a character-level text dataset."""
+    the task, the vocabulary of a text dataset (characters, or a tokenizer's
+    tokens), and a tokenized one's tokenizer file with its sha256."""
 
     task: Task
     input_shape: tuple[int, ...]
     num_classes: int
     vocabulary: tuple[str, ...] | None
+    tokenizer: tuple[Path, str] | None = None
 
 
 class ExactModule(nn.Module):

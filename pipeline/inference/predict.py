@@ -10,7 +10,8 @@ own decoding (its decode spec), so the model sees what it was trained on:
   (raw digits pixels are 0..16, divided by 16). Output per row:
   ``{"row", "class", "probability"}``.
 - language model: a text file, tokenised with the run's vocabulary (UTF-8
-  characters, or bytes); a character the vocabulary lacks is an error naming
+  characters, or bytes) or its tokenizer file (checked against the run's
+  sha256); a character the vocabulary or tokenizer lacks is an error naming
   its position. The text is cut into windows of ``data.context`` tokens as in
   training (the last window ends at the text's end); output per position
   ``t``: ``{"position", "token", "next", "probability"}``, the most likely
@@ -145,8 +146,11 @@ def _rows(raw: np.ndarray, spec: dict[str, Any], shape: tuple[int, ...],
 
 
 def _tokens(blob: bytes, spec: dict[str, Any], model: Model, path: Path) -> np.ndarray:
-    """Token ids of a text file in the run's vocabulary (chars or bytes)."""
-    if spec.get("vocabulary") == "bytes":
+    """Token ids of a text file in the run's vocabulary (chars or bytes), or
+    through the run's tokenizer file (its sha256 the run's)."""
+    if model.shapes.tokenizer is not None:
+        tokens = _tokenized(blob, model.shapes.tokenizer, path, model.shapes.num_classes)
+    elif spec.get("vocabulary") == "bytes":
         tokens = np.frombuffer(blob, np.uint8).astype(np.int64)
     else:
         try:
@@ -165,6 +169,20 @@ def _tokens(blob: bytes, spec: dict[str, Any], model: Model, path: Path) -> np.n
         raise DataIntegrityError(str(path), f"at least {model.context} tokens (data.context)",
                                  f"{len(tokens)}")
     return tokens
+
+
+def _tokenized(blob: bytes, tokenizer: tuple[Path, str], path: Path,
+               n_classes: int) -> np.ndarray:
+    from ..data import tokenize
+
+    tok_path, sha = tokenizer
+    tok = tokenize.load(tok_path, sha)
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataIntegrityError(str(path), "UTF-8 text",
+                                 f"invalid byte at offset {e.start}") from None
+    return tokenize.encode(tok, text, f"{path} (tokenized by {tok_path})", n_classes)
 
 
 def _probabilities(logits: Any) -> np.ndarray:

@@ -1,14 +1,16 @@
 """metrics.jsonl of a run whose record was read: one JSON object per epoch
 (and the last step), read within a bound, every value checked.
 
-run.json holds no hash of metrics.jsonl, so the file is checked against the
-record where the two overlap: its last line's step and metrics must be the
-record's ``metrics`` (an edited or truncated file is caught there; an edit of
-an earlier line is not, and ``pipeline verify`` retrains to find it).
+run.json's ``files`` holds the sha256 of metrics.jsonl (runs recorded since
+it does), so any edit is caught; the file is also checked against the record
+where the two overlap: its last line's step and metrics must be the record's
+``metrics`` (the only check for an older record, which catches an edited or
+truncated last line, not an earlier one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -46,6 +48,10 @@ def read_metrics(run_dir: Path, record: RunRecord) -> list[Epoch]:
                               e.strerror or str(e)) from None
     except UnicodeDecodeError as e:
         raise CheckpointError(str(path), "UTF-8 JSON lines", f"invalid UTF-8 ({e.reason})") from None
+    want = (record.files or {}).get("metrics.jsonl")
+    if want is not None and (got := hashlib.sha256(text.encode()).hexdigest()) != want:
+        raise CheckpointError(str(path), f"sha256 {want} (run.json's files)", f"sha256 {got}",
+                              "metrics.jsonl was edited or belongs to another run")
     epochs = [_epoch(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1)]
     for i, (a, b) in enumerate(itertools.pairwise(epochs), 2):
         if b.step <= a.step:

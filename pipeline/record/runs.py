@@ -144,8 +144,9 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float, *,
         weights = save(result.params)
         atomic.write_bytes(tmp / "weights.safetensors", weights)
         atomic.write_bytes(tmp / "trail.bin", result.trail)
-        atomic.write_text(tmp / "metrics.jsonl", "".join(
-            json.dumps(m, sort_keys=True, allow_nan=False) + "\n" for m in result.metrics))
+        metrics = "".join(json.dumps(m, sort_keys=True, allow_nan=False) + "\n"
+                          for m in result.metrics).encode()
+        atomic.write_bytes(tmp / "metrics.jsonl", metrics)
         plot_curves(tmp / "curves.png", result.metrics)
         last = result.metrics[-1] if result.metrics else {}
         f = inputs.fields()
@@ -160,7 +161,8 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float, *,
             config_sha256=config_sha256(inputs.config), code_sha256=f["code_sha256"],
             model=f["model"], data_decoded=f["data_decoded"],
             test_switches=f.get("test_switches", {}),
-            files={"weights.safetensors": hashlib.sha256(weights).hexdigest()},
+            files={"weights.safetensors": hashlib.sha256(weights).hexdigest(),
+                   "metrics.jsonl": hashlib.sha256(metrics).hexdigest()},
             resumed_from_step=result.resumed_from, device=device, world_size=world_size,
             config_dir=str(config_dir) if config_dir is not None else None,
             threads=result.threads, parameters=result.structure,

@@ -163,8 +163,8 @@ def test_only_touched_datasets_are_decoded(root: Path, tmp_path: Path,
     (["--format", "xlsx"], "datasets.bad.train.format: expected one of csv"),
     ([*TEXT, "--decode", "colour=1"], "datasets.bad.train.colour: expected a key of format"),
     (["--format", "text", "--decode", "vocabulary=words"], "datasets.bad.train.vocabulary"),
-    (["--format", "text"], ('datasets.bad.train.vocabulary: expected "chars" or "bytes", '
-                            "found missing")),
+    (["--format", "text"], ('datasets.bad.train.vocabulary: expected one of "vocabulary" '
+                            '("chars" or "bytes") or "tokenizer"')),
     ([*TEXT, "--decode", "max_bytes=0"], "datasets.bad.train.max_bytes"),
     ([*TEXT, "--task", "classification"], "datasets.bad.task: expected lm exactly when"),
     (["--format", "csv", "--decode", "features=[0, 2]"], "datasets.bad.train.label"),

@@ -169,6 +169,62 @@ def test_changed_image_after_add_is_reported(proj: Path, tmp_path: Path,
         manifest.verify(proj / "data-manifest.json")
 
 
+def test_an_image_added_after_data_add_stops_the_run_not_left_out(
+        proj: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder is its examples: an image copied into a class folder after
+    ``data add`` is refused (exit 3 at verify, naming it and the command that
+    adds it); it was left out of the next run, silently. Re-adding lists it."""
+    assert _add(proj, monkeypatch, tmp_path) == 0
+    manifest.verify(proj / "data-manifest.json")  # control: everything listed
+    _png(proj / "pics" / "b" / "new.png", _pixels(9))
+    with pytest.raises(manifest.DataIntegrityError,
+                       match=r"pics/b/new\.png: expected only the images of dataset 'pics'"
+                             r".*pipeline data add pics --name pics --force") as e:
+        manifest.verify(proj / "data-manifest.json")
+    assert e.value.exit_code == 3
+    (proj / "pics" / "b" / "notes.txt").write_text("not an image: ignored")
+    assert _add(proj, monkeypatch, tmp_path, "--force") == 0
+    assert "pics/b/new.png" in {e.path for e in manifest.verify(
+        proj / "data-manifest.json").entries.values()}
+
+
+def test_re_adding_a_folder_after_images_were_removed_needs_force(
+        proj: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert _add(proj, monkeypatch, tmp_path) == 0
+    (proj / "pics" / "a" / "1.png").unlink()
+    with pytest.raises(manifest.DataIntegrityError, match="pics/a/1.png"):
+        manifest.verify(proj / "data-manifest.json")  # a listed file is missing
+    assert _add(proj, monkeypatch, tmp_path) == 2
+    assert "pics/a/1.png is no longer under pics/" in capsys.readouterr().err
+    assert _add(proj, monkeypatch, tmp_path, "--force") == 0
+    assert "removed: 1 image file entries" in capsys.readouterr().out
+    assert len(_load(proj, tmp_path).y) == 4
+
+
+def test_concurrent_data_adds_keep_every_entry(tmp_path: Path) -> None:
+    """data add holds a lock while it reads, edits and writes the manifest:
+    adds racing on threads keep all their entries (without it, the last
+    writer's manifest dropped the others')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.add import add
+
+    root = tmp_path / "race"
+    (root / "data").mkdir(parents=True)
+    for i in range(6):
+        (root / "data" / f"f{i}.txt").write_text(f"file {i}\n")
+
+    def one(i: int) -> None:
+        add(root / "data-manifest.json", root / "data" / f"f{i}.txt", name=f"f{i}", source="",
+            licence="", description="")
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, range(6)))
+    assert sorted(manifest.verify(root / "data-manifest.json").entries) == [
+        f"f{i}" for i in range(6)]
+
+
 def test_decoder_is_in_the_cache_key_and_run_data(proj: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Another Pillow or codec gives another cache key and other run data

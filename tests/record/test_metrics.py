@@ -47,11 +47,34 @@ def _edit_last(text: str) -> str:
 ], ids=["edited-last-metric", "truncated", "malformed", "not-a-number", "steps-not-increasing"])
 def test_edited_metrics_are_refused(run: Path, tmp_path: Path, edit, message: str) -> None:
     """An edited last value, a truncated file, a malformed line, a value that
-    is not a number, steps that do not increase: CheckpointError naming the file."""
+    is not a number, steps that do not increase: CheckpointError naming the file,
+    by run.json's sha256 of it; and, for a record from before that hash, by the
+    file's own checks."""
+    import dataclasses
+
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     path = copy / "metrics.jsonl"
     path.write_text(edit(path.read_text()))
-    with pytest.raises(CheckpointError, match=message) as e:
-        read_metrics(copy, load_record(copy / "run.json"))
+    record = load_record(copy / "run.json")
+    with pytest.raises(CheckpointError, match="run.json's files") as e:
+        read_metrics(copy, record)
     assert "metrics.jsonl" in str(e.value)
+    older = dataclasses.replace(record, files={"weights.safetensors":
+                                               record.files["weights.safetensors"]})
+    with pytest.raises(CheckpointError, match=message) as e:
+        read_metrics(copy, older)
+    assert "metrics.jsonl" in str(e.value)
+
+
+def test_an_edit_of_an_earlier_line_is_caught_by_the_hash(run: Path, tmp_path: Path) -> None:
+    """The first epoch's accuracy changed: the last line still matches run.json's
+    metrics, so only the recorded sha256 catches it."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = copy / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "test_accuracy": 0.99})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_metrics(copy, load_record(copy / "run.json"))
