@@ -438,7 +438,10 @@ def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     found = prep.inputs.decoded[name]
     if want != found:
         then, now = record.data.get("decoder"), prep.inputs.data.get("decoder")
-        why = (f"the decoder differs: {then} then, {now} here" if then != now
+        kinds = {"pillow": "image", "tokenizers": "tokenizer", "pyarrow": "table"}
+        which = "".join(f"{k} " for lib, k in kinds.items() if lib in {**(then or {}),
+                                                                          **(now or {})})
+        why = (f"the {which}decoder differs: {then} then, {now} here" if then != now
                else "a forged or corrupt decode cache?")
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",
                                  f"the hash of {name} decoded from its file, {found}",
