@@ -29,7 +29,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   # Same pins as pyproject.toml except torch (no --require-hashes: another torch).
   "$venv/bin/pip" install -q "torch==$other" numpy==2.4.6 safetensors==0.8.0 filelock==4.3.1 \
-    tqdm==4.70.1 matplotlib==3.11.2
+    tqdm==4.70.1 matplotlib==3.11.2 pillow==13.0.0
 fi
 got=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 case "$got" in "$other"|"$other"+*) ;; *) echo "error: $venv has torch $got, expected $other" >&2; exit 2;; esac

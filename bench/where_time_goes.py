@@ -122,7 +122,34 @@ def main() -> None:
     for label, fn in PARTS.items():
         cum = sum(v[3] for k, v in stats.items() if k[2] == fn and "pipeline" in k[0])
         print(f"| {label} | {cum / total:.0%} |")
+    print(f"\n| the loop's self time by kind (each function's own time) | share |\n|---|---|")
+    for label, share in self_time(stats, total).items():
+        print(f"| {label} | {share:.0%} |")
     vmap_check()
+
+
+def self_time(stats: dict, total: float) -> dict[str, float]:
+    """Self time split into torch's autograd engine (backward kernels), torch's
+    other built-ins (forward kernels, tensor methods), torch's Python (module
+    calls, functional wrappers) and the pipeline's own Python."""
+    out = {"torch autograd engine (the backward passes' kernels)": 0.0,
+           "torch kernels and tensor methods (forward, optimiser, tree)": 0.0,
+           "torch's Python (nn.Module calls, functional wrappers)": 0.0,
+           "the pipeline's own Python (shards, tree, trail, loop)": 0.0, "other": 0.0}
+    keys = list(out)
+    for (path, _, name), v in stats.items():
+        t = v[2]
+        if "run_backward" in name:
+            out[keys[0]] += t
+        elif path == "~" and ("torch" in name or "method" in name):
+            out[keys[1]] += t
+        elif "/torch/" in path:
+            out[keys[2]] += t
+        elif "/pipeline/" in path:
+            out[keys[3]] += t
+        else:
+            out[keys[4]] += t
+    return {k: v / total for k, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -168,7 +168,9 @@ def check_caches(verified: manifest.Verified, cache_dir: Path, *, full: bool = F
     only then). DataIntegrityError naming the first entry that differs, or is
     corrupt (every such entry removed)."""
 
-    fresh, problems = datacache.triage(verified, cache_dir, full=full)
+    fresh, problems, skipped = datacache.triage(verified, cache_dir, full=full)
+    for line in skipped:
+        print(f"note: {line}")
     if fresh:
         from .data.dataset import check_cache
         problems += [p for n in fresh if (p := check_cache(verified, n, cache_dir)) is not None]

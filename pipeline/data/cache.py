@@ -188,16 +188,24 @@ def read_meta(path: Path, k: str) -> tuple[dict[str, Any], str] | str:
 
 
 def triage(verified: Verified, cache_dir: Path, *, full: bool
-           ) -> tuple[list[str], list[str]]:
+           ) -> tuple[list[str], list[str], list[str]]:
     """``data verify``'s look at the cache, without decoding: (datasets whose
-    entry needs a comparison with a fresh decode, problems found). Array
-    entries always need one (their arrays are what training reads); a
-    metadata entry only with ``full`` (it holds no arrays: training reads the
-    verified file), else it is checked for its own consistency, and removed
-    if it fails (the next training rebuilds it)."""
-    fresh, problems = [], []
+    entry needs a comparison with a fresh decode, problems found, datasets
+    not looked at and why). Array entries always need one (their arrays are
+    what training reads); a metadata entry only with ``full`` (it holds no
+    arrays: training reads the verified file), else it is checked for its own
+    consistency, and removed if it fails (the next training rebuilds it). A
+    dataset whose decoder is an extra not installed here (tokenizers) has no
+    key here: nothing of it can be reused here, so it is named, not checked."""
+    from ..core.errors import UsageError
+
+    fresh, problems, skipped = [], [], []
     for name in verified.datasets:
-        k = key(verified, name)
+        try:
+            k = key(verified, name)
+        except UsageError as e:
+            skipped.append(f"{name}: its decode cache not checked ({e})")
+            continue
         arrays, meta = arrays_path(cache_dir, k), meta_path(cache_dir, k)
         if arrays.exists() or arrays.is_symlink() or (full and (meta.exists()
                                                                or meta.is_symlink())):
@@ -205,4 +213,4 @@ def triage(verified: Verified, cache_dir: Path, *, full: bool
         elif isinstance(why := read_meta(meta, k), str) and why != "missing":
             meta.unlink(missing_ok=True)
             problems.append(f"data cache entry {meta} is corrupt ({why}); removed")
-    return fresh, problems
+    return fresh, problems, skipped

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 # a manifest file entry (pipeline.data.schema.FileEntry: schema imports this module)
 FileEntry = Any
 
-__all__ = ["EXTENSIONS", "MAX_PIXELS", "members", "decoder_identity", "decode", "uses_images",
-           "index_rows", "is_image"]
+__all__ = ["EXTENSIONS", "MAX_PIXELS", "members", "decoder_identity", "decode", "decode_files",
+           "uses_images", "index_rows", "is_image"]
 
 # extension -> the one Pillow format a file so named may be
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -272,3 +272,15 @@ def decode(spec: Mapping[str, Any], names: Sequence[str], entries: Mapping[str, 
     x = to_float32(raw, spec.get("divisor", 255))
     check_finite(x, str(data_root / spec["root"]))
     return x, np.array(labels, dtype=np.int64), tuple(raw.shape[1:]), len(spec["classes"])
+
+
+def decode_files(paths: Sequence[Path], spec: Mapping[str, Any]) -> np.ndarray:
+    """Image files outside any manifest (``pipeline predict``) decoded as an
+    images part with ``spec`` decodes its members: (n, C, H, W) float32, each
+    file checked as a member is (type, size, mode, frames), all one shape."""
+    from .mapped import check_finite, to_float32
+
+    raw = _pixels([str(p) for p in paths], {str(p): p for p in paths}, spec)
+    x = to_float32(raw, spec.get("divisor", 255))
+    check_finite(x, str(paths[0]))
+    return x

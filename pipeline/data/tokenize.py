@@ -11,9 +11,10 @@ as Pillow's is for images, and the ids' hash (``data_decoded``) is what the
 run depends on. So another tokenizers version is another run, never a silent
 change.
 
-The whole text is encoded in one call, without special tokens (a stream of
-documents, not one sequence): the ids are exactly what ``Tokenizer.encode``
-gives, at any chunking, thread count or machine. A tokenizer that cannot
+The whole text is encoded in one call, without special tokens and with the
+file's truncation and padding turned off (a stream of documents, not one
+sequence to cut to a model's length): the ids are exactly what
+``Tokenizer.encode`` gives then, at any thread count or machine. A tokenizer that cannot
 represent some of the text (its unknown token appears) is refused, naming the
 character; ids must fill ``0 .. vocab_size - 1`` (the classes).
 """
@@ -76,8 +77,12 @@ def load(path: Path, sha256: str | None = None) -> Any:
                                  f"sha256 {got}", "the tokenizer file changed since the run "
                                  "trained")
     try:
-        text = blob.decode("utf-8")
-        return tokenizers.Tokenizer.from_str(text)
+        tok = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
+        # A file's truncation or padding (common in a model's tokenizer.json) would
+        # cut the whole text to max_length tokens, silently: the text is a stream.
+        tok.no_truncation()
+        tok.no_padding()
+        return tok
     except UnicodeDecodeError as e:
         raise DataIntegrityError(str(path), "a tokenizer JSON file (UTF-8)",
                                  f"invalid byte at offset {e.start}") from None

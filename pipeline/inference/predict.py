@@ -9,6 +9,11 @@ own decoding (its decode spec), so the model sees what it was trained on:
   dataset decodes it, and must lie in the spec's ``value_range`` if it has one
   (raw digits pixels are 0..16, divided by 16). Output per row:
   ``{"row", "class", "probability"}``.
+- images (a run on an ``images`` dataset): an image file, or a folder of
+  them (every image under it, in path order), decoded as the run's images
+  were (its size, channels, divisor) by the run's Pillow and codecs (another
+  decoder is refused); output per image: ``{"file", "row", "class", "name",
+  "probability"}``.
 - language model: a text file, tokenised with the run's vocabulary (UTF-8
   characters, or bytes) or its tokenizer file (checked against the run's
   sha256); a character the vocabulary or tokenizer lacks is an error naming
@@ -44,13 +49,52 @@ _BATCH = 256
 
 def predict_file(model: Model, path: Path, out: TextIO) -> int:
     """Write ``model``'s predictions for ``path`` to ``out``; the number of lines."""
-    x = read_inputs(model, Path(path))
-    late = usercode.LateImports()
-    lines = list(_lm_lines(model, x) if model.shapes.task.windows else _class_lines(model, x))
+    spec = model.record.data["train"]
+    if spec.get("format") == "images":
+        files, x = read_images(model, Path(path))
+        late = usercode.LateImports()
+        lines = [{"file": f, **line, "name": spec["classes"][line["class"]]}
+                 for f, line in zip(files, _class_lines(model, x))]
+    else:
+        x = read_inputs(model, Path(path))
+        late = usercode.LateImports()
+        lines = list(_lm_lines(model, x) if model.shapes.task.windows
+                     else _class_lines(model, x))
     late.check("predicting")  # before a line is written: code the run's key never covered
     for line in lines:
         out.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
     return len(lines)
+
+
+def read_images(model: Model, path: Path) -> tuple[list[str], np.ndarray]:
+    """(the files, their inputs) of an image file or a folder of them (every
+    image file under it, in path order), decoded as the run's images part
+    decodes (its size, channels, divisor) by the run's decoder: another Pillow
+    or codec than the run recorded is refused, as it would give other pixels."""
+    from ..data import images
+
+    spec, recorded = model.record.data["train"], model.record.data.get("decoder")
+    if (now := images.decoder_identity()) != recorded:
+        raise DataIntegrityError(str(path), f"the run's image decoder {recorded}",
+                                 f"{now} here", "predict where the run's Pillow is installed "
+                                 "(its lock), or retrain")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if images.is_image(p.name) and p.is_file())
+        if not files:
+            raise DataIntegrityError(str(path), "image files (.png, .jpg, .jpeg, .webp)",
+                                     "none")
+    elif images.is_image(path.name):
+        files = [path]
+    else:
+        raise UsageError(f"{path}: expected an image file (.png, .jpg, .jpeg, .webp) or a "
+                         f"folder of them, found {path.suffix or 'no suffix'!r}")
+    x = images.decode_files(files, spec)
+    if x.shape[1:] != tuple(model.shapes.input_shape):
+        raise DataIntegrityError(str(files[0]), f"an image of the run's input shape "
+                                 f"{tuple(model.shapes.input_shape)} (C, H, W)",
+                                 f"{tuple(x.shape[1:])}", 'the run\'s decode spec has no '
+                                 '"size": give images of its size')
+    return [str(f) for f in files], x
 
 
 def read_inputs(model: Model, path: Path) -> np.ndarray:

@@ -18,7 +18,18 @@ from pipeline.data import dataset, manifest, tokenize
 from pipeline.data.add import add
 from tests.support import ROOT, cli_main
 
-tokenizers = pytest.importorskip("tokenizers")  # the text extra; CI installs it
+try:  # the text extra: the README's test command installs it (requirements-text.lock)
+    import tokenizers
+except ImportError:  # collected anyway (nix's check deselects these), never skipped
+    tokenizers = None
+
+
+@pytest.fixture(autouse=True)
+def _the_text_extra() -> None:
+    if tokenizers is None:
+        pytest.fail("the text extra (Hugging Face tokenizers) is not installed: "
+                    ".venv/bin/pip install --require-hashes -r requirements.lock "
+                    "-r requirements-text.lock")
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
         "fortune, must be in want of a wife.\n\nHowever little known the feelings or views of "
@@ -112,6 +123,18 @@ def test_the_library_version_keys_the_cache_and_the_run(tmp_path: Path,
     monkeypatch.setattr(tokenizers, "__version__", "0.0.1-other")
     assert datacache.key(verified, "novel") != key  # another library: another entry
     assert data_fields(verified, "novel", "d")["decoder"] != fields["decoder"]
+
+
+def test_a_tokenizer_files_truncation_and_padding_do_not_cut_the_text(tmp_path: Path) -> None:
+    """A model's tokenizer.json often asks for truncation to its length: the
+    corpus is one stream, so it is turned off (it cut the text to 16 tokens)."""
+    tok = tokenizers.Tokenizer.from_str(_bpe(TEXT))
+    whole = tok.encode(TEXT, add_special_tokens=False).ids
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(length=16)
+    assert len(tok.encode(TEXT, add_special_tokens=False).ids) == 16  # what it would do
+    path = _project(tmp_path / "p", tok.to_str())
+    assert dataset.load(manifest.verify(path), "novel", tmp_path / "cache").x.tolist() == whole
 
 
 def test_another_tokenizer_gives_other_ids(tmp_path: Path) -> None:
@@ -235,3 +258,17 @@ def test_the_shipped_tokenizer_is_what_its_script_makes(tmp_path: Path) -> None:
     assert m["files"]["shakespeare-bpe"]["sha256"] == hashlib.sha256(
         shipped.encode()).hexdigest()
     assert m["datasets"]["shakespeare-bpe"]["train"]["tokenizer"] == "shakespeare-bpe"
+
+
+def test_data_verify_without_the_extra_checks_the_files_and_names_what_it_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped project lists a tokenized dataset; a machine without the text
+    extra still verifies every file (exit 0) and says which decode cache it
+    could not look at, instead of stopping with exit 2."""
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    monkeypatch.chdir(ROOT)
+    assert cli_main(["data", "verify"], monkeypatch, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "ok shakespeare-bpe sha256:" in out
+    assert "note: shakespeare-bpe: its decode cache not checked" in out

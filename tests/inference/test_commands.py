@@ -154,3 +154,62 @@ def test_predict_and_eval_a_language_model(shared_dir: Path, suite_env: dict[str
     p = run_pipeline(["predict", str(run), str(tmp_path / "bad.txt"), *project],
                      pipeline_env(tmp_path))
     assert p.returncode == 3 and "at character 100" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("image-runs")
+    return train_here(tmp / "runs", ["train.epochs=1", "train.max_steps=3"], tmp,
+                      config="examples/images/config.toml")
+
+
+def test_predict_reads_image_files_as_the_run_decoded_them(
+        image_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An image folder (and one file): each image decoded as the run's images
+    part decodes it, so its probabilities are the model's on the dataset's own
+    row for that file; another decoder is refused (exit 3), as is a file of
+    another type (exit 2) or of another size (exit 3)."""
+    from pipeline.data import images
+
+    folder = ROOT / "examples" / "images" / "digits" / "7"
+    monkeypatch.chdir(ROOT / "examples" / "images")
+    assert cli_main(["predict", str(image_run), str(folder)], monkeypatch, tmp_path) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    files = sorted(folder.glob("*.png"))
+    assert [x["file"] for x in lines] == [str(f) for f in files]
+    model = pipeline.load(image_run, ROOT / "examples" / "images")
+    spec = model.record.data["train"]
+    from pipeline.data import dataset, manifest
+    from pipeline.inference.predict import _probabilities
+    ds = dataset.load(manifest.verify(ROOT / "examples" / "images" / "data-manifest.json"),
+                      "digits_png", tmp_path / "cache")
+    names = sorted(n for n in ds_members(ROOT / "examples" / "images") if "/7/" in n)
+    rows = [i for i, n in enumerate(ds_members(ROOT / "examples" / "images")) if "/7/" in n]
+    assert len(names) == len(files) and ds.x[rows].tolist() == images.decode_files(
+        files, spec).tolist()  # each file's pixels are its dataset row's
+    p = _probabilities(model.predict(ds.x[rows]))  # pinned kernels: the same batch
+    assert [x["class"] for x in lines] == p.argmax(1).tolist()
+    assert [x["probability"] for x in lines] == p.max(1).tolist()
+    assert all(x["name"] == spec["classes"][x["class"]] for x in lines)
+    assert cli_main(["predict", str(image_run), str(files[0])], monkeypatch, tmp_path) == 0
+    one = _probabilities(model.predict(ds.x[rows[:1]]))
+    assert json.loads(capsys.readouterr().out)["probability"] == one.max()
+    monkeypatch.setattr(images, "decoder_identity", lambda: {"pillow": "0.0"})
+    assert cli_main(["predict", str(image_run), str(folder)], monkeypatch, tmp_path) == 3
+    assert "data.decoder" in capsys.readouterr().err  # load compares the run's decoder
+    monkeypatch.undo()
+    monkeypatch.chdir(ROOT / "examples" / "images")
+    assert cli_main(["predict", str(image_run), str(ROOT / "README.md")], monkeypatch,
+                    tmp_path) == 2
+    photo = ROOT / "examples" / "images" / "photos" / "rocket" / "rocket.jpg"
+    assert cli_main(["predict", str(image_run), str(photo)], monkeypatch, tmp_path) == 3
+    assert "the run's input shape (1, 8, 8)" in capsys.readouterr().err
+
+
+def ds_members(project: Path) -> list[str]:
+    """The images dataset's member paths in the dataset's row order (path order)."""
+    m = json.loads((project / "data-manifest.json").read_text())
+    root = m["datasets"]["digits_png"]["train"]["root"]
+    return sorted(e["path"] for e in m["files"].values() if e["path"].startswith(root + "/")
+                  and e["path"].endswith(".png"))
