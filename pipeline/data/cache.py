@@ -195,7 +195,7 @@ def triage(verified: Verified, cache_dir: Path, *, full: bool
     what training reads); a metadata entry only with ``full`` (it holds no
     arrays: training reads the verified file), else it is checked for its own
     consistency, and removed if it fails (the next training rebuilds it). A
-    dataset whose decoder is an extra not installed here (tokenizers) has no
+    dataset whose decoder is an extra not installed here (tokenizers, pyarrow) has no
     key here: nothing of it can be reused here, so it is named, not checked."""
     from ..core.errors import UsageError
 

@@ -61,21 +61,18 @@ def require(where: str) -> Any:
         import pyarrow.ipc  # noqa: F401 - the readers this module uses
         import pyarrow.parquet  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"{where}: a Parquet or Arrow table needs the parquet extra "
-                         f"(pyarrow), which is not installed ({e}); install it from its lock "
+        raise UsageError(f"{where} needs the parquet extra (pyarrow), which is not "
+                         f"installed ({e}); install it from its lock "
                          f"in the checkout: {INSTALL} (the pin of pyproject.toml's [parquet] "
                          f"extra, every file hashed)") from None
     return pyarrow
 
 
 def decoder_identity() -> dict[str, Any]:
-    """pyarrow's version (what decides the decoded values), or None where it is
-    not installed (a decode then stops: ``require``)."""
-    try:
-        import pyarrow
-    except ImportError:
-        return {"pyarrow": None}
-    return {"pyarrow": pyarrow.__version__}
+    """pyarrow's version (what decides the decoded values); UsageError (exit 2)
+    naming the extra where it is not installed, as the tokenizers extra does
+    (pipeline.data.cache: such a dataset has no cache key here)."""
+    return {"pyarrow": require("a dataset of format parquet or arrow").__version__}
 
 
 def _kind(pa: Any, t: Any) -> str:

@@ -371,7 +371,8 @@ def test_without_pyarrow_a_table_dataset_stops_naming_the_extra(
     assert "requirements-parquet.lock" in str(err) and "Traceback" not in str(err)
     assert not (tmp_path / "runs").exists()
     assert cli_main(["data", "verify", "--project", str(proj)], monkeypatch, tmp_path) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "ok train" in out and "note: t: its decode cache not checked" in out, out
     raw = json.loads((proj / "data-manifest.json").read_text())
     raw["files"]["csv"] = _entry(proj / "data" / "train.csv", proj)
     raw["datasets"]["c"] = {"task": "classification", "train": {**CSV_SPEC, "file": "csv"}}
