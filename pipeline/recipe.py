@@ -151,9 +151,9 @@ def data_fields(verified: manifest.Verified, name: str, decoded: str | None = No
                 ) -> dict[str, Any]:
     """run.json's ``data`` for dataset ``name`` of ``verified``: its task, decode
     specs and each file's sha256 (keyed: the run key covers them). A dataset of
-    image files or tokenized text also keys its decoder (Pillow and its codecs,
-    tokenizers) and the decoded arrays' hash ``decoded``: another JPEG decoder or
-    tokenizers version is another run, never the same."""
+    image files, tokenized text or tables also keys its decoder (Pillow and its
+    codecs, tokenizers, pyarrow) and the decoded arrays' hash ``decoded``: another
+    JPEG decoder, tokenizers or pyarrow version is another run, never the same."""
     entry = verified.datasets[name]
     out = {"dataset": entry.name, "task": entry.task.name, "train": entry.train,
            "test": entry.test, "files": {f: verified.hashes[f] for f in entry.files()}}
@@ -448,7 +448,10 @@ def _check_decoded(prep: Prepared, record: RunRecord) -> None:
     found = prep.inputs.decoded[name]
     if want != found:
         then, now = record.data.get("decoder"), prep.inputs.data.get("decoder")
-        why = (f"the decoder differs: {then} then, {now} here" if then != now
+        kinds = {"pillow": "image", "tokenizers": "tokenizer", "pyarrow": "table"}
+        which = "".join(f"{k} " for lib, k in kinds.items() if lib in {**(then or {}),
+                                                                          **(now or {})})
+        why = (f"the {which}decoder differs: {then} then, {now} here" if then != now
                else "a forged or corrupt decode cache?")
         raise DataIntegrityError(f"run.json [data_decoded.{name}]",
                                  f"the hash of {name} decoded from its file, {found}",

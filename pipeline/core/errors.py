@@ -134,7 +134,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
                               "the run's own split otherwise than recorded; audit: a "
                               "divergence"),
     (ConfigError.exit_code, "usage or config error (also a model feature that cannot be "
-                            "trained as written); nothing was trained"),
+                            "trained as written, or an optional extra that a command or "
+                            "dataset needs not installed); nothing was trained"),
     (DataIntegrityError.exit_code, "data integrity: a file changed, truncated, missing or "
                                    "escaping the data root, a bad manifest; audit: the "
                                    "script could not be audited"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -87,7 +88,10 @@ def npy_header(read: Callable[[int], bytes]) -> Header:
     if n > _MAX_READ:  # before reading it (NumPy reads first, then refuses > MAX_HEADER)
         raise ValueError(f"an npy header of {n} bytes (at most {MAX_HEADER} are parsed)")
     parse = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = parse(io.BytesIO(raw + read(n)))  # a literal: no code runs
+    try:  # a literal: no code runs
+        shape, fortran, dtype = parse(io.BytesIO(raw + read(n)))
+    except (tokenize.TokenError, SyntaxError) as e:  # NumPy's Python 2 fallback tokenizes
+        raise ValueError(f"an npy header that is not a dict literal ({e})") from None
     if dtype.hasobject:
         raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
     _check_shape(shape, dtype.itemsize)

@@ -53,16 +53,19 @@ def key(verified: Verified, name: str) -> str:
             "files": {f: verified.hashes[f] for f in entry.files()},
             "decoder_version": DECODER_VERSION}
     if (decoder := decoder_of([entry.train, entry.test])) is not None:
-        spec["decoder"] = decoder  # another Pillow, codec or tokenizers: another entry
+        spec["decoder"] = decoder  # another Pillow, codec, tokenizers or pyarrow: another entry
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
 def decoder_of(specs: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
     """The libraries that decide a dataset's decoded arrays beyond its files and
     this code (keyed, recorded): Pillow and its codecs for images
-    (pipeline.data.images), tokenizers for tokenized text (pipeline.data.tokenize);
-    None for the formats this code decodes alone."""
+    (pipeline.data.images), tokenizers for tokenized text (pipeline.data.tokenize),
+    pyarrow for parquet and arrow tables (pipeline.data.tables); None for the
+    formats this code decodes alone."""
     from .images import decoder_identity, uses_images
+    from .tables import decoder_identity as table_decoder
+    from .tables import uses_tables
     from .tokenize import identity, uses_tokenizer
 
     out: dict[str, Any] = {}
@@ -70,6 +73,8 @@ def decoder_of(specs: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | No
         out.update(decoder_identity())
     if uses_tokenizer(specs):
         out.update(identity())
+    if uses_tables(specs):
+        out.update(table_decoder())
     return out or None
 
 
@@ -190,7 +195,7 @@ def triage(verified: Verified, cache_dir: Path, *, full: bool
     what training reads); a metadata entry only with ``full`` (it holds no
     arrays: training reads the verified file), else it is checked for its own
     consistency, and removed if it fails (the next training rebuilds it). A
-    dataset whose decoder is an extra not installed here (tokenizers) has no
+    dataset whose decoder is an extra not installed here (tokenizers, pyarrow) has no
     key here: nothing of it can be reused here, so it is named, not checked."""
     from ..core.errors import UsageError
 

@@ -9,6 +9,8 @@ uncompressed IDX files are memory-mapped, not read (``maps``): their ``Decoded.x
 Everything else is read into memory within the spec's ``max_bytes`` (pipeline.data.bounded:
 counted after decompression, checked against what a header declares before reading),
 and csv and text are decoded as they stream (pipeline.data.delimited, pipeline.data.text).
+Parquet and Arrow IPC tables are mapped and decoded column by column through pyarrow,
+an optional extra (pipeline.data.tables).
 """
 
 from __future__ import annotations
@@ -117,6 +119,14 @@ def _decode_npz(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
     return _classified(x, y, f"{path}[{keys[0]}]", f"{path}[{keys[1]}]", spec)
 
 
+def _decode_table(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
+    """Named columns of a Parquet or Arrow IPC file, memory-mapped (pipeline.data.tables)."""
+    from .tables import decode as decode_table  # pyarrow is an optional extra
+
+    x, y, shape = decode_table(spec, paths[spec["file"]])
+    return Decoded(x=x, y=y, input_shape=shape, n_classes=spec["classes"], vocabulary=None)
+
+
 def _decode_text(spec: Mapping[str, Any], paths: Mapping[str, Path]) -> Decoded:
     """A token stream: raw bytes (256 classes), UTF-8 characters (sorted vocabulary),
     or the ids of a tokenizer file (pipeline.data.tokenize; its tokens the vocabulary)."""
@@ -154,6 +164,7 @@ def _decode_tokenized(spec: Mapping[str, Any], path: Path, tok_path: Path) -> De
 
 _DECODERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Path]], Decoded]] = {
     "csv": _decode_csv, "npz": _decode_npz, "text": _decode_text,
+    "parquet": _decode_table, "arrow": _decode_table,
 }
 
 

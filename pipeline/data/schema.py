@@ -4,7 +4,8 @@
 size, source, licence and description: what ``pipeline.data.manifest.verify``
 checks. ``datasets``: each dataset's task (``classification`` or ``lm``) and
 how its ``train`` part (and optional ``test`` part) decode from those files
-(pipeline.data.formats: csv, npy, npz, idx, text). Every problem is reported by
+(pipeline.data.formats: csv, npy, npz, idx, text, images, parquet, arrow).
+Every problem is reported by
 its dotted key, all together.
 """
 
@@ -27,7 +28,8 @@ __all__ = ["FileEntry", "DatasetEntry", "Manifest", "parse", "problems", "reject
            "spec_problems", "files_of", "MANIFEST_VERSION", "FORMATS"]
 
 MANIFEST_VERSION = 2
-FORMATS = ("csv", "npy", "npz", "idx", "text", "images")  # decoded by pipeline.data.formats
+# decoded by pipeline.data.formats (images: pipeline.data.images)
+FORMATS = ("csv", "npy", "npz", "idx", "text", "images", "parquet", "arrow")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS: dict[str, type] = {"path": str, "sha256": str, "size": int, "source": str,
                             "licence": str, "description": str}
@@ -246,6 +248,11 @@ _KINDS: dict[str, tuple[str, Callable[[Any, Collection[str]], bool]]] = {
     "size": ("[height, width], integers in 1..4096",
              lambda v, _: _ints(v, 2) and all(1 <= d <= 4096 for d in v)),
     "channels": ("1 (grey) or 3 (RGB)", lambda v, _: _int(v) and v in (1, 3)),
+    "columns": ("a non-empty list of distinct column names (non-empty strings)",
+                lambda v, _: isinstance(v, list) and len(v) >= 1
+                and all(isinstance(c, str) and c for c in v) and len(set(v)) == len(v)),
+    "column_name": ("a column name (a non-empty string)",
+                    lambda v, _: isinstance(v, str) and v != ""),
 }
 _F, _CLASSES, _DIV = ("file", True), ("count", True), ("divisor", False)
 _GZ = ("compression", False)
@@ -271,6 +278,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {  # format -> key -> (kind, r
                "size": ("size", False), "channels": ("channels", False), "divisor": _DIV,
                "max_pixels": ("count", False)},
 }
+# pipeline.data.tables: named columns of a Parquet or Arrow IPC (Feather v2) file
+_TABLE = {"file": _F, "features": ("columns", True), "label": ("column_name", True),
+          "shape": ("shape", False), "value_range": ("range", False), "divisor": _DIV,
+          "classes": _CLASSES, "rows": ("count", False), "max_bytes": _MAX}
+_SCHEMA.update(parquet=_TABLE, arrow=_TABLE)
 
 
 def _show(v: object) -> str:
@@ -288,6 +300,21 @@ def _csv_problems(spec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         out.append(("label", f"a column outside features {start}..{stop - 1}", _show(label)))
     if _ints(shape) and shape and min(shape) >= 1 and math.prod(shape) != stop - start:
         out.append(("shape", f"{stop - start} elements (features [{start}, {stop}])",
+                    f"{shape} ({math.prod(shape)} elements)"))
+    return out
+
+
+def _table_problems(spec: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, expected, found) across a table's keys: the label is not a feature,
+    the shape holds the features."""
+    feats, label, shape = spec.get("features"), spec.get("label"), spec.get("shape")
+    if not (isinstance(feats, list) and all(isinstance(c, str) for c in feats)):
+        return []
+    out = []
+    if isinstance(label, str) and label in feats:
+        out.append(("label", "a column that is not among the features", _show(label)))
+    if _ints(shape) and shape and min(shape) >= 1 and math.prod(shape) != len(feats):
+        out.append(("shape", f"{len(feats)} elements (one per feature column)",
                     f"{shape} ({math.prod(shape)} elements)"))
     return out
 
@@ -328,7 +355,8 @@ def spec_problems(spec: object, where: str,
         if (key in spec and not ok(spec[key], names)) or (key not in spec and required):
             problems.append((at(key), expected.format(names=names),
                              _show(spec[key]) if key in spec else "missing"))
-    extra = _csv_problems(spec) if fmt == "csv" else _text_problems(spec) if fmt == "text" else []
+    extra = (_csv_problems(spec) if fmt == "csv" else _text_problems(spec) if fmt == "text"
+             else _table_problems(spec) if fmt in ("parquet", "arrow") else [])
     return problems + [(at(k), e, f) for k, e, f in extra]
 
 

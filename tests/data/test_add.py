@@ -160,7 +160,7 @@ def test_only_touched_datasets_are_decoded(root: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("options", "found"), [
-    (["--format", "parquet"], "datasets.bad.train.format: expected one of csv"),
+    (["--format", "xlsx"], "datasets.bad.train.format: expected one of csv"),
     ([*TEXT, "--decode", "colour=1"], "datasets.bad.train.colour: expected a key of format"),
     (["--format", "text", "--decode", "vocabulary=words"], "datasets.bad.train.vocabulary"),
     (["--format", "text"], ('datasets.bad.train.vocabulary: expected one of "vocabulary" '

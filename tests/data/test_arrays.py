@@ -60,6 +60,7 @@ Y1 = npy(np.array([0]))
     (npy_bytes("(-1, 2)"), "a negative dimension"),
     (npy_bytes("(1099511627776,)"), "found 128 bytes (truncated)"),
     (npy_bytes("(2,)", bytes(2), descr="O"), "Object arrays cannot be loaded"),
+    (npy_bytes("(2, ", bytes(2)), "not a dict literal"),  # NumPy's tokenize raised: exit 70
     (npy_bytes("(0, 9223372036854775807)"), ("expected a numeric (bool/int/uint/float) array "
                                              "of >= 1 examples")),
 ])

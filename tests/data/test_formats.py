@@ -342,7 +342,7 @@ def test_text_bad_files_refused(tmp_path: Path, vocabulary: str, blob: bytes,
     ({**DIGITS_SPEC, "shape": [1, 8, 7]}, "d.shape", "[1, 8, 7] (56 elements)"),
     ({**DIGITS_SPEC, "label": 3}, "d.label", "3 (int)"),
     ({**DIGITS_SPEC, "file": "other"}, "d.file", '"other" (str)'),
-    ({**DIGITS_SPEC, "format": "parquet"}, "d.format", '"parquet" (str)'),
+    ({**DIGITS_SPEC, "format": "xlsx"}, "d.format", '"xlsx" (str)'),
     ({**DIGITS_SPEC, "divisor": 1e-50}, "d.divisor", "1e-50 (float)"),
     ({**DIGITS_SPEC, "features": [5, 5]}, "d.features", "[5, 5] (list)"),
     ({**NPY, "x": "digits"}, "d.y", '"y" (str)'),
@@ -377,4 +377,4 @@ def test_files_of_is_ordered() -> None:
     assert formats.files_of({**NPY, "x": "b", "y": "a"}) == ["b", "a"]
     assert formats.files_of({**IDX, "x": "a", "y": "a"}) == ["a"]
     assert formats.files_of(DIGITS_SPEC) == ["digits"]
-    assert formats.FORMATS == ("csv", "npy", "npz", "idx", "text", "images")
+    assert formats.FORMATS == ("csv", "npy", "npz", "idx", "text", "images", "parquet", "arrow")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,9 @@ def test_predict_reads_image_files_as_the_run_decoded_them(
     files = sorted(folder.glob("*.png"))
     assert [x["file"] for x in lines] == [str(f) for f in files]
     model = pipeline.load(image_run, ROOT / "examples" / "images")
+    # the example's model.py, imported by load: forgotten, as cli_main forgets user modules
+    # (a later test's project module "model" was this one, on the same worker)
+    sys.modules.pop("model", None)
     spec = model.record.data["train"]
     from pipeline.data import dataset, manifest
     from pipeline.inference.predict import _probabilities
