@@ -67,6 +67,11 @@ class Mode:
         """The network of ``cfg.model`` for ``ds``'s shapes, initialised from the seed."""
         raise NotImplementedError
 
+    def check_loss(self, parts: Parts, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ConfigError unless the project loss (if any) is one this mode
+        trains as written, tried on a few examples' ``logits`` and targets
+        ``y`` before training (exact mode recognises its losses in make_net)."""
+
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         """The optimiser of ``cfg.optim`` over ``net.params``; its learning-rate
         schedule spans ``total_steps`` (the steps the run trains)."""
@@ -115,6 +120,20 @@ class _Pinned(Mode):
             module = build_module(parts.factory.function, parts.factory.name, shape, classes,
                                   cfg.model.args, cfg.seed)
         return PinnedNet(module, device, parts.loss.function if parts.loss else None)
+
+    def check_loss(self, parts: Parts, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """One loss per target (PinnedNet sums them in its tree)."""
+        if parts.loss is None:
+            return
+        import torch
+
+        from .core.errors import ConfigError
+        from .train.pinned import loss_shape_problem
+        with usercode.track(parts.loss.seen), usercode.guarded(
+                f"the loss of {len(y)} examples' logits", "train.loss"):
+            out = parts.loss.function(logits, y)
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+            raise ConfigError(f"train.loss = {parts.loss.name!r}", [loss_shape_problem(out, y)])
 
     def make_optimizer(self, cfg: Config, net: Net, total_steps: int) -> Optimizer:
         from .train.stock_optim import TorchOptimizer

@@ -201,13 +201,7 @@ def _check_model(cfg: Config, ds: Dataset, parts: Parts) -> None:
     if got != want:
         raise ConfigError(f"model.factory = {parts.factory.name!r}", [
             f"model.factory: expected logits of shape {want} for {n} examples, found {got}"])
-    if parts.loss is not None and cfg.mode == "pinned":  # exact mode recognises its loss
-        from .train.pinned import loss_shape_problem
-        with usercode.track(parts.loss.seen), usercode.guarded(
-                f"the loss of {n} examples' logits", "train.loss"):
-            out = parts.loss.function(logits.float(), y)
-        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
-            raise ConfigError(f"train.loss = {parts.loss.name!r}", [loss_shape_problem(out, y)])
+    modes.of(cfg.mode).check_loss(parts, logits, y)
 
 
 def _check_fit(cfg: Config, ds: Dataset) -> None:
