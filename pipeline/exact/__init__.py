@@ -11,6 +11,8 @@ the torch version, ISA, thread count or device.
   (sections 13-15); ``activations`` (SiLU, Sigmoid, Tanh), ``reduce``
   (sum, mean, softmax, log-softmax over any dims), ``norms`` (RMSNorm),
   ``pooling`` (max, average, adaptive average): sections 20-23;
+  ``trig`` (sin, cos, rotary tables): section 28; ``fanout`` (the fixed
+  sum of a value's 3+ gradients): section 29;
   ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
@@ -72,6 +74,7 @@ from .norms import rms_norm
 from .pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .product import xmmb
 from .reduce import log_softmax, softmax, xmean, xsum
+from .trig import cos, rotary_inv_freq, rotary_tables, sin
 
 __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
@@ -85,3 +88,4 @@ __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "xmean", "softmax", "log_softmax", "rms_norm", "SiLU", "Sigmoid", "Tanh", "Softmax",
            "LogSoftmax", "RMSNorm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
            "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+__all__ += ["sin", "cos", "rotary_tables", "rotary_inv_freq"]  # sections 28-29
