@@ -199,7 +199,7 @@ class _Exact(Mode):
         from .data.pretrained import loaded_tensors
         from .exact import LayerNet, from_torch
         from .exact.convert import seed_free_values
-        from .exact.provenance import recording
+        from .exact.recorder import recording
         from .train.pinned import build_module
 
         shape, classes = ds.shapes(cfg.data.context)

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from ..core.errors import ConfigError
 from . import layers as L
 from .provenance import constant_problem, is_exact_constant, register_exact_constant, \
-    taint_of
+    taint, taint_of
 
 __all__ = ["from_torch", "SUPPORTED", "seed_free_values"]
 
@@ -169,14 +169,13 @@ def _tensor_attributes(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _carry_provenance(module: nn.Module, memo: dict[int, object]) -> None:
     """The deep copy's constants keep the originals' provenance (copies are
     new tensors: the records are by identity)."""
-    from .provenance import _taint
     for mod in module.modules():
         for _, t in [*mod.named_buffers(recurse=False), *_tensor_attributes(mod)]:
             twin = memo.get(id(t))
             if not isinstance(twin, torch.Tensor):
                 continue
             if (why := taint_of(t)) is not None:
-                _taint(twin, why)
+                taint(twin, why)
             elif is_exact_constant(t):
                 register_exact_constant(twin)
 

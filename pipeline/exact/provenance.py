@@ -8,10 +8,13 @@ update of the root or of a view of it moves it):
 
 - *made*: tensors the exact helpers returned (``rotary_tables``,
   ``rotary_inv_freq``): spec arithmetic, the same bits everywhere;
-- *tainted*: tensors a factory produced, while ``recording()`` watched it
+- *tainted*: tensors a factory produced, while ``recorder.recording()`` watched it
   (a TorchFunctionMode), by an operation whose result the spec does not fix
   (``torch.cos``, ``exp``, ``pow``, ``linspace``, ``randn`` from the global
   generator, ``empty``, ...) or from a tainted input, with the op's name.
+
+(The recorder lives in pipeline.exact.recorder: it needs the guard's lists of
+exact ops, and the guard needs this registry through trig.)
 
 ``constant_problem`` then decides a buffer: tainted -> refused naming the op;
 made -> kept; otherwise whole numbers (and infinities) or non-float -> kept,
@@ -24,16 +27,13 @@ every input is (or holds whole numbers): ``torch.arange(8.0) / 8`` is kept.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode, resolve_name
 
-__all__ = ["register_exact_constant", "is_exact_constant", "recording", "taint_of",
-           "constant_problem", "HELPERS"]
+__all__ = ["register_exact_constant", "is_exact_constant", "taint_of", "taint",
+           "clean", "constant_problem", "HELPERS"]
 
 HELPERS = "pipeline.exact.rotary_tables (or rotary_inv_freq)"
 _MADE: dict[int, tuple[Any, int]] = {}
@@ -71,76 +71,18 @@ def taint_of(t: Tensor) -> str | None:
     return got[1] if got is not None and got[0]() is root else None
 
 
-def _taint(t: Tensor, why: str) -> None:
+def taint(t: Tensor, why: str) -> None:
     root = _root(t)
     _remember(_TAINT, root, why)
     _MADE.pop(id(root), None)
 
 
-def _exact_names() -> frozenset[str]:
-    from .guard import _MOVE, _NO_GRAD, _ROUTES
-    arith = {n for n in _ROUTES if n.rpartition(".")[2].strip("_").removeprefix("r") in
-             ("add", "sub", "mul", "multiply", "div", "truediv", "true_divide", "divide",
-              "neg")}
-    return frozenset((_MOVE | _NO_GRAD | arith) - {
-        "torch.empty", "torch.Tensor.new_empty", "torch.empty_like"}) | {
-        "torch.Tensor.__getitem__", "torch.Tensor.__setitem__", "torch.Tensor.copy_", "torch.eye",
-        "torch.Tensor.fill_",
-        "torch.Tensor.zero_"}
-
-
-class _Recorder(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.exact = _exact_names()
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
-        inputs = [t for t in _tensors((args, kwargs))]
-        why = next((w for w in map(taint_of, inputs) if w is not None), None)
-        if why is None and name not in self.exact:
-            why = name
-        if why is not None:
-            for t in _tensors(out):
-                _taint(t, why)
-            if name.endswith("_") or name == "torch.Tensor.__setitem__" or "out" in kwargs:
-                for t in inputs[:1]:  # updated in place
-                    _taint(t, why)
-        elif all(_clean(t) for t in inputs):  # exact arithmetic of exact values
-            for t in _tensors(out):
-                if t.is_floating_point() and t._base is None:
-                    register_exact_constant(t)
-        return out
-
-
-def _clean(t: Tensor) -> bool:
+def clean(t: Tensor) -> bool:
     """Values the same on every machine: non-float, spec-made, or whole."""
     if not t.is_floating_point() or is_exact_constant(t):
         return True
     finite = t[torch.isfinite(t)]
     return bool((finite == finite.round()).all())
-
-
-def _tensors(x: Any) -> Iterator[Tensor]:
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-
-
-@contextmanager
-def recording() -> Iterator[None]:
-    """Watch a model factory: tensors it computes with non-exact ops are
-    tainted (module docstring)."""
-    with _Recorder():
-        yield
 
 
 def constant_problem(t: Tensor) -> str | None:
@@ -152,7 +94,7 @@ def constant_problem(t: Tensor) -> str | None:
                 f"fix to the bit (torch's kernels round differently by machine): build "
                 f"rotary tables with {HELPERS}, other constants from integers, or compute "
                 f"them in forward with exact ops; or train in pinned mode")
-    if _clean(t):
+    if clean(t):
         return None
     return (f"holds computed float values, which torch's kernels may round differently on "
             f"another machine (e.g. a cos/exp table): build rotary tables with {HELPERS} "

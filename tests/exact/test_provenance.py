@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError
 from pipeline.exact import from_torch, rotary_tables
-from pipeline.exact.provenance import recording
+from pipeline.exact.recorder import recording
 
 from ..support import run_pipeline
 

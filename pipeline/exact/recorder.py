@@ -1,0 +1,74 @@
+"""The recorder of a model factory (docs/exact-spec.md, section 28): a
+TorchFunctionMode that taints every tensor a non-exact op produces (or that
+comes from a tainted input) and marks as spec-made the results of exact ops
+on exact values; pipeline.exact.provenance holds the records and decides."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor
+from torch.overrides import TorchFunctionMode, resolve_name
+
+from .guard import _MOVE, _NO_GRAD, _ROUTES
+from .provenance import clean, register_exact_constant, taint, taint_of
+
+__all__ = ["recording"]
+
+
+def _exact_names() -> frozenset[str]:
+    arith = {n for n in _ROUTES if n.rpartition(".")[2].strip("_").removeprefix("r") in
+             ("add", "sub", "mul", "multiply", "div", "truediv", "true_divide", "divide",
+              "neg")}
+    return frozenset((_MOVE | _NO_GRAD | arith) - {
+        "torch.empty", "torch.Tensor.new_empty", "torch.empty_like"}) | {
+        "torch.Tensor.__getitem__", "torch.Tensor.__setitem__", "torch.Tensor.copy_", "torch.eye",
+        "torch.Tensor.fill_", "torch.Tensor.zero_"}
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.exact = _exact_names()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        inputs = [t for t in _tensors((args, kwargs))]
+        why = next((w for w in map(taint_of, inputs) if w is not None), None)
+        if why is None and name not in self.exact:
+            why = name
+        in_place = name.endswith("_") or name == "torch.Tensor.__setitem__" or "out" in kwargs
+        changed = [*_tensors(out), *(inputs[:1] if in_place else [])]
+        if why is not None:
+            for t in changed:
+                taint(t, why)
+        elif all(clean(t) for t in inputs):  # exact arithmetic of exact values
+            for t in changed:  # (an in-place op moved the version: recorded anew)
+                root = t._base if t._base is not None else t
+                if root.is_floating_point():
+                    register_exact_constant(root)
+        return out
+
+
+def _tensors(x: Any) -> Iterator[Tensor]:
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+@contextmanager
+def recording() -> Iterator[None]:
+    """Watch a model factory: tensors it computes with non-exact ops are
+    tainted (module docstring)."""
+    with _Recorder():
+        yield
