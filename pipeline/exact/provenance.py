@@ -50,9 +50,11 @@ def _remember(book: dict[int, tuple[Any, Any]], t: Tensor, value: Any) -> None:
 
 
 def register_exact_constant(t: Tensor) -> None:
-    """Record ``t`` (a tensor an exact helper computed) as spec-made."""
-    _remember(_MADE, t, t._version)
-    _TAINT.pop(id(t), None)
+    """Record ``t`` (a tensor an exact helper computed; its root, if a view)
+    as spec-made."""
+    root = _root(t)
+    _remember(_MADE, root, root._version)
+    _TAINT.pop(id(root), None)
 
 
 def is_exact_constant(t: Tensor) -> bool:

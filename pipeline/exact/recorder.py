@@ -28,6 +28,20 @@ def _exact_names() -> frozenset[str]:
         "torch.Tensor.fill_", "torch.Tensor.zero_"}
 
 
+_IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                     "__idiv__", "__ipow__", "__iand__", "__ior__", "__ixor__",
+                     "__ilshift__", "__irshift__", "__ifloordiv__", "__imod__", "__imatmul__"}
+
+
+def _in_place(name: str) -> bool:
+    """Whether the op ``name`` updates its first tensor argument: ``mul_``,
+    ``__setitem__``, ``__iadd__``, ...; not metadata (``_version.__get__``)."""
+    if name.endswith(".__get__") or name.endswith(".__set__"):
+        return False
+    last = name.rpartition(".")[2]
+    return last in _IN_PLACE_DUNDERS or (last.endswith("_") and not last.startswith("_"))
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -38,11 +52,13 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        if name.endswith(".__get__"):  # metadata and aliases (.T, .data, ._base): no arithmetic
+            return out
         inputs = [t for t in _tensors((args, kwargs))]
         why = next((w for w in map(taint_of, inputs) if w is not None), None)
         if why is None and name not in self.exact:
             why = name
-        in_place = name.endswith("_") or name == "torch.Tensor.__setitem__" or "out" in kwargs
+        in_place = _in_place(name) or "out" in kwargs
         changed = [*_tensors(out), *(inputs[:1] if in_place else [])]
         if why is not None:
             for t in changed:

@@ -87,12 +87,13 @@ def test_without_recording_computed_floats_are_still_refused() -> None:
 
 
 @pytest.mark.parametrize("record", [True, False])
-def test_rotary_tables_and_their_views_are_kept(record: bool) -> None:
-    """rotary_tables' output, a view of it and exact arithmetic on exact
-    values (recorded) are kept, whether or not the factory was recorded;
-    the converted model holds the same bits."""
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rotary_tables_and_their_views_are_kept(record: bool, layout: str) -> None:
+    """rotary_tables' output (either layout), a view of it and exact
+    arithmetic on exact values (recorded) are kept, whether or not the
+    factory was recorded; the converted model holds the same bits."""
     def make() -> torch.Tensor:
-        return rotary_tables(8, 16)[1][None, None, :10]
+        return rotary_tables(8, 16, layout=layout)[1][None, None, :10]
     if record:
         with recording():
             m = _Holder(make)
@@ -101,7 +102,7 @@ def test_rotary_tables_and_their_views_are_kept(record: bool) -> None:
     else:
         m = _Holder(make)
     ex = from_torch(m)
-    assert torch.equal(ex.table, rotary_tables(8, 10)[1][None, None])
+    assert torch.equal(ex.table, rotary_tables(8, 10, layout=layout)[1][None, None])
 
 
 def test_an_in_place_update_of_a_table_is_refused() -> None:
