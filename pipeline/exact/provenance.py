@@ -20,8 +20,11 @@ exact ops, and the guard needs this registry through trig.)
 made -> kept; otherwise whole numbers (and infinities) or non-float -> kept,
 anything else -> refused (a value of unknown origin). Exact ops seen while
 recording (data movement, ``+ - * /``, comparisons, ``arange``/``zeros``/
-``ones``/``full``/``tensor``) keep their result untainted, and made when
-every input is (or holds whole numbers): ``torch.arange(8.0) / 8`` is kept.
+``ones``/``full``/``tensor``) keep their result untainted, and made when its
+tensor inputs are (or hold whole numbers) and its number arguments are
+whole: ``torch.arange(8.0) / 8`` is kept; ``* 0.1`` or ``torch.tensor`` of
+a list of floats stays of unknown origin (``math.cos`` or NumPy may have
+computed them), kept only if whole.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import math
 from typing import Any
+
+import numpy as np
 
 from torch import Tensor
 from torch.overrides import TorchFunctionMode, resolve_name
@@ -63,12 +66,29 @@ class _Recorder(TorchFunctionMode):
         if why is not None:
             for t in changed:
                 taint(t, why)
-        elif all(clean(t) for t in inputs):  # exact arithmetic of exact values
+        elif inputs and all(clean(t) for t in inputs) and _whole_numbers((args, kwargs)):
+            # exact arithmetic of exact values. Not from data (torch.tensor of a
+            # list or array: math.cos or NumPy may have made it) and not with a
+            # fraction (0.1 may come from libm): those stay unknown.
             for t in changed:  # (an in-place op moved the version: recorded anew)
                 root = t._base if t._base is not None else t
                 if root.is_floating_point():
                     register_exact_constant(root)
         return out
+
+
+def _whole_numbers(x: Any) -> bool:
+    """Every Python or NumPy float among the arguments is a whole number (or
+    infinite), and no NumPy array is among them."""
+    if isinstance(x, (list, tuple)):
+        return all(_whole_numbers(v) for v in x)
+    if isinstance(x, dict):
+        return all(_whole_numbers(v) for v in x.values())
+    if isinstance(x, np.ndarray):
+        return False
+    if isinstance(x, (float, np.floating)):
+        return not math.isfinite(x) or float(x).is_integer()
+    return True
 
 
 def _tensors(x: Any) -> Iterator[Tensor]:

@@ -79,6 +79,25 @@ def test_a_captured_tensor_attribute_is_checked_too() -> None:
     from_torch(good)
 
 
+def test_floats_from_outside_torch_are_not_trusted() -> None:
+    """A table made from Python or NumPy floats (math.cos, np.cos: libm's
+    bits) or scaled by a fraction is of unknown origin: refused unless
+    whole; control: exact arithmetic with whole numbers is kept."""
+    import math
+
+    import numpy as np
+    for make in (lambda: torch.tensor([math.cos(i) for i in range(4)]),
+                 lambda: torch.as_tensor(np.cos(np.arange(4.0))),
+                 lambda: torch.arange(4.0) * 0.1):
+        with recording():
+            m = _Holder(make)
+        with pytest.raises(ConfigError, match="holds computed float values"):
+            from_torch(m)
+    with recording():
+        ok = _Holder(lambda: (torch.arange(4.0) + 1) / 3)
+    from_torch(ok)
+
+
 def test_without_recording_computed_floats_are_still_refused() -> None:
     """from_torch alone (no recorded factory) refuses non-whole floats of
     unknown origin: the check never trusts what it cannot trace."""

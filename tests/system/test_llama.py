@@ -2,8 +2,7 @@
 from pipeline.exact.rotary_tables, causal SDPA, tied embeddings, no biases)
 in exact mode: one weight hash over ATen's ISA levels (default, AVX2,
 AVX-512 where the CPU has it), --threads 1, 2 and 3, --nproc 1, 2 and 4, the
-native kernels on and off; controls: another seed, and pinned mode, give
-other weights. A tiny configuration of the example keeps each run short."""
+native kernels on and off; control: another seed gives other weights. A tiny configuration of the example keeps each run short."""
 
 from __future__ import annotations
 
@@ -64,33 +63,34 @@ def test_llama_exact_learns(llama_exact: Run) -> None:
     assert "head.weight" not in rec["weights_layout"] and "tok.weight" in rec["weights_layout"]
 
 
-@pytest.mark.parametrize("variant", ["threads-2", "default-isa-3-threads-no-native",
-                                     "avx2", "avx512"])
+@pytest.mark.parametrize("variant", ["avx2-threads-2", "default-isa-3-threads-no-native",
+                                     "avx512"])
 def test_llama_exact_is_one_hash_over_machines(variant: str, llama_exact: Run,
                                               suite_env: dict[str, str], tmp_path: Path) -> None:
-    """Other arithmetic paths give the same weights and metrics: 2 intra-op
-    threads; ATen without SIMD at 3 threads with exact mode's torch
-    implementations instead of its native kernels; ATen's AVX2 and AVX-512
-    kernels (AVX-512 only where the CPU has it). The records show each
-    setting took effect."""
+    """Other arithmetic paths give the same weights and metrics: ATen's AVX2
+    kernels on 2 intra-op threads; ATen without SIMD at 3 threads with exact
+    mode's torch implementations instead of its native kernels; AVX-512 at
+    1 thread (only where the CPU has it). The records show each setting took
+    effect."""
     args = [CONFIG, *TINY, "--runs-dir", str(tmp_path / "runs")]
     extra: dict[str, str] = {}
-    if variant == "threads-2":
+    if variant.startswith("avx2"):
         args += ["--threads", "2"]
+        extra = {"ATEN_CPU_CAPABILITY": "avx2"}
     elif variant.startswith("default"):
         args += ["--threads", "3"]
         extra = {"ATEN_CPU_CAPABILITY": "default", "PIPELINE_EXACT_NATIVE": "0"}
     else:
-        if variant == "avx512" and not _cpu_has("avx512f"):
+        if not _cpu_has("avx512f"):
             pytest.skip("this CPU has no AVX-512")
         args += ["--threads", "1"]
-        extra = {"ATEN_CPU_CAPABILITY": variant, **ONE_THREAD}
+        extra = {"ATEN_CPU_CAPABILITY": "avx512", **ONE_THREAD}
     rec = _train(args, suite_env, extra)
-    if variant.startswith("default"):
-        assert rec["profile"]["observed"]["cpu_capability"] == "DEFAULT"
+    want = variant.partition("-")[0].upper()
+    assert rec["profile"]["observed"]["cpu_capability"] == want
+    assert rec["threads"]["op_threads"] == {"AVX2": 2, "DEFAULT": 3, "AVX512": 1}[want]
+    if want == "DEFAULT":
         assert rec["threads"]["exact_kernels"] == "off: PIPELINE_EXACT_NATIVE=0"
-    elif variant != "threads-2":
-        assert rec["profile"]["observed"]["cpu_capability"] == variant.upper()
     assert rec["weights_sha256"] == llama_exact.sha256
     assert rec["metrics"] == llama_exact.record["metrics"]
 
@@ -105,10 +105,9 @@ def test_llama_exact_world_sizes_agree(nproc: int, llama_exact: Run, suite_env: 
     assert rec["weights_sha256"] == llama_exact.sha256 and rec["world_size"] == nproc
 
 
-@pytest.mark.parametrize("control", ["seed=1", "mode=pinned"])
-def test_llama_controls_give_other_weights(control: str, llama_exact: Run,
-                                           suite_env: dict[str, str], tmp_path: Path) -> None:
-    """The hash can fail: another seed, or pinned mode (torch's kernels and
-    initialisation), give other weights."""
-    rec = _train([CONFIG, *TINY, control, "--runs-dir", str(tmp_path / "runs")], suite_env)
+def test_llama_control_another_seed_gives_other_weights(llama_exact: Run,
+                                                       suite_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """The hash can fail: another seed gives other weights."""
+    rec = _train([CONFIG, *TINY, "seed=1", "--runs-dir", str(tmp_path / "runs")], suite_env)
     assert rec["weights_sha256"] != llama_exact.sha256
