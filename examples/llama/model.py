@@ -86,6 +86,10 @@ class Llama(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=eps)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied: one tensor, trained and saved once
+        # The tied weight is the embedding's N(0, 1) (torch's default and the exact
+        # spec's, section 16), so the head's logits would start with a standard
+        # deviation of sqrt(d_model): scaled back to about 1 (one f32 multiply).
+        self.logit_scale = d_model ** -0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.context:
@@ -93,7 +97,7 @@ class Llama(nn.Module):
         h = self.tok(x)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h))
+        return self.head(self.norm(h)) * self.logit_scale
 
 
 def llama(input_shape: tuple[int, ...], num_classes: int, *, n_layer: int = 2, n_head: int = 4,
