@@ -97,3 +97,14 @@ def test_tied_embedding_used_three_times() -> None:
         again = net.module(x)
     (plain,) = torch.autograd.grad(again, [net.module.tok.weight], g.view(again.shape))
     assert not torch.equal(plain, want)
+
+
+def test_a_tied_parameter_keeps_its_first_layers_draw() -> None:
+    """Initialisation (section 16, tying in section 29): the embedding tied to
+    two later projections keeps the embedding's own draw, as torch's
+    ``head.weight = tok.weight`` keeps the embedding's values; control: the
+    untied projections draw their own (other) values."""
+    from pipeline.exact import init_exact
+    tied, split = init_exact(_Tied(False), 5), init_exact(_Tied(True), 5)
+    assert torch.equal(tied.tok.weight, split.tok.weight)
+    assert not torch.equal(split.head.weight, split.tok.weight)
