@@ -86,6 +86,10 @@ BENCHES = (
     Bench("exact-layers", ("bench/bench_exact_layers.py", "--repeats", "2"),
           "exact / stock and exact / pinned step time and memory, charlm", "<= 3; memory <= 1.5",
           5),
+    Bench("exact-llama", ("bench/bench_exact_layers.py", "--config",
+                          "examples/llama/config.toml", "--repeats", "2"),
+          "exact / stock and exact / pinned step time (wall and CPU) and memory, the LLaMA-style "
+          "example", "<= 3; memory <= 1.5", 3),
     Bench("exact-ops", ("bench/bench_exact_ops.py", "--repeats", "5"),
           "each exact function of spec sections 20-23: error vs fp64 (exact and stock fp32), "
           "forward + backward time / stock at 1 and 2 threads", "error <= 2x fp32's", 1),

@@ -219,6 +219,7 @@ class _Exact(Mode):
         from .data.pretrained import loaded_tensors
         from .exact import LayerNet, from_torch
         from .exact.convert import seed_free_values
+        from .exact.recorder import recording
         from .train.pinned import build_module
 
         shape, classes = ds.shapes(cfg.data.context)
@@ -226,7 +227,8 @@ class _Exact(Mode):
         # Two builds under two seeds: what the factory sets whatever the seed
         # (pretrained weights, constants) is kept; what it draws, the spec draws.
         for seed in (cfg.seed, cfg.seed ^ _OTHER_SEED):
-            with usercode.track(parts.factory.seen):
+            # recording(): constants computed with non-exact ops are refused (section 28)
+            with usercode.track(parts.factory.seen), recording():
                 builds.append(build_module(parts.factory.function, parts.factory.name, shape,
                                            classes, cfg.model.args, seed))
         keep = seed_free_values(builds[0], builds[1], loaded_tensors())

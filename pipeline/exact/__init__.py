@@ -15,6 +15,8 @@ the torch version, ISA, thread count or device.
   ``transformer`` (MultiheadAttention, TransformerEncoder(Layer); the
   attention masks are ``attention``'s), ``losses`` (label-smoothed
   cross-entropy, a project's loss recognised): sections 26-27;
+  ``trig`` (sin, cos, rotary tables): section 28; ``fanout`` (the fixed
+  sum of a value's 3+ gradients): section 29;
   ``layers``: them as nn.Modules, ``init_exact``;
 - ``convert``: ``from_torch`` (a stock module tree to exact layers);
 - ``guard``: what a network's own forward code may call, and the graph check;
@@ -83,6 +85,7 @@ from .product import xmmb
 from .reduce import log_softmax, softmax, xmean, xsum
 from .losses import smoothed_xent
 from .transformer import MultiheadAttention, TransformerEncoder, TransformerEncoderLayer
+from .trig import cos, rotary_inv_freq, rotary_tables, sin
 
 __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "exp64", "xexp", "xlog", "sqrt32", "softmax_xent", "relu_dropout",
@@ -99,3 +102,4 @@ __all__ = ["matmul", "xmm", "xmmb", "quantise", "mm_quantised", "tree_sum",
            "batch_norm", "xvar", "conv1d", "BatchNorm1d", "BatchNorm2d", "Conv1d"]
 __all__ += ["MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
             "smoothed_xent"]  # sections 26-27
+__all__ += ["sin", "cos", "rotary_tables", "rotary_inv_freq"]  # sections 28-29

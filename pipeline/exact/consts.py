@@ -35,3 +35,16 @@ TANH_C = (1 / 1, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6
 # ATen's GRAIN_SIZE: elements below which an elementwise call runs on one thread
 # (the native kernels split work the same way; fpenv gives every thread a chunk).
 GRAIN = 32768
+
+# Section 28, sin and cos: Cody-Waite's split of pi/2 (fdlibm's e_rem_pio2.c):
+# PIO2_1 and PIO2_2 hold 33 bits each, so k * PIO2_1 and k * PIO2_2 are exact
+# for |k| < 2^20; PIO2_2T is the rest of pi/2 (an f64). INV_PIO2 = 2/pi.
+INV_PIO2 = 0.6366197723675814  # 0x3FE45F306DC9C883
+PIO2_1 = 1.5707963267341256  # 0x3FF921FB54400000
+PIO2_2 = 6.077100506303966e-11  # 0x3DD0B4611A600000
+PIO2_2T = 2.0222662487959506e-21  # 0x3BA3198A2E037073
+TRIG_MAX = 1048576.0  # 2^20: |x| beyond is outside section 28
+# Taylor coefficients (-1)^n / (2n)! (n = 0..9) and (-1)^n / (2n+1)! (n = 0..8),
+# each 1.0 / k! correctly rounded, then negated (exact): section 9.1's cospi's.
+COS_C = tuple((-1.0 if n % 2 else 1.0) * (1.0 / math.factorial(2 * n)) for n in range(10))
+SIN_C = tuple((-1.0 if n % 2 else 1.0) * (1.0 / math.factorial(2 * n + 1)) for n in range(9))

@@ -14,10 +14,13 @@ refuses the rest). What the stock tree says beyond its layers is kept:
 - forward hooks and pre-hooks of a converted layer move to its exact twin
   (and run under the guard, like the forward code); those of kept modules
   stay;
-- constant buffers of a user's module stay, if their values are the same on
-  every machine by construction (booleans, integers, floats that are whole
-  numbers or infinities; computed floats, e.g. a ``torch.cos`` table, are
-  refused); one that forward updates is refused by LayerNet's check.
+- constant buffers (and tensor attributes) of a user's module stay, if their
+  values are the same on every machine by construction (booleans, integers,
+  floats that are whole numbers or infinities, tables from the exact helpers
+  such as ``pipeline.exact.rotary_tables``; computed floats, e.g. a
+  ``torch.cos`` table, and anything a recorded factory computed with a
+  non-exact op are refused: pipeline.exact.provenance, spec section 28); one
+  that forward updates is refused by LayerNet's check.
 
 Refused, all at once (a ConfigError listing each module path, its type and
 why): a layer with no exact version, a parametrization (weight_norm,
@@ -36,6 +39,8 @@ from torch.nn.utils import parametrize
 from ..core.errors import ConfigError
 from . import layers as L
 from . import transformer as XT
+from .provenance import constant_problem, is_exact_constant, register_exact_constant, \
+    taint, taint_of
 
 __all__ = ["from_torch", "SUPPORTED", "seed_free_values"]
 
@@ -191,15 +196,30 @@ def _converted(mod: nn.Module, new: nn.Module, shared: dict[int, nn.Parameter]) 
 
 
 def _buffer_problem(buf: torch.Tensor) -> str | None:
-    """Why a constant buffer's values may differ between machines, or None."""
-    if not buf.is_floating_point():
-        return None
-    finite = buf[torch.isfinite(buf)]
-    if bool((finite == finite.round()).all()):
-        return None
-    return ("holds computed float values, which torch's kernels may round differently on "
-            "another machine (e.g. a cos/exp table): build it from integers, or train in "
-            "pinned mode")
+    """Why a constant buffer's values may differ between machines, or None
+    (pipeline.exact.provenance: where the factory computed it)."""
+    return constant_problem(buf)
+
+
+def _tensor_attributes(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Tensors a module holds as plain attributes (neither parameters nor
+    buffers): constants its forward captures."""
+    return [(k, v) for k, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)]
+
+
+def _carry_provenance(module: nn.Module, memo: dict[int, object]) -> None:
+    """The deep copy's constants keep the originals' provenance (copies are
+    new tensors: the records are by identity)."""
+    for mod in module.modules():
+        for _, t in [*mod.named_buffers(recurse=False), *_tensor_attributes(mod)]:
+            twin = memo.get(id(t))
+            if not isinstance(twin, torch.Tensor):
+                continue
+            if (why := taint_of(t)) is not None:
+                taint(twin, why)
+            elif is_exact_constant(t):
+                register_exact_constant(twin)
 
 
 def _convert(mod: nn.Module, path: str, problems: list[str],
@@ -242,6 +262,9 @@ def _convert(mod: nn.Module, path: str, problems: list[str],
     for name, buf in mod.named_buffers(recurse=False):
         if (why := _buffer_problem(buf)) is not None:
             problems.append(f"{label}: buffer {name!r} {why}")
+    for name, val in _tensor_attributes(mod):  # captured constants (spec section 28)
+        if (why := _buffer_problem(val)) is not None:
+            problems.append(f"{label}: tensor attribute {name!r} {why}")
     for name, child in list(mod.named_children()):
         new = _convert(child, f"{path}.{name}" if path else name, problems, shared)
         if new is not child:
@@ -258,13 +281,15 @@ def from_torch(module: nn.Module) -> nn.Module:
         raise ConfigError("from_torch", [f"expected a torch.nn.Module, found "
                                          f"{type(module).__name__}"])
     problems: list[str] = []
+    memo: dict[int, object] = {}
     try:
-        clone = copy.deepcopy(module)
+        clone = copy.deepcopy(module, memo)
     except RuntimeError as e:  # torch's deepcopy refuses non-leaf parameters
         raise ConfigError("exact mode (from_torch)", [
             f"<model>: cannot be copied ({str(e).splitlines()[0][:160]}): the old "
             f"torch.nn.utils.weight_norm? exact mode has no parametrizations: train the "
             f"plain weight, or train in pinned mode"]) from None
+    _carry_provenance(module, memo)
     out = _convert(clone, "", problems, {})
     if problems:
         raise ConfigError("exact mode (from_torch)", problems)

@@ -10,9 +10,8 @@ pipeline.exact.context) every call passes. Elsewhere a call is
   (pipeline.exact.arith, functional, attention);
 - anything else (reductions, matmul, exp, in-place updates, ...): refused.
 ``check_graph`` then checks the backward graph itself: every node's backward
-is exact data movement or an exact layer's, and no value has three or more
-consumers (the order of a three-term gradient sum is autograd's, not the
-spec's). ``check_module`` runs both over one forward in training and one in
+is exact data movement or an exact layer's (a value with three or more
+consumers gets section 29's fixed-order sum: pipeline.exact.fanout). ``check_module`` runs both over one forward in training and one in
 evaluation, naming the module path of each refused call.
 """
 
@@ -35,6 +34,7 @@ from . import functional as XF
 from . import norms as XN
 from . import pooling as XP
 from . import reduce as XR
+from . import trig as XT
 from .attention import _Attention, attention
 from .context import is_trusted, step_context, trusted
 
@@ -214,6 +214,8 @@ for _n in ("torch.sigmoid", f"{_T}sigmoid", "torch.special.expit"):
     _ROUTES[_n] = XA.sigmoid
 for _n in ("torch.tanh", f"{_T}tanh"):
     _ROUTES[_n] = XA.tanh
+for _n, _f in (("sin", XT.sin), ("cos", XT.cos)):  # spec section 28
+    _ROUTES[f"torch.{_n}"] = _ROUTES[f"{_T}{_n}"] = _f
 for _n, _log in (("softmax", False), ("log_softmax", True)):
     for _p in ("torch.nn.functional.", "torch.", _T, "torch.special."):
         _ROUTES[f"{_p}{_n}"] = _softmax(_log)
@@ -306,14 +308,14 @@ EXACT_NODES = frozenset({
 EXACT_FUNCTIONS: frozenset[type] = frozenset({
     XF._Linear, XF._Conv2d, XF._Embedding, XF._LayerNorm, XF._GELU, XF._Select,
     arith._Binary, _Attention, XA._Activation, XR._Sum, XR._Softmax, XN._RMSNorm,
-    XP._MaxPool, XP._AvgPool, XP._AdaptiveAvg, XB._BatchNorm, XB._Var, XC._ConvNd})
+    XP._MaxPool, XP._AvgPool, XP._AdaptiveAvg, XB._BatchNorm, XB._Var, XC._ConvNd}) | {XT._SinCos}
 
 
 def check_graph(out: Tensor) -> list[str]:
     """Problems with the backward graph of ``out`` (empty: it is exact)."""
     if out.grad_fn is None:
         return []
-    problems, uses = [], {}  # (node, output_nr) -> consumers
+    problems = []
     seen, stack = {out.grad_fn}, [out.grad_fn]
     while stack:
         node = stack.pop()
@@ -325,17 +327,9 @@ def check_graph(out: Tensor) -> list[str]:
         for nxt, nr in node.next_functions:
             if nxt is None:
                 continue
-            uses[(nxt, nr)] = uses.get((nxt, nr), 0) + 1
             if nxt not in seen:
                 seen.add(nxt)
                 stack.append(nxt)
-    for (node, nr), n in uses.items():
-        if n > 2:
-            what = getattr(node, "variable", None)
-            label = f"parameter of shape {tuple(what.shape)}" if isinstance(what, Tensor) \
-                else f"output {nr} of {type(node).__name__}"
-            problems.append(f"a value ({label}) feeds {n} consumers; exact mode adds at most "
-                            f"two gradients per value (spec section 13)")
     return sorted(set(problems))
 
 

@@ -391,12 +391,21 @@ EXACT_LAYERS = (Linear, Conv2d, Embedding, LayerNorm, GELU, ReLU, Dropout, Causa
 
 def init_exact(model: nn.Module, seed: int) -> nn.Module:
     """Set every exact layer's parameters from ``seed`` (spec section 16):
-    layers with parameters numbered in ``named_modules()`` order. Returns
+    layers with parameters numbered in ``named_modules()`` order; a parameter
+    tied to an earlier layer's keeps that layer's draw (section 29, as
+    torch's ``head.weight = tok.weight`` keeps the embedding's). Returns
     ``model``."""
     layer = 0
+    seen: set[int] = set()  # a tied parameter is drawn once, by its first layer (section 29)
     for _, mod in model.named_modules():
         reset = getattr(mod, "reset_exact", None)
-        if reset is not None and any(True for _ in mod.parameters(recurse=False)):
+        own = list(mod.parameters(recurse=False))
+        if reset is not None and own:
+            keep = [(p, p.detach().clone()) for p in own if id(p) in seen]
             reset(seed, layer)
+            with torch.no_grad():
+                for p, value in keep:
+                    p.copy_(value)
+            seen.update(id(p) for p in own)
             layer += 1
     return model

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..core.errors import ConfigError
 from .context import step_context, weight_cache
+from .fanout import fix_fanout
 from .flat import flat_views
 from .guard import Guard, check_graph, check_module
 from .layers import _BatchNorm, init_exact
@@ -124,8 +125,13 @@ class LayerNet:
             raise ConfigError("exact mode (the model's backward graph)", problems)
         flat = logits.detach().reshape(-1, logits.shape[-1])
         lse, g = self._xent(flat, y.reshape(-1), n_global)
-        grads = torch.autograd.grad(logits, self._leaves, g.view(logits.shape),
-                                    allow_unused=True) if self._leaves else ()
+        handles = fix_fanout(logits)  # 3+ consumers: section 29's order, not autograd's
+        try:
+            grads = torch.autograd.grad(logits, self._leaves, g.view(logits.shape),
+                                        allow_unused=True) if self._leaves else ()
+        finally:
+            for h in handles:
+                h.remove()
         # None: this shard did not use the parameter (the step's sum decides).
         out: dict[str, Tensor | None] = dict(zip(self.trainable, grads))
         for k in sorted(self._stateful):
