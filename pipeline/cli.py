@@ -139,6 +139,7 @@ def _project_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _whole_writes()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, plain = split_debug(argv)  # argv keeps it: a pinned re-exec passes it on
     parser = _parser()
@@ -286,6 +287,28 @@ def _report(record: RunRecord, as_json: bool, reused: bool, runs_dir: Path,
     if record.test_switches:
         print(f"note: test-only switches in force (keyed): {json.dumps(record.test_switches)}",
               file=sys.stderr)
+
+
+def _whole_writes() -> None:
+    """Standard output written whole. Under ``python -u`` or PYTHONUNBUFFERED
+    (common in containers) its text layer sits on the raw file, and a pipe
+    write the kernel cuts short (a signal pending as the launcher's workers
+    exit) was dropped past the first 64 KiB: ``train --nproc 2 --json`` of an
+    image dataset printed a cut run record, exit 0. A buffered writer retries
+    the rest; line buffering keeps the output as prompt."""
+    import io
+
+    out = sys.stdout
+    raw = getattr(out, "buffer", None)
+    if out is sys.__stdout__ and isinstance(raw, io.RawIOBase) and \
+            isinstance(out, io.TextIOWrapper):  # the process's own stream, not a capture
+        out.flush()
+        _REPLACED.append(out)  # kept: collected, it would close the file it shares
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=out.encoding,
+                                      errors=out.errors, line_buffering=True)
+
+
+_REPLACED: list[Any] = []
 
 
 def _metric(record: RunRecord) -> str:

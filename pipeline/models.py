@@ -94,6 +94,32 @@ def _Sequence(named: Any, layers: list[Any]) -> Any:
     return Sequence()
 
 
+def _project_first(mod_name: str, base: Path) -> None:
+    """``base`` first on sys.path, and a module of that name imported earlier in
+    this process from elsewhere (another project's ``model.py``: a second
+    ``pipeline.load`` or in-process run) forgotten, so that the project's own
+    file is the one imported, never a stale namesake."""
+    import importlib.machinery
+
+    if str(base) in sys.path:
+        sys.path.remove(str(base))
+    sys.path.insert(0, str(base))
+    top = mod_name.split(".")[0]
+    cached = sys.modules.get(top)
+    if cached is None:
+        return
+    found = importlib.machinery.PathFinder.find_spec(top, [str(base)])
+    if found is None:
+        return
+    here = getattr(cached, "__file__", None)
+    if found.origin is not None and here is not None and \
+            Path(found.origin).resolve() == Path(here).resolve():
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
 @dataclass(frozen=True)
 class Loaded:
     """A loaded ``module:function``, and the modules loading it imported."""
@@ -116,8 +142,8 @@ def load(spec: str, base: Path | None, key: str = "model.factory") -> Loaded:
     not a function."""
     mod_name, _, fn_name = spec.partition(":")
     where = str(base) if base is not None else "sys.path"
-    if base is not None and str(base) not in sys.path:
-        sys.path.insert(0, str(base))
+    if base is not None:
+        _project_first(mod_name, base)
     imported: set[str] = set()
     try:
         with usercode.track(imported):

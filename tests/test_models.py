@@ -278,3 +278,26 @@ def test_a_namespace_package_model_is_keyed_by_what_it_imports(tmp_path: Path) -
         again = train(elsewhere)
         assert again["run_key"] != first["run_key"], module
         first = again
+
+
+def test_a_namesake_module_of_another_project_is_not_reused(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two projects with a model.py in one process (two pipeline.load calls, or
+    in-process runs): the second project's own file is imported, not the first
+    one's cached module (it was: "module 'model' (.../examples/charlm/model.py)
+    has no function 'small_cnn'"). Control: the same project's module is reused."""
+    import sys
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, fn in ((a, "first"), (b, "second")):
+        d.mkdir()
+        (d / "model.py").write_text(f"def {fn}(input_shape, num_classes):\n    return None\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    first = models.load("model:first", a)
+    assert models.load("model:second", b).function.__module__ == "model"
+    assert sys.modules["model"].__file__ == str(b / "model.py")
+    again = models.load("model:second", b)  # no re-import for the same file
+    assert again.function is models.load("model:second", b).function
+    assert first.function.__name__ == "first"
+    sys.modules.pop("model", None)

@@ -25,11 +25,12 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import DataIntegrityError, UsageError
+
+if TYPE_CHECKING:  # NumPy only where ids are made: data verify's key alone imports none
+    import numpy as np
 
 __all__ = ["INSTALL", "MAX_TOKENIZER_BYTES", "uses_tokenizer", "identity", "load", "encode",
            "vocabulary"]
@@ -106,6 +107,8 @@ def vocabulary(tok: Any, where: str) -> tuple[str, ...]:
 
 def encode(tok: Any, text: str, where: str, n_classes: int) -> np.ndarray:
     """The ids (T,) int64 of ``text``, encoded in one call without special tokens."""
+    import numpy as np
+
     enc = tok.encode(text, add_special_tokens=False)
     ids = np.array(enc.ids, dtype=np.int64)
     unk = _unknown_id(tok)
