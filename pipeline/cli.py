@@ -151,9 +151,29 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return _dispatch(args, argv)
+        code = _dispatch(args, argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then reported as one (141)
+        return code
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one handler: errors.report
-        return report(e, debug)
+        code = report(e, debug)
+        _settle_stdout()
+        return code
+
+
+def _settle_stdout() -> None:
+    """After a reported error: output still buffered that cannot be written
+    (a full disk, a closed pipe) is dropped, so the interpreter's last flush
+    does not fail again and turn the documented code into 120."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
