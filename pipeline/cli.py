@@ -19,7 +19,7 @@ from . import modes
 from .audit.commands import add_commands as _audit_commands
 from .audit.commands import run as _audit
 from .core.config import load_config
-from .core.errors import EXIT_CODES, UsageError, report, split_debug
+from .core.errors import EXIT_CODES, UsageError, discard_stdout, report, split_debug
 from .data.task import TASKS
 from .export.commands import add_commands as _export_commands
 from .export.commands import run as _export
@@ -168,9 +168,7 @@ def _settle_stdout() -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
-            os.close(null)
+            discard_stdout()
             sys.stdout.flush()
         except (OSError, ValueError, AttributeError):
             pass

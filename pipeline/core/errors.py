@@ -214,10 +214,21 @@ def stdout_gone() -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     if gone:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, fd)
-        os.close(null)
+        discard_stdout()
     return gone
+
+
+def discard_stdout() -> None:
+    """Point standard output's descriptor at /dev/null: what is still buffered
+    for a reader that is gone, or a disk that is full, is dropped."""
+    import os
+    import sys
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
 
 
 def report(e: BaseException, debug: bool = False) -> int:

@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from torch import Tensor
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from .guard import _MOVE, _NO_GRAD, _ROUTES
+from .guard import _MOVE, _NO_GRAD, _ROUTES, _tensors
 from .provenance import clean, register_exact_constant, taint, taint_of
 
 __all__ = ["recording"]
@@ -89,17 +88,6 @@ def _whole_numbers(x: Any) -> bool:
     if isinstance(x, (float, np.floating)):
         return not math.isfinite(x) or float(x).is_integer()
     return True
-
-
-def _tensors(x: Any) -> Iterator[Tensor]:
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
 
 
 @contextmanager

@@ -69,15 +69,12 @@ def predict_file(model: Model, path: Path, out: TextIO) -> int:
 def read_images(model: Model, path: Path) -> tuple[list[str], np.ndarray]:
     """(the files, their inputs) of an image file or a folder of them (every
     image file under it, in path order), decoded as the run's images part
-    decodes (its size, channels, divisor) by the run's decoder: another Pillow
-    or codec than the run recorded is refused, as it would give other pixels."""
+    decodes (its size, channels, divisor). The decoder is the run's: loading
+    the model compared run.json's ``data.decoder`` with this machine's
+    (pipeline.inference.loading), so another Pillow or codec never gets here."""
     from ..data import images
 
-    spec, recorded = model.record.data["train"], model.record.data.get("decoder")
-    if (now := images.decoder_identity()) != recorded:
-        raise DataIntegrityError(str(path), f"the run's image decoder {recorded}",
-                                 f"{now} here", "predict where the run's Pillow is installed "
-                                 "(its lock), or retrain")
+    spec = model.record.data["train"]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if images.is_image(p.name) and p.is_file())
         if not files:
