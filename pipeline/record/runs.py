@@ -165,7 +165,7 @@ def write_run(final: Path, inputs: RunInputs, result: Any, started: float, *,
                    "metrics.jsonl": hashlib.sha256(metrics).hexdigest()},
             resumed_from_step=result.resumed_from, device=device, world_size=world_size,
             config_dir=str(config_dir) if config_dir is not None else None,
-            threads=result.threads, parameters=result.structure,
+            threads=_threads(result.threads), parameters=result.structure,
             **_when(started, result.loop_s))  # kept out of the key: when and how long
         atomic.write_text(tmp / "run.json",
                           json.dumps(record.to_json(), indent=2, sort_keys=True,
@@ -195,6 +195,17 @@ def _when(started: float, loop_s: float) -> dict[str, Any]:
         raise UsageError(f"SOURCE_DATE_EPOCH: expected a non-negative integer (seconds since "
                          f"1970), found {epoch!r}")
     return {"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))}
+
+
+def _threads(threads: dict[str, Any] | None) -> dict[str, Any] | None:
+    """run.json's ``threads``. ``--threads auto`` chooses the shard pool by timing the
+    first step (pipeline.train.threads), so with SOURCE_DATE_EPOCH set (see ``_when``)
+    its outcome, ``shard_threads``, is left out like the durations: two builds of one run,
+    one on a busier machine, still write the same bytes."""
+    if threads is None or "SOURCE_DATE_EPOCH" not in os.environ \
+            or threads.get("requested") != "auto":
+        return threads
+    return {k: v for k, v in threads.items() if k != "shard_threads"}
 
 
 def run_lock(runs_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:

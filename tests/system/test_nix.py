@@ -21,6 +21,7 @@ from types import ModuleType
 import pytest
 
 from pipeline.core.environment import load_profile
+from pipeline.record import runs
 
 from ..support import ROOT as REPO
 from ..support import pipeline_argv, pipeline_env, run_pipeline
@@ -461,6 +462,21 @@ def test_source_date_epoch_makes_two_trainings_byte_identical(tmp_path: Path) ->
     for name in MODEL_FILES:
         a, b = ((d / name).read_bytes() for d in dirs)
         assert a == b, f"{name}: differs between two trainings with SOURCE_DATE_EPOCH set"
+
+
+def test_source_date_epoch_leaves_out_the_timed_thread_choice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--threads auto` picks the shard pool by timing the first step: a busy machine
+    chose 1 where a quiet one chose 2, and run.json differed between two builds (CI).
+    Under SOURCE_DATE_EPOCH that outcome is left out; an asked-for count is kept, and
+    without the variable everything is (the controls)."""
+    auto = {"requested": "auto", "shard_threads": 2, "op_threads": 1}
+    asked = {"requested": 2, "shard_threads": 2, "op_threads": 1}
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    assert runs._threads(auto) == auto and runs._threads(asked) == asked
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
+    assert runs._threads(auto) == {"requested": "auto", "op_threads": 1}
+    assert runs._threads(asked) == asked and runs._threads(None) is None
 
 
 @pytest.mark.process
