@@ -82,10 +82,10 @@ class _ConvNd(Function):
         wm = w.reshape(groups, o // groups, -1)                            # (G, Og, Cg*KK)
         qw = cached(w0, "conv blocks of W^T", lambda: quantise_b(wm.transpose(1, 2)))
         if groups == 1:
-            y = mm_blocks(quantise_a(cols), qw[0], cols.shape[1])
+            y = mm_blocks(quantise_a(cols), qw[0])
         else:
             cg_cols = cols.view(cols.shape[0], groups, -1).transpose(0, 1)  # (G, R, Cg*KK)
-            y = mm_blocks(quantise_a(cg_cols), qw, cg_cols.shape[-1]).transpose(0, 1) \
+            y = mm_blocks(quantise_a(cg_cols), qw).transpose(0, 1) \
                 .reshape(-1, o)
         if b is not None:
             y = y + b
@@ -111,13 +111,13 @@ class _ConvNd(Function):
                                                                               -1)))
         if groups == 1:
             if ctx.needs_input_grad[0]:
-                gcols = mm_blocks(quantise_a(g2), qw[0], o) if o else xmmb(g2, w.reshape(o, -1))
+                gcols = mm_blocks(quantise_a(g2), qw[0]) if o else xmmb(g2, w.reshape(o, -1))
             if ctx.needs_input_grad[1]:
                 gw = xmmb(g2.t(), cols).view(w.shape)
         else:
             gg = g2.view(-1, groups, o // groups).transpose(0, 1)          # (G, R, Og)
             if ctx.needs_input_grad[0]:
-                gcols = mm_blocks(quantise_a(gg), qw, o // groups).transpose(0, 1) \
+                gcols = mm_blocks(quantise_a(gg), qw).transpose(0, 1) \
                     .reshape(cols.shape)                                    # (R, C*KK)
             if ctx.needs_input_grad[1]:
                 cg_cols = cols.view(cols.shape[0], groups, -1).transpose(0, 1)

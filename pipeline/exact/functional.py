@@ -40,8 +40,7 @@ class _Linear(Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         x2 = _rows(x)                                  # (R, in)
-        y = mm_blocks(quantise_a(x2), cached(w, "blocks of W^T", lambda: quantise_b(w.t())),
-                      x2.shape[-1])
+        y = mm_blocks(quantise_a(x2), cached(w, "blocks of W^T", lambda: quantise_b(w.t())))
         if b is not None:
             y = y + b
         ctx.save_for_backward(x2, w)
@@ -55,8 +54,7 @@ class _Linear(Function):
         g2 = _rows(g)                                  # (R, out)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = mm_blocks(quantise_a(g2), cached(w, "blocks of W", lambda: quantise_b(w)),
-                           g2.shape[-1])
+            gx = mm_blocks(quantise_a(g2), cached(w, "blocks of W", lambda: quantise_b(w)))
             gx = gx.view(ctx.x_shape)
         gw = xmmb(g2.t(), x2) if ctx.needs_input_grad[1] else None
         gb = tree_sum(g2, 0) if ctx.has_b and ctx.needs_input_grad[2] else None
@@ -65,8 +63,8 @@ class _Linear(Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight^T + bias`` over the last dim, exactly (spec section 14).
-    Shapes are checked as torch checks them (the blocked product pads the
-    inner dimension to 64, so a mismatch would otherwise pass)."""
+    Shapes are checked as torch checks them (the blocked product's operands
+    are quantised separately, so a mismatch would otherwise pass)."""
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied "
                            f"({math.prod(x.shape[:-1])}x{x.shape[-1] if x.dim() else 0} and "

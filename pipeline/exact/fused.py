@@ -86,34 +86,33 @@ def activation(kind: int, x: Tensor, grad: bool) -> tuple[Tensor, ...] | None:
     return (y, dy) if dy is not None else (y,)
 
 
-def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int) -> Tensor:
+def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int, lo_first: bool) -> Tensor:
     k = x.shape[dim]
-    kp = -(-k // 64) * 64
     nt = _threads(x.numel())
     if dim == -1:  # x is not empty (quantise): any row stride, unit column stride
         x2 = x.reshape(-1, k)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        out = torch.empty(x2.shape[0], kp, dtype=torch.float64)
-        lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0), out.data_ptr(), kp,
-                             p, nt)
-        return out.view(*x.shape[:-1], kp)
+        out = torch.empty(x2.shape[0], 2 * k, dtype=torch.float64)
+        lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0), out.data_ptr(), p,
+                             int(lo_first), nt)
+        return out.view(*x.shape[:-1], 2 * k)
     n = x.shape[-1]
     x3 = x.reshape(-1, k, n)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    out = torch.empty(x3.shape[0], kp, n, dtype=torch.float64)
+    out = torch.empty(x3.shape[0], 2 * k, n, dtype=torch.float64)
     lib.px_quantise_cols(x3.data_ptr(), x3.shape[0], k, n, x3.stride(1), x3.stride(0),
-                         out.data_ptr(), kp, p, nt)
-    return out.view(*x.shape[:-2], kp, n)
+                         out.data_ptr(), p, int(lo_first), nt)
+    return out.view(*x.shape[:-2], 2 * k, n)
 
 
-def quantise(x: Tensor, dim: int, p: int) -> Tensor | None:
+def quantise(x: Tensor, dim: int, p: int, lo_first: bool) -> Tensor | None:
     """``product._quantised_torch`` (``dim`` -1 or -2) natively, or None."""
     if x.numel() == 0:
         return None
     lib = usable("quantise", x)
-    return None if lib is None else _quantise(lib, x, dim, p)
+    return None if lib is None else _quantise(lib, x, dim, p, lo_first)
 
 
 def _softmax(lib: ctypes.CDLL, z: Tensor, causal: bool) -> Tensor:

@@ -213,46 +213,59 @@ static inline uint32_t absbits(float v) {
 }
 static inline float from32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 
-/* product.quantise_a: rows of x (R x K, row stride ld) -> out (R x Kp, Kp
- * a multiple of 64), each block of 64 along the row rounded to p bits of
- * its largest magnitude; entries past K are +0. */
+/* One entry's two slices (product._quantised_torch): hi rounded to the
+ * block's magic mg, the remainder (exact) rounded to mg * 2^-23. */
+static inline void slices(double v, double mg, double *hi, double *lo) {
+    double h = (v + mg) - mg, mg2 = mg * 0x1p-23;
+    *hi = h;
+    *lo = ((v - h) + mg2) - mg2;
+}
+
+/* product.quantise_a: rows of x (R x K, row stride ld) -> out (R x 2K),
+ * each block of 64 along the row (the last one shorter) split into its two
+ * slices at p bits of its largest magnitude, laid out [lo | hi] (lo_first)
+ * or [hi | lo], block after block. */
 void px_quantise_rows(const float *restrict x, int64_t rows, int64_t k, int64_t ld,
-                      double *restrict out, int64_t kp, int p, int nt) {
+                      double *restrict out, int p, int lo_first, int nt) {
     PARALLEL_FOR
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * ld;
-        double *o = out + r * kp;
-        for (int64_t j0 = 0; j0 < kp; j0 += 64) {
-            int64_t j1 = j0 + 64 < k ? j0 + 64 : k;
+        double *o = out + r * 2 * k;
+        for (int64_t j0 = 0; j0 < k; j0 += 64) {
+            int64_t j1 = j0 + 64 < k ? j0 + 64 : k, len = j1 - j0;
             uint32_t m = 0;
             for (int64_t j = j0; j < j1; j++) {
                 uint32_t a = absbits(xr[j]);
                 m = a > m ? a : m;
             }
             double mg = magic(from32(m), p);
-            int64_t j = j0;
-            for (; j < j1; j++) o[j] = ((double)xr[j] + mg) - mg;
-            for (; j < j0 + 64; j++) o[j] = (0.0 + mg) - mg;
+            double *ohi = o + 2 * j0 + (lo_first ? len : 0);
+            double *olo = o + 2 * j0 + (lo_first ? 0 : len);
+            for (int64_t j = j0; j < j1; j++)
+                slices((double)xr[j], mg, &ohi[j - j0], &olo[j - j0]);
         }
     }
 }
 
 /* product.quantise_b: columns of x (batch x K x N, row stride ld, batch
- * stride bs) -> out (batch x Kp x N), each block of 64 rows rounded per
- * column to p bits of that column's largest magnitude in the block; rows
- * past K are +0. */
+ * stride bs) -> out (batch x 2K x N), each block of 64 rows (the last one
+ * shorter) split per column at p bits of that column's largest magnitude
+ * in the block, its rows laid out [hi ; lo] (or [lo ; hi] with lo_first). */
 #define COLS 256
 void px_quantise_cols(const float *restrict x, int64_t batch, int64_t k, int64_t n, int64_t ld,
-                      int64_t bs, double *restrict out, int64_t kp, int p, int nt) {
-    int64_t blocks = kp / 64, cchunks = (n + COLS - 1) / COLS;
+                      int64_t bs, double *restrict out, int p, int lo_first, int nt) {
+    int64_t blocks = (k + 63) / 64, cchunks = (n + COLS - 1) / COLS;
     int64_t items = batch * blocks * cchunks;
     PARALLEL_FOR
     for (int64_t it = 0; it < items; it++) {
         int64_t bt = it / (blocks * cchunks), rest = it % (blocks * cchunks);
         int64_t i0 = (rest / cchunks) * 64, c0 = (rest % cchunks) * COLS;
         int64_t c1 = c0 + COLS < n ? c0 + COLS : n, i1 = i0 + 64 < k ? i0 + 64 : k;
+        int64_t len = i1 - i0;
         const float *xb = x + bt * bs;
-        double *ob = out + bt * kp * n;
+        double *ob = out + bt * 2 * k * n;
+        double *ohi = ob + (2 * i0 + (lo_first ? len : 0)) * n;
+        double *olo = ob + (2 * i0 + (lo_first ? 0 : len)) * n;
         uint32_t m[COLS];
         double mg[COLS];
         for (int64_t c = c0; c < c1; c++) m[c - c0] = 0;
@@ -264,9 +277,8 @@ void px_quantise_cols(const float *restrict x, int64_t batch, int64_t k, int64_t
         for (int64_t c = c0; c < c1; c++) mg[c - c0] = magic(from32(m[c - c0]), p);
         for (int64_t i = i0; i < i1; i++)
             for (int64_t c = c0; c < c1; c++)
-                ob[i * n + c] = ((double)xb[i * ld + c] + mg[c - c0]) - mg[c - c0];
-        for (int64_t i = i1; i < i0 + 64; i++)
-            for (int64_t c = c0; c < c1; c++) ob[i * n + c] = (0.0 + mg[c - c0]) - mg[c - c0];
+                slices((double)xb[i * ld + c], mg[c - c0], &ohi[(i - i0) * n + c],
+                       &olo[(i - i0) * n + c]);
     }
 }
 

@@ -278,8 +278,8 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "px_gelu": [_P, _P, _P, _I64, _I32, _I32],
     "px_activation": [_P, _P, _P, _I64, _I32, _I32],
-    "px_quantise_rows": [_P, _I64, _I64, _I64, _P, _I64, _I32, _I32],
-    "px_quantise_cols": [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I32, _I32],
+    "px_quantise_rows": [_P, _I64, _I64, _I64, _P, _I32, _I32, _I32],
+    "px_quantise_cols": [_P, _I64, _I64, _I64, _I64, _I64, _P, _I32, _I32, _I32],
     "px_softmax": [_P, _P, _I64, _I64, _I64, _I32, _I32],
     "px_softmax_grad": [_P, _P, _P, _I64, _I64, _I64, _I32, _I32],
     "px_tree_rows": [_P, _P, _I64, _I64, _I32],

@@ -1,19 +1,26 @@
 """``xmmb``: the matrix product of exact mode's layers (docs/exact-spec.md,
-section 12), at least as accurate as stock fp32 and fixed by IEEE-754 alone.
+section 12), as accurate as the exact product of the f32 operands rounded
+once, and fixed by IEEE-754 alone.
 
-The inner dimension is cut into blocks of 64. A is quantised per (row,
-block) to 24 bits of that block's largest magnitude, B per (block, column)
-to 23 bits, so every block's dot product is a sum of at most 64 integers
-below ``2^47`` times one power of two: exact in f64 in any order, on any
-BLAS, thread count or device. f64 GEMMs give the blocks' products (block
-by block for large outputs, a few blocks batched for small ones); they are
-added left to right over the blocks in f64 and rounded once to f32, so the
-cost is one f64 GEMM of the product's size. Leading (batch) dims are
-independent products.
+The inner dimension is cut into blocks of 64. A is split per (row, block)
+into two slices: ``a``, 24 bits of that block's largest magnitude, and
+``a'``, the remainder's next 23 bits; B per (block, column) into ``b`` (23
+bits) and ``b'`` (the next 23). Each block's two sums, ``H = a.b`` and ``X
+= a'.b + a.b'``, are sums of at most 64 (128) integers times one power of
+two, below ``2^53``: exact in f64 in any order, on any BLAS, thread count or
+device. ``S = H + X`` is one rounded f64 addition; the blocks' ``S`` are
+added left to right in f64 and rounded once to f32.
+
+Layout of a quantised operand (``quantise_a``, ``quantise_b``): f64, the
+inner dimension doubled, block by block: for A the columns ``[a' | a]`` of
+each block, for B the rows ``[b ; b']``, so that one GEMM of a block's
+``2L`` columns and rows is ``X`` and one of its ``a`` and ``b`` halves is
+``H`` (views, no copies). A last block shorter than 64 is as long as it is
+(no padding). The values are the spec's integers times their powers of two.
 
 The quantisation uses ``ops.quantise``'s rounding trick: ``(v + M) - M``
 with ``M = 1.5 * 2^(52 + s)`` rounds ``v`` to a multiple of ``2^s``, half to
-even, exactly; the result is the spec's integer already times ``2^s``.
+even, exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ __all__ = ["xmmb", "quantise_a", "quantise_b", "mm_blocks", "BLOCK"]
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 _EXP_MASK = 0x7FF0000000000000
 BLOCK = 64            # entries of k per block (spec section 12)
-_PA, _PB = 24, 23     # bits of A's and B's entries: 64 * 2^24 * 2^23 = 2^53
+_PA, _PB = 24, 23     # bits of A's and B's high slices: 64 * 2^24 * 2^23 = 2^53
+_LO = 23              # the low slices' scale: 2^-23 of the high one's
 _HELD = 1 << 16       # block products held at once (f64 entries, 512 KiB: cache)
 
 
@@ -46,86 +54,104 @@ def _magic(r: Tensor, p: int) -> Tensor:
         ((53 - p) << 52) | (1 << 51)).view(_F64)
 
 
-def _padded(x: Tensor, dim: int) -> Tensor:
-    """``x`` with ``dim`` (-1 or -2) padded with +0 to a multiple of BLOCK
-    (``x`` itself if it is one already)."""
-    extra = -x.shape[dim] % BLOCK
-    if not extra:
-        return x
-    return F.pad(x, (0, extra) if dim == -1 else (0, 0, 0, extra))
-
-
-def _quantised(x: Tensor, dim: int, p: int) -> Tensor:
-    """f64 ``x`` rounded per block of 64 along ``dim`` (-1 or -2) to ``p``
-    bits of the block's largest magnitude, padded with +0 to whole blocks,
-    laid out as ``x`` is: row-major, or (for a transposed view such as
-    ``w.t()``) the transposed view of a row-major buffer, so the conversion
-    and rounding run over contiguous memory and the GEMM reads either layout
+def _quantised(x: Tensor, dim: int, p: int, lo_first: bool) -> Tensor:
+    """f32 ``x`` split per block of 64 along ``dim`` (-1 or -2) into its two
+    slices (``p`` bits of the block's largest magnitude, then the next 23),
+    laid out along ``dim`` block by block as ``[lo, hi]`` (``lo_first``, A)
+    or ``[hi, lo]`` (B), ``dim`` doubled. For a transposed view such as
+    ``w.t()`` the result is the transposed view of a row-major buffer, so the
+    conversion runs over contiguous memory and the GEMM reads either layout
     as it is. By the native kernel where there is one (pipeline.exact.fused:
     the same bits), else by ``_quantised_torch``."""
     if x.dim() >= 2 and x.stride(-1) != 1 and x.stride(-2) == 1:
-        return _quantised(x.transpose(-1, -2), -3 - dim, p).transpose(-1, -2)
-    got = fused.quantise(x, dim, p)
-    return got if got is not None else _quantised_torch(x, dim, p)
+        return _quantised(x.transpose(-1, -2), -3 - dim, p, lo_first).transpose(-1, -2)
+    got = fused.quantise(x, dim, p, lo_first)
+    return got if got is not None else _quantised_torch(x, dim, p, lo_first)
 
 
-def _quantised_torch(x: Tensor, dim: int, p: int) -> Tensor:
+def _quantised_torch(x: Tensor, dim: int, p: int, lo_first: bool) -> Tensor:
     """``_quantised`` by torch ops (the reference the native kernel equals):
-    the maximum taken in f32, the rounding in place."""
-    xp = _padded(x, dim)
-    magic = _magic(xp.unflatten(dim, (-1, BLOCK)).abs().amax(dim, keepdim=True), p)
-    out = torch.empty(xp.shape, dtype=_F64, device=x.device).copy_(xp)
-    out.unflatten(dim, (-1, BLOCK)).add_(magic).sub_(magic)
-    return out
+    the maximum taken in f32, the roundings in place."""
+    if dim == -2:
+        return _quantised_torch(x.transpose(-1, -2), -1, p, lo_first).transpose(-1, -2)
+    k = x.shape[-1]
+    xp = F.pad(x, (0, -k % BLOCK)) if k % BLOCK else x
+    blocks = xp.unflatten(-1, (-1, BLOCK))                              # (..., T, 64)
+    magic = _magic(blocks.abs().amax(-1, keepdim=True), p)
+    hi = blocks.to(_F64)
+    lo = hi.clone()
+    hi.add_(magic).sub_(magic)
+    magic.mul_(2.0 ** -_LO)                         # exact: a power of two times 1.5
+    lo.sub_(hi).add_(magic).sub_(magic)             # the remainder is exact in f64
+    both = torch.stack((lo, hi) if lo_first else (hi, lo), -2)          # (..., T, 2, 64)
+    full, r = k // BLOCK, k % BLOCK
+    out = both[..., :full, :, :].flatten(-3)
+    if r:
+        out = torch.cat((out, both[..., full, :, :r].flatten(-2)), -1)
+    return out.contiguous()
 
 
 def quantise_a(a: Tensor) -> Tensor:
-    """f32 ``a (..., m, k)`` -> f64 ``(..., m, 64 T)``: each row's block ``t``
-    rounded to 24 bits of its largest magnitude (the spec's ``a_il *
-    2^sA_it``); a last block shorter than 64 is padded with +0."""
-    return _quantised(a, -1, _PA)
+    """f32 ``a (..., m, k)`` -> f64 ``(..., m, 2k)``: each row's block ``t``
+    as the spec's ``[a' * 2^(sA_it - 23) | a * 2^sA_it]``."""
+    return _quantised(a, -1, _PA, True)
 
 
 def quantise_b(b: Tensor) -> Tensor:
-    """f32 ``b (..., k, n)`` -> f64 ``(..., 64 T, n)``: each column's block
-    ``t`` rounded to 23 bits of its largest magnitude; padded with +0."""
-    return _quantised(b, -2, _PB)
+    """f32 ``b (..., k, n)`` -> f64 ``(..., 2k, n)``: each column's block ``t``
+    as the spec's ``[b * 2^sB_tj ; b' * 2^(sB_tj - 23)]``."""
+    return _quantised(b, -2, _PB, False)
 
 
-def mm_blocks(qa: Tensor, qb: Tensor, k: int | None = None) -> Tensor:
+def _block_sum(a: Tensor, b: Tensor, bufs: list[Tensor] | None = None) -> Tensor:
+    """``S = RN64(H + X)`` of one block (or a batch of blocks) from its
+    quantised columns ``a (..., m, 2L)`` and rows ``b (..., 2L, n)``: ``X``
+    by one GEMM of all of them, ``H`` by one of ``a``'s and ``b``'s halves.
+    ``bufs``: two reused outputs of the result's shape, else new ones."""
+    half = a.shape[-1] // 2
+    if bufs is None:
+        h = torch.matmul(a[..., half:], b[..., :half, :])
+        return h.add_(torch.matmul(a, b))
+    h = torch.matmul(a[..., half:], b[..., :half, :], out=bufs[0])
+    return h.add_(torch.matmul(a, b, out=bufs[1]))
+
+
+def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
     """``RN32(Q + 0.0)`` from ``quantise_a``'s and ``quantise_b``'s operands:
-    every block's exact product by an f64 GEMM, the first block's product
-    being the accumulator; ``Q = ((S_0 + S_1) + S_2) + ...`` in f64, ``+
-    0.0`` (a zero of either sign becomes +0, nothing else changes), one
+    every block's ``S = RN64(H + X)`` from its exact GEMMs, the first
+    block's being the accumulator; ``Q = ((S_0 + S_1) + S_2) + ...`` in f64,
+    ``+ 0.0`` (a zero of either sign becomes +0, nothing else changes), one
     rounding to f32. Outputs of ``_HELD`` entries or more go block by block
-    (views of the operands, one GEMM each into one reused buffer), smaller
-    ones a group of blocks per batched GEMM. ``k``: the inner dimension
-    before padding, if known; the GEMM of a last block shorter than 64 then
-    leaves its padding out (+0 entries add nothing to an exact sum)."""
-    t, m, n = qa.shape[-1] // BLOCK, qa.shape[-2], qb.shape[-1]
-    group = max(1, min(t, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
+    (views of the operands, two GEMMs each into reused buffers), smaller
+    ones a group of whole blocks per batched GEMM."""
+    k2, m, n = qa.shape[-1], qa.shape[-2], qb.shape[-1]
+    if k2 == 0:  # k = 0: +0
+        return torch.zeros(*qa.shape[:-1], n, dtype=_F32, device=qa.device)
+    full, r = divmod(k2 // 2, BLOCK)
+    group = max(1, min(full, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
+    acc: Tensor | None = None
     if group == 1:
-        if k is not None and k < qa.shape[-1]:
-            qa, qb = qa[..., :k], qb[..., :k, :]
-        a_blocks, b_blocks = qa.split(BLOCK, -1), qb.split(BLOCK, -2)
-        acc = torch.matmul(a_blocks[0], b_blocks[0])
-        buf = torch.empty_like(acc) if t > 1 else acc
-        for a, b in zip(a_blocks[1:], b_blocks[1:]):
-            acc.add_(torch.matmul(a, b, out=buf))
+        bufs: list[Tensor] | None = None
+        for t in range(full + (r > 0)):
+            lo, hi = 2 * BLOCK * t, min(2 * BLOCK * (t + 1), k2)
+            s = _block_sum(qa[..., lo:hi], qb[..., lo:hi, :], bufs)
+            if acc is None:  # the first block's S is the accumulator
+                acc = s
+                bufs = [torch.empty_like(s), torch.empty_like(s)]
+            else:
+                acc.add_(s)
+        assert acc is not None
         return acc.add_(0.0).to(_F32)
-    a_blocks = qa.unflatten(-1, (t, BLOCK)).movedim(-2, -3)          # (..., T, m, 64)
-    b_blocks = qb.unflatten(-2, (t, BLOCK))                          # (..., T, 64, n)
-    acc = buf = None
-    for a, b in zip(a_blocks.split(group, -3), b_blocks.split(group, -3)):
-        reuse = buf is not None and a.shape[-3] == buf.shape[-3]
-        p = torch.matmul(a, b, out=buf) if reuse else torch.matmul(a, b)  # (..., g, m, n)
-        parts = p.unbind(-3)
-        if acc is None:  # the first block's product is the accumulator: p is not reused
-            acc, parts = parts[0], parts[1:]
-        else:
-            buf = p
-        for part in parts:
-            acc.add_(part)
+    if full:
+        a_blocks = qa[..., :2 * BLOCK * full].unflatten(-1, (full, 2 * BLOCK)) \
+            .movedim(-2, -3)                                               # (..., T, m, 128)
+        b_blocks = qb[..., :2 * BLOCK * full, :].unflatten(-2, (full, 2 * BLOCK))
+        for a, b in zip(a_blocks.split(group, -3), b_blocks.split(group, -3)):
+            for part in _block_sum(a, b).unbind(-3):                        # (..., g, m, n)
+                acc = part if acc is None else acc.add_(part)
+    if r:
+        last = _block_sum(qa[..., 2 * BLOCK * full:], qb[..., 2 * BLOCK * full:, :])
+        acc = last if acc is None else acc.add_(last)
     assert acc is not None
     return acc.add_(0.0).to(_F32)
 
@@ -142,6 +168,4 @@ def xmmb(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype != _F32 or b.dtype != _F32:
         raise ValueError(f"xmmb: expected float32 operands, found {a.dtype} and {b.dtype}")
     no_autograd("xmmb", a, b)
-    if a.shape[-1] == 0:
-        return torch.zeros(*a.shape[:-1], b.shape[-1], dtype=_F32, device=a.device)
-    return mm_blocks(quantise_a(a), quantise_b(b), a.shape[-1])
+    return mm_blocks(quantise_a(a), quantise_b(b))

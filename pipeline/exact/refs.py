@@ -137,8 +137,9 @@ def _check_quantise(lib: ctypes.CDLL) -> str | None:
     x = native.check_values()
     for shape, dim in (((60, 130), -1), ((130, 60), -2), ((3, 64, 5), -2), ((5, 200), -1)):
         xs = x[:torch.Size(shape).numel()].reshape(shape)
-        for p in (24, 23):
-            if not native.same(_quantised_torch(xs, dim, p), fused._quantise(lib, xs, dim, p)):
+        for p, lo_first in ((24, True), (23, False), (24, False)):
+            if not native.same(_quantised_torch(xs, dim, p, lo_first),
+                               fused._quantise(lib, xs, dim, p, lo_first)):
                 return f"the quantisation of {shape} along {dim} differs from its torch reference"
     return None
 

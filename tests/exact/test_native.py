@@ -119,8 +119,9 @@ def test_quantisation_kernel_equals_the_torch_implementation(shape: tuple[int, .
     x.view(-1)[::97] = 0.0
     x.view(-1)[1::89] = -0.0
     lib = _lib("quantise")
-    for p in (24, 23):
-        assert _same(fused._quantise(lib, x, dim, p), _quantised_torch(x, dim, p))
+    for p, lo_first in ((24, True), (23, False), (23, True), (24, False)):
+        assert _same(fused._quantise(lib, x, dim, p, lo_first),
+                     _quantised_torch(x, dim, p, lo_first))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -287,8 +288,8 @@ def test_kernels_do_not_depend_on_the_thread_count() -> None:
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            got.append((fused._gelu(lib, x, False, True), fused._quantise(lib, m, -1, 24),
-                        fused._quantise(lib, m, -2, 23), fused._softmax(lib, z, True)))
+            got.append((fused._gelu(lib, x, False, True), fused._quantise(lib, m, -1, 24, True),
+                        fused._quantise(lib, m, -2, 23, False), fused._softmax(lib, z, True)))
     finally:
         torch.set_num_threads(before)
     for (g, qa, qb, sm) in got[1:]:
