@@ -26,6 +26,7 @@ even, exactly.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ BLOCK = 64            # entries of k per block (spec section 12)
 _PA, _PB = 24, 23     # bits of A's and B's high slices: 64 * 2^24 * 2^23 = 2^53
 _LO = 23              # the low slices' scale: 2^-23 of the high one's
 _HELD = 1 << 16       # block products held at once (f64 entries, 512 KiB: cache)
+_KEPT = 1 << 21       # f64 entries (16 MiB) of each work buffer a thread keeps between calls
+_WORK = threading.local()  # .bufs: this thread's three work buffers (mm_blocks)
 
 
 def _magic(r: Tensor, p: int) -> Tensor:
@@ -103,17 +106,29 @@ def quantise_b(b: Tensor) -> Tensor:
     return _quantised(b, -2, _PB, False)
 
 
-def _block_sum(a: Tensor, b: Tensor, bufs: list[Tensor] | None = None) -> Tensor:
+def _work(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
+    """Three f64 buffers of ``shape`` for ``mm_blocks``' accumulator and block
+    sums: on the CPU, up to ``_KEPT`` entries, this thread's own, kept between
+    calls (a fresh buffer of a few MiB costs more in page faults than a GEMM of
+    64 into it; shards on pool threads each have their own); else new ones.
+    Nothing returned to a caller is one of them."""
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel > _KEPT:
+        return [torch.empty(shape, dtype=_F64, device=device) for _ in range(3)]
+    held = getattr(_WORK, "bufs", None)
+    if held is None or held[0].numel() < numel:
+        held = _WORK.bufs = [torch.empty(numel, dtype=_F64) for _ in range(3)]
+    return [t[:numel].view(shape) for t in held]
+
+
+def _block_sum(a: Tensor, b: Tensor, out: Tensor, x: Tensor) -> Tensor:
     """``S = RN64(H + X)`` of one block (or a batch of blocks) from its
-    quantised columns ``a (..., m, 2L)`` and rows ``b (..., 2L, n)``: ``X``
-    by one GEMM of all of them, ``H`` by one of ``a``'s and ``b``'s halves.
-    ``bufs``: two reused outputs of the result's shape, else new ones."""
+    quantised columns ``a (..., m, 2L)`` and rows ``b (..., 2L, n)``, into
+    ``out``: ``X`` (into ``x``) by one GEMM of all of them, ``H`` by one of
+    ``a``'s and ``b``'s halves."""
     half = a.shape[-1] // 2
-    if bufs is None:
-        h = torch.matmul(a[..., half:], b[..., :half, :])
-        return h.add_(torch.matmul(a, b))
-    h = torch.matmul(a[..., half:], b[..., :half, :], out=bufs[0])
-    return h.add_(torch.matmul(a, b, out=bufs[1]))
+    torch.matmul(a[..., half:], b[..., :half, :], out=out)
+    return out.add_(torch.matmul(a, b, out=x))
 
 
 def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
@@ -122,35 +137,39 @@ def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
     block's being the accumulator; ``Q = ((S_0 + S_1) + S_2) + ...`` in f64,
     ``+ 0.0`` (a zero of either sign becomes +0, nothing else changes), one
     rounding to f32. Outputs of ``_HELD`` entries or more go block by block
-    (views of the operands, two GEMMs each into reused buffers), smaller
-    ones a group of whole blocks per batched GEMM."""
+    (views of the operands, two GEMMs each into work buffers), smaller ones
+    a group of whole blocks per batched GEMM."""
     k2, m, n = qa.shape[-1], qa.shape[-2], qb.shape[-1]
+    lead = qa.shape[:-2]
     if k2 == 0:  # k = 0: +0
-        return torch.zeros(*qa.shape[:-1], n, dtype=_F32, device=qa.device)
+        return torch.zeros(*lead, m, n, dtype=_F32, device=qa.device)
     full, r = divmod(k2 // 2, BLOCK)
-    group = max(1, min(full, _HELD // max(1, m * n * math.prod(qa.shape[:-2]))))
+    group = max(1, min(full, _HELD // max(1, m * n * math.prod(lead))))
     acc: Tensor | None = None
     if group == 1:
-        bufs: list[Tensor] | None = None
+        acc, h, x = _work((*lead, m, n), qa.device)
         for t in range(full + (r > 0)):
             lo, hi = 2 * BLOCK * t, min(2 * BLOCK * (t + 1), k2)
-            s = _block_sum(qa[..., lo:hi], qb[..., lo:hi, :], bufs)
-            if acc is None:  # the first block's S is the accumulator
-                acc = s
-                bufs = [torch.empty_like(s), torch.empty_like(s)]
+            if t == 0:  # the first block's S is the accumulator
+                _block_sum(qa[..., lo:hi], qb[..., lo:hi, :], acc, x)
             else:
-                acc.add_(s)
-        assert acc is not None
+                acc.add_(_block_sum(qa[..., lo:hi], qb[..., lo:hi, :], h, x))
         return acc.add_(0.0).to(_F32)
     if full:
         a_blocks = qa[..., :2 * BLOCK * full].unflatten(-1, (full, 2 * BLOCK)) \
             .movedim(-2, -3)                                               # (..., T, m, 128)
         b_blocks = qb[..., :2 * BLOCK * full, :].unflatten(-2, (full, 2 * BLOCK))
         for a, b in zip(a_blocks.split(group, -3), b_blocks.split(group, -3)):
-            for part in _block_sum(a, b).unbind(-3):                        # (..., g, m, n)
+            shape = (*lead, a.shape[-3], m, n)
+            s = _block_sum(a, b, torch.empty(shape, dtype=_F64, device=qa.device),
+                           torch.empty(shape, dtype=_F64, device=qa.device))
+            for part in s.unbind(-3):                                       # (..., g, m, n)
                 acc = part if acc is None else acc.add_(part)
     if r:
-        last = _block_sum(qa[..., 2 * BLOCK * full:], qb[..., 2 * BLOCK * full:, :])
+        shape = (*lead, m, n)
+        last = _block_sum(qa[..., 2 * BLOCK * full:], qb[..., 2 * BLOCK * full:, :],
+                          torch.empty(shape, dtype=_F64, device=qa.device),
+                          torch.empty(shape, dtype=_F64, device=qa.device))
         acc = last if acc is None else acc.add_(last)
     assert acc is not None
     return acc.add_(0.0).to(_F32)
