@@ -6,6 +6,7 @@ bit for bit, and the dropout masks' invariance to how rows are sharded."""
 from __future__ import annotations
 
 import math
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -221,6 +222,35 @@ def test_xmmb_batched_rows_independent_and_at_least_fp32_accurate() -> None:
     spiky[..., torch.arange(64), torch.arange(64) * 7] *= 2.0**20
     ref = spiky.double() @ b.double()
     assert err(xmmb(spiky, b), ref) <= 2 * err(spiky @ b, ref)
+
+
+def test_xmmb_work_buffers_are_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block-by-block path's work buffers are kept per thread: products
+    on four threads at once equal the same products run
+    one after another, each thread used buffers of its own, and the returned
+    tensors are not the buffers (a later product does not change an earlier
+    result)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(product, "_HELD", 1)
+    # one shape: a thread's buffers never grow, so those alive at once are its only ones
+    pairs = [(_rand((90, 150), i), _rand((150, 70), 10 + i)) for i in range(8)]
+    alone = [xmmb(a, b) for a, b in pairs]
+    kept = [c.clone() for c in alone]
+    assert all(torch.equal(c, k) for c, k in zip(alone, kept))  # later products changed nothing
+    used: dict[int, set[int]] = {}
+
+    def one(ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        c = xmmb(*ab)
+        used.setdefault(threading.get_ident(), set()).update(
+            t.data_ptr() for t in product._WORK.bufs)
+        return c
+
+    with ThreadPoolExecutor(4) as pool:
+        got = [c for _ in range(3) for c in pool.map(one, pairs)]
+    assert all((_bits(c) == _bits(alone[i % 8])).all() for i, c in enumerate(got))
+    ptrs = [p for ps in used.values() for p in ps]
+    assert len(used) > 1 and len(ptrs) == len(set(ptrs)), "threads shared work buffers"
 
 
 def _one_slice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
