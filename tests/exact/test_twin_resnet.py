@@ -170,58 +170,104 @@ def test_batchnorm_evaluation_matches_pipeline_and_float64():
     assert (_bits(f32_y) != _bits(got[0])).any(), "the control gave the same bits"
 
 
-# ------------------------------------------------------------------ 25. strided Conv2d
+# ------------------------------------------------------------------ 25. Conv2d
 
-@pytest.mark.parametrize("shape,k,stride,pad", [((16, 16, 4, 4), 3, 2, 1),
-                                                ((16, 16, 4, 4), 1, 2, 0),
-                                                ((16, 1, 8, 8), 3, 1, 1)],
-                         ids=["3x3 s2 p1", "1x1 s2 p0", "stem 3x3 s1 p1"])
-def test_resnet_convolutions_match_pipeline_and_float64(shape, k, stride, pad):
-    """The example's convolutions without bias (section 25 with one stride and
-    padding, G = 1: section 14's im2col with xmmb): forward and the gradients
-    of x and W equal pipeline.exact.conv2d's (autograd) bit for bit and are
-    within rounding of float64 torch. Control: the gradient of x folded with
-    the offsets in the other order differs from the pipeline's, bit for bit
-    (for the 3x3 with stride 2, whose windows overlap)."""
+CONVS = [  # (x shape, O, kernel, stride, padding, dilation, groups, bias)
+    ((16, 16, 4, 4), 32, 3, 2, 1, 1, 1, False),          # stages.1.conv1
+    ((16, 16, 4, 4), 32, 1, 2, 0, 1, 1, False),          # stages.1.shortcut.0
+    ((16, 1, 8, 8), 16, 3, 1, 1, 1, 1, False),           # stem.0
+    ((3, 6, 9, 7), 4, (3, 2), (2, 1), (1, 2), (2, 1), 2, True),
+    ((2, 8, 6, 6), 8, 3, 1, "same", 2, 8, True),          # depthwise, dilated "same"
+    ((2, 4, 5, 5), 6, (2, 3), (1, 2), "valid", 1, 2, False),
+    ((2, 70, 3, 3), 5, 3, 1, 1, 1, 1, True),             # k = 630: ten blocks of xmmb
+]
+CONV_IDS = ["3x3 s2 p1", "1x1 s2 p0", "stem", "groups 2 per-dim", "depthwise same d2",
+            "valid s(1,2)", "k 630"]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
+def test_conv2d_matches_pipeline_and_float64(case):
+    """Section 25's Conv2d in the twin (twin_resnet.conv2d_fwd/bwd: a stride,
+    padding and dilation per dim, groups, "same"/"valid"): the output and the
+    gradients of x, W and b equal those of pipeline.exact.Conv2d (autograd) bit
+    for bit, and are within rounding of float64 torch; with one stride and
+    padding and one group they equal section 14's twin_layers.conv2d and
+    pipeline.exact.conv2d too (the same bits, as section 25 says). Control:
+    the fold with the offsets in the other order (j outer) gives other bits
+    for the overlapping windows of the 3x3 with stride 2."""
     import torch
     import torch.nn.functional as F
 
     from pipeline import exact
 
-    rng = np.random.default_rng(25 + k + stride)
+    shape, O, k, stride, pad, dil, groups, bias = case
+    rng = np.random.default_rng(250 + CONVS.index(case))
+    K = (k, k) if isinstance(k, int) else k
     x = rng.standard_normal(shape).astype(F32)
-    O = 32 if shape[1] == 16 else 16
-    W = (rng.standard_normal((O, shape[1], k, k)) / k).astype(F32)
-    y, cache = tl.conv2d_fwd(x, W, None, stride, pad)
+    W = (rng.standard_normal((O, shape[1] // groups) + K) / 3).astype(F32)
+    b = rng.standard_normal(O).astype(F32) if bias else None
+    y, cache = tr.conv2d_fwd(x, W, b, stride, pad, dil, groups)
     g = rng.standard_normal(y.shape).astype(F32)
-    gW, gb, gx = tl.conv2d_bwd(g, cache, W, stride, pad, has_bias=False)
-    assert gb is None
-    xt, Wt = _t(x, True), _t(W, True)
-    yt = exact.conv2d(xt, Wt, None, stride, pad)
-    gxt, gWt = torch.autograd.grad(yt, [xt, Wt], _t(g))
+    gW, gb, gx = tr.conv2d_bwd(g, cache, W, has_bias=bias)
+    layer = exact.Conv2d(shape[1], O, k, stride, pad, bias, dil, groups)
+    with torch.no_grad():
+        layer.weight.copy_(_t(W))
+        if bias:
+            layer.bias.copy_(_t(b))
+    xt = _t(x, True)
+    with exact.Guard():
+        yt = layer(xt)
+    params = [xt, layer.weight] + ([layer.bias] if bias else [])
+    got = torch.autograd.grad(yt, params, _t(g))
     _same_bits(y, yt.detach().numpy(), "y")
-    _same_bits(gx, gxt.numpy(), "gx")
-    _same_bits(gW, gWt.numpy(), "gW")
+    _same_bits(gx, got[0].numpy(), "gx")
+    _same_bits(gW, got[1].numpy(), "gW")
+    if bias:
+        _same_bits(gb, got[2].numpy(), "gb")
     x64, W64 = _t(x.astype(F64), True), _t(W.astype(F64), True)
-    y64 = F.conv2d(x64, W64, None, stride, pad)
-    gx64, gW64 = torch.autograd.grad(y64, [x64, W64], _t(g.astype(F64)))
+    b64 = _t(b.astype(F64), True) if bias else None
+    y64 = F.conv2d(x64, W64, b64, stride, pad, dil, groups)
+    ref = torch.autograd.grad(y64, [x64, W64] + ([b64] if bias else []), _t(g.astype(F64)))
     _close(y, y64.detach().numpy(), 1e-6, "y vs float64")
-    _close(gx, gx64.numpy(), 1e-6, "gx vs float64")
-    _close(gW, gW64.numpy(), 1e-6, "gW vs float64")
-    if k == 3 and stride == 2:
-        Oc, C, KH, KW = W.shape
-        N, _, H, Wd = shape
-        Ho, Wo = cache[1], cache[2]
-        gY = np.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(-1, Oc)
-        gcols = tl.XMMB(gY, np.ascontiguousarray(W.reshape(Oc, -1))).reshape(N, Ho, Wo, C, KH, KW)
+    for what, mine, want in zip(["gx", "gW", "gb"], [gx, gW, gb], ref):
+        _close(mine, want.numpy(), 1e-6, f"{what} vs float64")
+    if isinstance(stride, int) and isinstance(pad, int) and dil == 1 and groups == 1:
+        y14, c14 = tl.conv2d_fwd(x, W, b, stride, pad)
+        _same_bits(y14, y, "section 14's conv")
+        gW14, _, gx14 = tl.conv2d_bwd(g, c14, W, stride, pad, has_bias=bias)
+        _same_bits(gW14, gW, "section 14's gW")
+        _same_bits(gx14, gx, "section 14's gx")
+        xt2, Wt2 = _t(x, True), _t(W, True)
+        yf = exact.conv2d(xt2, Wt2, _t(b) if bias else None, stride, pad)
+        _same_bits(yf.detach().numpy(), y, "pipeline.exact.conv2d")
+        _same_bits(torch.autograd.grad(yf, [xt2], _t(g))[0].numpy(), gx, "conv2d's gx")
+    if K == (3, 3) and stride == 2:
+        cols, (N, C, H, Wd), _, _, _, _, _, Ho, Wo = cache
+        gY = np.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(-1, O)
+        gcols = tl.XMMB(gY, np.ascontiguousarray(W.reshape(O, -1))).reshape(N, Ho, Wo, C, 3, 3)
         gxpad = np.zeros((N, C, H + 2, Wd + 2), F32)
-        for j in range(KW):                           # j outer: the misreading
-            for i in range(KH):
+        for j in range(3):                            # j outer: the misreading
+            for i in range(3):
                 sl = (slice(None), slice(None), slice(i, i + 2 * (Ho - 1) + 1, 2),
                       slice(j, j + 2 * (Wo - 1) + 1, 2))
                 gxpad[sl] = gxpad[sl] + gcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-        assert (_bits(gxpad[:, :, 1:-1, 1:-1]) != _bits(gxt.numpy())).any(), \
+        assert (_bits(gxpad[:, :, 1:-1, 1:-1]) != _bits(got[0].numpy())).any(), \
             "the control gave the same bits"
+
+
+def test_conv2d_padding_rules():
+    """Section 25's padding words: "valid" is (0, 0); "same" is D (K - 1) / 2
+    per dim, refused with a stride other than 1 or where D (K - 1) is odd; a
+    group count that does not divide the channels is refused."""
+    assert tr.conv_padding("valid", (3, 3), (1, 1), (1, 1)) == (0, 0)
+    assert tr.conv_padding("same", (3, 5), (1, 1), (2, 1)) == (2, 2)
+    assert tr.conv_padding(2, (3, 3), (1, 1), (1, 1)) == (2, 2)
+    with pytest.raises(ValueError, match="stride 1"):
+        tr.conv_padding("same", (3, 3), (2, 1), (1, 1))
+    with pytest.raises(ValueError, match="not symmetric"):
+        tr.conv_padding("same", (4, 3), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="groups"):
+        tr.conv2d_fwd(np.zeros((1, 6, 4, 4), F32), np.zeros((4, 2, 3, 3), F32), None, groups=4)
 
 
 # ------------------------------------------------------------------ the network

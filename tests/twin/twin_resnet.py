@@ -19,8 +19,10 @@ What the twin covers, by section: 16 (layer numbers in the pre-order walk of
 the module tree: convolutions, affine BatchNorms and the Linear take one;
 Conv2d's uniform with fan_in = C KH KW, no bias draw for ``bias=False``;
 BatchNorm ``w = 1``, ``b = 0``, running statistics 0 and 1, counter 0), 2 (the
-digits, split and epoch order), 14/25 (Conv2d with stride and padding by
-im2col and ``xmmb`` through ``twin_layers.XMMB``, Linear), 23 (MaxPool2d with
+digits, split and epoch order), 25 (Conv2d with a stride, padding and
+dilation per dim and groups, by im2col and ``xmmb`` through
+``twin_layers.XMMB``: ``conv2d_fwd``/``conv2d_bwd`` here; the example uses
+stride 1 and 2, padding 1 and 0, one group), 14 (Linear), 23 (MaxPool2d with
 padding, AdaptiveAvgPool2d: ``twin_ops``), 24 (BatchNorm2d in training: the
 shard's own statistics per channel row, the f64 output, the backward; the
 running statistics each shard moves from the step's values, averaged over the
@@ -51,9 +53,10 @@ except ImportError:  # run as a script from tests/twin/
 F32 = np.float32
 F64 = np.float64
 
-__all__ = ["bn_rows", "bn_unrows", "bn_train_fwd", "bn_train_bwd", "bn_running", "bn_eval_fwd",
-           "bn_eval_bwd", "architecture", "init_state", "forward", "backward", "shard_step",
-           "train", "POOL", "EPS", "MOMENTUM"]
+__all__ = ["conv_padding", "conv2d_fwd", "conv2d_bwd", "bn_rows", "bn_unrows", "bn_train_fwd",
+           "bn_train_bwd", "bn_running", "bn_eval_fwd", "bn_eval_bwd", "architecture",
+           "init_state", "forward", "backward", "fan_in", "shard_step", "combine_stats", "train",
+           "POOL", "EPS", "MOMENTUM"]
 
 EPS = 1e-5        # nn.BatchNorm2d's defaults (Python floats)
 MOMENTUM = 0.1
@@ -155,6 +158,90 @@ def bn_eval_bwd(g: np.ndarray, cache, w, affine: bool = True):
     return bn_unrows(gX, shape), gw, gb
 
 
+# --------------------------------------------------------------- 25. Conv2d
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+def conv_padding(padding, K, S, D) -> tuple[int, int]:
+    """Section 25's padding: ``"valid"`` is (0, 0); ``"same"`` (stride 1 only) is
+    ``D (K - 1) / 2`` per dim when both are whole, else refused; an int or a pair."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if S != (1, 1):
+            raise ValueError("padding='same' needs stride 1")
+        if any(d * (k - 1) % 2 for d, k in zip(D, K)):
+            raise ValueError(f"padding='same' with kernel {K}, dilation {D} is not symmetric")
+        return (D[0] * (K[0] - 1) // 2, D[1] * (K[1] - 1) // 2)
+    return _pair(padding)
+
+
+def conv2d_fwd(x, W, b, stride=1, padding=0, dilation=1, groups: int = 1):
+    """Section 25's Conv2d on ``x (N, C, H, W)`` with ``W (O, C/G, KH, KW)``:
+    ``cols[(n Ho + oh) Wo + ow, (c KH + i) KW + j] = xpad[n, c, oh SH + i DH,
+    ow SW + j DW]``; per group ``Y_g = xmmb(cols_g, Wm_g^T)`` (through
+    ``twin_layers.XMMB``), side by side, ``+ b`` per row, to ``(N, O, Ho, Wo)``.
+    Returns ``(y, cache)``."""
+    x = np.asarray(x, F32)
+    N, C, H, Wd = x.shape
+    O, Cg, KH, KW = W.shape
+    G = int(groups)
+    if C % G or O % G or Cg != C // G:
+        raise ValueError(f"groups {G}: channels {C} -> {O} with a weight {W.shape}")
+    S, D = _pair(stride), _pair(dilation)
+    P = conv_padding(padding, (KH, KW), S, D)
+    Ho = (H + 2 * P[0] - D[0] * (KH - 1) - 1) // S[0] + 1
+    Wo = (Wd + 2 * P[1] - D[1] * (KW - 1) - 1) // S[1] + 1
+    xpad = np.zeros((N, C, H + 2 * P[0], Wd + 2 * P[1]), F32)
+    xpad[:, :, P[0]:P[0] + H, P[1]:P[1] + Wd] = x
+    cols = np.empty((N, Ho, Wo, C, KH, KW), F32)
+    for i in range(KH):
+        for j in range(KW):
+            h0, w0 = i * D[0], j * D[1]
+            patch = xpad[:, :, h0:h0 + S[0] * (Ho - 1) + 1:S[0], w0:w0 + S[1] * (Wo - 1) + 1:S[1]]
+            cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)
+    cols = cols.reshape(N * Ho * Wo, C * KH * KW)
+    kk, og = Cg * KH * KW, O // G
+    Y = np.empty((N * Ho * Wo, O), F32)
+    for g in range(G):
+        Wm = np.ascontiguousarray(W[g * og:(g + 1) * og].reshape(og, kk).T)
+        Y[:, g * og:(g + 1) * og] = L.XMMB(np.ascontiguousarray(cols[:, g * kk:(g + 1) * kk]), Wm)
+    if b is not None:
+        Y = Y + b
+    y = np.ascontiguousarray(Y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2))
+    return y, (cols, x.shape, W.shape, S, P, D, G, Ho, Wo)
+
+
+def conv2d_bwd(gy, cache, W, has_bias: bool = True):
+    """``(gW, gb or None, gx)``: per group ``gWm_g = xmmb(gY_g^T, cols_g)``,
+    ``gcols_g = xmmb(gY_g, Wm_g)``; ``gb = tree_sum(gY, 0)``; the fold of
+    ``gcols`` offset by offset (``i`` outer, ``j`` inner), the interior."""
+    cols, (N, C, H, Wd), _, S, P, D, G, Ho, Wo = cache
+    O, Cg, KH, KW = W.shape
+    kk, og = Cg * KH * KW, O // G
+    gY = np.ascontiguousarray(np.asarray(gy, F32).transpose(0, 2, 3, 1)).reshape(-1, O)
+    gW = np.empty((O, kk), F32)
+    gcols = np.empty_like(cols)
+    for g in range(G):
+        gYg = np.ascontiguousarray(gY[:, g * og:(g + 1) * og])
+        cg = np.ascontiguousarray(cols[:, g * kk:(g + 1) * kk])
+        gW[g * og:(g + 1) * og] = L.XMMB(np.ascontiguousarray(gYg.T), cg)
+        gcols[:, g * kk:(g + 1) * kk] = L.XMMB(
+            gYg, np.ascontiguousarray(W[g * og:(g + 1) * og].reshape(og, kk)))
+    gb = nt.tree_sum(gY, 0) if has_bias else None
+    g6 = gcols.reshape(N, Ho, Wo, C, KH, KW)
+    gxpad = np.zeros((N, C, H + 2 * P[0], Wd + 2 * P[1]), F32)
+    for i in range(KH):
+        for j in range(KW):
+            h0, w0 = i * D[0], j * D[1]
+            sl = (slice(None), slice(None), slice(h0, h0 + S[0] * (Ho - 1) + 1, S[0]),
+                  slice(w0, w0 + S[1] * (Wo - 1) + 1, S[1]))
+            gxpad[sl] = gxpad[sl] + g6[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+    gx = np.ascontiguousarray(gxpad[:, :, P[0]:P[0] + H, P[1]:P[1] + Wd])
+    return gW.reshape(W.shape), gb, gx
+
+
 # --------------------------------------------------------------- 16. the module tree
 def architecture(widths=(16, 32), blocks: int = 1):
     """The blocks as ``(prefix, c_in, c_out, stride, projection)``, in forward
@@ -227,22 +314,22 @@ def forward(p, buf, x, arch, training: bool = True):
     running statistics each BatchNorm leaves (training only)."""
     c: dict = {"training": training}
     stats: dict = {}
-    z, c["stem.0"] = L.conv2d_fwd(x, p["stem.0.weight"], None, 1, 1)
+    z, c["stem.0"] = conv2d_fwd(x, p["stem.0.weight"], None, 1, 1)
     h = _bn(p, buf, "stem.1", z, training, stats, c)
     c["stem.2"] = h
     h = nt.relu(h)
     h, c["stem.3"] = P.max_pool2d_fwd(h, *POOL)
     for pre, _, _, stride, proj in arch:
         x_in = h
-        u, c[f"{pre}.conv1"] = L.conv2d_fwd(x_in, p[f"{pre}.conv1.weight"], None, stride, 1)
+        u, c[f"{pre}.conv1"] = conv2d_fwd(x_in, p[f"{pre}.conv1.weight"], None, stride, 1)
         u = _bn(p, buf, f"{pre}.bn1", u, training, stats, c)
         c[f"{pre}.relu1"] = u
         u = nt.relu(u)
-        u, c[f"{pre}.conv2"] = L.conv2d_fwd(u, p[f"{pre}.conv2.weight"], None, 1, 1)
+        u, c[f"{pre}.conv2"] = conv2d_fwd(u, p[f"{pre}.conv2.weight"], None, 1, 1)
         u = _bn(p, buf, f"{pre}.bn2", u, training, stats, c)
         if proj:
-            sc, c[f"{pre}.shortcut.0"] = L.conv2d_fwd(x_in, p[f"{pre}.shortcut.0.weight"], None,
-                                                     stride, 0)
+            sc, c[f"{pre}.shortcut.0"] = conv2d_fwd(x_in, p[f"{pre}.shortcut.0.weight"], None,
+                                                   stride, 0)
             sc = _bn(p, buf, f"{pre}.shortcut.1", sc, training, stats, c)
         else:
             sc = x_in                                    # nn.Identity: the value itself
@@ -277,18 +364,16 @@ def backward(p, g, c, arch):
     for pre, _, _, stride, proj in reversed(arch):
         gs = nt.relu_bwd(gh, c[f"{pre}.relu2"])          # s = u + sc: both get gs
         gu = _bn_bwd(p, f"{pre}.bn2", gs, c, grads)
-        gw, _, gu = L.conv2d_bwd(gu, c[f"{pre}.conv2"], p[f"{pre}.conv2.weight"], 1, 1,
-                                 has_bias=False)
+        gw, _, gu = conv2d_bwd(gu, c[f"{pre}.conv2"], p[f"{pre}.conv2.weight"], has_bias=False)
         grads[f"{pre}.conv2.weight"] = gw
         gu = nt.relu_bwd(gu, c[f"{pre}.relu1"])
         gu = _bn_bwd(p, f"{pre}.bn1", gu, c, grads)
-        gw, _, gx1 = L.conv2d_bwd(gu, c[f"{pre}.conv1"], p[f"{pre}.conv1.weight"], stride, 1,
-                                  has_bias=False)
+        gw, _, gx1 = conv2d_bwd(gu, c[f"{pre}.conv1"], p[f"{pre}.conv1.weight"], has_bias=False)
         grads[f"{pre}.conv1.weight"] = gw
         if proj:
             gsc = _bn_bwd(p, f"{pre}.shortcut.1", gs, c, grads)
-            gw, _, gx2 = L.conv2d_bwd(gsc, c[f"{pre}.shortcut.0"],
-                                      p[f"{pre}.shortcut.0.weight"], stride, 0, has_bias=False)
+            gw, _, gx2 = conv2d_bwd(gsc, c[f"{pre}.shortcut.0"], p[f"{pre}.shortcut.0.weight"],
+                                    has_bias=False)
             grads[f"{pre}.shortcut.0.weight"] = gw
         else:
             gx2 = gs
@@ -296,8 +381,7 @@ def backward(p, g, c, arch):
     gh = P.max_pool2d_bwd(gh, c["stem.3"])
     gh = nt.relu_bwd(gh, c["stem.2"])
     gz = _bn_bwd(p, "stem.1", gh, c, grads)
-    grads["stem.0.weight"], _, _ = L.conv2d_bwd(gz, c["stem.0"], p["stem.0.weight"], 1, 1,
-                                                has_bias=False)
+    grads["stem.0.weight"], _, _ = conv2d_bwd(gz, c["stem.0"], p["stem.0.weight"], has_bias=False)
     return grads
 
 
