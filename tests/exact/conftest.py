@@ -7,8 +7,10 @@ for each test here it is set to whichever of the two the pipeline's public
 ``pipeline.exact.xmmb`` agrees with bit for bit on an input where the two
 texts differ (a block whose two large entries cancel: the first text keeps
 4 bits of their block-mates, the new one all of them). A pipeline agreeing
-with neither fails every test that asks, rather than comparing against a
-guess. The twin's own tests of ``xmmb`` and ``xmmb_v1`` call them by name.
+with neither is compared with the current text (``xmmb``), so the twin
+comparisons fail where it differs, and
+test_twin_layers.py::test_pipeline_xmmb_is_a_text_of_section_12 fails naming
+the probe. The twin's own tests of ``xmmb`` and ``xmmb_v1`` call them by name.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ def _probe() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=1)
-def pipeline_xmmb_text() -> str:
+def pipeline_xmmb_text() -> str | None:
     """``"xmmb"`` (section 12's two slices) or ``"xmmb_v1"`` (the first text):
-    the twin product the pipeline's ``xmmb`` matches bit for bit on the probe."""
+    the twin product the pipeline's ``xmmb`` matches bit for bit on the probe;
+    None if it matches neither."""
     import torch
 
     from pipeline.exact import xmmb
@@ -44,15 +47,13 @@ def pipeline_xmmb_text() -> str:
     texts = {name: getattr(tl, name)(A, B).view(np.uint32) for name in ("xmmb", "xmmb_v1")}
     assert (texts["xmmb"] != texts["xmmb_v1"]).any(), "the probe does not tell the texts apart"
     same = [name for name, want in texts.items() if np.array_equal(got, want)]
-    if len(same) != 1:
-        raise AssertionError("pipeline.exact.xmmb matches neither text of section 12 "
-                             "(twin_layers.xmmb nor xmmb_v1) on the probe input")
-    return same[0]
+    return same[0] if len(same) == 1 else None
 
 
 @pytest.fixture(autouse=True)
 def twin_xmmb(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Sets ``twin_layers.XMMB`` to the text the pipeline implements; yields its name."""
+    """Sets ``twin_layers.XMMB`` to the text the pipeline implements (the
+    current one if neither); yields its name."""
     name = pipeline_xmmb_text()
-    monkeypatch.setattr(tl, "XMMB", getattr(tl, name))
-    yield name
+    monkeypatch.setattr(tl, "XMMB", getattr(tl, name or "xmmb"))
+    yield name or "xmmb (the pipeline matches neither text)"

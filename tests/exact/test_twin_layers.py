@@ -208,6 +208,18 @@ def test_xmmb_v1_matches_the_first_text():
             _same_bits(tl.xmmb_v1(A, B), _xmmb_scalar(A, B, text="one slice"), f"v1 {name}")
 
 
+def test_pipeline_xmmb_is_a_text_of_section_12(twin_xmmb):
+    """The pipeline's public xmmb matches one text of section 12 bit for bit on
+    conftest.py's probe (x and -x cancelling in a block): the current one
+    (twin_layers.xmmb) or, until the pipeline implements it, the first one
+    (xmmb_v1); the twin comparisons under tests/exact use that one."""
+    from .conftest import pipeline_xmmb_text
+
+    assert pipeline_xmmb_text() in ("xmmb", "xmmb_v1"), \
+        "pipeline.exact.xmmb matches neither text of section 12 on the probe"
+    assert tl.XMMB is getattr(tl, pipeline_xmmb_text()), twin_xmmb
+
+
 def test_xmmb_batched_empty_and_signed_zeros():
     """Each leading index of a batched xmmb is its own product (bit for bit);
     k = 0 gives +0; a product of -0 entries, and an exact cancellation, give
