@@ -4,6 +4,12 @@ of each layer as plain functions on NumPy arrays, written from the spec alone.
 Every function returns what its backward needs as an explicit cache; nothing
 here is an autograd engine: a network (twin_charlm.py) calls the backwards in
 reverse order itself and adds fan-out gradients (section 13) where it has them.
+
+The layers' product is ``XMMB`` (looked up at each call): ``xmmb``, section
+12's current text (two slices of A and B), unless set to ``xmmb_v1`` (the
+first text, one slice); tests/exact/conftest.py sets it to the text the
+pipeline implements. Networks call ``XMMB`` (or the layers here), never
+``xmmb`` by name.
 """
 
 from __future__ import annotations
