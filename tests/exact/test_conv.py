@@ -60,9 +60,9 @@ def _np_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: np.ndarray
         cq = cols[:, q * kk:(q + 1) * kk]
         wq = w[q * og:(q + 1) * og].reshape(og, kk)
         gq = np.ascontiguousarray(gy[:, q * og:(q + 1) * og])
-        y[:, q * og:(q + 1) * og] = tl.xmmb(cq, np.ascontiguousarray(wq.T))
-        gw[q * og:(q + 1) * og] = tl.xmmb(np.ascontiguousarray(gq.T), cq)
-        gcols[:, q * kk:(q + 1) * kk] = tl.xmmb(gq, wq)
+        y[:, q * og:(q + 1) * og] = tl.XMMB(cq, np.ascontiguousarray(wq.T))
+        gw[q * og:(q + 1) * og] = tl.XMMB(np.ascontiguousarray(gq.T), cq)
+        gcols[:, q * kk:(q + 1) * kk] = tl.XMMB(gq, wq)
     if b is not None:
         y = y + b
     gpad = np.zeros_like(xp)

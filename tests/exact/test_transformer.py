@@ -22,9 +22,14 @@ from pipeline.exact.ops import softmax_xent
 
 from ..support import f32_bits
 from ..twin import numpy_twin as nt
-from ..twin.twin_layers import xmmb
+from ..twin import twin_layers as tl
 
 F32, F64 = np.float32, np.float64
+
+
+def xmmb(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The twin's layer product in the text the pipeline implements (conftest.py)."""
+    return tl.XMMB(a, b)
 
 
 def _rand(shape: tuple[int, ...], seed: int, spread: float = 1.0) -> torch.Tensor:

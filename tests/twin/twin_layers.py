@@ -4,6 +4,12 @@ of each layer as plain functions on NumPy arrays, written from the spec alone.
 Every function returns what its backward needs as an explicit cache; nothing
 here is an autograd engine: a network (twin_charlm.py) calls the backwards in
 reverse order itself and adds fan-out gradients (section 13) where it has them.
+
+The layers' product is ``XMMB`` (looked up at each call): ``xmmb``, section
+12's current text (two slices of A and B), unless set to ``xmmb_v1`` (the
+first text, one slice); tests/exact/conftest.py sets it to the text the
+pipeline implements. Networks call ``XMMB`` (or the layers here), never
+``xmmb`` by name.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ F32 = np.float32
 F64 = np.float64
 MASK = 7  # section 15's purpose tag
 
-__all__ = ["xmmb", "exp64", "sum_to", "linear_fwd", "linear_bwd", "embedding_fwd", "embedding_bwd",
+__all__ = ["xmmb", "xmmb_v1", "XMMB", "exp64", "sum_to", "linear_fwd", "linear_bwd",
+           "embedding_fwd", "embedding_bwd",
            "layernorm_fwd", "layernorm_bwd", "gelu_fwd", "gelu_bwd", "gelu_tanh_fwd",
            "gelu_tanh_bwd", "layer_mask", "dropout_fwd", "dropout_bwd", "attention_fwd",
            "attention_bwd", "conv2d_fwd", "conv2d_bwd", "uniform_init", "normal_init"]
@@ -43,9 +50,7 @@ def _block_scales(M: np.ndarray, axis: int, bits: int) -> tuple[np.ndarray, np.n
     return np.rint(np.ldexp(M, -s)), s    # the scaling is exact; rint is RNE
 
 
-def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
-    """Blocked product of f32 ``A (..., m, k)`` and ``B (..., k, n)`` (section 12).
-    ``block`` exists for the tests' control only; the spec's is 64."""
+def _checked(A, B):
     A, B = np.asarray(A), np.asarray(B)
     if A.dtype != F32 or B.dtype != F32:
         raise TypeError(f"xmmb wants float32, got {A.dtype}, {B.dtype}")
@@ -54,6 +59,65 @@ def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
         raise ValueError(f"xmmb shapes {A.shape} @ {B.shape}")
     if k > 1 << 31:
         raise ValueError("k > 2^31 is outside the spec")
+    return A, B
+
+
+def _two_slices(M: np.ndarray, axis: int, bits: int):
+    """Section 12's two slices of ``M`` (f64 values of f32 entries) per block along
+    ``axis``: s = frexp exponent of the block's max |.| (0 for a zero block) minus
+    ``bits``; hi = round_half_even(M * 2^-s); the remainder r = M - hi * 2^s
+    (exact); lo = round_half_even(r * 2^-(s - 23)). Returns (hi, lo, s), s kept
+    as size 1 along ``axis``."""
+    _, e = np.frexp(np.max(np.abs(M), axis=axis, keepdims=True))  # frexp(0) = (0, 0)
+    s = e.astype(np.int32) - np.int32(bits)
+    hi = np.rint(np.ldexp(M, -s))                 # the scaling is exact; rint is RNE
+    r = M - np.ldexp(hi, s)                       # exact (|r| <= 2^(s-1))
+    lo = np.rint(np.ldexp(r, 23 - s))
+    return hi, lo, s
+
+
+def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """Blocked product of f32 ``A (..., m, k)`` and ``B (..., k, n)`` (section 12:
+    two slices of A and B per block, H and X exact integer sums, one f64
+    addition per block, the f64 fold left to right). ``block`` exists for the
+    tests' control only; the spec's is 64."""
+    A, B = _checked(A, B)
+    k = A.shape[-1]
+    lead, m, n = A.shape[:-2], A.shape[-2], B.shape[-1]
+    if k == 0:
+        return np.zeros(lead + (m, n), dtype=F32)
+    T = -(-k // block)
+    pad = T * block - k       # zeros: change neither a block's maximum nor its sums
+    Ad = np.concatenate([A.astype(F64), np.zeros(lead + (m, pad), F64)], axis=-1)
+    Bd = np.concatenate([B.astype(F64), np.zeros(lead + (pad, n), F64)], axis=-2)
+    a, a2, sA = _two_slices(Ad.reshape(lead + (m, T, block)), -1, 24)  # (..., m, T, block)
+    a, a2, sA = (np.moveaxis(v, -2, -3) for v in (a, a2, sA))          # (..., T, m, .)
+    b, b2, sB = _two_slices(Bd.reshape(lead + (T, block, n)), -2, 23)  # (..., T, block, n)
+    # X = a b' + a' b as one product of [a | a'] and [b' ; b]; every product and
+    # partial sum of H (<= 2^53) and of X (< 64 (2^46 + 2^45) < 2^53) is an
+    # exact integer in f64, so the f64 GEMMs below are exact in any order.
+    aa = np.concatenate([a, a2], axis=-1)                               # (..., T, m, 2 block)
+    bb = np.concatenate([b2, b], axis=-2)                               # (..., T, 2 block, n)
+    per = max(1, _CHUNK_BYTES // max(1, 8 * m * n * int(np.prod(lead, dtype=np.int64))))
+    Q = None
+    for t0 in range(0, T, per):
+        t1 = min(T, t0 + per)
+        H = _gemm(a[..., t0:t1, :, :], b[..., t0:t1, :, :])           # (..., c, m, n)
+        X = _gemm(aa[..., t0:t1, :, :], bb[..., t0:t1, :, :])
+        s = sA[..., t0:t1, :, :] + sB[..., t0:t1, :, :]
+        S = np.ldexp(H, s) + np.ldexp(X, s - 23)   # both exact; one f64 rounding
+        for t in range(t1 - t0):     # the f64 fold, left to right over the blocks
+            Q = S[..., t, :, :] if Q is None else Q + S[..., t, :, :]
+    with np.errstate(over="ignore", under="ignore"):
+        return (Q + F64(0.0)).astype(F32)   # RN32(Q + 0.0): a zero Q of either sign is +0
+
+
+def xmmb_v1(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """The first text of section 12 (one slice: ``a`` of 24 bits, ``b`` of 23 bits
+    per block, no ``a'``/``b'``), kept while the pipeline may still implement it
+    (see ``XMMB``); ``block`` as in ``xmmb``."""
+    A, B = _checked(A, B)
+    k = A.shape[-1]
     lead, m, n = A.shape[:-2], A.shape[-2], B.shape[-1]
     if k == 0:
         return np.zeros(lead + (m, n), dtype=F32)
@@ -78,6 +142,13 @@ def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
     Q = np.where(Q == 0.0, F64(0.0), Q)                               # a zero Q is +0
     with np.errstate(over="ignore"):
         return Q.astype(F32)                                          # RN32
+
+
+# The product every layer below calls, looked up at each call: section 12's
+# text (``xmmb``) unless a test sets ``twin_layers.XMMB = xmmb_v1`` to compare
+# against a pipeline that still implements the first text (tests/exact/
+# conftest.py chooses the one the pipeline's public ``xmmb`` agrees with).
+XMMB = xmmb
 
 
 # --------------------------------------------------------------- exp64 (14, GELU)
@@ -114,8 +185,8 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 
 def linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """``x (..., in)`` -> ``(..., out)``: xmmb(X, W^T) (+ b per row)."""
-    Y = xmmb(_rows(x), np.ascontiguousarray(W.T))
+    """``x (..., in)`` -> ``(..., out)``: XMMB(X, W^T) (+ b per row)."""
+    Y = XMMB(_rows(x), np.ascontiguousarray(W.T))
     if b is not None:
         Y = Y + b
     return Y.reshape(x.shape[:-1] + (W.shape[0],))
@@ -124,9 +195,9 @@ def linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray
 def linear_bwd(g: np.ndarray, x: np.ndarray, W: np.ndarray, has_bias: bool = True):
     """(gW, gb or None, gx) from ``g (..., out)``."""
     G, X = _rows(g), _rows(x)
-    gW = xmmb(np.ascontiguousarray(G.T), X)
+    gW = XMMB(np.ascontiguousarray(G.T), X)
     gb = nt.tree_sum(G, 0) if has_bias else None
-    gX = xmmb(G, np.ascontiguousarray(W))
+    gX = XMMB(G, np.ascontiguousarray(W))
     return gW, gb, gX.reshape(x.shape)
 
 
@@ -281,7 +352,7 @@ def attention_fwd(q, k, v, causal: bool, scale=None, keep=None, scale_a=F32(1.0)
     Tn, S = q.shape[-2], k.shape[-2]
     allowed = (np.arange(S)[None, :] <= np.arange(Tn)[:, None]) if causal else \
         np.ones((Tn, S), dtype=bool)
-    Sc = xmmb(q, _T(k))
+    Sc = XMMB(q, _T(k))
     Z = Sc * c
     mx = np.max(np.where(allowed, Z, F32(-np.inf)), axis=-1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -290,21 +361,21 @@ def attention_fwd(q, k, v, causal: bool, scale=None, keep=None, scale_a=F32(1.0)
     s = nt.tree_sum(e, -1)[..., None]
     P = e / s
     Pd = np.where(keep, P * scale_a, F32(0.0)).astype(F32) if keep is not None else P
-    Y = xmmb(Pd, v)
+    Y = XMMB(Pd, v)
     return Y, (q, k, v, P, Pd, allowed, c, keep, scale_a)
 
 
 def attention_bwd(gY, cache):
     """(gq, gk, gv)."""
     q, k, v, P, Pd, allowed, c, keep, scale_a = cache
-    gPd = xmmb(gY, _T(v))
-    gv = xmmb(_T(Pd), gY)
+    gPd = XMMB(gY, _T(v))
+    gv = XMMB(_T(Pd), gY)
     gP = np.where(keep, gPd * scale_a, F32(0.0)).astype(F32) if keep is not None else gPd
     dot = nt.tree_sum(gP * P, -1)[..., None]
     gZ = np.where(allowed, (gP - dot) * P, F32(0.0)).astype(F32)
     gSc = gZ * c
-    gq = xmmb(gSc, k)
-    gk = xmmb(_T(gSc), q)
+    gq = XMMB(gSc, k)
+    gk = XMMB(_T(gSc), q)
     return gq, gk, gv
 
 
@@ -315,7 +386,7 @@ def conv2d_fwd(x, Wt, b, stride: int, pad: int):
     N = x.shape[0]
     cols, Ho, Wo = nt.im2col(x, KH, KW, stride, pad)
     Wm = Wt.reshape(Oc, C * KH * KW)
-    Y = xmmb(cols, np.ascontiguousarray(Wm.T))
+    Y = XMMB(cols, np.ascontiguousarray(Wm.T))
     if b is not None:
         Y = Y + b
     y = np.ascontiguousarray(Y.reshape(N, Ho, Wo, Oc).transpose(0, 3, 1, 2))
@@ -328,10 +399,10 @@ def conv2d_bwd(gy, cache, Wt, stride: int, pad: int, has_bias: bool = True):
     Oc, C, KH, KW = Wt.shape
     N, _, H, W = x_shape
     gY = np.ascontiguousarray(gy.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, Oc)
-    gWm = xmmb(np.ascontiguousarray(gY.T), cols)
+    gWm = XMMB(np.ascontiguousarray(gY.T), cols)
     gb = nt.tree_sum(gY, 0) if has_bias else None
     Wm = np.ascontiguousarray(Wt.reshape(Oc, C * KH * KW))
-    gcols = xmmb(gY, Wm).reshape(N, Ho, Wo, C, KH, KW)
+    gcols = XMMB(gY, Wm).reshape(N, Ho, Wo, C, KH, KW)
     gxpad = np.zeros((N, C, H + 2 * pad, W + 2 * pad), dtype=F32)
     for i in range(KH):
         for j in range(KW):
