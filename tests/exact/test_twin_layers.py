@@ -208,16 +208,22 @@ def test_xmmb_v1_matches_the_first_text():
             _same_bits(tl.xmmb_v1(A, B), _xmmb_scalar(A, B, text="one slice"), f"v1 {name}")
 
 
-def test_pipeline_xmmb_is_a_text_of_section_12(twin_xmmb):
-    """The pipeline's public xmmb matches one text of section 12 bit for bit on
-    conftest.py's probe (x and -x cancelling in a block): the current one
-    (twin_layers.xmmb) or, until the pipeline implements it, the first one
-    (xmmb_v1); the twin comparisons under tests/exact use that one."""
-    from .conftest import pipeline_xmmb_text
+def test_pipeline_xmmb_is_section_12():
+    """The pipeline's public xmmb is the current text of section 12 (the twin's
+    ``xmmb``) bit for bit on a block whose two large entries cancel, where the
+    first text (``xmmb_v1``: one slice, 4 bits of their block-mates) differs."""
+    import torch
 
-    assert pipeline_xmmb_text() in ("xmmb", "xmmb_v1"), \
-        "pipeline.exact.xmmb matches neither text of section 12 on the probe"
-    assert tl.XMMB is getattr(tl, pipeline_xmmb_text()), twin_xmmb
+    from pipeline.exact import xmmb
+
+    rng = np.random.default_rng(2026)
+    A = rng.standard_normal((4, 100)).astype(F32)
+    B = rng.standard_normal((100, 3)).astype(F32)
+    A[:, 0], A[:, 1] = F32(2.0**20), F32(-2.0**20)   # x and -x
+    B[1] = B[0]                                      # cancel exactly
+    got = xmmb(torch.from_numpy(A), torch.from_numpy(B)).numpy()
+    _same_bits(got, tl.xmmb(A, B), "pipeline vs section 12")
+    assert np.any(_bits(tl.xmmb_v1(A, B)) != _bits(got)), "the probe does not tell the texts apart"
 
 
 def test_xmmb_batched_empty_and_signed_zeros():

@@ -19,9 +19,7 @@ sections 2, 9, 11, 13, 14, 16, 23, 24, 25) against float64 and the pipeline.
    keeping the last shard's running statistics (not the shards' average) gives
    another hash.
 
-The twin's layer product is ``twin_layers.XMMB``, set by conftest.py to the
-text of section 12 that the pipeline's ``xmmb`` implements (the first text,
-one slice, or the new one, two slices); the run test names it on failure.
+The twin's layer product is ``twin_layers.XMMB``: section 12's ``xmmb``.
 """
 
 from __future__ import annotations
@@ -437,7 +435,7 @@ def _twin_run(overrides):
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_resnet_hash_matches_pipeline(tmp_path, suite_env, twin_xmmb, monkeypatch):
+def test_resnet_hash_matches_pipeline(tmp_path, suite_env, monkeypatch):
     """``examples/resnet/config.toml mode=exact train.max_steps=3`` (4 shards of
     16 rows, BatchNorm statistics per shard, SGD with momentum) trained by
     ``python -m pipeline train`` and by the twin: the same weight hash over
@@ -451,7 +449,7 @@ def test_resnet_hash_matches_pipeline(tmp_path, suite_env, twin_xmmb, monkeypatc
     run = _pipeline_run([], tmp_path / "runs", suite_env)
     assert sorted(run["weights_layout"]) == sorted(state)
     assert run["weights_sha256"] == want, \
-        f"pipeline {run['weights_sha256']} != twin {want} (twin product: {twin_xmmb})"
+        f"pipeline {run['weights_sha256']} != twin {want}"
     assert run["metrics"]["test_accuracy"] == metrics["test_accuracy"]
     state1, _ = _twin_run(["seed=1"])
     other = tw.weights_sha256(state1)

@@ -6,10 +6,8 @@ here is an autograd engine: a network (twin_charlm.py) calls the backwards in
 reverse order itself and adds fan-out gradients (section 13) where it has them.
 
 The layers' product is ``XMMB`` (looked up at each call): ``xmmb``, section
-12's current text (two slices of A and B), unless set to ``xmmb_v1`` (the
-first text, one slice); tests/exact/conftest.py sets it to the text the
-pipeline implements. Networks call ``XMMB`` (or the layers here), never
-``xmmb`` by name.
+12's text (two slices of A and B). ``xmmb_v1``, the first text (one slice),
+is kept as the tests' control (it gives other bits).
 """
 
 from __future__ import annotations
@@ -145,9 +143,7 @@ def xmmb_v1(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
 
 
 # The product every layer below calls, looked up at each call: section 12's
-# text (``xmmb``) unless a test sets ``twin_layers.XMMB = xmmb_v1`` to compare
-# against a pipeline that still implements the first text (tests/exact/
-# conftest.py chooses the one the pipeline's public ``xmmb`` agrees with).
+# text.
 XMMB = xmmb
 
 
