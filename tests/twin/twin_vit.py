@@ -261,3 +261,32 @@ def _train(cfg, data_path, data_sha256, steps_cb, cls_always):
     correct = int(np.count_nonzero(np.argmax(logits, axis=1) == y[test_ids]))
     acc = correct / len(test_ids) if len(test_ids) else math.nan
     return p, {"steps": total, "losses": losses, "test_accuracy": acc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/twin/twin_vit.py examples/vit/config.toml mode=exact
+    train.max_steps=3 --data data/digits.csv.gz``: the weight hash."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description="the vit example in the NumPy twin")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="key=value (value parsed as TOML)")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--no-cls-when-mean", action="store_true",
+                    help="the model registers the class token only with pool = 'cls'")
+    args = ap.parse_args(argv)
+    cfg = nt.load_config(args.config, args.overrides)
+    t0 = time.perf_counter()
+    params, m = train(cfg, args.data, nt.file_sha256(args.data),
+                      cls_always=not args.no_cls_when_mean)
+    print(f"test_accuracy: {m['test_accuracy']:.6f}")
+    print(f"weights sha256:{nt.weights_sha256(params)}")
+    print(f"steps: {m['steps']}  time: {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
