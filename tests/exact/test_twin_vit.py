@@ -35,6 +35,7 @@ from ..support import f32_bits as _bits
 from ..support import run_pipeline
 from ..twin import numpy_twin as tw
 from ..twin import twin_layers as tl
+from ..twin import twin_ops as tops
 from ..twin import twin_vit as tv
 from ..twin import twin_vit_ops as vo
 
@@ -115,7 +116,8 @@ SUM_CASES = [((3, 4, 5), 1, False), ((3, 4, 5), (0, 2), True), ((3, 4, 5), None,
 def test_sum_mean_match_pipeline_bitwise_and_float64(shape, dims, keepdim):
     """``xsum_fwd``/``xmean_fwd`` and their backwards equal
     ``pipeline.exact.xsum``/``xmean`` (forward and autograd backward) bit for
-    bit, and are within f32 rounding of float64."""
+    bit, are within f32 rounding of float64, and equal twin_ops.py's
+    independent reading of section 21 bit for bit."""
     import torch
 
     import pipeline.exact as E
@@ -138,6 +140,8 @@ def test_sum_mean_match_pipeline_bitwise_and_float64(shape, dims, keepdim):
         r64.backward(_t(g, dtype=F64))
         _close(y, r64, 1e-6, f"{name} vs float64")
         _close(gx, x64.grad, 1e-6, f"{name} grad vs float64")
+        other = (tops.sum_fwd if name == "sum" else tops.mean_fwd)(x, dims, keepdim)
+        _same_bits(y, other, f"{name}: twin_ops.py's reading of section 21")
 
 
 # ------------------------------------------------------------------ 29. fan-in
