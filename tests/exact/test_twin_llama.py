@@ -17,10 +17,12 @@ against the spec and, as a black box, the pipeline.
    stock model converted by ``from_torch``; within rounding of float64
    autograd through the stock model;
 3. full runs: ``examples/llama/config.toml mode=exact`` (small dims, 3 steps,
-   4 shards, Adam) by ``python -m pipeline train`` (a subprocess) and by the
-   twin: equal weight hash and test loss, at seeds 0 and 1; controls: the two
-   seeds' hashes differ, and the twin summing the three consumers of the
-   normalised attention input in another order gives another hash.
+   4 shards; Adam, or AdamW with clipping and a warm-up + cosine schedule) by
+   ``python -m pipeline train`` (a subprocess) and by the twin: equal weight
+   hash and test loss, at seeds 0 and 1; controls: the two seeds' hashes
+   differ, the twin summing the three consumers of the normalised attention
+   input in another order, or clipping with the tied weight counted twice,
+   gives another hash.
 
 The pipeline's training path (``LayerNet.shard_grads``, what ``pipeline
 train`` runs) is the one compared for section 29: a plain ``backward()`` of a
@@ -291,11 +293,12 @@ def _rope_module(E, T):
 
 
 def test_rope_matches_float64_autograd_and_pipeline():
-    """The rotary application (examples/llama/model.py's ``rope``, the twin's
-    tables; the module's from the pipeline's rotary_tables) on ``(N, H, T, E)``: the twin's forward and
-    backward within rounding of float64 autograd, and bit for bit equal to the
-    module converted by from_torch under the guard (data movement, two f32
-    products and a sum; the input's gradient the f32 sum of its two consumers').
+    """The rotary application (examples/llama/model.py's ``rope``; the twin's
+    tables, the module's from the pipeline's rotary_tables) on ``(N, H, T,
+    E)``: the twin's forward and backward within rounding of float64
+    autograd, and bit for bit equal to the module converted by from_torch
+    under the guard (data movement, two f32 products and a sum; the input's
+    gradient the f32 sum of its two consumers', which commutes).
     Control: the gradient without the ``rotate_half`` consumer differs."""
     import torch
 
@@ -703,29 +706,63 @@ def _pipeline_run(overrides, runs, env):
     return json.loads(p.stdout)
 
 
+def _swap_consumers(monkeypatch):
+    """The normalised attention input's three consumers summed as ``(g_q +
+    g_v) + g_k``."""
+    real = R.consumers_grad
+    monkeypatch.setattr(R, "consumers_grad",
+                        lambda gs: real([gs[0], gs[2], gs[1]] if len(gs) == 3 else gs))
+
+
+def _clip_counting_the_tie_twice(monkeypatch):
+    """Clipping's norm with the tied weight counted under both names."""
+    real = topt.clip_grads
+
+    def twice(grads, c):
+        both = {**grads, "head.weight": grads["tok.weight"]}
+        scale = real(both, c)
+        for k in grads:
+            grads[k] = (grads[k] * scale).astype(F32)
+        return scale
+
+    monkeypatch.setattr(topt, "clip_grads", twice)
+
+
+# AdamW's decay and clipping's norm reach the tied weight once (one value,
+# saved once); a warm-up step, then the cosine.
+OPTIONS = ["optim.name=adamw", "optim.weight_decay=0.1", "optim.clip_norm=0.5",
+           "optim.schedule=cosine", "optim.warmup_steps=1", "optim.lr=0.01"]
+
+
 @pytest.mark.process
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_llama_hash_and_test_loss_match_pipeline(seed, tmp_path, suite_env, monkeypatch):
+@pytest.mark.parametrize("overrides,other_seed,control", [
+    pytest.param(["seed=0"], 1, _swap_consumers, id="seed0"),
+    pytest.param(["seed=1"], 0, _swap_consumers, id="seed1"),
+    pytest.param(["seed=0", *OPTIONS], None, _clip_counting_the_tie_twice,
+                 id="adamw_clip_cosine")])
+def test_llama_hash_and_test_loss_match_pipeline(overrides, other_seed, control, tmp_path,
+                                                 suite_env, monkeypatch):
     """examples/llama in exact mode, small dims (d_model 32, 2 heads, SwiGLU
-    width 72, context 16), 3 steps of Adam on 4 shards, at seeds 0 and 1:
-    the twin's weight hash and test loss equal ``python -m pipeline train``'s
-    (the tied weight saved once, as ``tok.weight``). Controls: the other
-    seed's twin hash differs (so the two runs' hashes differ); the twin
-    summing the normalised attention input's three consumers as ``(g_q +
-    g_v) + g_k`` gives another hash."""
-    ov = [*SHORT, f"seed={seed}"]
+    width 72, context 16), 3 steps on 4 shards, Adam as configured at seeds 0
+    and 1, or AdamW with weight decay, clipping and a warm-up + cosine
+    schedule: the twin's weight hash and test loss equal ``python -m pipeline
+    train``'s (the tied weight saved once, as ``tok.weight``). Controls: the
+    other seed's twin hash differs (so the seeds' hashes differ); the twin
+    summing the normalised attention input's three consumers as ``(g_q + g_v)
+    + g_k``, or clipping with the tied weight counted twice, gives another
+    hash."""
+    ov = [*SHORT, *overrides]
     params, metrics = tlm.train(_cfg(ov), str(TEXT), TEXT_SHA, with_test_loss=True)
     want = tw.weights_sha256(params)
     assert "head.weight" not in params
     run = _pipeline_run(ov, tmp_path / "runs", suite_env)
     assert run["parameters"]["tied"] == tlm.TIED
-    assert run["weights_sha256"] == want, (seed, run["weights_sha256"], want)
+    assert run["weights_sha256"] == want, (overrides, run["weights_sha256"], want)
     assert run["metrics"]["test_loss"] == metrics["test_loss"]
-    other_seed, _ = tlm.train(_cfg([*SHORT, f"seed={1 - seed}"]), str(TEXT), TEXT_SHA)
-    assert tw.weights_sha256(other_seed) != want
-    real = R.consumers_grad
-    monkeypatch.setattr(R, "consumers_grad",
-                        lambda gs: real([gs[0], gs[2], gs[1]] if len(gs) == 3 else gs))
+    if other_seed is not None:
+        flipped, _ = tlm.train(_cfg([*SHORT, f"seed={other_seed}"]), str(TEXT), TEXT_SHA)
+        assert tw.weights_sha256(flipped) != want
+    control(monkeypatch)
     other, _ = tlm.train(_cfg(ov), str(TEXT), TEXT_SHA)
     assert tw.weights_sha256(other) != want, "the control changed nothing"

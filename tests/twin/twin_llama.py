@@ -49,8 +49,8 @@ except ImportError:  # run as a script from tests/twin/
 
 F32 = np.float32
 
-__all__ = ["DEFAULT_ARGS", "arch_of", "layout", "init_params", "forward", "backward",
-           "shard_grads", "batch_grads", "test_loss", "train", "TIED"]
+__all__ = ["DEFAULT_ARGS", "arch_of", "layout", "init_params", "make_tables", "logit_scale",
+           "forward", "backward", "shard_grads", "batch_grads", "test_loss", "train", "TIED"]
 
 # the factory's defaults (examples/llama/model.py)
 DEFAULT_ARGS = {"n_layer": 2, "n_head": 4, "d_model": 128, "hidden": 344,
