@@ -691,6 +691,28 @@ def test_llama_gradient_close_to_float64_autograd():
 
 # ------------------------------------------------------------------ full runs
 
+def test_twin_reproduces_the_documented_tiny_llama_check_value():
+    """docs/explanation/exact-mode.md's check value for
+    tests/system/test_llama.py's tiny configuration of the example (what the
+    pipeline gives on any machine, at every ISA level, thread count and world
+    size that file tries): the twin's weight hash equals the table's, and its
+    test loss the printed one to its four decimals."""
+    import re
+
+    from ..system.test_llama import TINY
+
+    doc = (REPO / "docs" / "explanation" / "exact-mode.md").read_text(encoding="utf-8")
+    rows = [ln for ln in doc.splitlines() if "test_llama.py`'s tiny configuration" in ln]
+    assert len(rows) == 1, rows
+    want = re.search(r"`([0-9a-f]{64})`", rows[0])
+    loss = re.search(r"validation loss (\d+\.\d+)", rows[0])
+    assert want and loss, rows[0]
+    params, metrics = tlm.train(_cfg([o for o in TINY if o != "mode=exact"]), str(TEXT),
+                                TEXT_SHA, with_test_loss=True)
+    assert tw.weights_sha256(params) == want.group(1)
+    assert f"{metrics['test_loss']:.4f}" == loss.group(1)
+
+
 SHORT = ["train.max_steps=3", "model.args.d_model=32", "model.args.n_head=2",
          "model.args.hidden=72", "data.context=16", "data.test_fraction=0.0001"]
 
