@@ -24,7 +24,8 @@ class ViT(nn.Module):
         self.pool, self.masked = pool, masked
         self.tokens = (h // patch) * (w // patch) + (pool == "cls")
         self.patch = nn.Conv2d(c, d_model, patch, stride=patch)
-        self.cls = nn.Embedding(1, d_model)           # the class token, one learned row
+        if pool == "cls":  # an unused parameter is refused by exact mode: none with "mean"
+            self.cls = nn.Embedding(1, d_model)       # the class token, one learned row
         self.pos = nn.Embedding(self.tokens, d_model)  # learned position embeddings
         self.drop = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(d_model, n_head, 2 * d_model, dropout,

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from ..core.errors import ConfigError
 from . import layers as L
 from . import transformer as XT
+from .guard import exact_function
 from .provenance import constant_problem, is_exact_constant, register_exact_constant, \
     taint, taint_of
 
@@ -134,7 +135,13 @@ def _mha(m: nn.MultiheadAttention) -> nn.Module | str:
 
 
 def _encoder_layer(m: nn.TransformerEncoderLayer) -> nn.Module | str:
-    return XT.TransformerEncoderLayer(m.norm_first, m.activation)
+    act = m.activation
+    if not isinstance(act, nn.Module):  # a function: its exact implementation, guard or not
+        act = exact_function(act)
+        if act is None:
+            return (f"activation {getattr(m.activation, '__qualname__', m.activation)!r}: "
+                    f"docs/exact-spec.md defines relu, gelu, silu, sigmoid and tanh")
+    return XT.TransformerEncoderLayer(m.norm_first, act)
 
 
 def _encoder(m: nn.TransformerEncoder) -> nn.Module | str:

@@ -264,6 +264,14 @@ def _name(func: Any) -> str:
     return name
 
 
+def exact_function(func: Any) -> Any | None:
+    """The exact implementation the guard routes the torch function ``func``
+    to (``F.gelu`` -> the spec's GELU), or None if it routes none: a converted
+    module that keeps a function (a TransformerEncoderLayer's activation)
+    calls this one, so it gives the spec's bits with or without a guard."""
+    return _ROUTES.get(_name(func))
+
+
 class Guard(TorchFunctionMode):
     """Route or refuse every torch call outside exact layers (module docstring).
     ``found`` (a list) collects refusals instead of raising, with the module

@@ -198,7 +198,8 @@ class TransformerEncoderLayer(nn.Module):
     """``nn.TransformerEncoderLayer`` (section 26): children ``self_attn``,
     ``linear1``, ``dropout``, ``linear2``, ``norm1``, ``norm2``, ``dropout1``,
     ``dropout2`` (and ``activation`` when a module), set by ``from_torch``;
-    ``activation`` a function (``F.relu``, ``F.gelu``) runs under the guard."""
+    ``activation`` a function: the exact one the guard routes torch's to
+    (``guard.exact_function``), so the layer is exact outside a guard too."""
 
     def __init__(self, norm_first: bool, activation: Any) -> None:
         super().__init__()

@@ -501,3 +501,28 @@ def test_multihead_attention_dropout_is_the_step_contexts_mask() -> None:
     kept = runs[0] != 0
     assert 0.3 < float(kept.float().mean()) < 0.7
     assert torch.equal(runs[0][kept], (w0.detach() * 2.0)[kept])
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_converted_encoder_layer_is_exact_outside_the_guard(act: str) -> None:
+    """A converted TransformerEncoderLayer keeps its activation as the exact
+    function the guard routes torch's to, so called without a guard it gives
+    the guard's bits (it ran stock F.gelu there: 1106 entries differed). Control:
+    the stock layer with the same weights gives other bits for GELU. An
+    activation the spec does not define is refused at conversion."""
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=act, batch_first=True)
+    e = from_torch(m)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        with Guard():
+            inside = e(x)
+        outside = e(x)
+    assert (f32_bits(inside) == f32_bits(outside)).all()
+    if act == "gelu":
+        e.load_state_dict(m.state_dict())  # the stock weights, so only the arithmetic differs
+        with torch.no_grad():
+            assert not torch.equal(e(x), m.eval()(x))
+    elu = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=F.elu, batch_first=True)
+    with pytest.raises(ConfigError, match="activation 'elu'"):
+        from_torch(elu)
