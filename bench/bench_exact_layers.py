@@ -7,7 +7,7 @@ table; the target is exact / stock <= 3 per step and <= 1.5 in peak memory.
 Not a test.
 
     .venv/bin/python bench/bench_exact_layers.py [--config examples/charlm/config.toml]
-        [--steps 8] [--repeats 3] [--threads 1,2] [KEY=VALUE ...]
+        [--steps 8] [--repeats 3] [--threads 1,2] [--profile] [KEY=VALUE ...]
 
 Each (mode, threads) runs in a fresh subprocess, under the pinned profile's
 environment with the thread count replaced (so both modes run the same
@@ -18,13 +18,19 @@ and reports the median of its timed steps after two warm-up steps and its
 peak RSS; the plain loop runs on N intra-op threads under the same
 environment. The parent alternates the children (exact, pinned, plain,
 exact, ...) and prints medians over ``--repeats``. Evaluation is not timed.
+``--profile``: then where exact mode's step time goes, at one thread
+(cProfile over the timed steps: the functions with the most own time, the
+f64 GEMMs of the layer product among them as ``torch.matmul``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import resource
 import statistics
 import subprocess
@@ -96,8 +102,11 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
     order = batches(epoch_order(train_ids, cfg.seed, 0), cfg.train.batch_size)
     n_global = cfg.train.batch_size * examples.targets_per_example
     times, cpu = [], []
+    prof = cProfile.Profile() if os.environ.get("BENCH_PROFILE") else None
     for step in range(steps + 2):
         x, y = examples.get(order[step])
+        if prof is not None and step == 2:
+            prof.enable()
         t0, c0 = time.perf_counter(), time.process_time()
         masks = _loop_masks(net, dropout, cfg.train.batch_size)
         (_, grads), _ = _step_grads(net, x, y, masks, cfg, step, n_global, LocalComm(), dev,
@@ -108,19 +117,35 @@ def _child(config: Path, mode: str, steps: int, overrides: list[str]) -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     runner.close()
+    if prof is not None:
+        prof.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+        gemm = sum(v[2] for k, v in stats.stats.items()  # type: ignore[attr-defined]
+                   if k[2] in ("<built-in method torch.matmul>", "<built-in method torch.mm>",
+                               "<built-in method torch.bmm>"))
+        calls = stats.total_calls  # type: ignore[attr-defined]
+        print(f"own time of {steps} steps: {total:.2f} s in {calls // steps} Python-level calls "
+              f"per step ({1e6 * total / calls:.1f} us each); torch.matmul/mm/bmm (the layer "
+              f"product's f64 GEMMs and any other): {gemm:.2f} s ({100 * gemm / total:.0f}%)")
+        stats.sort_stats("tottime").print_stats(15)
+        lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+        print("\n".join(lines[-17:]))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({"step_s": statistics.median(times[2:]), "rss_mb": rss,
                       "cpu_s": statistics.median(cpu[2:]), "threads": torch.get_num_threads()}))
 
 
-def _run(config: Path, mode: str, threads: int, steps: int, overrides: list[str]) -> dict:
+def _run(config: Path, mode: str, threads: int, steps: int, overrides: list[str],
+         profile: bool = False) -> dict:
     from pipeline.core import environment
 
     # The profile's variables with the thread count replaced, set here for
     # both modes; PIPELINE_TEST_NO_PIN keeps pinned mode from re-executing to
     # restore the profile's one thread.
     env = {**os.environ, **environment.load_profile().env, "PYTHONPATH": str(ROOT),
-           "PIPELINE_TEST_NO_PIN": "1"}
+           "PIPELINE_TEST_NO_PIN": "1", **({"BENCH_PROFILE": "1"} if profile else {})}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     p = subprocess.run([sys.executable, __file__, "--child", mode, "--config", str(config),
@@ -128,7 +153,10 @@ def _run(config: Path, mode: str, threads: int, steps: int, overrides: list[str]
                        text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"{mode} child failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    lines = p.stdout.strip().splitlines()
+    if profile:
+        print("\n".join(lines[:-1]))
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -138,6 +166,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--child", default=None)
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.child:
@@ -166,6 +195,9 @@ def main() -> None:
     print("contention inflates wall times; CPU time counts every thread's work)")
     print("target: exact / stock (plain) <= 3 per step, <= 1.5 peak memory; pinned mode (stock")
     print("kernels, its shards on a pool of threads) is the stricter reference")
+    if args.profile:
+        print("\nWhere exact mode's step time goes (1 thread, cProfile, own time):")
+        _run(args.config, "exact", 1, args.steps, args.overrides, profile=True)
 
 
 if __name__ == "__main__":
