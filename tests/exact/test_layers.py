@@ -253,6 +253,22 @@ def test_xmmb_work_buffers_are_per_thread(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(used) > 1 and len(ptrs) == len(set(ptrs)), "threads shared work buffers"
 
 
+def test_xmmb_after_a_product_under_inference_mode() -> None:
+    """A thread's first product under torch.inference_mode() made its kept work
+    buffers inference tensors, which take no in-place update outside it: every
+    later product on that thread raised. The buffers are normal tensors now;
+    control: the products give the same bits either way."""
+    a, b = _rand((20, 100), 1), _rand((100, 30), 2)  # one whole block: the work buffers' path
+    with torch.inference_mode():
+        product._WORK.bufs = None  # this thread's buffers are made here, under the mode
+        inside = xmmb(a, b)
+        assert not product._WORK.bufs[0].is_inference()
+    outside = xmmb(a, b)
+    assert (_bits(inside) == _bits(outside)).all()
+    with torch.inference_mode():
+        assert (_bits(xmmb(a, b)) == _bits(outside)).all()
+
+
 def _one_slice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The control: section 12 before issue 22 (one slice: A to 24 and B to
     23 bits of each block's maximum), read in float64 with NumPy."""
