@@ -120,7 +120,7 @@ def _work(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
         # Normal tensors even when first needed under torch.inference_mode(): an
         # inference tensor takes no in-place update outside it (every later product failed).
         with torch.inference_mode(False):
-            held = _WORK.bufs = [torch.empty(numel, dtype=_F64) for _ in range(3)]
+            held = _WORK.bufs = [torch.empty(numel, dtype=_F64, device="cpu") for _ in range(3)]
     return [t[:numel].view(shape) for t in held]
 
 

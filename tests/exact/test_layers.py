@@ -269,6 +269,28 @@ def test_xmmb_after_a_product_under_inference_mode() -> None:
         assert (_bits(xmmb(a, b)) == _bits(outside)).all()
 
 
+def test_native_kernels_write_to_the_cpu_whatever_the_default_device() -> None:
+    """The native kernels' outputs (xmmb's quantised operands, tree sums, layer
+    norm's scales, index sums) and xmmb's kept work buffers were allocated on
+    torch's default device: with another one set (``torch.set_default_device``,
+    here meta) a kernel wrote through a pointer that is no CPU memory (a
+    segmentation fault). Control: the same calls without it give the same bits."""
+    from pipeline.exact import functional as XF
+
+    a, b = _rand((20, 100), 3), _rand((100, 30), 4)
+    x = _rand((6, 40), 5)
+    idx = torch.tensor([2, 0, 2, 1, 0, 2])
+    calls = [lambda: xmmb(a, b), lambda: xmmb(_rand((9, 150), 6), _rand((150, 7), 7)),
+             lambda: product.quantise_b(b), lambda: tree_sum(x, 1), lambda: tree_sum(x, 0),
+             lambda: XF.layer_norm(x, None, None, 1e-5), lambda: index_tree_sum(idx, x, 3)]
+    want = [c() for c in calls]
+    product._WORK.bufs = None  # made again under the other default device
+    with torch.device("meta"):
+        got = [c() for c in calls]
+    for w, g in zip(want, got):
+        assert g.device.type == "cpu" and torch.equal(w.view(torch.int8), g.view(torch.int8))
+
+
 def _one_slice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The control: section 12 before issue 22 (one slice: A to 24 and B to
     23 bits of each block's maximum), read in float64 with NumPy."""
