@@ -134,10 +134,15 @@ def _mha(m: nn.MultiheadAttention) -> nn.Module | str:
                                  m.in_proj_bias is not None, m.kdim, m.vdim, m.batch_first)
 
 
+# torch.nn.functional's own tanh and sigmoid: Python wrappers of the tensor methods
+# (no torch-function name of their own), the same functions as torch.tanh and torch.sigmoid.
+_WRAPPERS = {torch.nn.functional.tanh: torch.tanh, torch.nn.functional.sigmoid: torch.sigmoid}
+
+
 def _encoder_layer(m: nn.TransformerEncoderLayer) -> nn.Module | str:
     act = m.activation
     if not isinstance(act, nn.Module):  # a function: its exact implementation, guard or not
-        act = exact_function(act)
+        act = exact_function(_WRAPPERS.get(act, act))
         if act is None:
             return (f"activation {getattr(m.activation, '__qualname__', m.activation)!r}: "
                     f"docs/exact-spec.md defines relu, gelu, silu, sigmoid and tanh")

@@ -93,7 +93,7 @@ def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int, lo_first: bool) -> 
         x2 = x.reshape(-1, k)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        out = torch.empty(x2.shape[0], 2 * k, dtype=torch.float64)
+        out = torch.empty(x2.shape[0], 2 * k, dtype=torch.float64, device="cpu")
         lib.px_quantise_rows(x2.data_ptr(), x2.shape[0], k, x2.stride(0), out.data_ptr(), p,
                              int(lo_first), nt)
         return out.view(*x.shape[:-1], 2 * k)
@@ -101,7 +101,7 @@ def _quantise(lib: ctypes.CDLL, x: Tensor, dim: int, p: int, lo_first: bool) -> 
     x3 = x.reshape(-1, k, n)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    out = torch.empty(x3.shape[0], 2 * k, n, dtype=torch.float64)
+    out = torch.empty(x3.shape[0], 2 * k, n, dtype=torch.float64, device="cpu")
     lib.px_quantise_cols(x3.data_ptr(), x3.shape[0], k, n, x3.stride(1), x3.stride(0),
                          out.data_ptr(), p, int(lo_first), nt)
     return out.view(*x.shape[:-2], 2 * k, n)
@@ -155,12 +155,12 @@ def _tree_sum(lib: ctypes.CDLL, x: Tensor, dim: int) -> Tensor:
     nt = _threads(xc.numel())
     if dim == xc.dim() - 1:
         s = xc.shape[-1]
-        out = torch.empty(xc.shape[:-1], dtype=torch.float32)
+        out = torch.empty(xc.shape[:-1], dtype=torch.float32, device="cpu")
         lib.px_tree_rows(xc.data_ptr(), out.data_ptr(), xc.numel() // s, s, nt)
         return out
     rows, n = xc.shape
-    work = torch.empty(n * ((rows + 1) // 2), dtype=torch.float32)  # half the input
-    out = torch.empty(n, dtype=torch.float32)
+    work = torch.empty(n * ((rows + 1) // 2), dtype=torch.float32, device="cpu")  # half the input
+    out = torch.empty(n, dtype=torch.float32, device="cpu")
     lib.px_tree_cols(xc.data_ptr(), out.data_ptr(), rows, n, work.data_ptr(), nt)
     return out
 
@@ -181,7 +181,7 @@ def _layer_norm(lib: ctypes.CDLL, x2: Tensor, w: Tensor | None, b: Tensor | None
     xc = x2.contiguous()
     rows, d = xc.shape
     y, xh = torch.empty_like(xc), torch.empty_like(xc)
-    s = torch.empty(rows, 1, dtype=torch.float32)
+    s = torch.empty(rows, 1, dtype=torch.float32, device="cpu")
     lib.px_layer_norm(xc.data_ptr(), _ptr(w), _ptr(b), eps, y.data_ptr(), xh.data_ptr(),
                       s.data_ptr(), rows, d, _threads(xc.numel()))
     return y, xh, s
@@ -230,7 +230,7 @@ def _index_tree(lib: ctypes.CDLL, idx: Tensor, g: Tensor, rows: int) -> Tensor:
     nodes = torch.argsort(flat, stable=True)           # positions grouped by index
     ends = torch.bincount(flat, minlength=rows).cumsum_(0)
     vals = g.index_select(0, nodes)                    # rows in that order, contiguous
-    out = torch.zeros(rows, g.shape[1], dtype=torch.float32)
+    out = torch.zeros(rows, g.shape[1], dtype=torch.float32, device="cpu")
     lib.px_index_tree(nodes.data_ptr(), vals.data_ptr(), ends.data_ptr(), rows, g.shape[1],
                       out.data_ptr(), _threads(vals.numel()))
     return out

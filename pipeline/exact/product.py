@@ -117,7 +117,10 @@ def _work(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
         return [torch.empty(shape, dtype=_F64, device=device) for _ in range(3)]
     held = getattr(_WORK, "bufs", None)
     if held is None or held[0].numel() < numel:
-        held = _WORK.bufs = [torch.empty(numel, dtype=_F64) for _ in range(3)]
+        # Normal tensors even when first needed under torch.inference_mode(): an
+        # inference tensor takes no in-place update outside it (every later product failed).
+        with torch.inference_mode(False):
+            held = _WORK.bufs = [torch.empty(numel, dtype=_F64, device="cpu") for _ in range(3)]
     return [t[:numel].view(shape) for t in held]
 
 

@@ -253,6 +253,44 @@ def test_xmmb_work_buffers_are_per_thread(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(used) > 1 and len(ptrs) == len(set(ptrs)), "threads shared work buffers"
 
 
+def test_xmmb_after_a_product_under_inference_mode() -> None:
+    """A thread's first product under torch.inference_mode() made its kept work
+    buffers inference tensors, which take no in-place update outside it: every
+    later product on that thread raised. The buffers are normal tensors now;
+    control: the products give the same bits either way."""
+    a, b = _rand((20, 100), 1), _rand((100, 30), 2)  # one whole block: the work buffers' path
+    with torch.inference_mode():
+        product._WORK.bufs = None  # this thread's buffers are made here, under the mode
+        inside = xmmb(a, b)
+        assert not product._WORK.bufs[0].is_inference()
+    outside = xmmb(a, b)
+    assert (_bits(inside) == _bits(outside)).all()
+    with torch.inference_mode():
+        assert (_bits(xmmb(a, b)) == _bits(outside)).all()
+
+
+def test_native_kernels_write_to_the_cpu_whatever_the_default_device() -> None:
+    """The native kernels' outputs (xmmb's quantised operands, tree sums, layer
+    norm's scales, index sums) and xmmb's kept work buffers were allocated on
+    torch's default device: with another one set (``torch.set_default_device``,
+    here meta) a kernel wrote through a pointer that is no CPU memory (a
+    segmentation fault). Control: the same calls without it give the same bits."""
+    from pipeline.exact import functional as XF
+
+    a, b = _rand((20, 100), 3), _rand((100, 30), 4)
+    x = _rand((6, 40), 5)
+    idx = torch.tensor([2, 0, 2, 1, 0, 2])
+    calls = [lambda: xmmb(a, b), lambda: xmmb(_rand((9, 150), 6), _rand((150, 7), 7)),
+             lambda: product.quantise_b(b), lambda: tree_sum(x, 1), lambda: tree_sum(x, 0),
+             lambda: XF.layer_norm(x, None, None, 1e-5), lambda: index_tree_sum(idx, x, 3)]
+    want = [c() for c in calls]
+    product._WORK.bufs = None  # made again under the other default device
+    with torch.device("meta"):
+        got = [c() for c in calls]
+    for w, g in zip(want, got):
+        assert g.device.type == "cpu" and torch.equal(w.view(torch.int8), g.view(torch.int8))
+
+
 def _one_slice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The control: section 12 before issue 22 (one slice: A to 24 and B to
     23 bits of each block's maximum), read in float64 with NumPy."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.core.errors import ConfigError
 from pipeline.exact import Guard, LayerNet, from_torch, step_context
+from pipeline.exact import functional as XF
 from pipeline.exact.losses import Xent, recognise_loss, smoothed_xent
 from pipeline.exact.ops import softmax_xent
 
@@ -526,3 +527,35 @@ def test_converted_encoder_layer_is_exact_outside_the_guard(act: str) -> None:
     elu = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=F.elu, batch_first=True)
     with pytest.raises(ConfigError, match="activation 'elu'"):
         from_torch(elu)
+
+
+@pytest.mark.parametrize("act", [F.tanh, F.sigmoid, torch.tanh, torch.sigmoid,
+                                 nn.GELU(approximate="tanh")])
+def test_converted_encoder_layer_activation_tanh_sigmoid_and_gelu_tanh(act: object) -> None:
+    """F.tanh and F.sigmoid (Python wrappers of the tensor methods) were refused at
+    conversion with "docs/exact-spec.md defines ... sigmoid and tanh"; they are torch's
+    tanh and sigmoid, so they convert to the spec's. GELU's tanh form as a module stays
+    the tanh form. Controls: the same bits under the guard and without it; a partial
+    of F.gelu (approximate='tanh') is refused, not run as the erf form."""
+    import functools
+
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=act, batch_first=True)
+    e = from_torch(m)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        with Guard():
+            inside = e(x)
+        outside = e(x)
+    assert (f32_bits(inside) == f32_bits(outside)).all()
+    h = torch.randn(4, 32)
+    if isinstance(act, nn.Module):
+        assert torch.equal(e.activation(h), XF.gelu(h, "tanh"))
+        assert not torch.equal(e.activation(h), XF.gelu(h, "none"))
+    else:
+        with Guard():
+            want = act(h)  # the guard's routing of torch's function
+        assert torch.equal(e.activation(h), want)
+    tanh_gelu = functools.partial(F.gelu, approximate="tanh")
+    with pytest.raises(ConfigError, match="activation functools.partial"):
+        from_torch(nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=tanh_gelu))

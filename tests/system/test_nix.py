@@ -477,6 +477,13 @@ def test_source_date_epoch_leaves_out_the_timed_thread_choice(
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
     assert runs._threads(auto) == {"requested": "auto", "op_threads": 1}
     assert runs._threads(asked) == asked and runs._threads(None) is None
+    # A pool chosen by that timing that fell back to shards in order (a random op without
+    # a generator argument) records why; a quiet machine never had the pool: left out too.
+    fell = {**auto, "shard_threads": 1, "fallback": "aten.native_dropout draws ..."}
+    assert runs._threads(fell) == {"requested": "auto", "op_threads": 1}
+    assert runs._threads({**asked, "fallback": "x"}) == {**asked, "fallback": "x"}
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert runs._threads(fell) == fell
 
 
 @pytest.mark.process
