@@ -131,7 +131,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             raise PermissionError(cache)
     except OSError:  # this process builds for itself
         cache = _private_dir()
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     errors: list[str] = []
     machine = _cpu_flags() + "\0" + platform.machine()
@@ -141,8 +141,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         key = hashlib.sha256("\0".join([source, cc_text, " ".join(flags), version, machine])
                              .encode()).hexdigest()[:32]
         lib_path = cache / f"kernels-{key}.so"
-        with FileLock(str(cache / f"kernels-{key}.lock"), timeout=_COMPILE_TIMEOUT_S * 2):
-            lib, problem = _cached_or_built(cc, flags, source, lib_path)
+        try:
+            with FileLock(str(cache / f"kernels-{key}.lock"), timeout=_COMPILE_TIMEOUT_S * 2):
+                lib, problem = _cached_or_built(cc, flags, source, lib_path)
+        except Timeout:  # another process builds (or hangs): the torch implementation runs
+            errors.append(f"timed out after {_COMPILE_TIMEOUT_S * 2} s waiting for another "
+                          f"process's build ({cache / f'kernels-{key}.lock'})")
+            break
         if lib is not None:
             return lib, f"on ({cc_text}, {' '.join(extra) or 'baseline flags'})"
         errors.append(problem)

@@ -198,16 +198,18 @@ def _when(started: float, loop_s: float) -> dict[str, Any]:
 
 
 def _threads(threads: dict[str, Any] | None) -> dict[str, Any] | None:
-    """run.json's ``threads``. ``--threads auto`` chooses the shard pool by timing the
-    first step (pipeline.train.threads), so with SOURCE_DATE_EPOCH set (see ``_when``)
-    its outcome, ``shard_threads``, is left out like the durations, and so is ``fallback``
-    (a pool's shards that went back to running in order: only a pool chosen by that timing
-    can have one): two builds of one run, one on a busier machine, still write the same
-    bytes."""
-    if threads is None or "SOURCE_DATE_EPOCH" not in os.environ \
-            or threads.get("requested") != "auto":
+    """run.json's ``threads``. With SOURCE_DATE_EPOCH set (see ``_when``) what a busier
+    machine can change is left out, like the durations, so that two builds of one run
+    write the same bytes: ``--threads auto`` chooses the shard pool by timing the first
+    step (pipeline.train.threads), so its outcome, ``shard_threads``, goes, and so does
+    ``fallback`` (a pool's shards that went back to running in order: only a pool chosen
+    by that timing can have one); exact mode's ``exact_kernels`` (whether the native
+    kernels compiled, within a time limit, or the torch implementation ran: the same
+    bits) goes whatever was asked."""
+    if threads is None or "SOURCE_DATE_EPOCH" not in os.environ:
         return threads
-    return {k: v for k, v in threads.items() if k not in ("shard_threads", "fallback")}
+    timed = ("shard_threads", "fallback") if threads.get("requested") == "auto" else ()
+    return {k: v for k, v in threads.items() if k not in (*timed, "exact_kernels")}
 
 
 def run_lock(runs_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:

@@ -396,6 +396,27 @@ def test_an_unusable_build_directory_builds_in_a_private_one(tmp_path: Path) -> 
     assert blocker.read_text() == "not a directory"
 
 
+def test_a_build_lock_held_too_long_switches_the_kernels_off(
+        fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holding the build's lock past its time limit (a hung or slow
+    build) switches the kernels off with why, and the torch implementation gives the
+    same bits: the lock's Timeout escaped from the first exact product as a traceback."""
+    import filelock
+
+    a, b = torch.randn(20, 150), torch.randn(150, 9)
+    on = product.xmmb(a, b)
+    native._state.clear()
+
+    class Held(filelock.FileLock):  # type: ignore[misc, valid-type]
+        def acquire(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+            raise filelock.Timeout(self.lock_file)
+
+    monkeypatch.setattr(filelock, "FileLock", Held)
+    assert native.kernels("quantise") is None
+    assert "waiting for another process's build" in native.status(), native.status()
+    assert torch.equal(_bits(product.xmmb(a, b)), _bits(on))
+
+
 def test_a_compiler_command_with_arguments_is_used(fresh: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """CC may be a command line (as for make): "env cc" builds as cc does."""
