@@ -62,13 +62,13 @@ __all__ = ["ARGS", "arch_of", "layout", "init_params", "forward", "backward", "s
 
 ARGS = {"patch": 2, "d_model": 32, "n_head": 4, "n_layer": 2, "dropout": 0.1, "pool": "cls",
         "masked": 0}
-# The example registers ``cls`` whatever ``pool`` is (unused with "mean": section
-# 13 gives it a +0 gradient); ``cls_always = False`` is a variant model that
-# registers it only with "cls" (tests/exact/test_twin_vit.py writes it).
+# The example registers ``cls`` only with ``pool = "cls"``; ``cls_always = True``
+# is its earlier form, which registered it whatever ``pool`` is (unused with "mean":
+# exact mode refuses a parameter no shard of a step uses, section 13).
 SMOOTHING = 0.1  # model:smoothed = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
 
 
-def arch_of(cfg: dict, cls_always: bool = True) -> dict:
+def arch_of(cfg: dict, cls_always: bool = False) -> dict:
     a = {**ARGS, **cfg.get("model", {}).get("args", {}), "cls_always": cls_always}
     if a["pool"] not in ("cls", "mean"):
         raise ValueError(f"pool: expected 'cls' or 'mean', found {a['pool']!r}")
@@ -86,7 +86,7 @@ def layout(a: dict) -> list[tuple[str, str, tuple[int, ...]]]:
     """(module name, kind, weight shape) in section 16's pre-order numbering."""
     D, k = int(a["d_model"]), int(a["patch"])
     mods = [("patch", "conv", (D, 1, k, k))]
-    if a["pool"] == "cls" or a.get("cls_always", True):
+    if a["pool"] == "cls" or a.get("cls_always", False):
         mods.append(("cls", "emb", (1, D)))
     mods.append(("pos", "emb", (_tokens(a), D)))
     for i in range(int(a["n_layer"])):
@@ -218,7 +218,7 @@ def batch_grads(p, xb, yb, a, seed, step, shards, smoothing: float = SMOOTHING):
 
 
 # ---------------------------------------------------------------- 17. training
-def train(cfg: dict, data_path: str, data_sha256: str, steps_cb=None, cls_always: bool = True):
+def train(cfg: dict, data_path: str, data_sha256: str, steps_cb=None, cls_always: bool = False):
     """Train the vit config ``cfg`` (the pipeline's TOML as a dict, a
     ``model:vit`` factory and the ``model:smoothed`` loss); returns (params,
     {"steps", "losses", "test_accuracy"})."""
@@ -273,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="key=value (value parsed as TOML)")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--no-cls-when-mean", action="store_true",
-                    help="the model registers the class token only with pool = 'cls'")
+    ap.add_argument("--cls-always", action="store_true",
+                    help="the example's earlier model: the class token registered whatever pool is")
     args = ap.parse_args(argv)
     cfg = nt.load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     params, m = train(cfg, args.data, nt.file_sha256(args.data),
-                      cls_always=not args.no_cls_when_mean)
+                      cls_always=args.cls_always)
     print(f"test_accuracy: {m['test_accuracy']:.6f}")
     print(f"weights sha256:{nt.weights_sha256(params)}")
     print(f"steps: {m['steps']}  time: {time.perf_counter() - t0:.2f}s")
