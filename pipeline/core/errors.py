@@ -202,7 +202,6 @@ def stdout_gone() -> bool:
     """Whether standard output is a pipe whose reader has closed it (and it is
     then pointed at /dev/null, so the interpreter's last flush does not fail
     again): a BrokenPipeError from anything else is a file-system error."""
-    import os
     import select
     import sys
 

@@ -20,7 +20,7 @@ from torch.autograd import Function
 from . import fused
 from .blocks import by_rows
 from .consts import TANH_C, TANH_SMALL
-from .context import apply_trusted
+from .context import apply_f32
 from .context import trusted_backward as _trusted_backward
 from .flat import select
 from .ops import exp64
@@ -113,10 +113,7 @@ class _Activation(Function):
 
 
 def _apply(kind: str, x: Tensor) -> Tensor:
-    if not isinstance(x, Tensor) or x.dtype != _F32:
-        raise TypeError(f"exact {kind}: expected a float32 tensor, found "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    return apply_trusted(_Activation, x, kind)
+    return apply_f32(_Activation, kind, x, kind)
 
 
 def silu(x: Tensor) -> Tensor:

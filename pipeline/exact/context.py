@@ -114,6 +114,15 @@ def apply_trusted(fn: type[torch.autograd.Function], *args: Any) -> Any:
         return fn.apply(*args)
 
 
+def apply_f32(fn: type[torch.autograd.Function], what: str, x: Any, *args: Any) -> Any:
+    """``apply_trusted(fn, x, *args)`` for an elementwise function of an f32
+    tensor ``x``; anything else is a TypeError naming ``what``."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"exact {what}: expected a float32 tensor, found "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    return apply_trusted(fn, x, *args)
+
+
 def trusted_backward(f: Callable[..., Any]) -> Callable[..., Any]:
     """A Function's backward run as a trusted region (for a backward called
     while a guard is active) and once differentiable: its exact ops record

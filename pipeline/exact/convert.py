@@ -207,12 +207,6 @@ def _converted(mod: nn.Module, new: nn.Module, shared: dict[int, nn.Parameter]) 
     return new
 
 
-def _buffer_problem(buf: torch.Tensor) -> str | None:
-    """Why a constant buffer's values may differ between machines, or None
-    (pipeline.exact.provenance: where the factory computed it)."""
-    return constant_problem(buf)
-
-
 def _tensor_attributes(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Tensors a module holds as plain attributes (neither parameters nor
     buffers): constants its forward captures."""
@@ -272,10 +266,10 @@ def _convert(mod: nn.Module, path: str, problems: list[str],
         problems.append(f"{label}: parameter {name!r} {tuple(p.shape)} held by the module "
                         f"itself; exact mode initialises and trains only its layers' parameters")
     for name, buf in mod.named_buffers(recurse=False):
-        if (why := _buffer_problem(buf)) is not None:
+        if (why := constant_problem(buf)) is not None:
             problems.append(f"{label}: buffer {name!r} {why}")
     for name, val in _tensor_attributes(mod):  # captured constants (spec section 28)
-        if (why := _buffer_problem(val)) is not None:
+        if (why := constant_problem(val)) is not None:
             problems.append(f"{label}: tensor attribute {name!r} {why}")
     for name, child in list(mod.named_children()):
         new = _convert(child, f"{path}.{name}" if path else name, problems, shared)

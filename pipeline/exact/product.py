@@ -124,14 +124,15 @@ def _work(shape: tuple[int, ...], device: torch.device) -> list[Tensor]:
     return [t[:numel].view(shape) for t in held]
 
 
-def _block_sum(a: Tensor, b: Tensor, out: Tensor, x: Tensor) -> Tensor:
+def _block_sum(a: Tensor, b: Tensor, out: Tensor | None = None,
+               x: Tensor | None = None) -> Tensor:
     """``S = RN64(H + X)`` of one block (or a batch of blocks) from its
-    quantised columns ``a (..., m, 2L)`` and rows ``b (..., 2L, n)``, into
-    ``out``: ``X`` (into ``x``) by one GEMM of all of them, ``H`` by one of
-    ``a``'s and ``b``'s halves."""
+    quantised columns ``a (..., m, 2L)`` and rows ``b (..., 2L, n)``: ``X`` by
+    one GEMM of all of them, ``H`` by one of ``a``'s and ``b``'s halves; into
+    ``out`` and ``x`` where given, else new tensors."""
     half = a.shape[-1] // 2
-    torch.matmul(a[..., half:], b[..., :half, :], out=out)
-    return out.add_(torch.matmul(a, b, out=x))
+    h = torch.matmul(a[..., half:], b[..., :half, :], out=out)
+    return h.add_(torch.matmul(a, b, out=x))
 
 
 def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
@@ -163,16 +164,10 @@ def mm_blocks(qa: Tensor, qb: Tensor) -> Tensor:
             .movedim(-2, -3)                                               # (..., T, m, 128)
         b_blocks = qb[..., :2 * BLOCK * full, :].unflatten(-2, (full, 2 * BLOCK))
         for a, b in zip(a_blocks.split(group, -3), b_blocks.split(group, -3)):
-            shape = (*lead, a.shape[-3], m, n)
-            s = _block_sum(a, b, torch.empty(shape, dtype=_F64, device=qa.device),
-                           torch.empty(shape, dtype=_F64, device=qa.device))
-            for part in s.unbind(-3):                                       # (..., g, m, n)
+            for part in _block_sum(a, b).unbind(-3):                        # (..., g, m, n)
                 acc = part if acc is None else acc.add_(part)
     if r:
-        shape = (*lead, m, n)
-        last = _block_sum(qa[..., 2 * BLOCK * full:], qb[..., 2 * BLOCK * full:, :],
-                          torch.empty(shape, dtype=_F64, device=qa.device),
-                          torch.empty(shape, dtype=_F64, device=qa.device))
+        last = _block_sum(qa[..., 2 * BLOCK * full:], qb[..., 2 * BLOCK * full:, :])
         acc = last if acc is None else acc.add_(last)
     assert acc is not None
     return acc.add_(0.0).to(_F32)

@@ -27,7 +27,7 @@ from torch.autograd import Function
 
 from .consts import COS_C, INV_PIO2, LN2_HI, LN2_LO, LOG_C, PIO2_1, PIO2_2, PIO2_2T, \
     SIN_C, SQRT_HALF, TRIG_MAX
-from .context import apply_trusted, trusted
+from .context import apply_f32, trusted
 from .context import trusted_backward as _trusted_backward
 from .flat import select
 from .ops import exp64
@@ -117,10 +117,7 @@ class _SinCos(Function):
 
 
 def _apply(which: str, x: Tensor) -> Tensor:
-    if not isinstance(x, Tensor) or x.dtype != _F32:
-        raise TypeError(f"exact {which}: expected a float32 tensor, found "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    return apply_trusted(_SinCos, x, which)
+    return apply_f32(_SinCos, which, x, which)
 
 
 def sin(x: Tensor) -> Tensor:
