@@ -504,13 +504,9 @@ def test_multihead_attention_dropout_is_the_step_contexts_mask() -> None:
     assert torch.equal(runs[0][kept], (w0.detach() * 2.0)[kept])
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_converted_encoder_layer_is_exact_outside_the_guard(act: str) -> None:
-    """A converted TransformerEncoderLayer keeps its activation as the exact
-    function the guard routes torch's to, so called without a guard it gives
-    the guard's bits (it ran stock F.gelu there: 1106 entries differed). Control:
-    the stock layer with the same weights gives other bits for GELU. An
-    activation the spec does not define is refused at conversion."""
+def _same_bits_with_and_without_the_guard(act: Any) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A stock encoder layer with ``act``, its conversion and an input: the
+    converted layer gives the same bits under the guard and without it."""
     torch.manual_seed(0)
     m = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=act, batch_first=True)
     e = from_torch(m)
@@ -520,6 +516,17 @@ def test_converted_encoder_layer_is_exact_outside_the_guard(act: str) -> None:
             inside = e(x)
         outside = e(x)
     assert (f32_bits(inside) == f32_bits(outside)).all()
+    return m, e, x
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_converted_encoder_layer_is_exact_outside_the_guard(act: str) -> None:
+    """A converted TransformerEncoderLayer keeps its activation as the exact
+    function the guard routes torch's to, so called without a guard it gives
+    the guard's bits (it ran stock F.gelu there: 1106 entries differed). Control:
+    the stock layer with the same weights gives other bits for GELU. An
+    activation the spec does not define is refused at conversion."""
+    m, e, x = _same_bits_with_and_without_the_guard(act)
     if act == "gelu":
         e.load_state_dict(m.state_dict())  # the stock weights, so only the arithmetic differs
         with torch.no_grad():
@@ -539,15 +546,7 @@ def test_converted_encoder_layer_activation_tanh_sigmoid_and_gelu_tanh(act: obje
     of F.gelu (approximate='tanh') is refused, not run as the erf form."""
     import functools
 
-    torch.manual_seed(0)
-    m = nn.TransformerEncoderLayer(16, 2, 32, 0.0, activation=act, batch_first=True)
-    e = from_torch(m)
-    x = torch.randn(3, 5, 16)
-    with torch.no_grad():
-        with Guard():
-            inside = e(x)
-        outside = e(x)
-    assert (f32_bits(inside) == f32_bits(outside)).all()
+    _, e, _ = _same_bits_with_and_without_the_guard(act)
     h = torch.randn(4, 32)
     if isinstance(act, nn.Module):
         assert torch.equal(e.activation(h), XF.gelu(h, "tanh"))

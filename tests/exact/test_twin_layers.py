@@ -27,7 +27,7 @@ import pytest
 
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
-from ..support import run_pipeline
+from ..support import assert_close, run_pipeline, train_json
 from ..twin import numpy_twin as tw
 from ..twin import twin_charlm as tc
 from ..twin import twin_convnet as tn
@@ -49,13 +49,6 @@ def _same_bits(got, want, what=""):
                           f"want {want.reshape(-1)[bad[:4]]!r}"
 
 
-def _close(got, want, rel, what=""):
-    """Elementwise within ``rel`` of the reference's largest magnitude."""
-    got, want = np.asarray(got, dtype=F64), np.asarray(want, dtype=F64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    tol = rel * max(np.abs(want).max(), 1e-30)
-    err = np.abs(got - want).max()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 # ------------------------------------------------------------------ 12. xmmb
@@ -447,7 +440,7 @@ def test_layernorm_linear_conv_match_float64_autograd():
     ty.backward(torch.tensor(g.astype(F64)))
     for got, ref, what in [(y, ty, "ln y"), (gx, tx.grad, "ln gx"), (gw, twt.grad, "ln gw"),
                            (gb, tb.grad, "ln gb")]:
-        _close(got, ref.detach().numpy(), 1e-5, what)
+        assert_close(got, ref.detach().numpy(), 1e-5, what)
     row = np.array([[1, 1e8, -1e8, 1]], dtype=F32)  # tree: (1 + 1e8) + (-1e8 + 1) = 0
     xh = tl.layernorm_fwd(row, None, None, 1e-5)[0]
     var = ((row[0, 0] * row[0, 0] + row[0, 1] * row[0, 1])
@@ -464,7 +457,7 @@ def test_layernorm_linear_conv_match_float64_autograd():
     ty.backward(torch.tensor(gl.astype(F64)))
     for got, ref, what in [(yl, ty, "lin y"), (gW, tW.grad, "lin gW"), (gbl, tbl.grad, "lin gb"),
                            (gxl, tx.grad, "lin gx")]:
-        _close(got, ref.detach().numpy(), 2e-6, what)
+        assert_close(got, ref.detach().numpy(), 2e-6, what)
 
     xc = rng.standard_normal((2, 3, 6, 5)).astype(F32)
     Wc = rng.standard_normal((4, 3, 3, 3)).astype(F32)
@@ -477,7 +470,7 @@ def test_layernorm_linear_conv_match_float64_autograd():
     ty.backward(torch.tensor(gc.astype(F64)))
     for got, ref, what in [(yc, ty, "conv y"), (gWc, tW.grad, "conv gW"),
                            (gbc, tb.grad, "conv gb"), (gxc, tx.grad, "conv gx")]:
-        _close(got, ref.detach().numpy(), 2e-6, what)
+        assert_close(got, ref.detach().numpy(), 2e-6, what)
 
 
 def _torch_attention(q, k, v, keep, scale_a, causal=True):
@@ -519,7 +512,7 @@ def test_attention_matches_float64_autograd(causal, dropout):
     ty.backward(torch.tensor(gy.astype(F64)))
     for got, ref, what in [(y, ty, "y"), (gq, tq.grad, "gq"), (gk, tk.grad, "gk"),
                            (gv, tv.grad, "gv")]:
-        _close(got, ref.detach().numpy(), 5e-6, what)
+        assert_close(got, ref.detach().numpy(), 5e-6, what)
 
 
 def test_embedding_backward_tree_with_absent_entries():
@@ -553,7 +546,7 @@ def test_embedding_backward_tree_with_absent_entries():
     assert (_bits(gW[V - 1]) == 0).all() and (_bits(gW[3]) == 0x80000000).all()
     ref = np.zeros((V, D))
     np.add.at(ref, flat_i, flat_g.astype(F64))
-    _close(gW, ref, 1e-6, "embedding")
+    assert_close(gW, ref, 1e-6, "embedding")
     W = rng.standard_normal((V, D)).astype(F32)
     assert np.array_equal(tl.embedding_fwd(idx, W), W[idx])
     with pytest.raises(IndexError):
@@ -670,7 +663,7 @@ def test_charlm_gradient_matches_the_stock_model_in_float64():
     ref_loss.backward()
     assert abs(float(loss) / (N * T) - float(ref_loss.detach())) < 1e-5
     for k, prm in model.named_parameters():
-        _close(grads[k], prm.grad.numpy(), 2e-5, k)
+        assert_close(grads[k], prm.grad.numpy(), 2e-5, k)
 
 
 # ------------------------------------------------------------------ full runs
@@ -680,10 +673,7 @@ def _charlm_cfg(overrides):
 
 
 def _pipeline(overrides, runs, env):
-    p = run_pipeline(["train", str(CHARLM / "config.toml"), "mode=exact", *overrides,
-                      "--runs-dir", str(runs), "--json", "--quiet"], env, timeout=600)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return json.loads(p.stdout)
+    return train_json(["mode=exact", *overrides], runs, env, config=CHARLM / "config.toml", timeout=600)
 
 
 SMALL = ["train.max_steps=3", "model.args.d_model=32", "data.context=16",

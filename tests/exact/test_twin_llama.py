@@ -33,14 +33,13 @@ engine, which the spec does not specify.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 
 import numpy as np
 import pytest
 
 from ..support import ROOT as REPO
-from ..support import run_pipeline
+from ..support import assert_close, train_json
 from ..twin import numpy_twin as tw
 from ..twin import twin_layers as tl
 from ..twin import twin_llama as tlm
@@ -72,12 +71,6 @@ def _differ(got, want) -> bool:
     return bool(np.any(got.view(view) != want.view(view)))
 
 
-def _close(got, want, rel, what=""):
-    got, want = np.asarray(got, dtype=F64), np.asarray(want, dtype=F64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    tol = rel * max(np.abs(want).max(), 1e-30)
-    err = np.abs(got - want).max()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 def _ulp32(ref: np.ndarray) -> np.ndarray:
@@ -315,8 +308,8 @@ def test_rope_matches_float64_autograd_and_pipeline():
     m64 = _rope_module(E, 16).double()
     y64 = m64(x64)
     y64.backward(torch.from_numpy(g.astype(F64)))
-    _close(y, y64.detach().numpy(), 1e-6, "rope y")
-    _close(gx, x64.grad.numpy(), 1e-6, "rope gx")
+    assert_close(y, y64.detach().numpy(), 1e-6, "rope y")
+    assert_close(gx, x64.grad.numpy(), 1e-6, "rope gx")
     m = exact.from_torch(_rope_module(E, 16))
     xt = torch.from_numpy(x.copy()).requires_grad_(True)
     with exact.Guard():
@@ -473,7 +466,7 @@ def test_reductions_two_readings_agree_and_match_pipeline():
             _same_bits(xt.grad.numpy(), gm, f"gmean vs pipeline {label}")
     x = rng.standard_normal((7, 300)).astype(F32) * F32(1e4)
     ref = np.array([math.fsum(r) for r in x.astype(F64)])
-    _close(R.xsum(x, 1), ref, 300 * 2 ** -24, "sum vs fsum")
+    assert_close(R.xsum(x, 1), ref, 300 * 2 ** -24, "sum vs fsum")
     left = np.zeros(7, F32)
     for j in range(300):
         left = left + x[:, j]
@@ -524,8 +517,8 @@ def test_softmax_two_readings_agree_and_match_pipeline(fn):
         x64 = torch.from_numpy(x.astype(F64)).requires_grad_(True)
         y64 = getattr(torch, fn)(x64, d)
         y64.backward(torch.from_numpy(g.astype(F64)))
-        _close(y, y64.detach().numpy(), 1e-6, label)
-        _close(gx, x64.grad.numpy(), 1e-5, f"{label} gx")
+        assert_close(y, y64.detach().numpy(), 1e-6, label)
+        assert_close(gx, x64.grad.numpy(), 1e-5, f"{label} gx")
     with pytest.raises(TypeError):
         mine_f(np.zeros(3, F64), 0)
 
@@ -686,7 +679,7 @@ def test_llama_gradient_close_to_float64_autograd():
     ref.backward()
     assert abs(float(loss) / (N * T) - float(ref.detach())) < 1e-5
     for k, prm in model.named_parameters():
-        _close(grads[k], prm.grad.numpy(), 3e-5, k)
+        assert_close(grads[k], prm.grad.numpy(), 3e-5, k)
 
 
 # ------------------------------------------------------------------ full runs
@@ -722,10 +715,7 @@ def _cfg(overrides):
 
 
 def _pipeline_run(overrides, runs, env):
-    p = run_pipeline(["train", str(LLAMA / "config.toml"), "mode=exact", *overrides,
-                      "--runs-dir", str(runs), "--json", "--quiet"], env, timeout=600)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return json.loads(p.stdout)
+    return train_json(["mode=exact", *overrides], runs, env, config=LLAMA / "config.toml", timeout=600)
 
 
 def _swap_consumers(monkeypatch):

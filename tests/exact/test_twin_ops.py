@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ..support import f32_bits as _bits
-from ..support import run_pipeline
+from ..support import assert_close, run_pipeline
 from ..twin import numpy_twin as tw
 from ..twin import twin_ops as to
 
@@ -42,12 +42,6 @@ def _same_bits(got, want, what=""):
                            f"{got.reshape(-1)[bad[:4]]!r} want {want.reshape(-1)[bad[:4]]!r}")
 
 
-def _close(got, want, rel, what=""):
-    got, want = np.asarray(got, dtype=F64), np.asarray(want, dtype=F64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    tol = rel * max(np.abs(want).max(), 1e-30)
-    err = np.abs(got - want).max()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 # ------------------------------------------------------------------ the pipeline, a black box
@@ -400,8 +394,8 @@ def test_softmax_close_to_float64_and_refuses_other_dtypes():
         t = torch.tensor(x.astype(F64), requires_grad=True)
         r = tf(t, 1)
         r.backward(torch.tensor(g.astype(F64)))
-        _close(y, r.detach().numpy(), 1e-6, f"{fn} y")
-        _close(gx, t.grad.numpy(), 1e-6, f"{fn} gx")
+        assert_close(y, r.detach().numpy(), 1e-6, f"{fn} y")
+        assert_close(gx, t.grad.numpy(), 1e-6, f"{fn} gx")
     for f in (exact.softmax, exact.log_softmax):
         with pytest.raises(Exception):
             f(torch.zeros(2, 3), 1, dtype=torch.float64)
@@ -424,9 +418,9 @@ def test_rmsnorm_close_to_float64_and_by_hand():
     tx, tw_ = (torch.tensor(a.astype(F64), requires_grad=True) for a in (x, w))
     r = F.rms_norm(tx, (2, 5), tw_, 1e-5)
     r.backward(torch.tensor(g.astype(F64)))
-    _close(y, r.detach().numpy(), 2e-6, "y")
-    _close(gx, tx.grad.numpy(), 2e-6, "gx")
-    _close(gw, tw_.grad.numpy(), 2e-6, "gw")
+    assert_close(y, r.detach().numpy(), 2e-6, "y")
+    assert_close(gx, tx.grad.numpy(), 2e-6, "gx")
+    assert_close(gw, tw_.grad.numpy(), 2e-6, "gw")
     row = np.array([[1e4, 1, -1e4, 1]], F32)
     sq = row * row
     ms = ((sq[0, 0] + sq[0, 1]) + (sq[0, 2] + sq[0, 3])) / F32(4)
@@ -558,8 +552,8 @@ def test_pool_close_to_float64(kind):
         t = torch.tensor(x.astype(F64), requires_grad=True)
         r = (F.max_pool2d if kind == "max" else F.avg_pool2d)(t, **args)
         r.backward(torch.tensor(g.astype(F64)))
-        _close(y, r.detach().numpy(), 1e-6, f"{args} y")
-        _close(bwd(g, cache), t.grad.numpy(), 1e-6, f"{args} gx")
+        assert_close(y, r.detach().numpy(), 1e-6, f"{args} y")
+        assert_close(bwd(g, cache), t.grad.numpy(), 1e-6, f"{args} gx")
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
@@ -634,8 +628,8 @@ def test_adaptive_avg_pool_by_hand_and_float64():
         t = torch.tensor(x.astype(F64), requires_grad=True)
         r = F.adaptive_avg_pool2d(t, o)
         r.backward(torch.tensor(g.astype(F64)))
-        _close(y, r.detach().numpy(), 1e-6, f"{o} y")
-        _close(to.adaptive_avg_pool2d_bwd(g, cache), t.grad.numpy(), 1e-6, f"{o} gx")
+        assert_close(y, r.detach().numpy(), 1e-6, f"{o} y")
+        assert_close(to.adaptive_avg_pool2d_bwd(g, cache), t.grad.numpy(), 1e-6, f"{o} gx")
 
 
 def test_adaptive_avg_pool_matches_pipeline():

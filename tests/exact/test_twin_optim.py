@@ -12,7 +12,6 @@ docs/exact-spec.md section 9) against the spec and the pipeline.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
-from ..support import run_pipeline
+from ..support import train_json
 from ..support.data import DIGITS as DATA
 from ..support.data import SHA as DATA_SHA
 from ..twin import numpy_twin as tw
@@ -246,10 +245,7 @@ def _twin(overrides):
 
 
 def _pipeline(overrides, runs, env):
-    p = run_pipeline(["train", str(CONFIG), "mode=exact", *overrides, "--runs-dir", str(runs),
-                      "--json", "--quiet"], env)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return json.loads(p.stdout)
+    return train_json(["mode=exact", *overrides], runs, env, config=CONFIG, timeout=300)
 
 
 class _AdamWDecayInF32(to.Adam):

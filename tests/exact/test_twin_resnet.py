@@ -25,14 +25,13 @@ The twin's layer product is ``twin_layers.XMMB``: section 12's ``xmmb``.
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import numpy as np
 import pytest
 
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
-from ..support import run_pipeline
+from ..support import assert_close, train_json
 from ..twin import numpy_twin as tw
 from ..twin import twin_layers as tl
 from ..twin import twin_resnet as tr
@@ -53,12 +52,6 @@ def _same_bits(got, want, what=""):
                           f"want {want.reshape(-1)[bad[:4]]!r}"
 
 
-def _close(got, want, rel, what=""):
-    got, want = np.asarray(got, dtype=F64), np.asarray(want, dtype=F64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    tol = rel * max(np.abs(want).max(), 1e-30)
-    err = np.abs(got - want).max()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 def _t(a, grad=False):
@@ -142,7 +135,7 @@ def test_batchnorm_training_matches_pipeline_and_float64(momentum):
     for what, mine, want, rel in zip(["y", "gx", "gw", "gb", "running_mean", "running_var"],
                                      [y, gx, gw, gb, nrm, nrv], ref, [1e-6, 1e-5, 1e-5, 1e-6,
                                                                       1e-6, 1e-6]):
-        _close(mine, want, rel, f"{what} vs float64")
+        assert_close(mine, want, rel, f"{what} vs float64")
     wrong = ((1.0 - f) * rv.astype(F64) + f * (sq / F32(256)).astype(F64)).astype(F32)
     assert (_bits(wrong) != _bits(got[5])).any(), "the control gave the same bits"
 
@@ -162,7 +155,7 @@ def test_batchnorm_evaluation_matches_pipeline_and_float64():
     assert got[6] == 6
     ref = _f64_bn(x, w, b, rm, rv, g, 0.1, False)
     for what, mine, want in zip(["y", "gx", "gw", "gb"], [y, gx, gw, gb], ref):
-        _close(mine, want, 1e-5, f"{what} vs float64")
+        assert_close(mine, want, 1e-5, f"{what} vs float64")
     xh = cache[0]
     f32_y = tr.bn_unrows(xh * w[:, None] + b[:, None], x.shape)
     assert (_bits(f32_y) != _bits(got[0])).any(), "the control gave the same bits"
@@ -226,9 +219,9 @@ def test_conv2d_matches_pipeline_and_float64(case):
     b64 = _t(b.astype(F64), True) if bias else None
     y64 = F.conv2d(x64, W64, b64, stride, pad, dil, groups)
     ref = torch.autograd.grad(y64, [x64, W64] + ([b64] if bias else []), _t(g.astype(F64)))
-    _close(y, y64.detach().numpy(), 1e-6, "y vs float64")
+    assert_close(y, y64.detach().numpy(), 1e-6, "y vs float64")
     for what, mine, want in zip(["gx", "gW", "gb"], [gx, gW, gb], ref):
-        _close(mine, want.numpy(), 1e-6, f"{what} vs float64")
+        assert_close(mine, want.numpy(), 1e-6, f"{what} vs float64")
     if isinstance(stride, int) and isinstance(pad, int) and dil == 1 and groups == 1:
         y14, c14 = tl.conv2d_fwd(x, W, b, stride, pad)
         _same_bits(y14, y, "section 14's conv")
@@ -404,14 +397,14 @@ def test_resnet_shard_step_matches_float64_autograd():
         torch.float64 if v.dtype == F32 else torch.int64) for k, v in {**p, **buf}.items()})
     m.train()
     out = m(_t(x.astype(F64)))
-    _close(logits, out.detach().numpy(), 1e-5, "logits")
+    assert_close(logits, out.detach().numpy(), 1e-5, "logits")
     out.backward(_t(g.astype(F64)))
     for name, prm in m.named_parameters():
-        _close(grads[name], prm.grad.numpy(), 1e-4, f"grad {name}")
+        assert_close(grads[name], prm.grad.numpy(), 1e-4, f"grad {name}")
     sd = m.state_dict()
     for name, (rm, rv, _) in stats.items():
-        _close(rm, sd[f"{name}.running_mean"].numpy(), 1e-6, f"{name}.running_mean")
-        _close(rv, sd[f"{name}.running_var"].numpy(), 1e-6, f"{name}.running_var")
+        assert_close(rm, sd[f"{name}.running_mean"].numpy(), 1e-6, f"{name}.running_mean")
+        assert_close(rv, sd[f"{name}.running_var"].numpy(), 1e-6, f"{name}.running_var")
 
 
 # ------------------------------------------------------------------ a short run
@@ -420,10 +413,7 @@ RUN = ["mode=exact", "train.max_steps=3"]
 
 
 def _pipeline_run(overrides, runs, env):
-    p = run_pipeline(["train", str(RESNET / "config.toml"), *RUN, *overrides,
-                      "--runs-dir", str(runs), "--json", "--quiet"], env, timeout=600)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return json.loads(p.stdout)
+    return train_json([*RUN, *overrides], runs, env, config=RESNET / "config.toml", timeout=600)
 
 
 def _twin_run(overrides):

@@ -24,7 +24,6 @@ pipeline.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 
 import numpy as np
@@ -32,7 +31,7 @@ import pytest
 
 from ..support import ROOT as REPO
 from ..support import f32_bits as _bits
-from ..support import run_pipeline
+from ..support import assert_close, train_json
 from ..twin import numpy_twin as tw
 from ..twin import twin_layers as tl
 from ..twin import twin_ops as tops
@@ -58,14 +57,6 @@ def _differs(a, b) -> bool:
     return bool((_bits(a) != _bits(b)).any())
 
 
-def _close(got, want, rel, what=""):
-    """Elementwise within ``rel`` of the reference's largest magnitude."""
-    got = np.asarray(got, dtype=F64)
-    want = np.asarray(want.detach().numpy() if hasattr(want, "detach") else want, dtype=F64)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    tol = rel * max(np.abs(want).max(), 1e-30)
-    err = np.abs(got - want).max()
-    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 def _t(a, grad=False, dtype=None):
@@ -118,7 +109,6 @@ def test_sum_mean_match_pipeline_bitwise_and_float64(shape, dims, keepdim):
     ``pipeline.exact.xsum``/``xmean`` (forward and autograd backward) bit for
     bit, are within f32 rounding of float64, and equal twin_ops.py's
     independent reading of section 21 bit for bit."""
-    import torch
 
     import pipeline.exact as E
 
@@ -138,8 +128,8 @@ def test_sum_mean_match_pipeline_bitwise_and_float64(shape, dims, keepdim):
         d = tuple(range(len(shape))) if dims is None or dims == [] else dims
         r64 = (x64.sum(d, keepdim) if name == "sum" else x64.mean(d, keepdim))
         r64.backward(_t(g, dtype=F64))
-        _close(y, r64, 1e-6, f"{name} vs float64")
-        _close(gx, x64.grad, 1e-6, f"{name} grad vs float64")
+        assert_close(y, r64, 1e-6, f"{name} vs float64")
+        assert_close(gx, x64.grad, 1e-6, f"{name} grad vs float64")
         other = (tops.sum_fwd if name == "sum" else tops.mean_fwd)(x, dims, keepdim)
         _same_bits(y, other, f"{name}: twin_ops.py's reading of section 21")
 
@@ -293,7 +283,7 @@ def test_masked_attention_matches_pipeline_and_float64(kind):
     y6.backward(_t(gy, dtype=F64))
     for got, want, what in [(Y, y6, "y"), (gq, q6.grad, "gq"), (gk, k6.grad, "gk"),
                             (gv, v6.grad, "gv")]:
-        _close(got, want, 5e-6, what)
+        assert_close(got, want, 5e-6, what)
     if kind != "key_padding":
         row = (1, slice(None), 3) if kind == "bool" else (slice(None), slice(None), 2)
         assert (_bits(Y[row]) == 0).all() and (_bits(gq[row]) == 0).all()
@@ -405,10 +395,10 @@ def test_multihead_self_attention_matches_converted_module_and_float64(masks):
     y6 = s64(x6, x6, x6, key_padding_mask=kw["key_padding_mask"], attn_mask=am6,
              need_weights=False)[0]
     y6.backward(_t(g, dtype=F64))
-    _close(out, y6, 5e-6, "out vs float64")
-    _close(gx, x6.grad, 5e-6, "gx vs float64")
+    assert_close(out, y6, 5e-6, "out vs float64")
+    assert_close(gx, x6.grad, 5e-6, "gx vs float64")
     for k, prm in s64.named_parameters():
-        _close(grads[k], prm.grad, 5e-6, f"{k} vs float64")
+        assert_close(grads[k], prm.grad, 5e-6, f"{k} vs float64")
     assert torch.is_tensor(ty)
 
 
@@ -488,10 +478,10 @@ def test_encoder_layer_matches_converted_module_with_dropout(norm_first, act):
     x6 = _t(x, True, F64)
     y6 = s64(x6, src_key_padding_mask=_t(kpm))
     y6.backward(_t(g, dtype=F64))
-    _close(y0, y6, 1e-5, "y vs float64")
-    _close(gx0, x6.grad, 1e-5, "gx vs float64")
+    assert_close(y0, y6, 1e-5, "y vs float64")
+    assert_close(gx0, x6.grad, 1e-5, "gx vs float64")
     for k, prm in s64.named_parameters():
-        _close(grads0[k], prm.grad, 2e-5, f"{k} vs float64")
+        assert_close(grads0[k], prm.grad, 2e-5, f"{k} vs float64")
     assert torch.is_tensor(ty)
 
 
@@ -521,8 +511,8 @@ def test_smoothed_xent_matches_pipeline_and_float64(a, ig):
     z6 = _t(z, True, F64)
     ref = F.cross_entropy(z6, _t(y), reduction="none", label_smoothing=a, **kw)
     (ref.sum() / N).backward()
-    _close(loss, ref, 2e-6, "loss vs float64")
-    _close(g, z6.grad, 2e-6, "grad vs float64")
+    assert_close(loss, ref, 2e-6, "loss vs float64")
+    assert_close(g, z6.grad, 2e-6, "grad vs float64")
     if ig is not None and 0 <= ig < 10:
         rows = y == ig
         assert rows.any() and (_bits(loss[rows]) == 0).all() and (_bits(g[rows]) == 0).all()
@@ -560,7 +550,7 @@ def test_patch_conv_stride_2_matches_pipeline_and_float64():
     y6 = F.conv2d(x6, W6, b6, stride=2)
     y6.backward(_t(g, dtype=F64))
     for got, want, what in [(y, y6, "y"), (gW, W6.grad, "gW"), (gx, x6.grad, "gx")]:
-        _close(got, want, 2e-6, what)
+        assert_close(got, want, 2e-6, what)
 
 
 # ------------------------------------------------------------------ the whole network
@@ -660,7 +650,7 @@ def test_vit_gradient_matches_the_stock_model_in_float64():
         assert abs(float(loss) / 12 - float(ref)) < 1e-5, args
         for k, prm in model.named_parameters():
             want = prm.grad if prm.grad is not None else torch.zeros_like(prm)
-            _close(grads[k], want.numpy(), 3e-5, f"{args} {k}")
+            assert_close(grads[k], want.numpy(), 3e-5, f"{args} {k}")
 
 
 # ------------------------------------------------------------------ full runs
@@ -669,12 +659,8 @@ def _cfg(overrides, path=VIT / "config.toml"):
     return tw.load_config(str(path), ["mode=exact", *overrides])
 
 
-def _pipeline(config, overrides, runs, env, cwd=None):
-    kw = {} if cwd is None else {"cwd": cwd}
-    p = run_pipeline(["train", str(config), "mode=exact", *overrides, "--runs-dir", str(runs),
-                      "--json", "--quiet"], env, timeout=600, **kw)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return json.loads(p.stdout)
+def _pipeline(config, overrides, runs, env):
+    return train_json(["mode=exact", *overrides], runs, env, config=config, timeout=600)
 
 
 STEPS = ["train.max_steps=3"]

@@ -53,12 +53,27 @@ def start_pipeline(args: list[str], env: dict[str, str] | None = None, cwd: Path
 
 
 def train_json(overrides: list[str], runs: Path, env: dict[str, str],
-               cwd: Path = ROOT) -> dict[str, Any]:
-    """Train configs/digits.toml with overrides; return run.json (or fail loudly)."""
-    p = run_pipeline(["train", "configs/digits.toml", *overrides, "--runs-dir", str(runs),
-                      "--json", "--quiet"], env, cwd)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+               cwd: Path = ROOT, config: str | Path = "configs/digits.toml",
+               timeout: float = 300) -> dict[str, Any]:
+    """Train ``config`` (configs/digits.toml) with overrides; return run.json (or
+    fail loudly)."""
+    p = run_pipeline(["train", str(config), *overrides, "--runs-dir", str(runs),
+                      "--json", "--quiet"], env, cwd, timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return json.loads(p.stdout)
+
+
+def assert_close(got: Any, want: Any, rel: float, what: str = "") -> None:
+    """Elementwise within ``rel`` of the reference's largest magnitude (NumPy
+    arrays, numbers or tensors, compared in float64)."""
+    import numpy as np
+
+    got, want = (np.asarray(v.detach().numpy() if hasattr(v, "detach") else v, dtype=np.float64)
+                 for v in (got, want))
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    tol = rel * max(np.abs(want).max(), 1e-30)
+    err = np.abs(got - want).max()
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
 def cli_main(argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp: Path | None = None) -> int:

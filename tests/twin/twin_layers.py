@@ -40,14 +40,6 @@ _CHUNK_BYTES = 1 << 25  # at most this many bytes of block products (P) at once
 _gemm = np.matmul
 
 
-def _block_scales(M: np.ndarray, axis: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integers round_half_even(f64(M) * 2^-s), s = frexp exponent of the block's
-    max |.| along ``axis`` (0 for a zero block) minus ``bits``; s kept as size 1."""
-    _, e = np.frexp(np.max(np.abs(M), axis=axis, keepdims=True))  # frexp(0) = (0, 0)
-    s = e.astype(np.int32) - np.int32(bits)
-    return np.rint(np.ldexp(M, -s)), s    # the scaling is exact; rint is RNE
-
-
 def _checked(A, B):
     A, B = np.asarray(A), np.asarray(B)
     if A.dtype != F32 or B.dtype != F32:
@@ -79,6 +71,18 @@ def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
     two slices of A and B per block, H and X exact integer sums, one f64
     addition per block, the f64 fold left to right). ``block`` exists for the
     tests' control only; the spec's is 64."""
+    return _blocked(A, B, block, low_slices=True)
+
+
+def xmmb_v1(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """The first text of section 12 (one slice: ``a`` of 24 bits, ``b`` of 23 bits
+    per block, no ``a'``/``b'``), the tests' control; ``block`` as in ``xmmb``.
+    With the low slices zero, X = 0 and S = H * 2^s, the first text's block sum
+    (a zero S's sign can differ, and a zero Q is +0 in both)."""
+    return _blocked(A, B, block, low_slices=False)
+
+
+def _blocked(A: np.ndarray, B: np.ndarray, block: int, low_slices: bool) -> np.ndarray:
     A, B = _checked(A, B)
     k = A.shape[-1]
     lead, m, n = A.shape[:-2], A.shape[-2], B.shape[-1]
@@ -91,6 +95,8 @@ def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
     a, a2, sA = _two_slices(Ad.reshape(lead + (m, T, block)), -1, 24)  # (..., m, T, block)
     a, a2, sA = (np.moveaxis(v, -2, -3) for v in (a, a2, sA))          # (..., T, m, .)
     b, b2, sB = _two_slices(Bd.reshape(lead + (T, block, n)), -2, 23)  # (..., T, block, n)
+    if not low_slices:
+        a2, b2 = np.zeros_like(a2), np.zeros_like(b2)
     # X = a b' + a' b as one product of [a | a'] and [b' ; b]; every product and
     # partial sum of H (<= 2^53) and of X (< 64 (2^46 + 2^45) < 2^53) is an
     # exact integer in f64, so the f64 GEMMs below are exact in any order.
@@ -108,38 +114,6 @@ def xmmb(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
             Q = S[..., t, :, :] if Q is None else Q + S[..., t, :, :]
     with np.errstate(over="ignore", under="ignore"):
         return (Q + F64(0.0)).astype(F32)   # RN32(Q + 0.0): a zero Q of either sign is +0
-
-
-def xmmb_v1(A: np.ndarray, B: np.ndarray, block: int = BLOCK) -> np.ndarray:
-    """The first text of section 12 (one slice: ``a`` of 24 bits, ``b`` of 23 bits
-    per block, no ``a'``/``b'``), kept while the pipeline may still implement it
-    (see ``XMMB``); ``block`` as in ``xmmb``."""
-    A, B = _checked(A, B)
-    k = A.shape[-1]
-    lead, m, n = A.shape[:-2], A.shape[-2], B.shape[-1]
-    if k == 0:
-        return np.zeros(lead + (m, n), dtype=F32)
-    T = -(-k // block)
-    pad = T * block - k       # zeros: change neither a block's maximum nor its sum
-    Ad = np.concatenate([A.astype(F64), np.zeros(lead + (m, pad), F64)], axis=-1)
-    Bd = np.concatenate([B.astype(F64), np.zeros(lead + (pad, n), F64)], axis=-2)
-    a, sA = _block_scales(Ad.reshape(lead + (m, T, block)), -1, 24)   # (..., m, T, block)
-    a = np.moveaxis(a, -2, -3)                                        # (..., T, m, block)
-    sA = np.moveaxis(sA, -2, -3)                                      # (..., T, m, 1)
-    b, sB = _block_scales(Bd.reshape(lead + (T, block, n)), -2, 23)   # (..., T, block, n)
-    # sB: (..., T, 1, n). Each block's products and partial sums are integers of
-    # magnitude <= 64 * 2^24 * 2^23 = 2^53, so the f64 GEMM below is exact.
-    per = max(1, _CHUNK_BYTES // max(1, 8 * m * n * int(np.prod(lead, dtype=np.int64))))
-    Q = None
-    for t0 in range(0, T, per):
-        t1 = min(T, t0 + per)
-        P = _gemm(a[..., t0:t1, :, :], b[..., t0:t1, :, :])       # (..., c, m, n)
-        S = np.ldexp(P, sA[..., t0:t1, :, :] + sB[..., t0:t1, :, :])  # exact
-        for t in range(t1 - t0):     # the f64 fold, left to right over the blocks
-            Q = S[..., t, :, :] if Q is None else Q + S[..., t, :, :]
-    Q = np.where(Q == 0.0, F64(0.0), Q)                               # a zero Q is +0
-    with np.errstate(over="ignore"):
-        return Q.astype(F32)                                          # RN32
 
 
 # The product every layer below calls, looked up at each call: section 12's
