@@ -282,6 +282,25 @@ def epoch_order(train_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return train_ids[np.argsort(out(K, 0, len(train_ids)), kind="stable")]
 
 
+def schedule(train_ids: np.ndarray, seed: int, B: int, epochs: int, max_steps: int):
+    """Sections 2 and 17: the number of training steps (whole batches of ``B`` per
+    epoch, ``epochs`` epochs, at most ``max_steps`` if it is not 0) and an iterator
+    of each step's ``(t, batch ids)``, the epoch's order drawn at its first step."""
+    per_epoch = len(train_ids) // B
+    total = per_epoch * epochs
+    if max_steps:
+        total = min(total, max_steps)
+
+    def steps():
+        order = None
+        for t in range(total):
+            epoch, bi = divmod(t, per_epoch)
+            if order is None or bi == 0:
+                order = epoch_order(train_ids, seed, epoch)
+            yield t, order[bi * B:(bi + 1) * B]
+    return total, steps()
+
+
 # --------------------------------------------------------------------------
 # 3. Parameters
 # --------------------------------------------------------------------------
@@ -631,17 +650,9 @@ def _train(cfg: dict, data_path: str, data_sha256: str):
     widths = [int(h) for h in cfg["model"]["hidden"]] if arch == "mlp" else []
     K_d = key(seed, DROPOUT)
     c = 0
-    steps_per_epoch = len(train_ids) // B
-    total = steps_per_epoch * epochs
-    if int(cfg["train"]["max_steps"]):
-        total = min(total, int(cfg["train"]["max_steps"]))
+    total, steps = schedule(train_ids, seed, B, epochs, int(cfg["train"]["max_steps"]))
     last_loss = float("nan")
-    order = None
-    for t in range(total):
-        epoch, bi = divmod(t, steps_per_epoch)
-        if order is None or bi == 0:
-            order = epoch_order(train_ids, seed, epoch)
-        idx = order[bi * B:(bi + 1) * B]
+    for t, idx in steps:
         xb, yb = X[idx], y[idx]
         masks = None
         if use_dropout:

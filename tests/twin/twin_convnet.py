@@ -81,17 +81,10 @@ def _train(cfg, data_path, data_sha256):
     opt = O.make_optimizer(oc)
     q = float(a["dropout"])
     T, scale = nt.dropout_consts(q) if q > 0 else (0, F32(1.0))
-    per_epoch = len(train_ids) // B
-    total = per_epoch * int(tr.get("epochs", 30))
-    if int(tr.get("max_steps", 0)):
-        total = min(total, int(tr["max_steps"]))
+    total, steps = nt.schedule(train_ids, seed, B, int(tr.get("epochs", 30)),
+                               int(tr.get("max_steps", 0)))
     rows = B // S
-    order = None
-    for t in range(total):
-        epoch, bi = divmod(t, per_epoch)
-        if order is None or bi == 0:
-            order = nt.epoch_order(train_ids, seed, epoch)
-        idx = order[bi * B:(bi + 1) * B]
+    for t, idx in steps:
         parts = []
         for s in range(S):
             xs, ys = X[idx[s * rows:(s + 1) * rows]], y[idx[s * rows:(s + 1) * rows]]

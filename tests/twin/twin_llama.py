@@ -266,17 +266,10 @@ def _train(cfg, data_path, data_sha256, steps_cb, with_test_loss):
     params = init_params(seed, V, a)
     oc = cfg.get("optim", {})
     opt = O.make_optimizer(oc)
-    per_epoch = len(train_ids) // B
-    total = per_epoch * epochs
-    if max_steps:
-        total = min(total, max_steps)
+    total, steps = nt.schedule(train_ids, seed, B, epochs, max_steps)
     loss = F32(np.nan)
-    order = None
-    for t in range(total):
-        epoch, bi = divmod(t, per_epoch)
-        if order is None or bi == 0:
-            order = nt.epoch_order(train_ids, seed, epoch)
-        xb, yb = tc.windows(tokens, order[bi * B:(bi + 1) * B], T)
+    for t, batch in steps:
+        xb, yb = tc.windows(tokens, batch, T)
         grads, loss = batch_grads(params, xb, yb, a, tables, S)
         O.update(opt, params, grads, oc, t, total)
         if steps_cb is not None:

@@ -424,17 +424,10 @@ def _train(cfg, data_path, data_sha256):
                                        cfg["data"].get("test_fraction", 0.2))
     p, buf = init_state(seed, a["widths"], int(a["blocks"]))
     opt = O.make_optimizer(oc)
-    per_epoch = len(train_ids) // B
-    total = per_epoch * int(tr.get("epochs", 30))
-    if int(tr.get("max_steps", 0)):
-        total = min(total, int(tr["max_steps"]))
+    total, steps = nt.schedule(train_ids, seed, B, int(tr.get("epochs", 30)),
+                               int(tr.get("max_steps", 0)))
     rows = B // S
-    order = None
-    for t in range(total):
-        epoch, bi = divmod(t, per_epoch)
-        if order is None or bi == 0:
-            order = nt.epoch_order(train_ids, seed, epoch)
-        idx = order[bi * B:(bi + 1) * B]
+    for t, idx in steps:
         parts = [shard_step(p, buf, X[idx[s * rows:(s + 1) * rows]],
                             y[idx[s * rows:(s + 1) * rows]], B, arch) for s in range(S)]
         grads = {k: _tree_over_shards([g[k] for g, _, _ in parts]) for k in p}

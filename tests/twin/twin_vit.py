@@ -241,17 +241,10 @@ def _train(cfg, data_path, data_sha256, steps_cb, cls_always):
                                        cfg.get("data", {}).get("test_fraction", 0.2))
     p = init_params(seed, a)
     opt = O.make_optimizer(oc)
-    per_epoch = len(train_ids) // B
-    total = per_epoch * int(tr.get("epochs", 8))
-    if int(tr.get("max_steps", 0)):
-        total = min(total, int(tr["max_steps"]))
+    total, steps = nt.schedule(train_ids, seed, B, int(tr.get("epochs", 8)),
+                               int(tr.get("max_steps", 0)))
     losses = []
-    order = None
-    for t in range(total):
-        epoch, bi = divmod(t, per_epoch)
-        if order is None or bi == 0:
-            order = nt.epoch_order(train_ids, seed, epoch)
-        idx = order[bi * B:(bi + 1) * B]
+    for t, idx in steps:
         grads, loss = batch_grads(p, X[idx], y[idx], a, seed, t, S)
         losses.append(float(loss))
         O.update(opt, p, grads, oc, t, total)
